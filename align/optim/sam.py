@@ -1,0 +1,294 @@
+"""Sharpness-aware optimizers: SAM and the variants that differ only in the perturbation rule.
+
+Every method takes two forward/backward passes per step:
+  1. gradient g at θ;  2. perturb θ̃ = θ + δ(g);  3. gradient g̃ at θ̃;
+  4. restore θ by exact copy (never by subtracting δ back), then the base optimizer steps with g̃.
+
+| class      | δ                                                                              |
+|------------|--------------------------------------------------------------------------------|
+| SAM        | ρ g / ‖g‖                                                                      |
+| MSAM       | ρ g / (‖g‖ √(1+‖g‖²))   (Monge metric G = I + g gᵀ; δᵀGδ = ρ²)                 |
+| ASAM       | ρ T² g / ‖T g‖, T = |θ| + η on weight tensors (ndim > 1), T = 1 elsewhere       |
+| FisherSAM  | ρ F⁻¹g / √(gᵀF⁻¹g), diagonal F⁻¹ = 1 / (1 + η g²)                              |
+
+‖g‖ is one global norm over every perturbed parameter of every group. A param group with ``perturb=False``
+(e.g. a contrastive logit scale) is neither perturbed nor counted in the norm. A zero or non-finite norm skips
+the perturbation for that step (``skipped_steps`` counts them) so weights never become NaN through δ.
+
+M-SAM is not invariant to the scale of the loss (‖g‖ enters through √(1+‖g‖²)): anything that rescales the
+gradient before ``first_step`` changes its perturbation — AMP loss scaling (unscale first, see below), gradient
+clipping, the loss reduction, gradient-accumulation division. Clipping is therefore applied to the second
+gradient only (``max_grad_norm``), never to the first.
+
+Mixed precision with ``torch.amp.GradScaler``::
+
+    scaler.scale(closure_loss()).backward()
+    scaler.unscale_(opt)                      # true gradient: a scaled one would make M-SAM plain GD
+    opt.first_step(zero_grad=True)            # non-finite (overflowed) gradients skip the perturbation
+    scaler.scale(closure_loss()).backward()
+    opt.second_step(zero_grad=True, scaler=scaler)   # unscale, clip, scaler.step(base); skipped on overflow
+    scaler.update()
+
+With bf16 autocast no scaler is needed: call ``first_step`` / ``second_step`` as usual.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+
+def _global_norm(tensors: list[Tensor]) -> Tensor:
+    """‖concat(tensors)‖₂ as a 0-d float32 tensor, computed with one multi-tensor kernel."""
+    if not tensors:
+        return torch.zeros(())
+    norms = torch._foreach_norm(tensors)
+    return torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
+
+
+class SAM(Optimizer):
+    """Sharpness-Aware Minimization (Foret et al., 2021) wrapped around any base optimizer.
+
+    ``SAM(params, torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)`` builds the base optimizer on the same param
+    groups; ``SAM(params, built_base_optimizer, rho=0.05)`` wraps an existing one (params must be its params or
+    None). Param groups are shared with the base optimizer, so LR schedulers and per-group ``rho`` just work.
+    ``max_grad_norm`` clips the SECOND gradient (the one the base optimizer steps with) — clipping the first
+    would change the perturbation, and for M-SAM its very size.
+    """
+
+    def __init__(self, params: Iterable[Any] | None, base_optimizer: type[Optimizer] | Optimizer,
+                 rho: float = 0.05, max_grad_norm: float | None = None, **base_kwargs: Any) -> None:
+        if not isinstance(rho, (int, float)) or not math.isfinite(rho) or rho < 0:
+            raise ValueError(f"rho must be a finite number >= 0, got {rho!r}")
+        if max_grad_norm is not None and not max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm!r}")
+        extra = self._extra_defaults(base_kwargs)
+        if isinstance(base_optimizer, Optimizer):
+            if base_kwargs:
+                raise ValueError(f"base optimizer is already built; unexpected arguments {sorted(base_kwargs)}")
+            if params is not None:
+                given = {id(p) for p in _flatten_params(params)}
+                owned = {id(p) for g in base_optimizer.param_groups for p in g["params"]}
+                if given != owned:
+                    raise ValueError("params must be the parameters of the given base optimizer (or None)")
+            self.base_optimizer = base_optimizer
+            # Registering the base's own group dicts shares them: setdefault adds rho without copying.
+            super().__init__(base_optimizer.param_groups, dict(rho=rho, **extra))
+        elif isinstance(base_optimizer, type) and issubclass(base_optimizer, Optimizer):
+            if params is None:
+                raise ValueError("params are required when base_optimizer is a class")
+            super().__init__(params, dict(rho=rho, **extra))
+            self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
+        else:
+            raise TypeError("base_optimizer must be a torch.optim.Optimizer subclass or instance, "
+                            f"got {type(base_optimizer).__name__}")
+        self.param_groups = self.base_optimizer.param_groups
+        self.defaults.update(self.base_optimizer.defaults)
+        self.max_grad_norm = max_grad_norm
+        self.skipped_steps = 0
+        self._backup: list[Tensor] = []
+        self._perturbed: list[Tensor] = []
+        self._stats: dict[str, Any] = {}
+
+    # -- the one thing the variants change ------------------------------------------------------------
+    def _extra_defaults(self, base_kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Hyper-parameters of the perturbation rule taken out of ``base_kwargs`` (e.g. ASAM's η)."""
+        return {}
+
+    def _perturbation(self, params: list[Tensor], grads: list[Tensor], groups: list[dict],
+                      grad_norm: float) -> tuple[list[Tensor], float]:
+        """δ for each tensor, and the norm whose zero/non-finite value must skip the step (SAM: ‖g‖)."""
+        scale = [g["rho"] / grad_norm for g in groups] if _usable(grad_norm) else [0.0] * len(groups)
+        return torch._foreach_mul(grads, scale), grad_norm
+
+    # -- the two passes -------------------------------------------------------------------------------
+    def _collect(self) -> tuple[list[Tensor], list[Tensor], list[dict]]:
+        params, grads, groups = [], [], []
+        for group in self.param_groups:
+            if not group.get("perturb", True):
+                continue
+            for p in group["params"]:
+                if p.grad is not None:
+                    params.append(p)
+                    grads.append(p.grad.detach())
+                    groups.append(group)
+        return params, grads, groups
+
+    @torch.no_grad()
+    def first_step(self, zero_grad: bool = False) -> None:
+        """Move the weights to θ + δ(g) using the gradients currently in ``.grad``."""
+        params, grads, groups = self._collect()
+        grad_norm = _global_norm(grads).item()  # the one host sync per step: the guard needs it
+        self._backup, self._perturbed = [], []
+        if not params or all(g["rho"] == 0 for g in groups):
+            self._record(grad_norm, None, skipped=False)
+        else:
+            delta, guard = self._perturbation(params, grads, groups, grad_norm)
+            if not _usable(guard):
+                self.skipped_steps += 1
+                self._record(grad_norm, None, skipped=True)
+            else:
+                self._backup = [p.detach().clone() for p in params]
+                self._perturbed = params
+                torch._foreach_add_(params, delta)
+                self._record(grad_norm, delta, skipped=False)
+        if zero_grad:
+            self.zero_grad()
+
+    @torch.no_grad()
+    def second_step(self, zero_grad: bool = False, scaler: "torch.amp.GradScaler | None" = None) -> None:
+        """Restore θ exactly, then let the base optimizer step with the gradient taken at θ + δ."""
+        if self._perturbed:
+            torch._foreach_copy_(self._perturbed, self._backup)
+            self._backup, self._perturbed = [], []
+        if self.max_grad_norm is not None:
+            if scaler is not None:
+                scaler.unscale_(self.base_optimizer)
+            torch.nn.utils.clip_grad_norm_([p for g in self.param_groups for p in g["params"]], self.max_grad_norm)
+        if scaler is not None:
+            scaler.step(self.base_optimizer)
+        else:
+            self.base_optimizer.step()
+        self._opt_called = True  # tells torch LR schedulers that this optimizer stepped (no spurious warning)
+        if zero_grad:
+            self.zero_grad()
+
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor:  # type: ignore[override]
+        """Both passes; ``closure`` does forward + backward and returns the loss. Returns the loss at θ."""
+        if closure is None:
+            raise ValueError(f"{type(self).__name__}.step needs a closure (forward + backward) "
+                             "or use first_step() / second_step()")
+        closure = torch.enable_grad()(closure)
+        self.zero_grad()
+        loss = closure()
+        self.first_step(zero_grad=True)
+        closure()
+        self.second_step()
+        return loss
+
+    # -- diagnostics and checkpoints ------------------------------------------------------------------
+    def _record(self, grad_norm: float, delta: list[Tensor] | None, skipped: bool) -> None:
+        # ‖δ‖ stays a device tensor until someone reads last_stats: no extra host sync per step.
+        self._stats = {"grad_norm": grad_norm, "skipped": skipped,
+                       "delta_norm": _global_norm(delta) if delta else None}
+
+    @property
+    def last_stats(self) -> dict[str, float | bool]:
+        """‖g‖, ‖δ‖ and effective radius ‖δ‖/‖g‖ (ρ/‖g‖ for SAM, ρ/(‖g‖√(1+‖g‖²)) for M-SAM) of the last first_step."""
+        if not self._stats:
+            return {}
+        n = float(self._stats["grad_norm"])
+        d = float(self._stats["delta_norm"]) if self._stats["delta_norm"] is not None else 0.0
+        return {"grad_norm": n, "perturbation_norm": d, "effective_radius": d / n if n > 0 else 0.0,
+                "skipped": bool(self._stats["skipped"])}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The base optimizer's full state (moments, step counts) plus our own counters."""
+        state = self.base_optimizer.state_dict()
+        state["sam"] = {"skipped_steps": self.skipped_steps}
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state = dict(state_dict)
+        ours = state.pop("sam", {})
+        self.base_optimizer.load_state_dict(state)
+        # The base rebuilt its group dicts; share them again so schedulers see one set of groups.
+        self.param_groups = self.base_optimizer.param_groups
+        self.skipped_steps = int(ours.get("skipped_steps", 0))
+
+    @property
+    def state(self) -> Any:  # type: ignore[override]
+        return self.base_optimizer.state if hasattr(self, "base_optimizer") else self._own_state
+
+    @state.setter
+    def state(self, value: Any) -> None:
+        self._own_state = value
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(base={type(self.base_optimizer).__name__}, groups={len(self.param_groups)})"
+
+
+class MSAM(SAM):
+    """Monge SAM (Jacobsen & Arvanitidis, 2025): δ = ρ g / (‖g‖ √(1+‖g‖²)).
+
+    The perturbation is measured in the Monge metric G = I + g gᵀ of the loss surface seen as a graph, so
+    δᵀGδ = ρ². Where the loss is steep (‖g‖ ≫ 1) it tends to plain gradient descent; where flat, to SAM.
+    """
+
+    def _perturbation(self, params, grads, groups, grad_norm):
+        n = grad_norm
+        scale = [g["rho"] / (n * math.sqrt(1.0 + n * n)) for g in groups] if _usable(n) else [0.0] * len(groups)
+        return torch._foreach_mul(grads, scale), n
+
+
+class ASAM(SAM):
+    """Adaptive SAM (Kwon et al., 2021): δ = ρ T² g / ‖T g‖ with T = |θ| + η on weight tensors, T = 1 elsewhere.
+
+    Following the ASAM code, T acts on weight tensors (ndim > 1) only; biases and norm scales use T = I.
+    """
+
+    def __init__(self, params, base_optimizer, rho: float = 0.5, eta: float = 0.01, **kwargs: Any) -> None:
+        if not eta >= 0:
+            raise ValueError(f"eta must be >= 0, got {eta!r}")
+        super().__init__(params, base_optimizer, rho=rho, eta=eta, **kwargs)
+
+    def _extra_defaults(self, base_kwargs):
+        return {"eta": base_kwargs.pop("eta")}
+
+    def _perturbation(self, params, grads, groups, grad_norm):
+        t = [p.detach().abs().add_(g["eta"]) if p.ndim > 1 else None for p, g in zip(params, groups)]
+        w_idx = [i for i, ti in enumerate(t) if ti is not None]
+        tg = list(grads)
+        if w_idx:
+            scaled = torch._foreach_mul([grads[i] for i in w_idx], [t[i] for i in w_idx])
+            for i, s in zip(w_idx, scaled):
+                tg[i] = s
+        nv = _global_norm(tg).item()
+        # T (T g) for weights, g for the rest; then × ρ / ‖T g‖ per tensor.
+        direction = list(tg)
+        if w_idx:
+            twice = torch._foreach_mul([tg[i] for i in w_idx], [t[i] for i in w_idx])
+            for i, s in zip(w_idx, twice):
+                direction[i] = s
+        scale = [g["rho"] / nv for g in groups] if _usable(nv) else [0.0] * len(groups)
+        return torch._foreach_mul(direction, scale), nv
+
+
+class FisherSAM(SAM):
+    """Fisher SAM (Kim et al., 2022), diagonal Fisher F = g²: δ = ρ F⁻¹g / √(gᵀF⁻¹g), F⁻¹ = 1/(1 + η g²)."""
+
+    def __init__(self, params, base_optimizer, rho: float = 0.05, eta: float = 1.0, **kwargs: Any) -> None:
+        if not eta >= 0:
+            raise ValueError(f"eta must be >= 0, got {eta!r}")
+        super().__init__(params, base_optimizer, rho=rho, eta=eta, **kwargs)
+
+    def _extra_defaults(self, base_kwargs):
+        return {"eta": base_kwargs.pop("eta")}
+
+    def _perturbation(self, params, grads, groups, grad_norm):
+        denom = torch._foreach_mul(grads, grads)
+        torch._foreach_mul_(denom, [g["eta"] for g in groups])
+        torch._foreach_add_(denom, 1.0)                       # 1 + η g²  (= 1 / F⁻¹)
+        f_inv_g = torch._foreach_div(grads, denom)            # F⁻¹ g
+        nv = _global_norm(torch._foreach_div(grads, torch._foreach_sqrt(denom))).item()  # √(gᵀF⁻¹g)
+        scale = [g["rho"] / nv for g in groups] if _usable(nv) else [0.0] * len(groups)
+        torch._foreach_mul_(f_inv_g, scale)
+        return f_inv_g, nv
+
+
+def _usable(norm: float) -> bool:
+    """A norm we can divide by: finite and non-zero."""
+    return math.isfinite(norm) and norm > 0.0
+
+
+def _flatten_params(params: Iterable[Any]) -> list[Tensor]:
+    out: list[Tensor] = []
+    for item in params:
+        if isinstance(item, dict):
+            out.extend(item["params"])
+        else:
+            out.append(item)
+    return out
