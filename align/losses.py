@@ -1,0 +1,53 @@
+"""Contrastive losses on L2-normalised features: symmetric InfoNCE (CLIP) and the sigmoid loss (SigLIP).
+
+Conventions follow open_clip's ``ClipLoss`` / ``SigLipLoss`` (single process): ``logit_scale`` is the
+multiplier (already exponentiated), row i of the image batch pairs with row i of the text batch, and the loss
+is a mean over the batch (CLIP: mean of the two cross-entropies; SigLIP: sum over all pairs / batch size).
+The reduction is fixed on purpose: M-SAM's perturbation depends on the gradient's scale (paper-notes.md).
+"""
+from __future__ import annotations
+
+from typing import Callable, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from align.config import StrictModel
+
+
+class LossConfig(StrictModel):
+    """The contrastive loss, its logit scale (temperature) and how the scale is treated during training."""
+
+    kind: Literal["clip", "siglip"] = "clip"
+    learn_scale: bool = True  # learnable log-scale (and SigLIP bias); False: a fixed temperature
+    init_scale: float | None = None  # the multiplier; None: clip 1/0.07, siglip 10
+    init_bias: float = -10.0  # SigLIP logit bias at start (ignored by clip)
+    clamp: Literal["open_clip", "upper", "none"] = "open_clip"  # log-scale in [0, ln 100]; <= ln 100; free
+    perturb_logit_scale: bool = False  # whether SAM-family optimizers perturb the log-scale / bias
+
+    def initial_scale(self) -> float:
+        """The multiplier the log-scale starts from."""
+        if self.init_scale is not None:
+            return float(self.init_scale)
+        return 1.0 / 0.07 if self.kind == "clip" else 10.0
+
+
+def clip_loss(image_features: Tensor, text_features: Tensor, logit_scale: Tensor | float) -> Tensor:
+    """Symmetric InfoNCE of (B, D) paired features; ``logit_scale`` is the multiplier. Scalar, mean over B."""
+    logits = logit_scale * image_features @ text_features.T  # (B, B): row i = image i against all texts
+    labels = torch.arange(logits.shape[0], device=logits.device)
+    return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
+
+
+def siglip_loss(image_features: Tensor, text_features: Tensor, logit_scale: Tensor | float,
+                logit_bias: Tensor | float) -> Tensor:
+    """Sigmoid pair loss of (B, D) paired features: −Σ log σ(±(s·xᵢ·yⱼ + b)) / B (+ on the diagonal)."""
+    logits = logit_scale * image_features @ text_features.T + logit_bias
+    signs = 2.0 * torch.eye(logits.shape[0], device=logits.device, dtype=logits.dtype) - 1.0
+    return -F.logsigmoid(signs * logits).sum() / image_features.shape[0]
+
+
+def loss_for(cfg: LossConfig) -> Callable[..., Tensor]:
+    """The loss function named by ``cfg.kind``; call it with the model's output dict as keyword arguments."""
+    return {"clip": clip_loss, "siglip": siglip_loss}[cfg.kind]
