@@ -42,11 +42,12 @@ from torch.optim import Optimizer
 
 
 def _global_norm(tensors: list[Tensor]) -> Tensor:
-    """‖concat(tensors)‖₂ as a 0-d float32 tensor, computed with one multi-tensor kernel."""
+    """‖concat(tensors)‖₂ as a 0-d tensor (float64 if any input is, else float32), one multi-tensor kernel."""
     if not tensors:
         return torch.zeros(())
+    dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
     norms = torch._foreach_norm(tensors)
-    return torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
+    return torch.linalg.vector_norm(torch.stack([n.to(dtype) for n in norms]))
 
 
 class SAM(Optimizer):
