@@ -45,9 +45,11 @@ def _global_norm(tensors: list[Tensor]) -> Tensor:
     """‖concat(tensors)‖₂ as a 0-d tensor (float64 if any input is, else float32), one multi-tensor kernel."""
     if not tensors:
         return torch.zeros(())
-    dtype = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
     norms = torch._foreach_norm(tensors)
-    return torch.linalg.vector_norm(torch.stack([n.to(dtype) for n in norms]))
+    if any(n.dtype != norms[0].dtype for n in norms) or norms[0].dtype in (torch.float16, torch.bfloat16):
+        dtype = torch.float64 if any(n.dtype == torch.float64 for n in norms) else torch.float32
+        norms = [n.to(dtype) for n in norms]
+    return torch.linalg.vector_norm(torch.stack(norms))
 
 
 class SAM(Optimizer):
@@ -114,7 +116,7 @@ class SAM(Optimizer):
             for p in group["params"]:
                 if p.grad is not None:
                     params.append(p)
-                    grads.append(p.grad.detach())
+                    grads.append(p.grad)
                     groups.append(group)
         return params, grads, groups
 
@@ -132,12 +134,20 @@ class SAM(Optimizer):
                 self.skipped_steps += 1
                 self._record(grad_norm, None, skipped=True)
             else:
-                self._backup = [p.detach().clone() for p in params]
+                self._backup = self._backup_buffers(params)
+                torch._foreach_copy_(self._backup, params)
                 self._perturbed = params
                 torch._foreach_add_(params, delta)
                 self._record(grad_norm, delta, skipped=False)
         if zero_grad:
             self.zero_grad()
+
+    def _backup_buffers(self, params: list[Tensor]) -> list[Tensor]:
+        """Reusable copies of θ (allocated once per set of parameters), so restoring is an exact copy."""
+        key = tuple(id(p) for p in params)
+        if getattr(self, "_buffer_key", None) != key:
+            self._buffer_key, self._buffers = key, [torch.empty_like(p) for p in params]
+        return self._buffers
 
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False, scaler: "torch.amp.GradScaler | None" = None) -> None:
