@@ -1,32 +1,147 @@
 """Sharpness of a loss at given parameters: worst case within a radius, top Hessian eigenvalue, Hessian trace.
 
 Pure: each function takes ``loss_fn`` (a closure that recomputes the scalar loss from the current values of
-``params``) and the list of parameter tensors (requires_grad=True). Parameters are restored exactly (copied
-back) before returning; no optimizer state is touched.
+``params``; it must not step an optimizer) and the list of parameter tensors (requires_grad=True). The
+parameters are restored exactly (copied back, not subtracted) before returning. The radius ρ is Euclidean
+over all given parameters together, as in SAM; use the same loss reduction as in training (M-SAM's radius
+and every sharpness number depend on the loss's scale).
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Sequence
 
+import torch
 from torch import Tensor
 
+from align.errors import AlignError
+
 LossFn = Callable[[], Tensor]
+
+
+def _params(params: Sequence[Tensor]) -> list[Tensor]:
+    ps = list(params)
+    if not ps:
+        raise AlignError("sharpness needs at least one parameter tensor")
+    if not all(p.requires_grad for p in ps):
+        raise AlignError("sharpness parameters must have requires_grad=True")
+    return ps
+
+
+def _grad(loss_fn: LossFn, params: list[Tensor]) -> tuple[float, list[Tensor]]:
+    loss = loss_fn()
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    return float(loss), [torch.zeros_like(p) if g is None else g.detach() for p, g in zip(params, grads)]
+
+
+def _norm(vs: Sequence[Tensor]) -> float:
+    return math.sqrt(sum(float((v.double() ** 2).sum()) for v in vs))
+
+
+@torch.no_grad()
+def _set(params: list[Tensor], base: list[Tensor], delta: list[Tensor]) -> None:
+    for p, b, d in zip(params, base, delta):
+        p.copy_(b + d)
 
 
 def worst_case_sharpness(loss_fn: LossFn, params: Sequence[Tensor], rho: float, ascent_steps: int = 0,
                          step_size: float | None = None) -> dict[str, float]:
     """Max loss increase within ‖δ‖ ≤ ρ: first-order (δ = ρ g/‖g‖) and, if ascent_steps > 0, projected ascent.
 
-    Returns {loss, grad_norm, first_order, ascent (= first_order when ascent_steps = 0), ascent_radius}.
+    The ascent starts at the first-order point and takes ``ascent_steps`` normalised-gradient steps of length
+    ``step_size`` (default ρ / 2), each projected back onto the ball; ``ascent`` is the largest increase seen
+    (never below ``first_order``). Returns {loss, grad_norm, first_order, ascent, ascent_radius}.
     """
-    raise NotImplementedError
+    ps = _params(params)
+    if rho <= 0:
+        raise AlignError(f"sharpness radius rho must be positive, got {rho}")
+    base = [p.detach().clone() for p in ps]
+    try:
+        loss0, g = _grad(loss_fn, ps)
+        gnorm = _norm(g)
+        out = {"loss": loss0, "grad_norm": gnorm, "first_order": 0.0, "ascent": 0.0, "ascent_radius": 0.0}
+        if not math.isfinite(loss0) or not math.isfinite(gnorm) or gnorm == 0.0:
+            return out  # a stationary (or broken) point: no ascent direction at first order
+        delta = [rho * gi / gnorm for gi in g]
+        _set(ps, base, delta)
+        with torch.no_grad():
+            first = float(loss_fn()) - loss0
+        out["first_order"] = out["ascent"] = first
+        out["ascent_radius"] = rho
+        eta = rho / 2 if step_size is None else step_size
+        for _ in range(ascent_steps):
+            loss_t, gt = _grad(loss_fn, ps)  # gradient at the current perturbed point
+            if loss_t - loss0 > out["ascent"]:
+                out["ascent"], out["ascent_radius"] = loss_t - loss0, _norm(delta)
+            gn = _norm(gt)
+            if not math.isfinite(gn) or gn == 0.0:
+                break
+            delta = [d + eta * gi / gn for d, gi in zip(delta, gt)]
+            dn = _norm(delta)
+            if dn > rho:
+                delta = [d * (rho / dn) for d in delta]
+            _set(ps, base, delta)
+        if ascent_steps > 0:
+            with torch.no_grad():
+                last = float(loss_fn()) - loss0
+            if last > out["ascent"]:
+                out["ascent"], out["ascent_radius"] = last, _norm(delta)
+        return out
+    finally:
+        _set(ps, base, [torch.zeros_like(b) for b in base])
+
+
+def _hvp(loss_fn: LossFn, params: list[Tensor], v: list[Tensor]) -> list[Tensor]:
+    """Hessian-vector product H v by double back-propagation."""
+    loss = loss_fn()
+    grads = torch.autograd.grad(loss, params, create_graph=True)
+    dot = sum((g * vi).sum() for g, vi in zip(grads, v))
+    hv = torch.autograd.grad(dot, params, allow_unused=True)
+    return [torch.zeros_like(p) if h is None else h.detach() for p, h in zip(params, hv)]
+
+
+def _random_like(params: list[Tensor], gen: torch.Generator, rademacher: bool) -> list[Tensor]:
+    out = []
+    for p in params:
+        if rademacher:
+            z = torch.randint(0, 2, p.shape, generator=gen, dtype=torch.int64).to(p.dtype) * 2 - 1
+        else:
+            z = torch.randn(p.shape, generator=gen, dtype=torch.float64).to(p.dtype)
+        out.append(z.to(p.device))
+    return out
 
 
 def hessian_top_eigenvalue(loss_fn: LossFn, params: Sequence[Tensor], iters: int = 20, seed: int = 0) -> float:
-    """Largest-magnitude Hessian eigenvalue by power iteration on Hessian-vector products."""
-    raise NotImplementedError
+    """Largest-magnitude Hessian eigenvalue by power iteration on Hessian-vector products (Rayleigh quotient).
+
+    For a positive semi-definite Hessian (a minimum) this is the top eigenvalue; convergence is geometric in
+    |λ₂/λ₁|, so ``iters`` bounds the accuracy.
+    """
+    ps = _params(params)
+    gen = torch.Generator().manual_seed(seed)
+    v = _random_like(ps, gen, rademacher=False)
+    n = _norm(v)
+    v = [x / n for x in v]
+    eig = 0.0
+    for _ in range(max(1, iters)):
+        hv = _hvp(loss_fn, ps, v)
+        eig = float(sum(float((h.double() * x.double()).sum()) for h, x in zip(hv, v)))  # vᵀHv, ‖v‖ = 1
+        n = _norm(hv)
+        if n == 0.0 or not math.isfinite(n):
+            break
+        v = [h / n for h in hv]
+    return eig
 
 
 def hessian_trace(loss_fn: LossFn, params: Sequence[Tensor], samples: int = 32, seed: int = 0) -> float:
-    """Hutchinson estimate of tr(H) with Rademacher probes: mean of zᵀHz."""
-    raise NotImplementedError
+    """Hutchinson estimate of tr(H): mean of zᵀHz over Rademacher probes z (exact for a diagonal H)."""
+    ps = _params(params)
+    if samples < 1:
+        raise AlignError(f"hessian_trace needs at least one sample, got {samples}")
+    gen = torch.Generator().manual_seed(seed)
+    total = 0.0
+    for _ in range(samples):
+        z = _random_like(ps, gen, rademacher=True)
+        hz = _hvp(loss_fn, ps, z)
+        total += float(sum(float((h.double() * x.double()).sum()) for h, x in zip(hz, z)))
+    return total / samples
