@@ -1,8 +1,45 @@
-"""`align embed` (not implemented yet)."""
+"""`align embed --config FILE [--set k=v ...] [--split S ...] [--strict]`: encode a dataset into the cache."""
 from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
 
 import typer
 
+from cli.common import console, user_errors
+
 
 def register(app: typer.Typer) -> None:
-    """Add this module's commands to the app."""
+    """Add `align embed`."""
+
+    @app.command("embed")
+    @user_errors
+    def embed_command(
+        config: Path = typer.Option(..., "--config", "-c",
+                                    help="An embed config (configs/embed/), or any config with a `data:` section."),
+        overrides: Optional[list[str]] = typer.Option(None, "--set", help="Override a config value: key.sub=value "
+                                                      "(paths as in the file, e.g. data.batch_size=32)."),
+        splits: Optional[list[str]] = typer.Option(None, "--split", help="Embed only this split (repeatable)."),
+        strict: bool = typer.Option(False, "--strict", help="Fail on an unreadable image instead of skipping it."),
+        progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
+    ) -> None:
+        """Encode images and captions once with frozen encoders; resumable, cached under cache_root/<key>/."""
+        from rich.table import Table
+
+        from align.cache import embed_split, load_embed_config, read_manifest
+
+        cfg = load_embed_config(config, overrides)
+        if strict:
+            cfg.strict = True
+        todo = list(splits) if splits else cfg.splits
+        paths = {split: embed_split(cfg, split, progress=progress,
+                                    log=lambda m: console.print(m, highlight=False)) for split in todo}
+        table = Table(title="embedding cache", title_justify="left", header_style="bold")
+        for column in ("split", "key", "images", "captions", "skipped", "dims", "folder"):
+            table.add_column(column, justify="right" if column in ("images", "captions", "skipped") else "left")
+        for split, path in paths.items():
+            manifest = read_manifest(path) or {}
+            counts, dims = manifest.get("counts", {}), manifest.get("dims", {})
+            table.add_row(split, path.name, str(counts.get("images")), str(counts.get("captions")),
+                          str(counts.get("skipped_images")), f"{dims.get('image')} / {dims.get('text')}", str(path))
+        console.print(table)

