@@ -1,0 +1,288 @@
+"""Run directories on disk: resolved config, per-step metrics, checkpoints and results (the edge of training).
+
+Layout of a run directory::
+
+    RUN/config.yaml                     the resolved TrainConfig (``align train --config RUN/config.yaml`` re-runs it)
+    RUN/metrics.jsonl                   one JSON object per training step and per validation
+    RUN/checkpoints/step-000200.safetensors + step-000200.json
+                                        the full training state (tensors | the rest); the JSON is written last
+                                        and names the tensor file's SHA-256, so a checkpoint counts only when both
+                                        halves are there and agree (a kill between the two writes loses nothing)
+    RUN/checkpoints/best.safetensors + best.json   the head weights with the best validation score
+    RUN/results.json                    what ``align compare`` reads
+
+Every write is atomic (temporary file in the same folder + ``os.replace``). No pickle anywhere: tensors go to
+safetensors, everything else to JSON; nested state (optimizer ``state_dict``s) is flattened into both with
+``flatten_state`` / ``unflatten_state``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from align.errors import AlignError
+
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.jsonl"
+RESULTS_FILE = "results.json"
+CHECKPOINT_DIR = "checkpoints"
+_STEP_RE = re.compile(r"^step-(\d+)\.json$")
+
+
+# -- atomic writes and JSON ------------------------------------------------------------------------------
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see either the old file or the whole new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def json_safe(obj: Any) -> Any:
+    """``obj`` with non-finite floats turned into None and tuples into lists (strict JSON, no NaN tokens)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, torch.Tensor) and obj.numel() == 1:
+        return json_safe(obj.item())
+    return obj
+
+
+def dumps(obj: Any, indent: int | None = 2) -> str:
+    return json.dumps(json_safe(obj), indent=indent, allow_nan=False)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, dumps(obj) + "\n")
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise AlignError(f"{path} not found") from None
+    except json.JSONDecodeError as exc:
+        raise AlignError(f"{path} is not valid JSON ({exc.msg}); the file is damaged") from None
+
+
+# -- config, metrics, results ----------------------------------------------------------------------------
+
+def config_hash(config: dict[str, Any]) -> str:
+    """SHA-256 (16 hex digits) of a config dict in canonical JSON: what a checkpoint must match to resume."""
+    return hashlib.sha256(json.dumps(json_safe(config), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested dicts (for 'another configuration' messages)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out: list[str] = []
+        for key in sorted(set(a) | set(b)):
+            out += diff_keys(a.get(key), b.get(key), f"{prefix}{key}.")
+        return out
+    return [] if json_safe(a) == json_safe(b) else [prefix.rstrip(".")]
+
+
+def write_config(run_dir: Path, text: str) -> None:
+    atomic_write_text(Path(run_dir) / CONFIG_FILE, text)
+
+
+def append_metrics(run_dir: Path, record: dict[str, Any]) -> None:
+    """Append one record to metrics.jsonl (one line per write; a torn last line is dropped on resume)."""
+    with open(Path(run_dir) / METRICS_FILE, "a", encoding="utf-8") as fh:
+        fh.write(dumps(record, indent=None) + "\n")
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """Every complete record of metrics.jsonl (a torn last line from a kill is skipped)."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+def truncate_metrics(run_dir: Path, last_step: int) -> None:
+    """Keep only the records up to ``last_step`` (resuming from that checkpoint re-logs the rest)."""
+    path = Path(run_dir) / METRICS_FILE
+    kept = [r for r in read_metrics(run_dir) if int(r.get("step", 0)) <= last_step]
+    if path.exists() or kept:
+        atomic_write_text(path, "".join(dumps(r, indent=None) + "\n" for r in kept))
+
+
+def write_results(run_dir: Path, results: dict[str, Any]) -> None:
+    write_json(Path(run_dir) / RESULTS_FILE, results)
+
+
+def read_results(run_dir: Path) -> dict[str, Any]:
+    return read_json(Path(run_dir) / RESULTS_FILE)
+
+
+# -- flattening nested state into tensors + JSON ---------------------------------------------------------
+
+def flatten_state(obj: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
+    """A JSON-able copy of ``obj`` whose tensors are moved into ``tensors`` under keys starting with ``prefix``.
+
+    Handles what optimizer/scheduler ``state_dict``s contain: dicts with int or str keys, lists, tuples,
+    tensors, numbers (including inf/nan), strings, bools and None.
+    """
+    if isinstance(obj, torch.Tensor):
+        key = prefix
+        tensors[key] = obj.detach().cpu().contiguous().clone()
+        return {"__tensor__": key}
+    if isinstance(obj, dict):
+        items = [[flatten_state(k, f"{prefix}.k{i}", tensors), flatten_state(v, f"{prefix}.{i}", tensors)]
+                 for i, (k, v) in enumerate(obj.items())]
+        return {"__dict__": items}
+    if isinstance(obj, tuple):
+        return {"__tuple__": [flatten_state(v, f"{prefix}.{i}", tensors) for i, v in enumerate(obj)]}
+    if isinstance(obj, list):
+        return [flatten_state(v, f"{prefix}.{i}", tensors) for i, v in enumerate(obj)]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return {"__float__": repr(obj)}
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"cannot store a {type(obj).__name__} in a checkpoint (at {prefix})")
+
+
+def unflatten_state(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """Inverse of ``flatten_state``."""
+    if isinstance(obj, dict):
+        if "__tensor__" in obj:
+            return tensors[obj["__tensor__"]]
+        if "__dict__" in obj:
+            return {unflatten_state(k, tensors): unflatten_state(v, tensors) for k, v in obj["__dict__"]}
+        if "__tuple__" in obj:
+            return tuple(unflatten_state(v, tensors) for v in obj["__tuple__"])
+        if "__float__" in obj:
+            return float(obj["__float__"])
+        raise ValueError(f"unknown checkpoint node {sorted(obj)}")
+    if isinstance(obj, list):
+        return [unflatten_state(v, tensors) for v in obj]
+    return obj
+
+
+# -- checkpoints -----------------------------------------------------------------------------------------
+
+def checkpoint_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / CHECKPOINT_DIR
+
+
+def _tensor_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
+    from safetensors.torch import save
+
+    return save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=metadata)
+
+
+def save_checkpoint(run_dir: Path, step: int, tensors: dict[str, torch.Tensor], meta: dict[str, Any],
+                    keep: int = 2) -> Path:
+    """Write checkpoint ``step`` (tensor file first, then the JSON naming its hash); keep the newest ``keep``."""
+    folder = checkpoint_dir(run_dir)
+    data = _tensor_bytes(tensors)
+    atomic_write_bytes(folder / f"step-{step:07d}.safetensors", data)
+    meta = dict(meta, step=step, tensors_sha256=hashlib.sha256(data).hexdigest())
+    path = folder / f"step-{step:07d}.json"
+    write_json(path, meta)
+    for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
+        (folder / f"step-{old:07d}.json").unlink(missing_ok=True)
+        (folder / f"step-{old:07d}.safetensors").unlink(missing_ok=True)
+    return path
+
+
+def list_checkpoints(run_dir: Path) -> list[int]:
+    """Steps of the checkpoints whose JSON half exists, ascending."""
+    folder = checkpoint_dir(run_dir)
+    if not folder.is_dir():
+        return []
+    return sorted(int(m.group(1)) for p in folder.iterdir() if (m := _STEP_RE.match(p.name)))
+
+
+def load_checkpoint(run_dir: Path, step: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(tensors, meta) of checkpoint ``step``; AlignError if its halves are missing or disagree."""
+    from safetensors.torch import load
+
+    folder = checkpoint_dir(run_dir)
+    meta = read_json(folder / f"step-{step:07d}.json")
+    tensor_path = folder / f"step-{step:07d}.safetensors"
+    if not tensor_path.is_file():
+        raise AlignError(f"checkpoint {tensor_path} is missing; delete {folder / f'step-{step:07d}.json'} to "
+                         "fall back to an earlier checkpoint")
+    data = tensor_path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != meta.get("tensors_sha256"):
+        raise AlignError(f"checkpoint {tensor_path} does not match its JSON (damaged or half-written); delete "
+                         "both step files to fall back to an earlier checkpoint")
+    return load(data), meta
+
+
+def latest_checkpoint(run_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+    """The newest complete checkpoint, skipping damaged ones, or None if there is none."""
+    for step in reversed(list_checkpoints(run_dir)):
+        try:
+            return load_checkpoint(run_dir, step)
+        except AlignError:
+            continue
+    return None
+
+
+def save_head(run_dir: Path, name: str, state: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    """Write head weights ``checkpoints/NAME.safetensors`` and their description ``NAME.json``."""
+    folder = checkpoint_dir(run_dir)
+    data = _tensor_bytes(state)
+    atomic_write_bytes(folder / f"{name}.safetensors", data)
+    write_json(folder / f"{name}.json", dict(meta, tensors_sha256=hashlib.sha256(data).hexdigest()))
+
+
+def load_head(run_dir: Path, which: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Head weights and their description: ``which`` = "best" or "last" (the newest training checkpoint)."""
+    from safetensors.torch import load
+
+    folder = checkpoint_dir(run_dir)
+    if which == "last":
+        found = latest_checkpoint(run_dir)
+        if found is None:
+            raise AlignError(f"{run_dir} has no checkpoint yet: train it first (align train ... --out {run_dir})")
+        tensors, meta = found
+        state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+        return state, {"step": meta["step"], "config_hash": meta.get("config_hash")}
+    if which != "best":
+        raise AlignError(f"unknown checkpoint {which!r}: use best or last")
+    path = folder / "best.safetensors"
+    if not path.is_file() or not (folder / "best.json").is_file():
+        raise AlignError(f"{run_dir} has no best checkpoint (no validation finished yet): use --checkpoint last")
+    meta = read_json(folder / "best.json")
+    data = path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != meta.get("tensors_sha256"):
+        raise AlignError(f"{path} does not match best.json (damaged or half-written): use --checkpoint last")
+    return load(data), meta
+
+
+def is_run_dir(path: Path) -> bool:
+    return (Path(path) / CONFIG_FILE).is_file()
