@@ -31,7 +31,7 @@ def _params(params: Sequence[Tensor]) -> list[Tensor]:
 def _grad(loss_fn: LossFn, params: list[Tensor]) -> tuple[float, list[Tensor]]:
     loss = loss_fn()
     grads = torch.autograd.grad(loss, params, allow_unused=True)
-    return float(loss), [torch.zeros_like(p) if g is None else g.detach() for p, g in zip(params, grads)]
+    return float(loss.detach()), [torch.zeros_like(p) if g is None else g.detach() for p, g in zip(params, grads)]
 
 
 def _norm(vs: Sequence[Tensor]) -> float:
