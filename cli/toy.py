@@ -1,8 +1,67 @@
-"""`align toy` (not implemented yet)."""
+"""`align toy [banana|sinc|paraboloid|stability|grid|all]`: the paper's 2-D experiments (PNG + JSON + a table)."""
 from __future__ import annotations
 
+import time
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
 import typer
+
+from cli.common import console, user_errors
+
+
+class Experiment(str, Enum):
+    banana = "banana"
+    sinc = "sinc"
+    paraboloid = "paraboloid"
+    stability = "stability"
+    grid = "grid"
+    all = "all"
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) >= 1e-3 or value == 0 else f"{value:.2e}"
+    return str(value)
+
+
+def _print_table(result: Any, seconds: float, paths: list[Path]) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"{result.name}  ({seconds:.1f} s)", title_justify="left")
+    columns = list(result.summary[0])
+    for col in columns:
+        table.add_column(col, justify="left" if col == "method" else "right")
+    for row in result.summary:
+        table.add_row(*(_fmt(row[c]) for c in columns))
+    console.print(table)
+    console.print("  wrote " + ", ".join(str(p) for p in paths), highlight=False)
 
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the app."""
+
+    @app.command("toy")
+    @user_errors
+    def toy(
+        experiment: Experiment = typer.Argument(Experiment.all, help="Which figure of the paper to reproduce."),
+        out: Path = typer.Option(Path("data/toy"), "--out", help="Folder for the PNG and JSON files."),
+        max_steps: int = typer.Option(500, "--max-steps", min=1, help="grid: step cap per run (Fig. 5)."),
+        sinc_half_width: float = typer.Option(
+            1.0, "--sinc-half-width", min=0.0,
+            help="sinc: starts uniform in [-h, h]^2 (see the sinc JSON settings for why 1.0)."),
+        seed: int = typer.Option(0, "--seed", help="sinc: seed of the random starts."),
+    ) -> None:
+        """Reproduce the paper's 2-D experiments (Figures 1-5) with the real optimizer classes."""
+        from align.toy import EXPERIMENTS, run_experiment
+        from align.toy_plots import write_outputs
+
+        names = EXPERIMENTS if experiment is Experiment.all else (experiment.value,)
+        options = {"grid": {"max_steps": max_steps}, "sinc": {"half_width": sinc_half_width, "seed": seed}}
+        for name in names:
+            start = time.perf_counter()
+            with console.status(f"running {name} ..."):
+                result = run_experiment(name, **options.get(name, {}))
+                paths = write_outputs(result, out)
+            _print_table(result, time.perf_counter() - start, paths)

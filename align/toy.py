@@ -1,0 +1,353 @@
+"""The paper's 2-D experiments (Jacobsen & Arvanitidis, arXiv 2502.08448, Figures 1–5), as pure tensor code.
+
+Every trajectory is produced by the REAL optimizer classes of ``align.optim`` (built with ``create_optimizer``,
+SGD without momentum as the base, exactly as in training) on 2-element parameters; nothing here re-implements a
+method's update. Gradients come from autograd. The only closed forms are in the stability analysis (Fig. 4),
+which is theory about the update, not a runner.
+
+Each parameter has shape [1, 2] rather than [2]: ASAM applies T = |θ| + η to weight tensors (ndim > 1) only, so a
+1-D parameter would be treated like a bias and ASAM would collapse to SAM. As a "1×2 weight" all four methods see
+the two coordinates exactly as the paper's 2-D figures do.
+
+Core layer: no disk, no printing. Plots and JSON are written by ``align.toy_plots``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from align.optim import create_optimizer, optimizer_info
+
+LossFn = Callable[[Tensor], Tensor]
+
+METHOD_LABELS = {"gd": "GD", "sam": "SAM", "msam": "M-SAM", "asam": "ASAM", "fsam": "Fisher SAM"}
+EXPERIMENTS = ("banana", "sinc", "paraboloid", "stability", "grid")
+DTYPE = torch.float64  # the toy runs are tiny; float64 keeps the end points comparable to the paper's digits
+
+
+# -- the toy losses (θ[..., 2] → ℓ[...]) ------------------------------------------------------------------
+
+def banana(theta: Tensor) -> Tensor:
+    """ℓ = (1 − θ₁θ₂)²: θ[..., 2] → [...]. Minima on θ₁θ₂ = 1, saddle (0, 0), flattest minima (±1, ±1)."""
+    return (1.0 - theta[..., 0] * theta[..., 1]) ** 2
+
+
+def sinc(theta: Tensor) -> Tensor:
+    """ℓ = 5 sin(r²)/r², r² = x² + y²: θ[..., 2] → [...]. Global maximum 5 at the origin, minima on a ring."""
+    r2 = (theta ** 2).sum(-1)
+    return 5.0 * torch.sinc(r2 / math.pi)  # torch.sinc(x) = sin(πx)/(πx), smooth (and differentiable) at 0
+
+
+def paraboloid(theta: Tensor) -> Tensor:
+    """ℓ = ‖θ‖² = x² + y²: θ[..., 2] → [...]."""
+    return (theta ** 2).sum(-1)
+
+
+LOSSES: dict[str, LossFn] = {"banana": banana, "sinc": sinc, "paraboloid": paraboloid}
+
+
+def gradients(loss_fn: LossFn, points: Tensor) -> Tensor:
+    """∇ℓ at each point by autograd: points[N, 2] → [N, 2]."""
+    x = points.detach().clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(loss_fn(x).sum(), x)
+    return grad
+
+
+def hessians(loss_fn: LossFn, points: Tensor) -> Tensor:
+    """∇²ℓ at each point by autograd (vectorised with torch.func): points[N, 2] → [N, 2, 2]."""
+    from torch.func import jacrev, vmap
+
+    # Reverse-over-reverse: torch.func.hessian's forward mode would load TorchScript decompositions (slow, warns).
+    return vmap(jacrev(jacrev(loss_fn)))(points.detach())
+
+
+# -- running the real optimizers --------------------------------------------------------------------------
+
+@dataclass
+class Trajectories:
+    """B runs of one method. A run that converged stops early; its rows are padded with its last point/loss.
+
+    points[B, T+1, 2], losses[B, T+1] (loss at each iterate), steps[B] (steps taken), converged[B] (bool).
+    """
+
+    points: Tensor
+    losses: Tensor
+    steps: Tensor
+    converged: Tensor
+
+    @property
+    def final_points(self) -> Tensor:
+        """[B, 2]."""
+        return self.points[:, -1]
+
+    @property
+    def final_losses(self) -> Tensor:
+        """[B]."""
+        return self.losses[:, -1]
+
+
+def build_optimizer(method: str, param: Tensor, *, lr: float, rho: float, eta: float | None = None
+                    ) -> torch.optim.Optimizer:
+    """The optimizer a toy run uses: 'gd' = plain SGD; SAM family = the registry's class over SGD (no momentum)."""
+    if method == "gd":
+        return create_optimizer("sgd", [param], lr=lr)
+    return create_optimizer(method, [param], lr=lr, rho=rho, eta=eta)
+
+
+def run_optimizer(loss_fn: LossFn, starts: Tensor, method: str, *, lr: float, rho: float, steps: int,
+                  eta: float | None = None, tol: float | None = None) -> Trajectories:
+    """Run ``method`` from each start (starts[B, 2]) for at most ``steps`` steps, each run with its own optimizer.
+
+    The B runs are independent: one optimizer per run, because one optimizer over B parameters would share a
+    single global gradient norm. Only the forward/backward passes are batched (the loss is a sum of per-run
+    terms, so each parameter receives exactly its own gradient). With ``tol``, a run stops once
+    ‖θₜ − θₜ₋₂‖ < tol: a fixed point, or the 2-cycle SAM-type updates settle into.
+    """
+    if starts.ndim != 2 or starts.shape[1] != 2:
+        raise ValueError(f"starts must have shape [B, 2], got {tuple(starts.shape)}")
+    two_pass = method != "gd" and optimizer_info(method).two_pass
+    params = [torch.nn.Parameter(s.detach().to(DTYPE).clone().view(1, 2)) for s in starts]
+    opts = [build_optimizer(method, p, lr=lr, rho=rho, eta=eta) for p in params]
+    b = len(params)
+    points = [[p.detach().view(2).clone()] for p in params]
+    losses: list[list[float]] = [[] for _ in range(b)]
+    steps_taken = torch.zeros(b, dtype=torch.long)
+    converged = torch.zeros(b, dtype=torch.bool)
+    active = list(range(b))
+
+    def forward_backward(idx: list[int]) -> Tensor:
+        value = loss_fn(torch.cat([params[i] for i in idx]))  # [A]
+        value.sum().backward()
+        return value.detach()
+
+    for _ in range(steps):
+        if not active:
+            break
+        value = forward_backward(active)
+        for i, v in zip(active, value.tolist()):
+            losses[i].append(v)
+        if two_pass:
+            for i in active:
+                opts[i].first_step(zero_grad=True)
+            forward_backward(active)
+            for i in active:
+                opts[i].second_step(zero_grad=True)
+        else:
+            for i in active:
+                opts[i].step()
+                opts[i].zero_grad()
+        still = []
+        for i in active:
+            points[i].append(params[i].detach().view(2).clone())
+            steps_taken[i] += 1
+            if tol is not None and len(points[i]) >= 3 and (points[i][-1] - points[i][-3]).norm() < tol:
+                converged[i] = True
+            else:
+                still.append(i)
+        active = still
+
+    with torch.no_grad():
+        final_losses = loss_fn(torch.stack([pts[-1] for pts in points])).tolist()
+    for i in range(b):
+        losses[i].append(final_losses[i])
+    length = int(steps_taken.max().item()) + 1 if b else 1
+    pad_p = torch.stack([torch.stack(pts + [pts[-1]] * (length - len(pts))) for pts in points])
+    pad_l = torch.tensor([ls + [ls[-1]] * (length - len(ls)) for ls in losses], dtype=DTYPE)
+    return Trajectories(points=pad_p, losses=pad_l, steps=steps_taken, converged=converged)
+
+
+# -- experiment results -----------------------------------------------------------------------------------
+
+@dataclass
+class ToyResult:
+    """One experiment: its settings, table rows (JSON-able), and the tensors its figure needs.
+
+    ``runs`` maps a run key (e.g. 'sam' or 'msam rho=1') to its trajectories; ``extra`` holds anything else the
+    figure needs (e.g. eigenvalue maps).
+    """
+
+    name: str
+    settings: dict[str, Any]
+    summary: list[dict[str, Any]]
+    runs: dict[str, Trajectories] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def distance_to(points: Tensor, centers: Sequence[tuple[float, float]]) -> Tensor:
+    """Distance of each point to the nearest centre: points[N, 2] → [N]."""
+    c = torch.tensor(centers, dtype=points.dtype)
+    return torch.cdist(points, c).min(dim=1).values
+
+
+SADDLE = [(0.0, 0.0)]
+FLATTEST = [(1.0, 1.0), (-1.0, -1.0), (1.0, -1.0), (-1.0, 1.0)]  # as in the task: within 0.2 of (±1, ±1)
+
+
+def banana_experiment(start: tuple[float, float] = (-1.5, 0.5), lr: float = 0.01, rho: float = 1.0,
+                      steps: int = 200, methods: Sequence[str] = ("gd", "sam", "msam")) -> ToyResult:
+    """Fig. 1: GD, SAM and M-SAM on the banana loss from one start; end points and losses per method."""
+    starts = torch.tensor([start], dtype=DTYPE)
+    runs = {m: run_optimizer(banana, starts, m, lr=lr, rho=rho, steps=steps) for m in methods}
+    summary = []
+    for m, tr in runs.items():
+        p = tr.final_points[0]
+        summary.append({"method": METHOD_LABELS[m], "theta1": p[0].item(), "theta2": p[1].item(),
+                        "loss": tr.final_losses[0].item(),
+                        "dist_saddle": distance_to(p.view(1, 2), SADDLE).item(),
+                        "dist_flattest": distance_to(p.view(1, 2), FLATTEST).item()})
+    settings = {"loss": "(1 - t1*t2)^2", "start": list(start), "lr": lr, "rho": rho, "steps": steps,
+                "base": "SGD (no momentum)"}
+    return ToyResult("banana", settings, summary, runs)
+
+
+def sinc_experiment(n_starts: int = 200, half_width: float = 1.0, steps: int = 200, lr: float = 0.05,
+                    rhos: Sequence[float] = (0.2, 1.0), methods: Sequence[str] = ("sam", "msam"),
+                    max_radius: float = 0.2, seed: int = 0) -> ToyResult:
+    """Fig. 2: final points of SAM and M-SAM on 5·sin(r²)/r² from uniform starts in [−h, h]²; count at the maximum.
+
+    A run "ends at the global maximum" when its final point is within ``max_radius`` of the origin.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    starts = (torch.rand(n_starts, 2, generator=gen, dtype=DTYPE) * 2.0 - 1.0) * half_width
+    runs: dict[str, Trajectories] = {}
+    summary = []
+    for rho in rhos:
+        for m in methods:
+            tr = run_optimizer(sinc, starts, m, lr=lr, rho=rho, steps=steps)
+            key = f"{m} rho={rho:g}"
+            runs[key] = tr
+            r = tr.final_points.norm(dim=1)
+            summary.append({"method": METHOD_LABELS[m], "rho": rho, "at_maximum": int((r < max_radius).sum()),
+                            "runs": n_starts, "mean_final_loss": tr.final_losses.mean().item(),
+                            "median_final_radius": r.median().item()})
+    settings = {"loss": "5*sin(x^2+y^2)/(x^2+y^2)", "n_starts": n_starts,
+                "starts": f"uniform in [-{half_width:g}, {half_width:g}]^2", "half_width": half_width,
+                "steps": steps, "lr": lr, "rhos": list(rhos), "at_maximum": f"final ||theta|| < {max_radius:g}",
+                "seed": seed, "base": "SGD (no momentum)"}
+    return ToyResult("sinc", settings, summary, runs, {"starts": starts})
+
+
+def paraboloid_experiment(start: float = 0.5, rho: float = 0.3, steps: int = 11,
+                          lrs: Sequence[float] = (0.66, 0.74),
+                          methods: Sequence[str] = ("gd", "sam", "msam")) -> ToyResult:
+    """Fig. 3: loss per step on ℓ = ‖θ‖² from (start, 0) (the y-coordinate stays 0: the paper's 1-D parabola)."""
+    starts = torch.tensor([[start, 0.0]], dtype=DTYPE)
+    runs: dict[str, Trajectories] = {}
+    summary = []
+    for lr in lrs:
+        for m in methods:
+            tr = run_optimizer(paraboloid, starts, m, lr=lr, rho=rho, steps=steps)
+            runs[f"{m} lr={lr:g}"] = tr
+            summary.append({"lr": lr, "method": METHOD_LABELS[m], "final_theta": tr.final_points[0, 0].item(),
+                            "final_loss": tr.final_losses[0].item()})
+    settings = {"loss": "x^2 + y^2 (start on the x-axis)", "start": [start, 0.0], "rho": rho, "steps": steps,
+                "lrs": list(lrs), "base": "SGD (no momentum)"}
+    return ToyResult("paraboloid", settings, summary, runs)
+
+
+# -- Fig. 4: linear stability of the SAM-type flow ---------------------------------------------------------
+
+def effective_radius(method: str, grad_norm: Tensor, rho: float) -> Tensor:
+    """ρ̃ with δ* = ρ̃ g: SAM ρ/n, M-SAM ρ/(n√(1+n²)); grad_norm[N] → [N] (NaN where n = 0)."""
+    n = torch.where(grad_norm > 0, grad_norm, torch.full_like(grad_norm, float("nan")))
+    if method == "sam":
+        return rho / n
+    if method == "msam":
+        return rho / (n * torch.sqrt(1.0 + n * n))
+    raise ValueError(f"effective radius is defined here for 'sam' and 'msam', not {method!r}")
+
+
+def stability_eigenvalues(loss_fn: LossFn, points: Tensor, method: str, rho: float) -> Tensor:
+    """Eigenvalues (real parts, descending) of A_ρ = ∇²ℓ(θ+δ*)(I + ρ̃∇²ℓ(θ)): points[N, 2] → [N, 2].
+
+    θ attracts the SAM-type flow when both are positive. ρ = 0 gives the Hessian's eigenvalues.
+    """
+    pts = points.to(DTYPE)
+    g = gradients(loss_fn, pts)
+    h = hessians(loss_fn, pts)
+    if rho == 0:
+        a = h
+    else:
+        rt = effective_radius(method, g.norm(dim=1), rho)  # [N]
+        h_pert = hessians(loss_fn, pts + rt[:, None] * g)
+        a = h_pert @ (torch.eye(2, dtype=DTYPE) + rt[:, None, None] * h)
+    ev = torch.linalg.eigvals(a).real  # A is not symmetric; its eigenvalues may form a complex pair
+    return ev.sort(dim=1, descending=True).values
+
+
+def stability_experiment(rhos: Sequence[float] = (0.0, 0.2, 0.4, 0.6, 0.8), lim: float = 2.0,
+                         resolution: int = 200, methods: Sequence[str] = ("sam", "msam"),
+                         box: float = 0.5) -> ToyResult:
+    """Fig. 4: the second eigenvalue of A_ρ over [−lim, lim]² on the banana loss, per method and ρ.
+
+    Summary: the share of the box [−box, box]² around the saddle that attracts (both eigenvalues > 0).
+    """
+    axis = torch.linspace(-lim, lim, resolution, dtype=DTYPE)  # an even count keeps the exact saddle (g = 0) off
+    yy, xx = torch.meshgrid(axis, axis, indexing="ij")
+    pts = torch.stack([xx.reshape(-1), yy.reshape(-1)], dim=1)
+    near = (pts.abs() <= box).all(dim=1)
+    maps: dict[str, Tensor] = {}
+    summary = []
+    for m in methods:
+        for rho in rhos:
+            ev = stability_eigenvalues(banana, pts, m, rho)
+            maps[f"{m} rho={rho:g}"] = ev[:, 1].reshape(resolution, resolution)
+            stable = (ev > 0).all(dim=1)
+            summary.append({"method": METHOD_LABELS[m], "rho": rho,
+                            "attracting_near_saddle": stable[near].double().mean().item(),
+                            "attracting_overall": stable.double().mean().item()})
+    settings = {"loss": "(1 - t1*t2)^2", "A": "H(theta + delta*) (I + rho_eff H(theta))", "rhos": list(rhos),
+                "extent": [-lim, lim], "resolution": resolution, "near_saddle_box": [-box, box],
+                "theory": "the saddle (Hessian eigenvalues +-2) attracts iff rho_eff > 1/2"}
+    return ToyResult("stability", settings, summary, extra={"axis": axis, "second_eigenvalue": maps})
+
+
+# -- Fig. 5: where each method ends from a grid of starts ---------------------------------------------------
+
+def grid_starts(n: int = 10, lim: float = 3.0) -> Tensor:
+    """The n×n grid of starts on [−lim, lim]²: [n*n, 2]."""
+    axis = torch.linspace(-lim, lim, n, dtype=DTYPE)
+    return torch.cartesian_prod(axis, axis)
+
+
+def grid_experiment(n: int = 10, lim: float = 3.0, lr: float = 0.01, rho: float = 1.0, max_steps: int = 500,
+                    tol: float = 1e-7, methods: Sequence[str] = ("sam", "msam", "fsam", "asam"),
+                    asam_eta: float = 0.01, fsam_eta: float = 1.0, radius: float = 0.2) -> ToyResult:
+    """Fig. 5: each method from each start of an n×n grid on the banana loss; count ends at the saddle / (±1, ±1).
+
+    Convergence: a run stops when ‖θₜ − θₜ₋₂‖ < tol, else after ``max_steps``. Near a minimum SAM-type updates
+    with a finite lr settle into a small limit cycle rather than a point, so many runs stop at the cap; their
+    class (saddle / flattest / elsewhere on the valley) no longer changes by then except for ASAM's slow drift.
+    """
+    starts = grid_starts(n, lim)
+    etas = {"asam": asam_eta, "fsam": fsam_eta}
+    runs: dict[str, Trajectories] = {}
+    summary = []
+    for m in methods:
+        tr = run_optimizer(banana, starts, m, lr=lr, rho=rho, steps=max_steps, eta=etas.get(m), tol=tol)
+        runs[m] = tr
+        fp = tr.final_points
+        at_saddle = distance_to(fp, SADDLE) < radius
+        at_flat = distance_to(fp, FLATTEST) < radius
+        summary.append({"method": METHOD_LABELS[m], "at_saddle": int(at_saddle.sum()),
+                        "at_flat": int(at_flat.sum()), "elsewhere": int((~at_saddle & ~at_flat).sum()),
+                        "converged": int(tr.converged.sum()), "runs": len(starts),
+                        "mean_loss": tr.final_losses.mean().item()})
+    settings = {"loss": "(1 - t1*t2)^2", "grid": f"{n}x{n} on [-{lim:g}, {lim:g}]^2", "lr": lr, "rho": rho,
+                "max_steps": max_steps, "converged": f"||theta_t - theta_(t-2)|| < {tol:g}",
+                "asam_eta": asam_eta, "fsam_eta": fsam_eta, "radius": radius,
+                "at_saddle": "final point within radius of (0, 0)", "at_flat": "within radius of (+-1, +-1)", "base": "SGD (no momentum)"}
+    return ToyResult("grid", settings, summary, runs, {"starts": starts})
+
+
+def run_experiment(name: str, **kwargs: Any) -> ToyResult:
+    """Run one experiment by name ('banana', 'sinc', 'paraboloid', 'stability', 'grid')."""
+    funcs = {"banana": banana_experiment, "sinc": sinc_experiment, "paraboloid": paraboloid_experiment,
+             "stability": stability_experiment, "grid": grid_experiment}
+    if name not in funcs:
+        raise ValueError(f"unknown toy experiment {name!r}; choose one of {', '.join(funcs)}")
+    return funcs[name](**kwargs)

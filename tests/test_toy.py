@@ -1,0 +1,173 @@
+"""The paper's 2-D experiments: losses and gradients against closed forms, the real optimizers against hand
+recurrences, the banana acceptance numbers, the grid property, and one CLI run writing PNG + JSON."""
+import json
+import math
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from align import toy
+from align.optim import MSAM, SAM
+
+D = torch.float64
+
+
+def _rand_points(n=64, seed=0, scale=2.0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(n, 2, generator=g, dtype=D) * 2 - 1) * scale
+
+
+# -- losses, gradients and Hessians against closed forms -----------------------------------------------------
+
+def test_banana_gradient_and_hessian_closed_form():
+    p = _rand_points()
+    x, y = p[:, 0], p[:, 1]
+    r = 1 - x * y
+    torch.testing.assert_close(toy.banana(p), r ** 2)
+    torch.testing.assert_close(toy.gradients(toy.banana, p), torch.stack([-2 * r * y, -2 * r * x], 1))
+    h = torch.stack([torch.stack([2 * y ** 2, 4 * x * y - 2], 1), torch.stack([4 * x * y - 2, 2 * x ** 2], 1)], 1)
+    torch.testing.assert_close(toy.hessians(toy.banana, p), h)
+
+
+def test_sinc_value_and_gradient_closed_form():
+    p = _rand_points(scale=1.5)
+    u = (p ** 2).sum(1)
+    torch.testing.assert_close(toy.sinc(p), 5 * torch.sin(u) / u)
+    dldu = 5 * (u * torch.cos(u) - torch.sin(u)) / u ** 2
+    torch.testing.assert_close(toy.gradients(toy.sinc, p), dldu[:, None] * 2 * p)
+    origin = torch.zeros(1, 2, dtype=D)
+    assert toy.sinc(origin).item() == 5.0  # the global maximum, finite
+    assert toy.gradients(toy.sinc, origin).abs().max().item() == 0.0
+
+
+def test_paraboloid_gradient_closed_form():
+    p = _rand_points()
+    torch.testing.assert_close(toy.gradients(toy.paraboloid, p), 2 * p)
+
+
+# -- the runner drives the real optimizers, one per run ------------------------------------------------------
+
+def test_batched_runs_equal_separate_runs_of_the_optimizer_class():
+    """Batching B starts must not couple them (one optimizer over all would share one gradient norm)."""
+    starts = torch.tensor([[-1.5, 0.5], [2.0, -0.3], [0.2, 0.1]], dtype=D)
+    batched = toy.run_optimizer(toy.banana, starts, "msam", lr=0.01, rho=1.0, steps=30)
+    for b in range(3):
+        p = torch.nn.Parameter(starts[b].clone().view(1, 2))
+        opt = MSAM([p], torch.optim.SGD, rho=1.0, lr=0.01)
+
+        def closure():
+            loss = toy.banana(p).sum()
+            loss.backward()
+            return loss
+
+        for _ in range(30):
+            opt.step(closure)
+        torch.testing.assert_close(batched.final_points[b], p.detach().view(2), rtol=0, atol=1e-14)
+
+
+def test_paraboloid_runs_match_hand_recurrences():
+    """On ℓ = θ², SAM is θ ← θ − 2lr(θ + ρ sgnθ); M-SAM is θ ← θ − 2lr(θ + ρ sgnθ / √(1+4θ²))."""
+    rho, steps = 0.3, 11
+    for lr in (0.66, 0.74):
+        res = {}
+        for m in ("sam", "msam"):
+            tr = toy.run_optimizer(toy.paraboloid, torch.tensor([[0.5, 0.0]], dtype=D), m, lr=lr, rho=rho,
+                                   steps=steps)
+            th = 0.5
+            for _ in range(steps):
+                n = abs(2 * th)
+                d = rho * math.copysign(1.0, th) * (1.0 if m == "sam" else 1.0 / math.sqrt(1 + n * n))
+                th = th - 2 * lr * (th + d)
+            assert tr.final_points[0, 0].item() == pytest.approx(th, abs=1e-12)
+            assert tr.final_points[0, 1].item() == 0.0
+            res[m] = th * th
+        assert res["msam"] < res["sam"], (lr, res)  # Fig. 3: M-SAM ends lower for both learning rates
+
+
+def test_paraboloid_experiment_msam_lower_than_sam():
+    r = toy.paraboloid_experiment()
+    for lr in (0.66, 0.74):
+        final = {row["method"]: row["final_loss"] for row in r.summary if row["lr"] == lr}
+        assert final["M-SAM"] < final["SAM"]
+
+
+# -- Fig. 1 acceptance --------------------------------------------------------------------------------------
+
+def test_banana_acceptance_numbers():
+    r = toy.banana_experiment()
+    rows = {row["method"]: row for row in r.summary}
+    gd, sam, msam = rows["GD"], rows["SAM"], rows["M-SAM"]
+    assert gd["theta1"] == pytest.approx(-1.546, abs=1e-3) and gd["theta2"] == pytest.approx(-0.647, abs=1e-3)
+    assert gd["loss"] < 1e-6
+    assert math.hypot(sam["theta1"], sam["theta2"]) < 0.01 and sam["loss"] > 0.99
+    assert msam["theta1"] == pytest.approx(-0.945, abs=1e-3) and msam["theta2"] == pytest.approx(-0.941, abs=1e-3)
+
+
+# -- Fig. 4: the stability matrix -----------------------------------------------------------------------------
+
+def test_stability_matrix_matches_hand_computation_and_the_optimizers_perturbation():
+    pts = torch.tensor([[0.3, -0.2], [1.2, 0.5], [-0.7, -1.6]], dtype=D)
+    rho = 0.4
+    for method, cls in (("sam", SAM), ("msam", MSAM)):
+        ev = toy.stability_eigenvalues(toy.banana, pts, method, rho)
+        for i, (x, y) in enumerate(pts.tolist()):
+            # δ* from the real optimizer's first_step, and its reported effective radius.
+            p = torch.nn.Parameter(torch.tensor([[x, y]], dtype=D))
+            opt = cls([p], torch.optim.SGD, rho=rho, lr=0.1)
+            toy.banana(p).sum().backward()
+            opt.first_step()
+            dx, dy = (p.detach().view(2) - torch.tensor([x, y], dtype=D)).tolist()
+            rt = opt.last_stats["effective_radius"]
+
+            def hess(a, b):
+                return [[2 * b * b, 4 * a * b - 2], [4 * a * b - 2, 2 * a * a]]
+
+            hp = torch.tensor(hess(x + dx, y + dy), dtype=D)
+            a = hp @ (torch.eye(2, dtype=D) + rt * torch.tensor(hess(x, y), dtype=D))
+            ref = torch.linalg.eigvals(a).real.sort(descending=True).values
+            torch.testing.assert_close(ev[i], ref)
+
+
+def test_stability_at_rho_zero_is_the_hessian_spectrum():
+    pts = _rand_points(16)
+    ev = toy.stability_eigenvalues(toy.banana, pts, "sam", 0.0)
+    ref = torch.linalg.eigvalsh(toy.hessians(toy.banana, pts)).flip(1)
+    torch.testing.assert_close(ev, ref)
+
+
+# -- Fig. 5 property --------------------------------------------------------------------------------------------
+
+def test_grid_sam_ends_at_the_saddle_more_often_than_msam():
+    r = toy.grid_experiment(n=6, max_steps=200, methods=("sam", "msam"))
+    rows = {row["method"]: row for row in r.summary}
+    assert rows["SAM"]["at_saddle"] > rows["M-SAM"]["at_saddle"]
+    # The 6 anti-diagonal starts (θ₂ = −θ₁) lie on the saddle's stable manifold: every method ends there.
+    assert rows["M-SAM"]["at_saddle"] >= 6
+    for row in r.summary:
+        assert row["at_saddle"] + row["at_flat"] + row["elsewhere"] == 36
+
+
+# -- CLI ------------------------------------------------------------------------------------------------------
+
+def test_cli_toy_paraboloid_writes_png_and_json(tmp_path):
+    from cli.main import app
+
+    result = CliRunner().invoke(app, ["toy", "paraboloid", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "M-SAM" in result.output
+    png = tmp_path / "paraboloid.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    data = json.loads((tmp_path / "paraboloid.json").read_text())
+    assert data["experiment"] == "paraboloid" and data["settings"]["rho"] == 0.3
+    final = {(row["lr"], row["method"]): row["final_loss"] for row in data["summary"]}
+    assert final[(0.66, "M-SAM")] < final[(0.66, "SAM")] and final[(0.74, "M-SAM")] < final[(0.74, "SAM")]
+    assert len(data["runs"]["msam lr=0.66"]["final_points"]) == 1
+    assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave no temporary files
+
+
+def test_unknown_experiment_is_rejected():
+    with pytest.raises(ValueError, match="unknown toy experiment"):
+        toy.run_experiment("nope")
+    result = CliRunner().invoke(__import__("cli.main", fromlist=["app"]).app, ["toy", "nope"])
+    assert result.exit_code != 0
