@@ -130,3 +130,18 @@ def test_user_errors():
         retrieval_recall(img, txt, torch.tensor([0, 1, 2, 3]))
     with pytest.raises(AlignError, match="NaN"):
         retrieval_recall(img * float("nan"), txt, torch.tensor([0, 1, 2, 2]))
+
+
+@pytest.mark.parametrize("kind", ["hnsw", "ivf"])
+def test_approximate_index_option_reports_its_recall(kind):
+    rng = np.random.default_rng(6)
+    c2i = multi_caption_index(rng, 400, 400)
+    img = rng.standard_normal((400, 16)).astype(np.float32)
+    txt = img[c2i] + 0.3 * rng.standard_normal((800, 16)).astype(np.float32)
+    args = (torch.from_numpy(img), torch.from_numpy(txt), torch.from_numpy(c2i))
+    exact = retrieval_recall(*args, ks=(1, 5))
+    approx = retrieval_recall(*args, ks=(1, 5), index=kind, check_queries=200)
+    assert set(approx) == {"i2t_R@1", "i2t_R@5", "t2i_R@1", "t2i_R@5", "i2t_index_recall@5", "t2i_index_recall@5"}
+    assert approx["i2t_index_recall@5"] > 0.8 and approx["t2i_index_recall@5"] > 0.8
+    for key in ("i2t_R@1", "i2t_R@5", "t2i_R@1", "t2i_R@5"):
+        assert abs(approx[key] - exact[key]) < 0.05

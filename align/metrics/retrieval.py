@@ -15,6 +15,9 @@ correct one (float32 tiles decide all but the items within the float32 error bou
 which are re-scored in float64), so it yields recall and ranks at once, on CPU or GPU. ``backend="faiss"``
 takes recall from exact FAISS top-k search (``align.knn.knn_search``, ``IndexFlatIP`` in query chunks) in each
 direction and, when ``ranks`` is set, adds the counting pass for the mean/median ranks.
+
+For galleries too large for exact search, ``index="hnsw"|"ivf"`` takes R@k from approximate FAISS indexes and
+reports each index's neighbour recall against exact search on a sample of queries (no ranks then).
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from align.errors import AlignError
-from align.knn import check_finite, float32_error_bound, knn_search, pair_scores
+from align.knn import approximate_index, check_finite, float32_error_bound, knn_search, neighbour_recall, pair_scores
 
 TILE_COLS = 8192  # caption columns per tile: tile memory = chunk_size × TILE_COLS × 4 bytes
 
@@ -67,72 +70,65 @@ def _best_caption(scores: Tensor, c2i: Tensor, n_img: int) -> tuple[Tensor, Tens
     return best, best_idx
 
 
-def _count(mask_src: Tensor, thr: Tensor, dim: int, strict: bool) -> Tensor:
-    """Per row (dim=1) or column (dim=0), how many tile entries are > thr (strict) or ≥ thr; int64."""
-    if mask_src.device.type == "cpu":  # numpy's compare + uint8 sum is ~5× faster than torch's bool sum on CPU
-        a, t = mask_src.numpy(), thr.numpy()
-        t = t[:, None] if dim == 1 else t[None, :]
-        m = (a > t) if strict else (a >= t)
-        return torch.from_numpy(m.view(np.uint8).sum(axis=dim, dtype=np.int64))
-    t = thr[:, None] if dim == 1 else thr[None, :]
-    m = (mask_src > t) if strict else (mask_src >= t)
-    return m.sum(dim=dim)
+def _tile_counts(tile: Tensor, lo: Tensor, hi: Tensor, queries_on_rows: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """For one direction of a (rows, cols) float32 tile: per query, the entries surely ahead (> hi), and the
+    (query, gallery) local positions of the entries inside the error band [lo, hi] (its own item included)."""
+    if tile.device.type == "cpu":  # numpy's compares, uint8 sums and flatnonzero are ~5× faster than torch's here
+        a = tile.numpy()
+        lo_n, hi_n = lo.numpy(), hi.numpy()
+        lo_n, hi_n = (lo_n[:, None], hi_n[:, None]) if queries_on_rows else (lo_n[None, :], hi_n[None, :])
+        above = a > hi_n
+        band = np.flatnonzero((a >= lo_n) ^ above)  # above ⊂ (a ≥ lo), so xor = the band
+        sure = torch.from_numpy(above.view(np.uint8).sum(axis=1 if queries_on_rows else 0, dtype=np.int64))
+        band = torch.from_numpy(band)
+    else:
+        lo_t, hi_t = (lo[:, None], hi[:, None]) if queries_on_rows else (lo[None, :], hi[None, :])
+        above = tile > hi_t
+        sure = above.sum(dim=1 if queries_on_rows else 0)
+        band = ((tile >= lo_t) & ~above).flatten().nonzero().squeeze(1)
+    r, c = band // tile.shape[1], band % tile.shape[1]
+    return (sure, r, c) if queries_on_rows else (sure, c, r)
 
 
 def _rank_pass(img: Tensor, txt: Tensor, c2i: Tensor, chunk_size: int) -> tuple[Tensor, Tensor]:
-    """1-based i2t ranks (N_img,) and t2i ranks (N_cap,) from one pass over the similarity tiles."""
+    """1-based i2t ranks (N_img,) and t2i ranks (N_cap,) from one pass over the similarity tiles.
+
+    Per query, rank = 1 + #items ahead of its correct one; entries farther than the float32 error bound from
+    the correct score are decided by the float32 tile, the few inside the band by ``pair_scores`` (float64).
+    """
     n_img, n_cap, dim = img.shape[0], txt.shape[0], img.shape[1]
     dev = img.device
-    caps = torch.arange(n_cap, device=dev)
-    gt = pair_scores(img, txt, c2i, caps)  # float64 score of each caption with its own image
+    gt = pair_scores(img, txt, c2i, torch.arange(n_cap, device=dev))  # each caption with its own image
     best, best_cap = _best_caption(gt, c2i, n_img)
-    err = float32_error_bound(dim)  # vectors are unit norm
-    # Thresholds in float32 tile units: entries above hi are surely ahead, below lo surely behind.
-    i_lo, i_hi = (best - 2 * err).float(), (best + 2 * err).float()
-    t_lo, t_hi = (gt - 2 * err).float(), (gt + 2 * err).float()
+    err = 2.0 * float32_error_bound(dim)  # unit vectors; 2×: slack for the float32 rounding of the thresholds
+    i_lo, i_hi = (best - err).float(), (best + err).float()
+    t_lo, t_hi = (gt - err).float(), (gt + err).float()
     ahead_i = torch.zeros(n_img, dtype=torch.long, device=dev)
     ahead_t = torch.zeros(n_cap, dtype=torch.long, device=dev)
     for r0 in range(0, n_img, chunk_size):
-        rows = slice(r0, min(n_img, r0 + chunk_size))
+        r1 = min(n_img, r0 + chunk_size)
         for c0 in range(0, n_cap, TILE_COLS):
-            cols = slice(c0, min(n_cap, c0 + TILE_COLS))
-            tile = img[rows] @ txt[cols].T  # (chunk, block) float32
-            # image → text: rows against each image's best caption score.
-            sure = _count(tile, i_hi[rows], 1, strict=True)
-            band = _count(tile, i_lo[rows], 1, strict=False) - sure
-            own = ((best_cap[rows] >= c0) & (best_cap[rows] < cols.stop)).long()
-            ahead_i[rows] += sure
-            _resolve(tile, band > own, i_lo[rows], i_hi[rows], r0, c0, True, img, txt,
-                     best[rows], best_cap[rows], ahead_i)
-            # text → image: columns against each caption's own image score.
-            sure = _count(tile, t_hi[cols], 0, strict=True)
-            band = _count(tile, t_lo[cols], 0, strict=False) - sure
-            own = ((c2i[cols] >= r0) & (c2i[cols] < rows.stop)).long()
-            ahead_t[cols] += sure
-            _resolve(tile.T, band > own, t_lo[cols], t_hi[cols], c0, r0, False, img, txt,
-                     gt[cols], c2i[cols], ahead_t)
+            c1 = min(n_cap, c0 + TILE_COLS)
+            tile = img[r0:r1] @ txt[c0:c1].T  # (chunk, block) float32
+            # image → text: each image row against its best caption's score.
+            sure, q, g = _tile_counts(tile, i_lo[r0:r1], i_hi[r0:r1], queries_on_rows=True)
+            ahead_i[r0:r1] += sure.to(dev)
+            q, g = q.to(dev) + r0, g.to(dev) + c0
+            _resolve(q, g, pair_scores(img, txt, q, g), best, best_cap, ahead_i)
+            # text → image: each caption column against its own image's score.
+            sure, q, g = _tile_counts(tile, t_lo[c0:c1], t_hi[c0:c1], queries_on_rows=False)
+            ahead_t[c0:c1] += sure.to(dev)
+            q, g = q.to(dev) + c0, g.to(dev) + r0
+            _resolve(q, g, pair_scores(img, txt, g, q), gt, c2i, ahead_t)
     return ahead_i + 1, ahead_t + 1
 
 
-def _resolve(tile: Tensor, need: Tensor, lo: Tensor, hi: Tensor, q0: int, g0: int, image_queries: bool,
-             img: Tensor, txt: Tensor, target: Tensor, target_idx: Tensor, ahead: Tensor) -> None:
-    """Decide the tile entries within the float32 error band of their query's correct score, in float64.
-
-    ``tile`` is (queries, gallery) for this direction; ``need`` marks the queries with band entries other than
-    their correct item. An entry counts as ahead if its float64 score is higher, or equal with a lower index.
-    """
-    if not bool(need.any()):
-        return
-    q_local = need.nonzero().squeeze(1)
-    sub = tile[q_local]
-    r, c = ((sub >= lo[q_local][:, None]) & (sub <= hi[q_local][:, None])).nonzero(as_tuple=True)
-    q_loc, g_idx = q_local[r], c + g0
-    not_target = g_idx != target_idx[q_loc]
-    q_loc, g_idx = q_loc[not_target], g_idx[not_target]
-    q_idx = q_loc + q0
-    s64 = pair_scores(img, txt, q_idx, g_idx) if image_queries else pair_scores(img, txt, g_idx, q_idx)
-    wins = (s64 > target[q_loc]) | ((s64 == target[q_loc]) & (g_idx < target_idx[q_loc]))
-    ahead.index_add_(0, q_idx[wins], torch.ones_like(q_idx[wins]))
+def _resolve(q: Tensor, g: Tensor, s64: Tensor, target: Tensor, target_idx: Tensor, ahead: Tensor) -> None:
+    """Count band entries (query q, gallery g, float64 score s64) ahead of the query's correct item: a higher
+    score, or an equal score with a lower gallery index. The correct item itself is never ahead of itself."""
+    t, ti = target[q], target_idx[q]
+    wins = ((s64 > t) | ((s64 == t) & (g < ti))) & (g != ti)
+    ahead.index_add_(0, q[wins], torch.ones_like(q[wins]))
 
 
 def _summary(i2t_rank: Tensor, t2i_rank: Tensor, ks: Sequence[int], ranks: bool) -> dict[str, float]:
@@ -149,37 +145,71 @@ def _summary(i2t_rank: Tensor, t2i_rank: Tensor, ks: Sequence[int], ranks: bool)
     return out
 
 
-def _topk_ranks(img: Tensor, txt: Tensor, c2i: Tensor, kmax: int, chunk_size: int) -> tuple[Tensor, Tensor]:
-    """Ranks capped at kmax + 1 (anything beyond the top kmax) from exact FAISS top-k search both ways."""
-    _, cap_idx = knn_search(img, txt, min(kmax, txt.shape[0]), backend="faiss", chunk_size=chunk_size)
-    hit = c2i[cap_idx] == torch.arange(img.shape[0], device=cap_idx.device)[:, None]  # (N_img, kmax)
-    i2t = torch.where(hit.any(1), hit.float().argmax(1) + 1, torch.full_like(hit[:, 0], kmax + 1, dtype=torch.long))
-    _, img_idx = knn_search(txt, img, min(kmax, img.shape[0]), backend="faiss", chunk_size=chunk_size)
-    hit = img_idx == c2i.to(img_idx.device)[:, None]
-    t2i = torch.where(hit.any(1), hit.float().argmax(1) + 1, torch.full_like(hit[:, 0], kmax + 1, dtype=torch.long))
+def _ranks_from_lists(hit: Tensor, kmax: int) -> Tensor:
+    """1-based rank of the first hit in each (Q, kmax) row of a hit mask; kmax + 1 when there is none."""
+    first = hit.float().argmax(1) + 1
+    return torch.where(hit.any(1), first, torch.full_like(first, kmax + 1))
+
+
+def _topk_ranks(img: Tensor, txt: Tensor, c2i: Tensor, kmax: int, search_i2t, search_t2i) -> tuple[Tensor, Tensor]:
+    """Ranks capped at kmax + 1 (anything beyond the top kmax) from top-kmax lists in both directions."""
+    cap_idx = search_i2t(img, kmax)  # (N_img, kmax) caption indices, -1 where an index returned fewer
+    own = torch.arange(img.shape[0])[:, None]
+    i2t = _ranks_from_lists((cap_idx >= 0) & (c2i[cap_idx.clamp(min=0)] == own), kmax)
+    img_idx = search_t2i(txt, kmax)
+    t2i = _ranks_from_lists(img_idx == c2i[:, None], kmax)
     return i2t, t2i
 
 
+def _approximate(img: Tensor, txt: Tensor, c2i: Tensor, ks: Sequence[int], kind: str, check_queries: int,
+                 seed: int, chunk_size: int) -> dict[str, float]:
+    """R@k from approximate indexes both ways, plus each index's neighbour recall@kmax against exact search
+    on ``check_queries`` random queries per direction (keys ``i2t_index_recall@K`` / ``t2i_index_recall@K``)."""
+    kmax = max(ks)
+    cap_index, img_index = approximate_index(txt, kind, seed=seed), approximate_index(img, kind, seed=seed)
+    i2t, t2i = _topk_ranks(img, txt, c2i, kmax, lambda q, k: cap_index.search(q, k)[1],
+                           lambda q, k: img_index.search(q, k)[1])
+    out = _summary(i2t, t2i, ks, ranks=False)
+    gen = torch.Generator().manual_seed(seed)
+    for name, queries, gallery, index in (("i2t", img, txt, cap_index), ("t2i", txt, img, img_index)):
+        pick = torch.randperm(queries.shape[0], generator=gen)[:check_queries]
+        k = min(kmax, gallery.shape[0])
+        _, exact = knn_search(queries[pick], gallery, k, backend="faiss", chunk_size=chunk_size)
+        out[f"{name}_index_recall@{k}"] = neighbour_recall(index.search(queries[pick], k)[1], exact)
+    return out
+
+
 def retrieval_recall(image_emb: Tensor, text_emb: Tensor, caption_to_image: Tensor, ks: Sequence[int] = (1, 5, 10),
-                     backend: Literal["faiss", "torch"] = "torch", chunk_size: int = 1024,
-                     ranks: bool = True) -> dict[str, float]:
+                     backend: Literal["faiss", "torch"] = "torch", chunk_size: int = 1024, ranks: bool = True,
+                     index: Literal["exact", "hnsw", "ivf"] = "exact", check_queries: int = 1000,
+                     seed: int = 0) -> dict[str, float]:
     """(N_img, D) images, (N_cap, D) captions, (N_cap,) caption→image → {i2t_R@k, t2i_R@k, *_mean_rank, *_median_rank}.
 
-    Recalls are fractions in [0, 1]; ranks are 1-based. Both backends give identical numbers (see module doc);
-    ``torch`` does it all in one pass and runs on the inputs' device, ``faiss`` runs on the CPU.
+    Recalls are fractions in [0, 1]; ranks are 1-based. Exact (``index="exact"``): both backends give identical
+    numbers (see module doc); ``torch`` does it all in one pass on the inputs' device, ``faiss`` runs on the
+    CPU. ``index="hnsw"|"ivf"``: R@k from approximate FAISS indexes (for galleries too large for exact search;
+    no ranks), with each index's neighbour recall against exact search on ``check_queries`` sampled queries.
     """
     if not ks or min(ks) < 1:
         raise AlignError(f"recall cut-offs must be positive integers, got {list(ks)}")
+    if backend not in ("faiss", "torch"):
+        raise AlignError(f"unknown retrieval backend {backend!r}; use 'faiss' or 'torch'")
+    if index not in ("exact", "hnsw", "ivf"):
+        raise AlignError(f"unknown retrieval index {index!r}; use 'exact', 'hnsw' or 'ivf'")
     img, txt, c2i = _prepare(image_emb, text_emb, caption_to_image)
+    if index != "exact":
+        return _approximate(img.cpu(), txt.cpu(), c2i.cpu(), ks, index, check_queries, seed, chunk_size)
     if backend == "torch":
         i2t, t2i = _rank_pass(img, txt, c2i, chunk_size)
         return _summary(i2t, t2i, ks, ranks)
-    if backend != "faiss":
-        raise AlignError(f"unknown retrieval backend {backend!r}; use 'faiss' or 'torch'")
     img, txt, c2i = img.cpu(), txt.cpu(), c2i.cpu()
-    i2t, t2i = _topk_ranks(img, txt, c2i, max(ks), chunk_size)
+
+    def exact(gallery: Tensor):
+        return lambda q, k: knn_search(q, gallery, min(k, gallery.shape[0]), backend="faiss", chunk_size=chunk_size)[1]
+
+    i2t, t2i = _topk_ranks(img, txt, c2i, max(ks), exact(txt), exact(img))
     out = _summary(i2t, t2i, ks, ranks=False)
-    if ranks:
+    if ranks:  # mean/median ranks need every item's position: the counting pass
         i2t_full, t2i_full = _rank_pass(img, txt, c2i, chunk_size)
         out.update({k: v for k, v in _summary(i2t_full, t2i_full, ks, True).items() if "rank" in k})
     return out
