@@ -18,6 +18,7 @@ from torch import Tensor
 from align.errors import AlignError
 
 Backend = Literal["faiss", "torch"]
+PAIR_SUM_BLOCK = 4096  # float64 pair scores are summed in column blocks of this size (see pair_scores)
 GALLERY_BLOCK = 16384  # gallery columns per tile of the torch search: tile memory = chunk × block × 4 bytes
 
 
@@ -33,11 +34,15 @@ def pair_scores(a: Tensor, b: Tensor, rows: Tensor, cols: Tensor, pair_chunk: in
     The one routine behind every tie decision: each value depends only on the two vectors (elementwise product
     then a sum over the last dimension), so identical vectors always get identical scores.
     """
-    out = torch.empty(rows.shape[0], dtype=torch.float64, device=a.device)
+    out = torch.zeros(rows.shape[0], dtype=torch.float64, device=a.device)
     for start in range(0, rows.shape[0], pair_chunk):
         r = rows[start:start + pair_chunk]
         c = cols[start:start + pair_chunk]
-        out[start:start + pair_chunk] = (a[r].double() * b[c].double()).sum(dim=-1)
+        # Sum in fixed column blocks: a long single reduction may be split across threads depending on the
+        # number of pairs, which would change the rounding of the same pair from one call to the next.
+        for d0 in range(0, a.shape[1], PAIR_SUM_BLOCK):
+            cols_d = slice(d0, d0 + PAIR_SUM_BLOCK)
+            out[start:start + pair_chunk] += (a[r, cols_d].double() * b[c, cols_d].double()).sum(dim=-1)
     return out
 
 

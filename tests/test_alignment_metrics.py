@@ -37,9 +37,10 @@ def ref_cycle_knn(a, b, k):
 
 
 def hsic_biased(k, l):
-    n = k.shape[0]
-    h = np.eye(n) - np.ones((n, n)) / n
-    return np.trace(k @ h @ l @ h)
+    """tr(K H L H), H = I − 11ᵀ/n; K H is K minus its row means, and tr(XY) = Σ X ∘ Yᵀ."""
+    kh = k - k.mean(1, keepdims=True)
+    lh = l - l.mean(1, keepdims=True)
+    return (kh * lh.T).sum()
 
 
 def hsic_unbiased(k, l):
@@ -169,6 +170,14 @@ def test_scalable_paths_above_chunk_sizes():
     assert cka(T(a), T(b), kernel="rbf", sigma=1.0, chunk_size=100) == pytest.approx(
         ref_cka(a, b, "rbf", 1.0), abs=1e-6)
     assert cknna(T(a), T(b), 4) == pytest.approx(ref_cknna(a, b, 4), abs=1e-6)
+
+
+def test_hsic_biased_reference_is_the_trace_formula():
+    rng = np.random.default_rng(0)
+    k, l = rng.standard_normal((7, 7)), rng.standard_normal((7, 7))
+    k, l = k + k.T, l + l.T
+    h = np.eye(7) - np.ones((7, 7)) / 7
+    assert hsic_biased(k, l) == pytest.approx(np.trace(k @ h @ l @ h), abs=1e-12)
 
 
 def test_normalize_false_uses_raw_features():
