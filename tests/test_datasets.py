@@ -439,3 +439,13 @@ def test_synthetic_identity_covers_its_config():
         assert _spec(synthetic={field: value}).identity("test") != base, field
     for field in other_splits:
         assert _spec(synthetic={field: 7}).identity("test") == base
+
+
+def test_every_dataset_snippet_in_configs_validates():
+    folder = Path(__file__).resolve().parents[1] / "configs" / "datasets"
+    files = sorted(folder.glob("*.yaml"))
+    assert files, "configs/datasets/ holds the documented dataset sections"
+    for path in files:
+        assert path.read_text().startswith("#"), f"{path.name}: start with a comment saying how to use it"
+        spec = validate(DatasetSpec, load_yaml(path), source=str(path))
+        assert spec.kind in ("synthetic", "hub", "imagefolder", "csv")
