@@ -1,8 +1,64 @@
-"""`align evaluate` (not implemented yet)."""
+"""`align eval RUN_DIR [--split test] [--checkpoint best|last]` and `align eval --cache KEY_OR_PATH`."""
 from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
 
 import typer
 
+from cli.common import console, err_console, user_errors
+
+
+def print_eval(result: dict[str, Any]) -> None:
+    """One evaluation result as a rich table, then its notes."""
+    from rich.table import Table
+
+    what = f"{result['source']}" + (f" ({result['checkpoint']}, step {result['step']})" if result.get("checkpoint") else "")
+    table = Table(title=f"{what} — split {result.get('split')}: {result['num_images']} images, "
+                        f"{result['num_captions']} captions", header_style="bold")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in result["metrics"].items():
+        table.add_row(key, "—" if value is None else f"{value:.4f}")
+    console.print(table)
+    for note in result.get("notes", []):
+        console.print(f"note: {note}", highlight=False)
+
 
 def register(app: typer.Typer) -> None:
-    """Add this module's commands to the app."""
+    """Add `align eval`."""
+
+    @app.command("eval")
+    @user_errors
+    def eval_command(
+        run_dir: Optional[Path] = typer.Argument(None, help="A run directory written by align train."),
+        split: Optional[str] = typer.Option(None, "--split", help="Split to evaluate (run: default test; cache: the key's own split)."),
+        checkpoint: str = typer.Option("best", "--checkpoint", help="best | last"),
+        cache: Optional[str] = typer.Option(None, "--cache", help="Evaluate raw cached embeddings (cache key or folder), no head."),
+        cache_root: Optional[Path] = typer.Option(None, "--cache-root", help="Where cache keys live (default data/cache)."),
+        device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | mps (run: default the run's)."),
+        backend: Optional[str] = typer.Option(None, "--backend", help="k-NN search: faiss | torch."),
+        knn_k: int = typer.Option(8, "--knn-k", help="k of mutual-k-NN and CKNNA (raw embeddings)."),
+        out: Optional[Path] = typer.Option(None, "--out", help="Also write the results JSON here."),
+    ) -> None:
+        """Retrieval recall (both ways) and alignment metrics of a trained head, or of raw embeddings (--cache)."""
+        from align import runs
+        from align.errors import AlignError
+        from align.evaluate import evaluate_cache, evaluate_run
+
+        if (run_dir is None) == (cache is None):
+            raise AlignError("give either a RUN_DIR or --cache KEY_OR_PATH (not both)")
+        if backend is not None and backend not in ("faiss", "torch"):
+            raise AlignError(f"unknown --backend {backend!r}: use faiss or torch")
+        if run_dir is not None:
+            if checkpoint not in ("best", "last"):
+                raise AlignError(f"unknown --checkpoint {checkpoint!r}: use best or last")
+            result = evaluate_run(run_dir, split=split or "test", checkpoint=checkpoint, device=device,
+                                  backend=backend, log=lambda m: err_console.print(m, highlight=False))
+        else:
+            result = evaluate_cache(cache, split=split, cache_root=cache_root, knn_k=knn_k,
+                                    backend=backend or "faiss")
+        print_eval(result)
+        if out is not None:
+            runs.write_json(out, result)
+            console.print(f"wrote {out}", highlight=False)

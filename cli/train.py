@@ -1,8 +1,71 @@
-"""`align train` (not implemented yet)."""
+"""`align train --config FILE [--set key.sub=value ...] [--resume] [--out DIR]`."""
 from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
 
 import typer
 
+from cli.common import console, err_console, user_errors
+
+
+def default_run_dir(config_path: Path) -> Path:
+    """data/runs/<config file name without extension> (a run's own config.yaml names its out_dir explicitly)."""
+    return Path("data") / "runs" / config_path.stem
+
+
+def print_results(results: dict[str, Any], title: str) -> None:
+    """The headline figures of a results dict as a rich table."""
+    from rich.table import Table
+
+    table = Table(title=title, show_header=True, header_style="bold")
+    table.add_column("metric")
+    for column in ("best val", "best test", "final test"):
+        table.add_column(column, justify="right")
+    keys = [k for k in ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "mean_R@1",
+                        "mutual_knn", "cknna", "cka")
+            if any(k in (results.get(s) or {}) for s in ("best_val", "best_test", "final_test"))]
+    for key in keys:
+        cells = []
+        for section in ("best_val", "best_test", "final_test"):
+            value = (results.get(section) or {}).get(key)
+            cells.append("—" if value is None else f"{value:.4f}")
+        table.add_row(key, *cells)
+    console.print(table)
+    sharp = (results.get("sharpness") or {}).get("best")
+    if sharp:
+        console.print("sharpness of the best head (ρ={rho:g}): first-order {worst_case_first_order:.4g}, "
+                      "ascent {worst_case_ascent:.4g}, λ_max {hessian_top_eigenvalue:.4g}, "
+                      "tr(H) {hessian_trace:.4g}".format(**sharp), highlight=False)
+    loss = results.get("final_loss")
+    console.print(f"status {results['status']}, steps {results['steps_done']}, best step {results['best_step']}, "
+                  f"final loss {'—' if loss is None else f'{loss:.4f}'}, {results['wall_time_s']:.1f} s",
+                  highlight=False)
+
 
 def register(app: typer.Typer) -> None:
-    """Add this module's commands to the app."""
+    """Add `align train`."""
+
+    @app.command("train")
+    @user_errors
+    def train_command(
+        config: Path = typer.Option(..., "--config", "-c", help="Training config YAML (see configs/train/)."),
+        overrides: Optional[list[str]] = typer.Option(None, "--set", help="Override a config value: key.sub=value."),
+        resume: bool = typer.Option(False, "--resume", help="Continue the run in the output folder from its last checkpoint."),
+        out: Optional[Path] = typer.Option(None, "--out", help="Run directory (default: out_dir of the config, else data/runs/<config name>)."),
+        progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+    ) -> None:
+        """Train an alignment head on cached embeddings; writes config.yaml, metrics.jsonl, checkpoints/, results.json."""
+        from align.config import load_config
+        from align.train import TrainConfig, train
+
+        cfg = load_config(TrainConfig, config, overrides or [])
+        run_dir = out or (Path(cfg.out_dir) if cfg.out_dir else default_run_dir(config))
+        cfg = cfg.model_copy(update={"out_dir": str(run_dir)})
+        results = train(cfg, run_dir, resume=resume, log=lambda m: err_console.print(m, highlight=False),
+                        progress=progress)
+        print_results(results, f"{run_dir}")
+        if results["status"] == "diverged":
+            err_console.print(f"[bold yellow]diverged[/] at step {results['diverged_at']}: {results['diverge_reason']}",
+                              highlight=False)
+        console.print(f"results: {run_dir / 'results.json'}", highlight=False)

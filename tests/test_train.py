@@ -1,0 +1,349 @@
+"""Training: every optimizer lifts test recall far above the untrained head, divergence is reported, the pieces
+(schedule, sampler, uniform loss) match their definitions, and a CUDA bf16 step matches the CPU one.
+
+The helpers at the top (``write_cache``, ``train_config``) are shared by the other training/evaluation tests: they
+write a small encoder-free embedding cache in align.cache's exact on-disk layout at the key ``load_split`` looks
+for, so tests exercise the real cache loader without running any encoder.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from align.config import validate
+from align.errors import AlignError
+
+IMAGE_DIM, TEXT_DIM = 32, 24
+SIZES = {"train": 512, "val": 128, "test": 128}
+
+
+# -- shared helpers -------------------------------------------------------------------------------------
+
+def data_section(root: Path, **synthetic: Any) -> dict[str, Any]:
+    """An EmbedConfig dict whose cache keys live under ``root`` (encoders are named, never run)."""
+    return {"dataset": {"kind": "synthetic", "synthetic": {"train_images": SIZES["train"], "val_images": SIZES["val"],
+                                                           "test_images": SIZES["test"], **synthetic}},
+            "image_encoder": {"backend": "open_clip", "model": "ViT-S-32"},
+            "text_encoder": {"backend": "open_clip", "model": "ViT-S-16"},
+            "cache_root": str(root), "device": "cpu"}
+
+
+def synthetic_split(split: str, n_images: int, captions: int = 3, image_dim: int = IMAGE_DIM,
+                    text_dim: int = TEXT_DIM, noise: float = 0.6, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Images (N, Di) Gaussian; each caption = a fixed linear map of its image + fresh noise; 1..captions per image."""
+    mapping = np.random.default_rng(seed).standard_normal((image_dim, text_dim)) / math.sqrt(image_dim)
+    rng = np.random.default_rng([seed, {"train": 1, "val": 2, "test": 3}[split]])
+    image = rng.standard_normal((n_images, image_dim)).astype(np.float32)
+    per_image = rng.integers(1, captions + 1, size=n_images)  # multi-caption, uneven
+    c2i = np.repeat(np.arange(n_images), per_image).astype(np.int64)
+    text = (image[c2i] @ mapping + noise * rng.standard_normal((len(c2i), text_dim))).astype(np.float32)
+    return image, text, c2i
+
+
+def write_cache(data: dict[str, Any], split: str, image: np.ndarray, text: np.ndarray, c2i: np.ndarray) -> Path:
+    """Write one split in align.cache's layout (arrays + manifest written last) where load_split looks for it."""
+    from align.cache import CACHE_FORMAT, EmbedConfig, cache_path
+
+    cfg = EmbedConfig.model_validate(data)
+    folder = cache_path(cfg, split)
+    folder.mkdir(parents=True, exist_ok=True)
+    arrays = {"image.npy": image, "text.npy": text, "caption_to_image.npy": c2i,
+              "image_rows.npy": np.arange(len(image), dtype=np.int64),
+              "caption_rows.npy": np.arange(len(text), dtype=np.int64)}
+    files = {}
+    for name, array in arrays.items():
+        np.save(folder / name, array, allow_pickle=False)
+        raw = (folder / name).read_bytes()
+        files[name] = {"shape": list(array.shape), "dtype": str(array.dtype), "bytes": len(raw),
+                       "sha256": hashlib.sha256(raw).hexdigest()}
+    manifest = {"format": CACHE_FORMAT, "key": folder.name, "split": split, "created": "test",
+                "dataset": {"name": "synthetic-embeddings", "kind": "synthetic", "images_in_source": len(image),
+                            "captions_in_source": len(text)},
+                "encoders": {"image": "test:image", "text": "test:text"},
+                "counts": {"images": len(image), "captions": len(text), "skipped_images": 0, "dropped_captions": 0},
+                "dims": {"image": image.shape[1], "text": text.shape[1]}, "storage_dtype": str(image.dtype),
+                "normalize": False, "files": files, "skipped": []}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return folder
+
+
+def make_cache(root: Path, **kwargs: Any) -> dict[str, Any]:
+    """Write train/val/test splits of the synthetic embeddings under ``root``; returns the data section."""
+    data = data_section(root)
+    for split, n in SIZES.items():
+        write_cache(data, split, *synthetic_split(split, n, **kwargs))
+    return data
+
+
+def train_config(data: dict[str, Any], **sections: Any) -> dict[str, Any]:
+    """A small, fast TrainConfig dict (override sections by keyword: optim={...}, schedule={...})."""
+    cfg: dict[str, Any] = {"data": data, "device": "cpu", "head": {"out_dim": 32},
+                           "schedule": {"steps": 120, "batch_size": 64, "warmup_steps": 10},
+                           "eval": {"every": 40, "sharpness_batches": 2, "hessian_iters": 5, "hutchinson_samples": 4,
+                                    "sharpness_ascent_steps": 2},
+                           "optim": {"name": "adamw", "lr": 1e-2}, "checkpoint_every": 50, "loss_at_step": 100}
+    for key, value in sections.items():
+        if isinstance(value, dict):
+            cfg[key] = {**cfg.get(key, {}), **value}
+        else:
+            cfg[key] = value
+    return cfg
+
+
+def head_recall_at_1(state: dict[str, torch.Tensor], image: np.ndarray, text: np.ndarray, c2i: np.ndarray) -> tuple[float, float]:
+    """(i2t R@1, t2i R@1) of linear heads given by raw weights, by brute force (argmax over all pairs)."""
+    img = F.normalize(torch.from_numpy(image) @ state["image_head.weight"].T + state["image_head.bias"], dim=-1)
+    txt = F.normalize(torch.from_numpy(text) @ state["text_head.weight"].T + state["text_head.bias"], dim=-1)
+    sim = (img @ txt.T).double()
+    c2i_t = torch.from_numpy(c2i)
+    i2t = float((c2i_t[sim.argmax(dim=1)] == torch.arange(len(image))).double().mean())
+    t2i = float((sim.argmax(dim=0) == c2i_t).double().mean())
+    return i2t, t2i
+
+
+@pytest.fixture(scope="module")
+def cache_data(tmp_path_factory) -> dict[str, Any]:
+    return make_cache(tmp_path_factory.mktemp("cache"))
+
+
+# -- pieces against their definitions -------------------------------------------------------------------
+
+def test_lr_schedule_is_linear_warmup_then_cosine_to_zero():
+    from align.train import lr_factor
+
+    steps, warmup = 100, 10
+    assert [lr_factor(t, steps, warmup) for t in range(3)] == pytest.approx([0.1, 0.2, 0.3])
+    assert lr_factor(9, steps, warmup) == pytest.approx(1.0)
+    assert lr_factor(10, steps, warmup) == pytest.approx(1.0)
+    assert lr_factor(55, steps, warmup) == pytest.approx(0.5)  # halfway through the cosine
+    assert lr_factor(100, steps, warmup) == pytest.approx(0.0, abs=1e-12)
+    assert lr_factor(32, steps, 0) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.32)))
+
+
+def test_uniform_loss_is_the_loss_of_equal_logits():
+    from align.losses import clip_loss, siglip_loss
+    from align.train import uniform_loss
+
+    b = 16
+    feats = F.normalize(torch.randn(b, 8), dim=-1)
+    assert uniform_loss("clip", b) == pytest.approx(math.log(16))
+    assert float(clip_loss(feats, feats, 0.0)) == pytest.approx(uniform_loss("clip", b), rel=1e-6)
+    # SigLIP: minimum over a constant logit c of the loss with all logits = c (scale 0, bias c), numerically.
+    from scipy.optimize import minimize_scalar
+
+    best = minimize_scalar(lambda c: float(siglip_loss(feats.double(), feats.double(), 0.0, c)),
+                           bounds=(-10, 0), method="bounded", options={"xatol": 1e-10})
+    assert uniform_loss("siglip", b) == pytest.approx(best.fun, rel=1e-9)
+    assert 1 / (1 + math.exp(-best.x)) == pytest.approx(1 / b, rel=1e-4)  # at σ(c) = 1/B
+
+
+def test_sampler_visits_each_image_once_per_epoch_with_one_of_its_captions():
+    from align.train import Sampler
+
+    c2i = torch.tensor([0, 0, 1, 2, 2, 2, 4, 4, 5, 6, 7, 8, 9])  # image 3 has no caption
+    sampler = Sampler(c2i, 10, batch_size=3, seed=5, device=torch.device("cpu"))
+    assert sampler.per_epoch == 3  # 9 images with captions // 3; the remainder is dropped
+    for epoch in range(3):
+        images, captions = [], []
+        for b in range(sampler.per_epoch):
+            rows_i, rows_c = sampler.batch(epoch * sampler.per_epoch + b)
+            assert len(rows_i) == 3
+            images += rows_i.tolist()
+            captions += rows_c.tolist()
+        assert len(set(images)) == 9 and 3 not in images
+        assert all(int(c2i[c]) == i for i, c in zip(images, captions))
+    # Order depends only on (seed, epoch): a fresh sampler asked for step 7 first gives the same rows.
+    again = Sampler(c2i, 10, batch_size=3, seed=5, device=torch.device("cpu"))
+    assert all(torch.equal(a, b) for a, b in zip(again.batch(7), sampler.batch(7)))
+    # Over many epochs every caption of image 2 gets used.
+    used = {int(c) for e in range(30) for b in range(3) for i, c in zip(*sampler.batch(e * 3 + b)) if int(i) == 2}
+    assert used == {3, 4, 5}
+
+
+def test_batch_larger_than_the_training_set_is_a_user_error():
+    from align.train import Sampler
+
+    with pytest.raises(AlignError, match="batch_size"):
+        Sampler(torch.arange(5), 5, batch_size=8, seed=0, device=torch.device("cpu"))
+
+
+# -- smoke runs: every optimizer learns -------------------------------------------------------------------
+
+OPTIMIZER_SETTINGS = {
+    "sgd": {"lr": 2.0, "momentum": 0.9},
+    "adam": {"lr": 1e-2},
+    "adamw": {"lr": 1e-2, "weight_decay": 1e-4},
+    "sam": {"lr": 1e-2, "rho": 0.05},
+    "msam": {"lr": 1e-2, "rho": 0.05},
+    "asam": {"lr": 1e-2, "rho": 0.5},
+    "fsam": {"lr": 1e-2, "rho": 0.05},
+}
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZER_SETTINGS))
+def test_every_optimizer_lifts_test_recall_far_above_the_untrained_head(name, cache_data, tmp_path):
+    from safetensors.torch import load_file
+
+    from align.heads import build_model
+    from align.train import TrainConfig, train
+
+    cfg = validate(TrainConfig, train_config(cache_data, optim={"name": name, **OPTIMIZER_SETTINGS[name]},
+                                             eval={"sharpness": False}))
+    results = train(cfg, tmp_path / "run", progress=False)
+    assert results["status"] == "done" and results["steps_done"] == 120
+
+    image, text, c2i = synthetic_split("test", SIZES["test"])
+    torch.manual_seed(cfg.seed)  # the untrained head: same initialisation as the run
+    untrained = build_model(cfg.head, cfg.loss, IMAGE_DIM, TEXT_DIM).state_dict()
+    before = head_recall_at_1(untrained, image, text, c2i)
+    best = load_file(tmp_path / "run" / "checkpoints" / "best.safetensors")
+    after = head_recall_at_1(best, image, text, c2i)
+    # The reported figures are those of the saved best head (recomputed here by brute force).
+    assert results["best_test"]["i2t_R@1"] == pytest.approx(after[0], abs=1e-9)
+    assert results["best_test"]["t2i_R@1"] == pytest.approx(after[1], abs=1e-9)
+    assert max(before) < 0.1  # a random head is near chance (1/128)
+    assert min(after) > max(before) + 0.4, (name, before, after)
+
+
+def test_run_directory_contents_and_metrics_log(cache_data, tmp_path):
+    from align.config import load_config
+    from align.train import TrainConfig, train
+
+    cfg = validate(TrainConfig, train_config(cache_data, optim={"name": "msam", "lr": 1e-2, "rho": 0.05}))
+    run = tmp_path / "run"
+    results = train(cfg, run, progress=False)
+    assert json.loads((run / "results.json").read_text()) == results
+    # config.yaml is the resolved config and loads back as is.
+    again = load_config(TrainConfig, run / "config.yaml")
+    assert again.image_dim == IMAGE_DIM and again.text_dim == TEXT_DIM and again.optim == cfg.optim
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train_records = [r for r in records if r["kind"] == "train"]
+    val_records = [r for r in records if r["kind"] == "val"]
+    assert [r["step"] for r in train_records] == list(range(1, 121))
+    assert [r["step"] for r in val_records] == [40, 80, 120]
+    first = train_records[0]
+    assert {"loss", "lr", "log_scale", "grad_norm", "perturbation_norm", "effective_radius"} <= set(first)
+    # M-SAM: ‖δ‖ = ρ/√(1+‖g‖²) whenever ‖g‖ is the norm over the perturbed groups (log-scale not perturbed here,
+    # so compare with the logged effective radius instead: ‖δ‖ = ρ̃·n and ρ̃ = ρ/(n√(1+n²)) for that n).
+    eff, delta = first["effective_radius"], first["perturbation_norm"]
+    n = delta / eff
+    assert delta == pytest.approx(0.05 / math.sqrt(1 + n * n), rel=1e-4)
+    assert first["lr"] == pytest.approx(1e-2 * 1 / 10)  # warm-up step 1 of 10
+    # Best step: the validation with the highest mean R@1.
+    best = max(val_records, key=lambda r: (r["mean_R@1"], -r["step"]))
+    assert results["best_step"] == best["step"]
+    assert results["max_val"]["mutual_knn"] == pytest.approx(max(r["mutual_knn"] for r in val_records))
+    # loss_at_step: mean of the 10 training losses ending at step 100; final_loss: the last 10.
+    losses = [r["loss"] for r in train_records]
+    assert results["loss_at_step"] == pytest.approx(sum(losses[90:100]) / 10)
+    assert results["final_loss"] == pytest.approx(sum(losses[110:120]) / 10)
+    for which in ("best", "final"):
+        sharp = results["sharpness"][which]
+        assert sharp["worst_case_ascent"] >= sharp["worst_case_first_order"] - 1e-6
+        assert sharp["hessian_trace"] > 0 and sharp["hessian_top_eigenvalue"] > 0
+    for split in ("best_val", "final_val", "best_test", "final_test"):
+        assert {"i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "mean_R@1", "mutual_knn",
+                "cknna"} <= set(results[split])
+    assert (run / "checkpoints" / "best.safetensors").is_file()
+
+
+def test_same_seed_same_weights_other_seed_other_weights(cache_data, tmp_path):
+    from safetensors.torch import load_file
+
+    from align.train import TrainConfig, train
+
+    finals = []
+    for i, seed in enumerate([3, 3, 4]):
+        cfg = validate(TrainConfig, train_config(cache_data, seed=seed, schedule={"steps": 30},
+                                                 eval={"every": 30, "sharpness": False, "test_split": None}))
+        train(cfg, tmp_path / f"run{i}", progress=False)
+        finals.append(load_file(tmp_path / f"run{i}" / "checkpoints" / "step-0000030.safetensors"))
+    assert all(torch.equal(finals[0][k], finals[1][k]) for k in finals[0] if k.startswith(("model.", "optim.")))
+    assert not torch.equal(finals[0]["model.image_head.weight"], finals[2]["model.image_head.weight"])
+
+
+# -- divergence -----------------------------------------------------------------------------------------
+
+def test_sam_with_unbounded_log_scale_collapses_to_ln_batch_and_is_reported(cache_data, tmp_path):
+    from align.train import TrainConfig, train
+
+    cfg = validate(TrainConfig, train_config(cache_data, optim={"name": "sam", "base": "sgd", "lr": 0.5, "rho": 5.0},
+                                             loss={"clamp": "upper"}, schedule={"warmup_steps": 0}))
+    results = train(cfg, tmp_path / "run", progress=False)
+    assert results["status"] == "diverged"
+    assert "collapsed" in results["diverge_reason"]
+    assert results["steps_done"] == results["diverged_at"] < 120
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    tail = [r for r in records if r["kind"] == "train"][-cfg.diverge_patience:]
+    assert all(r["loss"] == pytest.approx(math.log(64), abs=1e-3) for r in tail)  # uniform over the batch of 64
+    assert tail[-1]["log_scale"] < -10  # the temperature collapsed
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["status"] == "diverged"
+
+
+def test_exploding_learning_rate_is_reported_as_diverged_not_nan(cache_data, tmp_path):
+    from align.train import TrainConfig, train
+
+    cfg = validate(TrainConfig, train_config(cache_data, optim={"name": "sgd", "lr": 1e38}))
+    results = train(cfg, tmp_path / "run", progress=False)
+    assert results["status"] == "diverged" and "non-finite" in results["diverge_reason"]
+    text = (tmp_path / "run" / "results.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text  # strict JSON, no silent NaN
+    assert results["final_test"] is None and results["best_test"] is None
+
+
+# -- GPU ------------------------------------------------------------------------------------------------
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run bench/gpu_check.sh on one)")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("name", ["adamw", "msam"])
+def test_cuda_bf16_training_steps_match_cpu_fp32(name):
+    from align.heads import build_model
+    from align.losses import loss_for
+    from align.optim import optimizer_info
+    from align.train import TrainConfig, build_optimizer, train_step
+
+    cfg = validate(TrainConfig, train_config(data_section(Path("unused")), optim={"name": name, "lr": 1e-3, "rho": 0.05},
+                                             head={"out_dim": 256}, schedule={"batch_size": 512}))
+    gen = torch.Generator().manual_seed(0)
+    image = torch.randn(512, 1280, generator=gen)
+    text = image[:, :384] + 0.5 * torch.randn(512, 384, generator=gen)
+    states, losses = {}, {}
+    for device, bf16 in (("cpu", False), ("cuda", True)):
+        torch.manual_seed(0)
+        model = build_model(cfg.head, cfg.loss, 1280, 384).to(device)
+        opt, sched = build_optimizer(cfg, model)
+        out = []
+        for _ in range(5):
+            loss, _ = train_step(model, loss_for(cfg.loss), opt, image.to(device), text.to(device),
+                                 optimizer_info(name).two_pass, None, bf16)
+            sched.step()
+            out.append(float(loss))
+        states[device] = {k: v.float().cpu() for k, v in model.state_dict().items()}
+        losses[device] = out
+    assert losses["cuda"] == pytest.approx(losses["cpu"], rel=2e-2)
+    for key, ref in states["cpu"].items():
+        # bf16 matmuls (8-bit mantissa) perturb each update slightly; weights stay within a small relative error.
+        err = float((states["cuda"][key] - ref).norm() / ref.norm().clamp_min(1e-12))
+        assert err < 2e-2, (key, err)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_training_run_end_to_end(cache_data, tmp_path):
+    from align.train import TrainConfig, train
+
+    cfg = validate(TrainConfig, train_config(cache_data, device="cuda", optim={"name": "msam", "lr": 1e-2}))
+    results = train(cfg, tmp_path / "run", progress=False)
+    assert results["status"] == "done" and results["precision"] == "bf16" and results["device"].startswith("cuda")
+    assert results["best_test"]["mean_R@1"] > 0.5
