@@ -37,14 +37,15 @@ def register(app: typer.Typer) -> None:
             console.print(f"no caches under {root} (make one with `align embed --config FILE`)", highlight=False)
             return
         table = Table(title=f"embedding caches under {root}", title_justify="left", header_style="bold")
-        for column in ("key", "size", "images", "captions", "skipped", "image encoder", "text encoder", "dataset",
+        for column in ("key", "size", "images", "captions", "skipped", "encoders (image / text)", "dataset",
                        "split", "dtype", "status"):
-            table.add_column(column, justify="right" if column in ("size", "images", "captions", "skipped") else "left")
+            table.add_column(column, justify="right" if column in ("size", "images", "captions", "skipped") else "left",
+                             overflow="fold")
         for e in entries:
+            encoders = f"{e['image_encoder']}\n{e['text_encoder']}" if "image_encoder" in e else "—"
             table.add_row(e["key"], _size(e["bytes"]), str(e.get("images", "—")), str(e.get("captions", "—")),
-                          str(e.get("skipped", "—")), e.get("image_encoder", "—"), e.get("text_encoder", "—"),
-                          e.get("dataset", "—"), e.get("split", "—"), e.get("dtype", "—"),
-                          e["status"] if e["status"] == "ok" else "[yellow]incomplete[/]")
+                          str(e.get("skipped", "—")), encoders, e.get("dataset", "—"), e.get("split", "—"),
+                          e.get("dtype", "—"), "ok" if e["status"] == "ok" else "[yellow]incomplete[/]")
         console.print(table)
 
     @group.command("info")
