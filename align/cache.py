@@ -30,6 +30,7 @@ from typing import Any, Callable, Literal
 
 import numpy as np
 import torch
+from pydantic import Field
 
 from align.config import StrictModel
 from align.datasets import DatasetSpec
@@ -55,10 +56,10 @@ class EmbedConfig(StrictModel):
     storage_dtype: Literal["float16", "float32"] = "float32"
     normalize: bool = False
     # run settings: they do not change the values, so they are not part of the key
-    batch_size: int = 64
+    batch_size: int = Field(64, ge=1)
     device: str = "auto"
-    num_workers: int = 0
-    shard_size: int = 512
+    num_workers: int = Field(0, ge=0)
+    shard_size: int = Field(512, ge=1)
     cache_root: str = "data/cache"
     strict: bool = False
 

@@ -34,12 +34,13 @@ def register(app: typer.Typer) -> None:
         todo = list(splits) if splits else cfg.splits
         paths = {split: embed_split(cfg, split, progress=progress,
                                     log=lambda m: console.print(m, highlight=False)) for split in todo}
-        table = Table(title="embedding cache", title_justify="left", header_style="bold")
-        for column in ("split", "key", "images", "captions", "skipped", "dims", "folder"):
-            table.add_column(column, justify="right" if column in ("images", "captions", "skipped") else "left")
+        table = Table(title=f"embedding cache under {cfg.cache_root}", title_justify="left", header_style="bold")
+        for column in ("split", "key", "images", "captions", "skipped", "dims i/t"):
+            table.add_column(column, justify="right" if column in ("images", "captions", "skipped") else "left",
+                             overflow="fold")
         for split, path in paths.items():
             manifest = read_manifest(path) or {}
             counts, dims = manifest.get("counts", {}), manifest.get("dims", {})
             table.add_row(split, path.name, str(counts.get("images")), str(counts.get("captions")),
-                          str(counts.get("skipped_images")), f"{dims.get('image')} / {dims.get('text')}", str(path))
+                          str(counts.get("skipped_images")), f"{dims.get('image')} / {dims.get('text')}")
         console.print(table)

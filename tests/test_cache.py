@@ -183,6 +183,13 @@ def test_batch_size_changes_neither_key_nor_values(tiny_dir, tmp_path):
     torch.testing.assert_close(a.text, b.text, rtol=1e-5, atol=1e-6)
 
 
+def test_dataloader_workers_give_the_same_bytes(tiny_dir, tmp_path):
+    one = embed_split(make_cfg(tiny_dir, tmp_path / "w0"), "train", progress=False, log=quiet)
+    two = embed_split(make_cfg(tiny_dir, tmp_path / "w2", num_workers=2), "train", progress=False, log=quiet)
+    for name in cache.ARRAYS:
+        assert (one / name).read_bytes() == (two / name).read_bytes(), name
+
+
 def test_missing_cache_says_which_command_to_run(tiny_dir, tmp_path):
     with pytest.raises(AlignError, match=r"no cached embeddings for split 'val'.*run `align embed --config FILE`"):
         load_split(make_cfg(tiny_dir, tmp_path), "val")
