@@ -342,6 +342,25 @@ def test_offline_hub_name_fails_fast_in_one_line():
         assert "HF_HUB_OFFLINE" in message or "cannot be reached" in message
 
 
+def test_unreachable_hub_without_offline_flags_uses_only_the_cache(monkeypatch):
+    """No HF_*_OFFLINE set but no route to the hub: offline mode is forced for the call, one line, no retries."""
+    import datasets.config
+    import huggingface_hub.constants
+
+    import align.datasets as ds_module
+
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(ds_module, "_reachable", lambda endpoint, timeout=3.0: False)
+    start = time.perf_counter()
+    with pytest.raises(AlignError, match="cannot be reached: pass a local folder") as err:
+        load_split(_spec(kind="hub", name="someone/not-a-cached-dataset"), "test")
+    assert time.perf_counter() - start < 5.0 and "\n" not in str(err.value)
+    assert datasets.config.HF_HUB_OFFLINE is False  # the forced offline mode was only for the call
+
+
 # ---------------------------------------------------------------- config validation
 
 def test_spec_validation_is_strict_and_round_trips(tmp_path):
