@@ -121,7 +121,9 @@ class EvalConfig(StrictModel):
     """Validation during training and the final test/sharpness evaluation."""
 
     every: int = 50  # validate every N steps (and at the end)
-    split: str = "val"  # the validation split
+    split: str = "val"  # the validation split (ignored when holdout_images > 0)
+    holdout_images: int = 0  # > 0: validate on this many training images held out from training instead
+    # (for sets without a validation split, e.g. Flickr30k's hub copy with train and test only)
     test_split: str | None = "test"  # evaluated at the end for the best and the final head; None: skip
     ks: list[int] = [1, 5, 10]
     knn_k: int = 8  # k of mutual-k-NN and CKNNA (the paper uses 8)
@@ -244,6 +246,25 @@ def load_data(cfg: TrainConfig, splits: list[str]) -> dict[str, Any]:
     from align.cache import load_split
 
     return {split: load_split(cfg.data, split) for split in dict.fromkeys(splits)}
+
+
+def holdout_split(paired: Any, n: int) -> tuple[Any, Any]:
+    """(rest, held) of a PairedEmbeddings: ``n`` images (fixed pseudo-random choice) with all their captions held out."""
+    from align.embeddings import PairedEmbeddings
+
+    if not 0 < n < paired.num_images:
+        raise AlignError(f"eval.holdout_images={n} must be between 1 and the {paired.num_images - 1} training images")
+    order = torch.randperm(paired.num_images, generator=torch.Generator().manual_seed(0))  # same for every seed
+
+    def subset(images: Tensor, name: str) -> PairedEmbeddings:
+        images = images.sort().values
+        new_index = torch.full((paired.num_images,), -1, dtype=torch.long)
+        new_index[images] = torch.arange(len(images))
+        keep = new_index[paired.caption_to_image] >= 0
+        return PairedEmbeddings(paired.image[images], paired.text[keep], new_index[paired.caption_to_image[keep]],
+                                dict(paired.meta, split=name))
+
+    return subset(order[n:], "train"), subset(order[:n], "train-holdout")
 
 
 def resolve_dims(cfg: TrainConfig, paired: Any) -> TrainConfig:
@@ -387,15 +408,21 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, log: Log | None
 
     # 1. Everything that can fail on user input, before anything is written.
     device = pick_device(cfg.device)
-    splits = ["train", cfg.eval.split] + ([cfg.eval.test_split] if cfg.eval.test_split else [])
+    holdout = cfg.eval.holdout_images
+    splits = ["train"] + ([] if holdout else [cfg.eval.split]) + ([cfg.eval.test_split] if cfg.eval.test_split else [])
     missing = [s for s in splits if s not in cfg.data.splits]
     if missing:
         raise AlignError(f"split(s) {', '.join(missing)} are not in data.splits ({', '.join(cfg.data.splits)}): "
-                         "add them or change eval.split / eval.test_split")
-    data = load_data(cfg, splits)
-    cfg = resolve_dims(cfg, data["train"])
+                         "add them, change eval.split / eval.test_split, or validate on eval.holdout_images")
+    loaded = load_data(cfg, splits)
+    cfg = resolve_dims(cfg, loaded["train"])
     for split in splits[1:]:
-        resolve_dims(cfg, data[split])
+        resolve_dims(cfg, loaded[split])
+    # Roles: what trains, what picks the best head, what reports it.
+    data = {"train": loaded["train"], "val": loaded.get(cfg.eval.split),
+            "test": loaded[cfg.eval.test_split] if cfg.eval.test_split else None}
+    if holdout:
+        data["train"], data["val"] = holdout_split(loaded["train"], holdout)
     config = hashed_config(cfg)
     cfg_hash = runs.config_hash(config)
     state_kind = prepare_run_dir(run_dir, cfg_hash, config, resume)
@@ -473,7 +500,7 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, log: Log | None
 
     def validate(step_now: int) -> dict[str, Any] | None:
         nonlocal last_val
-        metrics = safe_eval(cfg.eval.split)
+        metrics = safe_eval("val")
         if metrics is None:
             return None
         last_val = dict(metrics, step=step_now)
@@ -540,7 +567,7 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, log: Log | None
     if last_val is not None and last_val["step"] == step:
         final_val = {k: v for k, v in last_val.items() if k != "step"}
     elif _finite_model(model):
-        final_val = safe_eval(cfg.eval.split)
+        final_val = safe_eval("val")
     final_ok = final_val is not None
     final_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
@@ -548,7 +575,7 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, log: Log | None
         if state is None:
             return None, None
         model.load_state_dict(state)
-        test = safe_eval(cfg.eval.test_split) if cfg.eval.test_split else None
+        test = safe_eval("test") if cfg.eval.test_split else None
         sharp = None
         if cfg.eval.sharpness and (test is not None or not cfg.eval.test_split):
             batches = sampler.fixed_batches(cfg.eval.sharpness_batches)

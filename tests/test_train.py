@@ -25,6 +25,15 @@ IMAGE_DIM, TEXT_DIM = 32, 24
 SIZES = {"train": 512, "val": 128, "test": 128}
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These tensors are tiny: one intra-op thread avoids OpenMP spin-waits when cores are shared (≈8× faster)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # -- shared helpers -------------------------------------------------------------------------------------
 
 def data_section(root: Path, **synthetic: Any) -> dict[str, Any]:
@@ -347,3 +356,33 @@ def test_cuda_training_run_end_to_end(cache_data, tmp_path):
     results = train(cfg, tmp_path / "run", progress=False)
     assert results["status"] == "done" and results["precision"] == "bf16" and results["device"].startswith("cuda")
     assert results["best_test"]["mean_R@1"] > 0.5
+
+
+def test_holdout_validation_partitions_training_images_with_all_their_captions(tmp_path):
+    from align.embeddings import PairedEmbeddings
+    from align.train import TrainConfig, holdout_split, train
+
+    image, text, c2i = (torch.from_numpy(a) for a in synthetic_split("train", 50))
+    rest, held = holdout_split(PairedEmbeddings(image, text, c2i), 12)
+    assert (rest.num_images, held.num_images) == (38, 12)
+    assert rest.num_captions + held.num_captions == len(c2i)
+    # Every image lands in exactly one part, and each caption follows its own image.
+    rows = {tuple(r.tolist()): "rest" for r in rest.image} | {tuple(r.tolist()): "held" for r in held.image}
+    assert len(rows) == 50
+    for part in (rest, held):
+        for j in range(part.num_captions):
+            original = int(torch.nonzero((text == part.text[j]).all(dim=1))[0])
+            assert torch.equal(image[c2i[original]], part.image[part.caption_to_image[j]])
+
+    # A data set with train and test only trains with eval.holdout_images.
+    data = data_section(tmp_path / "cache")
+    data["splits"] = ["train", "test"]
+    for split in ("train", "test"):
+        write_cache(data, split, *synthetic_split(split, SIZES[split]))
+    cfg = validate(TrainConfig, train_config(data, schedule={"steps": 20}, eval={"every": 10, "holdout_images": 64,
+                                                                                 "sharpness": False}))
+    results = train(cfg, tmp_path / "run", progress=False)
+    assert results["status"] == "done" and results["best_val"] is not None
+    with pytest.raises(AlignError, match="holdout_images"):
+        train(cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"holdout_images": 0})}), tmp_path / "r2",
+              progress=False)

@@ -1,0 +1,185 @@
+"""Checkpoints and resume: SIGKILL mid-run then --resume reaches bit-identical weights; checkpoint files are
+pickle-free and self-checking; a torn checkpoint falls back to the previous one."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from align import runs
+from align.config import dump_config, validate
+from test_train import make_cache, train_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These tensors are tiny: one intra-op thread avoids OpenMP spin-waits when cores are shared (≈8× faster)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _same(a, b) -> bool:
+    """Deep equality with tensors compared exactly (dtype, shape and every bit) and NaN == NaN."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype
+                and a.shape == b.shape and torch.equal(a, b))
+    if isinstance(a, dict):
+        return isinstance(b, dict) and list(a) == list(b) and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, float) and math.isnan(a):
+        return isinstance(b, float) and math.isnan(b)
+    return type(a) is type(b) and a == b
+
+
+@pytest.mark.parametrize("name", ["adamw", "msam", "fsam"])
+def test_optimizer_state_round_trips_through_safetensors_and_json(name, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from align.optim import create_optimizer
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    scale = torch.nn.Parameter(torch.tensor(2.0))
+    groups = [{"params": list(model.parameters()), "weight_decay": 0.1},
+              {"params": [scale], "weight_decay": 0.0, "perturb": False}]
+    kwargs = {"rho": 0.1, "base": "adamw"} if name != "adamw" else {}
+    opt = create_optimizer(name, groups, lr=0.1, **kwargs)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5 ** t)
+    for _ in range(3):
+        def closure():
+            opt.zero_grad()
+            loss = (model(torch.ones(2, 4)) ** 2).sum() * scale
+            loss.backward()
+            return loss
+        opt.step(closure) if name != "adamw" else (closure(), opt.step())
+        sched.step()
+    state = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "odd": {3: (1.5, float("inf")), "s": None}}
+    tensors: dict[str, torch.Tensor] = {}
+    structure = runs.flatten_state(state, "x", tensors)
+    text = json.dumps(structure, allow_nan=False)  # strict JSON: no pickle, no NaN tokens
+    save_file(tensors, tmp_path / "t.safetensors")
+    back = runs.unflatten_state(json.loads(text), load_file(tmp_path / "t.safetensors"))
+    assert _same(back, state)
+    assert isinstance(next(iter(back["optimizer"]["state"])), int)  # int keys survive JSON
+    assert back["optimizer"]["param_groups"][0]["betas"] == (0.9, 0.999)  # tuples stay tuples
+
+
+def test_torn_or_damaged_checkpoint_falls_back_to_the_previous_one(tmp_path):
+    run = tmp_path / "run"
+    for step in (10, 20):
+        runs.save_checkpoint(run, step, {"w": torch.full((3,), float(step))}, {"note": step}, keep=3)
+    tensors, meta = runs.latest_checkpoint(run)
+    assert meta["step"] == 20 and torch.equal(tensors["w"], torch.full((3,), 20.0))
+    # Killed between the two writes of step 30: a new tensor file without its JSON is ignored.
+    (run / "checkpoints" / "step-0000030.safetensors").write_bytes(b"partial")
+    assert runs.latest_checkpoint(run)[1]["step"] == 20
+    # A tensor file that no longer matches its JSON's hash is skipped, never loaded.
+    (run / "checkpoints" / "step-0000020.safetensors").write_bytes(
+        (run / "checkpoints" / "step-0000010.safetensors").read_bytes())
+    assert runs.latest_checkpoint(run)[1]["step"] == 10
+    # Only the newest `keep` complete checkpoints stay.
+    for step in (40, 50, 60):
+        runs.save_checkpoint(run, step, {"w": torch.zeros(1)}, {}, keep=2)
+    assert runs.list_checkpoints(run) == [50, 60]
+
+
+KILL_SCRIPT = textwrap.dedent("""
+    import os, signal, sys
+    from align import runs
+    from align.config import load_config
+    from align.train import TrainConfig, train
+
+    cfg_path, run_dir, kill_at = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    original = runs.append_metrics
+
+    def append_then_maybe_die(run, record):
+        original(run, record)
+        if record.get("kind") == "train" and record["step"] == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no atexit: like a power cut
+
+    runs.append_metrics = append_then_maybe_die
+    train(load_config(TrainConfig, cfg_path), run_dir, progress=False)
+""")
+
+
+@pytest.mark.parametrize("name", ["msam", pytest.param("adamw", marks=pytest.mark.slow)])
+def test_sigkill_mid_run_then_resume_reaches_bit_identical_weights(name, tmp_path):
+    from safetensors.torch import load_file
+
+    from align.train import TrainConfig, train
+    from cli.main import app
+
+    data = make_cache(tmp_path / "cache")
+    cfg = validate(TrainConfig, train_config(data, optim={"name": name, "lr": 1e-2, "rho": 0.05, "base": "adamw"},
+                                             schedule={"steps": 90}, eval={"every": 20, "sharpness": False},
+                                             checkpoint_every=25))
+    reference = tmp_path / "reference"
+    expected = train(cfg, reference, progress=False)
+
+    killed = tmp_path / "killed"
+    cfg_file = tmp_path / "cfg.yaml"
+    cfg_file.write_text(dump_config(cfg.model_copy(update={"out_dir": str(killed)})))
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS=str(torch.get_num_threads()))  # same as here
+    proc = subprocess.run([sys.executable, "-c", KILL_SCRIPT, str(cfg_file), str(killed), "63"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert not (killed / "results.json").exists()
+    assert runs.list_checkpoints(killed) == [25, 50]  # killed 13 steps after the last checkpoint
+
+    result = CliRunner().invoke(app, ["train", "--config", str(killed / "config.yaml"), "--resume", "--no-progress"])
+    assert result.exit_code == 0, result.output
+
+    ref = load_file(reference / "checkpoints" / "step-0000090.safetensors")
+    got = load_file(killed / "checkpoints" / "step-0000090.safetensors")
+    assert sorted(ref) == sorted(got)
+    for key in ref:  # head, optimizer moments (incl. the base's), best head, RNG: every bit
+        assert ref[key].dtype == got[key].dtype and torch.equal(ref[key], got[key]), key
+    # The base AdamW's state is in the checkpoint: step, exp_avg, exp_avg_sq for each of the 5 parameters.
+    assert len([k for k in ref if k.startswith("optim.")]) == 15
+    # The metrics log reads as if the run had never stopped (steps 51..63 were re-logged once, not twice).
+    assert (killed / "metrics.jsonl").read_text() == (reference / "metrics.jsonl").read_text()
+    results = json.loads((killed / "results.json").read_text())
+    expected_json = json.loads((reference / "results.json").read_text())
+    for key in expected_json:
+        if key != "wall_time_s":
+            assert results[key] == expected_json[key], key
+    assert expected["status"] == "done"
+
+
+def test_resuming_a_finished_run_returns_its_results_without_training(tmp_path):
+    from align.train import TrainConfig, train
+
+    data = make_cache(tmp_path / "cache")
+    cfg = validate(TrainConfig, train_config(data, schedule={"steps": 20}, eval={"every": 20, "sharpness": False}))
+    first = train(cfg, tmp_path / "run", progress=False)
+    stamp = (tmp_path / "run" / "metrics.jsonl").stat().st_mtime_ns
+    messages: list[str] = []
+    again = train(cfg, tmp_path / "run", resume=True, progress=False, log=messages.append)
+    assert again == first
+    assert (tmp_path / "run" / "metrics.jsonl").stat().st_mtime_ns == stamp
+    assert any("already finished" in m for m in messages)
+
+
+def test_resume_without_checkpoint_starts_from_scratch(tmp_path):
+    from align.train import TrainConfig, train
+
+    data = make_cache(tmp_path / "cache")
+    cfg = validate(TrainConfig, train_config(data, schedule={"steps": 20}, eval={"every": 20, "sharpness": False,
+                                                                                 "test_split": None}))
+    fresh = train(cfg, tmp_path / "fresh", progress=False)
+    resumed = train(cfg, tmp_path / "resumed", resume=True, progress=False)  # nothing there yet: same as fresh
+    assert {k: v for k, v in resumed.items() if k != "wall_time_s"} == {k: v for k, v in fresh.items() if k != "wall_time_s"}
