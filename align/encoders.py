@@ -178,8 +178,10 @@ def prepare_weights(spec: EncoderSpec) -> None:
         schema, ident = _split_schema(spec.model)
         if schema == "hf-hub":
             _open_clip_hub_name(ident)
-        elif schema is None and spec.pretrained and not Path(spec.pretrained).expanduser().is_file():
-            _open_clip_tag_file(spec.model, spec.pretrained)
+        elif schema is None:
+            _check_open_clip_arch(spec.model)
+            if spec.pretrained and not Path(spec.pretrained).expanduser().is_file():
+                _open_clip_tag_file(spec.model, spec.pretrained)
     elif spec.backend == "transformers":
         _hf_source(spec.model, f"transformers model {spec.model!r}")
 
@@ -245,7 +247,8 @@ def _split_schema(name: str) -> tuple[str | None, str]:
 
 def _load_open_clip(spec: EncoderSpec, device: torch.device) -> tuple[Any, Any, str]:
     """(model, eval preprocess, name for get_tokenizer), shared between towers of the same spec."""
-    key = ("open_clip", spec.model, spec.pretrained, spec.image_size, str(device))
+    # the weight identity is part of the key, so a checkpoint rewritten in place is not served from memory
+    key = ("open_clip", spec.model, spec.pretrained, spec.image_size, str(device), repr(weight_identity(spec)))
     return _remember(key, lambda: _create_open_clip(spec, device))
 
 
@@ -258,11 +261,7 @@ def _create_open_clip(spec: EncoderSpec, device: torch.device) -> tuple[Any, Any
     pretrained: str | None = None
     name = spec.model
     if schema == "local-dir":
-        folder = Path(ident).expanduser()
-        if not (folder / "open_clip_config.json").is_file():
-            raise AlignError(f"local-dir:{ident} needs a folder with open_clip_config.json and the weights "
-                             f"(open_clip_model.safetensors): {folder} has no open_clip_config.json")
-        name = f"local-dir:{folder}"
+        name = f"local-dir:{_local_dir(ident)}"
     elif schema == "hf-hub":
         name = _open_clip_hub_name(ident)
     else:
@@ -289,6 +288,14 @@ def _create_open_clip(spec: EncoderSpec, device: torch.device) -> tuple[Any, Any
     except (RuntimeError, OSError, ValueError, KeyError) as exc:
         raise AlignError(f"open_clip could not build {spec.describe()}: {_first_line(exc)}") from exc
     return _freeze(model), preprocess, name
+
+
+def _local_dir(ident: str) -> Path:
+    folder = Path(ident).expanduser()
+    if not (folder / "open_clip_config.json").is_file():
+        raise AlignError(f"local-dir:{ident} needs a folder with open_clip_config.json and the weights "
+                         f"(open_clip_model.safetensors): {folder} has no open_clip_config.json")
+    return folder
 
 
 def _check_open_clip_arch(arch: str) -> None:
@@ -392,7 +399,9 @@ def _hf_source(model: str, what: str) -> str:
 def _load_hf(spec: EncoderSpec, device: torch.device, kind: str, src: str | None = None) -> tuple[Any, Any]:
     """(frozen model, image processor or tokenizer) for a transformers folder or hub id."""
     src = src or _hf_source(spec.model, f"transformers model {spec.model!r}")
-    model = _remember(("hf", src, spec.trust_remote_code, str(device)), lambda: _create_hf_model(spec, src, device))
+    files = repr(sha256_tree(Path(src))) if Path(src).is_dir() else src
+    model = _remember(("hf", src, files, spec.trust_remote_code, str(device)),
+                      lambda: _create_hf_model(spec, src, device))
     try:
         if kind == "image":
             from transformers import AutoImageProcessor
@@ -629,7 +638,7 @@ def weight_identity(spec: EncoderSpec) -> dict[str, Any]:
                 "transformers": _version("transformers")}
     schema, ident = _split_schema(spec.model)
     if schema == "local-dir":
-        return {"source": "local-dir", "files": sha256_tree(Path(ident).expanduser())}
+        return {"source": "local-dir", "files": sha256_tree(_local_dir(ident))}
     if schema == "hf-hub":
         return {"source": "hub", "repo": ident, "commit": _cached_commit(ident),
                 "open_clip": _version("open_clip_torch")}
