@@ -194,9 +194,14 @@ class ApproximateIndex:
 
 
 def approximate_index(gallery: Tensor, kind: Literal["hnsw", "ivf"] = "hnsw", *, hnsw_m: int = 32,
-                      ef_construction: int = 80, ef_search: int = 64, nlist: int | None = None, nprobe: int = 16,
-                      seed: int = 0) -> ApproximateIndex:
-    """Build an approximate inner-product index over a (N, D) gallery (HNSW, or IVF-Flat with nlist ≈ 4√N)."""
+                      ef_construction: int = 80, ef_search: int = 64, nlist: int | None = None,
+                      nprobe: int | None = None, seed: int = 0) -> ApproximateIndex:
+    """Build an approximate inner-product index over a (N, D) gallery.
+
+    HNSW (graph; ``hnsw_m`` links, ``ef_search`` candidates per query), or IVF-Flat with ``nlist`` ≈ 4√N lists of
+    which ``nprobe`` (default nlist/16, at least 16) are scanned per query. Check its recall with
+    ``neighbour_recall`` against ``knn_search`` on a sample of queries.
+    """
     import faiss
 
     g = _as_matrix(gallery, "gallery").cpu().numpy()
@@ -213,7 +218,7 @@ def approximate_index(gallery: Tensor, kind: Literal["hnsw", "ivf"] = "hnsw", *,
         index.cp.seed = seed
         index.train(g)
         index.add(g)
-        index.nprobe = min(nprobe, nlist)
+        index.nprobe = min(nlist, nprobe if nprobe is not None else max(16, nlist // 16))
     else:
         raise AlignError(f"unknown approximate index {kind!r}; use 'hnsw' or 'ivf'")
     return ApproximateIndex(index, kind, d)

@@ -96,7 +96,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=100_000, help="images (= captions)")
     p.add_argument("--dim", type=int, default=256)
-    p.add_argument("--noise", type=float, default=1.0, help="caption noise relative to the image norm")
+    p.add_argument("--noise", type=float, default=3.0, help="caption noise relative to the image norm")
     p.add_argument("--latent", type=int, default=32, help="intrinsic dimension of the images (0: isotropic)")
     p.add_argument("--queries", type=int, default=5_000, help="caption queries for the FAISS / approximate part")
     p.add_argument("--hnsw", action="store_true", help="also build an HNSW index (slower to build)")
@@ -104,7 +104,8 @@ def main() -> None:
     args = p.parse_args()
     torch.manual_seed(0)
     n, d = args.n, args.dim
-    print(f"threads: torch {torch.get_num_threads()}; N = {n:,} images × {n:,} captions, dim {d}")
+    print(f"threads: torch {torch.get_num_threads()}; N = {n:,} images × {n:,} captions, dim {d}; "
+          f"load average at start {os.getloadavg()[0]:.1f} (other processes share the cores when > 0)")
     img, txt, c2i = make_data(n, d, args.latent, args.noise, seed=0)
     print(f"inputs: {mib(img.numel() * 4 * 2)} (images + captions, float32); an N×N float32 similarity "
           f"matrix would be {n * n * 4 / 2 ** 30:,.1f} GiB")
@@ -145,6 +146,7 @@ def main() -> None:
         print(f"    {kind}: build {build:.1f} s, search {search:.2f} s ({search / q * 1e3:.3f} ms/query, "
               f"{f.seconds / max(search, 1e-9):.0f}× faster than exact), neighbour recall@10 "
               f"{neighbour_recall(approx, exact):.4f}; t2i R@1 on these queries {r1:.4f} (exact {exact_r1:.4f})")
+    print(f"\nload average at end {os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":
