@@ -110,3 +110,15 @@ def test_approximate_index_recall(kind):
     ref = np.mean([len(set(a) & set(e)) / 10 for a, e in zip(approx.tolist(), exact.tolist())])
     assert abs(recall - ref) < 1e-12
     assert recall > 0.9
+
+
+@pytest.mark.gpu
+def test_cuda_torch_backend_matches_brute_force():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    rng = np.random.default_rng(5)
+    g = tied_data(rng, 120, 6, dup_from=(slice(0, 40), slice(60, 100)))
+    q = tied_data(rng, 45, 6)
+    _, i_ref = brute_knn(q, g, 7)
+    _, i = knn_search(torch.from_numpy(q).cuda(), torch.from_numpy(g).cuda(), 7, backend="torch", margin=2)
+    assert np.array_equal(i.cpu().numpy(), i_ref)

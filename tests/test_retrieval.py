@@ -145,3 +145,15 @@ def test_approximate_index_option_reports_its_recall(kind):
     assert approx["i2t_index_recall@5"] > 0.8 and approx["t2i_index_recall@5"] > 0.8
     for key in ("i2t_R@1", "i2t_R@5", "t2i_R@1", "t2i_R@5"):
         assert abs(approx[key] - exact[key]) < 0.05
+
+
+@pytest.mark.gpu
+def test_cuda_torch_path_matches_brute_force():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    rng = np.random.default_rng(7)
+    c2i = multi_caption_index(rng, 40, 70)
+    img, txt = signed_sparse(rng, 40, 6), signed_sparse(rng, 110, 6)
+    img[20:30] = img[0:10]
+    args = (torch.from_numpy(img).cuda(), torch.from_numpy(txt).cuda(), torch.from_numpy(c2i).cuda())
+    check(retrieval_recall(*args, ks=(1, 3, 10), backend="torch", chunk_size=9), brute_force(img, txt, c2i, (1, 3, 10)))
