@@ -1,7 +1,6 @@
 """`align cache ls | info KEY | verify KEY | rm KEY [--root DIR]`: look after the embedding cache."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import typer
@@ -19,6 +18,43 @@ def _size(n: int) -> str:
     return str(n)
 
 
+def _print_info(path: Path, m: dict) -> None:
+    from rich.table import Table
+
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold")
+    grid.add_column(overflow="fold")
+    counts, dims, run, timing = m["counts"], m["dims"], m["run"], m["timing"]
+    grid.add_row("key", m["key"])
+    grid.add_row("folder", str(path))
+    grid.add_row("dataset", f"{m['dataset']['name']} ({m['dataset']['kind']}), split {m['split']}: "
+                            f"{m['dataset']['images_in_source']} images, {m['dataset']['captions_in_source']} "
+                            f"captions in the source")
+    grid.add_row("encoders", f"image {m['encoders']['image']} ({dims['image']}-d)\n"
+                             f"text  {m['encoders']['text']} ({dims['text']}-d)")
+    grid.add_row("cached", f"{counts['images']} images, {counts['captions']} captions; {counts['skipped_images']} "
+                           f"unreadable images skipped, {counts['dropped_captions']} of their captions dropped")
+    grid.add_row("storage", f"{m['storage_dtype']}, normalize {str(m['normalize']).lower()}, created {m['created']}")
+    grid.add_row("run", f"device {run['device']}, batch {run['batch_size']}, shard {run['shard_size']}, "
+                        f"workers {run['num_workers']}, resumed {str(run['resumed']).lower()}")
+    grid.add_row("encoding", f"images {timing['image_encode_s']:.1f} s ({timing['images_per_s']:.1f}/s), "
+                             f"captions {timing['text_encode_s']:.1f} s ({timing['captions_per_s']:.1f}/s)")
+    grid.add_row("versions", ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v))
+    console.print(grid, highlight=False)
+    files = Table(header_style="bold", title="files", title_justify="left")
+    for column in ("file", "shape", "dtype", "size", "sha256"):
+        files.add_column(column, no_wrap=column != "sha256", overflow="fold")
+    for name, info in m["files"].items():
+        files.add_row(name, "×".join(map(str, info["shape"])), info["dtype"], _size(info["bytes"]), info["sha256"])
+    console.print(files)
+    if m["skipped"]:
+        console.print(f"[bold]skipped images[/] ({len(m['skipped'])}):")
+        for item in m["skipped"][:20]:
+            console.print(f"  {item['index']}  {item['image_id']}: {item['reason']}", highlight=False)
+        if len(m["skipped"]) > 20:
+            console.print(f"  ... {len(m['skipped']) - 20} more (manifest.json lists all)")
+
+
 def register(app: typer.Typer) -> None:
     """Add the `align cache` command group."""
     group = typer.Typer(help="List, inspect, verify and remove cached embeddings.", no_args_is_help=True)
@@ -28,6 +64,7 @@ def register(app: typer.Typer) -> None:
     @user_errors
     def ls_command(root: Path = typer.Option(Path("data/cache"), "--root", help=ROOT_HELP)) -> None:
         """One row per cache: key, size, counts, encoders, dataset."""
+        from rich import box
         from rich.table import Table
 
         from align.cache import list_caches
@@ -36,16 +73,23 @@ def register(app: typer.Typer) -> None:
         if not entries:
             console.print(f"no caches under {root} (make one with `align embed --config FILE`)", highlight=False)
             return
-        table = Table(title=f"embedding caches under {root}", title_justify="left", header_style="bold")
-        for column in ("key", "size", "images", "captions", "skipped", "encoders (image / text)", "dataset",
-                       "split", "dtype", "status"):
-            table.add_column(column, justify="right" if column in ("size", "images", "captions", "skipped") else "left",
-                             overflow="fold")
+        table = Table(title=f"embedding caches under {root}", title_justify="left", header_style="bold",
+                      box=box.SIMPLE_HEAD, show_lines=False)
+        table.add_column("key", overflow="fold", min_width=16, ratio=3)
+        table.add_column("size", justify="right", no_wrap=True)
+        table.add_column("counts", justify="right", no_wrap=True)
+        table.add_column("encoders (image / text)", overflow="fold", min_width=20, ratio=4)
+        table.add_column("dataset", overflow="fold", min_width=10, ratio=2)
         for e in entries:
-            encoders = f"{e['image_encoder']}\n{e['text_encoder']}" if "image_encoder" in e else "—"
-            table.add_row(e["key"], _size(e["bytes"]), str(e.get("images", "—")), str(e.get("captions", "—")),
-                          str(e.get("skipped", "—")), encoders, e.get("dataset", "—"), e.get("split", "—"),
-                          e.get("dtype", "—"), "ok" if e["status"] == "ok" else "[yellow]incomplete[/]")
+            key = e["key"] if e["status"] == "ok" else f"{e['key']}\n[yellow]incomplete[/]"
+            if "images" not in e:
+                table.add_row(key, _size(e["bytes"]), "—", "—", "—")
+                continue
+            counts = f"{e['images']} images\n{e['captions']} captions\n{e['skipped']} skipped"
+            dataset = e["dataset"] if e["split"] in e["dataset"] else f"{e['dataset']} [{e['split']}]"
+            table.add_row(key, f"{_size(e['bytes'])}\n{e['dtype']}", counts,
+                          f"{e['image_encoder']}\n{e['text_encoder']}", dataset)
+            table.add_section()
         console.print(table)
 
     @group.command("info")
@@ -60,11 +104,7 @@ def register(app: typer.Typer) -> None:
         manifest = read_manifest(path)
         if manifest is None:
             raise AlignError(f"{path} has no valid manifest: the run did not finish (run `align embed` again)")
-        shown = {k: v for k, v in manifest.items() if k not in ("config", "identity", "skipped")}
-        shown["skipped"] = manifest["skipped"][:20] + ([f"... {len(manifest['skipped']) - 20} more"]
-                                                       if len(manifest["skipped"]) > 20 else [])
-        console.print(f"[bold]{path}[/]", highlight=False)
-        console.print_json(json.dumps(shown))
+        _print_info(path, manifest)
 
     @group.command("verify")
     @user_errors

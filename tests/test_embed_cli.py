@@ -59,11 +59,13 @@ def test_embed_then_cache_ls_info_verify_rm(tiny_dir, tmp_path):
 
     code, out = _run("cache", "ls", "--root", str(root))
     assert code == 0, out
-    for text in ("key", "size", "images", "captions", "encoders", "dataset", keys[0], keys[1], "float16",
-                 f"open_clip:local-dir:{tiny_dir}"):
+    for text in ("key", "size", "6 images", "12 captions", "0 skipped", "encoders", "dataset", keys[0], keys[1],
+                 "float16", f"open_clip:local-dir:{tiny_dir}", "synthetic"):
         assert text in out, text
-    code, out = _run("cache", "info", keys[0], "--root", str(root))
-    assert code == 0 and '"captions": ' in out and "sha256" in out, out
+    code, out = _run("cache", "info", keys[0][:20], "--root", str(root))  # a unique prefix is enough
+    assert code == 0 and "6 images, 12 captions" in out and "float16" in out, out
+    manifest = json.loads((root / keys[0] / "manifest.json").read_text())
+    assert manifest["files"]["image.npy"]["sha256"] in out
 
     code, out = _run("cache", "verify", keys[0], "--root", str(root))
     assert code == 0 and "ok:" in out, out
