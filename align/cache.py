@@ -326,6 +326,12 @@ def _finalize(cfg: EmbedConfig, split: str, key: str, data: Any, final: Path, wo
         txt_parts.append(np.load(work / f"text-{s:05d}.npy", allow_pickle=False))
         txt_seconds += meta["seconds"]
     image, text = np.concatenate(img_parts), np.concatenate(txt_parts)
+    if cfg.strict and skipped:  # shards from an earlier non-strict run of the same key may hold skipped images
+        first = skipped[0]
+        raise AlignError(f"image {first['index']} ({first['image_id']}) of split {split!r} is unreadable: "
+                         f"{first['reason']} (drop --strict to skip unreadable images)")
+    for leftover in final.glob(".*.tmp"):  # temporary files of a run killed while writing
+        leftover.unlink(missing_ok=True)
 
     n_img = len(data.image_ids)
     keep_img = np.ones(n_img, dtype=bool)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -239,6 +240,21 @@ def test_unreadable_images_are_skipped_listed_and_their_captions_dropped(tiny_di
     with pytest.raises(AlignError, match=r"image 2 \(img2.png\).*unreadable.*drop --strict"):
         embed_split(strict, "train", progress=False, log=quiet)
     assert not (tmp_path / "strict" / cache_key(strict, "train") / "manifest.json").exists()
+    # strict also refuses finished shards of an interrupted non-strict run that skipped an image
+    shutil.copytree(path, tmp_path / "strict-resume" / path.name)
+    (tmp_path / "strict-resume" / path.name / "manifest.json").unlink()
+    work = tmp_path / "strict-resume" / path.name / "work"
+    work.mkdir()
+    (work / "plan.json").write_text(json.dumps({"key": path.name, "images": 6, "captions": 12, "shard_size": 4,
+                                                "batch_size": 3}))
+    for s, (start, stop) in enumerate([(0, 4), (4, 6)]):  # both image shards finished, each with a skip
+        np.save(work / f"image-{s:05d}.npy", np.zeros((stop - start, 16), np.float32))
+        (work / f"image-{s:05d}.json").write_text(json.dumps(
+            {"start": start, "stop": stop, "seconds": 0.0, "encoded": stop - start - 1,
+             "skipped": [skipped[2 if s == 0 else 4]]}))
+    resumed = strict.model_copy(update={"cache_root": str(tmp_path / "strict-resume")})
+    with pytest.raises(AlignError, match=r"image 2 \(img2.png\).*unreadable"):
+        embed_split(resumed, "train", progress=False, log=quiet)
 
 
 class _Broken:
