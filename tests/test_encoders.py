@@ -476,3 +476,19 @@ def test_efficientnet_lite_matches_the_library_loader_and_sees_real_content():
                                 CPU)
     assert tuple(small.preprocess(hopper).shape) == (3, 160, 160)
     assert np.isfinite(small.encode(small.preprocess(hopper)[None]).numpy()).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_cuda_autocast_stays_close_to_fp32(tiny_clip, precision):
+    spec = EncoderSpec(backend="open_clip", model=TINY, pretrained=str(tiny_clip["root"] / "a.pt"))
+    images = _images()
+    cpu = build_image_encoder(spec, CPU)
+    x = torch.stack([cpu.preprocess(im) for im in images])
+    gpu = build_image_encoder(spec.model_copy(update={"precision": precision}), torch.device("cuda"))
+    got = gpu.encode(x)
+    assert got.dtype == torch.float32 and got.device.type == "cpu"
+    torch.testing.assert_close(got, cpu.encode(x), rtol=5e-2, atol=5e-2)
+    text = build_text_encoder(spec.model_copy(update={"precision": precision}), torch.device("cuda"))
+    torch.testing.assert_close(text.encode(TEXTS), build_text_encoder(spec, CPU).encode(TEXTS), rtol=5e-2, atol=5e-2)
