@@ -318,6 +318,8 @@ def prepare_run_dir(run_dir: Path, cfg_hash: str, config: dict[str, Any], resume
     Only reads; nothing is written until every check has passed.
     """
     run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise AlignError(f"{run_dir} is a file, not a run directory: use --out with a folder path")
     existing = runs.is_run_dir(run_dir) or runs.list_checkpoints(run_dir) or (run_dir / runs.RESULTS_FILE).exists()
     if not existing:
         return "fresh"
@@ -474,7 +476,11 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, log: Log | None
         runs.truncate_metrics(run_dir, 0)
         log(f"{run_dir} has no checkpoint yet: starting from step 0")
     run_dir.mkdir(parents=True, exist_ok=True)
-    runs.write_config(run_dir, "# re-run: align train --config " + str(run_dir / runs.CONFIG_FILE) + "\n"
+    if state_kind == "fresh":
+        runs.truncate_metrics(run_dir, 0)  # a stray metrics.jsonl without a run is not ours to append to
+    config_path = run_dir / runs.CONFIG_FILE
+    runs.write_config(run_dir, f"# align train --config {config_path} --resume   (continue or finish this run)\n"
+                      f"# align train --config {config_path} --out NEW_DIR   (run it again elsewhere)\n"
                       + dump_config(cfg))
     uniform = uniform_loss(cfg.loss.kind, cfg.schedule.batch_size)
 

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# On a CUDA machine: the GPU-marked tests, then the head-training benchmark on the GPU (bf16 autocast).
+#
+#   bash bench/gpu_check.sh                      # defaults: batches 1024 4096 16384, adamw and msam
+#   bash bench/gpu_check.sh --batches 1024 8192  # extra arguments go to bench/bench_train.py
+#
+# Prints the device, the test summary and the benchmark table (samples/s, achieved GFLOP/s and its share of this
+# GPU's bf16 and fp32 matmul speed measured in the same run). Needs the project's venv (PYTHON to override).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-.venv/bin/python}"
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false MPLBACKEND=Agg
+
+"$PY" - <<'PYEOF'
+import sys
+import torch
+if not torch.cuda.is_available():
+    sys.exit("no CUDA device here: bench/gpu_check.sh is for a CUDA machine (CPU checks: pytest; bench/bench_train.py)")
+p = torch.cuda.get_device_properties(0)
+print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, {p.name}, {p.total_memory / 2**30:.0f} GiB, "
+      f"{torch.cuda.device_count()} device(s)")
+PYEOF
+
+echo "== GPU-marked tests (pytest -m gpu)"
+"$PY" -m pytest -m gpu -q -p no:cacheprovider -rs tests
+
+echo "== head-training benchmark (bench/bench_train.py --device cuda)"
+"$PY" bench/bench_train.py --device cuda "$@"
