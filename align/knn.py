@@ -28,7 +28,7 @@ def float32_error_bound(dim: int, max_norm_product: float = 1.0) -> float:
     return 1.01 * (dim + 2) * unit * max_norm_product + 1e-12
 
 
-def pair_scores(a: Tensor, b: Tensor, rows: Tensor, cols: Tensor, pair_chunk: int = 65536) -> Tensor:
+def pair_scores(a: Tensor, b: Tensor, rows: Tensor, cols: Tensor, pair_chunk: int = 8192) -> Tensor:
     """Float64 inner products of the float32 pairs (a[rows[p]], b[cols[p]]) → (P,) float64.
 
     The one routine behind every tie decision: each value depends only on the two vectors (elementwise product
