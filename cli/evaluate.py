@@ -14,8 +14,9 @@ def print_eval(result: dict[str, Any]) -> None:
     from rich.table import Table
 
     what = f"{result['source']}" + (f" ({result['checkpoint']}, step {result['step']})" if result.get("checkpoint") else "")
-    table = Table(title=f"{what} — split {result.get('split')}: {result['num_images']} images, "
-                        f"{result['num_captions']} captions", header_style="bold")
+    console.print(f"[bold]{what}[/] — split {result.get('split')}: {result['num_images']} images, "
+                  f"{result['num_captions']} captions", highlight=False)
+    table = Table(header_style="bold")
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key, value in result["metrics"].items():

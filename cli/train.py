@@ -18,7 +18,8 @@ def print_results(results: dict[str, Any], title: str) -> None:
     """The headline figures of a results dict as a rich table."""
     from rich.table import Table
 
-    table = Table(title=title, show_header=True, header_style="bold")
+    console.print(f"[bold]{title}[/]", highlight=False)
+    table = Table(show_header=True, header_style="bold")
     table.add_column("metric")
     for column in ("best val", "best test", "final test"):
         table.add_column(column, justify="right")
