@@ -69,11 +69,15 @@ def load_embed_config(path: str | Path, overrides: list[str] | None = None) -> E
 
     ``--set`` overrides use the file's own key paths (``batch_size=32``, or ``data.batch_size=32``).
     """
-    from align.config import apply_overrides, load_yaml, validate
+    from align.config import apply_overrides, load_yaml, parse_override, validate
 
-    raw = apply_overrides(load_yaml(path), overrides)
+    raw = load_yaml(path)
     if isinstance(raw.get("data"), dict):
-        return validate(EmbedConfig, raw["data"], source=f"{path} (data section)")
+        for text in overrides or []:
+            if parse_override(text)[0][0] != "data":  # would land outside the embed settings, unseen
+                raise AlignError(f"--set {text}: {path} keeps the embed settings under data: use --set data.{text}")
+        return validate(EmbedConfig, apply_overrides(raw, overrides)["data"], source=f"{path} (data section)")
+    raw = apply_overrides(raw, overrides)
     return validate(EmbedConfig, raw, source=str(path))
 
 

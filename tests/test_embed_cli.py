@@ -91,6 +91,8 @@ def test_embed_reads_a_data_section_and_one_split(tiny_dir, tmp_path):
     assert [p.name.split("-")[1] for p in root.iterdir()] == ["val"]
     code, out = _run("embed", "-c", str(config), "--split", "val", "--no-progress")
     assert code == 0 and "cached" in out  # the same key: batch size is not part of it
+    code, out = _run("embed", "-c", str(config), "--set", "batch_size=2")
+    assert code == 2 and "use --set data.batch_size=2" in out, out
 
 
 def test_embed_strict_fails_on_a_corrupt_image_with_exit_2(tiny_dir, tmp_path):
