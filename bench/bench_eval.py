@@ -50,6 +50,7 @@ class PeakRSS:
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
         self.t0 = time.perf_counter()
+        self.cpu0 = time.process_time()
         return self
 
     def _run(self) -> None:
@@ -59,6 +60,7 @@ class PeakRSS:
 
     def __exit__(self, *exc) -> None:
         self.seconds = time.perf_counter() - self.t0
+        self.cpu_seconds = time.process_time() - self.cpu0
         self._stop.set()
         self._thread.join()
         self.peak = max(self.peak, rss_bytes())
@@ -117,7 +119,8 @@ def main() -> None:
     flops = 2 * n * n * d
     print(f"\n[1] fused retrieval pass (torch, R@k + ranks, both directions): {m.seconds:.1f} s, "
           f"{flops / m.seconds / 1e9:.0f} GFLOP/s vs sgemm {gemm:.0f} GFLOP/s on the same tile "
-          f"({flops / m.seconds / 1e9 / gemm:.0%})")
+          f"({flops / m.seconds / 1e9 / gemm:.0%}); CPU time {m.cpu_seconds:.1f} s "
+          f"(≈ {m.cpu_seconds / torch.get_num_threads():.0f} s wall on {torch.get_num_threads()} idle cores)")
     print(f"    extra memory: peak RSS +{mib(m.extra)} (ru_maxrss +{mib(m.maxrss_delta)}) = "
           f"{m.extra / (n * n * 4):.4%} of the N×N matrix")
     print("    " + ", ".join(f"{k} {v:.4f}" if "R@" in k else f"{k} {v:.1f}" for k, v in res.items()))
