@@ -1,8 +1,86 @@
-"""`align compare` (not implemented yet)."""
+"""`align compare`: the optimizer study (grid × seeds), its tables, plots and report."""
 from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Optional
 
 import typer
 
+from cli.common import console, user_errors
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "compare" / "default.yaml"
+
+
+def _pct(mean: float, std: float | None = None) -> str:
+    if mean is None or math.isnan(mean):
+        return "—"
+    return f"{100 * mean:.1f}" + ("" if std is None else f" ± {100 * std:.1f}")
+
+
+def _print_tables(result: dict, reference: str) -> None:
+    from rich.table import Table
+
+    table = Table(title="Best configuration per optimizer (test, mean ± std over seeds)")
+    for col in ("optimizer", "lr", "ρ", "seeds", "mean R@1 %", "i2t R@1 %", "t2i R@1 %", "mutual-kNN",
+                f"Δ vs {reference} [95% CI]"):
+        table.add_column(col, justify="right" if col != "optimizer" else "left")
+    for s in result["summary"]:
+        diff = "—" if math.isnan(s["diff_vs_ref"]) else (
+            f"{100 * s['diff_vs_ref']:+.1f} [{100 * s['diff_ci_low']:+.1f}, {100 * s['diff_ci_high']:+.1f}]")
+        table.add_row(s["optimizer"], f"{s['lr']:g}", "—" if s["rho"] is None else f"{s['rho']:g}",
+                      f"{s['seeds']}" + (f" ({s['diverged_seeds']} div)" if s["diverged_seeds"] else ""),
+                      _pct(s["mean_R@1_mean"], s["mean_R@1_std"]), _pct(s["i2t_R@1_mean"]), _pct(s["t2i_R@1_mean"]),
+                      f"{s['mutual_knn_mean']:.3f} ± {s['mutual_knn_std']:.3f}", diff)
+    console.print(table)
+    rob = Table(title="Robustness: share of grid configurations within 95% of the optimizer's best")
+    for col in ("optimizer", "configs", "within 95%", "best %", "worst %", "worst (lr, ρ)", "diverged"):
+        rob.add_column(col, justify="right" if col != "optimizer" else "left")
+    for r in result["robustness"]:
+        rob.add_row(r["optimizer"], str(r["configs"]), f"{100 * r['within_95pct']:.0f}%", _pct(r["best"]),
+                    _pct(r["worst"]), f"({r['worst_lr']:g}, {'—' if r['worst_rho'] is None else format(r['worst_rho'], 'g')})",
+                    str(r["diverged_configs"]))
+    console.print(rob)
+
 
 def register(app: typer.Typer) -> None:
-    """Add this module's commands to the app."""
+    @app.command("compare")
+    @user_errors
+    def compare_cmd(
+        config: Optional[Path] = typer.Option(None, "--config", "-c", help="study YAML (default: the embedded offline study)"),
+        set_: list[str] = typer.Option([], "--set", help="override a key: --set grid.seeds=[0,1,2]"),
+        dry_run: bool = typer.Option(False, "--dry-run", help="validate the config and print the plan; no download, no training"),
+        workers: Optional[int] = typer.Option(None, "--workers", help="runs trained at once (default: from the config)"),
+        out: Optional[Path] = typer.Option(None, "--out", help="study folder (default: data/studies/<name>)"),
+        progress: bool = typer.Option(True, "--progress/--no-progress"),
+    ) -> None:
+        """Compare optimizers over a grid of ρ × learning rate × seeds on one cached embedding set."""
+        import json
+
+        from align.compare import CompareConfig, plan, run_study, study_dir
+        from align.config import load_config
+        from align.errors import AlignError
+        from align.report import write_report
+
+        path = config or DEFAULT_CONFIG
+        if config is None and not path.is_file():
+            raise AlignError(f"the embedded default config {path} is missing: pass --config FILE")
+        overrides = list(set_)
+        if workers is not None:
+            overrides.append(f"workers={workers}")
+        if out is not None:
+            overrides.append(f"study_dir={out}")
+        cfg = load_config(CompareConfig, path, overrides)
+        if dry_run:
+            console.print_json(json.dumps(plan(cfg)))
+            return
+        root = study_dir(cfg)
+        root.mkdir(parents=True, exist_ok=True)
+        from align.config import dump_config
+        from align.runs import atomic_write_text
+
+        atomic_write_text(root / "config.yaml", f"# align compare --config {root / 'config.yaml'}\n" + dump_config(cfg))
+        rows = run_study(cfg, log=lambda m: console.print(m, highlight=False), progress=progress)
+        result = write_report(cfg, rows)
+        _print_tables(result, cfg.reference)
+        console.print(f"wrote {root / 'results.csv'}, {root / 'report.md'} and {len(result['figures'])} plots in {root}")

@@ -1,0 +1,234 @@
+"""The optimizer study: a grid of optimizers × ρ × learning rate × seeds on one cached embedding set.
+
+Each cell is an ordinary training run directory (``<study>/runs/<cell>``), so a study is resumable for free:
+finished cells are skipped and an interrupted cell resumes from its last checkpoint. The statistics below
+(summary with bootstrap intervals, the paper's Table 3 shape, robustness) are pure functions of the rows of
+``results.csv`` in ``align.study_stats``; writing files and plots is ``align.report``'s job.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+from pydantic import field_validator, model_validator
+
+from align.config import StrictModel
+from align.errors import AlignError
+from align.optim import OPTIMIZERS, optimizer_info
+from align.train import TrainConfig
+
+Log = Callable[[str], None]
+
+
+class GridConfig(StrictModel):
+    """What varies across cells. Single-pass optimizers (sgd, adam, adamw) have no ρ and run once per lr."""
+
+    optimizers: list[str] = ["sgd", "adamw", "sam", "msam", "asam", "fsam"]
+    lrs: list[float] = [1e-3]
+    rhos: list[float] = [0.05]
+    seeds: list[int] = [0, 1]
+    lr_overrides: dict[str, list[float]] = {}   # per optimizer, e.g. sgd: [0.1, 0.3]
+    rho_overrides: dict[str, list[float]] = {}  # per optimizer, e.g. asam: [0.5, 1.0] (ASAM's ρ lives on another scale)
+
+    @field_validator("optimizers")
+    @classmethod
+    def _known(cls, value: list[str]) -> list[str]:
+        for name in value:
+            optimizer_info(name)
+        if not value or len(set(value)) != len(value):
+            raise ValueError("optimizers must be a non-empty list without repeats")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "GridConfig":
+        for key in [*self.lr_overrides, *self.rho_overrides]:
+            if key not in OPTIMIZERS:
+                raise ValueError(f"override for unknown optimizer {key!r}; choose one of {', '.join(OPTIMIZERS)}")
+        for values in [self.lrs, self.rhos, self.seeds, *self.lr_overrides.values(), *self.rho_overrides.values()]:
+            if not values:
+                raise ValueError("grid lists must not be empty")
+        if any(lr <= 0 for lr in [*self.lrs, *sum(self.lr_overrides.values(), [])]):
+            raise ValueError("learning rates must be > 0")
+        if any(r < 0 for r in [*self.rhos, *sum(self.rho_overrides.values(), [])]):
+            raise ValueError("rho must be >= 0")
+        return self
+
+
+class CompareConfig(TrainConfig):
+    """A study: every training setting of ``TrainConfig`` (shared by all cells) plus the grid."""
+
+    name: str = "study"
+    study_dir: str | None = None  # default: data/studies/<name>
+    workers: int | Literal["auto"] = "auto"  # cells trained at once (processes); auto: fits the cores, 1 on GPU
+    reference: str = "sam"  # the optimizer every other one is compared with (bootstrap difference)
+    bootstrap_samples: int = 2000
+    grid: GridConfig = GridConfig()
+
+    @model_validator(mode="after")
+    def _reference_in_grid(self) -> "CompareConfig":
+        if self.reference not in self.grid.optimizers:
+            raise ValueError(f"reference {self.reference!r} is not among grid.optimizers {self.grid.optimizers}")
+        return self
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One run of the grid."""
+
+    optimizer: str
+    lr: float
+    rho: float | None
+    seed: int
+
+    @property
+    def key(self) -> str:
+        rho = "" if self.rho is None else f"_rho{self.rho:g}"
+        return f"{self.optimizer}_lr{self.lr:g}{rho}_s{self.seed}"
+
+    @property
+    def config_key(self) -> tuple[str, float, float | None]:
+        return (self.optimizer, self.lr, self.rho)
+
+
+def study_dir(cfg: CompareConfig) -> Path:
+    return Path(cfg.study_dir or f"data/studies/{cfg.name}")
+
+
+def grid_cells(grid: GridConfig) -> list[Cell]:
+    """Every cell, in a fixed order (optimizer order as configured, then lr, ρ, seed)."""
+    cells = []
+    for name in grid.optimizers:
+        two_pass = optimizer_info(name).two_pass
+        rhos: list[float | None] = list(grid.rho_overrides.get(name, grid.rhos)) if two_pass else [None]
+        for lr in grid.lr_overrides.get(name, grid.lrs):
+            for rho in rhos:
+                for seed in grid.seeds:
+                    cells.append(Cell(name, float(lr), None if rho is None else float(rho), int(seed)))
+    return cells
+
+
+def cell_config(cfg: CompareConfig, cell: Cell, run_dir: Path) -> TrainConfig:
+    """The training config of one cell: the study's shared settings with this cell's optimizer, lr, ρ, seed."""
+    shared = cfg.model_dump(exclude={"name", "study_dir", "workers", "reference", "bootstrap_samples", "grid"})
+    optim = dict(shared["optim"], name=cell.optimizer, lr=cell.lr)
+    if cell.rho is not None:
+        optim["rho"] = cell.rho
+    shared.update(optim=optim, seed=cell.seed, out_dir=str(run_dir))
+    return TrainConfig.model_validate(shared)
+
+
+def plan(cfg: CompareConfig) -> dict[str, Any]:
+    """What the study will do, without touching the network or the disk (``--dry-run``)."""
+    cells = grid_cells(cfg.grid)
+    passes = sum(2 if optimizer_info(c.optimizer).two_pass else 1 for c in cells)
+    return {
+        "study_dir": str(study_dir(cfg)),
+        "dataset": _dataset_summary(cfg),
+        "splits": list(cfg.data.splits),
+        "image_encoder": cfg.data.image_encoder.model_dump(exclude_none=True),
+        "text_encoder": cfg.data.text_encoder.model_dump(exclude_none=True),
+        "optimizers": list(cfg.grid.optimizers),
+        "runs": len(cells),
+        "configs": len({c.config_key for c in cells}),
+        "steps_per_run": cfg.schedule.steps,
+        "batch_size": cfg.schedule.batch_size,
+        "forward_backward_passes": passes * cfg.schedule.steps,
+        "workers": resolve_workers(cfg),
+    }
+
+
+def _dataset_summary(cfg: CompareConfig) -> dict[str, Any]:
+    dataset = cfg.data.dataset.model_dump(exclude_none=True)
+    if dataset.get("kind") != "synthetic":
+        dataset.pop("synthetic", None)
+    return dataset
+
+
+def resolve_workers(cfg: CompareConfig) -> int:
+    if cfg.workers != "auto":
+        if cfg.workers < 1:
+            raise AlignError(f"workers must be >= 1 or auto, got {cfg.workers}")
+        return int(cfg.workers)
+    import torch
+
+    if cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available()):
+        return 1
+    return max(1, min(4, (os.cpu_count() or 1)))
+
+
+# -- running ---------------------------------------------------------------------------------------------
+
+def _run_cell(cfg_json: dict[str, Any], run_dir: str, threads: int) -> dict[str, Any]:
+    """Train one cell (in a worker process): resumes a started run, returns a finished one's results."""
+    import torch
+
+    torch.set_num_threads(threads)
+    from align.train import train
+
+    cfg = TrainConfig.model_validate(cfg_json)
+    return train(cfg, Path(run_dir), resume=True, progress=False)
+
+
+def run_study(cfg: CompareConfig, log: Log | None = None, progress: bool = True) -> list[dict[str, Any]]:
+    """Train every cell not yet finished (in parallel where the hardware allows) → rows for ``results.csv``."""
+    from align import runs
+    from align.cache import embed_all
+    from align.progress import progress_bar
+
+    log = log or (lambda message: None)
+    root = study_dir(cfg)
+    cells = grid_cells(cfg.grid)
+    embed_all(cfg.data, progress=progress, log=log)  # a no-op when every split is cached
+
+    todo = [c for c in cells if not (root / "runs" / c.key / runs.RESULTS_FILE).exists()]
+    log(f"study {cfg.name}: {len(cells)} runs, {len(cells) - len(todo)} already finished")
+    workers = min(resolve_workers(cfg), max(1, len(todo)))
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    jobs = [(cell_config(cfg, c, root / "runs" / c.key).model_dump(mode="json"), str(root / "runs" / c.key))
+            for c in todo]
+    with progress_bar(len(cells), f"study {cfg.name}", enabled=progress) as bar:
+        bar.advance(len(cells) - len(todo))
+        if workers == 1:
+            for job in jobs:
+                _run_cell(*job, threads=threads)
+                bar.advance()
+        else:
+            import multiprocessing as mp
+            from concurrent.futures import ProcessPoolExecutor, as_completed
+
+            with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+                futures = [pool.submit(_run_cell, *job, threads) for job in jobs]
+                for future in as_completed(futures):
+                    future.result()
+                    bar.advance()
+    return collect_rows(cfg)
+
+
+def collect_rows(cfg: CompareConfig) -> list[dict[str, Any]]:
+    """One flat row per finished cell, in grid order (deterministic: no timings)."""
+    from align import runs
+
+    rows = []
+    for cell in grid_cells(cfg.grid):
+        run_dir = study_dir(cfg) / "runs" / cell.key
+        if (run_dir / runs.RESULTS_FILE).exists():
+            rows.append(result_row(cell, runs.read_results(run_dir)))
+    return rows
+
+
+def result_row(cell: Cell, results: dict[str, Any]) -> dict[str, Any]:
+    """Flatten one run's results.json into a results.csv row."""
+    row: dict[str, Any] = {"run": cell.key, "optimizer": cell.optimizer, "lr": cell.lr, "rho": cell.rho,
+                           "seed": cell.seed, "status": "ok" if results.get("status") == "done" else "diverged",
+                           "diverged_at": results.get("diverged_at"), "steps_done": results.get("steps_done"),
+                           "best_step": results.get("best_step")}
+    for prefix in ("best_test", "final_test", "best_val", "max_val"):
+        for key, value in (results.get(prefix) or {}).items():
+            row[f"{prefix}_{key}"] = value
+    row["loss_at_step"] = results.get("loss_at_step")
+    row["final_loss"] = results.get("final_loss")
+    for key, value in ((results.get("sharpness") or {}).get("best") or {}).items():
+        row[f"sharpness_{key}"] = value
+    return row
