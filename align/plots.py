@@ -37,7 +37,7 @@ def heatmaps(rows: list[dict[str, Any]], column: str, title: str, path: Path) ->
     """One panel per optimizer: seed-mean ``column`` over lr (rows) × ρ (columns); ✕ marks diverged seeds."""
     plt = _pyplot()
     names = list(dict.fromkeys(r["optimizer"] for r in rows))
-    fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(names), figsize=(3.3 * len(names), 3.6), squeeze=False, layout="constrained")
     values = [_num(r.get(column)) for r in rows]
     vmin, vmax = np.nanmin(values) if values else 0, np.nanmax(values) if values else 1
     for ax, name in zip(axes[0], names):
@@ -56,14 +56,14 @@ def heatmaps(rows: list[dict[str, Any]], column: str, title: str, path: Path) ->
         for i in range(len(lrs)):
             for j in range(len(rhos)):
                 text = "—" if math.isnan(grid[i, j]) else f"{grid[i, j]:.3f}"
-                ax.text(j, i, text + (" ✕" if div[i, j] else ""), ha="center", va="center", fontsize=7,
+                ax.text(j, i, text + (" ✕" if div[i, j] else ""), ha="center", va="center", fontsize=8,
                         color="white" if not math.isnan(grid[i, j]) and grid[i, j] < (vmin + vmax) / 2 else "black")
         ax.set_xticks(range(len(rhos)), ["—" if r is None else f"{r:g}" for r in rhos])
         ax.set_yticks(range(len(lrs)), [f"{lr:g}" for lr in lrs])
         ax.set_xlabel("ρ")
         ax.set_ylabel("lr")
         ax.set_title(LABELS.get(name, name))
-    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8)
+    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.9, pad=0.01)
     fig.suptitle(title)
     out = _save(fig, path)
     plt.close(fig)

@@ -18,6 +18,11 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
+def _hp(value: Any) -> str:
+    """A hyper-parameter (lr, ρ) as written in configs: 0.003, 1e-05; None as —."""
+    return "—" if value is None or value == "" else f"{float(value):g}"
+
+
 def _pct(mean: float, std: float | None = None) -> str:
     if mean is None or math.isnan(mean):
         return "—"
@@ -48,7 +53,7 @@ def summary_lines(summary: list[dict[str, Any]], reference: str) -> list[str]:
         diff = "—" if math.isnan(s["diff_vs_ref"]) else (
             f"{100 * s['diff_vs_ref']:+.1f} [{100 * s['diff_ci_low']:+.1f}, {100 * s['diff_ci_high']:+.1f}]")
         div = f" ({s['diverged_seeds']} diverged)" if s["diverged_seeds"] else ""
-        lines.append(f"| {s['optimizer']} | {_fmt(s['lr'])} | {_fmt(s['rho'])} | {s['seeds']}{div} | "
+        lines.append(f"| {s['optimizer']} | {_hp(s['lr'])} | {_hp(s['rho'])} | {s['seeds']}{div} | "
                      f"{_pct(s['mean_R@1_mean'], s['mean_R@1_std'])} | {_pct(s['i2t_R@1_mean'])} | "
                      f"{_pct(s['t2i_R@1_mean'])} | {_fmt(s['mutual_knn_mean'])} ± {_fmt(s['mutual_knn_std'])} | "
                      f"{_fmt(s['cknna_mean'])} | {diff} |")
@@ -56,11 +61,11 @@ def summary_lines(summary: list[dict[str, Any]], reference: str) -> list[str]:
 
 
 def robustness_lines(rob: list[dict[str, Any]]) -> list[str]:
-    lines = ["| optimizer | configs | within 95% of its best | best test mean R@1 | worst (lr, ρ) | diverged configs |",
+    lines = ["| optimizer | configs | within 95% of its best | best config's test mean R@1 | worst config (lr, ρ) | diverged configs |",
              "|---|---|---|---|---|---|"]
     for r in rob:
         lines.append(f"| {r['optimizer']} | {r['configs']} | {100 * r['within_95pct']:.0f}% | {_pct(r['best'])} | "
-                     f"{_pct(r['worst'])} ({_fmt(r['worst_lr'])}, {_fmt(r['worst_rho'])}) | {r['diverged_configs']} |")
+                     f"{_pct(r['worst'])} ({_hp(r['worst_lr'])}, {_hp(r['worst_rho'])}) | {r['diverged_configs']} |")
     return lines
 
 
@@ -69,7 +74,7 @@ def table3_lines(rows3: list[dict[str, Any]], loss_step: int) -> list[str]:
     rhos = sorted({r["rho"] for r in rows3}, key=lambda x: -1 if x is None else x)
     lrs = sorted({r["lr"] for r in rows3})
     cell = {(r["lr"], r["rho"]): r for r in rows3}
-    lines = ["| lr \\ ρ | " + " | ".join(_fmt(r) for r in rhos) + " |", "|---" * (len(rhos) + 1) + "|"]
+    lines = ["| lr \\ ρ | " + " | ".join(_hp(r) for r in rhos) + " |", "|---" * (len(rhos) + 1) + "|"]
     for lr in lrs:
         parts = []
         for rho in rhos:
@@ -79,7 +84,7 @@ def table3_lines(rows3: list[dict[str, Any]], loss_step: int) -> list[str]:
                 continue
             mark = f" †{r['diverged']}/{r['seeds']}" if r["diverged"] else ""
             parts.append(f"{_fmt(r['best_alignment'])} / {_fmt(r['loss_at_step'])} / {_fmt(r['final_loss'])}{mark}")
-        lines.append(f"| {_fmt(lr)} | " + " | ".join(parts) + " |")
+        lines.append(f"| {_hp(lr)} | " + " | ".join(parts) + " |")
     return lines
 
 

@@ -19,27 +19,32 @@ def _pct(mean: float, std: float | None = None) -> str:
 
 
 def _print_tables(result: dict, reference: str) -> None:
+    """The summary and robustness tables, compact enough for an 80-column terminal."""
+    from rich import box
     from rich.table import Table
 
-    table = Table(title="Best configuration per optimizer (test, mean ± std over seeds)")
-    for col in ("optimizer", "lr", "ρ", "seeds", "mean R@1 %", "i2t R@1 %", "t2i R@1 %", "mutual-kNN",
-                f"Δ vs {reference} [95% CI]"):
-        table.add_column(col, justify="right" if col != "optimizer" else "left")
+    def hp(value) -> str:
+        return "—" if value is None else f"{value:g}"
+
+    seeds = max((s["seeds"] for s in result["summary"]), default=0)
+    table = Table(title=f"Best configuration per optimizer (test, mean ± std over {seeds} seeds)",
+                  box=box.SIMPLE_HEAD, pad_edge=False)
+    for col in ("optimizer", "lr", "ρ", "mean R@1 %", "i2t", "t2i", "mkNN", f"Δ vs {reference} [CI]"):
+        table.add_column(col, justify="left" if col == "optimizer" else "right", no_wrap=True)
     for s in result["summary"]:
         diff = "—" if math.isnan(s["diff_vs_ref"]) else (
-            f"{100 * s['diff_vs_ref']:+.1f} [{100 * s['diff_ci_low']:+.1f}, {100 * s['diff_ci_high']:+.1f}]")
-        table.add_row(s["optimizer"], f"{s['lr']:g}", "—" if s["rho"] is None else f"{s['rho']:g}",
-                      f"{s['seeds']}" + (f" ({s['diverged_seeds']} div)" if s["diverged_seeds"] else ""),
-                      _pct(s["mean_R@1_mean"], s["mean_R@1_std"]), _pct(s["i2t_R@1_mean"]), _pct(s["t2i_R@1_mean"]),
-                      f"{s['mutual_knn_mean']:.3f} ± {s['mutual_knn_std']:.3f}", diff)
+            f"{100 * s['diff_vs_ref']:+.1f} [{100 * s['diff_ci_low']:+.1f},{100 * s['diff_ci_high']:+.1f}]")
+        name = s["optimizer"] + (f" ({s['diverged_seeds']} div)" if s["diverged_seeds"] else "")
+        table.add_row(name, hp(s["lr"]), hp(s["rho"]), _pct(s["mean_R@1_mean"], s["mean_R@1_std"]),
+                      _pct(s["i2t_R@1_mean"]), _pct(s["t2i_R@1_mean"]), f"{s['mutual_knn_mean']:.3f}", diff)
     console.print(table)
-    rob = Table(title="Robustness: share of grid configurations within 95% of the optimizer's best")
-    for col in ("optimizer", "configs", "within 95%", "best %", "worst %", "worst (lr, ρ)", "diverged"):
-        rob.add_column(col, justify="right" if col != "optimizer" else "left")
+    rob = Table(title="Robustness: grid configurations within 95% of each optimizer's best", box=box.SIMPLE_HEAD,
+                pad_edge=False)
+    for col in ("optimizer", "configs", "within 95%", "best %", "worst % (lr, ρ)", "diverged"):
+        rob.add_column(col, justify="left" if col == "optimizer" else "right", no_wrap=True)
     for r in result["robustness"]:
         rob.add_row(r["optimizer"], str(r["configs"]), f"{100 * r['within_95pct']:.0f}%", _pct(r["best"]),
-                    _pct(r["worst"]), f"({r['worst_lr']:g}, {'—' if r['worst_rho'] is None else format(r['worst_rho'], 'g')})",
-                    str(r["diverged_configs"]))
+                    f"{_pct(r['worst'])} ({hp(r['worst_lr'])}, {hp(r['worst_rho'])})", str(r["diverged_configs"]))
     console.print(rob)
 
 

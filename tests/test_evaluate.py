@@ -21,13 +21,7 @@ from test_train import (IMAGE_DIM, SIZES, TEXT_DIM, data_section, head_recall_at
 runner = CliRunner()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: one intra-op thread avoids OpenMP spin-waits when cores are shared (≈8× faster)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest
 
 
 def brute_recall(image: torch.Tensor, text: torch.Tensor, c2i: torch.Tensor, k: int) -> tuple[float, float]:

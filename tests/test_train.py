@@ -25,13 +25,7 @@ IMAGE_DIM, TEXT_DIM = 32, 24
 SIZES = {"train": 512, "val": 128, "test": 128}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: one intra-op thread avoids OpenMP spin-waits when cores are shared (≈8× faster)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest
 
 
 # -- shared helpers -------------------------------------------------------------------------------------
