@@ -37,6 +37,7 @@ from align.datasets import DatasetSpec
 from align.embeddings import PairedEmbeddings
 from align.encoders import EncoderSpec
 from align.errors import AlignError
+from align.files import atomic_write_text, sha256_file
 from align.progress import progress_bar
 
 CACHE_FORMAT = 1
@@ -207,7 +208,7 @@ def _plan(work: Path, key: str, n_img: int, n_cap: int, cfg: EmbedConfig, log: L
         log(f"discarding an unfinished run in {work} (it was for different data)")
         shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
-    _atomic_write_text(path, json.dumps(plan, indent=1))
+    atomic_write_text(path, json.dumps(plan, indent=1))
     return plan
 
 
@@ -282,7 +283,7 @@ def _write_image_shard(work: Path, s: int, shard: range, state: dict, encoder: A
     _atomic_save(work / f"image-{s:05d}.npy", array)
     meta = {"start": shard.start, "stop": shard.stop, "skipped": sorted(state["skipped"], key=lambda d: d["index"]),
             "seconds": state["seconds"], "encoded": len(state["rows"])}
-    _atomic_write_text(work / f"image-{s:05d}.json", json.dumps(meta))  # the shard counts as done from here
+    atomic_write_text(work / f"image-{s:05d}.json", json.dumps(meta))  # the shard counts as done from here
 
 
 def _embed_texts(data: Any, encoder: Any, shards: list[range], todo: list[int], batch_size: int, work: Path,
@@ -303,7 +304,7 @@ def _embed_texts(data: Any, encoder: Any, shards: list[range], todo: list[int], 
                 bar.advance(stop - start)
             _atomic_save(work / f"text-{s:05d}.npy", np.concatenate(parts))
             meta = {"start": shard.start, "stop": shard.stop, "seconds": seconds, "encoded": len(shard)}
-            _atomic_write_text(work / f"text-{s:05d}.json", json.dumps(meta))
+            atomic_write_text(work / f"text-{s:05d}.json", json.dumps(meta))
 
 
 def _check_finite(emb: torch.Tensor, names: list, tower: str, split: str) -> None:
@@ -382,7 +383,7 @@ def _finalize(cfg: EmbedConfig, split: str, key: str, data: Any, final: Path, wo
                    "images_per_s": img_encoded / img_seconds if img_seconds else 0.0,
                    "captions_per_s": len(data.captions) / txt_seconds if txt_seconds else 0.0},
     }
-    _atomic_write_text(final / MANIFEST, json.dumps(manifest, indent=1))  # last: the cache is valid from here
+    atomic_write_text(final / MANIFEST, json.dumps(manifest, indent=1))  # last: the cache is valid from here
     return manifest
 
 
@@ -416,26 +417,9 @@ def _atomic_save(path: Path, array: np.ndarray) -> str:
         np.save(fh, np.ascontiguousarray(array), allow_pickle=False)
         fh.flush()
         os.fsync(fh.fileno())
-    digest = _sha256(tmp)
+    digest = sha256_file(tmp)
     os.replace(tmp, path)
     return digest
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------------- reading
@@ -552,7 +536,7 @@ def verify_cache(path: str | Path) -> list[str]:
             continue
         if file.stat().st_size != info["bytes"]:
             problems.append(f"{name}: {file.stat().st_size} bytes, the manifest says {info['bytes']}")
-        if _sha256(file) != info["sha256"]:
+        if sha256_file(file) != info["sha256"]:
             problems.append(f"{name}: sha256 differs from the manifest (the file changed or is corrupt)")
             continue
         try:

@@ -38,6 +38,7 @@ from pydantic import Field, model_validator
 from align import synthetic as synth
 from align.config import StrictModel
 from align.errors import AlignError
+from align.files import sha256_file
 from align.synthetic import SyntheticConfig
 
 # Karpathy test splits in the CLIP_benchmark webdataset copies on the hub (the sets its retrieval numbers use):
@@ -266,14 +267,6 @@ def _stat_fingerprint(paths: Iterable[Path], root: Path) -> str:
     return h.hexdigest()
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 # ---------------------------------------------------------------- synthetic
 
 class _SyntheticImages:
@@ -487,7 +480,7 @@ def _local_identity(spec: DatasetSpec, split: str) -> dict[str, Any]:
     n = len(rows.relpaths) if spec.max_images is None else min(spec.max_images, len(rows.relpaths))
     return {
         "split": split,
-        "metadata_sha256": _file_sha256(rows.source),
+        "metadata_sha256": sha256_file(rows.source),
         "images_stat_sha256": _stat_fingerprint((rows.root / p for p in rows.relpaths[:n]), rows.root),
         "image_column": spec.image_column, "caption_column": spec.caption_column,
         "caption_separator": spec.caption_separator, "delimiter": spec.delimiter,

@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import difflib
 import functools
-import hashlib
 import inspect
 import logging
 import os
@@ -32,6 +31,7 @@ import torch
 from pydantic import model_validator
 
 from align.config import StrictModel
+from align import files
 from align.errors import AlignError
 
 OFFLINE_EXTRA_HINT = 'pip install -e ".[offline]"'
@@ -659,11 +659,7 @@ def sha256_file(path: str | Path) -> str:
 
 @functools.lru_cache(maxsize=256)
 def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return files.sha256_file(path)
 
 
 def sha256_tree(folder: Path) -> dict[str, str]:

@@ -20,13 +20,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from align import files
 
 from align.errors import AlignError
 
@@ -39,37 +39,8 @@ _STEP_RE = re.compile(r"^step-(\d+)\.json$")
 
 # -- atomic writes and JSON ------------------------------------------------------------------------------
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see either the old file or the whole new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def json_safe(obj: Any) -> Any:
-    """``obj`` with non-finite floats turned into None and tuples into lists (strict JSON, no NaN tokens)."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {str(k): json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    if isinstance(obj, torch.Tensor) and obj.numel() == 1:
-        return json_safe(obj.item())
-    return obj
+# Re-exported: run directories are the main user of these.
+atomic_write_bytes, atomic_write_text, json_safe = files.atomic_write_bytes, files.atomic_write_text, files.json_safe
 
 
 def dumps(obj: Any, indent: int | None = 2) -> str:

@@ -9,45 +9,18 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from align.files import atomic_write_bytes, json_safe
 from align.toy import FLATTEST, METHOD_LABELS, SADDLE, ToyResult, banana, distance_to, sinc
 
 COLORS = {"gd": "tab:blue", "sam": "tab:red", "msam": "tab:green", "asam": "tab:purple", "fsam": "tab:orange"}
 
 
 # -- files --------------------------------------------------------------------------------------------------
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` so a reader sees the old file or the whole new one (temp file in the same folder)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _clean(value: Any) -> Any:
-    """JSON-safe copy: tensors → lists, non-finite floats → None."""
-    if isinstance(value, torch.Tensor):
-        return _clean(value.tolist())
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {str(k): _clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
-    return value
-
 
 def result_to_json(result: ToyResult) -> dict[str, Any]:
     """Settings, summary rows and, per run, final points [B, 2], final losses [B], steps and convergence."""
@@ -57,7 +30,7 @@ def result_to_json(result: ToyResult) -> dict[str, Any]:
                             "runs": runs}
     if "starts" in result.extra:
         data["starts"] = result.extra["starts"]
-    return _clean(data)
+    return json_safe(data)
 
 
 def write_outputs(result: ToyResult, out_dir: Path) -> list[Path]:
@@ -65,11 +38,11 @@ def write_outputs(result: ToyResult, out_dir: Path) -> list[Path]:
     out_dir = Path(out_dir)
     json_path = out_dir / f"{result.name}.json"
     png_path = out_dir / f"{result.name}.png"
-    _atomic_write(json_path, (json.dumps(result_to_json(result), indent=1) + "\n").encode("utf-8"))
+    atomic_write_bytes(json_path, (json.dumps(result_to_json(result), indent=1) + "\n").encode("utf-8"))
     fig = PLOTTERS[result.name](result)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=130, bbox_inches="tight")
-    _atomic_write(png_path, buf.getvalue())
+    atomic_write_bytes(png_path, buf.getvalue())
     return [png_path, json_path]
 
 

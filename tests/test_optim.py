@@ -369,5 +369,9 @@ def test_registry_capabilities_and_bad_input():
         SAM(p, torch.nn.Linear, rho=0.1)
     with pytest.raises(ValueError, match="closure"):
         SAM(p, torch.optim.SGD, lr=0.1).step()
+    with pytest.raises(ValueError, match="eta"):
+        ASAM(p, torch.optim.SGD, eta=-1.0, lr=0.1)
+    with pytest.raises(ValueError, match="eta is not a parameter of msam"):
+        create_optimizer("msam", p, lr=0.1, eta=0.5)
     assert create_optimizer("asam", p, lr=0.1).param_groups[0]["eta"] == 0.01
     assert create_optimizer("fsam", p, lr=0.1).param_groups[0]["eta"] == 1.0

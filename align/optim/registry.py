@@ -5,7 +5,7 @@ Training loops ask ``optimizer_info(name).two_pass`` (the capability), never com
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import torch
 from torch.optim import Optimizer

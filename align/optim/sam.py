@@ -235,19 +235,24 @@ class MSAM(SAM):
         return torch._foreach_mul(grads, scale), n
 
 
-class ASAM(SAM):
+class _RegularisedSAM(SAM):
+    """A SAM variant with a regulariser η >= 0 kept in each param group (per-group values allowed)."""
+
+    def _extra_defaults(self, base_kwargs):
+        eta = base_kwargs.pop("eta")
+        if not isinstance(eta, (int, float)) or not eta >= 0:
+            raise ValueError(f"eta must be a number >= 0, got {eta!r}")
+        return {"eta": eta}
+
+
+class ASAM(_RegularisedSAM):
     """Adaptive SAM (Kwon et al., 2021): δ = ρ T² g / ‖T g‖ with T = |θ| + η on weight tensors, T = 1 elsewhere.
 
     Following the ASAM code, T acts on weight tensors (ndim > 1) only; biases and norm scales use T = I.
     """
 
     def __init__(self, params, base_optimizer, rho: float = 0.5, eta: float = 0.01, **kwargs: Any) -> None:
-        if not eta >= 0:
-            raise ValueError(f"eta must be >= 0, got {eta!r}")
         super().__init__(params, base_optimizer, rho=rho, eta=eta, **kwargs)
-
-    def _extra_defaults(self, base_kwargs):
-        return {"eta": base_kwargs.pop("eta")}
 
     def _perturbation(self, params, grads, groups, grad_norm):
         t = [p.detach().abs().add_(g["eta"]) if p.ndim > 1 else None for p, g in zip(params, groups)]
@@ -268,16 +273,11 @@ class ASAM(SAM):
         return torch._foreach_mul(direction, scale), nv
 
 
-class FisherSAM(SAM):
+class FisherSAM(_RegularisedSAM):
     """Fisher SAM (Kim et al., 2022), diagonal Fisher F = g²: δ = ρ F⁻¹g / √(gᵀF⁻¹g), F⁻¹ = 1/(1 + η g²)."""
 
     def __init__(self, params, base_optimizer, rho: float = 0.05, eta: float = 1.0, **kwargs: Any) -> None:
-        if not eta >= 0:
-            raise ValueError(f"eta must be >= 0, got {eta!r}")
         super().__init__(params, base_optimizer, rho=rho, eta=eta, **kwargs)
-
-    def _extra_defaults(self, base_kwargs):
-        return {"eta": base_kwargs.pop("eta")}
 
     def _perturbation(self, params, grads, groups, grad_norm):
         denom = torch._foreach_mul(grads, grads)
