@@ -85,14 +85,16 @@ def ref_cknna(a, b, topk):
     return sim(k, l) / (np.sqrt(sim(k, k) * sim(l, l)) + 1e-6)
 
 
-def ref_svcca(a, b, dim):
-    def prep(x):
-        x = normalise(x)
-        x = x - x.mean(0)
-        return x / (x.std(0, ddof=1) + 1e-8)
+def svd_basis(x, dim):
+    """SVCCA's first stage: the top-``dim`` left singular vectors of the normalised, standardised rows."""
+    x = normalise(x)
+    x = x - x.mean(0)
+    x = x / (x.std(0, ddof=1) + 1e-8)
+    return np.linalg.svd(x, full_matrices=False)[0][:, :dim]
 
-    u1 = np.linalg.svd(prep(a), full_matrices=False)[0][:, :dim]
-    u2 = np.linalg.svd(prep(b), full_matrices=False)[0][:, :dim]
+
+def ref_svcca(a, b, dim):
+    u1, u2 = svd_basis(a, dim), svd_basis(b, dim)
     # Canonical correlations from covariance matrices: singular values of Sxx^-1/2 Sxy Syy^-1/2.
     x, y = u1 - u1.mean(0), u2 - u2.mean(0)
     sxx, syy, sxy = x.T @ x, y.T @ y, x.T @ y
@@ -147,13 +149,7 @@ def test_svcca_matches_sklearn_cca_as_platonic_rep_uses_it():
     a, b = data(200, 12, 10, seed=9, noise=0.7)
     dim = 4
 
-    def prep(x):
-        x = normalise(x)
-        x = x - x.mean(0)
-        return x / (x.std(0, ddof=1) + 1e-8)
-
-    u1 = np.linalg.svd(prep(a), full_matrices=False)[0][:, :dim]
-    u2 = np.linalg.svd(prep(b), full_matrices=False)[0][:, :dim]
+    u1, u2 = svd_basis(a, dim), svd_basis(b, dim)
     model = cross_decomposition.CCA(n_components=dim, max_iter=5000, tol=1e-12).fit(u1, u2)
     xs, ys = model.transform(u1, u2)
     ref = np.mean([np.corrcoef(xs[:, i], ys[:, i])[0, 1] for i in range(dim)])

@@ -184,10 +184,14 @@ def test_local_weight_identity_is_the_file_content(tiny_clip, tmp_path):
     assert set(folder_id["weights"]["files"]) == {"open_clip_config.json", "open_clip_model.safetensors"}
 
 
+HUB_TAG = "openai"  # a real hub tag; these tests check it is refused offline, never downloaded
+
+
 @pytest.mark.parametrize("spec, message", [
     (dict(backend="open_clip", model="ViT-B-33"), "unknown open_clip model 'ViT-B-33' (did you mean ViT-B-32"),
     (dict(backend="open_clip", model="ViT-B-32", pretrained="no-such-tag"), "neither a file nor a known tag"),
-    (dict(backend="open_clip", model="ViT-B-32", pretrained="openai"), "not in the local Hugging Face cache"),
+    # Hub weights asked for while offline: the point is that they are NOT fetched but refused in one line.
+    ({"backend": "open_clip", "model": "ViT-B-32", "pretrained": HUB_TAG}, "not in the local Hugging Face cache"),
     (dict(backend="open_clip", model="hf-hub:nobody/nothing"), "not in the local Hugging Face cache"),
     (dict(backend="open_clip", model="local-dir:/no/such/dir"), "open_clip_config.json"),
     (dict(backend="transformers", model="google/vit-base-patch16-224"), "not in the local Hugging Face cache"),
@@ -214,7 +218,7 @@ def test_hub_out_of_reach_without_offline_flag_fails_fast(monkeypatch):
         monkeypatch.delenv(var, raising=False)
     start = time.perf_counter()
     with pytest.raises(AlignError, match="cannot be reached: give a local path"):
-        build_image_encoder(EncoderSpec(backend="open_clip", model="ViT-B-32", pretrained="openai"), CPU)
+        build_image_encoder(EncoderSpec(backend="open_clip", model="ViT-B-32", pretrained=HUB_TAG), CPU)
     assert time.perf_counter() - start < 5.0
     encoders._hub_reachable.cache_clear()
 
