@@ -518,6 +518,14 @@ def resolve_cache(root: str | Path, key: str) -> Path:
                      f"give more of the key")
 
 
+def find_cache(key_or_path: str | Path, root: str | Path | None = None) -> Path:
+    """A cache folder given as its path, or as its key (a unique prefix will do) under ``root`` (default root)."""
+    from align.paths import cache_root
+
+    path = Path(key_or_path)
+    return path if path.is_dir() else resolve_cache(root or cache_root(), str(key_or_path))
+
+
 def verify_cache(path: str | Path) -> list[str]:
     """Problems found by re-reading a cache folder (checksums, shapes, dtypes, index range); [] when sound."""
     path = Path(path)

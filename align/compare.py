@@ -10,16 +10,15 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 from pydantic import field_validator, model_validator
 
 from align.config import StrictModel
 from align.errors import AlignError
 from align.optim import OPTIMIZERS, optimizer_info
-from align.train import TrainConfig
-
-Log = Callable[[str], None]
+from align.progress import Log
+from align.train_config import TrainConfig
 
 
 class GridConfig(StrictModel):
@@ -60,7 +59,7 @@ class CompareConfig(TrainConfig):
     """A study: every training setting of ``TrainConfig`` (shared by all cells) plus the grid."""
 
     name: str = "study"
-    study_dir: str | None = None  # default: data/studies/<name>
+    study_dir: str | None = None  # default: <data root>/studies/<name>
     workers: int | Literal["auto"] = "auto"  # cells trained at once (processes); auto: fits the cores, 1 on GPU
     reference: str = "sam"  # the optimizer every other one is compared with (bootstrap difference)
     bootstrap_samples: int = 2000
@@ -93,7 +92,10 @@ class Cell:
 
 
 def study_dir(cfg: CompareConfig) -> Path:
-    return Path(cfg.study_dir or f"data/studies/{cfg.name}")
+    """The study's folder: ``study_dir`` if set, else ``<data root>/studies/<name>``."""
+    from align.paths import studies_root
+
+    return Path(cfg.study_dir) if cfg.study_dir else studies_root() / cfg.name
 
 
 def grid_cells(grid: GridConfig) -> list[Cell]:
@@ -182,7 +184,7 @@ def run_study(cfg: CompareConfig, log: Log | None = None, progress: bool = True)
     cells = grid_cells(cfg.grid)
     embed_all(cfg.data, progress=progress, log=log)  # a no-op when every split is cached
 
-    todo = [c for c in cells if not (root / "runs" / c.key / runs.RESULTS_FILE).exists()]
+    todo = [c for c in cells if not runs.RunDir(root / "runs" / c.key).is_finished()]
     log(f"study {cfg.name}: {len(cells)} runs, {len(cells) - len(todo)} already finished")
     workers = min(resolve_workers(cfg), max(1, len(todo)))
     threads = max(1, (os.cpu_count() or 1) // workers)
@@ -206,15 +208,25 @@ def run_study(cfg: CompareConfig, log: Log | None = None, progress: bool = True)
     return collect_rows(cfg)
 
 
+def run_compare(cfg: CompareConfig, log: Log | None = None, progress: bool = True) -> dict[str, Any]:
+    """The whole study: its config.yaml, every cell, then results.csv, the tables, plots and report.md."""
+    from align import report
+
+    root = study_dir(cfg)
+    report.write_study_config(root, cfg)
+    rows = run_study(cfg, log=log, progress=progress)
+    return dict(report.write_report(root, cfg, rows), study_dir=root)
+
+
 def collect_rows(cfg: CompareConfig) -> list[dict[str, Any]]:
     """One flat row per finished cell, in grid order (deterministic: no timings)."""
     from align import runs
 
     rows = []
     for cell in grid_cells(cfg.grid):
-        run_dir = study_dir(cfg) / "runs" / cell.key
-        if (run_dir / runs.RESULTS_FILE).exists():
-            rows.append(result_row(cell, runs.read_results(run_dir)))
+        run = runs.RunDir(study_dir(cfg) / "runs" / cell.key)
+        if run.is_finished():
+            rows.append(result_row(cell, run.read_results()))
     return rows
 
 

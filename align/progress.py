@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
 
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn,
                            TimeElapsedColumn, TimeRemainingColumn)
+
+Log = Callable[[str], None]  # where a long job reports one-line messages (the CLI prints them; tests collect them)
 
 
 class Bar:

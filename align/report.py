@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from align import compare, runs, study_stats
+from align import runs, study_stats
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
@@ -88,11 +88,23 @@ def table3_lines(rows3: list[dict[str, Any]], loss_step: int) -> list[str]:
     return lines
 
 
-def write_report(cfg: "compare.CompareConfig", rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Write results.csv, summary.csv, robustness.csv, table3.csv, the plots and report.md → what was computed."""
+def write_study_config(root: Path, cfg: Any) -> Path:
+    """The study's resolved config (an ``align.compare.CompareConfig``) as ROOT/config.yaml, headed by its command."""
+    from align.config import dump_config
+
+    path = Path(root) / "config.yaml"
+    runs.atomic_write_text(path, f"# align compare --config {path}\n" + dump_config(cfg))
+    return path
+
+
+def write_report(root: Path, cfg: Any, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Write results.csv, summary.csv, robustness.csv, table3.csv, the plots and report.md into ``root``.
+
+    ``cfg`` is the study's ``align.compare.CompareConfig``; returns what was computed.
+    """
     from align import plots
 
-    root = compare.study_dir(cfg)
+    root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     write_csv(root / "results.csv", rows)
     summ = study_stats.summary(rows, cfg.reference, cfg.bootstrap_samples)

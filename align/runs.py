@@ -27,7 +27,6 @@ from typing import Any
 import torch
 
 from align import files
-
 from align.errors import AlignError
 
 CONFIG_FILE = "config.yaml"
@@ -35,6 +34,7 @@ METRICS_FILE = "metrics.jsonl"
 RESULTS_FILE = "results.json"
 CHECKPOINT_DIR = "checkpoints"
 _STEP_RE = re.compile(r"^step-(\d+)\.json$")
+HASH_EXCLUDED = ("out_dir", "device")  # where a run lives and what runs it: a checkpoint need not match these
 
 
 # -- atomic writes and JSON ------------------------------------------------------------------------------
@@ -257,3 +257,103 @@ def load_head(run_dir: Path, which: str) -> tuple[dict[str, torch.Tensor], dict[
 
 def is_run_dir(path: Path) -> bool:
     return (Path(path) / CONFIG_FILE).is_file()
+
+
+# -- one run directory behind one object -----------------------------------------------------------------
+
+class RunDir:
+    """A run directory's bookkeeping for the training loop and evaluation: what it holds, and every write to it."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    @property
+    def config_path(self) -> Path:
+        return self.path / CONFIG_FILE
+
+    @property
+    def results_path(self) -> Path:
+        return self.path / RESULTS_FILE
+
+    def is_run(self) -> bool:
+        """Whether the folder has a run's config.yaml (what evaluation needs)."""
+        return is_run_dir(self.path)
+
+    def is_finished(self) -> bool:
+        """Whether the run wrote its results (it trained to the end or diverged)."""
+        return self.results_path.exists()
+
+    def holds_run(self) -> bool:
+        """Whether anything of a run is here: a config, a checkpoint or results."""
+        return is_run_dir(self.path) or bool(list_checkpoints(self.path)) or self.results_path.exists()
+
+    def check(self, cfg_hash: str, config: dict[str, Any], resume: bool) -> str:
+        """What this folder holds for a run of ``config``: "fresh", "resume" or "finished"; AlignError on a clash.
+
+        Only reads; nothing is written until every check has passed.
+        """
+        if self.path.exists() and not self.path.is_dir():
+            raise AlignError(f"{self.path} is a file, not a run directory: use --out with a folder path")
+        if not self.holds_run():
+            return "fresh"
+        if not resume:
+            raise AlignError(f"{self.path} already holds a run: add --resume to continue it, or use --out NEW_DIR")
+        if is_run_dir(self.path):
+            self._check_saved_config(cfg_hash, config)
+        for step in list_checkpoints(self.path):
+            meta = read_json(checkpoint_dir(self.path) / f"step-{step:07d}.json")
+            if meta.get("config_hash") != cfg_hash:
+                keys = diff_keys(meta.get("config", {}), config)
+                raise AlignError(f"checkpoint step {step} in {self.path} comes from another configuration (differs "
+                                 f"in: {', '.join(keys) or 'unknown'}): resume with the run's config.yaml or use "
+                                 "--out NEW_DIR")
+        return "finished" if self.results_path.exists() else "resume"
+
+    def _check_saved_config(self, cfg_hash: str, config: dict[str, Any]) -> None:
+        from align.config import load_yaml
+
+        saved = load_yaml(self.config_path)
+        for key in HASH_EXCLUDED:
+            saved.pop(key, None)
+        if config_hash(saved) != cfg_hash:
+            keys = diff_keys(saved, config)
+            raise AlignError(f"{self.path} was trained with another configuration (differs in: "
+                             f"{', '.join(keys) or 'unknown'}): resume with its own config.yaml or use --out NEW_DIR")
+
+    def begin(self, resumed_step: int) -> None:
+        """Create the folder and drop metrics records past ``resumed_step`` (0: a fresh start keeps none)."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        truncate_metrics(self.path, resumed_step)
+
+    def write_config(self, yaml_text: str) -> None:
+        """The resolved config, headed by the commands that resume it and re-run it elsewhere."""
+        write_config(self.path, f"# align train --config {self.config_path} --resume   (continue or finish this run)\n"
+                                f"# align train --config {self.config_path} --out NEW_DIR   (run it again elsewhere)\n"
+                     + yaml_text)
+
+    def append_metrics(self, record: dict[str, Any]) -> None:
+        append_metrics(self.path, record)
+
+    def save_checkpoint(self, step: int, tensors: dict[str, torch.Tensor], meta: dict[str, Any], keep: int) -> None:
+        save_checkpoint(self.path, step, tensors, meta, keep=keep)
+
+    def latest_checkpoint(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+        return latest_checkpoint(self.path)
+
+    def save_head(self, name: str, state: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        save_head(self.path, name, state, meta)
+
+    def load_head(self, which: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        return load_head(self.path, which)
+
+    def write_results(self, results: dict[str, Any]) -> None:
+        write_results(self.path, results)
+
+    def read_results(self) -> dict[str, Any]:
+        return read_results(self.path)
+
+    def write_eval(self, split: str, checkpoint: str, result: dict[str, Any]) -> Path:
+        """Record an evaluation as RUN/eval/SPLIT-CHECKPOINT.json; returns that path."""
+        out = self.path / "eval" / f"{split}-{checkpoint}.json"
+        write_json(out, result)
+        return out

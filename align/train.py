@@ -27,28 +27,30 @@ Determinism: the head is initialised from ``seed``; the data order of epoch e co
 state (including the base optimizer's moments), the scheduler, RNG states, the best head so far and the loop's
 counters; resuming from one reaches bit-identical final weights on the same machine.
 
-Results (``results.json``, read by ``align compare``): see ``RESULT_KEYS``.
+Results (``results.json``, read by ``align compare``): see ``RESULT_KEYS``. The configuration classes live in
+``align.train_config``, the measurements in ``align.measure``, the run directory's bookkeeping in ``align.runs``.
 """
 from __future__ import annotations
 
 import math
 import time
 from collections import deque
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable
 
 import torch
-from pydantic import field_validator, model_validator
 from torch import Tensor
 
-from align import runs
-from align.cache import EmbedConfig
-from align.config import StrictModel, dump_config
+from align.config import dump_config
 from align.errors import AlignError
-from align.heads import HeadConfig
-from align.losses import LossConfig
+from align.measure import NonFiniteFeatures, evaluate_head, head_sharpness, update_best_over_training
+from align.progress import Log
+from align.runs import RunDir, config_hash, flatten_state, json_safe, unflatten_state
+from align.train_config import EvalConfig, OptimConfig, ScheduleConfig, TrainConfig, hashed_config
 
-Log = Callable[[str], None]
+__all__ = ["TrainConfig", "OptimConfig", "ScheduleConfig", "EvalConfig", "train", "Sampler", "lr_factor",
+           "uniform_loss", "holdout_split", "load_data", "resolve_dims", "optimizer_and_schedule", "train_step"]
 
 RESULT_KEYS = (
     "status",          # "done" | "diverged"
@@ -57,123 +59,18 @@ RESULT_KEYS = (
     "steps_done",      # optimizer steps taken
     "best_step",       # step of the best validation score (None if no validation ran)
     "select",          # the validation metric that picked the best step
-    "best_val", "final_val", "best_test", "final_test",  # metric dicts (keys: METRIC_KEYS), or None
-    "max_val",         # maximum of each validation metric over training
+    "best_val", "final_val", "best_test", "final_test",  # metric dicts (keys: measure.metric_names), or None
+    "max_val",         # best value of every validation metric over training (maximum; minimum for the ranks)
     "loss_at_step",    # mean training loss over the LOSS_WINDOW steps ending at cfg.loss_at_step (None if not reached)
     "loss_at_step_T",  # that T
     "final_loss",      # mean training loss over the last LOSS_WINDOW steps
-    "sharpness",       # {"best": {...}, "final": {...}} of the head at its training loss (see evaluate.head_sharpness)
+    "sharpness",       # {"best": {...}, "final": {...}} of the head at its training loss (see measure.head_sharpness)
     "wall_time_s",     # training + evaluation time summed over all sessions of the run
 )
 LOSS_WINDOW = 10
 
 
-# -- configuration ---------------------------------------------------------------------------------------
-
-class OptimConfig(StrictModel):
-    """Which registered optimizer and its hyper-parameters (rho/eta/base apply to the SAM family)."""
-
-    name: str = "adamw"  # sgd | adam | adamw | sam | msam | asam | fsam
-    lr: float = 1e-3  # peak learning rate (after warm-up)
-    weight_decay: float = 0.0  # on Linear weights only; never on biases, norms or the logit scale
-    momentum: float = 0.9  # SGD momentum (sgd, or the SAM family with base=sgd)
-    betas: tuple[float, float] = (0.9, 0.999)  # Adam/AdamW
-    eps: float = 1e-8  # Adam/AdamW
-    rho: float = 0.05  # SAM-family radius
-    eta: float | None = None  # ASAM / Fisher SAM regulariser; None: the method's default (0.01 / 1.0)
-    base: str = "adamw"  # base optimizer of the SAM family: sgd | adam | adamw
-    grad_clip: float | None = None  # max ‖g‖ of the gradient the base optimizer steps with (SAM: the second)
-
-    @field_validator("name")
-    @classmethod
-    def _known_name(cls, value: str) -> str:
-        from align.optim import OPTIMIZERS
-
-        if value not in OPTIMIZERS:
-            raise ValueError(f"unknown optimizer {value!r}; choose one of {', '.join(OPTIMIZERS)}")
-        return value
-
-    @field_validator("base")
-    @classmethod
-    def _known_base(cls, value: str) -> str:
-        from align.optim import BASE_OPTIMIZERS
-
-        if value not in BASE_OPTIMIZERS:
-            raise ValueError(f"unknown base optimizer {value!r}; choose one of {', '.join(BASE_OPTIMIZERS)}")
-        return value
-
-
-class ScheduleConfig(StrictModel):
-    """Length, batch size and learning-rate schedule (linear warm-up, then cosine decay to 0)."""
-
-    steps: int = 400
-    batch_size: int = 128  # images per step (the contrastive batch; the uniform loss is ln(batch_size))
-    warmup_steps: int = 20
-
-    @model_validator(mode="after")
-    def _positive(self) -> "ScheduleConfig":
-        if self.steps < 1 or self.batch_size < 2 or not 0 <= self.warmup_steps <= self.steps:
-            raise ValueError("need steps >= 1, batch_size >= 2 and 0 <= warmup_steps <= steps")
-        return self
-
-
-class EvalConfig(StrictModel):
-    """Validation during training and the final test/sharpness evaluation."""
-
-    every: int = 50  # validate every N steps (and at the end)
-    split: str = "val"  # the validation split (ignored when holdout_images > 0)
-    holdout_images: int = 0  # > 0: validate on this many training images held out from training instead
-    # (for sets without a validation split, e.g. Flickr30k's hub copy with train and test only)
-    test_split: str | None = "test"  # evaluated at the end for the best and the final head; None: skip
-    ks: list[int] = [1, 5, 10]
-    knn_k: int = 8  # k of mutual-k-NN and CKNNA (the paper uses 8)
-    select: Literal["mean_R@1", "mutual_knn"] = "mean_R@1"  # picks the best checkpoint
-    backend: Literal["faiss", "torch"] = "faiss"  # k-NN search of retrieval and alignment metrics
-    sharpness: bool = True  # sharpness of the best and final heads at the training loss
-    sharpness_rho: float = 0.05
-    sharpness_batches: int = 4  # fixed training batches (of schedule.batch_size) the sharpness loss averages
-    sharpness_ascent_steps: int = 5
-    hessian_iters: int = 20  # power iterations for the top Hessian eigenvalue
-    hutchinson_samples: int = 16  # Rademacher probes for the Hessian trace
-
-    @field_validator("ks")
-    @classmethod
-    def _ks(cls, value: list[int]) -> list[int]:
-        if not value or any(k < 1 for k in value) or 1 not in value:
-            raise ValueError("ks must be positive and include 1 (mean_R@1 needs it)")
-        return sorted(set(value))
-
-
-class TrainConfig(StrictModel):
-    """Everything one training run needs; ``config.yaml`` of a run directory is this, resolved."""
-
-    data: EmbedConfig
-    head: HeadConfig = HeadConfig()
-    loss: LossConfig = LossConfig()
-    optim: OptimConfig = OptimConfig()
-    schedule: ScheduleConfig = ScheduleConfig()
-    eval: EvalConfig = EvalConfig()
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 elsewhere
-    image_dim: int | None = None  # expected cached embedding dims; None: taken from the cache (and recorded)
-    text_dim: int | None = None
-    out_dir: str | None = None  # run directory; None: data/runs/<config file name>
-    loss_at_step: int = 200  # the "loss at step T" reported for comparisons
-    checkpoint_every: int = 100  # steps between resumable checkpoints (one is always written at the end)
-    keep_checkpoints: int = 2
-    diverge_patience: int = 20  # consecutive collapsed steps before a run is declared diverged
-    diverge_tol: float = 1e-3  # |loss − uniform loss| below this counts as collapsed ...
-    diverge_grad_tol: float = 1e-3  # ... together with ‖g‖ below this
-
-
-def hashed_config(cfg: TrainConfig) -> dict[str, Any]:
-    """The part of the config a checkpoint must match: all but where the run lives and which device runs it."""
-    data = cfg.model_dump(mode="json")
-    for key in ("out_dir", "device"):
-        data.pop(key, None)
-    return data
-
+# -- schedule --------------------------------------------------------------------------------------------
 
 def lr_factor(step: int, steps: int, warmup: int) -> float:
     """Multiplier of the peak LR for optimizer step ``step`` (0-based): linear warm-up, then cosine to 0."""
@@ -278,7 +175,64 @@ def resolve_dims(cfg: TrainConfig, paired: Any) -> TrainConfig:
     return cfg.model_copy(update=dims)
 
 
-# -- the loop --------------------------------------------------------------------------------------------
+# -- before anything is written: everything that can fail on user input -----------------------------------
+
+@dataclass
+class RunData:
+    """The splits in their roles: what trains, what picks the best head (val), what reports it (test)."""
+
+    train: Any
+    val: Any | None
+    test: Any | None
+
+
+def prepare_data(cfg: TrainConfig) -> tuple[TrainConfig, RunData]:
+    """Load and check the splits ``cfg`` needs → (cfg with embedding dims filled in, the splits in their roles)."""
+    holdout = cfg.eval.holdout_images
+    splits = ["train"] + ([] if holdout else [cfg.eval.split]) + ([cfg.eval.test_split] if cfg.eval.test_split else [])
+    missing = [s for s in splits if s not in cfg.data.splits]
+    if missing:
+        raise AlignError(f"split(s) {', '.join(missing)} are not in data.splits ({', '.join(cfg.data.splits)}): "
+                         "add them, change eval.split / eval.test_split, or validate on eval.holdout_images")
+    loaded = load_data(cfg, splits)
+    cfg = resolve_dims(cfg, loaded["train"])
+    for split in splits[1:]:
+        resolve_dims(cfg, loaded[split])
+    data = RunData(train=loaded["train"], val=loaded.get(cfg.eval.split),
+                   test=loaded[cfg.eval.test_split] if cfg.eval.test_split else None)
+    if holdout:
+        data.train, data.val = holdout_split(loaded["train"], holdout)
+    return cfg, data
+
+
+def use_bf16(cfg: TrainConfig, device: torch.device) -> bool:
+    """Whether to train under bf16 autocast (``precision``: auto = on CUDA only); AlignError where impossible."""
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    if bf16 and device.type != "cuda":
+        raise AlignError("precision=bf16 needs a CUDA device here: use --set precision=fp32")
+    return bf16
+
+
+def optimizer_and_schedule(cfg: TrainConfig, model: torch.nn.Module) -> tuple[Any, Any]:
+    """The configured optimizer over the model's param groups and its warm-up + cosine ``LambdaLR``."""
+    from align.optim import create_optimizer, optimizer_info
+
+    o = cfg.optim
+    kwargs: dict[str, Any] = dict(lr=o.lr, weight_decay=o.weight_decay, momentum=o.momentum,
+                                  betas=tuple(o.betas), eps=o.eps)
+    if optimizer_info(o.name).two_pass:
+        kwargs.update(rho=o.rho, base=o.base, max_grad_norm=o.grad_clip)
+        if o.eta is not None:
+            kwargs["eta"] = o.eta
+    try:
+        opt = create_optimizer(o.name, model.param_groups(o.weight_decay), **kwargs)
+    except ValueError as exc:
+        raise AlignError(f"optim: {exc}") from None
+    steps, warmup = cfg.schedule.steps, cfg.schedule.warmup_steps
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda t: lr_factor(t, steps, warmup))
+
+
+# -- one step --------------------------------------------------------------------------------------------
 
 def _sum_sq_grad_norm(params: list[Tensor]) -> Tensor:
     grads = [p.grad for p in params if p.grad is not None]
@@ -312,58 +266,6 @@ def _window_mean(values: list[float]) -> float | None:
     return sum(finite) / len(finite) if finite else None
 
 
-def prepare_run_dir(run_dir: Path, cfg_hash: str, config: dict[str, Any], resume: bool) -> str:
-    """Check what ``run_dir`` holds against this run: "fresh", "resume" or "finished"; AlignError if it clashes.
-
-    Only reads; nothing is written until every check has passed.
-    """
-    run_dir = Path(run_dir)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise AlignError(f"{run_dir} is a file, not a run directory: use --out with a folder path")
-    existing = runs.is_run_dir(run_dir) or runs.list_checkpoints(run_dir) or (run_dir / runs.RESULTS_FILE).exists()
-    if not existing:
-        return "fresh"
-    if not resume:
-        raise AlignError(f"{run_dir} already holds a run: add --resume to continue it, or use --out NEW_DIR")
-    if runs.is_run_dir(run_dir):
-        from align.config import load_yaml
-
-        saved = load_yaml(run_dir / runs.CONFIG_FILE)
-        saved.pop("out_dir", None), saved.pop("device", None)
-        if runs.config_hash(saved) != cfg_hash:
-            keys = runs.diff_keys(saved, config)
-            raise AlignError(f"{run_dir} was trained with another configuration (differs in: "
-                             f"{', '.join(keys) or 'unknown'}): resume with its own config.yaml or use --out NEW_DIR")
-    for step in runs.list_checkpoints(run_dir):
-        meta = runs.read_json(runs.checkpoint_dir(run_dir) / f"step-{step:07d}.json")
-        if meta.get("config_hash") != cfg_hash:
-            keys = runs.diff_keys(meta.get("config", {}), config)
-            raise AlignError(f"checkpoint step {step} in {run_dir} comes from another configuration (differs in: "
-                             f"{', '.join(keys) or 'unknown'}): resume with the run's config.yaml or use --out NEW_DIR")
-    if (run_dir / runs.RESULTS_FILE).exists():
-        return "finished"
-    return "resume"
-
-
-def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> tuple[Any, Any]:
-    """The configured optimizer over the model's param groups and its warm-up + cosine ``LambdaLR``."""
-    from align.optim import create_optimizer, optimizer_info
-
-    o = cfg.optim
-    kwargs: dict[str, Any] = dict(lr=o.lr, weight_decay=o.weight_decay, momentum=o.momentum,
-                                  betas=tuple(o.betas), eps=o.eps)
-    if optimizer_info(o.name).two_pass:
-        kwargs.update(rho=o.rho, base=o.base, max_grad_norm=o.grad_clip)
-        if o.eta is not None:
-            kwargs["eta"] = o.eta
-    try:
-        opt = create_optimizer(o.name, model.param_groups(o.weight_decay), **kwargs)
-    except ValueError as exc:
-        raise AlignError(f"optim: {exc}") from None
-    steps, warmup = cfg.schedule.steps, cfg.schedule.warmup_steps
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda t: lr_factor(t, steps, warmup))
-
-
 def train_step(model: torch.nn.Module, loss_fn: Callable[..., Tensor], opt: Any, image: Tensor, text: Tensor,
                two_pass: bool, grad_clip: float | None = None, bf16: bool = False) -> tuple[Tensor, Tensor]:
     """One optimizer step on a paired (B, Di), (B, Dt) batch → (loss at θ, ‖g‖ at θ), 0-d tensors (no host sync).
@@ -394,224 +296,263 @@ def train_step(model: torch.nn.Module, loss_fn: Callable[..., Tensor], opt: Any,
     return loss.detach(), grad_norm
 
 
+# -- the loop's state --------------------------------------------------------------------------------------
+
+@dataclass
+class BestHead:
+    """The head with the best validation score so far."""
+
+    step: int | None = None
+    score: float | None = None
+    val: dict[str, float] | None = None
+    state: dict[str, Tensor] | None = None
+
+
+@dataclass
+class LoopState:
+    """Everything the loop carries from one step to the next; a checkpoint stores it (``to_json``/``from_json``)."""
+
+    step: int = 0
+    stuck: int = 0  # consecutive collapsed steps
+    wall_before: float = 0.0  # wall time of the run's earlier sessions
+    losses: deque[float] = field(default_factory=lambda: deque(maxlen=LOSS_WINDOW))
+    loss_at_step: float | None = None
+    best: BestHead = field(default_factory=BestHead)
+    max_val: dict[str, float] = field(default_factory=dict)
+    last_val: dict[str, Any] | None = None
+    diverged: dict[str, Any] | None = None
+
+    def to_json(self, wall_time_s: float) -> dict[str, Any]:
+        return {"step": self.step, "stuck": self.stuck, "recent_losses": list(self.losses),
+                "loss_at_step": self.loss_at_step, "max_val": self.max_val, "last_val": self.last_val,
+                "wall_time_s": wall_time_s,
+                "best": {"step": self.best.step, "score": self.best.score, "val": self.best.val},
+                "diverged": self.diverged}
+
+    @classmethod
+    def from_json(cls, ts: dict[str, Any], best_state: dict[str, Tensor] | None) -> "LoopState":
+        state = cls(step=ts["step"], stuck=ts["stuck"], wall_before=ts["wall_time_s"],
+                    loss_at_step=ts["loss_at_step"], max_val=ts["max_val"], last_val=ts["last_val"],
+                    diverged=ts["diverged"])
+        state.losses.extend(float("nan") if v is None else v for v in ts["recent_losses"])
+        state.best = BestHead(**ts["best"], state=best_state if ts["best"]["step"] is not None else None)
+        return state
+
+
+# -- one run -----------------------------------------------------------------------------------------------
+
+class Trainer:
+    """One run's model, optimizer, schedule and training data on its device, and the pieces of its loop."""
+
+    def __init__(self, cfg: TrainConfig, data: RunData, device: torch.device, run: RunDir, started: float) -> None:
+        from align.heads import build_model
+        from align.losses import loss_for
+        from align.optim import optimizer_info
+
+        self.cfg, self.data, self.device, self.run, self.started = cfg, data, device, run, started
+        self.config = hashed_config(cfg)
+        self.cfg_hash = config_hash(self.config)
+        self.bf16 = use_bf16(cfg, device)
+        torch.manual_seed(cfg.seed)
+        self.model = build_model(cfg.head, cfg.loss, cfg.image_dim, cfg.text_dim).to(device)
+        self.loss_fn = loss_for(cfg.loss)
+        self.sampler = Sampler(data.train.caption_to_image, data.train.num_images, cfg.schedule.batch_size,
+                               cfg.seed, device)
+        self.image = data.train.image.to(device=device, dtype=torch.float32)
+        self.text = data.train.text.to(device=device, dtype=torch.float32)
+        self.two_pass = optimizer_info(cfg.optim.name).two_pass
+        self.opt, self.sched = optimizer_and_schedule(cfg, self.model)
+        self.uniform = uniform_loss(cfg.loss.kind, cfg.schedule.batch_size)
+
+    def wall_time(self, state: LoopState) -> float:
+        return state.wall_before + time.perf_counter() - self.started
+
+    # -- checkpoints
+    def restore(self, kind: str, log: Log) -> LoopState:
+        """A fresh state, or the one of the newest checkpoint (model, optimizer, schedule and RNG restored too)."""
+        found = self.run.latest_checkpoint() if kind == "resume" else None
+        if found is None:
+            if kind == "resume":
+                log(f"{self.run.path} has no checkpoint yet: starting from step 0")
+            self.run.begin(0)  # a stray metrics.jsonl without a checkpoint is not ours to append to
+            return LoopState()
+        tensors, meta = found
+        self.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        self.opt.load_state_dict(unflatten_state(meta["optimizer"], tensors))
+        self.sched.load_state_dict(unflatten_state(meta["scheduler"], tensors))
+        _set_rng(tensors)
+        best_state = {k[5:]: v.to(self.device) for k, v in tensors.items() if k.startswith("best.")}
+        state = LoopState.from_json(meta["train_state"], best_state)
+        self.run.begin(state.step)
+        log(f"resuming {self.run.path} from step {state.step}")
+        return state
+
+    def checkpoint(self, state: LoopState) -> None:
+        """A resumable checkpoint of the whole training state at ``state.step``."""
+        tensors: dict[str, Tensor] = {f"model.{k}": v for k, v in self.model.state_dict().items()}
+        if state.best.state is not None:
+            tensors.update({f"best.{k}": v for k, v in state.best.state.items()})
+        tensors.update(_rng_tensors())
+        meta = {"config_hash": self.cfg_hash, "config": self.config,
+                "optimizer": flatten_state(self.opt.state_dict(), "optim", tensors),
+                "scheduler": flatten_state(self.sched.state_dict(), "sched", tensors),
+                "train_state": state.to_json(self.wall_time(state))}
+        self.run.save_checkpoint(state.step, tensors, meta, keep=self.cfg.keep_checkpoints)
+
+    # -- evaluation
+    def evaluate(self, split: str) -> dict[str, float] | None:
+        """Metrics of the current head on a role's split ("val" / "test"); None if its features are NaN/inf."""
+        try:
+            return evaluate_head(self.model, getattr(self.data, split), self.cfg.eval, self.device)
+        except NonFiniteFeatures:
+            return None
+
+    def validate(self, state: LoopState) -> bool:
+        """Validate, log, track the best head and the best of every metric; False if the features are NaN/inf."""
+        metrics = self.evaluate("val")
+        if metrics is None:
+            return False
+        state.last_val = dict(metrics, step=state.step)
+        self.run.append_metrics({"kind": "val", "step": state.step, **metrics})
+        update_best_over_training(state.max_val, metrics, self.cfg.eval.ks)
+        score = metrics[self.cfg.eval.select]
+        if math.isfinite(score) and (state.best.score is None or score > state.best.score):
+            head = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            state.best = BestHead(step=state.step, score=score, val=metrics, state=head)
+            self.run.save_head("best", head, {"step": state.step, "select": self.cfg.eval.select, "score": score,
+                                              "val": metrics, "config_hash": self.cfg_hash})
+        return True
+
+    def test_and_sharpness(self, head: dict[str, Tensor] | None) -> tuple[dict | None, dict | None]:
+        """Test metrics and sharpness of a head (None, None for no head)."""
+        if head is None:
+            return None, None
+        self.model.load_state_dict(head)
+        test = self.evaluate("test") if self.cfg.eval.test_split else None
+        sharp = None
+        if self.cfg.eval.sharpness and (test is not None or not self.cfg.eval.test_split):
+            batches = self.sampler.fixed_batches(self.cfg.eval.sharpness_batches)
+            sharp = head_sharpness(self.model, self.loss_fn, self.image, self.text, batches, self.cfg.eval)
+        return test, sharp
+
+    # -- training
+    def step(self, state: LoopState) -> float | None:
+        """One optimizer step and its metrics record → the loss, or None when it was non-finite (not stepped)."""
+        rows = self.sampler.batch(state.step)
+        lr = self.opt.param_groups[0]["lr"]
+        loss, grad_norm_t = train_step(self.model, self.loss_fn, self.opt, self.image[rows[0]], self.text[rows[1]],
+                                       self.two_pass, self.cfg.optim.grad_clip, self.bf16)
+        loss_value, grad_norm = float(loss), float(grad_norm_t)
+        record: dict[str, Any] = {"kind": "train", "step": state.step + 1, "loss": loss_value, "lr": lr}
+        if not math.isfinite(loss_value):
+            state.diverged = {"step": state.step + 1,
+                              "reason": f"non-finite training loss ({loss_value}) at step {state.step + 1}"}
+            self.run.append_metrics(dict(record, grad_norm=grad_norm))
+            return None  # that step was not taken: steps_done stays at the last finite one
+        record.update(log_scale=float(self.model.log_scale.detach()), grad_norm=grad_norm)
+        if self.two_pass:
+            stats = self.opt.last_stats
+            record.update(perturbation_norm=stats.get("perturbation_norm"),
+                          effective_radius=stats.get("effective_radius"), skipped=stats.get("skipped"))
+        self.sched.step()
+        state.step += 1
+        state.losses.append(loss_value)
+        if state.step == self.cfg.loss_at_step:
+            state.loss_at_step = _window_mean(list(state.losses))
+        self.run.append_metrics(record)
+        self._track_collapse(state, loss_value, grad_norm)
+        return loss_value
+
+    def _track_collapse(self, state: LoopState, loss: float, grad_norm: float) -> None:
+        """Declare divergence after ``diverge_patience`` steps frozen at the uniform loss with a vanishing ‖g‖."""
+        cfg = self.cfg
+        collapsed = abs(loss - self.uniform) < cfg.diverge_tol and grad_norm < cfg.diverge_grad_tol
+        state.stuck = state.stuck + 1 if collapsed else 0
+        if state.stuck >= cfg.diverge_patience:
+            state.diverged = {"step": state.step, "reason": f"collapsed: training loss stuck at the uniform value "
+                              f"{self.uniform:.4f} with ‖g‖ < {cfg.diverge_grad_tol:g} for {state.stuck} steps "
+                              f"(since step {state.step - state.stuck + 1})"}
+
+    def loop(self, state: LoopState, progress: bool) -> None:
+        """Train until the last step or divergence, validating and checkpointing on schedule."""
+        from align.progress import progress_bar
+
+        steps, name = self.cfg.schedule.steps, self.cfg.optim.name
+        with progress_bar(steps, f"training {name}", enabled=progress) as bar:
+            bar.advance(state.step)
+            while state.step < steps and state.diverged is None:
+                loss = self.step(state)
+                if loss is None:
+                    break
+                bar.advance(1)
+                if state.step % 10 == 0:
+                    bar.describe(f"training {name}  loss {loss:.4f}")
+                if state.diverged is not None:
+                    break
+                if (state.step % self.cfg.eval.every == 0 or state.step == steps) and not self.validate(state):
+                    state.diverged = {"step": state.step,
+                                      "reason": f"the head's features became NaN/inf by step {state.step}"}
+                    break
+                if state.step % self.cfg.checkpoint_every == 0 and state.step != steps:
+                    self.checkpoint(state)
+
+    # -- the end
+    def final_val(self, state: LoopState) -> dict[str, float] | None:
+        """Validation metrics of the final head (reused when the last validation was at the final step)."""
+        if state.last_val is not None and state.last_val["step"] == state.step:
+            return {k: v for k, v in state.last_val.items() if k != "step"}
+        return self.evaluate("val") if _finite_model(self.model) else None
+
+    def results(self, state: LoopState) -> dict[str, Any]:
+        """Test and sharpness of the best and final heads → the results dict (the final head stays loaded)."""
+        final_val = self.final_val(state)
+        final_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        best_test, best_sharp = self.test_and_sharpness(state.best.state)
+        if final_val is not None and state.best.step == state.step:  # the final head is the best one
+            final_test, final_sharp = best_test, best_sharp
+        else:
+            final_test, final_sharp = self.test_and_sharpness(final_state if final_val is not None else None)
+        self.model.load_state_dict(final_state)
+        diverged, o = state.diverged, self.cfg.optim
+        return {
+            "status": "diverged" if diverged else "done",
+            "diverged_at": diverged["step"] if diverged else None,
+            "diverge_reason": diverged["reason"] if diverged else None,
+            "steps_done": state.step, "best_step": state.best.step, "select": self.cfg.eval.select,
+            "best_val": state.best.val, "final_val": final_val, "best_test": best_test, "final_test": final_test,
+            "max_val": state.max_val,
+            "loss_at_step": state.loss_at_step, "loss_at_step_T": self.cfg.loss_at_step,
+            "final_loss": _window_mean(list(state.losses)),
+            "sharpness": {"best": best_sharp, "final": final_sharp},
+            "optimizer": o.name, "two_pass": self.two_pass,
+            "skipped_perturbations": int(getattr(self.opt, "skipped_steps", 0)),
+            "config_hash": self.cfg_hash, "device": str(self.device), "precision": "bf16" if self.bf16 else "fp32",
+            "wall_time_s": self.wall_time(state),
+        }
+
+
 def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, log: Log | None = None,
           progress: bool = True) -> dict[str, Any]:
     """Train per ``cfg`` into ``run_dir`` (or continue it with ``resume``) → the results dict (also results.json)."""
     from align.device import pick_device
-    from align.evaluate import NonFiniteFeatures, evaluate_model, head_sharpness
-    from align.heads import build_model
-    from align.losses import loss_for
-    from align.optim import optimizer_info
-    from align.progress import progress_bar
 
     log = log or (lambda message: None)
     started = time.perf_counter()
-    run_dir = Path(run_dir)
-
-    # 1. Everything that can fail on user input, before anything is written.
     device = pick_device(cfg.device)
-    holdout = cfg.eval.holdout_images
-    splits = ["train"] + ([] if holdout else [cfg.eval.split]) + ([cfg.eval.test_split] if cfg.eval.test_split else [])
-    missing = [s for s in splits if s not in cfg.data.splits]
-    if missing:
-        raise AlignError(f"split(s) {', '.join(missing)} are not in data.splits ({', '.join(cfg.data.splits)}): "
-                         "add them, change eval.split / eval.test_split, or validate on eval.holdout_images")
-    loaded = load_data(cfg, splits)
-    cfg = resolve_dims(cfg, loaded["train"])
-    for split in splits[1:]:
-        resolve_dims(cfg, loaded[split])
-    # Roles: what trains, what picks the best head, what reports it.
-    data = {"train": loaded["train"], "val": loaded.get(cfg.eval.split),
-            "test": loaded[cfg.eval.test_split] if cfg.eval.test_split else None}
-    if holdout:
-        data["train"], data["val"] = holdout_split(loaded["train"], holdout)
+    cfg, data = prepare_data(cfg)
+    run = RunDir(run_dir)
     config = hashed_config(cfg)
-    cfg_hash = runs.config_hash(config)
-    state_kind = prepare_run_dir(run_dir, cfg_hash, config, resume)
-    if state_kind == "finished":
-        log(f"{run_dir} is already finished; its results are in {run_dir / runs.RESULTS_FILE}")
-        return runs.read_results(run_dir)
-
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg.head, cfg.loss, cfg.image_dim, cfg.text_dim).to(device)
-    loss_fn = loss_for(cfg.loss)
-    sampler = Sampler(data["train"].caption_to_image, data["train"].num_images, cfg.schedule.batch_size,
-                      cfg.seed, device)
-    train_image = data["train"].image.to(device=device, dtype=torch.float32)
-    train_text = data["train"].text.to(device=device, dtype=torch.float32)
-
-    o = cfg.optim
-    two_pass = optimizer_info(o.name).two_pass
-    opt, sched = build_optimizer(cfg, model)
-    steps = cfg.schedule.steps
-    use_bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
-    if use_bf16 and device.type != "cuda":
-        raise AlignError("precision=bf16 needs a CUDA device here: use --set precision=fp32")
-
-    # 2. The loop's state: fresh, or restored from the newest checkpoint.
-    step, stuck, wall_before = 0, 0, 0.0
-    losses: deque[float] = deque(maxlen=LOSS_WINDOW)
-    loss_at_step: float | None = None
-    best: dict[str, Any] = {"step": None, "score": None, "val": None, "state": None}
-    max_val: dict[str, float] = {}
-    last_val: dict[str, Any] | None = None
-    diverged: dict[str, Any] | None = None
-    found = runs.latest_checkpoint(run_dir) if state_kind == "resume" else None
-    if found is not None:
-        tensors, meta = found
-        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-        opt.load_state_dict(runs.unflatten_state(meta["optimizer"], tensors))
-        sched.load_state_dict(runs.unflatten_state(meta["scheduler"], tensors))
-        _set_rng(tensors)
-        ts = meta["train_state"]
-        step, stuck, wall_before = ts["step"], ts["stuck"], ts["wall_time_s"]
-        losses.extend(float("nan") if v is None else v for v in ts["recent_losses"])
-        loss_at_step, max_val, last_val = ts["loss_at_step"], ts["max_val"], ts["last_val"]
-        diverged = ts["diverged"]
-        best = dict(ts["best"], state={k[5:]: v.to(device) for k, v in tensors.items() if k.startswith("best.")}
-                    if ts["best"]["step"] is not None else None)
-        runs.truncate_metrics(run_dir, step)
-        log(f"resuming {run_dir} from step {step}")
-    elif state_kind == "resume":
-        runs.truncate_metrics(run_dir, 0)
-        log(f"{run_dir} has no checkpoint yet: starting from step 0")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if state_kind == "fresh":
-        runs.truncate_metrics(run_dir, 0)  # a stray metrics.jsonl without a run is not ours to append to
-    config_path = run_dir / runs.CONFIG_FILE
-    runs.write_config(run_dir, f"# align train --config {config_path} --resume   (continue or finish this run)\n"
-                      f"# align train --config {config_path} --out NEW_DIR   (run it again elsewhere)\n"
-                      + dump_config(cfg))
-    uniform = uniform_loss(cfg.loss.kind, cfg.schedule.batch_size)
-
-    def save(step_now: int) -> None:
-        tensors: dict[str, Tensor] = {f"model.{k}": v for k, v in model.state_dict().items()}
-        if best["state"] is not None:
-            tensors.update({f"best.{k}": v for k, v in best["state"].items()})
-        tensors.update(_rng_tensors())
-        meta = {"config_hash": cfg_hash, "config": config,
-                "optimizer": runs.flatten_state(opt.state_dict(), "optim", tensors),
-                "scheduler": runs.flatten_state(sched.state_dict(), "sched", tensors),
-                "train_state": {"step": step_now, "stuck": stuck, "recent_losses": list(losses),
-                                "loss_at_step": loss_at_step, "max_val": max_val, "last_val": last_val,
-                                "wall_time_s": wall_before + time.perf_counter() - started,
-                                "best": {k: best[k] for k in ("step", "score", "val")}, "diverged": diverged}}
-        runs.save_checkpoint(run_dir, step_now, tensors, meta, keep=cfg.keep_checkpoints)
-
-    def safe_eval(split: str) -> dict[str, float] | None:
-        try:
-            return evaluate_model(model, data[split], cfg.eval, device)
-        except NonFiniteFeatures:
-            return None
-
-    def validate(step_now: int) -> dict[str, Any] | None:
-        nonlocal last_val
-        metrics = safe_eval("val")
-        if metrics is None:
-            return None
-        last_val = dict(metrics, step=step_now)
-        runs.append_metrics(run_dir, {"kind": "val", "step": step_now, **metrics})
-        for key, value in metrics.items():
-            if isinstance(value, (int, float)) and math.isfinite(value) and key.endswith(("knn", "cknna", "@1", "@5", "@10")):
-                max_val[key] = max(value, max_val.get(key, -math.inf))
-        score = metrics[cfg.eval.select]
-        if math.isfinite(score) and (best["score"] is None or score > best["score"]):
-            best.update(step=step_now, score=score, val=metrics,
-                        state={k: v.detach().clone() for k, v in model.state_dict().items()})
-            runs.save_head(run_dir, "best", best["state"], {"step": step_now, "select": cfg.eval.select,
-                                                            "score": score, "val": metrics, "config_hash": cfg_hash})
-        return metrics
-
-    # 3. Train.
-    with progress_bar(steps, f"training {o.name}", enabled=progress) as bar:
-        bar.advance(step)
-        while step < steps and diverged is None:
-            rows = sampler.batch(step)
-            lr = opt.param_groups[0]["lr"]
-            loss, grad_norm_t = train_step(model, loss_fn, opt, train_image[rows[0]], train_text[rows[1]],
-                                           two_pass, o.grad_clip, use_bf16)
-            loss_value, grad_norm = float(loss), float(grad_norm_t)
-            if not math.isfinite(loss_value):
-                diverged = {"step": step + 1, "reason": f"non-finite training loss ({loss_value}) at step {step + 1}"}
-                runs.append_metrics(run_dir, {"kind": "train", "step": step + 1, "loss": loss_value, "lr": lr,
-                                              "grad_norm": grad_norm})
-                break  # that step was not taken: steps_done stays at the last finite one
-            record: dict[str, Any] = {"kind": "train", "step": step + 1, "loss": loss_value, "lr": lr,
-                                      "log_scale": float(model.log_scale.detach()), "grad_norm": grad_norm}
-            if two_pass:
-                stats = opt.last_stats
-                record.update(perturbation_norm=stats.get("perturbation_norm"),
-                              effective_radius=stats.get("effective_radius"), skipped=stats.get("skipped"))
-            sched.step()
-            step += 1
-            losses.append(loss_value)
-            if step == cfg.loss_at_step:
-                loss_at_step = _window_mean(list(losses))
-            runs.append_metrics(run_dir, record)
-            bar.advance(1)
-            if step % 10 == 0:
-                bar.describe(f"training {o.name}  loss {loss_value:.4f}")
-
-            collapsed = abs(loss_value - uniform) < cfg.diverge_tol and grad_norm < cfg.diverge_grad_tol
-            stuck = stuck + 1 if collapsed else 0
-            if stuck >= cfg.diverge_patience:
-                diverged = {"step": step, "reason": f"collapsed: training loss stuck at the uniform value "
-                            f"{uniform:.4f} with ‖g‖ < {cfg.diverge_grad_tol:g} for {stuck} steps "
-                            f"(since step {step - stuck + 1})"}
-                break
-            if (step % cfg.eval.every == 0 or step == steps) and validate(step) is None:
-                diverged = {"step": step, "reason": f"the head's features became NaN/inf by step {step}"}
-                break
-            if step % cfg.checkpoint_every == 0 and step != steps:
-                save(step)
-
-    # 4. Final checkpoint and evaluation (a diverged run still reports its best head).
-    save(step)
-    if diverged is not None:
-        log(f"run diverged: {diverged['reason']}")
-    final_val = None
-    if last_val is not None and last_val["step"] == step:
-        final_val = {k: v for k, v in last_val.items() if k != "step"}
-    elif _finite_model(model):
-        final_val = safe_eval("val")
-    final_ok = final_val is not None
-    final_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-    def test_and_sharpness(state: dict[str, Tensor] | None) -> tuple[dict | None, dict | None]:
-        if state is None:
-            return None, None
-        model.load_state_dict(state)
-        test = safe_eval("test") if cfg.eval.test_split else None
-        sharp = None
-        if cfg.eval.sharpness and (test is not None or not cfg.eval.test_split):
-            batches = sampler.fixed_batches(cfg.eval.sharpness_batches)
-            sharp = head_sharpness(model, loss_fn, train_image, train_text, batches, cfg.eval)
-        return test, sharp
-
-    best_test, best_sharp = test_and_sharpness(best["state"])
-    if final_ok and best["step"] == step:  # the final head is the best one
-        final_test, final_sharp = best_test, best_sharp
-    else:
-        final_test, final_sharp = test_and_sharpness(final_state if final_ok else None)
-    model.load_state_dict(final_state)
-
-    results = {
-        "status": "diverged" if diverged else "done",
-        "diverged_at": diverged["step"] if diverged else None,
-        "diverge_reason": diverged["reason"] if diverged else None,
-        "steps_done": step,
-        "best_step": best["step"],
-        "select": cfg.eval.select,
-        "best_val": best["val"], "final_val": final_val, "best_test": best_test, "final_test": final_test,
-        "max_val": max_val,
-        "loss_at_step": loss_at_step, "loss_at_step_T": cfg.loss_at_step,
-        "final_loss": _window_mean(list(losses)),
-        "sharpness": {"best": best_sharp, "final": final_sharp},
-        "optimizer": o.name, "two_pass": two_pass,
-        "skipped_perturbations": int(getattr(opt, "skipped_steps", 0)),
-        "config_hash": cfg_hash,
-        "device": str(device), "precision": "bf16" if use_bf16 else "fp32",
-        "wall_time_s": wall_before + time.perf_counter() - started,
-    }
-    runs.write_results(run_dir, results)
-    return runs.json_safe(results)
+    kind = run.check(config_hash(config), config, resume)
+    if kind == "finished":
+        log(f"{run.path} is already finished; its results are in {run.results_path}")
+        return run.read_results()
+    trainer = Trainer(cfg, data, device, run, started)
+    state = trainer.restore(kind, log)
+    run.write_config(dump_config(cfg))
+    trainer.loop(state, progress)
+    trainer.checkpoint(state)  # the final checkpoint (a diverged run still reports its best head)
+    if state.diverged is not None:
+        log(f"run diverged: {state.diverged['reason']}")
+    results = trainer.results(state)
+    run.write_results(results)
+    return json_safe(results)

@@ -59,7 +59,7 @@ class Variant:
         from align.heads import build_model
         from align.losses import loss_for
         from align.optim import optimizer_info
-        from align.train import TrainConfig, build_optimizer
+        from align.train import TrainConfig, optimizer_and_schedule
 
         data = {"dataset": {"kind": "synthetic"},
                 "image_encoder": {"backend": "efficientnet_lite", "model": "efficientnet-lite0"},
@@ -70,7 +70,7 @@ class Variant:
         torch.manual_seed(0)
         self.model = build_model(self.cfg.head, self.cfg.loss, image.shape[1], text.shape[1]).to(device)
         self.loss_fn = loss_for(self.cfg.loss)
-        self.opt, self.sched = build_optimizer(self.cfg, self.model)
+        self.opt, self.sched = optimizer_and_schedule(self.cfg, self.model)
         self.two_pass = optimizer_info(name).two_pass
         self.name, self.batch, self.device = name, batch, device
         self.image, self.text = image, text

@@ -62,10 +62,9 @@ def register(app: typer.Typer) -> None:
         """Compare optimizers over a grid of ρ × learning rate × seeds on one cached embedding set."""
         import json
 
-        from align.compare import CompareConfig, plan, run_study, study_dir
+        from align.compare import CompareConfig, plan, run_compare
         from align.config import load_config
         from align.errors import AlignError
-        from align.report import write_report
 
         path = config or DEFAULT_CONFIG
         if config is None and not path.is_file():
@@ -79,13 +78,7 @@ def register(app: typer.Typer) -> None:
         if dry_run:
             console.print_json(json.dumps(plan(cfg)))
             return
-        root = study_dir(cfg)
-        root.mkdir(parents=True, exist_ok=True)
-        from align.config import dump_config
-        from align.runs import atomic_write_text
-
-        atomic_write_text(root / "config.yaml", f"# align compare --config {root / 'config.yaml'}\n" + dump_config(cfg))
-        rows = run_study(cfg, log=lambda m: console.print(m, highlight=False), progress=progress)
-        result = write_report(cfg, rows)
+        result = run_compare(cfg, log=lambda m: console.print(m, highlight=False), progress=progress)
+        root = result["study_dir"]
         _print_tables(result, cfg.reference)
         console.print(f"wrote {root / 'results.csv'}, {root / 'report.md'} and {len(result['figures'])} plots in {root}")

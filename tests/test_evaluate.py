@@ -49,7 +49,7 @@ def first_captions(c2i: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def test_raw_embeddings_of_equal_dims_get_retrieval_and_alignment():
-    from align.evaluate import evaluate_embeddings
+    from align.measure import evaluate_embeddings
 
     image, text, c2i = (torch.from_numpy(a) for a in synthetic_split("val", 96, text_dim=IMAGE_DIM, noise=1.5))
     text = text + 0.3 * torch.randn(text.shape, generator=torch.Generator().manual_seed(1))
@@ -67,7 +67,7 @@ def test_raw_embeddings_of_equal_dims_get_retrieval_and_alignment():
 
 
 def test_raw_embeddings_of_different_dims_report_alignment_only_and_say_why():
-    from align.evaluate import evaluate_embeddings
+    from align.measure import evaluate_embeddings
 
     image, text, c2i = (torch.from_numpy(a) for a in synthetic_split("val", 64))
     result = evaluate_embeddings(PairedEmbeddings(image, text, c2i), knn_k=8, backend="faiss")
@@ -80,7 +80,7 @@ def test_raw_embeddings_of_different_dims_report_alignment_only_and_say_why():
 
 
 def test_head_sharpness_matches_its_definition_and_restores_the_weights():
-    from align.evaluate import head_sharpness
+    from align.measure import head_sharpness
     from align.heads import HeadConfig, build_model
     from align.losses import LossConfig, clip_loss
     from align.train import EvalConfig

@@ -258,6 +258,23 @@ def test_run_directory_contents_and_metrics_log(cache_data, tmp_path):
     assert (run / "checkpoints" / "best.safetensors").is_file()
 
 
+def test_best_over_training_covers_every_validation_metric_r20_and_cka_included(cache_data, tmp_path):
+    from align.train import TrainConfig, train
+
+    cfg = validate(TrainConfig, train_config(cache_data, schedule={"steps": 60}, eval={"every": 20, "ks": [1, 5, 20],
+                                                                                        "sharpness": False}))
+    results = train(cfg, tmp_path / "run", progress=False)
+    val = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    val = [r for r in val if r["kind"] == "val"]
+    assert len(val) == 3
+    produced = set(val[0]) - {"kind", "step"}
+    assert {"i2t_R@20", "t2i_R@20", "cka", "cknna", "i2t_mean_rank"} <= produced
+    assert set(results["max_val"]) == produced  # every metric the evaluation produces is tracked
+    for key in produced:  # best = max, except the ranks, which improve downwards
+        pick = min if key.endswith("_rank") else max
+        assert results["max_val"][key] == pick(r[key] for r in val), key
+
+
 def test_same_seed_same_weights_other_seed_other_weights(cache_data, tmp_path):
     from safetensors.torch import load_file
 
@@ -314,7 +331,7 @@ def test_cuda_bf16_training_steps_match_cpu_fp32(name):
     from align.heads import build_model
     from align.losses import loss_for
     from align.optim import optimizer_info
-    from align.train import TrainConfig, build_optimizer, train_step
+    from align.train import TrainConfig, optimizer_and_schedule, train_step
 
     cfg = validate(TrainConfig, train_config(data_section(Path("unused")), optim={"name": name, "lr": 1e-3, "rho": 0.05},
                                              head={"out_dim": 256}, schedule={"batch_size": 512}))
@@ -325,7 +342,7 @@ def test_cuda_bf16_training_steps_match_cpu_fp32(name):
     for device, bf16 in (("cpu", False), ("cuda", True)):
         torch.manual_seed(0)
         model = build_model(cfg.head, cfg.loss, 1280, 384).to(device)
-        opt, sched = build_optimizer(cfg, model)
+        opt, sched = optimizer_and_schedule(cfg, model)
         out = []
         for _ in range(5):
             loss, _ = train_step(model, loss_for(cfg.loss), opt, image.to(device), text.to(device),
