@@ -7,29 +7,31 @@ finished cells are skipped and an interrupted cell resumes from its last checkpo
 """
 from __future__ import annotations
 
+import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import field_validator, model_validator
+from pydantic import StrictInt, field_validator, model_validator
 
 from align.config import StrictModel
 from align.errors import AlignError
 from align.optim import OPTIMIZERS, optimizer_info
 from align.progress import Log
-from align.train_config import TrainConfig
+from align.train_config import MAX_SEED, Number, TrainConfig
 
 
 class GridConfig(StrictModel):
     """What varies across cells. Single-pass optimizers (sgd, adam, adamw) have no ρ and run once per lr."""
 
     optimizers: list[str] = ["sgd", "adamw", "sam", "msam", "asam", "fsam"]
-    lrs: list[float] = [1e-3]
-    rhos: list[float] = [0.05]
-    seeds: list[int] = [0, 1]
-    lr_overrides: dict[str, list[float]] = {}   # per optimizer, e.g. sgd: [0.1, 0.3]
-    rho_overrides: dict[str, list[float]] = {}  # per optimizer, e.g. asam: [0.5, 1.0] (ASAM's ρ lives on another scale)
+    lrs: list[Number] = [1e-3]
+    rhos: list[Number] = [0.05]
+    seeds: list[StrictInt] = [0, 1]
+    lr_overrides: dict[str, list[Number]] = {}   # per optimizer, e.g. sgd: [0.1, 0.3]
+    rho_overrides: dict[str, list[Number]] = {}  # per optimizer, e.g. asam: [0.5, 1.0] (ASAM's ρ lives on another scale)
 
     @field_validator("optimizers")
     @classmethod
@@ -45,25 +47,46 @@ class GridConfig(StrictModel):
         for key in [*self.lr_overrides, *self.rho_overrides]:
             if key not in OPTIMIZERS:
                 raise ValueError(f"override for unknown optimizer {key!r}; choose one of {', '.join(OPTIMIZERS)}")
-        for values in [self.lrs, self.rhos, self.seeds, *self.lr_overrides.values(), *self.rho_overrides.values()]:
-            if not values:
-                raise ValueError("grid lists must not be empty")
-        if any(lr <= 0 for lr in [*self.lrs, *sum(self.lr_overrides.values(), [])]):
-            raise ValueError("learning rates must be > 0")
-        if any(r < 0 for r in [*self.rhos, *sum(self.rho_overrides.values(), [])]):
-            raise ValueError("rho must be >= 0")
+        lr_lists = {"lrs": self.lrs, **{f"lr_overrides.{k}": v for k, v in self.lr_overrides.items()}}
+        rho_lists = {"rhos": self.rhos, **{f"rho_overrides.{k}": v for k, v in self.rho_overrides.items()}}
+        for where, values in {**lr_lists, **rho_lists, "seeds": self.seeds}.items():
+            _check_axis(where, values, positive=where in lr_lists, integer=where == "seeds")
         return self
+
+
+def _check_axis(where: str, values: list[Any], positive: bool, integer: bool) -> None:
+    """A grid axis: non-empty, numbers (no booleans), finite, in range and without repeats (a repeat is two
+    workers on one cell and a duplicate row)."""
+    if not values:
+        raise ValueError(f"{where} must not be empty")
+    for v in values:
+        if isinstance(v, bool) or not math.isfinite(v):
+            raise ValueError(f"{where}: {v!r} is not a finite number")
+        if integer and not 0 <= v < MAX_SEED:
+            raise ValueError(f"{where}: seed {v} is outside [0, 2^63)")
+        if (positive and not v > 0) or v < 0:
+            raise ValueError(f"{where}: {v!r} must be {'> 0' if positive else '>= 0'}")
+    if len(set(values)) != len(values):
+        raise ValueError(f"{where} repeats a value: {values}")
 
 
 class CompareConfig(TrainConfig):
     """A study: every training setting of ``TrainConfig`` (shared by all cells) plus the grid."""
 
-    name: str = "study"
+    name: str = "study"  # a plain folder name: letters, digits, '.', '_', '-'
     study_dir: str | None = None  # default: <data root>/studies/<name>
     workers: int | Literal["auto"] = "auto"  # cells trained at once (processes); auto: fits the cores, 1 on GPU
     reference: str = "sam"  # the optimizer every other one is compared with (bootstrap difference)
     bootstrap_samples: int = 2000
     grid: GridConfig = GridConfig()
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", value):
+            raise ValueError(f"study name {value[:40]!r} must be a plain folder name (letters, digits, '.', '_', "
+                             "'-'; no '/'): it names <data root>/studies/<name>")
+        return value
 
     @model_validator(mode="after")
     def _reference_in_grid(self) -> "CompareConfig":

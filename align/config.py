@@ -97,7 +97,16 @@ def format_validation_error(exc: ValidationError, model: type[BaseModel], source
         close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         return f"{source}: unknown key {key!r}{hint}; valid keys here: {', '.join(valid)}"
-    return f"{source}: {key}: {err['msg']} (got {err.get('input')!r})"
+    value = err.get("input")
+    if isinstance(value, (dict, list)):  # a whole section: the message names the problem, the key says where
+        return shorten(f"{source}: {key}: {err['msg']}")
+    return shorten(f"{source}: {key}: {err['msg']} (got {shorten(repr(value), 80)})")
+
+
+def shorten(text: str, limit: int = 300) -> str:
+    """``text`` cut to ``limit`` characters (an error line must stay one line, whatever the input was)."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
 def validate(model: type[M], data: dict[str, Any], source: str = "config") -> M:

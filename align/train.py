@@ -202,6 +202,11 @@ def prepare_data(cfg: TrainConfig) -> tuple[TrainConfig, RunData]:
                    test=loaded[cfg.eval.test_split] if cfg.eval.test_split else None)
     if holdout:
         data.train, data.val = holdout_split(loaded["train"], holdout)
+    for role, paired in (("validation", data.val), ("test", data.test)):
+        if paired is not None and cfg.eval.knn_k >= paired.num_images:
+            raise AlignError(f"eval.knn_k={cfg.eval.knn_k} needs more than {cfg.eval.knn_k} images but the {role} "
+                             f"split has {paired.num_images}: use --set eval.knn_k={max(1, paired.num_images - 1)} "
+                             "or less")
     return cfg, data
 
 
