@@ -196,6 +196,20 @@ def _run_cell(cfg_json: dict[str, Any], run_dir: str, threads: int) -> dict[str,
     return train(cfg, Path(run_dir), resume=True, progress=False)
 
 
+def _exit_with_parent(parent: int, poll_s: float = 0.5) -> None:
+    """In a worker: end this process as soon as the study's main process is gone (killed, even by kill -9), so
+    orphaned workers never go on training cells. A daemon thread polls the parent's PID."""
+    import threading
+    import time
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
 def run_study(cfg: CompareConfig, log: Log | None = None, progress: bool = True) -> list[dict[str, Any]]:
     """Train every cell not yet finished (in parallel where the hardware allows) → rows for ``results.csv``."""
     from align import runs
@@ -223,7 +237,8 @@ def run_study(cfg: CompareConfig, log: Log | None = None, progress: bool = True)
             import multiprocessing as mp
             from concurrent.futures import ProcessPoolExecutor, as_completed
 
-            with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as pool:
+            with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_exit_with_parent,
+                                     initargs=(os.getpid(),)) as pool:
                 futures = [pool.submit(_run_cell, *job, threads) for job in jobs]
                 for future in as_completed(futures):
                     future.result()
@@ -234,11 +249,13 @@ def run_study(cfg: CompareConfig, log: Log | None = None, progress: bool = True)
 def run_compare(cfg: CompareConfig, log: Log | None = None, progress: bool = True) -> dict[str, Any]:
     """The whole study: its config.yaml, every cell, then results.csv, the tables, plots and report.md."""
     from align import report
+    from align.locks import exclusive
 
     root = study_dir(cfg)
-    report.write_study_config(root, cfg)
-    rows = run_study(cfg, log=log, progress=progress)
-    return dict(report.write_report(root, cfg, rows), study_dir=root)
+    with exclusive(root, "study", "another align compare is running it; wait for it to finish or use --out NEW_DIR"):
+        report.write_study_config(root, cfg)
+        rows = run_study(cfg, log=log, progress=progress)
+        return dict(report.write_report(root, cfg, rows), study_dir=root)
 
 
 def collect_rows(cfg: CompareConfig) -> list[dict[str, Any]]:

@@ -320,10 +320,21 @@ class RunDir:
             raise AlignError(f"{self.path} was trained with another configuration (differs in: "
                              f"{', '.join(keys) or 'unknown'}): resume with its own config.yaml or use --out NEW_DIR")
 
+    def lock(self) -> Any:
+        """Context manager: this process is the run directory's only writer (AlignError naming the holder)."""
+        from align.locks import exclusive
+
+        return exclusive(self.path, "run directory", "another align train is writing it; wait for it to finish "
+                                                     "or use --out NEW_DIR")
+
     def begin(self, resumed_step: int) -> None:
-        """Create the folder and drop metrics records past ``resumed_step`` (0: a fresh start keeps none)."""
+        """Create the folder, drop metrics records past ``resumed_step`` (0: a fresh start keeps none) and the
+        temporary files a killed writer left behind (we hold the lock, so none of them is being written)."""
         self.path.mkdir(parents=True, exist_ok=True)
         truncate_metrics(self.path, resumed_step)
+        for folder in (self.path, checkpoint_dir(self.path)):
+            for stale in folder.glob(".*.tmp") if folder.is_dir() else []:
+                stale.unlink(missing_ok=True)
 
     def write_config(self, yaml_text: str) -> None:
         """The resolved config, headed by the commands that resume it and re-run it elsewhere."""

@@ -546,18 +546,24 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, log: Log | None
     device = pick_device(cfg.device)
     cfg, data = prepare_data(cfg)
     run = RunDir(run_dir)
-    config = hashed_config(cfg)
-    kind = run.check(config_hash(config), config, resume)
+    trainer = Trainer(cfg, data, device, run, started)  # builds the head: its config errors come before any write
+    with run.lock():  # the "fresh?" check and every write happen under it
+        results = _train_locked(trainer, resume, log, progress)
+    return json_safe(results)
+
+
+def _train_locked(trainer: Trainer, resume: bool, log: Log, progress: bool) -> dict[str, Any]:
+    run = trainer.run
+    kind = run.check(trainer.cfg_hash, trainer.config, resume)
     if kind == "finished":
         log(f"{run.path} is already finished; its results are in {run.results_path}")
         return run.read_results()
-    trainer = Trainer(cfg, data, device, run, started)
     state = trainer.restore(kind, log)
-    run.write_config(dump_config(cfg))
+    run.write_config(dump_config(trainer.cfg))
     trainer.loop(state, progress)
     trainer.checkpoint(state)  # the final checkpoint (a diverged run still reports its best head)
     if state.diverged is not None:
         log(f"run diverged: {state.diverged['reason']}")
     results = trainer.results(state)
     run.write_results(results)
-    return json_safe(results)
+    return results
