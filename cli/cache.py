@@ -5,7 +5,7 @@ from pathlib import Path
 
 import typer
 
-from cli.common import console, user_errors
+from align.cli.common import console, user_errors
 
 ROOT_HELP = "Cache root folder (cache_root of the embed config)."
 

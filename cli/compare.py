@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from cli.common import console, user_errors
+from align.cli.common import console, user_errors
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "compare" / "default.yaml"
 

@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from cli.common import console, user_errors
+from align.cli.common import console, user_errors
 
 
 def register(app: typer.Typer) -> None:

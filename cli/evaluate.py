@@ -6,7 +6,7 @@ from typing import Any, Optional
 
 import typer
 
-from cli.common import console, err_console, user_errors
+from align.cli.common import console, err_console, user_errors
 
 
 def print_eval(result: dict[str, Any]) -> None:

@@ -8,7 +8,7 @@ from typing import Any
 
 import typer
 
-from cli.common import console, user_errors
+from align.cli.common import console, user_errors
 
 
 class Experiment(str, Enum):

@@ -6,7 +6,7 @@ from typing import Any, Optional
 
 import typer
 
-from cli.common import console, err_console, user_errors
+from align.cli.common import console, err_console, user_errors
 
 
 def default_run_dir(config_path: Path) -> Path:
