@@ -93,7 +93,8 @@ class Cell:
 
 
 def study_dir(cfg: CompareConfig) -> Path:
-    return Path(cfg.study_dir or f"data/studies/{cfg.name}")
+    from align.paths import studies_dir
+    return Path(cfg.study_dir) if cfg.study_dir else studies_dir() / cfg.name
 
 
 def grid_cells(grid: GridConfig) -> list[Cell]:

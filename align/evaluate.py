@@ -184,7 +184,7 @@ def evaluate_cache(key_or_path: str | Path, split: str | None = None, cache_root
 
     path = Path(key_or_path)
     if not path.is_dir():
-        path = resolve_cache(cache_root or "data/cache", str(key_or_path))
+        path = resolve_cache(cache_root, str(key_or_path))  # None: the default cache root (align.paths)
     paired = load_cache_dir(path)
     if split is not None and paired.meta.get("split") != split:
         raise AlignError(f"cache {path.name} holds split {paired.meta.get('split')!r}, not {split!r}: "

@@ -56,7 +56,7 @@ def register(app: typer.Typer) -> None:
         set_: list[str] = typer.Option([], "--set", help="override a key: --set grid.seeds=[0,1,2]"),
         dry_run: bool = typer.Option(False, "--dry-run", help="validate the config and print the plan; no download, no training"),
         workers: Optional[int] = typer.Option(None, "--workers", help="runs trained at once (default: from the config)"),
-        out: Optional[Path] = typer.Option(None, "--out", help="study folder (default: data/studies/<name>)"),
+        out: Optional[Path] = typer.Option(None, "--out", help="study folder (default: $ALIGN_HOME/studies/<name>, else data/studies/<name>)"),
         progress: bool = typer.Option(True, "--progress/--no-progress"),
     ) -> None:
         """Compare optimizers over a grid of ρ × learning rate × seeds on one cached embedding set."""

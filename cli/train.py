@@ -10,8 +10,10 @@ from align.cli.common import console, err_console, user_errors
 
 
 def default_run_dir(config_path: Path) -> Path:
-    """data/runs/<config file name without extension> (a run's own config.yaml names its out_dir explicitly)."""
-    return Path("data") / "runs" / config_path.stem
+    """<data root>/runs/<config file name without extension> (a run's own config.yaml names its out_dir explicitly)."""
+    from align.paths import runs_dir
+
+    return runs_dir() / config_path.stem
 
 
 def print_results(results: dict[str, Any], title: str) -> None:
@@ -53,7 +55,8 @@ def register(app: typer.Typer) -> None:
         config: Path = typer.Option(..., "--config", "-c", help="Training config YAML (see configs/train/)."),
         overrides: Optional[list[str]] = typer.Option(None, "--set", help="Override a config value: key.sub=value."),
         resume: bool = typer.Option(False, "--resume", help="Continue the run in the output folder from its last checkpoint."),
-        out: Optional[Path] = typer.Option(None, "--out", help="Run directory (default: out_dir of the config, else data/runs/<config name>)."),
+        out: Optional[Path] = typer.Option(None, "--out", help="Run directory (default: out_dir of the config, else "
+                                           "$ALIGN_HOME/runs/<config name>, else data/runs/<config name>)."),
         progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
     ) -> None:
         """Train an alignment head on cached embeddings; writes config.yaml, metrics.jsonl, checkpoints/, results.json."""
