@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import typer
 
-from align.cli import cache, compare, embed, evaluate, toy, train
+from align.cli import cache, compare, configs, embed, evaluate, toy, train
 
 app = typer.Typer(
     name="align",
@@ -16,7 +16,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-for module in (toy, embed, cache, train, evaluate, compare):
+for module in (toy, embed, cache, train, evaluate, compare, configs):
     module.register(app)
 
 if __name__ == "__main__":

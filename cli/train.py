@@ -1,4 +1,4 @@
-"""`align train --config FILE [--set key.sub=value ...] [--resume] [--out DIR]`."""
+"""`align train --config FILE|NAME [--set key.sub=value ...] [--resume] [--out DIR]`."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -52,7 +52,8 @@ def register(app: typer.Typer) -> None:
     @app.command("train")
     @user_errors
     def train_command(
-        config: Path = typer.Option(..., "--config", "-c", help="Training config YAML (see configs/train/)."),
+        config: str = typer.Option(..., "--config", "-c", metavar="FILE|NAME",
+                                   help="Training config YAML: a path or a packaged train/ name (`align configs`)."),
         overrides: Optional[list[str]] = typer.Option(None, "--set", help="Override a config value: key.sub=value."),
         resume: bool = typer.Option(False, "--resume", help="Continue the run in the output folder from its last checkpoint."),
         out: Optional[Path] = typer.Option(None, "--out", help="Run directory (default: out_dir of the config, else "
@@ -61,10 +62,12 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Train an alignment head on cached embeddings; writes config.yaml, metrics.jsonl, checkpoints/, results.json."""
         from align.config import load_config
+        from align.config_files import resolve_config
         from align.train import TrainConfig, train
 
-        cfg = load_config(TrainConfig, config, overrides or [])
-        run_dir = out or (Path(cfg.out_dir) if cfg.out_dir else default_run_dir(config))
+        path = resolve_config(config, ("train",))
+        cfg = load_config(TrainConfig, path, overrides or [])
+        run_dir = out or (Path(cfg.out_dir) if cfg.out_dir else default_run_dir(path))
         cfg = cfg.model_copy(update={"out_dir": str(run_dir)})
         results = train(cfg, run_dir, resume=resume, log=lambda m: err_console.print(m, highlight=False),
                         progress=progress)

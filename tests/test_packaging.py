@@ -1,5 +1,5 @@
 """The wheel: align, align.cli (from cli/) and every YAML of configs/ inside the package, no top-level cli; the
-installed package runs `align compare --dry-run` from an empty folder."""
+installed package runs `align compare --dry-run` and `align configs` from an empty folder."""
 from __future__ import annotations
 
 import ast
@@ -68,7 +68,10 @@ def test_the_installed_wheel_runs_from_an_empty_folder(wheel, tmp_path):
                            timeout=60).stdout.split()
     assert len(where) == 3 and all(Path(w).is_relative_to(target) for w in where), where
     assert '"study_dir": "data/studies/default"' in align("compare", "--dry-run")
-    assert not any(cwd.iterdir())  # a dry run writes nothing
+    listing = align("configs")
+    assert str(target / "align" / "configs") in listing.replace("\n", "")
+    assert "synthetic_offline" in listing and "flickr30k_vitb32_msam" in listing
+    assert not any(cwd.iterdir())  # a dry run and a listing write nothing
 
 
 @pytest.mark.parametrize("path", sorted(p.relative_to(REPO).as_posix() for p in REPO.glob("align/**/*.py")))

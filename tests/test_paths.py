@@ -73,7 +73,7 @@ def test_align_home_moves_study_cache_and_run_defaults(tmp_path, monkeypatch):
     from align.cli.train import default_run_dir
 
     monkeypatch.setenv("ALIGN_HOME", str(tmp_path))
-    result = runner.invoke(app, ["compare", "--dry-run"])
+    result = runner.invoke(app, ["compare", "--config", "default", "--dry-run"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["study_dir"] == str(tmp_path / "studies" / "default")
     result = runner.invoke(app, ["compare", "--dry-run", "--out", str(tmp_path / "mine")])
