@@ -1,1 +1,1 @@
-# align package
+"""align: align frozen vision and text encoders with sharpness-aware optimizers."""

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
+from align import paths
 from align.config import StrictModel
 from align.datasets import DatasetSpec
 from align.embeddings import PairedEmbeddings
@@ -61,7 +62,7 @@ class EmbedConfig(StrictModel):
     device: str = "auto"
     num_workers: int = Field(0, ge=0)
     shard_size: int = Field(512, ge=1)
-    cache_root: str = "data/cache"
+    cache_root: str = Field(default_factory=lambda: str(paths.cache_dir()))  # not in the key: moving it keeps keys
     strict: bool = False
 
 
@@ -481,9 +482,9 @@ def load_cache_dir(path: str | Path) -> PairedEmbeddings:
 
 # -------------------------------------------------------------------------------------------------- managing
 
-def list_caches(root: str | Path = "data/cache") -> list[dict[str, Any]]:
-    """One dict per cache folder under ``root``: key, path, bytes, status, counts, encoders, dataset, split."""
-    root = Path(root)
+def list_caches(root: str | Path | None = None) -> list[dict[str, Any]]:
+    """One dict per cache folder under ``root`` (default <data root>/cache): key, path, bytes, status, counts, ..."""
+    root = paths.cache_dir() if root is None else Path(root)
     if not root.is_dir():
         return []
     out = []
@@ -502,9 +503,9 @@ def list_caches(root: str | Path = "data/cache") -> list[dict[str, Any]]:
     return out
 
 
-def resolve_cache(root: str | Path, key: str) -> Path:
-    """The folder of cache ``key`` (or of the one key starting with it) under ``root``."""
-    root = Path(root)
+def resolve_cache(root: str | Path | None, key: str) -> Path:
+    """The folder of cache ``key`` (or of the one key starting with it) under ``root`` (None: <data root>/cache)."""
+    root = paths.cache_dir() if root is None else Path(root)
     if not key or "/" in key or key in (".", ".."):
         raise AlignError(f"{key!r} is not a cache key: see `align cache ls`")
     if (root / key).is_dir():
@@ -520,10 +521,8 @@ def resolve_cache(root: str | Path, key: str) -> Path:
 
 def find_cache(key_or_path: str | Path, root: str | Path | None = None) -> Path:
     """A cache folder given as its path, or as its key (a unique prefix will do) under ``root`` (default root)."""
-    from align.paths import cache_root
-
     path = Path(key_or_path)
-    return path if path.is_dir() else resolve_cache(root or cache_root(), str(key_or_path))
+    return path if path.is_dir() else resolve_cache(root, str(key_or_path))
 
 
 def verify_cache(path: str | Path) -> list[str]:

@@ -116,9 +116,9 @@ class Cell:
 
 def study_dir(cfg: CompareConfig) -> Path:
     """The study's folder: ``study_dir`` if set, else ``<data root>/studies/<name>``."""
-    from align.paths import studies_root
+    from align.paths import studies_dir
 
-    return Path(cfg.study_dir) if cfg.study_dir else studies_root() / cfg.name
+    return Path(cfg.study_dir) if cfg.study_dir else studies_dir() / cfg.name
 
 
 def grid_cells(grid: GridConfig) -> list[Cell]:

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import typer
 
-from cli.common import console, user_errors
+from align.cli.common import console, user_errors
 
-ROOT_HELP = "Cache root folder (cache_root of the embed config)."
+ROOT_HELP = "Cache root folder (cache_root of the embed config; default: $ALIGN_HOME/cache, else data/cache)."
 
 
 def _size(n: int) -> str:
@@ -55,79 +56,94 @@ def _print_info(path: Path, m: dict) -> None:
             console.print(f"  ... {len(m['skipped']) - 20} more (manifest.json lists all)")
 
 
+def _root(root: Optional[Path]) -> Path:
+    from align.paths import cache_dir
+
+    return cache_dir() if root is None else root
+
+
+def _print_list(root: Path, entries: list[dict]) -> None:
+    """One row per cache: key, size, counts, encoders, dataset."""
+    from rich import box
+    from rich.table import Table
+
+    table = Table(title=f"embedding caches under {root}", title_justify="left", header_style="bold",
+                  box=box.SIMPLE_HEAD, show_lines=False)
+    table.add_column("key", overflow="fold", min_width=16, ratio=3)
+    table.add_column("size", justify="right", no_wrap=True)
+    table.add_column("counts", justify="right", no_wrap=True)
+    table.add_column("encoders (image / text)", overflow="fold", min_width=20, ratio=4)
+    table.add_column("dataset", overflow="fold", min_width=10, ratio=2)
+    for e in entries:
+        key = e["key"] if e["status"] == "ok" else f"{e['key']}\n[yellow]incomplete[/]"
+        if "images" not in e:
+            table.add_row(key, _size(e["bytes"]), "—", "—", "—")
+            continue
+        counts = f"{e['images']} images\n{e['captions']} captions\n{e['skipped']} skipped"
+        dataset = e["dataset"] if e["split"] in e["dataset"] else f"{e['dataset']} [{e['split']}]"
+        table.add_row(key, f"{_size(e['bytes'])}\n{e['dtype']}", counts,
+                      f"{e['image_encoder']}\n{e['text_encoder']}", dataset)
+        table.add_section()
+    console.print(table)
+
+
+@user_errors
+def ls_command(root: Optional[Path] = typer.Option(None, "--root", help=ROOT_HELP)) -> None:
+    """One row per cache: key, size, counts, encoders, dataset."""
+    from align.cache import list_caches
+
+    root = _root(root)
+    entries = list_caches(root)
+    if not entries:
+        console.print(f"no caches under {root} (make one with `align embed --config FILE`)", highlight=False)
+        return
+    _print_list(root, entries)
+
+
+@user_errors
+def info_command(key: str = typer.Argument(..., help="Cache key (or a unique prefix)."),
+                 root: Optional[Path] = typer.Option(None, "--root", help=ROOT_HELP)) -> None:
+    """The manifest of one cache: counts, encoders, files, skipped items, timing."""
+    from align.cache import read_manifest, resolve_cache
+    from align.errors import AlignError
+
+    path = resolve_cache(_root(root), key)
+    manifest = read_manifest(path)
+    if manifest is None:
+        raise AlignError(f"{path} has no valid manifest: the run did not finish (run `align embed` again)")
+    _print_info(path, manifest)
+
+
+@user_errors
+def verify_command(key: str = typer.Argument(..., help="Cache key (or a unique prefix)."),
+                   root: Optional[Path] = typer.Option(None, "--root", help=ROOT_HELP)) -> None:
+    """Recompute checksums and check shapes, dtypes and indices against the manifest."""
+    from align.cache import resolve_cache, verify_cache
+    from align.errors import AlignError
+
+    path = resolve_cache(_root(root), key)
+    problems = verify_cache(path)
+    if problems:
+        for problem in problems:
+            console.print(f"  {problem}", highlight=False)
+        raise AlignError(f"cache {path.name} failed verification ({len(problems)} problem(s)): "
+                         f"remove it (`align cache rm {path.name}`) and embed again")
+    console.print(f"ok: {path.name} matches its manifest", highlight=False)
+
+
+@user_errors
+def rm_command(key: str = typer.Argument(..., help="Cache key (or a unique prefix)."),
+               root: Optional[Path] = typer.Option(None, "--root", help=ROOT_HELP)) -> None:
+    """Delete one cache folder."""
+    from align.cache import remove_cache
+
+    console.print(f"removed {remove_cache(_root(root), key)}", highlight=False)
+
+
 def register(app: typer.Typer) -> None:
     """Add the `align cache` command group."""
     group = typer.Typer(help="List, inspect, verify and remove cached embeddings.", no_args_is_help=True)
     app.add_typer(group, name="cache")
-
-    @group.command("ls")
-    @user_errors
-    def ls_command(root: Path = typer.Option(Path("data/cache"), "--root", help=ROOT_HELP)) -> None:
-        """One row per cache: key, size, counts, encoders, dataset."""
-        from rich import box
-        from rich.table import Table
-
-        from align.cache import list_caches
-
-        entries = list_caches(root)
-        if not entries:
-            console.print(f"no caches under {root} (make one with `align embed --config FILE`)", highlight=False)
-            return
-        table = Table(title=f"embedding caches under {root}", title_justify="left", header_style="bold",
-                      box=box.SIMPLE_HEAD, show_lines=False)
-        table.add_column("key", overflow="fold", min_width=16, ratio=3)
-        table.add_column("size", justify="right", no_wrap=True)
-        table.add_column("counts", justify="right", no_wrap=True)
-        table.add_column("encoders (image / text)", overflow="fold", min_width=20, ratio=4)
-        table.add_column("dataset", overflow="fold", min_width=10, ratio=2)
-        for e in entries:
-            key = e["key"] if e["status"] == "ok" else f"{e['key']}\n[yellow]incomplete[/]"
-            if "images" not in e:
-                table.add_row(key, _size(e["bytes"]), "—", "—", "—")
-                continue
-            counts = f"{e['images']} images\n{e['captions']} captions\n{e['skipped']} skipped"
-            dataset = e["dataset"] if e["split"] in e["dataset"] else f"{e['dataset']} [{e['split']}]"
-            table.add_row(key, f"{_size(e['bytes'])}\n{e['dtype']}", counts,
-                          f"{e['image_encoder']}\n{e['text_encoder']}", dataset)
-            table.add_section()
-        console.print(table)
-
-    @group.command("info")
-    @user_errors
-    def info_command(key: str = typer.Argument(..., help="Cache key (or a unique prefix)."),
-                     root: Path = typer.Option(Path("data/cache"), "--root", help=ROOT_HELP)) -> None:
-        """The manifest of one cache: counts, encoders, files, skipped items, timing."""
-        from align.cache import read_manifest, resolve_cache
-        from align.errors import AlignError
-
-        path = resolve_cache(root, key)
-        manifest = read_manifest(path)
-        if manifest is None:
-            raise AlignError(f"{path} has no valid manifest: the run did not finish (run `align embed` again)")
-        _print_info(path, manifest)
-
-    @group.command("verify")
-    @user_errors
-    def verify_command(key: str = typer.Argument(..., help="Cache key (or a unique prefix)."),
-                       root: Path = typer.Option(Path("data/cache"), "--root", help=ROOT_HELP)) -> None:
-        """Recompute checksums and check shapes, dtypes and indices against the manifest."""
-        from align.cache import resolve_cache, verify_cache
-        from align.errors import AlignError
-
-        path = resolve_cache(root, key)
-        problems = verify_cache(path)
-        if problems:
-            for problem in problems:
-                console.print(f"  {problem}", highlight=False)
-            raise AlignError(f"cache {path.name} failed verification ({len(problems)} problem(s)): "
-                             f"remove it (`align cache rm {path.name}`) and embed again")
-        console.print(f"ok: {path.name} matches its manifest", highlight=False)
-
-    @group.command("rm")
-    @user_errors
-    def rm_command(key: str = typer.Argument(..., help="Cache key (or a unique prefix)."),
-                   root: Path = typer.Option(Path("data/cache"), "--root", help=ROOT_HELP)) -> None:
-        """Delete one cache folder."""
-        from align.cache import remove_cache
-
-        console.print(f"removed {remove_cache(root, key)}", highlight=False)
+    for name, command in (("ls", ls_command), ("info", info_command), ("verify", verify_command),
+                          ("rm", rm_command)):
+        group.command(name)(command)

@@ -7,9 +7,9 @@ from typing import Optional
 
 import typer
 
-from cli.common import console, user_errors
+from align.cli.common import console, user_errors
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "compare" / "default.yaml"
+CONFIG_HELP = "study YAML: a path or a packaged name (`align configs`); default: the embedded offline study"
 
 
 def _pct(mean: float, std: float | None = None) -> str:
@@ -52,11 +52,11 @@ def register(app: typer.Typer) -> None:
     @app.command("compare")
     @user_errors
     def compare_cmd(
-        config: Optional[Path] = typer.Option(None, "--config", "-c", help="study YAML (default: the embedded offline study)"),
+        config: Optional[str] = typer.Option(None, "--config", "-c", metavar="FILE|NAME", help=CONFIG_HELP),
         set_: list[str] = typer.Option([], "--set", help="override a key: --set grid.seeds=[0,1,2]"),
         dry_run: bool = typer.Option(False, "--dry-run", help="validate the config and print the plan; no download, no training"),
         workers: Optional[int] = typer.Option(None, "--workers", help="runs trained at once (default: from the config)"),
-        out: Optional[Path] = typer.Option(None, "--out", help="study folder (default: data/studies/<name>)"),
+        out: Optional[Path] = typer.Option(None, "--out", help="study folder (default: $ALIGN_HOME/studies/<name>, else data/studies/<name>)"),
         progress: bool = typer.Option(True, "--progress/--no-progress"),
     ) -> None:
         """Compare optimizers over a grid of ρ × learning rate × seeds on one cached embedding set."""
@@ -64,11 +64,13 @@ def register(app: typer.Typer) -> None:
 
         from align.compare import CompareConfig, plan, run_compare
         from align.config import load_config
+        from align.config_files import packaged_config, resolve_config
         from align.errors import AlignError
 
-        path = config or DEFAULT_CONFIG
-        if config is None and not path.is_file():
-            raise AlignError(f"the embedded default config {path} is missing: pass --config FILE")
+        path = resolve_config(config, ("compare",)) if config is not None else packaged_config("compare", "default")
+        if path is None:
+            raise AlignError("the embedded default config compare/default is missing from this install: "
+                             "pass --config FILE")
         overrides = list(set_)
         if workers is not None:
             overrides.append(f"workers={workers}")

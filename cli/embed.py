@@ -1,12 +1,11 @@
-"""`align embed --config FILE [--set k=v ...] [--split S ...] [--strict]`: encode a dataset into the cache."""
+"""`align embed --config FILE|NAME [--set k=v ...] [--split S ...] [--strict]`: encode a dataset into the cache."""
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Optional
 
 import typer
 
-from cli.common import console, user_errors
+from align.cli.common import console, user_errors
 
 
 def register(app: typer.Typer) -> None:
@@ -15,8 +14,9 @@ def register(app: typer.Typer) -> None:
     @app.command("embed")
     @user_errors
     def embed_command(
-        config: Path = typer.Option(..., "--config", "-c",
-                                    help="An embed config (configs/embed/), or any config with a `data:` section."),
+        config: str = typer.Option(..., "--config", "-c", metavar="FILE|NAME",
+                                   help="An embed config (a path, or a name from `align configs`: embed/, then "
+                                        "train/ and compare/), or any config with a `data:` section."),
         overrides: Optional[list[str]] = typer.Option(None, "--set", help="Override a config value: key.sub=value "
                                                       "(paths as in the file, e.g. data.batch_size=32)."),
         splits: Optional[list[str]] = typer.Option(None, "--split", help="Embed only this split (repeatable)."),
@@ -27,8 +27,9 @@ def register(app: typer.Typer) -> None:
         from rich.table import Table
 
         from align.cache import embed_split, load_embed_config, read_manifest
+        from align.config_files import resolve_config
 
-        cfg = load_embed_config(config, overrides)
+        cfg = load_embed_config(resolve_config(config, ("embed", "train", "compare")), overrides)
         if strict:
             cfg.strict = True
         todo = list(splits) if splits else cfg.splits

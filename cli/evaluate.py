@@ -6,7 +6,7 @@ from typing import Any, Optional
 
 import typer
 
-from cli.common import console, err_console, user_errors
+from align.cli.common import console, err_console, user_errors
 
 
 def print_eval(result: dict[str, Any]) -> None:
@@ -36,7 +36,7 @@ def register(app: typer.Typer) -> None:
         split: Optional[str] = typer.Option(None, "--split", help="Split to evaluate (run: default test; cache: the key's own split)."),
         checkpoint: str = typer.Option("best", "--checkpoint", help="best | last"),
         cache: Optional[str] = typer.Option(None, "--cache", help="Evaluate raw cached embeddings (cache key or folder), no head."),
-        cache_root: Optional[Path] = typer.Option(None, "--cache-root", help="Where cache keys live (default data/cache)."),
+        cache_root: Optional[Path] = typer.Option(None, "--cache-root", help="Where cache keys live (default: $ALIGN_HOME/cache, else data/cache)."),
         device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | mps (run: default the run's)."),
         backend: Optional[str] = typer.Option(None, "--backend", help="k-NN search: faiss | torch."),
         knn_k: int = typer.Option(8, "--knn-k", help="k of mutual-k-NN and CKNNA (raw embeddings)."),

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import typer
 
-from cli import cache, compare, embed, evaluate, toy, train
+from align.cli import cache, compare, configs, embed, evaluate, toy, train
 
 app = typer.Typer(
     name="align",
@@ -16,8 +16,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-for module in (toy, embed, cache, train, evaluate, compare):
+for module in (toy, embed, cache, train, evaluate, compare, configs):
     module.register(app)
 
 if __name__ == "__main__":
-    app()
+    app(prog_name="align")  # `python -m align.cli.main` is the same command as `align`

@@ -4,11 +4,11 @@ from __future__ import annotations
 import time
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import typer
 
-from cli.common import console, user_errors
+from align.cli.common import console, user_errors
 
 
 class Experiment(str, Enum):
@@ -46,7 +46,8 @@ def register(app: typer.Typer) -> None:
     @user_errors
     def toy(
         experiment: Experiment = typer.Argument(Experiment.all, help="Which figure of the paper to reproduce."),
-        out: Path = typer.Option(Path("data/toy"), "--out", help="Folder for the PNG and JSON files."),
+        out: Optional[Path] = typer.Option(None, "--out", help="Folder for the PNG and JSON files (default: "
+                                                          "$ALIGN_HOME/toy, else data/toy)."),
         max_steps: int = typer.Option(500, "--max-steps", min=1, help="grid: step cap per run (Fig. 5)."),
         sinc_half_width: float = typer.Option(
             1.0, "--sinc-half-width", min=0.0,
@@ -54,9 +55,11 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(0, "--seed", help="sinc: seed of the random starts."),
     ) -> None:
         """Reproduce the paper's 2-D experiments (Figures 1-5) with the real optimizer classes."""
+        from align.paths import toy_dir
         from align.toy import EXPERIMENTS, run_experiment
         from align.toy_plots import write_outputs
 
+        out = toy_dir() if out is None else out
         names = EXPERIMENTS if experiment is Experiment.all else (experiment.value,)
         options = {"grid": {"max_steps": max_steps}, "sinc": {"half_width": sinc_half_width, "seed": seed}}
         for name in names:

@@ -1,4 +1,4 @@
-"""`align train --config FILE [--set key.sub=value ...] [--resume] [--out DIR]`."""
+"""`align train --config FILE|NAME [--set key.sub=value ...] [--resume] [--out DIR]`."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,12 +6,14 @@ from typing import Any, Optional
 
 import typer
 
-from cli.common import console, err_console, user_errors
+from align.cli.common import console, err_console, user_errors
 
 
 def default_run_dir(config_path: Path) -> Path:
-    """data/runs/<config file name without extension> (a run's own config.yaml names its out_dir explicitly)."""
-    return Path("data") / "runs" / config_path.stem
+    """<data root>/runs/<config file name without extension> (a run's own config.yaml names its out_dir explicitly)."""
+    from align.paths import runs_dir
+
+    return runs_dir() / config_path.stem
 
 
 def print_results(results: dict[str, Any], title: str) -> None:
@@ -50,18 +52,22 @@ def register(app: typer.Typer) -> None:
     @app.command("train")
     @user_errors
     def train_command(
-        config: Path = typer.Option(..., "--config", "-c", help="Training config YAML (see configs/train/)."),
+        config: str = typer.Option(..., "--config", "-c", metavar="FILE|NAME",
+                                   help="Training config YAML: a path or a packaged train/ name (`align configs`)."),
         overrides: Optional[list[str]] = typer.Option(None, "--set", help="Override a config value: key.sub=value."),
         resume: bool = typer.Option(False, "--resume", help="Continue the run in the output folder from its last checkpoint."),
-        out: Optional[Path] = typer.Option(None, "--out", help="Run directory (default: out_dir of the config, else data/runs/<config name>)."),
+        out: Optional[Path] = typer.Option(None, "--out", help="Run directory (default: out_dir of the config, else "
+                                           "$ALIGN_HOME/runs/<config name>, else data/runs/<config name>)."),
         progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
     ) -> None:
         """Train an alignment head on cached embeddings; writes config.yaml, metrics.jsonl, checkpoints/, results.json."""
         from align.config import load_config
+        from align.config_files import resolve_config
         from align.train import TrainConfig, train
 
-        cfg = load_config(TrainConfig, config, overrides or [])
-        run_dir = out or (Path(cfg.out_dir) if cfg.out_dir else default_run_dir(config))
+        path = resolve_config(config, ("train",))
+        cfg = load_config(TrainConfig, path, overrides or [])
+        run_dir = out or (Path(cfg.out_dir) if cfg.out_dir else default_run_dir(path))
         cfg = cfg.model_copy(update={"out_dir": str(run_dir)})
         results = train(cfg, run_dir, resume=resume, log=lambda m: err_console.print(m, highlight=False),
                         progress=progress)

@@ -13,7 +13,7 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from cli.main import app
+from align.cli.main import app
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_CFG = {"embed_dim": 16,

@@ -9,7 +9,7 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from cli.main import app
+from align.cli.main import app
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_CFG = {"embed_dim": 16,
@@ -125,13 +125,16 @@ def test_bad_config_is_one_line(tmp_path):
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs" / "embed").glob("*.yaml")), ids=lambda p: p.name)
-def test_every_embed_config_validates_and_names_its_command(path):
+def test_every_embed_config_validates_and_names_its_command(path, monkeypatch):
     from align.cache import load_embed_config
 
     first = path.read_text().splitlines()[0]
     assert first == f"# align embed --config configs/embed/{path.name}"
+    monkeypatch.delenv("ALIGN_HOME", raising=False)
+    assert load_embed_config(path).cache_root == "data/cache"  # no config pins it: the data root decides
+    monkeypatch.setenv("ALIGN_HOME", "/somewhere/else")
     cfg = load_embed_config(path)
-    assert cfg.splits and cfg.cache_root == "data/cache"
+    assert cfg.splits and cfg.cache_root == "/somewhere/else/cache"
 
 
 def test_the_offline_default_is_the_documented_pair():

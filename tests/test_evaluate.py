@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from align.config import validate
 from align.embeddings import PairedEmbeddings
-from cli.main import app
+from align.cli.main import app
 from test_train import (IMAGE_DIM, SIZES, TEXT_DIM, data_section, head_recall_at_1, make_cache, synthetic_split,
                         train_config, write_cache)
 

@@ -151,7 +151,7 @@ def test_grid_sam_ends_at_the_saddle_more_often_than_msam():
 # -- CLI ------------------------------------------------------------------------------------------------------
 
 def test_cli_toy_paraboloid_writes_png_and_json(tmp_path):
-    from cli.main import app
+    from align.cli.main import app
 
     result = CliRunner().invoke(app, ["toy", "paraboloid", "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
@@ -169,5 +169,5 @@ def test_cli_toy_paraboloid_writes_png_and_json(tmp_path):
 def test_unknown_experiment_is_rejected():
     with pytest.raises(ValueError, match="unknown toy experiment"):
         toy.run_experiment("nope")
-    result = CliRunner().invoke(__import__("cli.main", fromlist=["app"]).app, ["toy", "nope"])
+    result = CliRunner().invoke(__import__("align.cli.main", fromlist=["app"]).app, ["toy", "nope"])
     assert result.exit_code != 0

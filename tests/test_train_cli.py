@@ -10,7 +10,7 @@ import yaml
 from typer.testing import CliRunner
 
 from align.config import load_config
-from cli.main import app
+from align.cli.main import app
 from test_train import data_section, make_cache, synthetic_split, train_config, write_cache
 
 REPO = Path(__file__).resolve().parents[1]

@@ -115,7 +115,7 @@ def test_sigkill_mid_run_then_resume_reaches_bit_identical_weights(name, tmp_pat
     from safetensors.torch import load_file
 
     from align.train import TrainConfig, train
-    from cli.main import app
+    from align.cli.main import app
 
     data = make_cache(tmp_path / "cache")
     cfg = validate(TrainConfig, train_config(data, optim={"name": name, "lr": 1e-2, "rho": 0.05, "base": "adamw"},
