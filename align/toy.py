@@ -95,7 +95,7 @@ def build_optimizer(method: str, param: Tensor, *, lr: float, rho: float, eta: f
     """The optimizer a toy run uses: 'gd' = plain SGD; SAM family = the registry's class over SGD (no momentum)."""
     if method == "gd":
         return create_optimizer("sgd", [param], lr=lr)
-    return create_optimizer(method, [param], lr=lr, rho=rho, eta=eta)
+    return create_optimizer(method, [param], lr=lr, rho=rho, eta=eta, base="sgd")  # the paper's plain SGD base
 
 
 def run_optimizer(loss_fn: LossFn, starts: Tensor, method: str, *, lr: float, rho: float, steps: int,
