@@ -24,7 +24,11 @@ from align.optim import create_optimizer, optimizer_info
 
 LossFn = Callable[[Tensor], Tensor]
 
-METHOD_LABELS = {"gd": "GD", "sam": "SAM", "msam": "M-SAM", "asam": "ASAM", "fsam": "Fisher SAM"}
+# Toy method → registry entry. 'gd' is plain SGD (no momentum), labelled "GD" as in the paper's figures;
+# every other label and every colour is the registry's, so a method looks the same in study and toy plots.
+TOY_METHODS = {"gd": "sgd", "sam": "sam", "msam": "msam", "asam": "asam", "fsam": "fsam"}
+METHOD_LABELS = {m: "GD" if m == "gd" else optimizer_info(name).label for m, name in TOY_METHODS.items()}
+METHOD_COLORS = {m: optimizer_info(name).color for m, name in TOY_METHODS.items()}
 EXPERIMENTS = ("banana", "sinc", "paraboloid", "stability", "grid")
 DTYPE = torch.float64  # the toy runs are tiny; float64 keeps the end points comparable to the paper's digits
 
