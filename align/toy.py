@@ -13,6 +13,7 @@ Core layer: no disk, no printing. Plots and JSON are written by ``align.toy_plot
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -21,6 +22,7 @@ import torch
 from torch import Tensor
 
 from align.optim import create_optimizer, optimizer_info
+from align.optim.step import finish, first_pass
 
 LossFn = Callable[[Tensor], Tensor]
 
@@ -113,7 +115,6 @@ def run_optimizer(loss_fn: LossFn, starts: Tensor, method: str, *, lr: float, rh
     """
     if starts.ndim != 2 or starts.shape[1] != 2:
         raise ValueError(f"starts must have shape [B, 2], got {tuple(starts.shape)}")
-    two_pass = method != "gd" and optimizer_info(method).two_pass
     params = [torch.nn.Parameter(s.detach().to(DTYPE).clone().view(1, 2)) for s in starts]
     opts = [build_optimizer(method, p, lr=lr, rho=rho, eta=eta) for p in params]
     b = len(params)
@@ -131,19 +132,12 @@ def run_optimizer(loss_fn: LossFn, starts: Tensor, method: str, *, lr: float, rh
     for _ in range(steps):
         if not active:
             break
-        value = forward_backward(active)
+        running = [opts[i] for i in active]
+        closure = functools.partial(forward_backward, active)
+        value = first_pass(running, closure)
         for i, v in zip(active, value.tolist()):
             losses[i].append(v)
-        if two_pass:
-            for i in active:
-                opts[i].first_step(zero_grad=True)
-            forward_backward(active)
-            for i in active:
-                opts[i].second_step(zero_grad=True)
-        else:
-            for i in active:
-                opts[i].step()
-                opts[i].zero_grad()
+        finish(running, closure)
         still = []
         for i in active:
             points[i].append(params[i].detach().view(2).clone())

@@ -280,13 +280,6 @@ def resolve_dims(cfg: TrainConfig, paired: Any) -> TrainConfig:
 
 # -- the loop --------------------------------------------------------------------------------------------
 
-def _sum_sq_grad_norm(params: list[Tensor]) -> Tensor:
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return torch.zeros(())
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
-
-
 def _rng_tensors() -> dict[str, Tensor]:
     out = {"rng.cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -364,36 +357,6 @@ def build_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> tuple[Any, Any]
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda t: lr_factor(t, steps, warmup))
 
 
-def train_step(model: torch.nn.Module, loss_fn: Callable[..., Tensor], opt: Any, image: Tensor, text: Tensor,
-               two_pass: bool, grad_clip: float | None = None, bf16: bool = False) -> tuple[Tensor, Tensor]:
-    """One optimizer step on a paired (B, Di), (B, Dt) batch → (loss at θ, ‖g‖ at θ), 0-d tensors (no host sync).
-
-    A non-finite loss is NOT stepped on: the weights stay as they were (the caller ends the run).
-    """
-    params = [p for group in opt.param_groups for p in group["params"]]
-
-    def loss_at_current() -> Tensor:
-        with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=bf16):
-            return loss_fn(**model(image, text)).float()
-
-    opt.zero_grad(set_to_none=True)
-    loss = loss_at_current()
-    loss.backward()
-    grad_norm = _sum_sq_grad_norm(params)
-    if not bool(torch.isfinite(loss)):
-        return loss.detach(), grad_norm
-    if two_pass:
-        opt.first_step(zero_grad=True)
-        loss_at_current().backward()
-        opt.second_step(zero_grad=True)
-    else:
-        if grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(params, grad_clip)
-        opt.step()
-    model.clamp_logit_scale_()
-    return loss.detach(), grad_norm
-
-
 def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, log: Log | None = None,
           progress: bool = True) -> dict[str, Any]:
     """Train per ``cfg`` into ``run_dir`` (or continue it with ``resume``) → the results dict (also results.json)."""
@@ -402,6 +365,7 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, log: Log | None
     from align.heads import build_model
     from align.losses import loss_for
     from align.optim import optimizer_info
+    from align.optim.step import backward_closure, take_step
     from align.progress import progress_bar
 
     log = log or (lambda message: None)
@@ -528,14 +492,16 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, log: Log | None
         while step < steps and diverged is None:
             rows = sampler.batch(step)
             lr = opt.param_groups[0]["lr"]
-            loss, grad_norm_t = train_step(model, loss_fn, opt, train_image[rows[0]], train_text[rows[1]],
-                                           two_pass, o.grad_clip, use_bf16)
+            image, text = train_image[rows[0]], train_text[rows[1]]
+            loss, grad_norm_t = take_step(opt, backward_closure(lambda: loss_fn(**model(image, text)), use_bf16),
+                                          o.grad_clip)
             loss_value, grad_norm = float(loss), float(grad_norm_t)
             if not math.isfinite(loss_value):
                 diverged = {"step": step + 1, "reason": f"non-finite training loss ({loss_value}) at step {step + 1}"}
                 runs.append_metrics(run_dir, {"kind": "train", "step": step + 1, "loss": loss_value, "lr": lr,
                                               "grad_norm": grad_norm})
                 break  # that step was not taken: steps_done stays at the last finite one
+            model.clamp_logit_scale_()
             record: dict[str, Any] = {"kind": "train", "step": step + 1, "loss": loss_value, "lr": lr,
                                       "log_scale": float(model.log_scale.detach()), "grad_norm": grad_norm}
             if two_pass:

@@ -10,6 +10,7 @@ import torch
 from scipy.optimize import minimize
 
 from align.optim import ASAM, MSAM, OPTIMIZERS, SAM, FisherSAM, create_optimizer, default_hparams, optimizer_info
+from align.optim.step import backward_closure, take_step
 
 
 def _perturbation(opt_cls, grads: list[np.ndarray], params: list[np.ndarray] | None = None, **kw) -> list[np.ndarray]:
@@ -169,17 +170,14 @@ def test_rho_zero_is_bit_identical_to_the_bare_base_optimizer(cls, base, kw):
 
 
 @pytest.mark.parametrize("cls", [SAM, MSAM, ASAM, FisherSAM])
-def test_closure_path_equals_two_step_path(cls):
+def test_closure_path_equals_the_shared_two_pass_step(cls):
     x, y = _data()
     m1, m2 = _model(), _model()
     o1 = cls(m1.parameters(), torch.optim.SGD, rho=0.2, lr=0.05, momentum=0.9)
     o2 = cls(m2.parameters(), torch.optim.SGD, rho=0.2, lr=0.05, momentum=0.9)
     for _ in range(4):
         o1.step(lambda: _loss(m1, x, y).backward())
-        _loss(m2, x, y).backward()
-        o2.first_step(zero_grad=True)
-        _loss(m2, x, y).backward()
-        o2.second_step(zero_grad=True)
+        take_step(o2, backward_closure(lambda: _loss(m2, x, y)))
     for a, b in zip(m1.parameters(), m2.parameters()):
         assert torch.equal(a, b)
 
@@ -263,10 +261,7 @@ def test_lr_scheduler_drives_the_shared_groups():
     opt = create_optimizer("msam", m.parameters(), lr=0.1, rho=0.05, base="adamw")
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5 ** step)
     for step in range(3):
-        _loss(m, x, y).backward()
-        opt.first_step(zero_grad=True)
-        _loss(m, x, y).backward()
-        opt.second_step(zero_grad=True)
+        take_step(opt, backward_closure(lambda: _loss(m, x, y)))
         sched.step()
         assert opt.base_optimizer.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5 ** (step + 1))
 
