@@ -347,13 +347,13 @@ def test_unreachable_hub_without_offline_flags_uses_only_the_cache(monkeypatch):
     import datasets.config
     import huggingface_hub.constants
 
-    import align.datasets as ds_module
+    from align import hub
 
     for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(ds_module, "_reachable", lambda endpoint, timeout=3.0: False)
+    monkeypatch.setattr(hub, "hub_reachable", lambda endpoint, timeout=3.0: False)
     start = time.perf_counter()
     with pytest.raises(AlignError, match="cannot be reached: pass a local folder") as err:
         load_split(_spec(kind="hub", name="someone/not-a-cached-dataset"), "test")
