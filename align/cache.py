@@ -131,7 +131,7 @@ def embed_split(cfg: EmbedConfig, split: str, progress: bool = True, log: Log = 
         log(f"{split}: cached ({key})")
         return final
     started = time.perf_counter()
-    data = datasets.load_split(cfg.dataset, split)
+    data = datasets.load_image_caption_split(cfg.dataset, split)
     _check_captions(data, split)
     n_img, n_cap = len(data.image_ids), len(data.captions)
     if n_img == 0 or n_cap == 0:
@@ -444,7 +444,7 @@ def is_complete(path: Path) -> bool:
         return False
 
 
-def load_split(cfg: EmbedConfig, split: str) -> PairedEmbeddings:
+def load_cached_split(cfg: EmbedConfig, split: str) -> PairedEmbeddings:
     """The cached embeddings of ``split`` in float32; AlignError naming the command when they are missing."""
     path = cache_path(cfg, split)
     if not is_complete(path):

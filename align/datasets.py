@@ -1,7 +1,7 @@
 """Image–caption datasets (edge layer): hub sets through ``datasets``, local folders, CSV/TSV files, synthetic.
 
-``load_split(spec, split)`` returns an ``ImageCaptionSet``: stable image ids, every selected caption (flat) and
-the image index of each caption. Images stay lazy: ``load_image(i)`` reads and decodes one image on demand and
+``load_image_caption_split(spec, split)`` returns an ``ImageCaptionSet``: stable image ids, every selected
+caption (flat) and the image index of each caption. Images stay lazy: ``load_image(i)`` reads and decodes one image on demand and
 raises ``ImageUnreadable`` (the cache skips and counts it, or fails with ``--strict``).
 
 Sources (``kind``):
@@ -176,7 +176,7 @@ class DatasetSpec(StrictModel):
         return json.loads(json.dumps(out, sort_keys=True))
 
 
-def load_split(spec: DatasetSpec, split: str) -> ImageCaptionSet:
+def load_image_caption_split(spec: DatasetSpec, split: str) -> ImageCaptionSet:
     """The ``split`` of the set described by ``spec`` (synthetic: train | val | test; else what the source has)."""
     spec = spec.resolved()
     if spec.kind == "synthetic":

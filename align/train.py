@@ -243,9 +243,9 @@ class Sampler:
 
 def load_data(cfg: TrainConfig, splits: list[str]) -> dict[str, Any]:
     """The cached PairedEmbeddings of each split (AlignError naming the command to build a missing cache)."""
-    from align.cache import load_split
+    from align.cache import load_cached_split
 
-    return {split: load_split(cfg.data, split) for split in dict.fromkeys(splits)}
+    return {split: load_cached_split(cfg.data, split) for split in dict.fromkeys(splits)}
 
 
 def holdout_split(paired: Any, n: int) -> tuple[Any, Any]:

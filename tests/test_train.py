@@ -2,8 +2,8 @@
 (schedule, sampler, uniform loss) match their definitions, and a CUDA bf16 step matches the CPU one.
 
 The helpers at the top (``write_cache``, ``train_config``) are shared by the other training/evaluation tests: they
-write a small encoder-free embedding cache in align.cache's exact on-disk layout at the key ``load_split`` looks
-for, so tests exercise the real cache loader without running any encoder.
+write a small encoder-free embedding cache in align.cache's exact on-disk layout at the key
+``load_cached_split`` looks for, so tests exercise the real cache loader without running any encoder.
 """
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ def synthetic_split(split: str, n_images: int, captions: int = 3, image_dim: int
 
 
 def write_cache(data: dict[str, Any], split: str, image: np.ndarray, text: np.ndarray, c2i: np.ndarray) -> Path:
-    """Write one split in align.cache's layout (arrays + manifest written last) where load_split looks for it."""
+    """Write one split in align.cache's layout (arrays + manifest written last) where load_cached_split looks for it."""
     from align.cache import CACHE_FORMAT, EmbedConfig, cache_path
 
     cfg = EmbedConfig.model_validate(data)
