@@ -38,13 +38,12 @@ from align.embeddings import PairedEmbeddings
 from align.encoders import EncoderSpec
 from align.errors import AlignError
 from align.files import atomic_write_text, sha256_file
-from align.progress import progress_bar
+from align.progress import Log, progress_bar
 
 CACHE_FORMAT = 1
 MANIFEST = "manifest.json"
 WORK = "work"
 ARRAYS = ("image.npy", "text.npy", "caption_to_image.npy", "image_rows.npy", "caption_rows.npy")
-Log = Callable[[str], None]
 
 
 class EmbedConfig(StrictModel):

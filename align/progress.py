@@ -1,11 +1,13 @@
-"""One progress-bar style for every long loop (embedding, training, studies), drawn with rich."""
+"""How long loops report: one progress-bar style (drawn with rich) and the ``Log`` type of a message sink."""
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
 
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn,
                            TimeElapsedColumn, TimeRemainingColumn)
+
+Log = Callable[[str], None]  # where a long operation sends its one-line messages (print, a CLI console, a no-op)
 
 
 class Bar:
