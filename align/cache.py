@@ -380,6 +380,7 @@ def _final_arrays(cfg: EmbedConfig, split: str, data: Any, image: np.ndarray, te
 
 
 def _timing(seconds: dict, n_captions: int) -> dict[str, float]:
+    """The manifest's encode times and rates (of this run's shards and any resumed ones)."""
     img, txt = seconds["image"], seconds["text"]
     return {"image_encode_s": round(img, 3), "text_encode_s": round(txt, 3),
             "images_per_s": seconds["image_encoded"] / img if img else 0.0,
