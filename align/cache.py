@@ -39,13 +39,12 @@ from align.embeddings import PairedEmbeddings
 from align.encoders import EncoderSpec
 from align.errors import AlignError
 from align.files import atomic_write_text, sha256_file
-from align.progress import progress_bar
+from align.progress import Log, progress_bar
 
 CACHE_FORMAT = 1
 MANIFEST = "manifest.json"
 WORK = "work"
 ARRAYS = ("image.npy", "text.npy", "caption_to_image.npy", "image_rows.npy", "caption_rows.npy")
-Log = Callable[[str], None]
 
 
 class EmbedConfig(StrictModel):
@@ -132,7 +131,7 @@ def embed_split(cfg: EmbedConfig, split: str, progress: bool = True, log: Log = 
         log(f"{split}: cached ({key})")
         return final
     started = time.perf_counter()
-    data = datasets.load_split(cfg.dataset, split)
+    data = datasets.load_image_caption_split(cfg.dataset, split)
     _check_captions(data, split)
     n_img, n_cap = len(data.image_ids), len(data.captions)
     if n_img == 0 or n_cap == 0:
@@ -320,27 +319,48 @@ def _finalize(cfg: EmbedConfig, split: str, key: str, data: Any, final: Path, wo
               image_shards: list[range], text_shards: list[range], plan: dict, device: torch.device,
               resumed: bool) -> dict[str, Any]:
     """Assemble the shards into the final arrays, write them atomically, then the manifest."""
-    img_parts, skipped, img_seconds, img_encoded = [], [], 0.0, 0
-    for s in range(len(image_shards)):
-        meta = json.loads((work / f"image-{s:05d}.json").read_text())
-        img_parts.append(np.load(work / f"image-{s:05d}.npy", allow_pickle=False))
-        skipped += meta["skipped"]
-        img_seconds, img_encoded = img_seconds + meta["seconds"], img_encoded + meta["encoded"]
-    txt_parts, txt_seconds = [], 0.0
-    for s in range(len(text_shards)):
-        meta = json.loads((work / f"text-{s:05d}.json").read_text())
-        txt_parts.append(np.load(work / f"text-{s:05d}.npy", allow_pickle=False))
-        txt_seconds += meta["seconds"]
-    image, text = np.concatenate(img_parts), np.concatenate(txt_parts)
+    image, text, skipped, seconds = _read_shards(work, len(image_shards), len(text_shards))
     if cfg.strict and skipped:  # shards from an earlier non-strict run of the same key may hold skipped images
         first = skipped[0]
         raise AlignError(f"image {first['index']} ({first['image_id']}) of split {split!r} is unreadable: "
                          f"{first['reason']} (drop --strict to skip unreadable images)")
     for leftover in final.glob(".*.tmp"):  # temporary files of a run killed while writing
         leftover.unlink(missing_ok=True)
+    arrays, counts = _final_arrays(cfg, split, data, image, text, skipped)
+    files = {}
+    for name, array in arrays.items():
+        digest = _atomic_save(final / name, array)
+        files[name] = {"shape": list(array.shape), "dtype": str(array.dtype), "bytes": (final / name).stat().st_size,
+                       "sha256": digest}
+    dims = {"image": int(image.shape[1]), "text": int(text.shape[1])}
+    run = {"device": str(device), "batch_size": plan["batch_size"], "shard_size": plan["shard_size"],
+           "num_workers": cfg.num_workers, "resumed": resumed}
+    manifest = _manifest(cfg, split, key, data, files, skipped, counts, dims, run, _timing(seconds, len(data.captions)))
+    atomic_write_text(final / MANIFEST, json.dumps(manifest, indent=1))  # last: the cache is valid from here
+    return manifest
 
-    n_img = len(data.image_ids)
-    keep_img = np.ones(n_img, dtype=bool)
+
+def _read_shards(work: Path, n_image: int, n_text: int) -> tuple[np.ndarray, np.ndarray, list[dict], dict]:
+    """The finished shards concatenated: (image rows, caption rows, skipped images, encode seconds and counts)."""
+    img_parts, skipped, img_seconds, img_encoded = [], [], 0.0, 0
+    for s in range(n_image):
+        meta = json.loads((work / f"image-{s:05d}.json").read_text())
+        img_parts.append(np.load(work / f"image-{s:05d}.npy", allow_pickle=False))
+        skipped += meta["skipped"]
+        img_seconds, img_encoded = img_seconds + meta["seconds"], img_encoded + meta["encoded"]
+    txt_parts, txt_seconds = [], 0.0
+    for s in range(n_text):
+        meta = json.loads((work / f"text-{s:05d}.json").read_text())
+        txt_parts.append(np.load(work / f"text-{s:05d}.npy", allow_pickle=False))
+        txt_seconds += meta["seconds"]
+    seconds = {"image": img_seconds, "image_encoded": img_encoded, "text": txt_seconds}
+    return np.concatenate(img_parts), np.concatenate(txt_parts), skipped, seconds
+
+
+def _final_arrays(cfg: EmbedConfig, split: str, data: Any, image: np.ndarray, text: np.ndarray,
+                  skipped: list[dict]) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    """The five cache arrays without the skipped images (and their captions), and the manifest's counts."""
+    keep_img = np.ones(len(data.image_ids), dtype=bool)
     keep_img[[d["index"] for d in skipped]] = False
     if not keep_img.any():
         raise AlignError(f"every image of split {split!r} was unreadable (first: {skipped[0]['reason']}): "
@@ -355,22 +375,33 @@ def _finalize(cfg: EmbedConfig, split: str, key: str, data: Any, final: Path, wo
         "image_rows.npy": np.flatnonzero(keep_img).astype(np.int64),
         "caption_rows.npy": np.flatnonzero(keep_cap).astype(np.int64),
     }
-    files = {}
-    for name, array in arrays.items():
-        digest = _atomic_save(final / name, array)
-        files[name] = {"shape": list(array.shape), "dtype": str(array.dtype), "bytes": (final / name).stat().st_size,
-                       "sha256": digest}
-    manifest = {
+    counts = {"images": int(keep_img.sum()), "captions": int(keep_cap.sum()), "skipped_images": len(skipped),
+              "dropped_captions": int((~keep_cap).sum())}
+    return arrays, counts
+
+
+def _timing(seconds: dict, n_captions: int) -> dict[str, float]:
+    """The manifest's encode times and rates (of this run's shards and any resumed ones)."""
+    img, txt = seconds["image"], seconds["text"]
+    return {"image_encode_s": round(img, 3), "text_encode_s": round(txt, 3),
+            "images_per_s": seconds["image_encoded"] / img if img else 0.0,
+            "captions_per_s": n_captions / txt if txt else 0.0}
+
+
+def _manifest(cfg: EmbedConfig, split: str, key: str, data: Any, files: dict, skipped: list[dict],
+              counts: dict[str, int], dims: dict[str, int], run: dict[str, Any], timing: dict[str, float]
+              ) -> dict[str, Any]:
+    """manifest.json: what the cache holds, how it was made, and the checksums that vouch for its files."""
+    return {
         "format": CACHE_FORMAT,
         "key": key,
         "split": split,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "dataset": {"name": data.name, "kind": cfg.dataset.kind, "images_in_source": n_img,
+        "dataset": {"name": data.name, "kind": cfg.dataset.kind, "images_in_source": len(data.image_ids),
                     "captions_in_source": len(data.captions)},
         "encoders": {"image": cfg.image_encoder.describe(), "text": cfg.text_encoder.describe()},
-        "counts": {"images": int(keep_img.sum()), "captions": int(keep_cap.sum()), "skipped_images": len(skipped),
-                   "dropped_captions": int((~keep_cap).sum())},
-        "dims": {"image": int(image.shape[1]), "text": int(text.shape[1])},
+        "counts": counts,
+        "dims": dims,
         "storage_dtype": cfg.storage_dtype,
         "normalize": cfg.normalize,
         "files": files,
@@ -378,14 +409,9 @@ def _finalize(cfg: EmbedConfig, split: str, key: str, data: Any, final: Path, wo
         "identity": cache_identity(cfg, split),
         "config": cfg.model_dump(mode="json"),
         "versions": _versions(),
-        "run": {"device": str(device), "batch_size": plan["batch_size"], "shard_size": plan["shard_size"],
-                "num_workers": cfg.num_workers, "resumed": resumed},
-        "timing": {"image_encode_s": round(img_seconds, 3), "text_encode_s": round(txt_seconds, 3),
-                   "images_per_s": img_encoded / img_seconds if img_seconds else 0.0,
-                   "captions_per_s": len(data.captions) / txt_seconds if txt_seconds else 0.0},
+        "run": run,
+        "timing": timing,
     }
-    atomic_write_text(final / MANIFEST, json.dumps(manifest, indent=1))  # last: the cache is valid from here
-    return manifest
 
 
 def _store(array: np.ndarray, cfg: EmbedConfig, tower: str, split: str) -> np.ndarray:
@@ -445,7 +471,7 @@ def is_complete(path: Path) -> bool:
         return False
 
 
-def load_split(cfg: EmbedConfig, split: str) -> PairedEmbeddings:
+def load_cached_split(cfg: EmbedConfig, split: str) -> PairedEmbeddings:
     """The cached embeddings of ``split`` in float32; AlignError naming the command when they are missing."""
     path = cache_path(cfg, split)
     if not is_complete(path):

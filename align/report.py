@@ -40,11 +40,6 @@ def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     runs.atomic_write_text(path, buf.getvalue())
 
 
-def read_csv(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="", encoding="utf-8") as fh:
-        return list(csv.DictReader(fh))
-
-
 def summary_lines(summary: list[dict[str, Any]], reference: str) -> list[str]:
     """The summary as a markdown table."""
     lines = [f"| optimizer | lr | ρ | seeds | test mean R@1 (%) | i2t R@1 | t2i R@1 | mutual-kNN | CKNNA | Δ vs {reference} (95% CI) |",

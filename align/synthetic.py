@@ -89,7 +89,6 @@ PAIR_TEMPLATES = {
         "two shapes: a {a} over a {b}",
     ),
 }
-OBJECT_KEYS = ("shape", "colour", "size")
 SUPERSAMPLE = 2  # draw at 2x and downsample: smooth edges at little cost
 
 

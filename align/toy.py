@@ -13,6 +13,7 @@ Core layer: no disk, no printing. Plots and JSON are written by ``align.toy_plot
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -21,10 +22,15 @@ import torch
 from torch import Tensor
 
 from align.optim import create_optimizer, optimizer_info
+from align.optim.step import finish, first_pass
 
 LossFn = Callable[[Tensor], Tensor]
 
-METHOD_LABELS = {"gd": "GD", "sam": "SAM", "msam": "M-SAM", "asam": "ASAM", "fsam": "Fisher SAM"}
+# Toy method → registry entry. 'gd' is plain SGD (no momentum), labelled "GD" as in the paper's figures;
+# every other label and every colour is the registry's, so a method looks the same in study and toy plots.
+TOY_METHODS = {"gd": "sgd", "sam": "sam", "msam": "msam", "asam": "asam", "fsam": "fsam"}
+METHOD_LABELS = {m: "GD" if m == "gd" else optimizer_info(name).label for m, name in TOY_METHODS.items()}
+METHOD_COLORS = {m: optimizer_info(name).color for m, name in TOY_METHODS.items()}
 EXPERIMENTS = ("banana", "sinc", "paraboloid", "stability", "grid")
 DTYPE = torch.float64  # the toy runs are tiny; float64 keeps the end points comparable to the paper's digits
 
@@ -90,12 +96,12 @@ class Trajectories:
         return self.losses[:, -1]
 
 
-def build_optimizer(method: str, param: Tensor, *, lr: float, rho: float, eta: float | None = None
+def build_toy_optimizer(method: str, param: Tensor, *, lr: float, rho: float, eta: float | None = None
                     ) -> torch.optim.Optimizer:
     """The optimizer a toy run uses: 'gd' = plain SGD; SAM family = the registry's class over SGD (no momentum)."""
     if method == "gd":
         return create_optimizer("sgd", [param], lr=lr)
-    return create_optimizer(method, [param], lr=lr, rho=rho, eta=eta)
+    return create_optimizer(method, [param], lr=lr, rho=rho, eta=eta, base="sgd")  # the paper's plain SGD base
 
 
 def run_optimizer(loss_fn: LossFn, starts: Tensor, method: str, *, lr: float, rho: float, steps: int,
@@ -109,9 +115,8 @@ def run_optimizer(loss_fn: LossFn, starts: Tensor, method: str, *, lr: float, rh
     """
     if starts.ndim != 2 or starts.shape[1] != 2:
         raise ValueError(f"starts must have shape [B, 2], got {tuple(starts.shape)}")
-    two_pass = method != "gd" and optimizer_info(method).two_pass
     params = [torch.nn.Parameter(s.detach().to(DTYPE).clone().view(1, 2)) for s in starts]
-    opts = [build_optimizer(method, p, lr=lr, rho=rho, eta=eta) for p in params]
+    opts = [build_toy_optimizer(method, p, lr=lr, rho=rho, eta=eta) for p in params]
     b = len(params)
     points = [[p.detach().view(2).clone()] for p in params]
     losses: list[list[float]] = [[] for _ in range(b)]
@@ -127,19 +132,12 @@ def run_optimizer(loss_fn: LossFn, starts: Tensor, method: str, *, lr: float, rh
     for _ in range(steps):
         if not active:
             break
-        value = forward_backward(active)
+        running = [opts[i] for i in active]
+        closure = functools.partial(forward_backward, active)
+        value = first_pass(running, closure)
         for i, v in zip(active, value.tolist()):
             losses[i].append(v)
-        if two_pass:
-            for i in active:
-                opts[i].first_step(zero_grad=True)
-            forward_backward(active)
-            for i in active:
-                opts[i].second_step(zero_grad=True)
-        else:
-            for i in active:
-                opts[i].step()
-                opts[i].zero_grad()
+        finish(running, closure)
         still = []
         for i in active:
             points[i].append(params[i].detach().view(2).clone())

@@ -15,9 +15,7 @@ from typing import Any
 import torch
 
 from align.files import atomic_write_bytes, json_safe
-from align.toy import FLATTEST, METHOD_LABELS, SADDLE, ToyResult, banana, distance_to, sinc
-
-COLORS = {"gd": "tab:blue", "sam": "tab:red", "msam": "tab:green", "asam": "tab:purple", "fsam": "tab:orange"}
+from align.toy import FLATTEST, METHOD_COLORS, METHOD_LABELS, SADDLE, ToyResult, banana, distance_to, sinc
 
 
 # -- files --------------------------------------------------------------------------------------------------
@@ -95,9 +93,9 @@ def plot_banana(result: ToyResult):
         pts = tr.points[0].numpy()
         row = next(r for r in result.summary if r["method"] == METHOD_LABELS[m])
         label = f"{METHOD_LABELS[m]} → ({row['theta1']:.3f}, {row['theta2']:.3f}), ℓ={row['loss']:.3g}"
-        ax.plot(pts[:, 0], pts[:, 1], color=COLORS[m], lw=2, label=label)
-        ax.plot(pts[-1, 0], pts[-1, 1], "o", color=COLORS[m], ms=7, markeredgecolor="white")
-        ax2.plot(tr.losses[0].numpy(), color=COLORS[m], lw=2, label=METHOD_LABELS[m])
+        ax.plot(pts[:, 0], pts[:, 1], color=METHOD_COLORS[m], lw=2, label=label)
+        ax.plot(pts[-1, 0], pts[-1, 1], "o", color=METHOD_COLORS[m], ms=7, markeredgecolor="white")
+        ax2.plot(tr.losses[0].numpy(), color=METHOD_COLORS[m], lw=2, label=METHOD_LABELS[m])
     start = result.settings["start"]
     ax.plot(start[0], start[1], "s", color="white", ms=8, markeredgecolor="black", label="start")
     ax.legend(loc="lower right", fontsize=8, framealpha=0.9)
@@ -134,7 +132,7 @@ def plot_sinc(result: ToyResult):
             row = next(r for r in result.summary if r["method"] == METHOD_LABELS[m] and r["rho"] == rho)
             fp = tr.final_points.numpy()
             ax.plot(starts[:, 0], starts[:, 1], ".", color="white", ms=3, alpha=0.6, label="starts")
-            ax.plot(fp[:, 0], fp[:, 1], "o", color=COLORS[m], ms=4, markeredgecolor="black", mew=0.4,
+            ax.plot(fp[:, 0], fp[:, 1], "o", color=METHOD_COLORS[m], ms=4, markeredgecolor="black", mew=0.4,
                     label="final points")
             ax.add_patch(_circle(radius))
             ax.set_title(f"{METHOD_LABELS[m]}, ρ = {rho:g}\n{row['at_maximum']}/{row['runs']} end at the maximum",
@@ -174,8 +172,8 @@ def plot_paraboloid(result: ToyResult):
             m = _method_of(key)
             th = tr.points[0, :, 0].numpy()
             loss = tr.losses[0].numpy()
-            top.plot(th, th ** 2, "-o", color=COLORS[m], ms=4, lw=1, alpha=0.8, label=METHOD_LABELS[m])
-            bottom.plot(loss, "-o", color=COLORS[m], ms=4, label=f"{METHOD_LABELS[m]} (final {loss[-1]:.3f})")
+            top.plot(th, th ** 2, "-o", color=METHOD_COLORS[m], ms=4, lw=1, alpha=0.8, label=METHOD_LABELS[m])
+            bottom.plot(loss, "-o", color=METHOD_COLORS[m], ms=4, label=f"{METHOD_LABELS[m]} (final {loss[-1]:.3f})")
         top.set_title(f"lr = {lr:g}, ρ = {result.settings['rho']:g}")
         top.set_xlabel(r"$\theta$")
         top.set_ylabel(r"$\ell(\theta)=\theta^2$")
@@ -242,7 +240,7 @@ def plot_grid(result: ToyResult):
         tr = result.runs[m]
         for b in range(tr.points.shape[0]):
             p = tr.points[b, : int(tr.steps[b]) + 1].numpy()
-            ax.plot(p[:, 0], p[:, 1], color=COLORS[m], lw=0.6, alpha=0.5)
+            ax.plot(p[:, 0], p[:, 1], color=METHOD_COLORS[m], lw=0.6, alpha=0.5)
         starts = result.extra["starts"].numpy()
         ax.plot(starts[:, 0], starts[:, 1], ".", color="black", ms=3)
         fp = tr.final_points

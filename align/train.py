@@ -37,7 +37,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -50,7 +50,7 @@ from align.runs import RunDir, config_hash, flatten_state, json_safe, unflatten_
 from align.train_config import EvalConfig, OptimConfig, ScheduleConfig, TrainConfig, hashed_config
 
 __all__ = ["TrainConfig", "OptimConfig", "ScheduleConfig", "EvalConfig", "train", "Sampler", "lr_factor",
-           "uniform_loss", "holdout_split", "load_data", "resolve_dims", "optimizer_and_schedule", "train_step"]
+           "uniform_loss", "holdout_split", "load_data", "resolve_dims", "optimizer_and_schedule"]
 
 RESULT_KEYS = (
     "status",          # "done" | "diverged"
@@ -140,9 +140,9 @@ class Sampler:
 
 def load_data(cfg: TrainConfig, splits: list[str]) -> dict[str, Any]:
     """The cached PairedEmbeddings of each split (AlignError naming the command to build a missing cache)."""
-    from align.cache import load_split
+    from align.cache import load_cached_split
 
-    return {split: load_split(cfg.data, split) for split in dict.fromkeys(splits)}
+    return {split: load_cached_split(cfg.data, split) for split in dict.fromkeys(splits)}
 
 
 def holdout_split(paired: Any, n: int) -> tuple[Any, Any]:
@@ -239,13 +239,6 @@ def optimizer_and_schedule(cfg: TrainConfig, model: torch.nn.Module) -> tuple[An
 
 # -- one step --------------------------------------------------------------------------------------------
 
-def _sum_sq_grad_norm(params: list[Tensor]) -> Tensor:
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return torch.zeros(())
-    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
-
-
 def _rng_tensors() -> dict[str, Tensor]:
     out = {"rng.cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -269,36 +262,6 @@ def _finite_model(model: torch.nn.Module) -> bool:
 def _window_mean(values: list[float]) -> float | None:
     finite = [v for v in values if math.isfinite(v)]
     return sum(finite) / len(finite) if finite else None
-
-
-def train_step(model: torch.nn.Module, loss_fn: Callable[..., Tensor], opt: Any, image: Tensor, text: Tensor,
-               two_pass: bool, grad_clip: float | None = None, bf16: bool = False) -> tuple[Tensor, Tensor]:
-    """One optimizer step on a paired (B, Di), (B, Dt) batch → (loss at θ, ‖g‖ at θ), 0-d tensors (no host sync).
-
-    A non-finite loss is NOT stepped on: the weights stay as they were (the caller ends the run).
-    """
-    params = [p for group in opt.param_groups for p in group["params"]]
-
-    def loss_at_current() -> Tensor:
-        with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=bf16):
-            return loss_fn(**model(image, text)).float()
-
-    opt.zero_grad(set_to_none=True)
-    loss = loss_at_current()
-    loss.backward()
-    grad_norm = _sum_sq_grad_norm(params)
-    if not bool(torch.isfinite(loss)):
-        return loss.detach(), grad_norm
-    if two_pass:
-        opt.first_step(zero_grad=True)
-        loss_at_current().backward()
-        opt.second_step(zero_grad=True)
-    else:
-        if grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(params, grad_clip)
-        opt.step()
-    model.clamp_logit_scale_()
-    return loss.detach(), grad_norm
 
 
 # -- the loop's state --------------------------------------------------------------------------------------
@@ -443,10 +406,13 @@ class Trainer:
     # -- training
     def step(self, state: LoopState) -> float | None:
         """One optimizer step and its metrics record → the loss, or None when it was non-finite (not stepped)."""
+        from align.optim.step import backward_closure, take_step
+
         rows = self.sampler.batch(state.step)
         lr = self.opt.param_groups[0]["lr"]
-        loss, grad_norm_t = train_step(self.model, self.loss_fn, self.opt, self.image[rows[0]], self.text[rows[1]],
-                                       self.two_pass, self.cfg.optim.grad_clip, self.bf16)
+        image, text = self.image[rows[0]], self.text[rows[1]]
+        loss, grad_norm_t = take_step(self.opt, backward_closure(lambda: self.loss_fn(**self.model(image, text)),
+                                                                 self.bf16), self.cfg.optim.grad_clip)
         loss_value, grad_norm = float(loss), float(grad_norm_t)
         record: dict[str, Any] = {"kind": "train", "step": state.step + 1, "loss": loss_value, "lr": lr}
         if not math.isfinite(loss_value):
@@ -454,6 +420,7 @@ class Trainer:
                               "reason": f"non-finite training loss ({loss_value}) at step {state.step + 1}"}
             self.run.append_metrics(dict(record, grad_norm=grad_norm))
             return None  # that step was not taken: steps_done stays at the last finite one
+        self.model.clamp_logit_scale_()
         record.update(log_scale=float(self.model.log_scale.detach()), grad_norm=grad_norm)
         if self.two_pass:
             stats = self.opt.last_stats

@@ -6,7 +6,8 @@
    checksums) against a plain loop of open_clip ``encode_image`` / ``encode_text`` over the same images and
    captions, same random ViT-S-32 weights, same batch size, models loaded beforehand on both sides (goal ≥ 0.95×).
    Runs alternate and the best of each is kept, so a busy machine hurts both sides alike.
-2. Loading the finished cache (``load_split`` → float32 PairedEmbeddings) against re-encoding it (goal ≥ 100×).
+2. Loading the finished cache (``load_cached_split`` → float32 PairedEmbeddings) against re-encoding it
+   (goal ≥ 100×).
 Both ratios are measured side by side in this one run.
 """
 from __future__ import annotations
@@ -69,8 +70,8 @@ def main() -> None:
     args = parser.parse_args()
     logging.getLogger().setLevel(logging.ERROR)  # open_clip's "initialized randomly" is expected here
 
-    from align.cache import EmbedConfig, load_split
-    from align.datasets import load_split as load_data
+    from align.cache import EmbedConfig, load_cached_split
+    from align.datasets import load_image_caption_split as load_data
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-embed-"))
     cfg = EmbedConfig.model_validate({
@@ -97,13 +98,13 @@ def main() -> None:
               f"align pipeline {ours_times[-1][0]:.2f} s ({ours_times[-1][1]:.2f} s CPU)")
     plain, ours = min(t[0] for t in plain_times), min(t[0] for t in ours_times)
     plain_cpu, ours_cpu = min(t[1] for t in plain_times), min(t[1] for t in ours_times)
-    paired = load_split(cfg, "train")
+    paired = load_cached_split(cfg, "train")
     max_diff = float((paired.image - reference).abs().max())
 
     loads = []
     for _ in range(20):
         start = time.perf_counter()
-        loaded = load_split(cfg, "train")
+        loaded = load_cached_split(cfg, "train")
         loads.append(time.perf_counter() - start)
     load = min(loads)
 
@@ -111,7 +112,7 @@ def main() -> None:
     print(f"{'':44s}{'seconds':>10s}{'items/s':>10s}")
     print(f"{'plain open_clip encode_image/encode_text loop':44s}{plain:10.2f}{(n_img + n_cap) / plain:10.1f}")
     print(f"{'align embed_split (shards, manifest, sha256)':44s}{ours:10.2f}{(n_img + n_cap) / ours:10.1f}")
-    print(f"{'align load_split of the finished cache':44s}{load:10.4f}{(n_img + n_cap) / load:10.0f}")
+    print(f"{'align load_cached_split of the finished cache':44s}{load:10.4f}{(n_img + n_cap) / load:10.0f}")
     print()
     print(f"pipeline throughput / plain loop: {plain / ours:.3f}x wall, {plain_cpu / ours_cpu:.3f}x CPU time "
           f"(goal >= 0.95x)")

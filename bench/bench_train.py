@@ -4,8 +4,8 @@
     .venv/bin/python bench/bench_train.py --batches 1024 4096 --steps 50 --device cuda
 
 What is timed is the training loop's core exactly as ``align.train`` runs it: gather a random batch of cached
-embeddings on the device, ``align.train.train_step`` (forward, backward, optimizer step — two passes for M-SAM
-— and the logit-scale clamp), the LR scheduler step, and the per-step host read of loss and ‖g‖ that the loop
+embeddings on the device, ``align.optim.step.take_step`` (forward, backward, optimizer step — two passes for
+M-SAM), the logit-scale clamp, the LR scheduler step, and the per-step host read of loss and ‖g‖ that the loop
 logs. Default shapes are the offline pair's: EfficientNet-Lite0 1280-d images, MiniLM 384-d captions, linear
 heads to 256-d. FLOPs per step are counted by ``torch.utils.flop_counter.FlopCounterMode`` on one real step
 (matmuls; elementwise work is not counted, so achieved GFLOP/s is a lower bound on work done). The reference is
@@ -58,7 +58,6 @@ class Variant:
                  device: torch.device) -> None:
         from align.heads import build_model
         from align.losses import loss_for
-        from align.optim import optimizer_info
         from align.train import TrainConfig, optimizer_and_schedule
 
         data = {"dataset": {"kind": "synthetic"},
@@ -71,18 +70,19 @@ class Variant:
         self.model = build_model(self.cfg.head, self.cfg.loss, image.shape[1], text.shape[1]).to(device)
         self.loss_fn = loss_for(self.cfg.loss)
         self.opt, self.sched = optimizer_and_schedule(self.cfg, self.model)
-        self.two_pass = optimizer_info(name).two_pass
         self.name, self.batch, self.device = name, batch, device
         self.image, self.text = image, text
         self.bf16 = device.type == "cuda"
         self.gen = torch.Generator(device=device).manual_seed(0)
 
     def step(self) -> None:
-        from align.train import train_step
+        from align.optim.step import backward_closure, take_step
 
         rows = torch.randint(0, self.image.shape[0], (self.batch,), device=self.device, generator=self.gen)
-        loss, grad_norm = train_step(self.model, self.loss_fn, self.opt, self.image[rows], self.text[rows],
-                                     self.two_pass, None, self.bf16)
+        image, text = self.image[rows], self.text[rows]
+        loss, grad_norm = take_step(self.opt, backward_closure(lambda: self.loss_fn(**self.model(image, text)),
+                                                               self.bf16))
+        self.model.clamp_logit_scale_()
         self.sched.step()
         float(loss), float(grad_norm)  # the loop logs both every step: one host sync
 

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from align import cache, encoders
-from align.cache import EmbedConfig, cache_key, embed_split, list_caches, load_split, remove_cache, verify_cache
+from align.cache import EmbedConfig, cache_key, embed_split, list_caches, load_cached_split, remove_cache, verify_cache
 from align.errors import AlignError
 
 TINY_CFG = {"embed_dim": 16,
@@ -60,7 +60,7 @@ def reference_embeddings(tiny_dir: Path, cfg: EmbedConfig, split: str) -> tuple[
     """Image and caption embeddings computed straight with open_clip, one item at a time."""
     import open_clip
 
-    from align.datasets import load_split as load_data
+    from align.datasets import load_image_caption_split as load_data
 
     model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{tiny_dir}")
     tokenizer = open_clip.get_tokenizer(f"local-dir:{tiny_dir}")
@@ -139,7 +139,7 @@ def test_cached_values_equal_direct_open_clip_encoding(tiny_dir, tmp_path):
     path = embed_split(cfg, "train", progress=False, log=lines.append)
     assert path == tmp_path / cache_key(cfg, "train")
     assert any("throughput" in line and "images/s" not in line for line in lines)  # "N images in X s (Y/s)"
-    paired = load_split(cfg, "train")
+    paired = load_cached_split(cfg, "train")
     image, text = reference_embeddings(tiny_dir, cfg, "train")
     assert paired.image.dtype == torch.float32 and paired.image.shape == (20, 16) and paired.text.shape == (40, 16)
     torch.testing.assert_close(paired.image, image, rtol=1e-5, atol=1e-5)
@@ -161,7 +161,7 @@ def test_cached_values_equal_direct_open_clip_encoding(tiny_dir, tmp_path):
 
 def _embedded(cfg: EmbedConfig, split: str = "train"):
     embed_split(cfg, split, progress=False, log=quiet)
-    return load_split(cfg, split)
+    return load_cached_split(cfg, split)
 
 
 def test_float16_storage_and_normalisation(tiny_dir, tmp_path):
@@ -193,7 +193,7 @@ def test_dataloader_workers_give_the_same_bytes(tiny_dir, tmp_path):
 
 def test_missing_cache_says_which_command_to_run(tiny_dir, tmp_path):
     with pytest.raises(AlignError, match=r"no cached embeddings for split 'val'.*run `align embed --config FILE`"):
-        load_split(make_cfg(tiny_dir, tmp_path), "val")
+        load_cached_split(make_cfg(tiny_dir, tmp_path), "val")
 
 
 # --------------------------------------------------------------------------------------------- bad input
@@ -224,7 +224,7 @@ def test_unreadable_images_are_skipped_listed_and_their_captions_dropped(tiny_di
     skipped = {d["index"]: d for d in manifest["skipped"]}
     assert set(skipped) == {2, 4} and all(d["reason"] for d in skipped.values())
     assert manifest["counts"] == {"images": 4, "captions": 8, "skipped_images": 2, "dropped_captions": 4}
-    paired = load_split(cfg, "train")
+    paired = load_cached_split(cfg, "train")
     kept = [0, 1, 3, 5]
     assert np.load(path / "image_rows.npy").tolist() == kept
     assert paired.caption_to_image.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
@@ -277,20 +277,20 @@ def test_nan_embeddings_are_an_error(tiny_dir, tmp_path, monkeypatch):
     with pytest.raises(AlignError, match=r"NaN/inf embeddings for \S*train\S*4, .* in split 'train'"):
         embed_split(cfg, "train", progress=False, log=quiet)
     with pytest.raises(AlignError, match="no cached embeddings"):
-        load_split(cfg, "train")
+        load_cached_split(cfg, "train")
 
 
 def test_empty_caption_is_rejected_with_its_row(tiny_dir, tmp_path, monkeypatch):
     from align import datasets
 
-    real = datasets.load_split
+    real = datasets.load_image_caption_split
 
     def with_empty_caption(spec, split):
         data = real(spec, split)
         data.captions[5] = "   "
         return data
 
-    monkeypatch.setattr(datasets, "load_split", with_empty_caption)
+    monkeypatch.setattr(datasets, "load_image_caption_split", with_empty_caption)
     with pytest.raises(AlignError, match=r"caption 5 \(of image .*\) in split 'train' is empty"):
         embed_split(make_cfg(tiny_dir, tmp_path), "train", progress=False, log=quiet)
 
@@ -309,7 +309,7 @@ def test_verify_detects_a_flipped_byte_and_a_truncated_file_never_loads(tiny_dir
     # a truncated file fails the quick completeness check that every load does
     (path / "image.npy").write_bytes((path / "image.npy").read_bytes()[:-16])
     with pytest.raises(AlignError, match="no cached embeddings"):
-        load_split(cfg, "train")
+        load_cached_split(cfg, "train")
     assert list_caches(tmp_path)[0]["status"] == "incomplete"
     # embedding again repairs it
     embed_split(cfg, "train", progress=False, log=quiet)
@@ -369,7 +369,7 @@ def test_sigkill_mid_run_then_resume_gives_byte_identical_files(tiny_dir, tmp_pa
     assert 2 <= done < 5, done  # killed mid-way through the 5 image shards
     assert not (work.parent / "manifest.json").exists()
     with pytest.raises(AlignError, match="no cached embeddings"):
-        load_split(cfg, "train")
+        load_cached_split(cfg, "train")
 
     # resume (in this process) with a different batch size: the run's plan keeps the interrupted one's layout
     encoded = []
@@ -409,7 +409,7 @@ def test_the_offline_default_pair_through_the_cache(tmp_path):
                              "shard_size=8"])
     path = embed_split(cfg, "val", progress=False, log=quiet)
     assert verify_cache(path) == []
-    paired = load_split(cfg, "val")
+    paired = load_cached_split(cfg, "val")
     assert paired.image.shape == (12, 1280) and paired.text.shape == (60, 384)
     # captions of one image (paraphrases) are nearer to each other than to other images' captions
     text = torch.nn.functional.normalize(paired.text, dim=1)

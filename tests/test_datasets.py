@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from align.config import dump_config, load_yaml, validate
-from align.datasets import DatasetSpec, ImageUnreadable, load_split
+from align.datasets import DatasetSpec, ImageUnreadable, load_image_caption_split
 from align.errors import AlignError
 
 COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (0, 255, 255)]
@@ -55,7 +55,7 @@ def test_imagefolder_jsonl_caption_and_captions_forms(folder):
     _jsonl(root / "metadata.jsonl", [{"file_name": "img0.png", "caption": "red"},
                                      {"file_name": "img1.png", "caption": "green"},
                                      {"file_name": "img2.png", "caption": "blue"}])
-    data = load_split(_spec(kind="imagefolder", path=str(root)), "train")
+    data = load_image_caption_split(_spec(kind="imagefolder", path=str(root)), "train")
     assert data.image_ids == ["img0.png", "img1.png", "img2.png"]
     assert data.captions == ["red", "green", "blue"]
     assert data.caption_to_image.tolist() == [0, 1, 2]
@@ -66,7 +66,7 @@ def test_imagefolder_jsonl_caption_and_captions_forms(folder):
     _jsonl(root / "metadata.jsonl", [{"file_name": "img0.png", "captions": ["red", "a red box"]},
                                      {"file_name": "img1.png", "captions": ["green"]},
                                      {"file_name": "img2.png", "captions": ["blue", "b", "  c  "]}])
-    data = load_split(_spec(kind="imagefolder", path=str(root)), "train")
+    data = load_image_caption_split(_spec(kind="imagefolder", path=str(root)), "train")
     assert data.captions == ["red", "a red box", "green", "blue", "b", "c"]
     assert data.caption_to_image.tolist() == [0, 0, 1, 2, 2, 2]
     assert data.captions_of(2) == ["blue", "b", "c"]
@@ -79,7 +79,7 @@ def test_imagefolder_metadata_csv_caption_rows_and_captions_lists(folder):
     # one row per caption: rows naming the same file are one image
     _csv(root / "metadata.csv", ["file_name", "caption"],
          [["img1.png", "green one"], ["img0.png", "red"], ["img1.png", "green two"]])
-    data = load_split(_spec(kind="imagefolder", path=str(root)), "train")
+    data = load_image_caption_split(_spec(kind="imagefolder", path=str(root)), "train")
     assert data.image_ids == ["img1.png", "img0.png"]
     assert data.captions == ["green one", "green two", "red"]
     assert data.caption_to_image.tolist() == [0, 0, 1]
@@ -88,7 +88,7 @@ def test_imagefolder_metadata_csv_caption_rows_and_captions_lists(folder):
     (root / "metadata.csv").unlink()
     _csv(root / "metadata.csv", ["file_name", "captions"],
          [["img0.png", json.dumps(["r1", "r2"])], ["img2.png", json.dumps(["b1", "b2", "b3"])]])
-    data = load_split(_spec(kind="imagefolder", path=str(root)), "train")
+    data = load_image_caption_split(_spec(kind="imagefolder", path=str(root)), "train")
     assert data.image_ids == ["img0.png", "img2.png"]
     assert data.captions == ["r1", "r2", "b1", "b2", "b3"]
     assert data.caption_to_image.tolist() == [0, 0, 1, 1, 1]
@@ -101,8 +101,8 @@ def test_imagefolder_splits_by_subfolder_column_and_flat_rule(tmp_path):
         _jsonl(tmp_path / split / "metadata.jsonl",
                [{"file_name": f"{split}{i}.png", "caption": f"{split} {i}"} for i in range(len(colours))])
     spec = _spec(kind="imagefolder", path=str(tmp_path))
-    assert load_split(spec, "test").image_ids == ["test0.png", "test1.png", "test2.png"]
-    assert load_split(spec, "train").captions == ["train 0", "train 1"]
+    assert load_image_caption_split(spec, "test").image_ids == ["test0.png", "test1.png", "test2.png"]
+    assert load_image_caption_split(spec, "train").captions == ["train 0", "train 1"]
 
     flat = tmp_path / "flat"
     _png(flat / "a.png", COLOURS[0])
@@ -110,27 +110,28 @@ def test_imagefolder_splits_by_subfolder_column_and_flat_rule(tmp_path):
     _jsonl(flat / "metadata.jsonl", [{"file_name": "a.png", "caption": "x", "part": "test"},
                                      {"file_name": "b.png", "caption": "y", "part": "train"}])
     with pytest.raises(AlignError, match="no split 'test'"):
-        load_split(_spec(kind="imagefolder", path=str(flat)), "test")
-    assert load_split(_spec(kind="imagefolder", path=str(flat)), "train").image_ids == ["a.png", "b.png"]
+        load_image_caption_split(_spec(kind="imagefolder", path=str(flat)), "test")
+    assert load_image_caption_split(_spec(kind="imagefolder", path=str(flat)), "train").image_ids == ["a.png", "b.png"]
     by_column = _spec(kind="imagefolder", path=str(flat), split_column="part")
-    assert load_split(by_column, "test").image_ids == ["a.png"]
-    assert load_split(by_column, "train").image_ids == ["b.png"]
+    assert load_image_caption_split(by_column, "test").image_ids == ["a.png"]
+    assert load_image_caption_split(by_column, "train").image_ids == ["b.png"]
     renamed = _spec(kind="imagefolder", path=str(flat), split_column="part", split_values={"val": ["test"]})
-    assert load_split(renamed, "val").image_ids == ["a.png"]
+    assert load_image_caption_split(renamed, "val").image_ids == ["a.png"]
 
 
 def test_missing_folder_and_unknown_column_are_one_line_errors(tmp_path, folder):
     with pytest.raises(AlignError, match="image folder not found") as err:
-        load_split(_spec(kind="imagefolder", path=str(tmp_path / "nope")), "train")
+        load_image_caption_split(_spec(kind="imagefolder", path=str(tmp_path / "nope")), "train")
     assert "\n" not in str(err.value)
     root, _ = folder
     _jsonl(root / "metadata.jsonl", [{"file_name": "img0.png", "text_en": "red"}])
     with pytest.raises(AlignError, match="set caption_column") as err:
-        load_split(_spec(kind="imagefolder", path=str(root)), "train")
+        load_image_caption_split(_spec(kind="imagefolder", path=str(root)), "train")
     assert "text_en" in str(err.value)
-    assert load_split(_spec(kind="imagefolder", path=str(root), caption_column="text_en"), "train").captions == ["red"]
+    renamed = _spec(kind="imagefolder", path=str(root), caption_column="text_en")
+    assert load_image_caption_split(renamed, "train").captions == ["red"]
     with pytest.raises(AlignError, match="no caption column 'nope'"):
-        load_split(_spec(kind="imagefolder", path=str(root), caption_column="nope"), "train")
+        load_image_caption_split(_spec(kind="imagefolder", path=str(root), caption_column="nope"), "train")
 
 
 # ---------------------------------------------------------------- csv / tsv
@@ -140,7 +141,7 @@ def test_csv_and_tsv_rows_relative_paths_grouping(tmp_path):
     pix_b = _png(tmp_path / "imgs" / "b.png", COLOURS[1])
     _csv(tmp_path / "pairs.csv", ["image", "caption"],
          [["imgs/a.png", "first, with a comma"], ["imgs/b.png", "bee"], ["imgs/a.png", "second"]])
-    data = load_split(_spec(kind="csv", path=str(tmp_path / "pairs.csv")), "train")
+    data = load_image_caption_split(_spec(kind="csv", path=str(tmp_path / "pairs.csv")), "train")
     assert data.image_ids == ["imgs/a.png", "imgs/b.png"]
     assert data.captions == ["first, with a comma", "second", "bee"]
     assert data.caption_to_image.tolist() == [0, 0, 1]
@@ -149,7 +150,7 @@ def test_csv_and_tsv_rows_relative_paths_grouping(tmp_path):
 
     # TSV: delimiter from the extension, custom column names, a column order that is not (image, caption)
     _csv(tmp_path / "pairs.tsv", ["text", "extra", "path"], [["tab, sep", "z", "imgs/b.png"]], delimiter="\t")
-    data = load_split(_spec(kind="csv", path=str(tmp_path / "pairs.tsv"), image_column="path",
+    data = load_image_caption_split(_spec(kind="csv", path=str(tmp_path / "pairs.tsv"), image_column="path",
                             caption_column="text"), "train")
     assert data.image_ids == ["imgs/b.png"] and data.captions == ["tab, sep"]
     assert np.array_equal(np.asarray(data.load_image(0)), pix_b)
@@ -157,15 +158,15 @@ def test_csv_and_tsv_rows_relative_paths_grouping(tmp_path):
     # {split} in the path picks one file per split
     _csv(tmp_path / "pairs_test.csv", ["image", "caption"], [["imgs/b.png", "test bee"]])
     spec = _spec(kind="csv", path=str(tmp_path / "pairs_{split}.csv"))
-    assert load_split(spec, "test").captions == ["test bee"]
+    assert load_image_caption_split(spec, "test").captions == ["test bee"]
     with pytest.raises(AlignError, match="CSV file not found"):
-        load_split(spec, "val")
+        load_image_caption_split(spec, "val")
 
 
 def test_csv_caption_separator(tmp_path):
     _png(tmp_path / "a.png", COLOURS[0])
     _csv(tmp_path / "p.csv", ["image", "caption"], [["a.png", "one|two| three |"]])
-    data = load_split(_spec(kind="csv", path=str(tmp_path / "p.csv"), caption_separator="|"), "train")
+    data = load_image_caption_split(_spec(kind="csv", path=str(tmp_path / "p.csv"), caption_separator="|"), "train")
     assert data.captions == ["one", "two", "three"]
 
 
@@ -178,7 +179,7 @@ def test_corrupt_truncated_and_missing_images_raise_image_unreadable(tmp_path):
     (tmp_path / "trunc.jpg").write_bytes((tmp_path / "full.jpg").read_bytes()[:200])
     _jsonl(tmp_path / "metadata.jsonl", [{"file_name": n, "caption": n} for n in
                                          ("good.png", "corrupt.png", "missing.png", "trunc.jpg")])
-    data = load_split(_spec(kind="imagefolder", path=str(tmp_path)), "train")
+    data = load_image_caption_split(_spec(kind="imagefolder", path=str(tmp_path)), "train")
     assert len(data) == 4  # unreadable images are found lazily: the cache skips and counts them
     data.load_image(0)
     for i, name in ((1, "corrupt.png"), (2, "missing.png"), (3, "trunc.jpg")):
@@ -196,19 +197,19 @@ def test_empty_caption_is_rejected_with_its_row(tmp_path, bad):
     _jsonl(tmp_path / "metadata.jsonl", [{"file_name": "a.png", "caption": "fine"},
                                          {"file_name": "b.png", "caption": bad}])
     with pytest.raises(AlignError, match=r"metadata.jsonl line 2") as err:
-        load_split(_spec(kind="imagefolder", path=str(tmp_path)), "train")
+        load_image_caption_split(_spec(kind="imagefolder", path=str(tmp_path)), "train")
     assert "caption" in str(err.value)
 
     if bad is not None:
         _csv(tmp_path / "p.csv", ["image", "caption"], [["a.png", "ok"], ["a.png", "ok 2"], ["b.png", bad]])
         with pytest.raises(AlignError, match=r"p.csv line 4: empty caption"):
-            load_split(_spec(kind="csv", path=str(tmp_path / "p.csv")), "train")
+            load_image_caption_split(_spec(kind="csv", path=str(tmp_path / "p.csv")), "train")
     _jsonl(tmp_path / "metadata.jsonl", [{"file_name": "a.png", "captions": ["x", bad]}])
     with pytest.raises(AlignError, match=r"line 1"):
-        load_split(_spec(kind="imagefolder", path=str(tmp_path)), "train")
+        load_image_caption_split(_spec(kind="imagefolder", path=str(tmp_path)), "train")
     _jsonl(tmp_path / "metadata.jsonl", [{"file_name": "a.png", "captions": []}])
     with pytest.raises(AlignError, match=r"line 1: empty caption list"):
-        load_split(_spec(kind="imagefolder", path=str(tmp_path)), "train")
+        load_image_caption_split(_spec(kind="imagefolder", path=str(tmp_path)), "train")
 
 
 # ---------------------------------------------------------------- selection
@@ -219,22 +220,22 @@ def test_caption_index_zero_differs_from_all_and_max_images_subset(tmp_path):
     _jsonl(tmp_path / "metadata.jsonl",
            [{"file_name": f"{i}.png", "captions": [f"img{i} cap{k}" for k in range(3)]} for i in range(4)])
     base = dict(kind="imagefolder", path=str(tmp_path))
-    every = load_split(_spec(**base), "train")
+    every = load_image_caption_split(_spec(**base), "train")
     assert len(every.captions) == 12
-    first = load_split(_spec(**base, caption_index=0), "train")
+    first = load_image_caption_split(_spec(**base, caption_index=0), "train")
     assert first.captions == [f"img{i} cap0" for i in range(4)]
     assert first.caption_to_image.tolist() == [0, 1, 2, 3]
-    second = load_split(_spec(**base, caption_index=2), "train")
+    second = load_image_caption_split(_spec(**base, caption_index=2), "train")
     assert second.captions == [f"img{i} cap2" for i in range(4)]
     with pytest.raises(AlignError, match="caption_index=3 needs at least 4"):
-        load_split(_spec(**base, caption_index=3), "train")
+        load_image_caption_split(_spec(**base, caption_index=3), "train")
 
-    sub = load_split(_spec(**base, max_images=2), "train")
+    sub = load_image_caption_split(_spec(**base, max_images=2), "train")
     assert sub.image_ids == ["0.png", "1.png"]
     assert sub.captions == every.captions[:6]
     assert sub.caption_to_image.tolist() == [0, 0, 0, 1, 1, 1]
     assert np.array_equal(np.asarray(sub.load_image(1)), np.asarray(every.load_image(1)))
-    both = load_split(_spec(**base, max_images=3, caption_index=1), "train")
+    both = load_image_caption_split(_spec(**base, max_images=3, caption_index=1), "train")
     assert both.captions == ["img0 cap1", "img1 cap1", "img2 cap1"]
 
 
@@ -270,7 +271,7 @@ def hub_folder(tmp_path_factory) -> Path:
 def test_hub_save_to_disk_column_mapping_split_filter_and_lazy_decode(hub_folder):
     spec = _spec(kind="hub", name=str(hub_folder / "single"), caption_column="sentences", split_column="karpathy",
                  id_column="key")
-    test = load_split(spec, "test")
+    test = load_image_caption_split(spec, "test")
     assert test.image_ids == ["k1", "k3", "k5"]
     assert test.captions == ["s1a", "s1b", "s3a", "s3b", "s5a", "s5b"]
     assert test.caption_to_image.tolist() == [0, 0, 1, 1, 2, 2]
@@ -281,36 +282,38 @@ def test_hub_save_to_disk_column_mapping_split_filter_and_lazy_decode(hub_folder
 
     karpathy_train = _spec(kind="hub", name=str(hub_folder / "single"), caption_column="sentences",
                            split_column="karpathy", split_values={"train": ["train", "restval"]})
-    train = load_split(karpathy_train, "train")
+    train = load_image_caption_split(karpathy_train, "train")
     assert train.image_ids == ["0", "2"]  # row numbers when no id column
-    assert load_split(karpathy_train.model_copy(update={"caption_index": 1}), "train").captions == ["s0b", "s2b"]
-    assert load_split(spec.model_copy(update={"max_images": 2}), "test").image_ids == ["k1", "k3"]
+    second = karpathy_train.model_copy(update={"caption_index": 1})
+    assert load_image_caption_split(second, "train").captions == ["s0b", "s2b"]
+    assert load_image_caption_split(spec.model_copy(update={"max_images": 2}), "test").image_ids == ["k1", "k3"]
 
 
 def test_hub_dataset_dict_with_split_mapping(hub_folder):
     spec = _spec(kind="hub", name=str(hub_folder / "dict"), caption_column="sentences",
                  hf_split={"train": "train", "val": "validation"})
-    assert load_split(spec, "train").captions == ["s0a", "s0b", "s2a", "s2b"]
-    val = load_split(spec, "val")
+    assert load_image_caption_split(spec, "train").captions == ["s0a", "s0b", "s2a", "s2b"]
+    val = load_image_caption_split(spec, "val")
     assert val.captions == ["s4a", "s4b"]
     assert np.array_equal(np.asarray(val.load_image(0)), np.full((6, 5, 3), COLOURS[4], np.uint8))
     with pytest.raises(AlignError, match="hf_split has no entry for split 'test'"):
-        load_split(spec, "test")
+        load_image_caption_split(spec, "test")
     with pytest.raises(AlignError, match="has no split 'test'"):
-        load_split(_spec(kind="hub", name=str(hub_folder / "dict"), caption_column="sentences"), "test")
+        load_image_caption_split(_spec(kind="hub", name=str(hub_folder / "dict"), caption_column="sentences"), "test")
 
 
 def test_hub_streaming_gives_the_same_rows(hub_folder):
     base = dict(kind="hub", name=str(hub_folder / "single"), caption_column="sentences", split_column="karpathy",
                 id_column="key")
-    plain, streamed = load_split(_spec(**base), "test"), load_split(_spec(**base, streaming=True), "test")
+    plain = load_image_caption_split(_spec(**base), "test")
+    streamed = load_image_caption_split(_spec(**base, streaming=True), "test")
     assert streamed.image_ids == plain.image_ids and streamed.captions == plain.captions
     assert np.array_equal(streamed.caption_to_image, plain.caption_to_image)
     for i in range(2):
         assert np.array_equal(np.asarray(streamed.load_image(i)), np.asarray(plain.load_image(i)))
     with pytest.raises(ImageUnreadable):
         streamed.load_image(2)
-    limited = load_split(_spec(**base, streaming=True, max_images=1), "test")
+    limited = load_image_caption_split(_spec(**base, streaming=True, max_images=1), "test")
     assert limited.image_ids == ["k1"]
     # streaming changes how rows are read, not which: the cache key ignores it
     assert _spec(**base, streaming=True).identity("test") == _spec(**base).identity("test")
@@ -318,15 +321,16 @@ def test_hub_streaming_gives_the_same_rows(hub_folder):
 
 def test_hub_unknown_columns_are_one_line_errors(hub_folder):
     with pytest.raises(AlignError, match="no split column 'nope'"):
-        load_split(_spec(kind="hub", name=str(hub_folder / "single"), caption_column="sentences",
+        load_image_caption_split(_spec(kind="hub", name=str(hub_folder / "single"), caption_column="sentences",
                          split_column="nope"), "test")
     with pytest.raises(AlignError, match="no image column 'nope'") as err:
-        load_split(_spec(kind="hub", name=str(hub_folder / "single"), image_column="nope"), "train")
+        load_image_caption_split(_spec(kind="hub", name=str(hub_folder / "single"), image_column="nope"), "train")
     assert "picture" in str(err.value) and "\n" not in str(err.value)  # lists the columns there are
     # without a mapping: the Image-feature column and a caption-like column are found
-    assert load_split(_spec(kind="hub", name=str(hub_folder / "single")), "train").captions[:2] == ["s0a", "s0b"]
+    single = _spec(kind="hub", name=str(hub_folder / "single"))
+    assert load_image_caption_split(single, "train").captions[:2] == ["s0a", "s0b"]
     with pytest.raises(AlignError, match="no rows for split 'nothing'"):
-        load_split(_spec(kind="hub", name=str(hub_folder / "single"), caption_column="sentences",
+        load_image_caption_split(_spec(kind="hub", name=str(hub_folder / "single"), caption_column="sentences",
                          split_column="karpathy"), "nothing")
 
 
@@ -335,7 +339,7 @@ def test_offline_hub_name_fails_fast_in_one_line():
                  _spec(kind="hub", name="someone/else", streaming=True)):
         start = time.perf_counter()
         with pytest.raises(AlignError) as err:
-            load_split(spec, "test")
+            load_image_caption_split(spec, "test")
         assert time.perf_counter() - start < 5.0
         message = str(err.value)
         assert "\n" not in message and "local folder" in message
@@ -347,16 +351,16 @@ def test_unreachable_hub_without_offline_flags_uses_only_the_cache(monkeypatch):
     import datasets.config
     import huggingface_hub.constants
 
-    import align.datasets as ds_module
+    from align import hub
 
     for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(ds_module, "_reachable", lambda endpoint, timeout=3.0: False)
+    monkeypatch.setattr(hub, "hub_reachable", lambda endpoint, timeout=3.0: False)
     start = time.perf_counter()
     with pytest.raises(AlignError, match="cannot be reached: pass a local folder") as err:
-        load_split(_spec(kind="hub", name="someone/not-a-cached-dataset"), "test")
+        load_image_caption_split(_spec(kind="hub", name="someone/not-a-cached-dataset"), "test")
     assert time.perf_counter() - start < 5.0 and "\n" not in str(err.value)
     assert datasets.config.HF_HUB_OFFLINE is False  # the forced offline mode was only for the call
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from align import encoders
+from align import encoders, hub
 from align.encoders import EncoderSpec, build_image_encoder, build_text_encoder
 from align.errors import AlignError
 
@@ -210,17 +210,19 @@ def test_hub_out_of_reach_without_offline_flag_fails_fast(monkeypatch):
     import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    if "datasets.config" in sys.modules:  # an earlier test may have loaded it with offline mode frozen on
+        monkeypatch.setattr(sys.modules["datasets.config"], "HF_HUB_OFFLINE", False)
+    for var in hub.OFFLINE_VARS:
+        monkeypatch.delenv(var, raising=False)
     monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "https://127.0.0.1:9")  # nothing listens there
-    encoders._hub_reachable.cache_clear()
+    hub._connects.cache_clear()
     for var in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
         monkeypatch.delenv(var, raising=False)
     start = time.perf_counter()
     with pytest.raises(AlignError, match="cannot be reached: give a local path"):
         build_image_encoder(EncoderSpec(backend="open_clip", model="ViT-B-32", pretrained=HUB_TAG), CPU)
     assert time.perf_counter() - start < 5.0
-    encoders._hub_reachable.cache_clear()
+    hub._connects.cache_clear()
 
 
 @pytest.mark.parametrize("spec", [

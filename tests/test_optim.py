@@ -9,7 +9,8 @@ import pytest
 import torch
 from scipy.optimize import minimize
 
-from align.optim import ASAM, MSAM, OPTIMIZERS, SAM, FisherSAM, create_optimizer, optimizer_info
+from align.optim import ASAM, MSAM, OPTIMIZERS, SAM, FisherSAM, create_optimizer, default_hparams, optimizer_info
+from align.optim.step import backward_closure, take_step
 
 
 def _perturbation(opt_cls, grads: list[np.ndarray], params: list[np.ndarray] | None = None, **kw) -> list[np.ndarray]:
@@ -169,17 +170,14 @@ def test_rho_zero_is_bit_identical_to_the_bare_base_optimizer(cls, base, kw):
 
 
 @pytest.mark.parametrize("cls", [SAM, MSAM, ASAM, FisherSAM])
-def test_closure_path_equals_two_step_path(cls):
+def test_closure_path_equals_the_shared_two_pass_step(cls):
     x, y = _data()
     m1, m2 = _model(), _model()
     o1 = cls(m1.parameters(), torch.optim.SGD, rho=0.2, lr=0.05, momentum=0.9)
     o2 = cls(m2.parameters(), torch.optim.SGD, rho=0.2, lr=0.05, momentum=0.9)
     for _ in range(4):
         o1.step(lambda: _loss(m1, x, y).backward())
-        _loss(m2, x, y).backward()
-        o2.first_step(zero_grad=True)
-        _loss(m2, x, y).backward()
-        o2.second_step(zero_grad=True)
+        take_step(o2, backward_closure(lambda: _loss(m2, x, y)))
     for a, b in zip(m1.parameters(), m2.parameters()):
         assert torch.equal(a, b)
 
@@ -263,10 +261,7 @@ def test_lr_scheduler_drives_the_shared_groups():
     opt = create_optimizer("msam", m.parameters(), lr=0.1, rho=0.05, base="adamw")
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5 ** step)
     for step in range(3):
-        _loss(m, x, y).backward()
-        opt.first_step(zero_grad=True)
-        _loss(m, x, y).backward()
-        opt.second_step(zero_grad=True)
+        take_step(opt, backward_closure(lambda: _loss(m, x, y)))
         sched.step()
         assert opt.base_optimizer.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5 ** (step + 1))
 
@@ -375,3 +370,32 @@ def test_registry_capabilities_and_bad_input():
         create_optimizer("msam", p, lr=0.1, eta=0.5)
     assert create_optimizer("asam", p, lr=0.1).param_groups[0]["eta"] == 0.01
     assert create_optimizer("fsam", p, lr=0.1).param_groups[0]["eta"] == 1.0
+
+
+# The papers' values (SAM: Foret et al.; ASAM: Kwon et al., ρ on its own relative scale; Fisher SAM: η = 1).
+PAPER_DEFAULTS = {"sam": (0.05, None), "msam": (0.05, None), "asam": (0.5, 0.01), "fsam": (0.05, 1.0)}
+
+
+@pytest.mark.parametrize("name", [n for n, i in OPTIMIZERS.items() if i.two_pass])
+def test_building_by_class_and_by_name_gives_the_same_defaults(name):
+    info = optimizer_info(name)
+    by_class = info.sam_class([torch.nn.Parameter(torch.zeros(2, 2))], lr=0.1)
+    by_name = create_optimizer(name, [torch.nn.Parameter(torch.zeros(2, 2))], lr=0.1)
+    for opt in (by_class, by_name):
+        group = opt.param_groups[0]
+        assert (group["rho"], group.get("eta")) == PAPER_DEFAULTS[name]
+        assert type(opt.base_optimizer) is torch.optim.AdamW  # the training configs' base
+    rho, eta = PAPER_DEFAULTS[name]
+    assert default_hparams(name) == {"rho": rho, "base": "adamw", **({"eta": eta} if eta is not None else {})}
+    assert default_hparams("adamw") == {}
+    # An explicit base still wins, as the toy experiments need (plain SGD, no momentum).
+    sgd = create_optimizer(name, [torch.nn.Parameter(torch.zeros(2, 2))], lr=0.1, base="sgd")
+    assert type(sgd.base_optimizer) is torch.optim.SGD and sgd.param_groups[0]["momentum"] == 0.0
+
+
+def test_every_entry_has_its_own_label_and_colour():
+    labels = {n: i.label for n, i in OPTIMIZERS.items()}
+    assert labels == {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW", "sam": "SAM", "msam": "M-SAM", "asam": "ASAM",
+                      "fsam": "Fisher SAM"}
+    colors = [i.color for i in OPTIMIZERS.values()]
+    assert len(set(colors)) == len(colors)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from align.config import validate
-from align.datasets import DatasetSpec, load_split
+from align.datasets import DatasetSpec, load_image_caption_split
 from align.errors import AlignError
 from align.synthetic import SyntheticConfig, plan_split
 
@@ -32,21 +32,21 @@ def _digest(img) -> str:
 
 @pytest.fixture(scope="module")
 def test_split():
-    return load_split(_spec(), "test")
+    return load_image_caption_split(_spec(), "test")
 
 
 def test_same_config_gives_identical_pixels_and_captions_in_any_order(test_split):
-    again = load_split(_spec(), "test")
+    again = load_image_caption_split(_spec(), "test")
     assert again.captions == test_split.captions and again.image_ids == test_split.image_ids
     n = len(test_split)
     forward = [_digest(test_split.load_image(i)) for i in range(n)]
     backward = [_digest(again.load_image(i)) for i in reversed(range(n))][::-1]
     assert forward == backward
     # a prefix (max_images) is the same images, and drawing one alone gives the same bytes
-    head = load_split(_spec().model_copy(update={"max_images": 20}), "test")
+    head = load_image_caption_split(_spec().model_copy(update={"max_images": 20}), "test")
     assert head.captions == test_split.captions[:100]
     assert [_digest(head.load_image(i)) for i in range(20)] == forward[:20]
-    other_seed = load_split(_spec(seed=1), "test")
+    other_seed = load_image_caption_split(_spec(seed=1), "test")
     assert other_seed.captions != test_split.captions
 
 
@@ -56,22 +56,22 @@ def test_five_captions_per_image_and_configurable(test_split):
     for i in range(len(test_split)):
         caps = test_split.captions_of(i)
         assert len(set(caps)) == 5  # paraphrases, not copies
-    three = load_split(_spec(captions_per_image=3, test_images=10), "test")
+    three = load_image_caption_split(_spec(captions_per_image=3, test_images=10), "test")
     assert np.bincount(three.caption_to_image).tolist() == [3] * 10
     img = test_split.load_image(0)
     assert img.mode == "RGB" and img.size == (128, 128)
-    assert load_split(_spec(image_size=64, test_images=2), "test").load_image(1).size == (64, 64)
+    assert load_image_caption_split(_spec(image_size=64, test_images=2), "test").load_image(1).size == (64, 64)
 
 
 def test_split_sizes_defaults_and_other_splits_do_not_change_test():
-    data = {s: load_split(_spec(), s) for s in ("train", "val", "test")}
+    data = {s: load_image_caption_split(_spec(), s) for s in ("train", "val", "test")}
     assert [len(data[s]) for s in ("train", "val", "test")] == [800, 200, 300]
-    resized = load_split(_spec(train_images=5, val_images=7), "test")
+    resized = load_image_caption_split(_spec(train_images=5, val_images=7), "test")
     assert resized.captions == data["test"].captions
     assert _digest(resized.load_image(299)) == _digest(data["test"].load_image(299))
-    assert len(load_split(_spec(), "validation")) == 200
+    assert len(load_image_caption_split(_spec(), "validation")) == 200
     with pytest.raises(AlignError, match="splits train, val, test"):
-        load_split(_spec(), "dev")
+        load_image_caption_split(_spec(), "dev")
 
 
 def _differing_keys(a: dict, b: dict) -> set[str]:
@@ -102,7 +102,7 @@ def test_contents_and_images_are_distinct_within_the_test_split(test_split):
 
 
 def test_splits_are_disjoint():
-    data = {s: load_split(_spec(), s) for s in ("train", "val", "test")}
+    data = {s: load_image_caption_split(_spec(), s) for s in ("train", "val", "test")}
     ids = [set(d.image_ids) for d in data.values()]
     assert not (ids[0] & ids[1] or ids[0] & ids[2] or ids[1] & ids[2])
     digests = {s: {_digest(d.load_image(i)) for i in range(len(d))} for s, d in data.items()}

@@ -171,3 +171,15 @@ def test_unknown_experiment_is_rejected():
         toy.run_experiment("nope")
     result = CliRunner().invoke(__import__("align.cli.main", fromlist=["app"]).app, ["toy", "nope"])
     assert result.exit_code != 0
+
+
+def test_toy_and_study_plots_share_labels_and_colours():
+    from align import plots
+    from align.optim import OPTIMIZERS
+
+    for method in ("sam", "msam", "asam", "fsam"):
+        assert toy.METHOD_LABELS[method] == plots._label(method) == OPTIMIZERS[method].label
+        assert toy.METHOD_COLORS[method] == plots._color(method) == OPTIMIZERS[method].color
+    # 'gd' is plain SGD: the sgd entry's colour, the paper's label.
+    assert toy.METHOD_COLORS["gd"] == plots._color("sgd") and toy.METHOD_LABELS["gd"] == "GD"
+    assert toy.METHOD_COLORS["msam"] != toy.METHOD_COLORS["sam"]

@@ -2,8 +2,8 @@
 (schedule, sampler, uniform loss) match their definitions, and a CUDA bf16 step matches the CPU one.
 
 The helpers at the top (``write_cache``, ``train_config``) are shared by the other training/evaluation tests: they
-write a small encoder-free embedding cache in align.cache's exact on-disk layout at the key ``load_split`` looks
-for, so tests exercise the real cache loader without running any encoder.
+write a small encoder-free embedding cache in align.cache's exact on-disk layout at the key
+``load_cached_split`` looks for, so tests exercise the real cache loader without running any encoder.
 """
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ def synthetic_split(split: str, n_images: int, captions: int = 3, image_dim: int
 
 
 def write_cache(data: dict[str, Any], split: str, image: np.ndarray, text: np.ndarray, c2i: np.ndarray) -> Path:
-    """Write one split in align.cache's layout (arrays + manifest written last) where load_split looks for it."""
+    """Write one split in align.cache's layout (arrays + manifest written last) where load_cached_split looks for it."""
     from align.cache import CACHE_FORMAT, EmbedConfig, cache_path
 
     cfg = EmbedConfig.model_validate(data)
@@ -330,8 +330,8 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 def test_cuda_bf16_training_steps_match_cpu_fp32(name):
     from align.heads import build_model
     from align.losses import loss_for
-    from align.optim import optimizer_info
-    from align.train import TrainConfig, optimizer_and_schedule, train_step
+    from align.optim.step import backward_closure, take_step
+    from align.train import TrainConfig, optimizer_and_schedule
 
     cfg = validate(TrainConfig, train_config(data_section(Path("unused")), optim={"name": name, "lr": 1e-3, "rho": 0.05},
                                              head={"out_dim": 256}, schedule={"batch_size": 512}))
@@ -345,8 +345,9 @@ def test_cuda_bf16_training_steps_match_cpu_fp32(name):
         opt, sched = optimizer_and_schedule(cfg, model)
         out = []
         for _ in range(5):
-            loss, _ = train_step(model, loss_for(cfg.loss), opt, image.to(device), text.to(device),
-                                 optimizer_info(name).two_pass, None, bf16)
+            x, y = image.to(device), text.to(device)
+            loss, _ = take_step(opt, backward_closure(lambda: loss_for(cfg.loss)(**model(x, y)), bf16))
+            model.clamp_logit_scale_()
             sched.step()
             out.append(float(loss))
         states[device] = {k: v.float().cpu() for k, v in model.state_dict().items()}

@@ -16,7 +16,7 @@ from torch import Tensor
 
 from align.errors import AlignError
 
-LossFn = Callable[[], Tensor]
+LossClosure = Callable[[], Tensor]  # recomputes the scalar loss at the current params (no backward)
 
 
 def _params(params: Sequence[Tensor]) -> list[Tensor]:
@@ -28,7 +28,7 @@ def _params(params: Sequence[Tensor]) -> list[Tensor]:
     return ps
 
 
-def _grad(loss_fn: LossFn, params: list[Tensor]) -> tuple[float, list[Tensor]]:
+def _grad(loss_fn: LossClosure, params: list[Tensor]) -> tuple[float, list[Tensor]]:
     loss = loss_fn()
     grads = torch.autograd.grad(loss, params, allow_unused=True)
     return float(loss.detach()), [torch.zeros_like(p) if g is None else g.detach() for p, g in zip(params, grads)]
@@ -44,7 +44,7 @@ def _set(params: list[Tensor], base: list[Tensor], delta: list[Tensor]) -> None:
         p.copy_(b + d)
 
 
-def worst_case_sharpness(loss_fn: LossFn, params: Sequence[Tensor], rho: float, ascent_steps: int = 0,
+def worst_case_sharpness(loss_fn: LossClosure, params: Sequence[Tensor], rho: float, ascent_steps: int = 0,
                          step_size: float | None = None) -> dict[str, float]:
     """Max loss increase within ‖δ‖ ≤ ρ: first-order (δ = ρ g/‖g‖) and, if ascent_steps > 0, projected ascent.
 
@@ -91,7 +91,7 @@ def worst_case_sharpness(loss_fn: LossFn, params: Sequence[Tensor], rho: float, 
         _set(ps, base, [torch.zeros_like(b) for b in base])
 
 
-def _hvp(loss_fn: LossFn, params: list[Tensor], v: list[Tensor]) -> list[Tensor]:
+def _hvp(loss_fn: LossClosure, params: list[Tensor], v: list[Tensor]) -> list[Tensor]:
     """Hessian-vector product H v by double back-propagation."""
     loss = loss_fn()
     grads = torch.autograd.grad(loss, params, create_graph=True)
@@ -111,7 +111,7 @@ def _random_like(params: list[Tensor], gen: torch.Generator, rademacher: bool) -
     return out
 
 
-def hessian_top_eigenvalue(loss_fn: LossFn, params: Sequence[Tensor], iters: int = 20, seed: int = 0) -> float:
+def hessian_top_eigenvalue(loss_fn: LossClosure, params: Sequence[Tensor], iters: int = 20, seed: int = 0) -> float:
     """Largest-magnitude Hessian eigenvalue by power iteration on Hessian-vector products (Rayleigh quotient).
 
     For a positive semi-definite Hessian (a minimum) this is the top eigenvalue; convergence is geometric in
@@ -133,7 +133,7 @@ def hessian_top_eigenvalue(loss_fn: LossFn, params: Sequence[Tensor], iters: int
     return eig
 
 
-def hessian_trace(loss_fn: LossFn, params: Sequence[Tensor], samples: int = 32, seed: int = 0) -> float:
+def hessian_trace(loss_fn: LossClosure, params: Sequence[Tensor], samples: int = 32, seed: int = 0) -> float:
     """Hutchinson estimate of tr(H): mean of zᵀHz over Rademacher probes z (exact for a diagonal H)."""
     ps = _params(params)
     if samples < 1:

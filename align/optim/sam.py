@@ -40,6 +40,8 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from align.optim.defaults import ASAM_DEFAULTS, DEFAULT_BASE_CLASS, FSAM_DEFAULTS, SAM_DEFAULTS
+
 
 def _global_norm(tensors: list[Tensor]) -> Tensor:
     """‖concat(tensors)‖₂ as a 0-d tensor (float64 if any input is, else float32), one multi-tensor kernel."""
@@ -62,8 +64,8 @@ class SAM(Optimizer):
     would change the perturbation, and for M-SAM its very size.
     """
 
-    def __init__(self, params: Iterable[Any] | None, base_optimizer: type[Optimizer] | Optimizer,
-                 rho: float = 0.05, max_grad_norm: float | None = None, **base_kwargs: Any) -> None:
+    def __init__(self, params: Iterable[Any] | None, base_optimizer: type[Optimizer] | Optimizer = DEFAULT_BASE_CLASS,
+                 rho: float = SAM_DEFAULTS["rho"], max_grad_norm: float | None = None, **base_kwargs: Any) -> None:
         if not isinstance(rho, (int, float)) or not math.isfinite(rho) or rho < 0:
             raise ValueError(f"rho must be a finite number >= 0, got {rho!r}")
         if max_grad_norm is not None and not max_grad_norm > 0:
@@ -251,7 +253,8 @@ class ASAM(_RegularisedSAM):
     Following the ASAM code, T acts on weight tensors (ndim > 1) only; biases and norm scales use T = I.
     """
 
-    def __init__(self, params, base_optimizer, rho: float = 0.5, eta: float = 0.01, **kwargs: Any) -> None:
+    def __init__(self, params, base_optimizer=DEFAULT_BASE_CLASS, rho: float = ASAM_DEFAULTS["rho"],
+                 eta: float = ASAM_DEFAULTS["eta"], **kwargs: Any) -> None:
         super().__init__(params, base_optimizer, rho=rho, eta=eta, **kwargs)
 
     def _perturbation(self, params, grads, groups, grad_norm):
@@ -276,7 +279,8 @@ class ASAM(_RegularisedSAM):
 class FisherSAM(_RegularisedSAM):
     """Fisher SAM (Kim et al., 2022), diagonal Fisher F = g²: δ = ρ F⁻¹g / √(gᵀF⁻¹g), F⁻¹ = 1/(1 + η g²)."""
 
-    def __init__(self, params, base_optimizer, rho: float = 0.05, eta: float = 1.0, **kwargs: Any) -> None:
+    def __init__(self, params, base_optimizer=DEFAULT_BASE_CLASS, rho: float = FSAM_DEFAULTS["rho"],
+                 eta: float = FSAM_DEFAULTS["eta"], **kwargs: Any) -> None:
         super().__init__(params, base_optimizer, rho=rho, eta=eta, **kwargs)
 
     def _perturbation(self, params, grads, groups, grad_norm):
