@@ -12,7 +12,8 @@ Every method takes two forward/backward passes per step:
 | FisherSAM  | ρ F⁻¹g / √(gᵀF⁻¹g), diagonal F⁻¹ = 1 / (1 + η g²)                              |
 
 ‖g‖ is one global norm over every perturbed parameter of every group. A param group with ``perturb=False``
-(e.g. a contrastive logit scale) is neither perturbed nor counted in the norm. A zero or non-finite norm skips
+(e.g. a contrastive logit scale) is never perturbed; it counts in the norm only with ``norm_scope="all_trainable"``
+(the paper's n is over all trainable parameters). A zero or non-finite norm skips
 the perturbation for that step (``skipped_steps`` counts them) so weights never become NaN through δ.
 
 M-SAM is not invariant to the scale of the loss (‖g‖ enters through √(1+‖g‖²)): anything that rescales the
@@ -43,6 +44,9 @@ from torch.optim import Optimizer
 from align.optim.defaults import ASAM_DEFAULTS, DEFAULT_BASE_CLASS, FSAM_DEFAULTS, SAM_DEFAULTS
 
 
+NORM_SCOPES = ("perturbed", "all_trainable")
+
+
 def _global_norm(tensors: list[Tensor]) -> Tensor:
     """‖concat(tensors)‖₂ as a 0-d tensor (float64 if any input is, else float32), one multi-tensor kernel."""
     if not tensors:
@@ -62,12 +66,21 @@ class SAM(Optimizer):
     None). Param groups are shared with the base optimizer, so LR schedulers and per-group ``rho`` just work.
     ``max_grad_norm`` clips the SECOND gradient (the one the base optimizer steps with) — clipping the first
     would change the perturbation, and for M-SAM its very size.
+    ``norm_scope`` says which gradients make up ‖g‖, the norm that sets SAM's and M-SAM's radius: "perturbed"
+    (default) or "all_trainable", which also counts groups with ``perturb=False`` (still never perturbed).
     """
 
     def __init__(self, params: Iterable[Any] | None, base_optimizer: type[Optimizer] | Optimizer = DEFAULT_BASE_CLASS,
-                 rho: float = SAM_DEFAULTS["rho"], max_grad_norm: float | None = None, **base_kwargs: Any) -> None:
+                 rho: float = SAM_DEFAULTS["rho"], max_grad_norm: float | None = None, norm_scope: str = "perturbed",
+                 **base_kwargs: Any) -> None:
         if not isinstance(rho, (int, float)) or not math.isfinite(rho) or rho < 0:
             raise ValueError(f"rho must be a finite number >= 0, got {rho!r}")
+        if norm_scope not in NORM_SCOPES:
+            raise ValueError(f"norm_scope must be one of {', '.join(NORM_SCOPES)}, got {norm_scope!r}")
+        if norm_scope != "perturbed" and isinstance(self, _RegularisedSAM):
+            # ASAM and Fisher SAM normalise by ‖Tg‖ / √(gᵀF⁻¹g) over the perturbed tensors: ‖g‖ sets nothing.
+            raise ValueError(f"norm_scope={norm_scope!r} applies to SAM and M-SAM only")
+        self.norm_scope = norm_scope
         if max_grad_norm is not None and not max_grad_norm > 0:
             raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm!r}")
         extra = self._extra_defaults(base_kwargs)
@@ -122,11 +135,18 @@ class SAM(Optimizer):
                     groups.append(group)
         return params, grads, groups
 
+    def _norm_only_params(self) -> list[Tensor]:
+        """Parameters with a gradient that count in ‖g‖ without being perturbed (``norm_scope="all_trainable"``)."""
+        if self.norm_scope != "all_trainable":
+            return []
+        return [p for g in self.param_groups if not g.get("perturb", True) for p in g["params"] if p.grad is not None]
+
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> None:
         """Move the weights to θ + δ(g) using the gradients currently in ``.grad``."""
         params, grads, groups = self._collect()
-        grad_norm = _global_norm(grads).item()  # the one host sync per step: the guard needs it
+        counted = grads + [p.grad for p in self._norm_only_params()]
+        grad_norm = _global_norm(counted).item()  # the one host sync per step: the guard needs it
         self._backup, self._perturbed = [], []
         if not params or all(g["rho"] == 0 for g in groups):
             self._record(grad_norm, None, skipped=False)
