@@ -42,6 +42,27 @@ def test_norm_scope_sets_the_radius_and_never_perturbs_the_logit_scale(cls, scop
     assert opt.last_stats["grad_norm"] == pytest.approx(n, rel=1e-12)
 
 
+def test_all_trainable_averaged_metric_is_the_full_space_solution_on_the_perturbed_part():
+    w, s, loss, gw, gs = _scaled_regression()
+    opt = MSAM([{"params": [w]}, {"params": [s], "perturb": False}], torch.optim.SGD, rho=0.3, lr=0.0,
+               metric_beta=0.5, alpha=0.8, norm_scope="all_trainable")
+    loss().backward()
+    opt.first_step(zero_grad=True)      # step 1: m = g
+    loss().backward()
+    opt.second_step(zero_grad=True)
+    g1 = np.append(gw, gs)
+    w.data += torch.tensor([0.1, 0.2, -0.3], dtype=torch.float64)  # move to get a different gradient
+    w_now = w.detach().numpy().copy()
+    loss().backward()
+    g2 = np.array([*w.grad.numpy(), s.grad.item()])
+    opt.first_step()
+    m = 0.5 * g1 + 0.5 * g2
+    G = np.eye(4) + 0.8**2 * np.outer(m, m)
+    full = 0.3 * np.linalg.solve(G, g2) / math.sqrt(g2 @ np.linalg.solve(G, g2))
+    np.testing.assert_allclose(w.detach().numpy() - w_now, full[:3], rtol=1e-11)
+    assert s.item() == 0.3  # never perturbed
+
+
 def test_norm_scope_is_validated_and_refused_where_it_sets_nothing():
     p = [torch.nn.Parameter(torch.zeros(1))]
     with pytest.raises(ValueError, match="norm_scope"):

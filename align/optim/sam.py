@@ -58,6 +58,12 @@ def _global_norm(tensors: list[Tensor]) -> Tensor:
     return torch.linalg.vector_norm(torch.stack(norms))
 
 
+def _global_dot(a: list[Tensor], b: list[Tensor]) -> Tensor:
+    """Σᵢ ⟨aᵢ, bᵢ⟩ over two tensor lists as a 0-d tensor (float64 if any input is, else float32)."""
+    dtype = torch.float64 if any(t.dtype == torch.float64 for t in (*a, *b)) else torch.float32
+    return torch.stack([torch.dot(x.reshape(-1).to(dtype), y.reshape(-1).to(dtype)) for x, y in zip(a, b)]).sum()
+
+
 class SAM(Optimizer):
     """Sharpness-Aware Minimization (Foret et al., 2021) wrapped around any base optimizer.
 
@@ -245,16 +251,93 @@ class SAM(Optimizer):
 
 
 class MSAM(SAM):
-    """Monge SAM (Jacobsen & Arvanitidis, 2025): δ = ρ g / (‖g‖ √(1+‖g‖²)).
+    """Monge SAM (Jacobsen & Arvanitidis, 2025): δ = ρ g / (‖g‖ √(1+α²‖g‖²)).
 
-    The perturbation is measured in the Monge metric G = I + g gᵀ of the loss surface seen as a graph, so
-    δᵀGδ = ρ². Where the loss is steep (‖g‖ ≫ 1) it tends to plain gradient descent; where flat, to SAM.
+    δ maximises gᵀδ subject to δᵀGδ ≤ ρ² in the Monge metric G = I + α² g gᵀ of the loss surface seen as a
+    graph. Where the loss is steep (α‖g‖ ≫ 1) it tends to plain gradient descent; where flat, to SAM. ``alpha``
+    scales the metric: α = 1 is the paper's M-SAM, α = 0 is SAM (both bit for bit).
+
+    ``metric_beta`` = β > 0 uses the averaged metric G = I + α² m mᵀ, with m an exponential moving average of
+    the first-pass gradients, m ← β m + (1 − β) g. m starts at a tensor's first gradient (m = g: the first step
+    is M-SAM), so it is never biased towards 0 and needs no Adam-style correction. Derivation: the Lagrangian
+    of max gᵀδ s.t. δᵀGδ ≤ ρ² gives g = 2λGδ, so δ ∝ G⁻¹g and the active constraint fixes
+    δ = ρ G⁻¹g / √(gᵀG⁻¹g). Sherman–Morrison: G⁻¹ = I − α² m mᵀ/(1 + α²‖m‖²), hence G⁻¹g = g − c m with
+    c = α² mᵀg/(1 + α²‖m‖²). With g = k m + r, k = mᵀg/‖m‖², r ⊥ m, this is G⁻¹g = r + k m/(1 + α²‖m‖²) and
+    gᵀG⁻¹g = ‖r‖² + k mᵀg/(1 + α²‖m‖²), the forms computed: no difference of large terms when g ∥ m and
+    α‖m‖ ≫ 1. δ is not parallel to g. β = 0 is M-SAM bit for bit.
+    m covers the tensors that count in ‖g‖ (see ``norm_scope``) and is updated by every first_step that
+    computes a perturbation with a usable gradient; it is saved in ``state_dict()["sam"]["metric_ema"]``
+    (by parameter index) so that a resumed run continues bit for bit.
     """
 
+    def __init__(self, params: Iterable[Any] | None, base_optimizer: type[Optimizer] | Optimizer, *args: Any,
+                 alpha: float = 1.0, metric_beta: float = 0.0, **kwargs: Any) -> None:
+        if not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha < 0:
+            raise ValueError(f"alpha must be a finite number >= 0, got {alpha!r}")
+        if not isinstance(metric_beta, (int, float)) or not 0.0 <= metric_beta < 1.0:
+            raise ValueError(f"metric_beta must be in [0, 1), got {metric_beta!r}")
+        self.alpha, self.metric_beta = float(alpha), float(metric_beta)
+        self._metric_ema: dict[Tensor, Tensor] = {}
+        super().__init__(params, base_optimizer, *args, **kwargs)
+
     def _perturbation(self, params, grads, groups, grad_norm):
+        if self.metric_beta > 0.0:
+            return self._averaged_metric_perturbation(params, grads, groups, grad_norm)
         n = grad_norm
-        scale = [g["rho"] / (n * math.sqrt(1.0 + n * n)) for g in groups] if _usable(n) else [0.0] * len(groups)
+        a = self.alpha * n  # α = 1: a is n exactly, so the scale is the paper's ρ / (n √(1 + n n)) bit for bit
+        scale = [g["rho"] / (n * math.sqrt(1.0 + a * a)) for g in groups] if _usable(n) else [0.0] * len(groups)
         return torch._foreach_mul(grads, scale), n
+
+    def _averaged_metric_perturbation(self, params: list[Tensor], grads: list[Tensor], groups: list[dict],
+                                      grad_norm: float) -> tuple[list[Tensor], float]:
+        """δ = ρ G⁻¹g / √(gᵀG⁻¹g) with G = I + α² m mᵀ; returns δ and √(gᵀG⁻¹g) (the guard)."""
+        if not _usable(grad_norm):
+            return [], grad_norm  # a zero or non-finite gradient neither perturbs nor enters m
+        extra = self._norm_only_params()
+        scope_g = grads + [p.grad for p in extra]
+        m = self._update_metric(params + extra, scope_g)
+        a2 = self.alpha * self.alpha
+        mm = _global_norm(m).item() ** 2
+        direction, q = grads, grad_norm * grad_norm  # m = 0: G = I, SAM
+        if mm > 0.0:
+            mg = _global_dot(m, scope_g).item()
+            k = mg / mm  # g = k m + r with r ⊥ m
+            r = torch._foreach_add(scope_g, m, alpha=-k)
+            shrink = k / (1.0 + a2 * mm)
+            q = _global_norm(r).item() ** 2 + shrink * mg
+            direction = torch._foreach_add(r[:len(grads)], m[:len(grads)], alpha=shrink)  # G⁻¹g, perturbed part
+        root = math.sqrt(q)
+        if not _usable(root):
+            return [], root
+        return torch._foreach_mul(direction, [g["rho"] / root for g in groups]), root
+
+    def _update_metric(self, params: list[Tensor], grads: list[Tensor]) -> list[Tensor]:
+        """m ← β m + (1 − β) g for each tensor (m = g on its first step); returns m in the order of ``params``."""
+        known = [i for i, p in enumerate(params) if p in self._metric_ema]
+        for i, p in enumerate(params):
+            if p not in self._metric_ema:
+                self._metric_ema[p] = grads[i].detach().clone()
+        if known:
+            ms = [self._metric_ema[params[i]] for i in known]
+            torch._foreach_mul_(ms, self.metric_beta)
+            torch._foreach_add_(ms, [grads[i] for i in known], alpha=1.0 - self.metric_beta)
+        return [self._metric_ema[p] for p in params]
+
+    def state_dict(self) -> dict[str, Any]:
+        """SAM's state plus the metric average m (β > 0), keyed by the parameter's index over all groups."""
+        state = super().state_dict()
+        if self._metric_ema:
+            index = {p: i for i, p in enumerate(p for g in self.param_groups for p in g["params"])}
+            state["sam"]["metric_ema"] = {index[p]: m for p, m in self._metric_ema.items()}
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """SAM's state, then m onto the matching parameters (their device and dtype)."""
+        saved = state_dict.get("sam", {}).get("metric_ema", {})
+        super().load_state_dict(state_dict)
+        order = [p for g in self.param_groups for p in g["params"]]
+        self._metric_ema = {order[int(i)]: m.detach().to(device=order[int(i)].device, dtype=order[int(i)].dtype,
+                                                         copy=True) for i, m in saved.items()}
 
 
 class _RegularisedSAM(SAM):
