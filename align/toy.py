@@ -42,10 +42,27 @@ def banana(theta: Tensor) -> Tensor:
     return (1.0 - theta[..., 0] * theta[..., 1]) ** 2
 
 
+# sin(u)/u = Σₖ (−1)ᵏ u²ᵏ/(2k+1)!; through k = 6 the series and its derivative are exact to float64 round-off
+# for u < 1/4, where the closed form's derivative (u cos u − sin u)/u² loses digits to cancellation.
+_SINC_SERIES = tuple((-1) ** k / math.factorial(2 * k + 1) for k in range(7))
+_SINC_SERIES_BELOW = 0.25
+
+
 def sinc(theta: Tensor) -> Tensor:
-    """ℓ = 5 sin(r²)/r², r² = x² + y²: θ[..., 2] → [...]. Global maximum 5 at the origin, minima on a ring."""
-    r2 = (theta ** 2).sum(-1)
-    return 5.0 * torch.sinc(r2 / math.pi)  # torch.sinc(x) = sin(πx)/(πx), smooth (and differentiable) at 0
+    """ℓ = 5 sin(r²)/r², r² = x² + y²: θ[..., 2] → [...]. Global maximum 5 at the origin, minima on a ring.
+
+    Value and gradient are exact down to r = 0: torch.sinc's derivative is exactly 0 already at r ≈ 6.8e-5,
+    which made the optimizers' zero-gradient guard skip the perturbation and froze runs near the maximum.
+    """
+    u = (theta ** 2).sum(-1)
+    small = u < _SINC_SERIES_BELOW
+    # Each branch only sees inputs where it is finite: where() would pass 0 · ∞ = NaN gradients otherwise.
+    w = torch.where(small, u, torch.zeros_like(u)) ** 2
+    series = torch.full_like(w, _SINC_SERIES[-1])
+    for c in reversed(_SINC_SERIES[:-1]):
+        series = series * w + c
+    u_closed = torch.where(small, torch.ones_like(u), u)
+    return 5.0 * torch.where(small, series, torch.sin(u_closed) / u_closed)
 
 
 def paraboloid(theta: Tensor) -> Tensor:

@@ -41,6 +41,39 @@ def test_sinc_value_and_gradient_closed_form():
     assert toy.gradients(toy.sinc, origin).abs().max().item() == 0.0
 
 
+@pytest.mark.parametrize("r", [1e-6, 6.8e-5, 1e-4, 0.1, 0.4999, 0.5001, 1.0, 3.0])
+def test_sinc_gradient_is_exact_down_to_the_origin(r):
+    """Against 5·(u cos u − sin u)/u² · 2θ, u = r², evaluated in 50-digit arithmetic (mpmath): no cancellation."""
+    import mpmath
+
+    mpmath.mp.dps = 50
+    for phi in (0.3, 2.0, -1.2):
+        p = torch.tensor([[r * math.cos(phi), r * math.sin(phi)]], dtype=D)
+        x, y = (mpmath.mpf(v) for v in p[0].tolist())
+        u = x * x + y * y
+        dldu = 5 * (u * mpmath.cos(u) - mpmath.sin(u)) / u ** 2
+        expected = torch.tensor([[float(dldu * 2 * x), float(dldu * 2 * y)]], dtype=D)
+        got = toy.gradients(toy.sinc, p)
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=0)
+        assert toy.sinc(p).item() == pytest.approx(float(5 * mpmath.sin(u) / u), rel=1e-15)
+        if r < 1e-3:  # the limit: 5·f'(u)·2θ with f'(u) = −u/3 + O(u³), i.e. ∇ℓ ≈ −(10/3) r² θ
+            torch.testing.assert_close(got, -(10.0 / 3.0) * r * r * p, rtol=1e-9, atol=0)
+            assert (got != 0).all()  # torch.sinc's derivative is exactly 0 here
+
+
+def test_sinc_gradient_has_no_nan_from_the_unused_branch():
+    p = torch.tensor([[0.0, 0.0], [1e-170, 0.0], [3e9, -4e9]], dtype=D)
+    g = toy.gradients(toy.sinc, p)
+    assert torch.isfinite(g).all() and g[0].abs().max().item() == 0.0
+
+
+def test_runs_next_to_the_sinc_maximum_are_not_frozen():
+    """With an exactly-zero gradient at r = 6.8e-5 the guard skipped every perturbation and the run never moved."""
+    for method in ("sam", "msam"):
+        tr = toy.run_optimizer(toy.sinc, torch.tensor([[6.8e-5, 0.0]], dtype=D), method, lr=0.05, rho=1.0, steps=3)
+        assert tr.points[0, 1].norm().item() > 1e-3, method
+
+
 def test_paraboloid_gradient_closed_form():
     p = _rand_points()
     torch.testing.assert_close(toy.gradients(toy.paraboloid, p), 2 * p)
