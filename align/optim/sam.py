@@ -270,8 +270,8 @@ class MSAM(SAM):
     (by parameter index) so that a resumed run continues bit for bit.
     """
 
-    def __init__(self, params: Iterable[Any] | None, base_optimizer: type[Optimizer] | Optimizer, *args: Any,
-                 alpha: float = 1.0, metric_beta: float = 0.0, **kwargs: Any) -> None:
+    def __init__(self, params: Iterable[Any] | None, base_optimizer: type[Optimizer] | Optimizer = DEFAULT_BASE_CLASS,
+                 *args: Any, alpha: float = 1.0, metric_beta: float = 0.0, **kwargs: Any) -> None:
         if not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha < 0:
             raise ValueError(f"alpha must be a finite number >= 0, got {alpha!r}")
         if not isinstance(metric_beta, (int, float)) or not 0.0 <= metric_beta < 1.0:
