@@ -20,7 +20,7 @@ from align.config import StrictModel
 from align.errors import AlignError
 from align.optim import OPTIMIZERS, optimizer_info
 from align.progress import Log
-from align.train_config import MAX_SEED, Number, TrainConfig
+from align.train_config import MAX_SEED, METHOD_HPARAMS, Number, TrainConfig
 
 
 class GridConfig(StrictModel):
@@ -135,9 +135,15 @@ def grid_cells(grid: GridConfig) -> list[Cell]:
 
 
 def cell_config(cfg: CompareConfig, cell: Cell, run_dir: Path) -> TrainConfig:
-    """The training config of one cell: the study's shared settings with this cell's optimizer, lr, ρ, seed."""
+    """The training config of one cell: the study's shared settings with this cell's optimizer, lr, ρ, seed.
+
+    Method hyper-parameters of the shared section that this cell's optimizer does not have (M-SAM's alpha in a
+    SAM cell, η in an M-SAM cell) are dropped: a study sets them once for the methods that take them.
+    """
     shared = cfg.model_dump(exclude={"name", "study_dir", "workers", "reference", "bootstrap_samples", "grid"})
-    optim = dict(shared["optim"], name=cell.optimizer, lr=cell.lr)
+    own = optimizer_info(cell.optimizer).defaults
+    optim = {k: v for k, v in shared["optim"].items() if k not in METHOD_HPARAMS or k in own}
+    optim.update(name=cell.optimizer, lr=cell.lr)
     if cell.rho is not None:
         optim["rho"] = cell.rho
     shared.update(optim=optim, seed=cell.seed, out_dir=str(run_dir))

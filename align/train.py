@@ -225,10 +225,8 @@ def optimizer_and_schedule(cfg: TrainConfig, model: torch.nn.Module) -> tuple[An
     o = cfg.optim
     kwargs: dict[str, Any] = dict(lr=o.lr, weight_decay=o.weight_decay, momentum=o.momentum,
                                   betas=tuple(o.betas), eps=o.eps)
-    if optimizer_info(o.name).two_pass:
-        kwargs.update(rho=o.rho, base=o.base, max_grad_norm=o.grad_clip)
-        if o.eta is not None:
-            kwargs["eta"] = o.eta
+    if optimizer_info(o.name).two_pass:  # one the method does not have (alpha for SAM) is a one-line error
+        kwargs.update(o.method_hparams(), base=o.base, max_grad_norm=o.grad_clip)
     try:
         opt = create_optimizer(o.name, model.param_groups(o.weight_decay), **kwargs)
     except ValueError as exc:

@@ -29,6 +29,7 @@ def _not_bool(value: Any) -> Any:
 # reads ``1e-3`` (no dot) as the string "1e-3".
 Number = Annotated[float, BeforeValidator(_not_bool)]
 MAX_SEED = 2 ** 63  # torch.manual_seed takes seeds in [0, 2^63)
+METHOD_HPARAMS = ("rho", "eta", "alpha", "metric_beta", "norm_scope")  # the SAM family's own (optim section)
 
 
 def _finite_positive(value: float | None, what: str) -> float | None:
@@ -46,10 +47,19 @@ class OptimConfig(StrictModel):
     momentum: Number = Field(0.9, ge=0)  # SGD momentum (sgd, or the SAM family with base=sgd)
     betas: tuple[float, float] = (0.9, 0.999)  # Adam/AdamW
     eps: Number = Field(1e-8, gt=0)  # Adam/AdamW
-    rho: Number = Field(0.05, ge=0)  # SAM-family radius
-    eta: Number | None = Field(None, ge=0)  # ASAM / Fisher SAM regulariser; None: the method's default
+    # The SAM family's own hyper-parameters; None takes the method's default from the registry
+    # (`align.optim.default_hparams`): ρ 0.05 (ASAM 0.5), η 0.01 ASAM / 1.0 Fisher SAM, α 1, β 0, "perturbed".
+    rho: Number | None = Field(None, ge=0)  # radius
+    eta: Number | None = Field(None, ge=0)  # ASAM / Fisher SAM regulariser
+    alpha: Number | None = Field(None, ge=0)  # M-SAM metric scale: G = I + α² g gᵀ (0: SAM, 1: M-SAM)
+    metric_beta: Number | None = Field(None, ge=0, lt=1)  # M-SAM averaged metric: EMA factor of the metric's gradient
+    norm_scope: Literal["perturbed", "all_trainable"] | None = None  # SAM / M-SAM: which gradients make up ‖g‖
     base: str = "adamw"  # base optimizer of the SAM family: sgd | adam | adamw
     grad_clip: Number | None = None  # max ‖g‖ of the gradient the base optimizer steps with (SAM: the second)
+
+    def method_hparams(self) -> dict[str, Any]:
+        """The SAM-family hyper-parameters that were set (the rest take the method's defaults)."""
+        return {k: getattr(self, k) for k in METHOD_HPARAMS if getattr(self, k) is not None}
 
     @field_validator("name")
     @classmethod
@@ -79,7 +89,7 @@ class OptimConfig(StrictModel):
     def _grad_clip(cls, value: float | None) -> float | None:
         return _finite_positive(value, "grad_clip")
 
-    @field_validator("rho", "eta", "weight_decay", "momentum", "eps")
+    @field_validator("rho", "eta", "alpha", "metric_beta", "weight_decay", "momentum", "eps")
     @classmethod
     def _finite(cls, value: float | None) -> float | None:
         if value is not None and not math.isfinite(value):

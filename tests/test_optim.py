@@ -386,7 +386,11 @@ def test_building_by_class_and_by_name_gives_the_same_defaults(name):
         assert (group["rho"], group.get("eta")) == PAPER_DEFAULTS[name]
         assert type(opt.base_optimizer) is torch.optim.AdamW  # the training configs' base
     rho, eta = PAPER_DEFAULTS[name]
-    assert default_hparams(name) == {"rho": rho, "base": "adamw", **({"eta": eta} if eta is not None else {})}
+    knobs = {"sam": {"norm_scope": "perturbed"}, "msam": {"norm_scope": "perturbed", "alpha": 1.0, "metric_beta": 0.0}}
+    assert default_hparams(name) == {"rho": rho, "base": "adamw", **({"eta": eta} if eta is not None else {}),
+                                     **knobs.get(name, {})}
+    for key in knobs.get(name, {}):  # the research knobs live on the optimizer object
+        assert getattr(by_class, key) == getattr(by_name, key) == default_hparams(name)[key]
     assert default_hparams("adamw") == {}
     # An explicit base still wins, as the toy experiments need (plain SGD, no momentum).
     sgd = create_optimizer(name, [torch.nn.Parameter(torch.zeros(2, 2))], lr=0.1, base="sgd")

@@ -398,3 +398,31 @@ def test_holdout_validation_partitions_training_images_with_all_their_captions(t
     with pytest.raises(AlignError, match="holdout_images"):
         train(cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"holdout_images": 0})}), tmp_path / "r2",
               progress=False)
+
+
+def test_training_config_takes_the_registry_defaults_and_refuses_a_knob_the_method_lacks():
+    from align.heads import build_model
+    from align.train import TrainConfig, optimizer_and_schedule
+
+    def built(**optim):
+        cfg = validate(TrainConfig, train_config(data_section(Path("unused")), optim={"lr": 1e-3, **optim}))
+        return optimizer_and_schedule(cfg, build_model(cfg.head, cfg.loss, IMAGE_DIM, TEXT_DIM))[0]
+
+    assert built(name="asam").param_groups[0]["rho"] == 0.5  # ASAM's own scale, as ASAM() and create_optimizer
+    assert built(name="sam").param_groups[0]["rho"] == 0.05
+    msam = built(name="msam", alpha=0.5, metric_beta=0.9, norm_scope="all_trainable")
+    assert (msam.alpha, msam.metric_beta, msam.norm_scope) == (0.5, 0.9, "all_trainable")
+    with pytest.raises(AlignError, match="alpha is not a parameter of sam"):
+        built(name="sam", alpha=0.5)
+
+
+def test_a_study_gives_each_cell_only_the_knobs_its_method_has(tmp_path):
+    from align.compare import Cell, CompareConfig, cell_config
+
+    cfg = validate(CompareConfig, {"data": data_section(Path("unused")),
+                                   "optim": {"alpha": 0.5, "eta": 10.0},
+                                   "grid": {"optimizers": ["sam", "msam", "fsam"]}})
+    optim = {name: cell_config(cfg, Cell(name, 0.1, 0.05, 0), tmp_path).optim for name in ("sam", "msam", "fsam")}
+    assert (optim["sam"].alpha, optim["sam"].eta) == (None, None)
+    assert (optim["msam"].alpha, optim["msam"].eta) == (0.5, None)
+    assert (optim["fsam"].alpha, optim["fsam"].eta) == (None, 10.0)

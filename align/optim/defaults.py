@@ -17,6 +17,8 @@ BASE_CLASSES: Mapping[str, type[Optimizer]] = MappingProxyType(
 DEFAULT_BASE = "adamw"
 DEFAULT_BASE_CLASS = BASE_CLASSES[DEFAULT_BASE]
 
-SAM_DEFAULTS: Mapping[str, Any] = MappingProxyType({"rho": 0.05, "base": DEFAULT_BASE})  # SAM and M-SAM
+SAM_DEFAULTS: Mapping[str, Any] = MappingProxyType({"rho": 0.05, "base": DEFAULT_BASE, "norm_scope": "perturbed"})
+# M-SAM's research knobs: α = 1 is the paper's Monge metric (α = 0 is SAM), β = 0 the metric of the current gradient.
+MSAM_DEFAULTS: Mapping[str, Any] = MappingProxyType({**SAM_DEFAULTS, "alpha": 1.0, "metric_beta": 0.0})
 ASAM_DEFAULTS: Mapping[str, Any] = MappingProxyType({"rho": 0.5, "eta": 0.01, "base": DEFAULT_BASE})
 FSAM_DEFAULTS: Mapping[str, Any] = MappingProxyType({"rho": 0.05, "eta": 1.0, "base": DEFAULT_BASE})

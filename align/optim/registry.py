@@ -11,7 +11,7 @@ from typing import Any, Iterable, Mapping
 
 from torch.optim import Optimizer
 
-from align.optim.defaults import ASAM_DEFAULTS, BASE_CLASSES, FSAM_DEFAULTS, SAM_DEFAULTS
+from align.optim.defaults import ASAM_DEFAULTS, BASE_CLASSES, FSAM_DEFAULTS, MSAM_DEFAULTS, SAM_DEFAULTS
 from align.optim.sam import ASAM, MSAM, SAM, FisherSAM
 
 
@@ -33,7 +33,7 @@ OPTIMIZERS: dict[str, OptimizerInfo] = {
     "adam": OptimizerInfo("adam", False, "Adam", "Adam", "#bcbd22"),
     "adamw": OptimizerInfo("adamw", False, "AdamW (decoupled weight decay)", "AdamW", "#8c564b"),
     "sam": OptimizerInfo("sam", True, "SAM: δ = ρ g/‖g‖", "SAM", "#1f77b4", SAM, SAM_DEFAULTS),
-    "msam": OptimizerInfo("msam", True, "Monge SAM: δ = ρ g/(‖g‖√(1+‖g‖²))", "M-SAM", "#d62728", MSAM, SAM_DEFAULTS),
+    "msam": OptimizerInfo("msam", True, "Monge SAM: δ = ρ g/(‖g‖√(1+‖g‖²))", "M-SAM", "#d62728", MSAM, MSAM_DEFAULTS),
     "asam": OptimizerInfo("asam", True, "Adaptive SAM: δ = ρ T²g/‖Tg‖", "ASAM", "#2ca02c", ASAM, ASAM_DEFAULTS),
     "fsam": OptimizerInfo("fsam", True, "Fisher SAM: δ = ρ F⁻¹g/√(gᵀF⁻¹g)", "Fisher SAM", "#9467bd", FisherSAM,
                           FSAM_DEFAULTS),
@@ -65,12 +65,13 @@ def _base(name: str, lr: float, weight_decay: float, momentum: float, betas: tup
 
 def create_optimizer(name: str, params: Iterable[Any], *, lr: float, weight_decay: float = 0.0,
                      momentum: float = 0.0, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                     rho: float | None = None, eta: float | None = None, base: str | None = None,
-                     max_grad_norm: float | None = None) -> Optimizer:
-    """Build a registered optimizer. ``rho``/``eta``/``base``/``max_grad_norm`` apply to the SAM family only.
+                     base: str | None = None, max_grad_norm: float | None = None, **method: Any) -> Optimizer:
+    """Build a registered optimizer. ``base``/``max_grad_norm`` and the ``method`` hyper-parameters (rho, eta,
+    alpha, metric_beta, norm_scope: whichever ``default_hparams(name)`` lists) belong to the SAM family; the base
+    optimizers ignore them, so one set of arguments builds every entry.
 
-    ``rho``, ``eta`` and ``base`` left at None take the entry's defaults (``default_hparams(name)``), the same
-    values the classes use as constructor defaults.
+    Hyper-parameters left out or None take the entry's defaults, the same values the classes use as constructor
+    defaults; one a SAM-family method does not have is a ValueError.
     """
     info = optimizer_info(name)
     if info.sam_class is None:
@@ -79,9 +80,10 @@ def create_optimizer(name: str, params: Iterable[Any], *, lr: float, weight_deca
         cls, kwargs = _base(name, lr, weight_decay, momentum, betas, eps)
         return cls(params, **kwargs)
     d = info.defaults
+    unknown = sorted(k for k, v in method.items() if v is not None and (k not in d or k == "base"))
+    if unknown:
+        raise ValueError(f"{', '.join(unknown)} {'is not a parameter' if len(unknown) == 1 else 'are not parameters'}"
+                         f" of {name}")
     cls, kwargs = _base(base if base is not None else d["base"], lr, weight_decay, momentum, betas, eps)
-    if "eta" in d:
-        kwargs["eta"] = eta if eta is not None else d["eta"]
-    elif eta is not None:
-        raise ValueError(f"eta is not a parameter of {name}")
-    return info.sam_class(params, cls, rho=rho if rho is not None else d["rho"], max_grad_norm=max_grad_norm, **kwargs)
+    hparams = {k: (method[k] if method.get(k) is not None else v) for k, v in d.items() if k != "base"}
+    return info.sam_class(params, cls, max_grad_norm=max_grad_norm, **hparams, **kwargs)

@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from align.optim.defaults import ASAM_DEFAULTS, DEFAULT_BASE_CLASS, FSAM_DEFAULTS, SAM_DEFAULTS
+from align.optim.defaults import ASAM_DEFAULTS, DEFAULT_BASE_CLASS, FSAM_DEFAULTS, MSAM_DEFAULTS, SAM_DEFAULTS
 
 
 NORM_SCOPES = ("perturbed", "all_trainable")
@@ -77,7 +77,8 @@ class SAM(Optimizer):
     """
 
     def __init__(self, params: Iterable[Any] | None, base_optimizer: type[Optimizer] | Optimizer = DEFAULT_BASE_CLASS,
-                 rho: float = SAM_DEFAULTS["rho"], max_grad_norm: float | None = None, norm_scope: str = "perturbed",
+                 rho: float = SAM_DEFAULTS["rho"], max_grad_norm: float | None = None,
+                 norm_scope: str = SAM_DEFAULTS["norm_scope"],
                  **base_kwargs: Any) -> None:
         if not isinstance(rho, (int, float)) or not math.isfinite(rho) or rho < 0:
             raise ValueError(f"rho must be a finite number >= 0, got {rho!r}")
@@ -271,7 +272,8 @@ class MSAM(SAM):
     """
 
     def __init__(self, params: Iterable[Any] | None, base_optimizer: type[Optimizer] | Optimizer = DEFAULT_BASE_CLASS,
-                 *args: Any, alpha: float = 1.0, metric_beta: float = 0.0, **kwargs: Any) -> None:
+                 *args: Any, alpha: float = MSAM_DEFAULTS["alpha"], metric_beta: float = MSAM_DEFAULTS["metric_beta"],
+                 **kwargs: Any) -> None:
         if not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha < 0:
             raise ValueError(f"alpha must be a finite number >= 0, got {alpha!r}")
         if not isinstance(metric_beta, (int, float)) or not 0.0 <= metric_beta < 1.0:
