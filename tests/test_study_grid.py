@@ -82,3 +82,18 @@ def test_bad_method_axes_are_one_line_errors(axes, message):
     with pytest.raises(AlignError, match=message) as info:
         _cfg(method_axes=axes)
     assert "\n" not in str(info.value)
+
+
+def test_the_default_study_has_five_seeds_and_sweeps_fisher_sams_eta_where_it_differs():
+    from align.config import load_config
+    from align.config_files import packaged_config
+
+    path = packaged_config("compare", "default")
+    cfg = load_config(CompareConfig, path)
+    assert cfg.grid.seeds == [0, 1, 2, 3, 4]
+    etas = cfg.grid.method_axes["fsam"]["eta"]
+    # bench/study_knobs.py: below η ≈ 1e3 Fisher SAM's δ is within 0.3% of SAM's (1 + η gᵢ² ≤ 1.021 at η = 1)
+    assert len(etas) >= 2 and min(etas) >= 1e3
+    # by hand: sgd, adamw 3 lrs; sam, msam, asam 3 × 3; fsam 3 × 3 × 3 η; all × 5 seeds
+    runs = (3 + 3 + 3 * 9 + 9 * len(etas)) * 5
+    assert plan(cfg)["runs"] == runs and f"{runs} runs" in path.read_text().split("\nname:")[0]
