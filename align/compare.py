@@ -2,8 +2,8 @@
 
 Each cell is an ordinary training run directory (``<study>/runs/<cell>``), so a study is resumable for free:
 finished cells are skipped and an interrupted cell resumes from its last checkpoint. The statistics below
-(summary with Student-t intervals and Holm-adjusted verdicts, the paper's Table 3 shape, robustness) are pure functions of the rows of
-``results.csv`` in ``align.study_stats``; writing files and plots is ``align.report``'s job.
+(summary with Student-t intervals and Holm-adjusted verdicts, the paper's Table 3 shape, robustness) are pure
+functions of the rows of ``results.csv`` in ``align.study_stats``; writing files and plots is ``align.report``'s job.
 """
 from __future__ import annotations
 

@@ -67,7 +67,8 @@ def _csv(path: Path) -> list[dict[str, str]]:
 def finished_study(study_config) -> Path:
     result = runner.invoke(app, ["compare", "--config", str(study_config), "--no-progress"])
     assert result.exit_code == 0, result.output
-    assert "Best configuration per optimizer" in result.output and "Robustness" in result.output
+    assert "Best configuration per optimizer" in result.output and "Robustness on VALIDATION" in result.output
+    assert "(n = 2: no interval)" in result.output and "n < 3: no test" in result.output
     return Path(yaml.safe_load(study_config.read_text())["study_dir"])
 
 
