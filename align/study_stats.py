@@ -83,9 +83,12 @@ def _vs_reference(verdict: dict[str, Any] | None, is_reference: bool) -> dict[st
     """The summary's reference columns from a ``verdicts_vs_reference`` row (blank for the reference itself)."""
     if verdict is None:
         return {"pairs": None, "diff_vs_ref": math.nan, "diff_ci_low": math.nan, "diff_ci_high": math.nan,
-                "p_holm": math.nan, "verdict": "reference" if is_reference else None}
-    return {"pairs": verdict["pairs"], "diff_vs_ref": verdict["diff_mean"], "diff_ci_low": verdict["diff_low"],
-            "diff_ci_high": verdict["diff_high"], "p_holm": verdict["p_holm"], "verdict": verdict["verdict"]}
+                "no_interval": None, "p_holm": math.nan, "verdict": "reference" if is_reference else None}
+    pairs = verdict["pairs"]
+    return {"pairs": pairs, "diff_vs_ref": verdict["diff_mean"], "diff_ci_low": verdict["diff_low"],
+            "diff_ci_high": verdict["diff_high"],
+            "no_interval": f"n = {pairs}: no interval" if pairs < MIN_PAIRS else None,  # why the bounds are blank
+            "p_holm": verdict["p_holm"], "verdict": verdict["verdict"]}
 
 
 def summary(rows: list[dict[str, Any]], reference: str = "sam", level: float = 0.95) -> list[dict[str, Any]]:

@@ -115,6 +115,7 @@ def test_summary_picks_the_best_validation_config_and_averages_its_seeds(finishe
     assert float(summary["msam"]["diff_vs_ref"]) == pytest.approx(np.mean(diff))
     # two seeds: no interval (blank in the CSV) and no test, rather than a "95%" interval that covers 50%
     assert summary["msam"]["pairs"] == "2" and summary["msam"]["diff_ci_low"] in ("", "nan")
+    assert summary["msam"]["no_interval"] == "n = 2: no interval" and summary["sam"]["no_interval"] == ""
     assert summary["msam"]["verdict"] == "n < 3: no test" and summary["sam"]["verdict"] == "reference"
 
 

@@ -35,6 +35,7 @@ def test_best_config_is_chosen_on_validation_and_two_seeds_give_no_interval():
     assert summ["msam"]["diff_vs_ref"] == pytest.approx(0.225) and summ["msam"]["pairs"] == 2
     assert math.isnan(summ["msam"]["diff_ci_low"]) and math.isnan(summ["msam"]["diff_ci_high"])
     assert summ["msam"]["verdict"] == "n < 3: no test" and math.isnan(summ["msam"]["p_holm"])
+    assert summ["msam"]["no_interval"] == "n = 2: no interval"
     assert math.isnan(summ["sam"]["diff_vs_ref"]) and summ["sam"]["verdict"] == "reference"
     assert summ["sam"]["pairs"] is None and summ["sam"]["seeds"] == 2
 
@@ -52,7 +53,7 @@ def test_summary_interval_and_holm_verdicts_at_five_seeds_equal_scipy_by_hand():
         lo, hi = stats.t.interval(0.95, 4, loc=np.mean(d), scale=stats.sem(d))
         assert summ[name]["diff_vs_ref"] == pytest.approx(np.mean(d), rel=1e-9)
         assert (summ[name]["diff_ci_low"], summ[name]["diff_ci_high"]) == pytest.approx((lo, hi), rel=1e-9)
-        assert summ[name]["pairs"] == 5 and summ[name]["seeds"] == 5
+        assert summ[name]["pairs"] == 5 and summ[name]["seeds"] == 5 and summ[name]["no_interval"] is None
         p[name] = stats.ttest_rel([ref[s] + d[s] for s in range(5)], ref).pvalue
     # Holm over the two comparisons: the smaller p times 2, the larger times 1 (never below the first)
     small, large = sorted(p, key=p.get)
