@@ -2,11 +2,12 @@
 
 Each cell is an ordinary training run directory (``<study>/runs/<cell>``), so a study is resumable for free:
 finished cells are skipped and an interrupted cell resumes from its last checkpoint. The statistics below
-(summary with bootstrap intervals, the paper's Table 3 shape, robustness) are pure functions of the rows of
-``results.csv`` in ``align.study_stats``; writing files and plots is ``align.report``'s job.
+(summary with Student-t intervals and Holm-adjusted verdicts, the paper's Table 3 shape, robustness) are pure
+functions of the rows of ``results.csv`` in ``align.study_stats``; writing files and plots is ``align.report``'s job.
 """
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import re
@@ -14,17 +15,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import StrictInt, field_validator, model_validator
+from pydantic import StrictInt, ValidationError, field_validator, model_validator
 
 from align.config import StrictModel
 from align.errors import AlignError
-from align.optim import OPTIMIZERS, optimizer_info
+from align.optim import OPTIMIZERS, default_hparams, optimizer_info
 from align.progress import Log
-from align.train_config import MAX_SEED, METHOD_HPARAMS, Number, TrainConfig
+from align.study_stats import METHOD_AXES
+from align.train_config import MAX_SEED, METHOD_HPARAMS, Number, OptimConfig, TrainConfig
 
 
 class GridConfig(StrictModel):
-    """What varies across cells. Single-pass optimizers (sgd, adam, adamw) have no ρ and run once per lr."""
+    """What varies across cells. Single-pass optimizers (sgd, adam, adamw) have no ρ and run once per lr.
+
+    ``method_axes`` sweeps a method's own hyper-parameters besides lr × ρ, per optimizer, e.g.
+    ``{fsam: {eta: [1000, 10000]}, msam: {alpha: [0.5, 1, 2], metric_beta: [0, 0.9]}}``: every combination of
+    the listed values is crossed with that optimizer's lr × ρ × seeds.
+    """
 
     optimizers: list[str] = ["sgd", "adamw", "sam", "msam", "asam", "fsam"]
     lrs: list[Number] = [1e-3]
@@ -32,6 +39,7 @@ class GridConfig(StrictModel):
     seeds: list[StrictInt] = [0, 1]
     lr_overrides: dict[str, list[Number]] = {}   # per optimizer, e.g. sgd: [0.1, 0.3]
     rho_overrides: dict[str, list[Number]] = {}  # per optimizer, e.g. asam: [0.5, 1.0] (ASAM's ρ lives on another scale)
+    method_axes: dict[str, dict[str, list[Number]]] = {}  # per optimizer: eta | alpha | metric_beta → values
 
     @field_validator("optimizers")
     @classmethod
@@ -51,7 +59,29 @@ class GridConfig(StrictModel):
         rho_lists = {"rhos": self.rhos, **{f"rho_overrides.{k}": v for k, v in self.rho_overrides.items()}}
         for where, values in {**lr_lists, **rho_lists, "seeds": self.seeds}.items():
             _check_axis(where, values, positive=where in lr_lists, integer=where == "seeds")
+        _check_method_axes(self.method_axes)
         return self
+
+
+def _check_method_axes(axes: dict[str, dict[str, list[Any]]]) -> None:
+    """Each method axis: a known optimizer, a sweepable parameter it has, values valid for it (``OptimConfig``)."""
+    for name, spec in axes.items():
+        if name not in OPTIMIZERS:
+            raise ValueError(f"method_axes: unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
+        own = [k for k in METHOD_AXES if k in default_hparams(name)]
+        if not spec:
+            raise ValueError(f"method_axes.{name} names no parameter")
+        for param, values in spec.items():
+            where = f"method_axes.{name}.{param}"
+            if param not in own:
+                has = f"it has {', '.join(own)}" if own else "it has none (lr and ρ are swept by lrs and rhos)"
+                raise ValueError(f"{where}: {name} has no parameter {param!r} to sweep; {has}")
+            _check_axis(where, values, positive=False, integer=False)
+            for v in values:
+                try:
+                    OptimConfig(name=name, **{param: v})
+                except ValidationError as err:
+                    raise ValueError(f"{where}: {v!r}: {err.errors()[0]['msg']}") from None
 
 
 def _check_axis(where: str, values: list[Any], positive: bool, integer: bool) -> None:
@@ -76,8 +106,10 @@ class CompareConfig(TrainConfig):
     name: str = "study"  # a plain folder name: letters, digits, '.', '_', '-'
     study_dir: str | None = None  # default: <data root>/studies/<name>
     workers: int | Literal["auto"] = "auto"  # cells trained at once (processes); auto: fits the cores, 1 on GPU
-    reference: str = "sam"  # the optimizer every other one is compared with (bootstrap difference)
-    bootstrap_samples: int = 2000
+    reference: str = "sam"  # the optimizer every other one is compared with (paired t, Holm-adjusted)
+    # Unused: the summary's intervals are Student-t now. Still accepted because every study's saved config.yaml
+    # (written before) has it, and `align compare --config <study>/config.yaml` must keep loading those.
+    bootstrap_samples: int | None = None
     grid: GridConfig = GridConfig()
 
     @field_validator("name")
@@ -97,21 +129,25 @@ class CompareConfig(TrainConfig):
 
 @dataclass(frozen=True)
 class Cell:
-    """One run of the grid."""
+    """One run of the grid. ``method`` holds its method-axis values as (name, value) in ``METHOD_AXES`` order."""
 
     optimizer: str
     lr: float
     rho: float | None
     seed: int
+    method: tuple[tuple[str, float], ...] = ()
 
     @property
     def key(self) -> str:
+        """The run folder's name; without method axes the same as before they existed (old studies resume)."""
         rho = "" if self.rho is None else f"_rho{self.rho:g}"
-        return f"{self.optimizer}_lr{self.lr:g}{rho}_s{self.seed}"
+        extra = "".join(f"_{name}{value:g}" for name, value in self.method)
+        return f"{self.optimizer}_lr{self.lr:g}{rho}{extra}_s{self.seed}"
 
     @property
-    def config_key(self) -> tuple[str, float, float | None]:
-        return (self.optimizer, self.lr, self.rho)
+    def config_key(self) -> tuple:
+        """(optimizer, lr, ρ, *method): the configuration, seeds aside (as ``study_stats.config_key``)."""
+        return (self.optimizer, self.lr, self.rho, *self.method)
 
 
 def study_dir(cfg: CompareConfig) -> Path:
@@ -122,28 +158,37 @@ def study_dir(cfg: CompareConfig) -> Path:
 
 
 def grid_cells(grid: GridConfig) -> list[Cell]:
-    """Every cell, in a fixed order (optimizer order as configured, then lr, ρ, seed)."""
+    """Every cell, in a fixed order (optimizer order as configured, then lr, ρ, method axes, seed)."""
     cells = []
     for name in grid.optimizers:
         two_pass = optimizer_info(name).two_pass
         rhos: list[float | None] = list(grid.rho_overrides.get(name, grid.rhos)) if two_pass else [None]
+        combos = _method_combos(grid.method_axes.get(name, {}))
         for lr in grid.lr_overrides.get(name, grid.lrs):
             for rho in rhos:
-                for seed in grid.seeds:
-                    cells.append(Cell(name, float(lr), None if rho is None else float(rho), int(seed)))
+                for method in combos:
+                    for seed in grid.seeds:
+                        cells.append(Cell(name, float(lr), None if rho is None else float(rho), int(seed), method))
     return cells
+
+
+def _method_combos(spec: dict[str, list[float]]) -> list[tuple[tuple[str, float], ...]]:
+    """Every combination of one optimizer's method-axis values, axes in ``METHOD_AXES`` order ([()] for none)."""
+    names = [a for a in METHOD_AXES if a in spec]
+    return [tuple(zip(names, map(float, values))) for values in itertools.product(*(spec[a] for a in names))]
 
 
 def cell_config(cfg: CompareConfig, cell: Cell, run_dir: Path) -> TrainConfig:
     """The training config of one cell: the study's shared settings with this cell's optimizer, lr, ρ, seed.
 
     Method hyper-parameters of the shared section that this cell's optimizer does not have (M-SAM's alpha in a
-    SAM cell, η in an M-SAM cell) are dropped: a study sets them once for the methods that take them.
+    SAM cell, η in an M-SAM cell) are dropped: a study sets them once for the methods that take them. The cell's
+    method-axis values override the shared ones.
     """
     shared = cfg.model_dump(exclude={"name", "study_dir", "workers", "reference", "bootstrap_samples", "grid"})
     own = optimizer_info(cell.optimizer).defaults
     optim = {k: v for k, v in shared["optim"].items() if k not in METHOD_HPARAMS or k in own}
-    optim.update(name=cell.optimizer, lr=cell.lr)
+    optim.update(name=cell.optimizer, lr=cell.lr, **dict(cell.method))
     if cell.rho is not None:
         optim["rho"] = cell.rho
     shared.update(optim=optim, seed=cell.seed, out_dir=str(run_dir))
@@ -161,6 +206,7 @@ def plan(cfg: CompareConfig) -> dict[str, Any]:
         "image_encoder": cfg.data.image_encoder.model_dump(exclude_none=True),
         "text_encoder": cfg.data.text_encoder.model_dump(exclude_none=True),
         "optimizers": list(cfg.grid.optimizers),
+        "method_axes": {name: dict(spec) for name, spec in cfg.grid.method_axes.items()},
         "runs": len(cells),
         "configs": len({c.config_key for c in cells}),
         "steps_per_run": cfg.schedule.steps,
@@ -277,9 +323,9 @@ def collect_rows(cfg: CompareConfig) -> list[dict[str, Any]]:
 
 
 def result_row(cell: Cell, results: dict[str, Any]) -> dict[str, Any]:
-    """Flatten one run's results.json into a results.csv row."""
+    """Flatten one run's results.json into a results.csv row (method-axis values, if any, after ρ)."""
     row: dict[str, Any] = {"run": cell.key, "optimizer": cell.optimizer, "lr": cell.lr, "rho": cell.rho,
-                           "seed": cell.seed, "status": "ok" if results.get("status") == "done" else "diverged",
+                           **dict(cell.method), "seed": cell.seed, "status": "ok" if results.get("status") == "done" else "diverged",
                            "diverged_at": results.get("diverged_at"), "steps_done": results.get("steps_done"),
                            "best_step": results.get("best_step")}
     for prefix in ("best_test", "final_test", "best_val", "max_val"):

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from align.optim.registry import OPTIMIZERS
+from align.study_stats import config_key
 
 
 def _label(name: str) -> str:
@@ -40,15 +41,29 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def heatmaps(rows: list[dict[str, Any]], column: str, title: str, path: Path) -> Path:
-    """One panel per optimizer: seed-mean ``column`` over lr (rows) × ρ (columns); ✕ marks diverged seeds."""
+def _panels(rows: list[dict[str, Any]]) -> dict[tuple, list[dict[str, Any]]]:
+    """Rows per heatmap panel: per optimizer and per combination of its method-axis values (η = 1000, ...)."""
+    panels: dict[tuple, list[dict[str, Any]]] = {}
+    for r in rows:
+        key = config_key(r)
+        panels.setdefault((key[0], *key[3:]), []).append(r)
+    return panels
+
+
+def heatmaps(rows: list[dict[str, Any]], column: str, title: str, path: Path, per_row: int = 6) -> Path:
+    """One panel per optimizer (and method-axis value): seed-mean ``column`` over lr (rows) × ρ (columns);
+    ✕ marks diverged seeds. At most ``per_row`` panels side by side."""
     plt = _pyplot()
-    names = list(dict.fromkeys(r["optimizer"] for r in rows))
-    fig, axes = plt.subplots(1, len(names), figsize=(3.3 * len(names), 3.6), squeeze=False, layout="constrained")
+    panels = _panels(rows)
+    ncols = max(1, min(per_row, len(panels)))
+    nrows = -(-len(panels) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.3 * ncols, 3.6 * nrows), squeeze=False, layout="constrained")
     values = [_num(r.get(column)) for r in rows]
     vmin, vmax = np.nanmin(values) if values else 0, np.nanmax(values) if values else 1
-    for ax, name in zip(axes[0], names):
-        rs = [r for r in rows if r["optimizer"] == name]
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for ax, (panel, rs) in zip(axes.flat, panels.items()):
+        name = panel[0]
         lrs = sorted({r["lr"] for r in rs})
         rhos = sorted({r["rho"] for r in rs}, key=lambda x: -1 if x is None else x)
         grid = np.full((len(lrs), len(rhos)), np.nan)
@@ -69,8 +84,8 @@ def heatmaps(rows: list[dict[str, Any]], column: str, title: str, path: Path) ->
         ax.set_yticks(range(len(lrs)), [f"{lr:g}" for lr in lrs])
         ax.set_xlabel("ρ")
         ax.set_ylabel("lr")
-        ax.set_title(_label(name))
-    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.9, pad=0.01)
+        ax.set_title(_label(name) + "".join(f"  {a} {v:g}" for a, v in panel[1:]))
+    fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.9, pad=0.01)
     fig.suptitle(title)
     out = _save(fig, path)
     plt.close(fig)
@@ -85,7 +100,7 @@ def training_curves(run_root: Path, best: dict[str, tuple], rows: list[dict[str,
     fig, (ax_loss, ax_val) = plt.subplots(1, 2, figsize=(11, 4))
     for name, key in best.items():
         color = _color(name)
-        for i, r in enumerate(r for r in rows if (r["optimizer"], r["lr"], r["rho"]) == key):
+        for i, r in enumerate(r for r in rows if config_key(r) == key):
             records = runs.read_metrics(run_root / r["run"])
             train = [m for m in records if m.get("kind") == "train"]
             val = [m for m in records if m.get("kind") == "val"]

@@ -1,6 +1,7 @@
 """Statistics of an optimizer study (pure functions of the rows of ``results.csv``; no I/O).
 
-A row is one run: optimizer, lr, rho (None for single-pass optimizers), seed, status ("ok" | "diverged") and
+A row is one run: optimizer, lr, rho (None for single-pass optimizers), seed, status ("ok" | "diverged"),
+optionally the method axes of the grid (eta, alpha, metric_beta; None or absent where a method lacks them) and
 flat metric columns such as ``best_val_mean_R@1``, ``best_test_mutual_knn``, ``max_val_mutual_knn``,
 ``loss_at_step``, ``final_loss``.
 """
@@ -13,17 +14,44 @@ import numpy as np
 
 SCORE = "mean_R@1"        # the headline metric: mean of i2t and t2i R@1
 ALIGNMENT = "mutual_knn"  # the paper's alignment metric
+SUMMARY_METRICS = (SCORE, "i2t_R@1", "t2i_R@1", "i2t_R@5", "t2i_R@5", ALIGNMENT, "cknna")
+# A method's own hyper-parameters a grid can sweep besides lr and ρ (grid.method_axes), in the fixed order that
+# run keys, configuration keys and table columns use.
+METHOD_AXES = ("eta", "alpha", "metric_beta")
 
 
 def _num(value: Any) -> float:
     return float(value) if value is not None and value != "" else math.nan
 
 
+def _is_set(value: Any) -> bool:
+    return value is not None and value != "" and not (isinstance(value, float) and math.isnan(value))
+
+
+def config_key(row: dict[str, Any]) -> tuple:
+    """A row's configuration: (optimizer, lr, ρ), then (axis, value) for each method axis the row sets.
+
+    Without method axes this is the plain (optimizer, lr, ρ) triple; the pairs keep η = 1 and α = 1 apart.
+    """
+    extra = tuple((a, float(row[a])) for a in METHOD_AXES if _is_set(row.get(a)))
+    return (row["optimizer"], row["lr"], row["rho"], *extra)
+
+
+def key_axes(key: tuple) -> dict[str, float]:
+    """The method-axis values of a configuration key from ``config_key`` ({} when it has none)."""
+    return dict(key[3:])
+
+
+def used_axes(rows: list[dict[str, Any]]) -> list[str]:
+    """The method axes any row sets (the extra columns of the tables), in ``METHOD_AXES`` order."""
+    return [a for a in METHOD_AXES if any(_is_set(r.get(a)) for r in rows)]
+
+
 def config_means(rows: list[dict[str, Any]], column: str) -> dict[tuple, float]:
-    """Mean of ``column`` over seeds for every (optimizer, lr, ρ) configuration (NaN-aware)."""
+    """Mean of ``column`` over seeds for every configuration (``config_key``; NaN-aware)."""
     groups: dict[tuple, list[float]] = {}
     for r in rows:
-        groups.setdefault((r["optimizer"], r["lr"], r["rho"]), []).append(_num(r.get(column)))
+        groups.setdefault(config_key(r), []).append(_num(r.get(column)))
     return {k: float(np.nanmean(v)) if not all(math.isnan(x) for x in v) else math.nan for k, v in groups.items()}
 
 
@@ -31,7 +59,7 @@ def best_configs(rows: list[dict[str, Any]], select: str = f"best_val_{SCORE}") 
     """Per optimizer, the configuration with the best mean validation score; configurations in which a
     seed diverged only win when every configuration of that optimizer diverged somewhere."""
     means = config_means(rows, select)
-    diverged = {(r["optimizer"], r["lr"], r["rho"]) for r in rows if r["status"] != "ok"}
+    diverged = {config_key(r) for r in rows if r["status"] != "ok"}
     best: dict[str, tuple] = {}
     for key, value in means.items():
         name = key[0]
@@ -41,55 +69,74 @@ def best_configs(rows: list[dict[str, Any]], select: str = f"best_val_{SCORE}") 
     return {name: key for name, (key, _) in best.items()}
 
 
-def bootstrap_difference(a: list[float], b: list[float], samples: int = 2000, seed: int = 0) -> tuple[float, float, float]:
-    """Mean of a − b paired by seed, and its percentile bootstrap 95% interval (resampling seeds)."""
-    diff = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
-    diff = diff[~np.isnan(diff)]
-    if diff.size == 0:
-        return math.nan, math.nan, math.nan
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, diff.size, size=(samples, diff.size))
-    boots = diff[idx].mean(axis=1)
-    return float(diff.mean()), float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))
+def _seed_stats(seeds: list[dict[str, Any]]) -> dict[str, float]:
+    """Test metrics of one configuration's seeds: mean and sample std (0 for a single value) per metric."""
+    out: dict[str, float] = {}
+    for metric in SUMMARY_METRICS:
+        values = [_num(r.get(f"best_test_{metric}")) for r in seeds]
+        out[f"{metric}_mean"] = float(np.nanmean(values)) if not all(map(math.isnan, values)) else math.nan
+        out[f"{metric}_std"] = float(np.nanstd(values, ddof=1)) if sum(not math.isnan(v) for v in values) > 1 else 0.0
+    return out
 
 
-def summary(rows: list[dict[str, Any]], reference: str = "sam", samples: int = 2000) -> list[dict[str, Any]]:
-    """Best configuration per optimizer: test metrics mean ± std over seeds, difference to the reference."""
+def _vs_reference(verdict: dict[str, Any] | None, is_reference: bool) -> dict[str, Any]:
+    """The summary's reference columns from a ``verdicts_vs_reference`` row (blank for the reference itself)."""
+    if verdict is None:
+        return {"pairs": None, "diff_vs_ref": math.nan, "diff_ci_low": math.nan, "diff_ci_high": math.nan,
+                "no_interval": None, "p_holm": math.nan, "verdict": "reference" if is_reference else None}
+    pairs = verdict["pairs"]
+    return {"pairs": pairs, "diff_vs_ref": verdict["diff_mean"], "diff_ci_low": verdict["diff_low"],
+            "diff_ci_high": verdict["diff_high"],
+            "no_interval": f"n = {pairs}: no interval" if pairs < MIN_PAIRS else None,  # why the bounds are blank
+            "p_holm": verdict["p_holm"], "verdict": verdict["verdict"]}
+
+
+def summary(rows: list[dict[str, Any]], reference: str = "sam", level: float = 0.95) -> list[dict[str, Any]]:
+    """Best configuration per optimizer (chosen on validation): test metrics mean ± std over its seeds, and its
+    test mean R@1 against the reference's best configuration, paired by seed.
+
+    The comparison states n (``pairs``), the mean difference with its Student-t ``level`` interval (NaN bounds
+    below 3 pairs: no interval at all rather than one that does not keep its level), the Holm-adjusted p over
+    all optimizers compared with the reference and the verdict (``VERDICTS``).
+    """
     best = best_configs(rows)
-    by_seed = {}
-    for name, key in best.items():
-        by_seed[name] = {r["seed"]: r for r in rows if (r["optimizer"], r["lr"], r["rho"]) == key}
+    axes = used_axes(rows)
+    verdicts: dict[str, dict[str, Any]] = {}
+    if reference in best:
+        verdicts = {v["optimizer"]: v for v in
+                    verdicts_vs_reference(best_config_scores(rows), reference, alpha=1.0 - level)}
     out = []
     for name, key in best.items():
-        seeds = by_seed[name]
-        entry: dict[str, Any] = {"optimizer": name, "lr": key[1], "rho": key[2], "seeds": len(seeds),
-                                 "diverged_seeds": sum(r["status"] != "ok" for r in seeds.values())}
-        for metric in (SCORE, "i2t_R@1", "t2i_R@1", "i2t_R@5", "t2i_R@5", ALIGNMENT, "cknna"):
-            values = [_num(r.get(f"best_test_{metric}")) for r in seeds.values()]
-            entry[f"{metric}_mean"] = float(np.nanmean(values)) if not all(map(math.isnan, values)) else math.nan
-            entry[f"{metric}_std"] = float(np.nanstd(values, ddof=1)) if sum(not math.isnan(v) for v in values) > 1 else 0.0
-        if reference in by_seed and name != reference:
-            common = sorted(set(seeds) & set(by_seed[reference]))
-            diff = bootstrap_difference([_num(seeds[s].get(f"best_test_{SCORE}")) for s in common],
-                                        [_num(by_seed[reference][s].get(f"best_test_{SCORE}")) for s in common],
-                                        samples=samples)
-            entry.update(diff_vs_ref=diff[0], diff_ci_low=diff[1], diff_ci_high=diff[2])
-        else:
-            entry.update(diff_vs_ref=math.nan, diff_ci_low=math.nan, diff_ci_high=math.nan)
+        seeds = list({r["seed"]: r for r in rows if config_key(r) == key}.values())
+        entry: dict[str, Any] = {"optimizer": name, "lr": key[1], "rho": key[2],
+                                 **{a: key_axes(key).get(a) for a in axes}, "seeds": len(seeds),
+                                 "diverged_seeds": sum(r["status"] != "ok" for r in seeds)}
+        entry.update(_seed_stats(seeds))
+        entry.update(_vs_reference(verdicts.get(name), name == reference))
         out.append(entry)
     return out
 
 
+def _config_order(key: tuple) -> tuple:
+    """Sort order of (lr, ρ, *axis pairs): ρ None (single-pass optimizers) first."""
+    return (key[0], -1 if key[1] is None else key[1], key[2:])
+
+
 def table3(rows: list[dict[str, Any]], optimizer: str) -> list[dict[str, Any]]:
-    """The paper's Table 3 shape for one optimizer: per (lr, ρ) cell, the best alignment over training
-    (validation mutual-k-NN), the loss at step T and at the end (means over seeds), and divergence."""
+    """The paper's Table 3 shape for one optimizer: per (lr, ρ, method axes) cell, the best alignment over
+    training (validation mutual-k-NN), the loss at step T and at the end (means over seeds), and divergence.
+
+    Every row carries the method-axis columns any row of ``rows`` uses (None where this optimizer lacks one).
+    """
+    axes = used_axes(rows)
     cells: dict[tuple, list[dict[str, Any]]] = {}
     for r in rows:
         if r["optimizer"] == optimizer:
-            cells.setdefault((r["lr"], r["rho"]), []).append(r)
+            cells.setdefault(config_key(r)[1:], []).append(r)
     out = []
-    for (lr, rho), rs in sorted(cells.items(), key=lambda kv: (kv[0][0], -1 if kv[0][1] is None else kv[0][1])):
-        out.append({"lr": lr, "rho": rho,
+    for key, rs in sorted(cells.items(), key=lambda kv: _config_order(kv[0])):
+        values = dict(key[2:])
+        out.append({"lr": key[0], "rho": key[1], **{a: values.get(a) for a in axes},
                     "best_alignment": float(np.nanmean([_num(r.get(f"max_val_{ALIGNMENT}")) for r in rs])),
                     "loss_at_step": float(np.nanmean([_num(r.get("loss_at_step")) for r in rs])),
                     "final_loss": float(np.nanmean([_num(r.get("final_loss")) for r in rs])),
@@ -97,23 +144,43 @@ def table3(rows: list[dict[str, Any]], optimizer: str) -> list[dict[str, Any]]:
     return out
 
 
-def robustness(rows: list[dict[str, Any]], column: str = f"best_test_{SCORE}") -> list[dict[str, Any]]:
-    """Per optimizer: the share of its grid configurations within 95% of its best one, and its worst one."""
-    means = config_means(rows, column)
-    diverged = {(r["optimizer"], r["lr"], r["rho"]) for r in rows if r["status"] != "ok"}
+def robustness(rows: list[dict[str, Any]], select: str = f"best_val_{SCORE}",
+               test: str = f"best_test_{SCORE}") -> list[dict[str, Any]]:
+    """Per optimizer, judged on VALIDATION seed means (``select``): the share of its grid configurations within
+    95% of its best one, its best and its worst one. Beside them, labelled ``*_test``, the test means of those
+    same two configurations; nothing here is chosen on test scores.
+    """
+    val = config_means(rows, select)
+    tst = config_means(rows, test)
+    diverged = {config_key(r) for r in rows if r["status"] != "ok"}
+    axes = used_axes(rows)
     out = []
     for name in dict.fromkeys(r["optimizer"] for r in rows):
-        items = {k: v for k, v in means.items() if k[0] == name}
-        values = np.array([0.0 if math.isnan(v) else v for v in items.values()])
-        best_value = float(values.max())
-        worst_key = min(items, key=lambda k: 0.0 if math.isnan(items[k]) else items[k])
-        out.append({"optimizer": name, "configs": len(items),
-                    "within_95pct": float(np.mean(values >= 0.95 * best_value)) if best_value > 0 else 0.0,
-                    "best": best_value, "worst": float(values.min()),
+        items = {k: 0.0 if math.isnan(v) else v for k, v in val.items() if k[0] == name}
+        best_key, worst_key = max(items, key=items.__getitem__), min(items, key=items.__getitem__)
+        best_value = items[best_key]
+        within = float(np.mean([v >= 0.95 * best_value for v in items.values()])) if best_value > 0 else 0.0
+        worst_axes = key_axes(worst_key)
+        out.append({"optimizer": name, "configs": len(items), "within_95pct_val": within,
+                    "best_val": best_value, "worst_val": items[worst_key],
+                    "best_test": tst[best_key], "worst_test": tst[worst_key],
                     "worst_lr": worst_key[1], "worst_rho": worst_key[2],
+                    **{f"worst_{a}": worst_axes.get(a) for a in axes},
                     "diverged_configs": sum(k in diverged for k in items)})
     return out
 
+
+
+def max_paired_gap(rows: list[dict[str, Any]], optimizer: str, reference: str, where: dict[str, float] | None = None,
+                   column: str = f"best_test_{SCORE}") -> tuple[float, int]:
+    """Largest |difference in ``column``| between runs of ``optimizer`` whose method axes are ``where`` and the
+    ``reference`` runs of the same lr, ρ and seed → (gap, pairs); (NaN, 0) when no run pairs."""
+    ref = {(r["lr"], r["rho"], r["seed"]): _num(r.get(column)) for r in rows if r["optimizer"] == reference}
+    gaps = [abs(_num(r.get(column)) - ref[(r["lr"], r["rho"], r["seed"])]) for r in rows
+            if r["optimizer"] == optimizer and key_axes(config_key(r)) == (where or {})
+            and (r["lr"], r["rho"], r["seed"]) in ref]
+    finite = [g for g in gaps if not math.isnan(g)]
+    return (max(finite) if finite else math.nan), len(finite)
 
 # -- honest intervals and tests for a handful of paired seeds ---------------------------------------------
 # A percentile bootstrap over n seeds covers far less than its nominal level at small n (paper-notes.md:
@@ -241,7 +308,7 @@ def best_config_scores(rows: list[dict[str, Any]], column: str = f"best_test_{SC
                        select: str = f"best_val_{SCORE}") -> dict[str, dict[Any, float]]:
     """Per optimizer, ``column`` per seed of its best configuration (chosen on ``select``, as ``best_configs``)."""
     best = best_configs(rows, select)
-    return {name: {r["seed"]: _num(r.get(column)) for r in rows if (r["optimizer"], r["lr"], r["rho"]) == key}
+    return {name: {r["seed"]: _num(r.get(column)) for r in rows if config_key(r) == key}
             for name, key in best.items()}
 
 

@@ -113,27 +113,34 @@ class Trajectories:
         return self.losses[:, -1]
 
 
-def build_toy_optimizer(method: str, param: Tensor, *, lr: float, rho: float, eta: float | None = None
-                    ) -> torch.optim.Optimizer:
-    """The optimizer a toy run uses: 'gd' = plain SGD; SAM family = the registry's class over SGD (no momentum)."""
+def build_toy_optimizer(method: str, param: Tensor, *, lr: float, rho: float, eta: float | None = None,
+                        alpha: float | None = None) -> torch.optim.Optimizer:
+    """The optimizer a toy run uses: 'gd' = plain SGD; SAM family = the registry's class over SGD (no momentum).
+
+    ``alpha`` (M-SAM's metric scale) goes to the methods that have it and is ignored by the others, so one
+    setting can run every method of an experiment.
+    """
     if method == "gd":
         return create_optimizer("sgd", [param], lr=lr)
-    return create_optimizer(method, [param], lr=lr, rho=rho, eta=eta, base="sgd")  # the paper's plain SGD base
+    has_alpha = "alpha" in optimizer_info(TOY_METHODS[method]).defaults
+    return create_optimizer(method, [param], lr=lr, rho=rho, eta=eta, alpha=alpha if has_alpha else None,
+                            base="sgd")  # the paper's plain SGD base
 
 
 def run_optimizer(loss_fn: LossFn, starts: Tensor, method: str, *, lr: float, rho: float, steps: int,
-                  eta: float | None = None, tol: float | None = None) -> Trajectories:
+                  eta: float | None = None, tol: float | None = None, alpha: float | None = None) -> Trajectories:
     """Run ``method`` from each start (starts[B, 2]) for at most ``steps`` steps, each run with its own optimizer.
 
     The B runs are independent: one optimizer per run, because one optimizer over B parameters would share a
     single global gradient norm. Only the forward/backward passes are batched (the loss is a sum of per-run
     terms, so each parameter receives exactly its own gradient). With ``tol``, a run stops once
-    ‖θₜ − θₜ₋₂‖ < tol: a fixed point, or the 2-cycle SAM-type updates settle into.
+    ‖θₜ − θₜ₋₂‖ < tol: a fixed point, or the 2-cycle SAM-type updates settle into. ``alpha``: M-SAM's metric
+    scale (None: the registry default, 1).
     """
     if starts.ndim != 2 or starts.shape[1] != 2:
         raise ValueError(f"starts must have shape [B, 2], got {tuple(starts.shape)}")
     params = [torch.nn.Parameter(s.detach().to(DTYPE).clone().view(1, 2)) for s in starts]
-    opts = [build_toy_optimizer(method, p, lr=lr, rho=rho, eta=eta) for p in params]
+    opts = [build_toy_optimizer(method, p, lr=lr, rho=rho, eta=eta, alpha=alpha) for p in params]
     b = len(params)
     points = [[p.detach().view(2).clone()] for p in params]
     losses: list[list[float]] = [[] for _ in range(b)]
@@ -202,11 +209,20 @@ SADDLE = [(0.0, 0.0)]
 FLATTEST = [(1.0, 1.0), (-1.0, -1.0), (1.0, -1.0), (-1.0, 1.0)]  # as in the task: within 0.2 of (±1, ±1)
 
 
+def _msam_alpha(alpha: float | None) -> float:
+    """The α an M-SAM run uses (the registry default when None), for the experiments' settings."""
+    return float(optimizer_info("msam").defaults["alpha"] if alpha is None else alpha)
+
+
 def banana_experiment(start: tuple[float, float] = (-1.5, 0.5), lr: float = 0.01, rho: float = 1.0,
-                      steps: int = 200, methods: Sequence[str] = ("gd", "sam", "msam")) -> ToyResult:
-    """Fig. 1: GD, SAM and M-SAM on the banana loss from one start; end points and losses per method."""
+                      steps: int = 200, methods: Sequence[str] = ("gd", "sam", "msam"),
+                      alpha: float | None = None) -> ToyResult:
+    """Fig. 1: GD, SAM and M-SAM on the banana loss from one start; end points and losses per method.
+
+    ``alpha``: M-SAM's metric scale (0 gives SAM's run, 1 the paper's M-SAM).
+    """
     starts = torch.tensor([start], dtype=DTYPE)
-    runs = {m: run_optimizer(banana, starts, m, lr=lr, rho=rho, steps=steps) for m in methods}
+    runs = {m: run_optimizer(banana, starts, m, lr=lr, rho=rho, steps=steps, alpha=alpha) for m in methods}
     summary = []
     for m, tr in runs.items():
         p = tr.final_points[0]
@@ -215,7 +231,7 @@ def banana_experiment(start: tuple[float, float] = (-1.5, 0.5), lr: float = 0.01
                         "dist_saddle": distance_to(p.view(1, 2), SADDLE).item(),
                         "dist_flattest": distance_to(p.view(1, 2), FLATTEST).item()})
     settings = {"loss": "(1 - t1*t2)^2", "start": list(start), "lr": lr, "rho": rho, "steps": steps,
-                "base": "SGD (no momentum)"}
+                "msam_alpha": _msam_alpha(alpha), "base": "SGD (no momentum)"}
     return ToyResult("banana", settings, summary, runs)
 
 
@@ -336,19 +352,21 @@ def grid_starts(n: int = 10, lim: float = 3.0) -> Tensor:
 
 def grid_experiment(n: int = 10, lim: float = 3.0, lr: float = 0.01, rho: float = 1.0, max_steps: int = 500,
                     tol: float = 1e-7, methods: Sequence[str] = ("sam", "msam", "fsam", "asam"),
-                    asam_eta: float = 0.01, fsam_eta: float = 1.0, radius: float = 0.2) -> ToyResult:
+                    asam_eta: float = 0.01, fsam_eta: float = 1.0, radius: float = 0.2,
+                    alpha: float | None = None) -> ToyResult:
     """Fig. 5: each method from each start of an n×n grid on the banana loss; count ends at the saddle / (±1, ±1).
 
     Convergence: a run stops when ‖θₜ − θₜ₋₂‖ < tol, else after ``max_steps``. Near a minimum SAM-type updates
     with a finite lr settle into a small limit cycle rather than a point, so many runs stop at the cap; their
     class (saddle / flattest / elsewhere on the valley) no longer changes by then except for ASAM's slow drift.
+    ``alpha``: M-SAM's metric scale (0 repeats SAM's runs exactly).
     """
     starts = grid_starts(n, lim)
     etas = {"asam": asam_eta, "fsam": fsam_eta}
     runs: dict[str, Trajectories] = {}
     summary = []
     for m in methods:
-        tr = run_optimizer(banana, starts, m, lr=lr, rho=rho, steps=max_steps, eta=etas.get(m), tol=tol)
+        tr = run_optimizer(banana, starts, m, lr=lr, rho=rho, steps=max_steps, eta=etas.get(m), tol=tol, alpha=alpha)
         runs[m] = tr
         fp = tr.final_points
         at_saddle = distance_to(fp, SADDLE) < radius
@@ -359,7 +377,7 @@ def grid_experiment(n: int = 10, lim: float = 3.0, lr: float = 0.01, rho: float 
                         "mean_loss": tr.final_losses.mean().item()})
     settings = {"loss": "(1 - t1*t2)^2", "grid": f"{n}x{n} on [-{lim:g}, {lim:g}]^2", "lr": lr, "rho": rho,
                 "max_steps": max_steps, "converged": f"||theta_t - theta_(t-2)|| < {tol:g}",
-                "asam_eta": asam_eta, "fsam_eta": fsam_eta, "radius": radius,
+                "asam_eta": asam_eta, "fsam_eta": fsam_eta, "msam_alpha": _msam_alpha(alpha), "radius": radius,
                 "at_saddle": "final point within radius of (0, 0)", "at_flat": "within radius of (+-1, +-1)", "base": "SGD (no momentum)"}
     return ToyResult("grid", settings, summary, runs, {"starts": starts})
 

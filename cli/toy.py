@@ -29,7 +29,9 @@ def _fmt(value: Any) -> str:
 def _print_table(result: Any, seconds: float, paths: list[Path]) -> None:
     from rich.table import Table
 
-    table = Table(title=f"{result.name}  ({seconds:.1f} s)", title_justify="left")
+    alpha = result.settings.get("msam_alpha")
+    knob = "" if alpha is None or alpha == 1.0 else f", M-SAM with α = {alpha:g}"
+    table = Table(title=f"{result.name}  ({seconds:.1f} s{knob})", title_justify="left")
     columns = list(result.summary[0])
     for col in columns:
         table.add_column(col, justify="left" if col == "method" else "right")
@@ -53,15 +55,22 @@ def register(app: typer.Typer) -> None:
             1.0, "--sinc-half-width", min=0.0,
             help="sinc: starts uniform in [-h, h]^2 (see the sinc JSON settings for why 1.0)."),
         seed: int = typer.Option(0, "--seed", help="sinc: seed of the random starts."),
+        alpha: Optional[float] = typer.Option(
+            None, "--alpha", min=0.0,
+            help="banana, grid: M-SAM's metric scale α, G = I + α² g gᵀ (0 = SAM, 1 = the paper's M-SAM, default)."),
     ) -> None:
         """Reproduce the paper's 2-D experiments (Figures 1-5) with the real optimizer classes."""
+        from align.errors import AlignError
         from align.paths import toy_dir
         from align.toy import EXPERIMENTS, run_experiment
         from align.toy_plots import write_outputs
 
+        if alpha is not None and experiment.value not in ("banana", "grid", "all"):
+            raise AlignError(f"--alpha applies to banana and grid (M-SAM's metric scale), not {experiment.value}")
         out = toy_dir() if out is None else out
         names = EXPERIMENTS if experiment is Experiment.all else (experiment.value,)
-        options = {"grid": {"max_steps": max_steps}, "sinc": {"half_width": sinc_half_width, "seed": seed}}
+        options = {"grid": {"max_steps": max_steps, "alpha": alpha}, "banana": {"alpha": alpha},
+                   "sinc": {"half_width": sinc_half_width, "seed": seed}}
         for name in names:
             start = time.perf_counter()
             with console.status(f"running {name} ..."):

@@ -181,6 +181,32 @@ def test_grid_sam_ends_at_the_saddle_more_often_than_msam():
         assert row["at_saddle"] + row["at_flat"] + row["elsewhere"] == 36
 
 
+# -- M-SAM's metric scale α in the toy runs --------------------------------------------------------------------
+
+def test_msam_alpha_zero_repeats_sams_grid_runs_exactly():
+    """α = 0 makes G = I: every grid run of M-SAM must be SAM's, bit for bit, and so must the counts."""
+    r = toy.grid_experiment(n=4, max_steps=80, methods=("sam", "msam"), alpha=0.0)
+    assert torch.equal(r.runs["msam"].points, r.runs["sam"].points)
+    sam, msam = ({k: v for k, v in row.items() if k != "method"} for row in r.summary)
+    assert msam == sam and r.settings["msam_alpha"] == 0.0
+    paper = toy.grid_experiment(n=4, max_steps=80, methods=("msam",))
+    assert not torch.equal(paper.runs["msam"].points, r.runs["sam"].points)  # α = 1 (the default) does differ
+
+
+def test_msam_alpha_reaches_the_optimizer_with_the_scaled_radius():
+    """First banana step by hand: δ = ρ g/(n√(1 + α²n²)), then θ₁ = θ₀ − lr ∇ℓ(θ₀ + δ)."""
+    theta0, lr, rho = torch.tensor([[-1.5, 0.5]], dtype=D), 0.01, 1.0
+    for alpha in (0.5, 2.0):
+        g = toy.gradients(toy.banana, theta0)
+        n = g.norm()
+        delta = rho * g / (n * math.sqrt(1.0 + alpha ** 2 * n.item() ** 2))
+        expected = theta0 - lr * toy.gradients(toy.banana, theta0 + delta)
+        tr = toy.run_optimizer(toy.banana, theta0, "msam", lr=lr, rho=rho, steps=1, alpha=alpha)
+        torch.testing.assert_close(tr.points[0, 1].view(1, 2), expected, rtol=1e-14, atol=0)
+    sam = toy.run_optimizer(toy.banana, theta0, "sam", lr=lr, rho=rho, steps=40, alpha=2.0)  # SAM ignores α
+    assert torch.equal(sam.points, toy.run_optimizer(toy.banana, theta0, "sam", lr=lr, rho=rho, steps=40).points)
+
+
 # -- CLI ------------------------------------------------------------------------------------------------------
 
 def test_cli_toy_paraboloid_writes_png_and_json(tmp_path):
@@ -197,6 +223,20 @@ def test_cli_toy_paraboloid_writes_png_and_json(tmp_path):
     assert final[(0.66, "M-SAM")] < final[(0.66, "SAM")] and final[(0.74, "M-SAM")] < final[(0.74, "SAM")]
     assert len(data["runs"]["msam lr=0.66"]["final_points"]) == 1
     assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave no temporary files
+
+
+def test_cli_toy_banana_alpha_zero_ends_where_sam_ends(tmp_path):
+    from align.cli.main import app
+
+    result = CliRunner().invoke(app, ["toy", "banana", "--alpha", "0", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "M-SAM with α = 0" in result.output
+    data = json.loads((tmp_path / "banana.json").read_text())
+    rows = {row["method"]: row for row in data["summary"]}
+    assert data["settings"]["msam_alpha"] == 0.0
+    assert (rows["M-SAM"]["theta1"], rows["M-SAM"]["theta2"]) == (rows["SAM"]["theta1"], rows["SAM"]["theta2"])
+    result = CliRunner().invoke(app, ["toy", "sinc", "--alpha", "2", "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "--alpha applies to banana and grid" in result.output
 
 
 def test_unknown_experiment_is_rejected():

@@ -1,0 +1,114 @@
+"""What the default study's head says about two optimizer knobs: Fisher SAM's η and the norm scope of ‖g‖.
+
+    .venv/bin/python bench/study_knobs.py                    # the embedded default study (embeds it if needed)
+    .venv/bin/python bench/study_knobs.py --set data.dataset.synthetic.seed=1 --train-etas 1 1e5
+
+A SAM run of the default study's best SAM configuration (lr 0.003, ρ 0.05, seed 0: the training loop of
+``align.train`` itself) is stopped at a few steps; on that step's own batch and gradient g it prints
+
+- max gᵢ² over the perturbed parameters and the range of Fisher SAM's factor 1 + η gᵢ² at η = 1;
+- ‖δ_F − δ_S‖/‖δ_S‖ per η, with δ_S = ρ g/‖g‖ and δ_F = ρ F⁻¹g/√(gᵀF⁻¹g), F⁻¹ = 1/(1 + η g²) (the closed forms);
+- the logit scale's share of ‖g‖² (it is not perturbed; ``optim.norm_scope`` decides whether it counts in ‖g‖)
+  and M-SAM's radius ρ/(n√(1 + n²)) with n over the perturbed parameters against n over all trainable ones.
+
+Then it trains Fisher SAM at each ``--train-etas`` value and SAM, same seed and batches, and prints how far the
+trained weights are apart, ‖θ_F − θ_S‖/‖θ_S‖. The default study's η axis (configs/compare/default.yaml) was chosen
+from these numbers.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+MEASURE_AT = (0, 1, 10, 20, 50, 100, 200, 300, 399)
+
+
+def trainer_for(overrides: list[str], optimizer: str, eta: float | None, out: Path):
+    """A ``Trainer`` for one cell of the default study, ready to step (embeds the set first when not cached)."""
+    from align.cache import embed_all
+    from align.compare import Cell, CompareConfig, cell_config
+    from align.config import load_config
+    from align.config_files import packaged_config
+    from align.runs import RunDir
+    from align.train import Trainer, prepare_data
+
+    cfg = load_config(CompareConfig, packaged_config("compare", "default"), overrides)
+    embed_all(cfg.data, progress=False, log=print)
+    method = (("eta", eta),) if eta is not None else ()
+    tcfg, data = prepare_data(cell_config(cfg, Cell(optimizer, 0.003, 0.05, 0, method), out))
+    out.mkdir(parents=True, exist_ok=True)
+    return Trainer(tcfg, data, torch.device("cpu"), RunDir(out), time.perf_counter())
+
+
+def step_gradient(trainer, step: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The first-pass gradient at ``step``'s batch → (perturbed gradients, gradients that are not perturbed)."""
+    rows = trainer.sampler.batch(step)
+    trainer.opt.zero_grad(set_to_none=True)
+    trainer.loss_fn(**trainer.model(trainer.image[rows[0]], trainer.text[rows[1]])).backward()
+    perturbed, other = [], []
+    for group in trainer.opt.param_groups:
+        grads = [p.grad.detach().clone() for p in group["params"] if p.grad is not None]
+        (perturbed if group.get("perturb", True) else other).extend(grads)
+    trainer.opt.zero_grad(set_to_none=True)
+    return perturbed, other
+
+
+def fisher_vs_sam(grads: list[torch.Tensor], eta: float, rho: float = 0.05) -> float:
+    """‖δ_F − δ_S‖/‖δ_S‖ for one gradient (closed forms of both perturbations)."""
+    g = torch.cat([t.flatten() for t in grads]).double()
+    d_sam = rho * g / g.norm()
+    f_inv_g = g / (1.0 + eta * g * g)
+    d_fisher = rho * f_inv_g / torch.sqrt((g * f_inv_g).sum())
+    return float((d_fisher - d_sam).norm() / d_sam.norm())
+
+
+def report_step(step: int, perturbed: list[torch.Tensor], other: list[torch.Tensor], etas: list[float]) -> None:
+    """One line of figures for one step's gradient."""
+    g2 = torch.cat([t.flatten() for t in perturbed]).double() ** 2
+    n_p2 = float(g2.sum())
+    n_o2 = float(sum(float((t.double() ** 2).sum()) for t in other))
+    n_p, n_a = math.sqrt(n_p2), math.sqrt(n_p2 + n_o2)
+    radius = {k: 0.05 / (n * math.sqrt(1.0 + n * n)) for k, n in (("perturbed", n_p), ("all", n_a))}
+    fisher = "  ".join(f"η={eta:g}: {fisher_vs_sam(perturbed, eta):.2e}" for eta in etas)
+    print(f"step {step:3d}  ‖g‖ {n_a:.3g}  logit share of ‖g‖² {100 * n_o2 / (n_p2 + n_o2):5.1f}%  "
+          f"M-SAM radius all/perturbed {radius['all'] / radius['perturbed']:.3f}  max gᵢ² {float(g2.max()):.2e}  "
+          f"(1 + gᵢ² ≤ {1 + float(g2.max()):.5f})  ‖δF−δS‖/‖δS‖ {fisher}", flush=True)
+
+
+def flat_weights(trainer) -> torch.Tensor:
+    return torch.cat([p.detach().flatten().double() for p in trainer.model.parameters()])
+
+
+def main() -> None:
+    from align.train import LoopState
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--set", dest="overrides", action="append", default=[], help="override a study key")
+    parser.add_argument("--etas", type=float, nargs="+", default=[1, 10, 100, 1e3, 1e4, 1e5, 1e6])
+    parser.add_argument("--train-etas", type=float, nargs="*", default=[1, 1e3, 1e4, 1e5, 1e6])
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = trainer_for(args.overrides, "sam", None, Path(tmp) / "sam")
+        state = LoopState()
+        for step in range(trainer.cfg.schedule.steps):
+            if step in MEASURE_AT:
+                report_step(step, *step_gradient(trainer, step), args.etas)
+            trainer.step(state)
+        sam = flat_weights(trainer)
+        for eta in args.train_etas:
+            fisher = trainer_for(args.overrides, "fsam", eta, Path(tmp) / f"fsam{eta:g}")
+            state = LoopState()
+            for _ in range(fisher.cfg.schedule.steps):
+                fisher.step(state)
+            apart = float((flat_weights(fisher) - sam).norm() / sam.norm())
+            print(f"trained {state.step} steps: η={eta:g}  ‖θ_F − θ_S‖/‖θ_S‖ = {apart:.2e}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
