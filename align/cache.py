@@ -10,10 +10,11 @@ Layout of ``<cache_root>/<key>/``:
 
 The key hashes everything that changes the values (dataset identity of the split, encoder specs and weight
 identities, storage dtype, normalisation) and nothing that does not (batch size, device, workers, shard size).
-A run encodes fixed shards of ``shard_size`` items, each written atomically; batch boundaries are tied to shard
-boundaries and frozen in ``work/plan.json``, so a run killed at any point and started again finishes with
-files byte-identical to an uninterrupted run. A cache without a manifest (or whose files disagree with it)
-is never loaded.
+Encoders run on fixed micro-batches of ``ENCODE_ROWS`` rows cut at multiples of the global row index (shards
+are whole micro-batches), so the stored bytes do not depend on batch_size or shard_size either. A run encodes
+fixed shards, each written atomically, frozen in ``work/plan.json``, so a run killed at any point and started
+again finishes with files byte-identical to an uninterrupted run. A cache without a manifest (or whose files
+disagree with it) is never loaded.
 """
 from __future__ import annotations
 
@@ -45,6 +46,10 @@ CACHE_FORMAT = 1
 MANIFEST = "manifest.json"
 WORK = "work"
 ARRAYS = ("image.npy", "text.npy", "caption_to_image.npy", "image_rows.npy", "caption_rows.npy")
+# Rows per encoder forward pass. A row's embedding depends (by ~1e-6) on which rows share its batch, so batches
+# are fixed slices [k·ENCODE_ROWS, (k+1)·ENCODE_ROWS) of the global row index; changing this changes the stored
+# bytes, so it would need a new CACHE_FORMAT.
+ENCODE_ROWS = 64
 
 
 class EmbedConfig(StrictModel):
@@ -57,7 +62,7 @@ class EmbedConfig(StrictModel):
     storage_dtype: Literal["float16", "float32"] = "float32"
     normalize: bool = False
     # run settings: they do not change the values, so they are not part of the key
-    batch_size: int = Field(64, ge=1)
+    batch_size: int = Field(64, ge=1)  # images read per loading step; encoders always run ENCODE_ROWS-row batches
     device: str = "auto"
     num_workers: int = Field(0, ge=0)
     shard_size: int = Field(512, ge=1)
@@ -157,13 +162,12 @@ def embed_split(cfg: EmbedConfig, split: str, progress: bool = True, log: Log = 
     if todo_img:
         image_encoder = encoders.build_image_encoder(cfg.image_encoder, device)
         t0 = time.perf_counter()
-        _embed_images(data, image_encoder, image_shards, todo_img, plan["batch_size"], work, cfg, split,
-                      progress, log)
+        _embed_images(data, image_encoder, image_shards, todo_img, work, cfg, split, progress, log)
         rates.append(_rate(sum(len(image_shards[s]) for s in todo_img), "images", time.perf_counter() - t0))
     if todo_txt:
         text_encoder = encoders.build_text_encoder(cfg.text_encoder, device)
         t0 = time.perf_counter()
-        _embed_texts(data, text_encoder, text_shards, todo_txt, plan["batch_size"], work, split, progress, log)
+        _embed_texts(data, text_encoder, text_shards, todo_txt, work, split, progress, log)
         rates.append(_rate(sum(len(text_shards[s]) for s in todo_txt), "captions", time.perf_counter() - t0))
 
     manifest = _finalize(cfg, split, key, data, final, work, image_shards, text_shards, plan, device, resumed)
@@ -191,21 +195,22 @@ def _shards(n: int, size: int) -> list[range]:
 
 
 def _plan(work: Path, key: str, n_img: int, n_cap: int, cfg: EmbedConfig, log: Log) -> dict[str, Any]:
-    """The frozen shard and batch layout of this run (reused on resume, so the bytes come out the same)."""
-    plan = {"key": key, "images": n_img, "captions": n_cap, "shard_size": cfg.shard_size,
-            "batch_size": cfg.batch_size}
+    """The frozen shard layout of this run (reused on resume, so the same shards count as done)."""
+    rows = ENCODE_ROWS
+    plan = {"key": key, "images": n_img, "captions": n_cap, "encode_rows": rows,
+            "shard_size": -(-cfg.shard_size // rows) * rows}  # whole micro-batches: batches never cross shards
     path = work / "plan.json"
     if path.is_file():
         try:
             old = json.loads(path.read_text())
         except (OSError, ValueError):
             old = None
-        if old and all(old.get(k) == plan[k] for k in ("key", "images", "captions")):
-            if (old["shard_size"], old["batch_size"]) != (plan["shard_size"], plan["batch_size"]):
-                log(f"resuming with the interrupted run's shard_size={old['shard_size']} and "
-                    f"batch_size={old['batch_size']} (so the result is identical to an uninterrupted run)")
+        if isinstance(old, dict) and all(old.get(k) == plan[k] for k in ("key", "images", "captions", "encode_rows")):
+            if old.get("shard_size") != plan["shard_size"]:
+                log(f"resuming with the interrupted run's shard_size={old['shard_size']} (its finished shards are "
+                    f"kept; the values do not depend on it)")
             return old
-        log(f"discarding an unfinished run in {work} (it was for different data)")
+        log(f"discarding an unfinished run in {work} (it was for different data or an older format)")
         shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(plan, indent=1))
@@ -238,12 +243,13 @@ def _as_list(items: list) -> list:
     return items
 
 
-def _embed_images(data: Any, encoder: Any, shards: list[range], todo: list[int], batch_size: int, work: Path,
-                  cfg: EmbedConfig, split: str, progress: bool, log: Log) -> None:
+def _embed_images(data: Any, encoder: Any, shards: list[range], todo: list[int], work: Path, cfg: EmbedConfig,
+                  split: str, progress: bool, log: Log) -> None:
     """Encode the image shards in ``todo``; each becomes work/image-SSSSS.npy (+ .json, written last)."""
-    # Batches never cross a shard boundary, so a shard's rows come from the same batches in every run.
-    batches = [list(shard[i:i + batch_size]) for s in todo for shard in [shards[s]]
-               for i in range(0, len(shard), batch_size)]
+    # A loading step reads whole micro-batches (about batch_size images) of one shard; the encoder then runs
+    # each micro-batch on its own, so its rows are the same in every run whatever batch_size and shard_size are.
+    step = ENCODE_ROWS * max(1, -(-cfg.batch_size // ENCODE_ROWS))
+    batches = [list(shard[i:i + step]) for s in todo for shard in [shards[s]] for i in range(0, len(shard), step)]
     loader = torch.utils.data.DataLoader(_ImageItems(data, encoder.preprocess), batch_sampler=batches,
                                          num_workers=cfg.num_workers, collate_fn=_as_list,
                                          pin_memory=encoder.device.type == "cuda")
@@ -262,17 +268,25 @@ def _embed_images(data: Any, encoder: Any, shards: list[range], todo: list[int],
                         raise AlignError(f"image {i} ({data.image_ids[i]}) of split {split!r} is unreadable: "
                                          f"{reason} (drop --strict to skip unreadable images)")
                     state["skipped"].append({"index": i, "image_id": str(data.image_ids[i]), "reason": reason})
-            if good:
+            for micro in _micro_batches(good):
                 t0 = time.perf_counter()
-                emb = encoder.encode(torch.stack([x for _, x in good]))
+                emb = encoder.encode(torch.stack([x for _, x in micro]))
                 state["seconds"] += time.perf_counter() - t0
-                _check_finite(emb, [data.image_ids[i] for i, _ in good], "image", split)
-                for (i, _), row in zip(good, emb.numpy()):
+                _check_finite(emb, [data.image_ids[i] for i, _ in micro], "image", split)
+                for (i, _), row in zip(micro, emb.numpy()):
                     state["rows"][i] = row
             bar.advance(len(items))
             if len(state["rows"]) + len(state["skipped"]) == len(shards[s]):
                 _write_image_shard(work, s, shards[s], state, encoder)
                 del pending[s]
+
+
+def _micro_batches(items: list[tuple[int, Any]]) -> list[list[tuple[int, Any]]]:
+    """(row, value) pairs grouped by their micro-batch, row // ENCODE_ROWS, in order."""
+    groups: dict[int, list[tuple[int, Any]]] = {}
+    for item in items:
+        groups.setdefault(item[0] // ENCODE_ROWS, []).append(item)
+    return list(groups.values())
 
 
 def _write_image_shard(work: Path, s: int, shard: range, state: dict, encoder: Any) -> None:
@@ -286,16 +300,16 @@ def _write_image_shard(work: Path, s: int, shard: range, state: dict, encoder: A
     atomic_write_text(work / f"image-{s:05d}.json", json.dumps(meta))  # the shard counts as done from here
 
 
-def _embed_texts(data: Any, encoder: Any, shards: list[range], todo: list[int], batch_size: int, work: Path,
-                 split: str, progress: bool, log: Log) -> None:
+def _embed_texts(data: Any, encoder: Any, shards: list[range], todo: list[int], work: Path, split: str,
+                 progress: bool, log: Log) -> None:
     """Encode the caption shards in ``todo``; each becomes work/text-SSSSS.npy (+ .json, written last)."""
     done_before = len(data.captions) - sum(len(shards[s]) for s in todo)
     with progress_bar(len(data.captions), f"captions ({split})", enabled=progress) as bar:
         bar.advance(done_before)
         for s in todo:
             shard, parts, seconds = shards[s], [], 0.0
-            for start in range(shard.start, shard.stop, batch_size):
-                stop = min(start + batch_size, shard.stop)
+            for start in range(shard.start, shard.stop, ENCODE_ROWS):  # shards start at multiples of it
+                stop = min(start + ENCODE_ROWS, shard.stop)
                 t0 = time.perf_counter()
                 emb = encoder.encode([data.captions[i] for i in range(start, stop)])
                 seconds += time.perf_counter() - t0
@@ -333,8 +347,8 @@ def _finalize(cfg: EmbedConfig, split: str, key: str, data: Any, final: Path, wo
         files[name] = {"shape": list(array.shape), "dtype": str(array.dtype), "bytes": (final / name).stat().st_size,
                        "sha256": digest}
     dims = {"image": int(image.shape[1]), "text": int(text.shape[1])}
-    run = {"device": str(device), "batch_size": plan["batch_size"], "shard_size": plan["shard_size"],
-           "num_workers": cfg.num_workers, "resumed": resumed}
+    run = {"device": str(device), "batch_size": cfg.batch_size, "encode_rows": plan["encode_rows"],
+           "shard_size": plan["shard_size"], "num_workers": cfg.num_workers, "resumed": resumed}
     manifest = _manifest(cfg, split, key, data, files, skipped, counts, dims, run, _timing(seconds, len(data.captions)))
     atomic_write_text(final / MANIFEST, json.dumps(manifest, indent=1))  # last: the cache is valid from here
     return manifest

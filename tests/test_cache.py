@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from align import cache, encoders
+from align import cache, datasets, encoders
 from align.cache import EmbedConfig, cache_key, embed_split, list_caches, load_cached_split, remove_cache, verify_cache
 from align.errors import AlignError
 
@@ -175,13 +175,23 @@ def test_float16_storage_and_normalisation(tiny_dir, tmp_path):
     torch.testing.assert_close(got.text.norm(dim=1), torch.ones(40), rtol=0, atol=2e-3)
 
 
-def test_batch_size_changes_neither_key_nor_values(tiny_dir, tmp_path):
-    a = _embedded(make_cfg(tiny_dir, tmp_path))
-    cfg_b = make_cfg(tiny_dir, tmp_path / "b", batch_size=7, shard_size=5)
-    b = _embedded(cfg_b)
-    assert cache_key(cfg_b, "train") == a.meta["key"]
-    torch.testing.assert_close(a.image, b.image, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(a.text, b.text, rtol=1e-5, atol=1e-6)
+def test_batch_and_shard_size_change_neither_key_nor_bytes(tiny_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(cache, "ENCODE_ROWS", 4)  # several micro-batches in 20 images and 40 captions
+    cfg_a = make_cfg(tiny_dir, tmp_path / "a", batch_size=4, shard_size=8)
+    cfg_b = make_cfg(tiny_dir, tmp_path / "b", batch_size=1, shard_size=5)
+    a = embed_split(cfg_a, "train", progress=False, log=quiet)
+    b = embed_split(cfg_b, "train", progress=False, log=quiet)
+    assert a.name == b.name == cache_key(cfg_a, "train") == cache_key(cfg_b, "train")
+    for name in cache.ARRAYS:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    # Not vacuous: batches of 1 and of 4 straight through the encoder give different bytes (≈1e-7) on this
+    # BLAS, which is why the cache cuts batches at multiples of the global row index instead.
+    data = datasets.load_image_caption_split(cfg_a.dataset, "train")
+    text_encoder = encoders.build_text_encoder(cfg_a.text_encoder, torch.device("cpu"))
+    direct = {n: torch.cat([text_encoder.encode(data.captions[i:i + n]) for i in range(0, 40, n)]).numpy()
+              for n in (1, 4)}
+    assert direct[1].tobytes() != direct[4].tobytes()
+    assert np.load(a / "text.npy").tobytes() == direct[4].tobytes()  # the cache is the 4-row micro-batches
 
 
 def test_dataloader_workers_give_the_same_bytes(tiny_dir, tmp_path):
@@ -213,9 +223,10 @@ def _image_folder(root: Path, n: int = 6) -> Path:
     return root
 
 
-def test_unreadable_images_are_skipped_listed_and_their_captions_dropped(tiny_dir, tmp_path):
+def test_unreadable_images_are_skipped_listed_and_their_captions_dropped(tiny_dir, tmp_path, monkeypatch):
     import open_clip
 
+    monkeypatch.setattr(cache, "ENCODE_ROWS", 4)  # two image shards, as the resume below writes them
     folder = _image_folder(tmp_path / "images")
     cfg = make_cfg(tiny_dir, tmp_path / "cache", dataset={"kind": "imagefolder", "path": str(folder)},
                    shard_size=4, batch_size=3)
@@ -246,7 +257,7 @@ def test_unreadable_images_are_skipped_listed_and_their_captions_dropped(tiny_di
     work = tmp_path / "strict-resume" / path.name / "work"
     work.mkdir()
     (work / "plan.json").write_text(json.dumps({"key": path.name, "images": 6, "captions": 12, "shard_size": 4,
-                                                "batch_size": 3}))
+                                                "encode_rows": 4}))
     for s, (start, stop) in enumerate([(0, 4), (4, 6)]):  # both image shards finished, each with a skip
         np.save(work / f"image-{s:05d}.npy", np.zeros((stop - start, 16), np.float32))
         (work / f"image-{s:05d}.json").write_text(json.dumps(
@@ -271,6 +282,7 @@ class _Broken:
 
 
 def test_nan_embeddings_are_an_error(tiny_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(cache, "ENCODE_ROWS", 4)  # the second micro-batch is images 4-7
     real = encoders.build_image_encoder
     monkeypatch.setattr(encoders, "build_image_encoder", lambda spec, device: _Broken(real(spec, device)))
     cfg = make_cfg(tiny_dir, tmp_path)
@@ -337,8 +349,10 @@ def test_list_and_remove(tiny_dir, tmp_path):
 SLOW_RUN = textwrap.dedent("""
     import sys, time
     sys.path.insert(0, {repo!r})
-    from align import encoders
+    from align import cache, encoders
     from align.cache import EmbedConfig, embed_split
+
+    cache.ENCODE_ROWS = 4  # as in the test's own process: micro-batches of 4, five image shards
 
     real = encoders.build_image_encoder
     class Slow:
@@ -355,7 +369,8 @@ SLOW_RUN = textwrap.dedent("""
 
 
 def test_sigkill_mid_run_then_resume_gives_byte_identical_files(tiny_dir, tmp_path, monkeypatch):
-    cfg = make_cfg(tiny_dir, tmp_path / "killed", batch_size=3, shard_size=4)  # batches 3+1 per shard
+    monkeypatch.setattr(cache, "ENCODE_ROWS", 4)
+    cfg = make_cfg(tiny_dir, tmp_path / "killed", batch_size=3, shard_size=4)  # one 4-row micro-batch per shard
     work = tmp_path / "killed" / cache_key(cfg, "train") / "work"
     proc = subprocess.Popen([sys.executable, "-c", SLOW_RUN.format(repo=str(REPO), cfg=cfg.model_dump_json())],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -371,7 +386,7 @@ def test_sigkill_mid_run_then_resume_gives_byte_identical_files(tiny_dir, tmp_pa
     with pytest.raises(AlignError, match="no cached embeddings"):
         load_cached_split(cfg, "train")
 
-    # resume (in this process) with a different batch size: the run's plan keeps the interrupted one's layout
+    # resume (in this process) with other batch and shard sizes: the plan keeps the interrupted run's shards
     encoded = []
     real = encoders.build_image_encoder
 
@@ -382,9 +397,10 @@ def test_sigkill_mid_run_then_resume_gives_byte_identical_files(tiny_dir, tmp_pa
         return enc
 
     monkeypatch.setattr(encoders, "build_image_encoder", counting)
-    resumed = embed_split(cfg.model_copy(update={"batch_size": 64}), "train", progress=False, log=quiet)
+    resumed = embed_split(cfg.model_copy(update={"batch_size": 64, "shard_size": 12}), "train", progress=False,
+                          log=quiet)
     assert sum(encoded) == 20 - 4 * done  # only the unfinished shards were encoded
-    assert all(n <= 3 for n in encoded)
+    assert encoded == [4] * (5 - done)  # in the fixed micro-batches
     monkeypatch.setattr(encoders, "build_image_encoder", real)
 
     fresh = embed_split(cfg.model_copy(update={"cache_root": str(tmp_path / "fresh")}), "train",
