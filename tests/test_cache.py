@@ -288,7 +288,7 @@ def test_nan_embeddings_are_an_error(tiny_dir, tmp_path, monkeypatch):
     cfg = make_cfg(tiny_dir, tmp_path)
     with pytest.raises(AlignError, match=r"NaN/inf embeddings for \S*train\S*4, .* in split 'train'"):
         embed_split(cfg, "train", progress=False, log=quiet)
-    with pytest.raises(AlignError, match="no cached embeddings"):
+    with pytest.raises(AlignError, match="did not finish: run `align embed --config FILE` with this config again"):
         load_cached_split(cfg, "train")
 
 
@@ -317,13 +317,16 @@ def test_verify_detects_a_flipped_byte_and_a_truncated_file_never_loads(tiny_dir
     data[-7] ^= 0x01  # one bit of one float: same size, still a valid .npy
     (path / "text.npy").write_bytes(bytes(data))
     problems = verify_cache(path)
-    assert problems == ["text.npy: sha256 differs from the manifest (the file changed or is corrupt)"]
-    # a truncated file fails the quick completeness check that every load does
+    assert problems == [f"damaged cache {path}: text.npy differs from its sha256 in the manifest (changed after "
+                        f"the embed wrote it); fix: `align cache rm {path.name}`, then `align embed`"]
+    # a truncated file: every load says what is wrong, and so does embed (it never re-uses or silently rebuilds)
     (path / "image.npy").write_bytes((path / "image.npy").read_bytes()[:-16])
-    with pytest.raises(AlignError, match="no cached embeddings"):
-        load_cached_split(cfg, "train")
-    assert list_caches(tmp_path)[0]["status"] == "incomplete"
-    # embedding again repairs it
+    for attempt in (lambda: load_cached_split(cfg, "train"), lambda: embed_split(cfg, "train", log=quiet)):
+        with pytest.raises(AlignError, match=r"damaged cache .*: image\.npy is \d+ bytes but its header describes"):
+            attempt()
+    assert list_caches(tmp_path)[0]["status"] == "damaged"
+    # removing it and embedding again repairs it
+    remove_cache(tmp_path, path.name)
     embed_split(cfg, "train", progress=False, log=quiet)
     assert verify_cache(path) == []
 
@@ -383,7 +386,7 @@ def test_sigkill_mid_run_then_resume_gives_byte_identical_files(tiny_dir, tmp_pa
     done = len(list(work.glob("image-*.json")))
     assert 2 <= done < 5, done  # killed mid-way through the 5 image shards
     assert not (work.parent / "manifest.json").exists()
-    with pytest.raises(AlignError, match="no cached embeddings"):
+    with pytest.raises(AlignError, match="did not finish"):
         load_cached_split(cfg, "train")
 
     # resume (in this process) with other batch and shard sizes: the plan keeps the interrupted run's shards
