@@ -82,6 +82,21 @@ HOLDER = textwrap.dedent("""
 """)
 
 
+def test_an_embed_finds_its_key_locked_and_is_refused_in_one_line(tiny_dir, tmp_path, monkeypatch):
+    """Fast: the lock held in this process, as a running `align embed` holds it (the subprocess case: slow)."""
+    section = embed_section(tiny_dir, tmp_path / "cache")
+    (tmp_path / "embed.yaml").write_text(yaml.safe_dump(section))
+    folder = tmp_path / "cache" / cache_key(cache.EmbedConfig.model_validate(section), "train")
+    with exclusive(folder, "cache"):
+        line = one_line(runner.invoke(app, ["embed", "--config", str(tmp_path / "embed.yaml"), "--no-progress"]))
+    assert line == (f"cache {folder} is in use by process {os.getpid()}: another `align embed` is writing it; "
+                    f"wait for it to finish")
+    assert sorted(p.name for p in folder.iterdir()) == [".lock"]  # nothing written by the refused embed
+    result = runner.invoke(app, ["embed", "--config", str(tmp_path / "embed.yaml"), "--no-progress"])
+    assert result.exit_code == 0, result.output  # the lock is free again: it embeds
+
+
+@pytest.mark.slow
 def test_a_second_concurrent_embed_is_refused_naming_the_first_ones_pid(tiny_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(cache, "ENCODE_ROWS", 4)
     section = embed_section(tiny_dir, tmp_path / "cache")
