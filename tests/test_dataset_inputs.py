@@ -66,7 +66,8 @@ def test_non_utf8_csv_names_file_byte_and_line_and_a_bom_is_fine(tmp_path):
     offset = len(b"\xef\xbb\xbfimage,caption\na.png,green\na.png,gr")  # the BOM counts: offsets are of the file
     with pytest.raises(AlignError) as info:
         load_image_caption_split(_spec(kind="csv", path=str(tmp_path / "rows.csv")), "train")
-    assert str(info.value) == f"{tmp_path / 'rows.csv'} is not UTF-8: byte {offset} (line 3) is b'\\xfc'; save the file as UTF-8"
+    assert str(info.value) == (f"{tmp_path / 'rows.csv'} is not UTF-8: byte {offset} (line 3) is b'\\xfc'; save the "
+                               f"file as UTF-8")
 
 
 # ---------------------------------------------------------------- paths outside the dataset folder
@@ -95,8 +96,8 @@ def test_image_paths_outside_the_folder_are_refused_unless_allowed(outside, kind
     for call in (lambda: load_image_caption_split(_spec(**spec), "train"), lambda: _spec(**spec).identity("train")):
         with pytest.raises(AlignError) as info:
             call()
-        assert str(info.value) == (f"{source} line {line}: image path {image!r} is outside the dataset folder: move the "
-                                   f"image inside it, or set allow_outside_root: true in the dataset spec")
+        assert str(info.value) == (f"{source} line {line}: image path {image!r} is outside the dataset folder: "
+                                   f"move the image inside it, or set allow_outside_root: true in the dataset spec")
     data = load_image_caption_split(_spec(**spec, allow_outside_root=True), "train")
     assert data.captions == ["blue", "hidden"]
     assert np.array_equal(np.asarray(data.load_image(1)), outside["outside"])  # the file it names, read as is
