@@ -6,19 +6,31 @@ Layout of ``<cache_root>/<key>/``:
     image_rows.npy, caption_rows.npy   (int64) each row's index in the source dataset (skipped items leave gaps)
     manifest.json                written last: spec, versions, counts, shapes, dtypes, sha256 checksums,
                                  skipped items with reasons, timing
+    verified.json                what the last load verified (per file: sha256, size, mtime, ctime, inode)
+    .lock                        held (``align.locks.exclusive``) while ``align embed`` writes the folder
     work/                        shards of a run in progress (removed when the cache is complete)
 
 The key hashes everything that changes the values (dataset identity of the split, encoder specs and weight
 identities, storage dtype, normalisation) and nothing that does not (batch size, device, workers, shard size).
-A run encodes fixed shards of ``shard_size`` items, each written atomically; batch boundaries are tied to shard
-boundaries and frozen in ``work/plan.json``, so a run killed at any point and started again finishes with
-files byte-identical to an uninterrupted run. A cache without a manifest (or whose files disagree with it)
-is never loaded.
+Encoders run on fixed micro-batches of ``ENCODE_ROWS`` rows cut at multiples of the global row index (shards
+are whole micro-batches), so the stored bytes do not depend on batch_size or shard_size either. A run encodes
+fixed shards, each written atomically, frozen in ``work/plan.json``, so a run killed at any point and started
+again finishes with files byte-identical to an uninterrupted run. One ``align embed`` writes a key at a time.
+
+Every load (``load_cached_split``, ``load_cache_dir``) goes through ``check_cache`` first: manifest structure,
+``.npy`` headers (C order, plain numbers), shapes, dtypes, counts and dims, finite embeddings, and the sha256 of
+each file. Hashing is skipped only for a file whose (size, mtime_ns, ctime_ns, inode, device) equals what
+``verified.json`` recorded when it last matched the manifest. Any change made through the file system since
+then (a write, a copy, a rename over it, restoring the mtime with ``os.utime``) changes ctime or the inode, so
+the next load hashes again. What that fast path cannot see is a change that bypasses the file system (bit rot
+on the disk, a raw device write); ``align cache verify`` always re-hashes every file.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -33,7 +45,7 @@ import torch
 from pydantic import Field
 
 from align import paths
-from align.config import StrictModel
+from align.config import StrictModel, shorten
 from align.datasets import DatasetSpec
 from align.embeddings import PairedEmbeddings
 from align.encoders import EncoderSpec
@@ -43,8 +55,13 @@ from align.progress import Log, progress_bar
 
 CACHE_FORMAT = 1
 MANIFEST = "manifest.json"
+VERIFIED = "verified.json"
 WORK = "work"
 ARRAYS = ("image.npy", "text.npy", "caption_to_image.npy", "image_rows.npy", "caption_rows.npy")
+# Rows per encoder forward pass. A row's embedding depends (by ~1e-6) on which rows share its batch, so batches
+# are fixed slices [k·ENCODE_ROWS, (k+1)·ENCODE_ROWS) of the global row index; changing this changes the stored
+# bytes, so it would need a new CACHE_FORMAT.
+ENCODE_ROWS = 64
 
 
 class EmbedConfig(StrictModel):
@@ -57,7 +74,7 @@ class EmbedConfig(StrictModel):
     storage_dtype: Literal["float16", "float32"] = "float32"
     normalize: bool = False
     # run settings: they do not change the values, so they are not part of the key
-    batch_size: int = Field(64, ge=1)
+    batch_size: int = Field(64, ge=1)  # images read per loading step; encoders always run ENCODE_ROWS-row batches
     device: str = "auto"
     num_workers: int = Field(0, ge=0)
     shard_size: int = Field(512, ge=1)
@@ -120,16 +137,34 @@ def embed_all(cfg: EmbedConfig, progress: bool = True, log: Log = print) -> dict
 
 
 def embed_split(cfg: EmbedConfig, split: str, progress: bool = True, log: Log = print) -> Path:
-    """Encode one split into its cache folder (resuming finished shards) and return the folder."""
-    from align import datasets, encoders
+    """Encode one split into its cache folder (resuming finished shards) and return the folder.
+
+    A finished cache is checked (``check_cache``) and reused; a damaged one is an AlignError, never re-used or
+    silently rebuilt. Writing happens under the folder's lock: a second ``align embed`` of the same key is
+    refused in one line naming the first one's PID."""
+    from align import encoders
+    from align.locks import exclusive
 
     encoders.prepare_weights(cfg.image_encoder)  # hub files fetched first, so the key sees the final weights
     encoders.prepare_weights(cfg.text_encoder)
     key = cache_key(cfg, split)
     final = Path(cfg.cache_root) / key
-    if is_complete(final):
+    if (final / MANIFEST).exists():  # readers never take the lock: a finished cache is only read
+        check_cache(final)
         log(f"{split}: cached ({key})")
         return final
+    with exclusive(final, "cache", "another `align embed` is writing it; wait for it to finish"):
+        if (final / MANIFEST).exists():  # finished by another process while this one waited to look
+            check_cache(final)
+            log(f"{split}: cached ({key})")
+            return final
+        return _embed_locked(cfg, split, key, final, progress, log)
+
+
+def _embed_locked(cfg: EmbedConfig, split: str, key: str, final: Path, progress: bool, log: Log) -> Path:
+    """embed_split's work, with the key's lock held: load the split, encode missing shards, write the cache."""
+    from align import datasets, encoders
+
     started = time.perf_counter()
     data = datasets.load_image_caption_split(cfg.dataset, split)
     _check_captions(data, split)
@@ -138,8 +173,10 @@ def embed_split(cfg: EmbedConfig, split: str, progress: bool = True, log: Log = 
         raise AlignError(f"split {split!r} of dataset {data.name} has {n_img} images and {n_cap} captions: "
                          f"nothing to embed (check the dataset config)")
 
-    (final / MANIFEST).unlink(missing_ok=True)  # an invalid leftover manifest must never vouch for new files
+    (final / VERIFIED).unlink(missing_ok=True)  # a record of older files must never vouch for new ones
     work = final / WORK
+    for leftover in [*final.glob(".*.tmp"), *work.glob(".*.tmp")]:  # temp files of a killed run (we hold the lock)
+        leftover.unlink(missing_ok=True)
     plan = _plan(work, key, n_img, n_cap, cfg, log)
     image_shards = _shards(n_img, plan["shard_size"])
     text_shards = _shards(n_cap, plan["shard_size"])
@@ -157,13 +194,12 @@ def embed_split(cfg: EmbedConfig, split: str, progress: bool = True, log: Log = 
     if todo_img:
         image_encoder = encoders.build_image_encoder(cfg.image_encoder, device)
         t0 = time.perf_counter()
-        _embed_images(data, image_encoder, image_shards, todo_img, plan["batch_size"], work, cfg, split,
-                      progress, log)
+        _embed_images(data, image_encoder, image_shards, todo_img, work, cfg, split, progress, log)
         rates.append(_rate(sum(len(image_shards[s]) for s in todo_img), "images", time.perf_counter() - t0))
     if todo_txt:
         text_encoder = encoders.build_text_encoder(cfg.text_encoder, device)
         t0 = time.perf_counter()
-        _embed_texts(data, text_encoder, text_shards, todo_txt, plan["batch_size"], work, split, progress, log)
+        _embed_texts(data, text_encoder, text_shards, todo_txt, work, split, progress, log)
         rates.append(_rate(sum(len(text_shards[s]) for s in todo_txt), "captions", time.perf_counter() - t0))
 
     manifest = _finalize(cfg, split, key, data, final, work, image_shards, text_shards, plan, device, resumed)
@@ -191,24 +227,27 @@ def _shards(n: int, size: int) -> list[range]:
 
 
 def _plan(work: Path, key: str, n_img: int, n_cap: int, cfg: EmbedConfig, log: Log) -> dict[str, Any]:
-    """The frozen shard and batch layout of this run (reused on resume, so the bytes come out the same)."""
-    plan = {"key": key, "images": n_img, "captions": n_cap, "shard_size": cfg.shard_size,
-            "batch_size": cfg.batch_size}
+    """The frozen shard layout of this run (reused on resume, so the same shards count as done)."""
+    rows = ENCODE_ROWS
+    plan = {"key": key, "images": n_img, "captions": n_cap, "encode_rows": rows,
+            "shard_size": -(-cfg.shard_size // rows) * rows}  # whole micro-batches: batches never cross shards
     path = work / "plan.json"
     if path.is_file():
         try:
             old = json.loads(path.read_text())
         except (OSError, ValueError):
             old = None
-        if old and all(old.get(k) == plan[k] for k in ("key", "images", "captions")):
-            if (old["shard_size"], old["batch_size"]) != (plan["shard_size"], plan["batch_size"]):
-                log(f"resuming with the interrupted run's shard_size={old['shard_size']} and "
-                    f"batch_size={old['batch_size']} (so the result is identical to an uninterrupted run)")
+        same = isinstance(old, dict) and all(old.get(k) == plan[k] for k in ("key", "images", "captions",
+                                                                             "encode_rows"))
+        if same and _is_count(old.get("shard_size"), 1) and old["shard_size"] % rows == 0:  # whole micro-batches
+            if old["shard_size"] != plan["shard_size"]:
+                log(f"resuming with the interrupted run's shard_size={old['shard_size']} (its finished shards are "
+                    f"kept; the values do not depend on it)")
             return old
-        log(f"discarding an unfinished run in {work} (it was for different data)")
+        log(f"discarding an unfinished run in {work} (it was for different data or an older format)")
         shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(plan, indent=1))
+    _write_text(path, json.dumps(plan, indent=1))
     return plan
 
 
@@ -238,12 +277,13 @@ def _as_list(items: list) -> list:
     return items
 
 
-def _embed_images(data: Any, encoder: Any, shards: list[range], todo: list[int], batch_size: int, work: Path,
-                  cfg: EmbedConfig, split: str, progress: bool, log: Log) -> None:
+def _embed_images(data: Any, encoder: Any, shards: list[range], todo: list[int], work: Path, cfg: EmbedConfig,
+                  split: str, progress: bool, log: Log) -> None:
     """Encode the image shards in ``todo``; each becomes work/image-SSSSS.npy (+ .json, written last)."""
-    # Batches never cross a shard boundary, so a shard's rows come from the same batches in every run.
-    batches = [list(shard[i:i + batch_size]) for s in todo for shard in [shards[s]]
-               for i in range(0, len(shard), batch_size)]
+    # A loading step reads whole micro-batches (about batch_size images) of one shard; the encoder then runs
+    # each micro-batch on its own, so its rows are the same in every run whatever batch_size and shard_size are.
+    step = ENCODE_ROWS * max(1, -(-cfg.batch_size // ENCODE_ROWS))
+    batches = [list(shard[i:i + step]) for s in todo for shard in [shards[s]] for i in range(0, len(shard), step)]
     loader = torch.utils.data.DataLoader(_ImageItems(data, encoder.preprocess), batch_sampler=batches,
                                          num_workers=cfg.num_workers, collate_fn=_as_list,
                                          pin_memory=encoder.device.type == "cuda")
@@ -262,17 +302,25 @@ def _embed_images(data: Any, encoder: Any, shards: list[range], todo: list[int],
                         raise AlignError(f"image {i} ({data.image_ids[i]}) of split {split!r} is unreadable: "
                                          f"{reason} (drop --strict to skip unreadable images)")
                     state["skipped"].append({"index": i, "image_id": str(data.image_ids[i]), "reason": reason})
-            if good:
+            for micro in _micro_batches(good):
                 t0 = time.perf_counter()
-                emb = encoder.encode(torch.stack([x for _, x in good]))
+                emb = encoder.encode(torch.stack([x for _, x in micro]))
                 state["seconds"] += time.perf_counter() - t0
-                _check_finite(emb, [data.image_ids[i] for i, _ in good], "image", split)
-                for (i, _), row in zip(good, emb.numpy()):
+                _check_finite(emb, [data.image_ids[i] for i, _ in micro], "image", split)
+                for (i, _), row in zip(micro, emb.numpy()):
                     state["rows"][i] = row
             bar.advance(len(items))
             if len(state["rows"]) + len(state["skipped"]) == len(shards[s]):
                 _write_image_shard(work, s, shards[s], state, encoder)
                 del pending[s]
+
+
+def _micro_batches(items: list[tuple[int, Any]]) -> list[list[tuple[int, Any]]]:
+    """(row, value) pairs grouped by their micro-batch, row // ENCODE_ROWS, in order."""
+    groups: dict[int, list[tuple[int, Any]]] = {}
+    for item in items:
+        groups.setdefault(item[0] // ENCODE_ROWS, []).append(item)
+    return list(groups.values())
 
 
 def _write_image_shard(work: Path, s: int, shard: range, state: dict, encoder: Any) -> None:
@@ -283,19 +331,19 @@ def _write_image_shard(work: Path, s: int, shard: range, state: dict, encoder: A
     _atomic_save(work / f"image-{s:05d}.npy", array)
     meta = {"start": shard.start, "stop": shard.stop, "skipped": sorted(state["skipped"], key=lambda d: d["index"]),
             "seconds": state["seconds"], "encoded": len(state["rows"])}
-    atomic_write_text(work / f"image-{s:05d}.json", json.dumps(meta))  # the shard counts as done from here
+    _write_text(work / f"image-{s:05d}.json", json.dumps(meta))  # the shard counts as done from here
 
 
-def _embed_texts(data: Any, encoder: Any, shards: list[range], todo: list[int], batch_size: int, work: Path,
-                 split: str, progress: bool, log: Log) -> None:
+def _embed_texts(data: Any, encoder: Any, shards: list[range], todo: list[int], work: Path, split: str,
+                 progress: bool, log: Log) -> None:
     """Encode the caption shards in ``todo``; each becomes work/text-SSSSS.npy (+ .json, written last)."""
     done_before = len(data.captions) - sum(len(shards[s]) for s in todo)
     with progress_bar(len(data.captions), f"captions ({split})", enabled=progress) as bar:
         bar.advance(done_before)
         for s in todo:
             shard, parts, seconds = shards[s], [], 0.0
-            for start in range(shard.start, shard.stop, batch_size):
-                stop = min(start + batch_size, shard.stop)
+            for start in range(shard.start, shard.stop, ENCODE_ROWS):  # shards start at multiples of it
+                stop = min(start + ENCODE_ROWS, shard.stop)
                 t0 = time.perf_counter()
                 emb = encoder.encode([data.captions[i] for i in range(start, stop)])
                 seconds += time.perf_counter() - t0
@@ -304,7 +352,7 @@ def _embed_texts(data: Any, encoder: Any, shards: list[range], todo: list[int], 
                 bar.advance(stop - start)
             _atomic_save(work / f"text-{s:05d}.npy", np.concatenate(parts))
             meta = {"start": shard.start, "stop": shard.stop, "seconds": seconds, "encoded": len(shard)}
-            atomic_write_text(work / f"text-{s:05d}.json", json.dumps(meta))
+            _write_text(work / f"text-{s:05d}.json", json.dumps(meta))
 
 
 def _check_finite(emb: torch.Tensor, names: list, tower: str, split: str) -> None:
@@ -324,8 +372,6 @@ def _finalize(cfg: EmbedConfig, split: str, key: str, data: Any, final: Path, wo
         first = skipped[0]
         raise AlignError(f"image {first['index']} ({first['image_id']}) of split {split!r} is unreadable: "
                          f"{first['reason']} (drop --strict to skip unreadable images)")
-    for leftover in final.glob(".*.tmp"):  # temporary files of a run killed while writing
-        leftover.unlink(missing_ok=True)
     arrays, counts = _final_arrays(cfg, split, data, image, text, skipped)
     files = {}
     for name, array in arrays.items():
@@ -333,10 +379,10 @@ def _finalize(cfg: EmbedConfig, split: str, key: str, data: Any, final: Path, wo
         files[name] = {"shape": list(array.shape), "dtype": str(array.dtype), "bytes": (final / name).stat().st_size,
                        "sha256": digest}
     dims = {"image": int(image.shape[1]), "text": int(text.shape[1])}
-    run = {"device": str(device), "batch_size": plan["batch_size"], "shard_size": plan["shard_size"],
-           "num_workers": cfg.num_workers, "resumed": resumed}
+    run = {"device": str(device), "batch_size": cfg.batch_size, "encode_rows": plan["encode_rows"],
+           "shard_size": plan["shard_size"], "num_workers": cfg.num_workers, "resumed": resumed}
     manifest = _manifest(cfg, split, key, data, files, skipped, counts, dims, run, _timing(seconds, len(data.captions)))
-    atomic_write_text(final / MANIFEST, json.dumps(manifest, indent=1))  # last: the cache is valid from here
+    _write_text(final / MANIFEST, json.dumps(manifest, indent=1))  # last: the cache is valid from here
     return manifest
 
 
@@ -438,63 +484,316 @@ def _versions() -> dict[str, str | None]:
 
 
 def _atomic_save(path: Path, array: np.ndarray) -> str:
-    """``np.save`` to a temporary file in the same folder, fsync, rename; returns the file's sha256."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as fh:
-        np.save(fh, np.ascontiguousarray(array), allow_pickle=False)
-        fh.flush()
-        os.fsync(fh.fileno())
-    digest = sha256_file(tmp)
-    os.replace(tmp, path)
+    """``np.save`` to a temporary file in the same folder, fsync, rename; returns the file's sha256.
+
+    A failed write (disk full, ...) removes the temporary file and is one AlignError line naming ``path``."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # one name per process: writers never share it
+    try:
+        with open(tmp, "wb") as fh:
+            _write_npy(fh, np.ascontiguousarray(array))
+            fh.flush()
+            os.fsync(fh.fileno())
+        digest = sha256_file(tmp)
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise _write_error(path, exc) from None
     return digest
+
+
+def _write_npy(fh: Any, array: np.ndarray) -> None:
+    """The one place array bytes are written (tests make it fail to simulate a full disk)."""
+    np.save(fh, array, allow_pickle=False)
+
+
+def _write_text(path: Path, text: str) -> None:
+    """``atomic_write_text`` (it removes its own temp file on failure), with OSError as one AlignError line."""
+    try:
+        atomic_write_text(path, text)
+    except OSError as exc:
+        raise _write_error(path, exc) from None
+
+
+def _write_error(path: Path, exc: OSError) -> AlignError:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return AlignError(f"no space left on the device writing {path}: free some space, then run the same "
+                          f"`align embed` again (finished shards are kept and it resumes)")
+    return AlignError(f"cannot write {path}: {exc.strerror or exc} (check the folder's permissions and disk)")
 
 
 # ---------------------------------------------------------------------------------------------------- reading
 
+class _Damaged(Exception):
+    """One problem found in a cache folder (a short phrase; check_cache turns it into the user's line)."""
+
+
+KINDS = {str: "text", bool: "true or false", dict: "a mapping", list: "a list"}
+DTYPES = {"image.npy": ("float16", "float32"), "text.npy": ("float16", "float32"),
+          "caption_to_image.npy": ("int64",), "image_rows.npy": ("int64",), "caption_rows.npy": ("int64",)}
+FIELDS = (("key", str), ("split", str), ("storage_dtype", str), ("normalize", bool), ("dataset", dict),
+          ("encoders", dict), ("counts", dict), ("dims", dict), ("files", dict))
+# A file changed within this long of the last verification could share its ctime tick (coarse timestamps),
+# so it is not trusted without hashing until verified.json has been rewritten at least this much later.
+RACY_NS = 100_000_000
+
+
 def read_manifest(path: Path) -> dict[str, Any] | None:
-    """The manifest of a cache folder, or None when it is missing or unreadable."""
+    """The manifest of a cache folder, or None when it is missing, unreadable or not shaped like a manifest."""
     try:
-        manifest = json.loads((Path(path) / MANIFEST).read_text())
-    except (OSError, ValueError):
+        return _load_manifest(Path(path))
+    except _Damaged:
         return None
-    return manifest if isinstance(manifest, dict) and manifest.get("format") == CACHE_FORMAT else None
+
+
+def manifest_of(path: str | Path) -> dict[str, Any]:
+    """The manifest of a cache folder (structure checked, files not read); one AlignError line if it has none."""
+    path = Path(path)
+    _require_manifest(path)
+    try:
+        return _load_manifest(path)
+    except _Damaged as exc:
+        raise AlignError(_problem_line(path, str(exc))) from None
+
+
+def _require_manifest(path: Path) -> None:
+    """A folder without a manifest is not damaged but unfinished (or no cache): say so, and how to go on."""
+    if not (path / MANIFEST).is_file():
+        raise AlignError(f"{path} is not a finished embedding cache (no {MANIFEST}): run `align embed` to make it, "
+                         f"or to resume it if its embed was interrupted")
+
+
+def _load_manifest(path: Path) -> dict[str, Any]:
+    try:
+        manifest = json.loads((path / MANIFEST).read_bytes().decode("utf-8"))
+    except FileNotFoundError:
+        raise _Damaged(f"no {MANIFEST}") from None
+    except (OSError, ValueError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise _Damaged(f"{MANIFEST} is not valid JSON ({shorten(str(exc), 80)})") from None
+    problem = _structure_problem(manifest)
+    if problem:
+        raise _Damaged(f"{MANIFEST}: {problem}")
+    return manifest
+
+
+def _is_count(value: Any, least: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+def _structure_problem(m: Any) -> str | None:
+    """What makes ``m`` not a manifest this version can trust the types of, or None."""
+    if not isinstance(m, dict):
+        return f"expected a JSON object, found {type(m).__name__}"
+    if m.get("format") != CACHE_FORMAT or isinstance(m.get("format"), bool):
+        return f"format {shorten(repr(m.get('format')), 40)}, this align reads format {CACHE_FORMAT}"
+    for name, kind in FIELDS:
+        if not isinstance(m.get(name), kind):
+            return f"{name!r} must be {KINDS[kind]}, found {type(m.get(name)).__name__}"
+    for section, names, least in (("counts", ("images", "captions", "skipped_images"), 0),
+                                  ("dims", ("image", "text"), 1)):
+        for name in names:
+            value = m[section].get(name)
+            if not _is_count(value, least):
+                return f"{section}.{name} must be an integer ≥ {least}, found {shorten(repr(value), 40)}"
+    if set(m["files"]) != set(ARRAYS):
+        listed = shorten(", ".join(map(str, m["files"])), 80) or "nothing"
+        return f"'files' lists {listed}, expected {', '.join(ARRAYS)}"
+    for name, info in m["files"].items():
+        if not (isinstance(info, dict) and isinstance(info.get("shape"), list)
+                and all(_is_count(n) for n in info["shape"]) and isinstance(info.get("dtype"), str)
+                and _is_count(info.get("bytes")) and isinstance(info.get("sha256"), str)
+                and re.fullmatch(r"[0-9a-f]{64}", info["sha256"])):
+            return f"files[{name!r}] must be {{shape: [integers], dtype: text, bytes: integer, sha256: 64 hex}}"
+    return None
 
 
 def is_complete(path: Path) -> bool:
-    """A manifest is there and every file it lists exists with the recorded size (checksums: verify_cache)."""
+    """A well-formed manifest is there and every file it lists has the recorded size (the rest: check_cache)."""
     manifest = read_manifest(path)
     if manifest is None:
         return False
     try:
         return all((Path(path) / name).stat().st_size == info["bytes"] for name, info in manifest["files"].items())
-    except (OSError, KeyError, TypeError):
+    except OSError:
         return False
 
 
+def _problem_line(path: Path, problem: str) -> str:
+    """The user's one line for a damaged cache: the folder, the problem, and how to get a sound one (≤ 300)."""
+    head, tail = f"damaged cache {path}: ", f"; fix: `align cache rm {path.name}`, then `align embed`"
+    return shorten(head + shorten(problem, max(60, 300 - len(head) - len(tail))) + tail)
+
+
+def check_cache(path: str | Path, rehash: bool = False) -> dict[str, Any]:
+    """The manifest of a sound cache folder, after checking everything a load relies on; AlignError otherwise.
+
+    Checks, in order: the manifest's structure and types; each ``.npy`` header (parsed, never unpickled: C
+    order and plain numbers only) against the file size and the manifest; counts and dims against the arrays;
+    finite embeddings and caption indices inside image.npy; the sha256 of each file, unless ``verified.json``
+    vouches for it (see the module docstring for what that fast path guarantees) or ``rehash`` is set.
+    """
+    return _checked(Path(path), rehash)[0]
+
+
+def _checked(path: Path, rehash: bool) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """(manifest, memory-mapped arrays) of a sound cache; AlignError (one line) on the first problem."""
+    _require_manifest(path)
+    try:
+        manifest = _load_manifest(path)
+        headers = {name: _npy_header(path / name) for name in ARRAYS}
+        for name, header in headers.items():
+            _check_file(path / name, header, manifest["files"][name])
+        _check_counts(manifest, {name: shape for name, (shape, _, _) in headers.items()})
+        arrays = {name: _open_array(path / name) for name in ARRAYS}
+        _check_values(arrays)
+        _check_hashes(path, manifest, rehash)
+    except _Damaged as exc:
+        raise AlignError(_problem_line(path, str(exc))) from None
+    return manifest, arrays
+
+
+def _npy_header(file: Path) -> tuple[tuple[int, ...], np.dtype, int]:
+    """(shape, dtype, data offset) from a ``.npy`` header, read with numpy's safe parser (no pickle, no eval)."""
+    from numpy.lib import format as npy
+
+    try:
+        with open(file, "rb") as fh:
+            version = npy.read_magic(fh)
+            if version not in ((1, 0), (2, 0)):
+                raise ValueError(f"unsupported .npy version {version}")
+            read = npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
+            shape, fortran_order, dtype = read(fh)
+            offset = fh.tell()
+    except FileNotFoundError:
+        raise _Damaged(f"{file.name} is missing") from None
+    except (OSError, ValueError, SyntaxError, TypeError) as exc:
+        raise _Damaged(f"{file.name} has no valid .npy header ({shorten(str(exc), 80)})") from None
+    if dtype.hasobject:
+        raise _Damaged(f"{file.name} holds Python objects (dtype {dtype}), which are never unpickled")
+    if fortran_order:
+        raise _Damaged(f"{file.name} is stored in Fortran (column) order; a cache array must be in C order")
+    return tuple(shape), dtype, offset
+
+
+def _check_file(file: Path, header: tuple[tuple[int, ...], np.dtype, int], info: dict[str, Any]) -> None:
+    """The header against the file's size, the manifest's entry, and the dtypes a cache may hold."""
+    shape, dtype, offset = header
+    size = file.stat().st_size
+    expected = offset + math.prod(shape) * dtype.itemsize  # Python ints: a garbage shape cannot overflow
+    if size != expected:
+        raise _Damaged(f"{file.name} is {size} bytes but its header describes {expected} (truncated or padded)")
+    if size != info["bytes"]:
+        raise _Damaged(f"{file.name} is {size} bytes, the manifest says {info['bytes']}")
+    if list(shape) != info["shape"] or str(dtype) != info["dtype"]:
+        raise _Damaged(f"{file.name} holds {list(shape)} {dtype}, the manifest says {info['shape']} {info['dtype']}")
+    if str(dtype) not in DTYPES[file.name]:
+        raise _Damaged(f"{file.name} has dtype {dtype}; a cache stores {' or '.join(DTYPES[file.name])}")
+
+
+def _check_counts(m: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> None:
+    """Array ranks and lengths against each other and against the manifest's counts and dims."""
+    image, text = shapes["image.npy"], shapes["text.npy"]
+    ranks = {"image.npy": 2, "text.npy": 2, "caption_to_image.npy": 1, "image_rows.npy": 1, "caption_rows.npy": 1}
+    for name, rank in ranks.items():
+        if len(shapes[name]) != rank:
+            raise _Damaged(f"{name} has {len(shapes[name])} dimensions, expected {rank}")
+    for what, got, name, rows in (("counts.images", m["counts"]["images"], "image.npy", image[0]),
+                                  ("counts.captions", m["counts"]["captions"], "text.npy", text[0]),
+                                  ("dims.image", m["dims"]["image"], "image.npy", image[1]),
+                                  ("dims.text", m["dims"]["text"], "text.npy", text[1])):
+        if got != rows:
+            unit = "rows" if what.startswith("counts") else "columns"
+            raise _Damaged(f"the manifest's {what} is {got} but {name} has {rows} {unit}")
+    for name, rows in (("caption_to_image.npy", text[0]), ("caption_rows.npy", text[0]),
+                       ("image_rows.npy", image[0])):
+        if shapes[name][0] != rows:
+            raise _Damaged(f"{name} has {shapes[name][0]} entries, expected {rows} (one per row)")
+    if image[0] == 0 or text[0] == 0:
+        raise _Damaged(f"it holds {image[0]} images and {text[0]} captions")
+
+
+def _open_array(file: Path) -> np.ndarray:
+    try:
+        return np.load(file, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise _Damaged(f"{file.name} cannot be read ({shorten(str(exc), 80)})") from None
+
+
+def _check_values(arrays: dict[str, np.ndarray]) -> None:
+    """Finite embeddings (NaN/inf rows are bad data) and caption indices that point into image.npy."""
+    for name in ("image.npy", "text.npy"):
+        bad = _nonfinite_rows(arrays[name])
+        if len(bad):
+            raise _Damaged(f"{name} has {len(bad)} row(s) with NaN or inf (first: row {bad[0]}): the cached "
+                           f"embeddings are bad data")
+    c2i, n_img = arrays["caption_to_image.npy"], len(arrays["image.npy"])
+    outside = np.flatnonzero((c2i < 0) | (c2i >= n_img))
+    if len(outside):
+        raise _Damaged(f"caption_to_image.npy row {outside[0]} points to image {c2i[outside[0]]}, outside "
+                       f"image.npy's {n_img} rows")
+
+
+def _nonfinite_rows(array: np.ndarray, block: int = 8192) -> np.ndarray:
+    """Indices of rows holding NaN or inf, read in blocks (bounded memory for large caches)."""
+    bad = [start + np.flatnonzero(~np.isfinite(array[start:start + block]).all(axis=1))
+           for start in range(0, len(array), block)]
+    return np.concatenate(bad) if bad else np.zeros(0, dtype=np.int64)
+
+
+def _stat_key(st: os.stat_result) -> list[int]:
+    """What any change through the file system alters: size, mtime, ctime (utime cannot set it), inode, device."""
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
+
+
+def _check_hashes(path: Path, manifest: dict[str, Any], rehash: bool) -> None:
+    """The sha256 of every file against the manifest, skipping files verified.json vouches for."""
+    record, record_mtime = _read_verified(path)
+    fresh, changed = {}, False
+    for name in ARRAYS:
+        want = manifest["files"][name]["sha256"]
+        before = _stat_key((path / name).stat())
+        old = record.get(name)
+        if (not rehash and old == {"stat": before, "sha256": want}
+                and before[2] + RACY_NS < record_mtime):  # ctime well before the record was written
+            fresh[name] = old
+            continue
+        if sha256_file(path / name) != want:
+            raise _Damaged(f"{name} differs from its sha256 in the manifest (changed after the embed wrote it)")
+        changed = True
+        if _stat_key((path / name).stat()) == before:  # unchanged while it was hashed
+            fresh[name] = {"stat": before, "sha256": want}
+    if changed:
+        try:
+            atomic_write_text(path / VERIFIED, json.dumps({"format": CACHE_FORMAT, "files": fresh}))
+        except OSError:
+            pass  # a read-only cache is still sound; its next load hashes again
+
+
+def _read_verified(path: Path) -> tuple[dict[str, Any], int]:
+    """(file name → {stat, sha256}, the record's own mtime_ns); empty when missing or unreadable."""
+    try:
+        mtime = (path / VERIFIED).stat().st_mtime_ns
+        record = json.loads((path / VERIFIED).read_text())
+        files = record["files"] if record.get("format") == CACHE_FORMAT else {}
+        return (files, mtime) if isinstance(files, dict) else ({}, 0)
+    except (OSError, ValueError, AttributeError, KeyError, TypeError):
+        return {}, 0
+
+
 def load_cached_split(cfg: EmbedConfig, split: str) -> PairedEmbeddings:
-    """The cached embeddings of ``split`` in float32; AlignError naming the command when they are missing."""
+    """The cached embeddings of ``split`` in float32 (checked first); AlignError naming what to do otherwise."""
     path = cache_path(cfg, split)
-    if not is_complete(path):
+    if not (path / MANIFEST).exists():
+        if (path / WORK).is_dir():
+            raise AlignError(f"the embedding of split {split!r} into {path} did not finish: run `align embed "
+                             f"--config FILE` with this config again to resume it")
         raise AlignError(f"no cached embeddings for split {split!r} (key {path.name} under {cfg.cache_root}): "
                          f"run `align embed --config FILE` with this config first")
     return load_cache_dir(path)
 
 
 def load_cache_dir(path: str | Path) -> PairedEmbeddings:
-    """A complete cache folder → PairedEmbeddings (float32 tensors, int64 caption → image index)."""
-    path = Path(path)
-    manifest = read_manifest(path)
-    if manifest is None or not is_complete(path):
-        raise AlignError(f"{path} is not a complete embedding cache (no valid manifest.json): "
-                         f"run `align embed` again to finish it")
-    arrays = {}
-    for name in ("image.npy", "text.npy", "caption_to_image.npy"):
-        array = np.load(path / name, mmap_mode="r", allow_pickle=False)
-        info = manifest["files"][name]
-        if list(array.shape) != info["shape"] or str(array.dtype) != info["dtype"]:
-            raise AlignError(f"{path / name} has shape {array.shape} {array.dtype}, the manifest says "
-                             f"{info['shape']} {info['dtype']}: run `align cache verify` and re-embed")
-        arrays[name] = array
+    """A sound cache folder (``check_cache``) → PairedEmbeddings (float32 tensors, int64 caption → image index)."""
+    manifest, arrays = _checked(Path(path), rehash=False)
     meta = {"key": manifest["key"], "split": manifest["split"], "path": str(path), "dataset": manifest["dataset"],
             "encoders": manifest["encoders"], "dims": manifest["dims"], "normalize": manifest["normalize"],
             "storage_dtype": manifest["storage_dtype"], "skipped_images": manifest["counts"]["skipped_images"]}
@@ -508,39 +807,66 @@ def load_cache_dir(path: str | Path) -> PairedEmbeddings:
 
 # -------------------------------------------------------------------------------------------------- managing
 
+TOP_NAMES = set(ARRAYS) | {MANIFEST, VERIFIED, WORK, ".lock"}
+WORK_NAME = re.compile(r"plan\.json|(image|text)-\d{5}\.(npy|json)")
+TEMP_NAME = re.compile(r"\..+\.tmp")  # _atomic_save's and atomic_write_text's temporary files
+
+
+def _foreign_names(path: Path) -> list[str]:
+    """Entries of a folder (and of its work/) that ``align embed`` never writes."""
+    odd = [p.name for p in path.iterdir() if p.name not in TOP_NAMES and not TEMP_NAME.fullmatch(p.name)]
+    work = path / WORK
+    if work.is_symlink() or (work.exists() and not work.is_dir()):
+        odd.append(WORK)
+    elif work.is_dir():
+        odd += [f"{WORK}/{p.name}" for p in work.iterdir()
+                if not (WORK_NAME.fullmatch(p.name) or TEMP_NAME.fullmatch(p.name)) or p.is_dir()]
+    return sorted(odd)
+
+
+def _is_cache_folder(path: Path) -> bool:
+    """A finished cache (manifest.json), an embed in progress (work/ or .lock), and nothing else in it."""
+    try:
+        return (path.is_dir() and not path.is_symlink() and any((path / n).exists() for n in (MANIFEST, WORK, ".lock"))
+                and not _foreign_names(path))
+    except OSError:
+        return False
+
+
 def list_caches(root: str | Path | None = None) -> list[dict[str, Any]]:
     """One dict per cache folder under ``root`` (default <data root>/cache): key, path, bytes, status, counts, ..."""
     root = paths.cache_dir() if root is None else Path(root)
     if not root.is_dir():
         return []
     out = []
-    for path in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+    for path in sorted(p for p in root.iterdir() if not p.name.startswith(".") and _is_cache_folder(p)):
         size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
         manifest = read_manifest(path)
-        entry: dict[str, Any] = {"key": path.name, "path": str(path), "bytes": size,
-                                 "status": "ok" if is_complete(path) else "incomplete"}
+        status = "ok" if is_complete(path) else "damaged" if (path / MANIFEST).exists() else "incomplete"
+        entry: dict[str, Any] = {"key": path.name, "path": str(path), "bytes": size, "status": status}
         if manifest is not None:
-            entry.update(split=manifest["split"], dataset=manifest["dataset"]["name"],
+            entry.update(split=manifest["split"], dataset=str(manifest["dataset"].get("name")),
                          images=manifest["counts"]["images"], captions=manifest["counts"]["captions"],
-                         skipped=manifest["counts"]["skipped_images"], image_encoder=manifest["encoders"]["image"],
-                         text_encoder=manifest["encoders"]["text"], dtype=manifest["storage_dtype"],
-                         dims=manifest["dims"], created=manifest["created"])
+                         skipped=manifest["counts"]["skipped_images"],
+                         image_encoder=str(manifest["encoders"].get("image")),
+                         text_encoder=str(manifest["encoders"].get("text")), dtype=manifest["storage_dtype"],
+                         dims=manifest["dims"], created=manifest.get("created"))
         out.append(entry)
     return out
 
 
 def resolve_cache(root: str | Path | None, key: str) -> Path:
-    """The folder of cache ``key`` (or of the one key starting with it) under ``root`` (None: <data root>/cache)."""
+    """The folder of cache ``key`` (or of the one cache whose key starts with it) under ``root`` (None: default)."""
     root = paths.cache_dir() if root is None else Path(root)
     if not key or "/" in key or key in (".", ".."):
-        raise AlignError(f"{key!r} is not a cache key: see `align cache ls`")
+        raise AlignError(f"{shorten(repr(key), 80)} is not a cache key: see `align cache ls`")
     if (root / key).is_dir():
         return root / key
-    matches = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(key)] if root.is_dir() else []
+    matches = [p for p in root.iterdir() if p.name.startswith(key) and _is_cache_folder(p)] if root.is_dir() else []
     if len(matches) == 1:
         return matches[0]
     if not matches:
-        raise AlignError(f"no cache {key!r} under {root}: see `align cache ls --root {root}`")
+        raise AlignError(f"no cache {shorten(repr(key), 80)} under {root}: see `align cache ls --root {root}`")
     raise AlignError(f"{key!r} matches {len(matches)} caches under {root} ({', '.join(p.name for p in matches[:4])}): "
                      f"give more of the key")
 
@@ -552,52 +878,30 @@ def find_cache(key_or_path: str | Path, root: str | Path | None = None) -> Path:
 
 
 def verify_cache(path: str | Path) -> list[str]:
-    """Problems found by re-reading a cache folder (checksums, shapes, dtypes, index range); [] when sound."""
+    """The problem found by re-reading and re-hashing every file of a cache folder, as a list; [] when sound."""
     path = Path(path)
-    manifest = read_manifest(path)
-    if manifest is None:
-        return [f"{path / MANIFEST}: missing or unreadable (the run did not finish: run `align embed` again)"]
-    problems = []
-    files = manifest.get("files", {})
-    for name in ARRAYS:
-        if name not in files:
-            problems.append(f"{name}: not listed in the manifest")
-    for name, info in files.items():
-        file = path / name
-        if not file.is_file():
-            problems.append(f"{name}: missing")
-            continue
-        if file.stat().st_size != info["bytes"]:
-            problems.append(f"{name}: {file.stat().st_size} bytes, the manifest says {info['bytes']}")
-        if sha256_file(file) != info["sha256"]:
-            problems.append(f"{name}: sha256 differs from the manifest (the file changed or is corrupt)")
-            continue
-        try:
-            array = np.load(file, mmap_mode="r", allow_pickle=False)
-        except (OSError, ValueError) as exc:
-            problems.append(f"{name}: not a readable .npy file ({exc})")
-            continue
-        if list(array.shape) != info["shape"] or str(array.dtype) != info["dtype"]:
-            problems.append(f"{name}: shape {list(array.shape)} {array.dtype}, the manifest says "
-                            f"{info['shape']} {info['dtype']}")
-        elif array.dtype.kind == "f" and not np.isfinite(array).all():
-            problems.append(f"{name}: contains NaN or inf")
-    if not problems:
-        counts = manifest["counts"]
-        c2i = np.load(path / "caption_to_image.npy", allow_pickle=False)
-        if files["image.npy"]["shape"][0] != counts["images"] or len(c2i) != counts["captions"]:
-            problems.append("row counts disagree with the manifest's counts")
-        elif len(c2i) and (c2i.min() < 0 or c2i.max() >= counts["images"]):
-            problems.append("caption_to_image.npy points outside image.npy")
-        elif files["text.npy"]["shape"][0] != len(c2i):
-            problems.append("text.npy and caption_to_image.npy have different lengths")
-    return problems
+    try:
+        check_cache(path, rehash=True)
+    except AlignError as exc:
+        return [str(exc)]
+    return []
 
 
 def remove_cache(root: str | Path, key: str) -> Path:
-    """Delete cache ``key`` (or the one key starting with it) under ``root``; returns the removed folder."""
+    """Delete cache ``key`` (or the one key starting with it) under ``root``; returns the removed folder.
+
+    Only a real cache is removed: a folder holding a manifest or an embed in progress, and nothing an embed
+    never writes. An ``align embed`` still writing it (its lock held) is refused with its PID."""
+    from align.locks import exclusive
+
     path = resolve_cache(root, key)
-    if path.resolve().parent != Path(root).resolve():
+    if path.is_symlink() or path.resolve().parent != Path(root).resolve():
         raise AlignError(f"{path} is not directly under {root}: refusing to delete it")
-    shutil.rmtree(path)
+    if not _is_cache_folder(path):
+        odd = _foreign_names(path) if path.is_dir() else []
+        why = f"it holds {shorten(', '.join(odd[:3]), 80)}, which `align embed` never writes" if odd else \
+            f"no {MANIFEST} and no embed in progress"
+        raise AlignError(f"{path} is not an embedding cache ({why}): refusing to delete it")
+    with exclusive(path, "cache", "an `align embed` is writing it; wait for it to finish or stop it"):
+        shutil.rmtree(path)
     return path

@@ -34,7 +34,7 @@ from pydantic import Field, model_validator
 
 from align import hub
 from align import synthetic as synth
-from align.config import StrictModel
+from align.config import StrictModel, shorten
 from align.errors import AlignError
 from align.files import sha256_file
 from align.synthetic import SyntheticConfig
@@ -54,7 +54,7 @@ CAPTION_COLUMN_GUESSES = ("captions", "caption", "txt", "text", "sentences", "al
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
 FLAT_SPLIT = "train"  # what a source without splits is called (as in ``datasets``)
 HUB_FIELDS = {"preset", "name", "config_name", "hf_split", "revision", "id_column", "streaming"}
-LOCAL_FIELDS = {"path"}
+LOCAL_FIELDS = {"path", "allow_outside_root"}
 CSV_FIELDS = {"delimiter"}
 SHARED_FIELDS = {"image_column", "caption_column", "caption_separator", "split_column", "split_values"}
 
@@ -122,6 +122,7 @@ class DatasetSpec(StrictModel):
     split_values: dict[str, list[str]] | None = None
     # imagefolder / csv
     path: str | None = None  # folder or file; "{split}" in it is replaced by the split
+    allow_outside_root: bool = False  # read image paths that are absolute or climb out of the folder with ..
     delimiter: str | None = None  # csv: auto by extension (.tsv/.tab → tab, else comma)
     # synthetic
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
@@ -377,6 +378,9 @@ def _group_rows(rows: Iterable[tuple[int, dict[str, Any]]], image_col: str, capt
         image = row.get(image_col)
         if not isinstance(image, str) or not image.strip():
             raise AlignError(f"{here}: missing image path in column {image_col!r}")
+        if not spec.allow_outside_root and _leaves_root(image.strip()):
+            raise AlignError(f"{here}: image path {shorten(repr(image.strip()), 80)} is outside the dataset folder: "
+                             f"move the image inside it, or set allow_outside_root: true in the dataset spec")
         value = row.get(caption_col)
         if parse_json_lists and isinstance(value, str) and value.lstrip().startswith("["):
             try:
@@ -388,12 +392,31 @@ def _group_rows(rows: Iterable[tuple[int, dict[str, Any]]], image_col: str, capt
     return list(order), list(order.values())
 
 
+def _leaves_root(image: str) -> bool:
+    """Whether a metadata image path is absolute or climbs out of its folder (judged on the text: a symlink
+    placed inside the folder is the owner's choice)."""
+    return os.path.isabs(image) or os.path.normpath(image).split(os.sep)[0] == ".."
+
+
+def _read_utf8(path: Path) -> str:
+    """A metadata file's text; a file that is not UTF-8 is one line naming the byte offset and line."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise AlignError(f"cannot read {path}: {exc.strerror or exc}") from None
+    bom = 3 if raw.startswith(b"\xef\xbb\xbf") else 0  # a UTF-8 byte-order mark (spreadsheet exports) is fine
+    try:
+        return raw[bom:].decode("utf-8")
+    except UnicodeDecodeError as exc:
+        at = bom + exc.start
+        line = raw.count(b"\n", 0, at) + 1
+        raise AlignError(f"{path} is not UTF-8: byte {at} (line {line}) is {raw[at:at + 1]!r}; save the file as "
+                         f"UTF-8") from None
+
+
 def _read_table(path: Path, delimiter: str) -> tuple[list[str], Iterable[tuple[int, dict[str, Any]]]]:
     """Header and (line number, row) pairs of a CSV/TSV file."""
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise AlignError(f"cannot read {path}: {exc}") from None
+    text = _read_utf8(path)
     reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
     header = list(reader.fieldnames or [])
     if not header:
@@ -409,17 +432,16 @@ def _read_table(path: Path, delimiter: str) -> tuple[list[str], Iterable[tuple[i
 
 def _read_jsonl(path: Path) -> tuple[list[str], list[tuple[int, dict[str, Any]]]]:
     rows: list[tuple[int, dict[str, Any]]] = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise AlignError(f"{path} line {n}: not valid JSON ({exc.msg})") from None
-            if not isinstance(row, dict):
-                raise AlignError(f"{path} line {n}: expected a JSON object per line")
-            rows.append((n, row))
+    for n, line in enumerate(io.StringIO(_read_utf8(path)), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise AlignError(f"{path} line {n}: not valid JSON ({exc.msg})") from None
+        if not isinstance(row, dict):
+            raise AlignError(f"{path} line {n}: expected a JSON object per line")
+        rows.append((n, row))
     columns: list[str] = []
     for _, row in rows:
         columns += [k for k in row if k not in columns]

@@ -25,7 +25,8 @@ def _print_info(path: Path, m: dict) -> None:
     grid = Table.grid(padding=(0, 2))
     grid.add_column(style="bold")
     grid.add_column(overflow="fold")
-    counts, dims, run, timing = m["counts"], m["dims"], m["run"], m["timing"]
+    counts, dims = m["counts"], m["dims"]
+    run, timing = m.get("run") or {}, m.get("timing") or {}  # written by every embed; optional for the checks
     grid.add_row("key", m["key"])
     grid.add_row("folder", str(path))
     grid.add_row("dataset", f"{m['dataset']['name']} ({m['dataset']['kind']}), split {m['split']}: "
@@ -34,13 +35,16 @@ def _print_info(path: Path, m: dict) -> None:
     grid.add_row("encoders", f"image {m['encoders']['image']} ({dims['image']}-d)\n"
                              f"text  {m['encoders']['text']} ({dims['text']}-d)")
     grid.add_row("cached", f"{counts['images']} images, {counts['captions']} captions; {counts['skipped_images']} "
-                           f"unreadable images skipped, {counts['dropped_captions']} of their captions dropped")
-    grid.add_row("storage", f"{m['storage_dtype']}, normalize {str(m['normalize']).lower()}, created {m['created']}")
-    grid.add_row("run", f"device {run['device']}, batch {run['batch_size']}, shard {run['shard_size']}, "
-                        f"workers {run['num_workers']}, resumed {str(run['resumed']).lower()}")
-    grid.add_row("encoding", f"images {timing['image_encode_s']:.1f} s ({timing['images_per_s']:.1f}/s), "
-                             f"captions {timing['text_encode_s']:.1f} s ({timing['captions_per_s']:.1f}/s)")
-    grid.add_row("versions", ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v))
+                           f"unreadable images skipped, {counts.get('dropped_captions', 0)} of their captions dropped")
+    grid.add_row("storage", f"{m['storage_dtype']}, normalize {str(m['normalize']).lower()}, created "
+                            f"{m.get('created', '?')}")
+    if run:
+        grid.add_row("run", ", ".join(f"{k.replace('_size', '').replace('_', ' ')} {str(v).lower()}"
+                                      for k, v in run.items()))
+    if timing:
+        grid.add_row("encoding", f"images {timing['image_encode_s']:.1f} s ({timing['images_per_s']:.1f}/s), "
+                                 f"captions {timing['text_encode_s']:.1f} s ({timing['captions_per_s']:.1f}/s)")
+    grid.add_row("versions", ", ".join(f"{k} {v}" for k, v in (m.get("versions") or {}).items() if v))
     console.print(grid, highlight=False)
     files = Table(header_style="bold", title="files", title_justify="left")
     for column in ("file", "shape", "dtype", "size", "sha256"):
@@ -48,7 +52,7 @@ def _print_info(path: Path, m: dict) -> None:
     for name, info in m["files"].items():
         files.add_row(name, "×".join(map(str, info["shape"])), info["dtype"], _size(info["bytes"]), info["sha256"])
     console.print(files)
-    if m["skipped"]:
+    if m.get("skipped"):
         console.print(f"[bold]skipped images[/] ({len(m['skipped'])}):")
         for item in m["skipped"][:20]:
             console.print(f"  {item['index']}  {item['image_id']}: {item['reason']}", highlight=False)
@@ -75,7 +79,7 @@ def _print_list(root: Path, entries: list[dict]) -> None:
     table.add_column("encoders (image / text)", overflow="fold", min_width=20, ratio=4)
     table.add_column("dataset", overflow="fold", min_width=10, ratio=2)
     for e in entries:
-        key = e["key"] if e["status"] == "ok" else f"{e['key']}\n[yellow]incomplete[/]"
+        key = e["key"] if e["status"] == "ok" else f"{e['key']}\n[yellow]{e['status']}[/]"
         if "images" not in e:
             table.add_row(key, _size(e["bytes"]), "—", "—", "—")
             continue
@@ -104,37 +108,27 @@ def ls_command(root: Optional[Path] = typer.Option(None, "--root", help=ROOT_HEL
 def info_command(key: str = typer.Argument(..., help="Cache key (or a unique prefix)."),
                  root: Optional[Path] = typer.Option(None, "--root", help=ROOT_HELP)) -> None:
     """The manifest of one cache: counts, encoders, files, skipped items, timing."""
-    from align.cache import read_manifest, resolve_cache
-    from align.errors import AlignError
+    from align.cache import manifest_of, resolve_cache
 
     path = resolve_cache(_root(root), key)
-    manifest = read_manifest(path)
-    if manifest is None:
-        raise AlignError(f"{path} has no valid manifest: the run did not finish (run `align embed` again)")
-    _print_info(path, manifest)
+    _print_info(path, manifest_of(path))
 
 
 @user_errors
 def verify_command(key: str = typer.Argument(..., help="Cache key (or a unique prefix)."),
                    root: Optional[Path] = typer.Option(None, "--root", help=ROOT_HELP)) -> None:
-    """Recompute checksums and check shapes, dtypes and indices against the manifest."""
-    from align.cache import resolve_cache, verify_cache
-    from align.errors import AlignError
+    """Re-hash every file and check headers, shapes, dtypes, counts, finiteness and indices (what loads check)."""
+    from align.cache import check_cache, resolve_cache
 
     path = resolve_cache(_root(root), key)
-    problems = verify_cache(path)
-    if problems:
-        for problem in problems:
-            console.print(f"  {problem}", highlight=False)
-        raise AlignError(f"cache {path.name} failed verification ({len(problems)} problem(s)): "
-                         f"remove it (`align cache rm {path.name}`) and embed again")
+    check_cache(path, rehash=True)  # a damaged cache: one line naming the folder and the problem, exit 2
     console.print(f"ok: {path.name} matches its manifest", highlight=False)
 
 
 @user_errors
 def rm_command(key: str = typer.Argument(..., help="Cache key (or a unique prefix)."),
                root: Optional[Path] = typer.Option(None, "--root", help=ROOT_HELP)) -> None:
-    """Delete one cache folder."""
+    """Delete one cache folder (only a real cache: a manifest, or an embed in progress)."""
     from align.cache import remove_cache
 
     console.print(f"removed {remove_cache(_root(root), key)}", highlight=False)

@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from align import cache, encoders
+from align import cache, datasets, encoders
 from align.cache import EmbedConfig, cache_key, embed_split, list_caches, load_cached_split, remove_cache, verify_cache
 from align.errors import AlignError
 
@@ -175,13 +175,23 @@ def test_float16_storage_and_normalisation(tiny_dir, tmp_path):
     torch.testing.assert_close(got.text.norm(dim=1), torch.ones(40), rtol=0, atol=2e-3)
 
 
-def test_batch_size_changes_neither_key_nor_values(tiny_dir, tmp_path):
-    a = _embedded(make_cfg(tiny_dir, tmp_path))
-    cfg_b = make_cfg(tiny_dir, tmp_path / "b", batch_size=7, shard_size=5)
-    b = _embedded(cfg_b)
-    assert cache_key(cfg_b, "train") == a.meta["key"]
-    torch.testing.assert_close(a.image, b.image, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(a.text, b.text, rtol=1e-5, atol=1e-6)
+def test_batch_and_shard_size_change_neither_key_nor_bytes(tiny_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(cache, "ENCODE_ROWS", 4)  # several micro-batches in 20 images and 40 captions
+    cfg_a = make_cfg(tiny_dir, tmp_path / "a", batch_size=4, shard_size=8)
+    cfg_b = make_cfg(tiny_dir, tmp_path / "b", batch_size=1, shard_size=5)
+    a = embed_split(cfg_a, "train", progress=False, log=quiet)
+    b = embed_split(cfg_b, "train", progress=False, log=quiet)
+    assert a.name == b.name == cache_key(cfg_a, "train") == cache_key(cfg_b, "train")
+    for name in cache.ARRAYS:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    # Not vacuous: batches of 1 and of 4 straight through the encoder give different bytes (≈1e-7) on this
+    # BLAS, which is why the cache cuts batches at multiples of the global row index instead.
+    data = datasets.load_image_caption_split(cfg_a.dataset, "train")
+    text_encoder = encoders.build_text_encoder(cfg_a.text_encoder, torch.device("cpu"))
+    direct = {n: torch.cat([text_encoder.encode(data.captions[i:i + n]) for i in range(0, 40, n)]).numpy()
+              for n in (1, 4)}
+    assert direct[1].tobytes() != direct[4].tobytes()
+    assert np.load(a / "text.npy").tobytes() == direct[4].tobytes()  # the cache is the 4-row micro-batches
 
 
 def test_dataloader_workers_give_the_same_bytes(tiny_dir, tmp_path):
@@ -213,9 +223,10 @@ def _image_folder(root: Path, n: int = 6) -> Path:
     return root
 
 
-def test_unreadable_images_are_skipped_listed_and_their_captions_dropped(tiny_dir, tmp_path):
+def test_unreadable_images_are_skipped_listed_and_their_captions_dropped(tiny_dir, tmp_path, monkeypatch):
     import open_clip
 
+    monkeypatch.setattr(cache, "ENCODE_ROWS", 4)  # two image shards, as the resume below writes them
     folder = _image_folder(tmp_path / "images")
     cfg = make_cfg(tiny_dir, tmp_path / "cache", dataset={"kind": "imagefolder", "path": str(folder)},
                    shard_size=4, batch_size=3)
@@ -246,7 +257,7 @@ def test_unreadable_images_are_skipped_listed_and_their_captions_dropped(tiny_di
     work = tmp_path / "strict-resume" / path.name / "work"
     work.mkdir()
     (work / "plan.json").write_text(json.dumps({"key": path.name, "images": 6, "captions": 12, "shard_size": 4,
-                                                "batch_size": 3}))
+                                                "encode_rows": 4}))
     for s, (start, stop) in enumerate([(0, 4), (4, 6)]):  # both image shards finished, each with a skip
         np.save(work / f"image-{s:05d}.npy", np.zeros((stop - start, 16), np.float32))
         (work / f"image-{s:05d}.json").write_text(json.dumps(
@@ -271,12 +282,13 @@ class _Broken:
 
 
 def test_nan_embeddings_are_an_error(tiny_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(cache, "ENCODE_ROWS", 4)  # the second micro-batch is images 4-7
     real = encoders.build_image_encoder
     monkeypatch.setattr(encoders, "build_image_encoder", lambda spec, device: _Broken(real(spec, device)))
     cfg = make_cfg(tiny_dir, tmp_path)
     with pytest.raises(AlignError, match=r"NaN/inf embeddings for \S*train\S*4, .* in split 'train'"):
         embed_split(cfg, "train", progress=False, log=quiet)
-    with pytest.raises(AlignError, match="no cached embeddings"):
+    with pytest.raises(AlignError, match="did not finish: run `align embed --config FILE` with this config again"):
         load_cached_split(cfg, "train")
 
 
@@ -305,13 +317,16 @@ def test_verify_detects_a_flipped_byte_and_a_truncated_file_never_loads(tiny_dir
     data[-7] ^= 0x01  # one bit of one float: same size, still a valid .npy
     (path / "text.npy").write_bytes(bytes(data))
     problems = verify_cache(path)
-    assert problems == ["text.npy: sha256 differs from the manifest (the file changed or is corrupt)"]
-    # a truncated file fails the quick completeness check that every load does
+    assert problems == [f"damaged cache {path}: text.npy differs from its sha256 in the manifest (changed after "
+                        f"the embed wrote it); fix: `align cache rm {path.name}`, then `align embed`"]
+    # a truncated file: every load says what is wrong, and so does embed (it never re-uses or silently rebuilds)
     (path / "image.npy").write_bytes((path / "image.npy").read_bytes()[:-16])
-    with pytest.raises(AlignError, match="no cached embeddings"):
-        load_cached_split(cfg, "train")
-    assert list_caches(tmp_path)[0]["status"] == "incomplete"
-    # embedding again repairs it
+    for attempt in (lambda: load_cached_split(cfg, "train"), lambda: embed_split(cfg, "train", log=quiet)):
+        with pytest.raises(AlignError, match=r"damaged cache .*: image\.npy is \d+ bytes but its header describes"):
+            attempt()
+    assert list_caches(tmp_path)[0]["status"] == "damaged"
+    # removing it and embedding again repairs it
+    remove_cache(tmp_path, path.name)
     embed_split(cfg, "train", progress=False, log=quiet)
     assert verify_cache(path) == []
 
@@ -337,8 +352,10 @@ def test_list_and_remove(tiny_dir, tmp_path):
 SLOW_RUN = textwrap.dedent("""
     import sys, time
     sys.path.insert(0, {repo!r})
-    from align import encoders
+    from align import cache, encoders
     from align.cache import EmbedConfig, embed_split
+
+    cache.ENCODE_ROWS = 4  # as in the test's own process: micro-batches of 4, five image shards
 
     real = encoders.build_image_encoder
     class Slow:
@@ -355,7 +372,8 @@ SLOW_RUN = textwrap.dedent("""
 
 
 def test_sigkill_mid_run_then_resume_gives_byte_identical_files(tiny_dir, tmp_path, monkeypatch):
-    cfg = make_cfg(tiny_dir, tmp_path / "killed", batch_size=3, shard_size=4)  # batches 3+1 per shard
+    monkeypatch.setattr(cache, "ENCODE_ROWS", 4)
+    cfg = make_cfg(tiny_dir, tmp_path / "killed", batch_size=3, shard_size=4)  # one 4-row micro-batch per shard
     work = tmp_path / "killed" / cache_key(cfg, "train") / "work"
     proc = subprocess.Popen([sys.executable, "-c", SLOW_RUN.format(repo=str(REPO), cfg=cfg.model_dump_json())],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -368,10 +386,10 @@ def test_sigkill_mid_run_then_resume_gives_byte_identical_files(tiny_dir, tmp_pa
     done = len(list(work.glob("image-*.json")))
     assert 2 <= done < 5, done  # killed mid-way through the 5 image shards
     assert not (work.parent / "manifest.json").exists()
-    with pytest.raises(AlignError, match="no cached embeddings"):
+    with pytest.raises(AlignError, match="did not finish"):
         load_cached_split(cfg, "train")
 
-    # resume (in this process) with a different batch size: the run's plan keeps the interrupted one's layout
+    # resume (in this process) with other batch and shard sizes: the plan keeps the interrupted run's shards
     encoded = []
     real = encoders.build_image_encoder
 
@@ -382,9 +400,10 @@ def test_sigkill_mid_run_then_resume_gives_byte_identical_files(tiny_dir, tmp_pa
         return enc
 
     monkeypatch.setattr(encoders, "build_image_encoder", counting)
-    resumed = embed_split(cfg.model_copy(update={"batch_size": 64}), "train", progress=False, log=quiet)
+    resumed = embed_split(cfg.model_copy(update={"batch_size": 64, "shard_size": 12}), "train", progress=False,
+                          log=quiet)
     assert sum(encoded) == 20 - 4 * done  # only the unfinished shards were encoded
-    assert all(n <= 3 for n in encoded)
+    assert encoded == [4] * (5 - done)  # in the fixed micro-batches
     monkeypatch.setattr(encoders, "build_image_encoder", real)
 
     fresh = embed_split(cfg.model_copy(update={"cache_root": str(tmp_path / "fresh")}), "train",

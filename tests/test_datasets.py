@@ -385,7 +385,8 @@ def test_spec_validation_is_strict_and_round_trips(tmp_path):
 # ---------------------------------------------------------------- identity (the cache key's dataset part)
 
 # Every DatasetSpec field must be covered: value-changing ones below, the others listed with their reason.
-NOT_VALUE_CHANGING = {"streaming": "same rows in the same order (checked in test_hub_streaming_gives_the_same_rows)"}
+NOT_VALUE_CHANGING = {"streaming": "same rows in the same order (checked in test_hub_streaming_gives_the_same_rows)",
+                      "allow_outside_root": "refuses or reads; what it reads is the same (test_dataset_inputs.py)"}
 
 
 def test_identity_changes_with_every_value_changing_field(hub_folder, tmp_path):
