@@ -3,7 +3,9 @@
 Each split is planned from ``(seed, split)`` alone: a sequence of structured contents (one object at a named
 position, or two objects related by "left of" / "above"), unique within the split so that a perfect model can
 reach 100% recall (identical content across images capped the prototype at ≈94% R@1, see
-docs/benchmark-notes.md). About a quarter of the images are *hard negatives*: a copy of an earlier image of the
+docs/benchmark-notes.md). Splits never share a content, nor therefore a caption (a caption names every
+attribute, so it determines its content): every possible content belongs to one split by a fixed hash
+partition of ``(seed, content)`` (``SPLIT_SHARES``), which no split size changes. About a quarter of the images are *hard negatives*: a copy of an earlier image of the
 same split with exactly one attribute changed (a shape, a colour, a size, the position or the relation).
 Each image is drawn on demand from its content and its own random stream ``(seed, split, index)`` — jittered
 positions, sizes, rotations and colours, one of five backgrounds, half of them with noise or stripes — so the
@@ -12,6 +14,7 @@ inverse phrasing of a relation ("a B to the right of an A").
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 from dataclasses import dataclass
@@ -25,9 +28,11 @@ from align.config import StrictModel
 from align.errors import AlignError
 
 # Bump when drawing or captioning changes, so that caches keyed on the synthetic set's identity are invalidated.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 
 SPLITS = {"train": 0, "val": 1, "test": 2}
+# The share of all contents each split may draw from: about the default split sizes, with room to spare.
+SPLIT_SHARES = {"train": 0.6, "val": 0.15, "test": 0.25}
 SPLIT_ALIASES = {"validation": "val", "valid": "val"}
 
 SHAPES = ("circle", "square", "triangle", "star", "hexagon", "cross")
@@ -138,6 +143,17 @@ def _content_key(attrs: dict[str, Any]) -> tuple:
     return tuple(sorted(attrs.items()))
 
 
+def _owner(seed: int, attrs: dict[str, Any]) -> str:
+    """The one split allowed to use this content: a hash of (seed, content), so independent of split sizes."""
+    digest = hashlib.blake2b(repr((seed, _content_key(attrs))).encode(), digest_size=8).digest()
+    u, edge = int.from_bytes(digest, "big") / 2.0**64, 0.0
+    for split, share in SPLIT_SHARES.items():
+        edge += share
+        if u < edge:
+            return split
+    return split  # round-off at u ≈ 1
+
+
 def _random_object(rng: np.random.Generator, suffix: str = "") -> dict[str, str]:
     return {
         f"shape{suffix}": SHAPES[rng.integers(len(SHAPES))],
@@ -199,6 +215,24 @@ def _stream(config: SyntheticConfig, split: str, index: int, purpose: int) -> np
     return np.random.default_rng([config.seed, SPLITS[split], index, purpose])
 
 
+def _fresh_content(rng: np.random.Generator, config: SyntheticConfig, split: str, seen: set[tuple]) -> dict[str, Any]:
+    """A valid content owned by ``split`` and not in ``seen``; once none can be found (very large splits), a
+    repeat within the split, never a content owned by another split."""
+    def usable(attrs: dict[str, Any]) -> bool:
+        return _valid(attrs) and _owner(config.seed, attrs) == split
+
+    # Draw the number of objects first: rejecting used contents must not skew the one/two-object mix.
+    kind = 1.0 if rng.random() < config.two_object_fraction else 0.0
+    for fraction in (kind, config.two_object_fraction):
+        for _ in range(200):
+            attrs = _random_content(rng, fraction)
+            if usable(attrs) and _content_key(attrs) not in seen:
+                return attrs
+    while not usable(attrs):
+        attrs = _random_content(rng, config.two_object_fraction)
+    return attrs
+
+
 def plan_split(config: SyntheticConfig, split: str, count: int | None = None) -> SyntheticPlan:
     """The contents of the first ``count`` images of ``split`` (a prefix of the full split's plan)."""
     split = canonical_split(split)
@@ -211,20 +245,14 @@ def plan_split(config: SyntheticConfig, split: str, count: int | None = None) ->
         attrs = None
         if i > 0 and rng.random() < config.hard_negative_fraction:
             src = int(rng.integers(i))
-            for _ in range(8):
+            for _ in range(32):  # most one-attribute variants belong to another split: try more of them
                 cand, key = _mutate(attributes[src], rng)
-                if _valid(cand) and _content_key(cand) not in seen:
+                if _valid(cand) and _content_key(cand) not in seen and _owner(config.seed, cand) == split:
                     attrs = cand
                     hard.append((src, i, key))
                     break
         if attrs is None:
-            # Unique content within the split; once (very large splits) it cannot be found, allow a repeat.
-            for _ in range(200):
-                attrs = _random_content(rng, config.two_object_fraction)
-                if _valid(attrs) and _content_key(attrs) not in seen:
-                    break
-            while not _valid(attrs):
-                attrs = _random_content(rng, config.two_object_fraction)
+            attrs = _fresh_content(rng, config, split, seen)
         seen.add(_content_key(attrs))
         attributes.append(attrs)
     captions = [_captions(a, _stream(config, split, i, 2), config.captions_per_image)

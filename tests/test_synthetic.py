@@ -110,6 +110,19 @@ def test_splits_are_disjoint():
     assert not (digests["train"] & digests["test"] or digests["val"] & digests["test"])
 
 
+@pytest.mark.parametrize("synthetic", [{}, {"seed": 3, "train_images": 1200, "val_images": 300, "test_images": 500}])
+def test_splits_share_no_content_and_no_caption(synthetic):
+    """Every content and every caption of every split against all of each other split (sizes do not matter)."""
+    data = {s: load_split(_spec(**synthetic), s) for s in ("train", "val", "test")}
+    for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
+        contents_a = {frozenset(x.items()) for x in data[a].attributes}
+        shared_content = [x for x in data[b].attributes if frozenset(x.items()) in contents_a]
+        assert not shared_content, (a, b, shared_content[:3])
+        captions_a = {" ".join(c.lower().split()) for c in data[a].captions}  # case and spacing do not count
+        shared_caption = [c for c in data[b].captions if " ".join(c.lower().split()) in captions_a]
+        assert not shared_caption, (a, b, shared_caption[:3])
+
+
 def _mask(pixels: np.ndarray, colour: str, tol: float = 45.0) -> np.ndarray:
     dist = np.linalg.norm(pixels.astype(np.float32) - np.array(EXPECTED_RGB[colour], np.float32), axis=-1)
     return dist < tol
