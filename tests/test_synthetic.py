@@ -113,7 +113,7 @@ def test_splits_are_disjoint():
 @pytest.mark.parametrize("synthetic", [{}, {"seed": 3, "train_images": 1200, "val_images": 300, "test_images": 500}])
 def test_splits_share_no_content_and_no_caption(synthetic):
     """Every content and every caption of every split against all of each other split (sizes do not matter)."""
-    data = {s: load_split(_spec(**synthetic), s) for s in ("train", "val", "test")}
+    data = {s: load_image_caption_split(_spec(**synthetic), s) for s in ("train", "val", "test")}
     for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
         contents_a = {frozenset(x.items()) for x in data[a].attributes}
         shared_content = [x for x in data[b].attributes if frozenset(x.items()) in contents_a]
