@@ -246,9 +246,13 @@ def run_study(cfg: CompareConfig, log: Log | None = None, progress: bool = True)
             with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_exit_with_parent,
                                      initargs=(os.getpid(),)) as pool:
                 futures = [pool.submit(_run_cell, *job, threads) for job in jobs]
-                for future in as_completed(futures):
-                    future.result()
-                    bar.advance()
+                try:
+                    for future in as_completed(futures):
+                        future.result()
+                        bar.advance()
+                except BaseException:  # a failed cell (disk full, ...) stops the study: queued cells never start
+                    pool.shutdown(wait=True, cancel_futures=True)
+                    raise
     return collect_rows(cfg)
 
 
@@ -259,6 +263,7 @@ def run_compare(cfg: CompareConfig, log: Log | None = None, progress: bool = Tru
 
     root = study_dir(cfg)
     with exclusive(root, "study", "another align compare is running it; wait for it to finish or use --out NEW_DIR"):
+        report.clear_temp_files(root)  # of a killed run; we hold the lock, so no writer owns them
         report.write_study_config(root, cfg)
         rows = run_study(cfg, log=log, progress=progress)
         return dict(report.write_report(root, cfg, rows), study_dir=root)

@@ -170,7 +170,7 @@ def resolve_dims(cfg: TrainConfig, paired: Any) -> TrainConfig:
     for key, actual in dims.items():
         expected = getattr(cfg, key)
         if expected is not None and expected != actual:
-            raise AlignError(f"{key}={expected} in the config but the cached {cfg.data.dataset} embeddings have "
+            raise AlignError(f"{key}={expected} in the config but the cached {cfg.data.dataset.kind} embeddings have "
                              f"{key.split('_')[0]} dimension {actual}: fix {key} (or drop it) or use the matching cache")
     return cfg.model_copy(update=dims)
 
@@ -509,8 +509,9 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, log: Log | None
     log = log or (lambda message: None)
     started = time.perf_counter()
     device = pick_device(cfg.device)
-    cfg, data = prepare_data(cfg)
     run = RunDir(run_dir)
+    run.check_location()  # a file in its place: one line before the data is read
+    cfg, data = prepare_data(cfg)
     trainer = Trainer(cfg, data, device, run, started)  # builds the head: its config errors come before any write
     with run.lock():  # the "fresh?" check and every write happen under it
         results = _train_locked(trainer, resume, log, progress)
