@@ -62,7 +62,8 @@ def register(app: typer.Typer) -> None:
         else:
             result = evaluate_cache(cache, split=split, cache_root=cache_root, knn_k=knn_k,
                                     backend=backend or "faiss")
+        if out is not None:  # before printing: a failed write is then the only output
+            runs.write_json(out, result)
         print_eval(result)
         if out is not None:
-            runs.write_json(out, result)
             console.print(f"wrote {out}", highlight=False)
