@@ -36,14 +36,18 @@ def disk_full_error(path: str | Path) -> AlignError:
                               "is kept"))
 
 
+def _check_parents(path: Path, what: str) -> None:
+    for parent in path.parents:
+        if parent.exists() and not parent.is_dir():
+            raise AlignError(f"{what} {path}: {parent} is a file, so no folder can be made inside it")
+
+
 def require_folder_path(folder: str | Path, what: str) -> Path:
     """``folder`` as a Path, after checking that it and its parents are folders where they exist (AlignError if not)."""
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise AlignError(f"{what} {folder} is a file, not a folder: give a folder path")
-    for parent in folder.parents:
-        if parent.exists() and not parent.is_dir():
-            raise AlignError(f"{what} {folder}: {parent} is a file, so no folder can be made inside it")
+    _check_parents(folder, what)
     return folder
 
 
@@ -52,7 +56,7 @@ def require_file_path(path: str | Path, what: str) -> Path:
     path = Path(path)
     if path.is_dir():
         raise AlignError(f"{what} {path} is a folder: give a file path (e.g. {path / 'result.json'})")
-    require_folder_path(path.parent, what)
+    _check_parents(path, what)
     return path
 
 

@@ -240,7 +240,7 @@ def check_head_fits(cfg: TrainConfig, device: torch.device, training: bool = Tru
     free = available_memory(device)
     if free is None or need <= free:
         return
-    dims = f"{image_dim}/{text_dim}-d embeddings" if known else "embeddings of any size"
+    dims = f"{image_dim}/{text_dim}-d embeddings" if known else "embeddings not read yet (counted as 1-d)"
     doing = f"to train with {cfg.optim.name} ({copies} copies of each weight)" if training else "to hold it"
     raise AlignError(shorten(
         f"head.out_dim={cfg.head.out_dim}: a {cfg.head.kind} head on {dims} has {trainable + frozen:.3g} "
