@@ -111,6 +111,7 @@ COMPARE_CASES = {
     "a plot": (".heatmap_recall.*.tmp.png", 1, "heatmap_recall.png"),
     "report.md": (".report.md.*.tmp", 1, "report.md"),
 }
+SLOW_COMPARE_CASES = {"the study's config.yaml", "results.csv", "report.md"}  # ≈ 10 s each: the default run keeps two
 STUDY_FILES = ["results.csv", "summary.csv", "robustness.csv", "table3.csv", "report.md"]
 
 
@@ -126,7 +127,8 @@ def reference_study(setup) -> object:
     return study
 
 
-@pytest.mark.parametrize("case", list(COMPARE_CASES))
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c in SLOW_COMPARE_CASES else c
+                                  for c in COMPARE_CASES])
 def test_compare_on_a_full_disk_is_one_line_then_reruns_byte_identical(case, setup, reference_study, tmp_path,
                                                                        monkeypatch):
     pattern, nth, final_name = COMPARE_CASES[case]
