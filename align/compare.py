@@ -292,19 +292,27 @@ def run_study(cfg: CompareConfig, log: Log | None = None, progress: bool = True)
             with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_exit_with_parent,
                                      initargs=(os.getpid(),)) as pool:
                 futures = [pool.submit(_run_cell, *job, threads) for job in jobs]
-                for future in as_completed(futures):
-                    future.result()
-                    bar.advance()
+                try:
+                    for future in as_completed(futures):
+                        future.result()
+                        bar.advance()
+                except BaseException:  # a failed cell (disk full, ...) stops the study: queued cells never start
+                    pool.shutdown(wait=True, cancel_futures=True)
+                    raise
     return collect_rows(cfg)
 
 
 def run_compare(cfg: CompareConfig, log: Log | None = None, progress: bool = True) -> dict[str, Any]:
     """The whole study: its config.yaml, every cell, then results.csv, the tables, plots and report.md."""
     from align import report
+    from align.device import pick_device
     from align.locks import exclusive
+    from align.train import check_head_fits
 
     root = study_dir(cfg)
+    check_head_fits(cfg, pick_device(cfg.device))  # before any embedding (dims from the cache count as 1)
     with exclusive(root, "study", "another align compare is running it; wait for it to finish or use --out NEW_DIR"):
+        report.clear_temp_files(root)  # of a killed run; we hold the lock, so no writer owns them
         report.write_study_config(root, cfg)
         rows = run_study(cfg, log=log, progress=progress)
         return dict(report.write_report(root, cfg, rows), study_dir=root)

@@ -27,10 +27,17 @@ class StrictModel(BaseModel):
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """The mapping in a YAML file (``yaml.safe_load``), or an AlignError saying what is wrong."""
     path = Path(path)
+    if path.is_dir():
+        raise AlignError(f"config {path} is a directory: give a YAML file")
     if not path.is_file():
         raise AlignError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as exc:
+        raise AlignError(f"config {path} is not UTF-8 text (byte {exc.start} is 0x{exc.object[exc.start]:02x}): "
+                         "save it as UTF-8") from None
+    except OSError as exc:
+        raise AlignError(f"cannot read config {path}: {exc.strerror}") from None
     except yaml.YAMLError as exc:
         raise AlignError(f"config {path} is not valid YAML: {str(exc).splitlines()[0]}") from exc
     if not isinstance(data, dict):

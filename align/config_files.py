@@ -59,10 +59,15 @@ def resolve_config(value: str | Path, kinds: tuple[str, ...]) -> Path:
     """The YAML file meant by ``value``: an existing path, else a packaged ``name`` (searched in ``kinds`` order),
     ``kind/name`` or ``configs/kind/name.yaml``; anything else is an AlignError listing the names."""
     text = str(value)
+    shown = text if len(text) <= 120 else text[:119] + "…"  # the value is echoed in one short error line
     path = Path(text).expanduser()
-    if path.is_dir():
-        raise AlignError(f"--config {text} is a directory: give a YAML file or a config name (see `align configs`)")
-    if path.is_file():
+    try:
+        is_dir, is_file = path.is_dir(), path.is_file()
+    except OSError as exc:  # e.g. a name too long for the file system
+        raise AlignError(f"--config {shown}: {exc.strerror}") from None
+    if is_dir:
+        raise AlignError(f"--config {shown} is a directory: give a YAML file or a config name (see `align configs`)")
+    if is_file:
         return path
     parts = PurePosixPath(text.replace("\\", "/")).parts
     if parts[:1] == ("configs",):
@@ -74,5 +79,5 @@ def resolve_config(value: str | Path, kinds: tuple[str, ...]) -> Path:
     if found is not None:
         return found
     names = ", ".join(c.name if c.kind == kinds[0] else f"{c.kind}/{c.name}" for c in list_configs(kinds))
-    raise AlignError(f"--config {text}: no such file and no packaged config of that name; "
+    raise AlignError(f"--config {shown}: no such file and no packaged config of that name; "
                      f"packaged: {names} (or give a path)")

@@ -1,6 +1,8 @@
 """Device selection: cuda → mps → cpu, or whatever the user asked for."""
 from __future__ import annotations
 
+import os
+
 import torch
 
 from align.errors import AlignError
@@ -23,3 +25,21 @@ def pick_device(requested: str | None = None) -> torch.device:
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise AlignError(f"device {requested!r} asked for but MPS is not available here: use --device cpu")
     return device
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes that ``device`` can still allocate: free GPU memory on CUDA, MemAvailable of the host otherwise
+    (MPS shares it); None when it cannot be told."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (OSError, ValueError, AttributeError):
+        return None

@@ -11,7 +11,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from align.errors import AlignError
+from align.errors import AlignError, is_out_of_memory, out_of_memory_error
 from align.measure import evaluate_embeddings, evaluate_head
 from align.progress import Log
 from align.runs import RunDir, json_safe
@@ -23,7 +23,7 @@ def evaluate_run(run_dir: Path, split: str = "test", checkpoint: str = "best", d
     from align.config import load_config
     from align.device import pick_device
     from align.heads import build_model
-    from align.train import load_data, resolve_dims
+    from align.train import check_head_fits, load_data, resolve_dims
     from align.train_config import TrainConfig
 
     run = RunDir(run_dir)
@@ -38,14 +38,22 @@ def evaluate_run(run_dir: Path, split: str = "test", checkpoint: str = "best", d
     state, meta = run.load_head(checkpoint)
     paired = load_data(cfg, [split])[split]
     cfg = resolve_dims(cfg, paired)
+    notes = [] if cfg.eval.knn_k < paired.num_images else [  # said, so that they are not missing without a word
+        f"mutual_knn/cknna skipped: {paired.num_images} images is not more than the run's eval.knn_k={cfg.eval.knn_k}"]
     dev = pick_device(device or cfg.device)
-    model = build_model(cfg.head, cfg.loss, cfg.image_dim, cfg.text_dim)
-    _load_head_state(model, state, run.path)
-    model.to(dev)
-    metrics = evaluate_head(model, paired, cfg.eval, dev)
+    check_head_fits(cfg, dev, training=False)
+    try:
+        model = build_model(cfg.head, cfg.loss, cfg.image_dim, cfg.text_dim)
+        _load_head_state(model, state, run.path)
+        model.to(dev)
+        metrics = evaluate_head(model, paired, cfg.eval, dev)
+    except Exception as exc:
+        if is_out_of_memory(exc):
+            raise out_of_memory_error(f"evaluating {run.path} on {dev}", exc, "use --device cpu or free memory") from None
+        raise
     result = {"source": str(run.path), "kind": "run", "checkpoint": checkpoint, "step": meta.get("step"),
               "split": split, "num_images": paired.num_images, "num_captions": paired.num_captions,
-              "metrics": metrics, "notes": []}
+              "metrics": metrics, "notes": notes}
     out = run.write_eval(split, checkpoint, result)
     if log:
         log(f"wrote {out}")

@@ -154,3 +154,13 @@ def build_model(head: HeadConfig, loss: LossConfig, image_dim: int, text_dim: in
     if image_dim <= 0 or text_dim <= 0 or head.out_dim <= 0:
         raise AlignError(f"head dimensions must be positive (image {image_dim}, text {text_dim}, out {head.out_dim})")
     return AlignmentModel(head, loss, image_dim, text_dim)
+
+
+def parameter_counts(head: HeadConfig, loss: LossConfig, image_dim: int, text_dim: int) -> tuple[int, int]:
+    """(trainable, frozen) numbers of values in the model's parameters and buffers, counted on the meta device:
+    nothing is allocated, so an absurd size can be refused before it is tried."""
+    with torch.device("meta"):
+        model = build_model(head, loss, image_dim, text_dim)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad) + sum(b.numel() for b in model.buffers())
+    return trainable, frozen

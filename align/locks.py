@@ -22,9 +22,9 @@ def exclusive(folder: str | Path, what: str, hint: str = "wait for it to finish,
     """Hold ``folder``'s lock for the block; AlignError naming the holder's PID if another process has it."""
     import fcntl
 
-    folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise AlignError(f"{folder} is a file, not a folder: give a folder path")
+    from align.files import require_folder_path
+
+    folder = require_folder_path(folder, what)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK_FILE
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)

@@ -196,6 +196,15 @@ def fisher_note(rows: list[dict[str, Any]], reference: str, default_eta: float) 
     return [text, ""]
 
 
+def clear_temp_files(root: Path) -> list[Path]:
+    """Remove the temporary files a killed study left in its folder (tables, report, plots); returns them.
+    Only call it holding the study's lock: then no other process is writing them."""
+    stale = [p for pattern in (".*.tmp", ".*.tmp.png") for p in Path(root).glob(pattern)]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
 def write_study_config(root: Path, cfg: Any) -> Path:
     """The study's resolved config (an ``align.compare.CompareConfig``) as ROOT/config.yaml, headed by its command."""
     from align.config import dump_config

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -52,12 +53,17 @@ def write_json(path: Path, obj: Any) -> None:
 
 
 def read_json(path: Path) -> Any:
+    """The JSON value in ``path``; AlignError (one line) if it is missing, unreadable, not UTF-8 or not JSON."""
     try:
-        return json.loads(Path(path).read_text())
+        return json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise AlignError(f"{path} not found") from None
+    except UnicodeDecodeError as exc:
+        raise AlignError(f"{path} is not UTF-8 text (byte {exc.start}); the file is damaged") from None
     except json.JSONDecodeError as exc:
         raise AlignError(f"{path} is not valid JSON ({exc.msg}); the file is damaged") from None
+    except OSError as exc:
+        raise AlignError(f"cannot read {path}: {exc.strerror}") from None
 
 
 # -- config, metrics, results ----------------------------------------------------------------------------
@@ -82,22 +88,41 @@ def write_config(run_dir: Path, text: str) -> None:
 
 
 def append_metrics(run_dir: Path, record: dict[str, Any]) -> None:
-    """Append one record to metrics.jsonl (one line per write; a torn last line is dropped on resume)."""
-    with open(Path(run_dir) / METRICS_FILE, "a", encoding="utf-8") as fh:
-        fh.write(dumps(record, indent=None) + "\n")
+    """Append one record to metrics.jsonl as one line. A write that fails (no space left) is cut off again, so
+    the log keeps whole lines; a kill mid-write can still leave a torn last line, which readers skip."""
+    path = Path(run_dir) / METRICS_FILE
+    data = memoryview((dumps(record, indent=None) + "\n").encode("utf-8"))
+    with open(path, "ab", buffering=0) as fh:  # unbuffered: nothing is left to flush after a failed write
+        size = fh.seek(0, os.SEEK_END)
+        try:
+            while data:
+                data = data[fh.write(data):]
+        except OSError as exc:
+            os.ftruncate(fh.fileno(), size)  # truncating frees space, so it works on a full disk too
+            if files.is_disk_full(exc):
+                raise files.disk_full_error(path) from None
+            raise
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    """Every complete record of metrics.jsonl (a torn last line from a kill is skipped)."""
+    """Every record of metrics.jsonl. A torn last line (a kill mid-write) is skipped; a damaged line before it
+    is an AlignError, since dropping it would silently lose a record."""
     path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
         return []
+    lines = path.read_bytes().split(b"\n")
     out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
             continue
+        try:
+            record = json.loads(line.decode("utf-8"))
+        except ValueError:  # UnicodeDecodeError and JSONDecodeError both are
+            if number == len(lines):  # no newline after it: the write was torn
+                continue
+            raise AlignError(f"line {number} of {path} is damaged (not a UTF-8 JSON record): the run's log cannot "
+                             "be trusted; train it again with --out NEW_DIR") from None
+        out.append(record)
     return out
 
 
@@ -287,13 +312,16 @@ class RunDir:
         """Whether anything of a run is here: a config, a checkpoint or results."""
         return is_run_dir(self.path) or bool(list_checkpoints(self.path)) or self.results_path.exists()
 
+    def check_location(self) -> None:
+        """AlignError unless the run directory is a folder or can become one (no file in its place or above it)."""
+        files.require_folder_path(self.path, "run directory")
+
     def check(self, cfg_hash: str, config: dict[str, Any], resume: bool) -> str:
         """What this folder holds for a run of ``config``: "fresh", "resume" or "finished"; AlignError on a clash.
 
         Only reads; nothing is written until every check has passed.
         """
-        if self.path.exists() and not self.path.is_dir():
-            raise AlignError(f"{self.path} is a file, not a run directory: use --out with a folder path")
+        self.check_location()
         if not self.holds_run():
             return "fresh"
         if not resume:

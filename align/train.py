@@ -42,15 +42,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from align.config import dump_config
-from align.errors import AlignError
+from align.config import dump_config, shorten
+from align.errors import AlignError, is_out_of_memory, out_of_memory_error
 from align.measure import NonFiniteFeatures, evaluate_head, head_sharpness, update_best_over_training
 from align.progress import Log
 from align.runs import RunDir, config_hash, flatten_state, json_safe, unflatten_state
 from align.train_config import EvalConfig, OptimConfig, ScheduleConfig, TrainConfig, hashed_config
 
 __all__ = ["TrainConfig", "OptimConfig", "ScheduleConfig", "EvalConfig", "train", "Sampler", "lr_factor",
-           "uniform_loss", "holdout_split", "load_data", "resolve_dims", "optimizer_and_schedule"]
+           "uniform_loss", "holdout_split", "load_data", "resolve_dims", "optimizer_and_schedule", "check_head_fits"]
 
 RESULT_KEYS = (
     "status",          # "done" | "diverged"
@@ -170,7 +170,7 @@ def resolve_dims(cfg: TrainConfig, paired: Any) -> TrainConfig:
     for key, actual in dims.items():
         expected = getattr(cfg, key)
         if expected is not None and expected != actual:
-            raise AlignError(f"{key}={expected} in the config but the cached {cfg.data.dataset} embeddings have "
+            raise AlignError(f"{key}={expected} in the config but the cached {cfg.data.dataset.kind} embeddings have "
                              f"{key.split('_')[0]} dimension {actual}: fix {key} (or drop it) or use the matching cache")
     return cfg.model_copy(update=dims)
 
@@ -208,6 +208,44 @@ def prepare_data(cfg: TrainConfig) -> tuple[TrainConfig, RunData]:
                              f"split has {paired.num_images}: use --set eval.knn_k={max(1, paired.num_images - 1)} "
                              "or less")
     return cfg, data
+
+
+def _known_or_placeholder_dims(cfg: TrainConfig) -> tuple[int, int, bool]:
+    """(image dim, text dim, both known): a dim not known before the cache is read counts as 1 (the smallest),
+    or as head.out_dim on a side locked to the identity (which needs exactly that)."""
+    head = cfg.head
+
+    def dim(value: int | None, side: str) -> int:
+        if value is not None:
+            return value
+        return head.out_dim if head.lock == side and head.lock_mode == "identity" else 1
+
+    return dim(cfg.image_dim, "image"), dim(cfg.text_dim, "text"), None not in (cfg.image_dim, cfg.text_dim)
+
+
+def check_head_fits(cfg: TrainConfig, device: torch.device, training: bool = True) -> None:
+    """Refuse a head that cannot fit in the device's free memory, with the estimate, before anything is allocated.
+
+    Training keeps 4-byte copies of each trainable value: weights, gradient, two optimizer moments and the best
+    head, plus the SAM family's saved point; evaluation only the weights. Activations come on top of this.
+    """
+    from align.device import available_memory
+    from align.heads import parameter_counts
+    from align.optim import optimizer_info
+
+    image_dim, text_dim, known = _known_or_placeholder_dims(cfg)
+    trainable, frozen = parameter_counts(cfg.head, cfg.loss, image_dim, text_dim)
+    copies = (6 if optimizer_info(cfg.optim.name).two_pass else 5) if training else 1
+    need = 4 * (trainable * copies + frozen)
+    free = available_memory(device)
+    if free is None or need <= free:
+        return
+    dims = f"{image_dim}/{text_dim}-d embeddings" if known else "embeddings not read yet (counted as 1-d)"
+    doing = f"to train with {cfg.optim.name} ({copies} copies of each weight)" if training else "to hold it"
+    raise AlignError(shorten(
+        f"head.out_dim={cfg.head.out_dim}: a {cfg.head.kind} head on {dims} has {trainable + frozen:.3g} "
+        f"parameters and needs {'' if known else 'at least '}{need / 1e9:.3g} GB {doing}, but {device} has "
+        f"{free / 1e9:.3g} GB free: use a smaller head.out_dim or head.hidden_dim"))
 
 
 def use_bf16(cfg: TrainConfig, device: torch.device) -> bool:
@@ -509,11 +547,21 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, log: Log | None
     log = log or (lambda message: None)
     started = time.perf_counter()
     device = pick_device(cfg.device)
-    cfg, data = prepare_data(cfg)
     run = RunDir(run_dir)
-    trainer = Trainer(cfg, data, device, run, started)  # builds the head: its config errors come before any write
-    with run.lock():  # the "fresh?" check and every write happen under it
-        results = _train_locked(trainer, resume, log, progress)
+    run.check_location()
+    check_head_fits(cfg, device)  # before the data is read (dims from the cache count as 1) ...
+    try:
+        cfg, data = prepare_data(cfg)
+        check_head_fits(cfg, device)  # ... and with the cache's dims
+        trainer = Trainer(cfg, data, device, run, started)  # builds the head: its config errors come before any write
+        with run.lock():  # the "fresh?" check and every write happen under it
+            results = _train_locked(trainer, resume, log, progress)
+    except Exception as exc:
+        if is_out_of_memory(exc):
+            raise out_of_memory_error(f"training {run.path} on {device}", exc, "use a smaller head or "
+                                      "schedule.batch_size, or free memory; finished checkpoints are kept "
+                                      "(continue with --resume)") from None
+        raise
     return json_safe(results)
 
 

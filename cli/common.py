@@ -6,6 +6,7 @@ from typing import Any, Callable, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from align.errors import AlignError
 
@@ -14,18 +15,44 @@ err_console = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+def environment_error(exc: BaseException) -> AlignError | None:
+    """The last line of defence for failures the user's machine or files cause, which the library did not turn
+    into an AlignError where they happened: no space left, out of memory, a file that is not UTF-8. None for
+    anything else (a real bug keeps its traceback)."""
+    from align.errors import is_out_of_memory, out_of_memory_error
+    from align.files import disk_full_error, is_disk_full
+
+    if is_disk_full(exc):
+        where = getattr(exc, "filename", None)
+        return disk_full_error(where) if where else AlignError(
+            "no space left on the device: free some space, then run the same command again; finished work is kept")
+    if is_out_of_memory(exc):
+        return out_of_memory_error("running this command", exc, "use a smaller model, batch or data set, or free memory")
+    if isinstance(exc, UnicodeDecodeError):
+        return AlignError(f"a file this command reads is not UTF-8 text ({exc.reason} at byte {exc.start}): save "
+                          "configs, metadata and CSV files as UTF-8")
+    return None
+
+
 def user_errors(func: F) -> F:
-    """Wrap a command: an AlignError (or Ctrl-C) is printed as one line, never as a traceback."""
+    """Wrap a command: an AlignError (or Ctrl-C, or a failure of ``environment_error``'s kinds) is printed as one
+    line of at most 300 characters, never as a traceback."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
-        except AlignError as exc:
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-            raise typer.Exit(2) from None
         except KeyboardInterrupt:
             err_console.print("interrupted: finished work is saved; run the same command again to resume")
             raise typer.Exit(130) from None
+        except Exception as exc:
+            from align.config import shorten
+
+            error = exc if isinstance(exc, AlignError) else environment_error(exc)
+            if error is None:
+                raise
+            # escaped: a path or value with [brackets] is text, not rich markup
+            err_console.print(f"[bold red]error:[/] {escape(shorten(str(error)))}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]

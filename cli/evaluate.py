@@ -46,11 +46,14 @@ def register(app: typer.Typer) -> None:
         from align import runs
         from align.errors import AlignError
         from align.evaluate import evaluate_cache, evaluate_run
+        from align.files import require_file_path
 
         if (run_dir is None) == (cache is None):
             raise AlignError("give either a RUN_DIR or --cache KEY_OR_PATH (not both)")
         if backend is not None and backend not in ("faiss", "torch"):
             raise AlignError(f"unknown --backend {backend!r}: use faiss or torch")
+        if out is not None:
+            require_file_path(out, "--out")  # before the work, not after it
         if run_dir is not None:
             if checkpoint not in ("best", "last"):
                 raise AlignError(f"unknown --checkpoint {checkpoint!r}: use best or last")
@@ -59,7 +62,8 @@ def register(app: typer.Typer) -> None:
         else:
             result = evaluate_cache(cache, split=split, cache_root=cache_root, knn_k=knn_k,
                                     backend=backend or "faiss")
+        if out is not None:  # before printing: a failed write is then the only output
+            runs.write_json(out, result)
         print_eval(result)
         if out is not None:
-            runs.write_json(out, result)
             console.print(f"wrote {out}", highlight=False)

@@ -4,13 +4,12 @@ import tempfile
 
 import pytest
 
-# Read by huggingface libraries at import time, so set before any test imports them.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="align-hf-home-"))
-os.environ.setdefault("MPLBACKEND", "Agg")
+# Read by huggingface libraries at import time, so set before any test imports them. Forced, not defaulted: a
+# shell with HF_HUB_OFFLINE=0 (or its own HF_HOME full of downloads) must not let a test reach the network.
+OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "TOKENIZERS_PARALLELISM": "false", "MPLBACKEND": "Agg"}
+os.environ.update(OFFLINE)
+os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="align-hf-home-")
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,132 @@
+"""Shared pieces of the fault-injection tests (test_faults_*.py): comparing a resumed result with an uninterrupted
+one, and a simulated full disk."""
+from __future__ import annotations
+
+import builtins
+import errno
+import fnmatch
+import json
+import os
+from pathlib import Path
+
+import yaml
+
+
+def files_under(folder: Path) -> list[str]:
+    """Every file below ``folder`` (relative paths), lock files aside (they only record the last holder's PID)."""
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != ".lock")
+
+
+def same_bytes(a: Path, b: Path) -> bool:
+    return a.read_bytes() == b.read_bytes()
+
+
+def without(obj, *keys):
+    """``obj`` (nested dicts) without the given keys at any depth: the wall-clock times of a run."""
+    if isinstance(obj, dict):
+        return {k: without(v, *keys) for k, v in obj.items() if k not in keys}
+    if isinstance(obj, list):
+        return [without(v, *keys) for v in obj]
+    return obj
+
+
+def assert_same_run(ref: Path, got: Path, final_step: int) -> None:
+    """Two run directories hold the same run: the same files, byte-identical weights (final, best and the kept
+    checkpoints: head, optimizer state, RNG), the same metrics log, and the same JSON apart from wall times."""
+    assert files_under(got) == files_under(ref)
+    tensor_files = [p for p in files_under(ref) if p.endswith(".safetensors")]
+    assert f"checkpoints/step-{final_step:07d}.safetensors" in tensor_files and "checkpoints/best.safetensors" in tensor_files
+    for name in tensor_files + ["metrics.jsonl", "checkpoints/best.json"]:
+        assert same_bytes(ref / name, got / name), name
+    for name in [p for p in files_under(ref) if p.endswith(".json")]:
+        a, b = (json.loads((d / name).read_text()) for d in (ref, got))
+        assert without(a, "wall_time_s") == without(b, "wall_time_s"), name
+    a, b = (yaml.safe_load((d / "config.yaml").read_text()) for d in (ref, got))
+    assert without(a, "out_dir") == without(b, "out_dir")
+
+
+
+def one_error_line(result, after_progress: bool = False) -> str:
+    """The single ``error:`` line of a CLI result that must have failed as a user error (exit 2, no traceback):
+    the whole output, or with ``after_progress`` its last line after progress messages."""
+    lines = [line for line in result.output.strip().splitlines() if line.strip()]
+    assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
+    assert (len(lines) == 1 or after_progress) and lines[-1].startswith("error:"), result.output
+    assert sum(line.startswith("error:") for line in lines) == 1, result.output
+    assert "Traceback" not in result.output and len(lines[-1]) <= len("error: ") + 300, lines[-1]
+    return lines[-1]
+
+
+def temp_files(folder: Path) -> list[str]:
+    """Temporary files of atomic writes and plot saves below ``folder``."""
+    return sorted(str(p) for p in folder.rglob("*") if p.name.endswith((".tmp", ".tmp.png")))
+
+
+class FullDisk:
+    """A full disk, simulated without root: the ``nth`` file opened for writing under ``root`` whose name matches
+    ``pattern`` gets half of its first write, then ENOSPC; from then on every write under ``root`` fails.
+
+    It wraps what our code writes through: ``open`` (metrics appends, matplotlib, numpy) and ``os.fdopen`` (the
+    atomic writes of ``align.files``). Install it with a pytest ``monkeypatch`` (or a ``monkeypatch.context()``).
+    """
+
+    def __init__(self, monkeypatch, root: Path, pattern: str, nth: int = 1) -> None:
+        self.root, self.pattern, self.nth = str(root), pattern, nth
+        self.seen, self.full, self.failed = 0, False, []
+        real_open, real_fdopen = builtins.open, os.fdopen
+
+        def fake_open(file, mode="r", *args, **kwargs):
+            return self._wrap(real_open(file, mode, *args, **kwargs), file, mode)
+
+        def fake_fdopen(fd, mode="r", *args, **kwargs):
+            return self._wrap(real_fdopen(fd, mode, *args, **kwargs), os.readlink(f"/proc/self/fd/{fd}"), mode)
+
+        monkeypatch.setattr(builtins, "open", fake_open)
+        monkeypatch.setattr(os, "fdopen", fake_fdopen)
+
+    def _wrap(self, fh, name, mode: str):
+        if not isinstance(name, (str, os.PathLike)) or not any(c in mode for c in "wax+"):
+            return fh
+        path = os.path.abspath(os.fspath(name))
+        if not path.startswith(self.root + os.sep):
+            return fh
+        if not self.full and fnmatch.fnmatch(os.path.basename(path), self.pattern):
+            self.seen += 1
+            if self.seen == self.nth:
+                self.full = True
+                self.failed.append(path)
+                return _FailingFile(fh, partial=True)
+        return _FailingFile(fh, partial=False) if self.full else fh
+
+
+class _FailingFile:
+    """A file on a full disk: the first write lands half its bytes (``partial``), then every write fails."""
+
+    def __init__(self, fh, partial: bool) -> None:
+        self._fh, self._partial = fh, partial
+
+    def write(self, data):
+        if self._partial:
+            self._partial = False
+            self._fh.write(data[:len(data) // 2])
+            self._fh.flush()
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def flush(self):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def close(self):
+        try:
+            self._fh.close()
+        except OSError:
+            pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+    def __getattr__(self, name):
+        return getattr(self._fh, name)
