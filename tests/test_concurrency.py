@@ -142,3 +142,28 @@ def test_study_workers_exit_when_the_main_process_is_killed():
         return stat.is_file() and stat.read_text().split(") ")[1].startswith("Z")
 
     wait_for(gone, timeout=15)
+
+
+def test_a_second_study_into_the_same_folder_is_refused_before_it_trains(tmp_path):
+    from align.compare import CompareConfig, run_compare
+    from align.config import validate
+    from test_train import make_cache, train_config
+
+    data = make_cache(tmp_path / "cache")
+    cfg = validate(CompareConfig, {**train_config(data), "study_dir": str(tmp_path / "study"),
+                                   "grid": {"optimizers": ["sgd"], "seeds": [0]}, "reference": "sgd"})
+    holder = python(f"""
+        import time
+        from align.locks import exclusive
+        with exclusive({str(tmp_path / 'study')!r}, "study"):
+            print("HELD", flush=True)
+            time.sleep(60)
+    """)
+    assert holder.stdout.readline().strip() == "HELD"
+    try:
+        with pytest.raises(AlignError, match=f"in use by process {holder.pid}"):
+            run_compare(cfg, progress=False)
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+    assert not (tmp_path / "study" / "runs").exists()  # nothing trained, nothing written but the lock
