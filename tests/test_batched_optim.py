@@ -72,7 +72,7 @@ def test_batched_sgd_adam_adamw_equal_torch_optim_slice_by_slice_with_the_schedu
                 p[n].grad = grads[n][i].clone()
             opt.step()
             sched.step()
-        base_step_(params, grads, state, SPECS, hp, hp.lr * lr_factor(step, steps, warmup))
+        base_step_(params, grads, state, SPECS, hp, [lr * lr_factor(step, steps, warmup) for lr in hp.host["lr"]])
         for i, (p, opt, _) in enumerate(refs):
             for j, n in enumerate(SHAPES):
                 _close(params[n][i], p[n].detach(), 1e-12, f"head {i} {n} step {step}")
@@ -88,11 +88,11 @@ def test_inactive_heads_keep_weights_and_state_bit_for_bit():
     params = _initial(k)
     state = init_state(params, hp)
     grads = {n: torch.ones_like(t) for n, t in params.items()}
-    base_step_(params, grads, state, SPECS, hp, hp.lr)
+    base_step_(params, grads, state, SPECS, hp, hp.host["lr"])
     before = {n: t.clone() for n, t in params.items()}
     saved = {n: {key: v.clone() for key, v in st.items()} for n, st in state.items()}
-    active = torch.tensor([True, False, True, False, True])
-    base_step_(params, grads, state, SPECS, hp, hp.lr, active=active)
+    active = [True, False, True, False, True]
+    base_step_(params, grads, state, SPECS, hp, hp.host["lr"], active=active)
     for n in params:
         for i in range(k):
             assert torch.equal(params[n][i], before[n][i]) != bool(active[i]), (n, i)
@@ -211,7 +211,7 @@ def test_whole_steps_equal_take_step_with_the_reference_optimizers():
         g2 = _grads(pert.perturbed, data)
         g = {n: torch.where(hp.two_pass.reshape((-1,) + (1,) * (t.ndim - 1)), g2[n], t) for n, t in g.items()}
         clip_grads_(g, hp.grad_clip)
-        base_step_(params, g, state, SPECS, hp, hp.lr * lr_factor(step, steps, warmup))
+        base_step_(params, g, state, SPECS, hp, [lr * lr_factor(step, steps, warmup) for lr in hp.host["lr"]])
         for i, (p, opt, _) in enumerate(refs):
             for n in SHAPES:
                 _close(params[n][i], p[n].detach(), 1e-10, f"{STEP_HEADS[i]} {n} step {step}")

@@ -5,8 +5,8 @@ tensor is ``params[name][k]``) and every per-head hyper-parameter is a [K] tenso
 can mix learning rates, schedules, weight decays, base optimizers and methods. The functions here are, slice by
 slice, the reference classes:
 
-- ``base_step_``: ``torch.optim.SGD`` (momentum, coupled weight decay), ``Adam`` and ``AdamW`` (decoupled decay),
-  op for op as their single-tensor code paths, including the ``step`` counter and the bias corrections;
+- ``base_step_``: ``torch.optim.SGD`` (momentum, coupled weight decay), ``Adam`` and ``AdamW`` (decoupled decay)
+  through torch's fused kernels on each head's slices, with the ``step`` counter and the bias corrections;
 - ``perturbation``: the SAM family of ``align.optim.sam`` — SAM, M-SAM (α and the averaged metric β), ASAM
   (T = |θ| + η on weight tensors) and Fisher SAM — with each head's own global gradient norm over its own
   perturbed tensors (``norm_scope`` per head), its own zero/non-finite guard and ``perturb=False`` honoured;
@@ -19,6 +19,7 @@ reference to rounding and float32 packs to a few ulps. No I/O.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, fields
 from typing import Any, Mapping, Sequence
@@ -76,6 +77,11 @@ class HeadHparams:
             out[f.name] = torch.tensor(values, dtype=dtype, device=device)
         return cls(**out)
 
+    @functools.cached_property
+    def host(self) -> dict[str, list]:
+        """The same values as Python lists (read once: the fused base steps take host scalars)."""
+        return {f.name: getattr(self, f.name).tolist() for f in fields(self)}
+
     def select(self, index: Tensor) -> "HeadHparams":
         """The hyper-parameters of the heads at ``index`` (a pack that drops finished heads)."""
         return HeadHparams(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
@@ -118,21 +124,42 @@ def col(values: Tensor, like: Tensor) -> Tensor:
 
 
 def norms(tensors: Sequence[Tensor]) -> Tensor:
-    """[P, K]: the 2-norm of each head's slice of each stacked tensor."""
-    return torch.stack([torch.linalg.vector_norm(t.reshape(t.shape[0], -1), dim=1) for t in tensors])
+    """[P, K]: the 2-norm of each head's slice of each stacked tensor.
+
+    Slice by slice (one multi-tensor kernel), never as a reduction over a [K, N] view: the reduction strategy for
+    a [K, N] tensor depends on K, and a head's numbers must not depend on the pack it trains in.
+    """
+    k = tensors[0].shape[0]
+    flat = torch._foreach_norm([s for t in tensors for s in t.unbind(0)])
+    return torch.stack(flat).reshape(len(tensors), k)
 
 
-def global_norm(tensors: Sequence[Tensor], keep: Sequence[Tensor | None] | None = None) -> Tensor:
-    """[K]: each head's ‖concat(its slices)‖₂; ``keep[i]`` ([K] bool) leaves tensor i out for the other heads."""
-    per = norms(tensors)
+def _sum_squares(rows: Sequence[Tensor]) -> Tensor:
+    """Σᵢ rowsᵢ² over [K] tensors, added in a fixed order (elementwise: the same for any K)."""
+    total = rows[0] * rows[0]
+    for row in rows[1:]:
+        total = total + row * row
+    return total
+
+
+def global_norm(tensors: Sequence[Tensor], keep: Sequence[Tensor | None] | None = None,
+                per: Sequence[Tensor] | None = None) -> Tensor:
+    """[K]: each head's ‖concat(its slices)‖₂; ``keep[i]`` ([K] bool) leaves tensor i out for the other heads;
+    ``per``: the tensors' ``norms``, when already known."""
+    per = list(norms(tensors)) if per is None else list(per)
     if keep is not None:
-        per = torch.stack([n if m is None else torch.where(m, n, torch.zeros_like(n)) for n, m in zip(per, keep)])
-    return torch.linalg.vector_norm(per, dim=0)
+        per = [n if m is None else torch.where(m, n, torch.zeros_like(n)) for n, m in zip(per, keep)]
+    return torch.sqrt(_sum_squares(per))
 
 
 def _dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
-    """[K]: each head's Σᵢ ⟨aᵢ, bᵢ⟩ (float64 if any input is)."""
-    return torch.stack([(x * y).reshape(x.shape[0], -1).sum(dim=1) for x, y in zip(a, b)]).sum(dim=0)
+    """[K]: each head's Σᵢ ⟨aᵢ, bᵢ⟩, slice by slice like ``norms``."""
+    per = [torch.stack([torch.dot(x.reshape(-1), y.reshape(-1)) for x, y in zip(ta.unbind(0), tb.unbind(0))])
+           for ta, tb in zip(a, b)]
+    total = per[0]
+    for row in per[1:]:
+        total = total + row
+    return total
 
 
 def usable(norm: Tensor) -> Tensor:
@@ -148,74 +175,63 @@ def _where(mask: Tensor, a: Tensor, b: Tensor) -> Tensor:
 
 def init_state(params: Params, hp: HeadHparams) -> dict[str, dict[str, Tensor]]:
     """Zeroed optimizer state per parameter: ``step`` [K] (float32, as torch keeps it) and the buffers the pack's
-    bases need (``momentum_buffer`` for SGD, ``exp_avg``/``exp_avg_sq`` for Adam and AdamW)."""
-    bases = set(hp.base.tolist())
+    bases need (``momentum_buffer`` for SGD with momentum, ``exp_avg``/``exp_avg_sq`` for Adam and AdamW)."""
+    base, momentum = hp.host["base"], hp.host["momentum"]
+    sgd_buffers = any(b == SGD and m != 0 for b, m in zip(base, momentum))
+    adam = any(b in (ADAM, ADAMW) for b in base)
     out = {}
     for name, p in params.items():
         state = {"step": torch.zeros(p.shape[0], dtype=torch.float32, device=p.device)}
-        if SGD in bases:
+        if sgd_buffers:
             state["momentum_buffer"] = torch.zeros_like(p)
-        if bases & {ADAM, ADAMW}:
+        if adam:
             state["exp_avg"], state["exp_avg_sq"] = torch.zeros_like(p), torch.zeros_like(p)
         out[name] = state
     return out
 
 
-def base_step_(params: Params, grads: Params, state: dict[str, dict[str, Tensor]], specs: Mapping[str, ParamSpec],
-               hp: HeadHparams, lr: Tensor, active: Tensor | None = None) -> None:
-    """One step of each head's base optimizer at learning rate ``lr`` ([K], the schedule applied), in place.
+def base_step_(params: Params, grads: Mapping[str, Tensor | None], state: dict[str, dict[str, Tensor]],
+               specs: Mapping[str, ParamSpec], hp: HeadHparams, lr: Sequence[float],
+               active: Sequence[bool] | None = None) -> None:
+    """One step of each head's base optimizer at its scheduled learning rate ``lr`` (one float per head), in place.
 
-    Heads with ``active`` False keep their parameters and state exactly. Parameters without a gradient are skipped.
+    The update is torch's own fused kernel (what ``torch.optim.SGD/Adam/AdamW(fused=True)`` run: coupled decay
+    and momentum for SGD, coupled decay for Adam, decoupled θ·(1 − lr·wd) for AdamW, the step count and bias
+    corrections), called once per set of heads with equal hyper-parameters, on each head's own slices: elementwise,
+    so a head's update does not depend on the others. Heads not ``active`` keep parameters and state exactly;
+    parameters without a gradient are skipped.
     """
-    bases = set(hp.base.tolist())
-    for name, p in params.items():
-        g = grads.get(name)
-        if g is None:
-            continue
-        st = state[name]
-        wd = hp.weight_decay if specs[name].decay else torch.zeros_like(hp.weight_decay)
-        new: dict[str, Tensor] = {"step": st["step"] + 1}
-        p_new = None
-        if SGD in bases:
-            p_new = _sgd(p, g, st, wd, hp, lr, new)
-        if bases & {ADAM, ADAMW}:
-            p_adam = _adam(p, g, st, wd, hp, lr, new)
-            p_new = p_adam if p_new is None else _where(hp.base == SGD, p_new, p_adam)
-        if active is not None and not bool(active.all()):
-            p_new = _where(active, p_new, p)
-            new = {k: _where(active, v, st[k]) for k, v in new.items()}
-        p.copy_(p_new)
-        for key, value in new.items():
-            st[key].copy_(value)
-
-
-def _sgd(p: Tensor, g: Tensor, st: dict[str, Tensor], wd: Tensor, hp: HeadHparams, lr: Tensor,
-         new: dict[str, Tensor]) -> Tensor:
-    """torch.optim.SGD (dampening 0, no Nesterov): g + wd·θ; buf ← μ buf + g (buf starts at 0: its first value is
-    g, as torch's clone); θ − lr·buf. With μ = 0, buf = g, torch's momentum-free update."""
-    if bool((wd != 0).any()):
-        g = g + col(wd, p) * p
-    buf = st["momentum_buffer"] * col(hp.momentum, p) + g
-    new["momentum_buffer"] = buf
-    return p + col(-lr, p) * buf
-
-
-def _adam(p: Tensor, g: Tensor, st: dict[str, Tensor], wd: Tensor, hp: HeadHparams, lr: Tensor,
-          new: dict[str, Tensor]) -> Tensor:
-    """torch.optim.Adam / AdamW, single-tensor path: decay (coupled for Adam, θ·(1 − lr·wd) for AdamW), moments
-    by lerp and mul + addcmul, bias corrections from the step count, θ + (−lr/bc₁)·m / (√v/√bc₂ + ε)."""
-    decoupled = hp.base == ADAMW
-    if bool((wd != 0).any()):
-        p = p * col(torch.where(decoupled, 1 - lr * wd, torch.ones_like(lr)), p)
-        g = g + col(torch.where(decoupled, torch.zeros_like(wd), wd), p) * p
-    exp_avg = torch.lerp(st["exp_avg"], g, col(1 - hp.beta1, p))
-    exp_avg_sq = st["exp_avg_sq"] * col(hp.beta2, p) + col(1 - hp.beta2, p) * g * g
-    step = new["step"].double()
-    bias1, bias2 = 1 - hp.beta1 ** step, 1 - hp.beta2 ** step
-    step_size = lr / bias1
-    denom = exp_avg_sq.sqrt() / col(bias2 ** 0.5, p) + col(hp.eps, p)
-    new["exp_avg"], new["exp_avg_sq"] = exp_avg, exp_avg_sq
-    return p + col(-step_size, p) * exp_avg / denom
+    h = hp.host
+    names = [n for n in params if grads.get(n) is not None]
+    if not names:
+        return
+    counts = state[names[0]]["step"].tolist()
+    sets: dict[tuple, list[int]] = {}
+    for k in range(len(lr)):
+        if active is None or active[k]:
+            first = h["base"][k] == SGD and counts[k] == 0
+            key = (h["base"][k], lr[k], h["weight_decay"][k], h["momentum"][k], h["beta1"][k], h["beta2"][k],
+                   h["eps"][k], first)
+            sets.setdefault(key, []).append(k)
+    for (base, lr_k, wd, momentum, beta1, beta2, eps, first), heads in sets.items():
+        for decay in (True, False):
+            sel = [n for n in names if specs[n].decay == decay]
+            if not sel:
+                continue
+            p = [params[n][k] for k in heads for n in sel]
+            g = [grads[n][k] for k in heads for n in sel]
+            steps = [state[n]["step"][k] for k in heads for n in sel]
+            torch._foreach_add_(steps, 1)
+            kw = dict(weight_decay=wd if decay else 0.0, lr=lr_k, maximize=False)
+            if base == SGD:
+                buffers = [state[n]["momentum_buffer"][k] for k in heads for n in sel] if momentum != 0 else []
+                torch._fused_sgd_(p, g, buffers, momentum=momentum, dampening=0.0, nesterov=False,
+                                  is_first_step=first and momentum != 0, **kw)
+            else:
+                fused = torch._fused_adamw_ if base == ADAMW else torch._fused_adam_
+                fused(p, g, [state[n]["exp_avg"][k] for k in heads for n in sel],
+                      [state[n]["exp_avg_sq"][k] for k in heads for n in sel], [], steps, beta1=beta1, beta2=beta2,
+                      eps=eps, amsgrad=False, **kw)
 
 
 def clip_grads_(grads: Params, max_norm: Tensor) -> None:
@@ -244,36 +260,43 @@ class Perturbation:
 
 
 def perturbation(params: Params, grads: Params, specs: Mapping[str, ParamSpec], hp: HeadHparams,
-                 metric: dict[str, Any] | None = None, active: Tensor | None = None) -> Perturbation:
+                 metric: dict[str, Any] | None = None, active: Tensor | None = None,
+                 grad_norms: Mapping[str, Tensor] | None = None) -> Perturbation:
     """Each head's SAM-family first step from its gradients at θ (heads of method "none" are left alone).
 
     ``metric`` is M-SAM's averaged-metric state ({"has": [K] bool, name: m [K, ...]}), updated in place for the
-    heads with β > 0 whose gradient is usable; ``init_metric`` makes it.
+    heads with β > 0 whose gradient is usable; ``init_metric`` makes it. ``grad_norms``: each gradient's
+    ``norms`` row, when the caller has them already.
     """
     pert = [n for n in params if specs[n].perturb and grads.get(n) is not None]
     extra = [n for n in params if not specs[n].perturb and grads.get(n) is not None]
     g = {n: grads[n] for n in pert + extra}
-    grad_norm = global_norm([g[n] for n in pert + extra], [None] * len(pert) + [hp.all_trainable] * len(extra))
+    known = [grad_norms[n] for n in pert + extra] if grad_norms is not None else None
+    grad_norm = global_norm([g[n] for n in pert + extra], [None] * len(pert) + [hp.all_trainable] * len(extra), known)
     on = hp.two_pass & (hp.rho != 0)
     if active is not None:
         on = on & active
     if not pert or not bool(on.any()):
         zeros = torch.zeros_like(grad_norm)
         return Perturbation(dict(params), on & False, on & False, grad_norm, zeros)
-    methods = set(hp.method[on].tolist())
     delta: dict[str, Tensor] = {}
-    guard = torch.full_like(grad_norm, math.nan)
-    for code in sorted(methods):
+    guard = grad_norm
+    for i, code in enumerate(sorted(set(hp.method[on].tolist()))):
         d, gd = _RULES[code](params, g, pert, extra, hp, grad_norm, metric, on & (hp.method == code))
-        mask = hp.method == code
-        guard = torch.where(mask, gd, guard)
-        delta = d if not delta else {n: _where(mask, d[n], delta[n]) for n in pert}
+        if i == 0:  # the rest of the pack is overwritten by the other methods or never perturbed
+            delta, guard = d, gd
+        else:
+            mask = hp.method == code
+            delta, guard = {n: _where(mask, d[n], delta[n]) for n in pert}, torch.where(mask, gd, guard)
     ok = usable(guard)
     applied, skipped = on & ok, on & ~ok
+    everyone = bool(applied.all())  # the usual pack: no selection needed
     out = dict(params)
     for n in pert:
-        out[n] = _where(applied, params[n] + delta[n], params[n])
-    delta_norm = torch.where(applied, global_norm([delta[n] for n in pert]), torch.zeros_like(grad_norm))
+        out[n] = params[n] + delta[n] if everyone else _where(applied, params[n] + delta[n], params[n])
+    delta_norm = global_norm([delta[n] for n in pert])
+    if not everyone:
+        delta_norm = torch.where(applied, delta_norm, torch.zeros_like(delta_norm))
     return Perturbation(out, applied, skipped, grad_norm, delta_norm)
 
 
