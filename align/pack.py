@@ -236,13 +236,34 @@ def shared_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     ones, and each head's block of the product (and of its weight gradient) is the same as its own matmul's.
     """
     g, out_dim, in_dim = weight.shape
-    y = x @ weight.reshape(g * out_dim, in_dim).T
-    if bias is not None:
-        y = y + bias.reshape(g * out_dim)
-    return F.normalize(y.reshape(x.shape[0], g, out_dim).transpose(0, 1), dim=-1)
+    y = (x @ weight.reshape(g * out_dim, in_dim).T).reshape(x.shape[0], g, out_dim).transpose(0, 1)
+    if bias is None:
+        return F.normalize(y.contiguous(), dim=-1)
+    # Head by head, so that each bias gradient is a sum over that head's own (N, out) block: a sum over the
+    # columns of all heads at once is vectorised by the number of columns, and would change with the pack.
+    return F.normalize(torch.stack([y[k] + bias[k] for k in range(g)]), dim=-1)
 
 
 def group_batches(groups: Sequence[tuple[slice, Tensor, Tensor]], image: Tensor, text: Tensor) -> list[Batch]:
     """Rows → tensors: each group of heads [a:b] with its (B,) image rows and (B,) caption rows."""
     return [(heads, image[rows_i], text[rows_t]) for heads, rows_i, rows_t in groups]
 
+
+
+def head_bytes(model: AlignmentModel, batch_size: int, eval_rows: int, two_pass: bool = True,
+               optimizer_buffers: int = 2, metric: bool = False) -> int:
+    """The most memory one head of a pack takes: its weights; its optimizer state (``optimizer_buffers`` copies:
+    Adam's two moments, SGD's momentum); the gradient of each pass; the SAM family's perturbed weights and δ (and
+    M-SAM's averaged metric); the activations a forward/backward pass keeps; its validation features
+    (``eval_rows`` images and captions)."""
+    element = next(iter(model.state_dict().values())).element_size()
+    total = sum(t.numel() for t in model.state_dict().values())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    passes = 2 if two_pass else 1
+    weights = total + trainable * (optimizer_buffers + passes + (2 if two_pass else 0) + (1 if metric else 0))
+    cfg = model.head_cfg
+    hidden = 0 if cfg.kind == "linear" else 3 * (cfg.hidden_dim or cfg.out_dim)
+    # Kept for the backward pass, per side: input norm, hidden layers, the output before and after normalising;
+    # then the B × B logits, their softmax both ways and the gradient.
+    activations = 2 * batch_size * (4 * cfg.out_dim + hidden) + 6 * batch_size * batch_size
+    return element * (weights + activations + eval_rows * cfg.out_dim)

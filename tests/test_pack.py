@@ -176,3 +176,30 @@ def _reference_float32(cell, cfg, image, text, c2i):
     sched = cfg.schedule
     return _reference_run(cell, cfg.head, cfg.loss, image.float(), text.float(), c2i, sched.steps, sched.warmup_steps,
                           sched.batch_size)
+
+
+@pytest.mark.parametrize("dims,head,loss", [
+    ((8, 16, 16, 8), HeadConfig(out_dim=8), LossConfig()),  # the compare tests' tiny heads
+    ((128, 1280, 384, 256), HeadConfig(out_dim=256), LossConfig()),  # the default study's
+    ((8, 16, 16, 8), HeadConfig(kind="starmlp", out_dim=8, pre_norm=True), LossConfig(kind="siglip")),
+    ((64, 32, 24, 32), HeadConfig(kind="mlp", out_dim=32), LossConfig()),
+], ids=["tiny-linear", "default-linear", "tiny-starmlp-siglip", "mlp"])
+def test_a_heads_step_and_features_do_not_depend_on_the_other_heads_of_its_pack(dims, head, loss):
+    """What lets a study resume a killed pack in any other pack: one head's bits alone = in a pack of 4."""
+    batch, image_dim, text_dim, _ = dims
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(batch, image_dim, generator=gen), torch.randn(batch, text_dim, generator=gen)
+    out = {}
+    for k in (1, 4):
+        models = []
+        for seed in range(k):
+            torch.manual_seed(seed)
+            models.append(build_model(head, loss, image_dim, text_dim))
+        pack = HeadPack(models, [head_hparams("msam", lr=0.01, rho=0.5)] * k, ["open_clip"] * k)
+        stats = pack.step([(slice(0, k), x, y)], [0.01] * k)
+        out[k] = (pack.head_state(0), stats, pack.encode(x, "image", slice(0, k))[0], pack.optim_state(0))
+    (w1, s1, e1, o1), (w4, s4, e4, o4) = out[1], out[4]
+    assert all(torch.equal(w1[n], w4[n]) for n in w1)
+    assert all(torch.equal(getattr(s1, f)[0], getattr(s4, f)[0]) for f in ("loss", "grad_norm", "delta_norm"))
+    assert torch.equal(e1, e4)
+    assert all(torch.equal(o1["state"][i][key], o4["state"][i][key]) for i in o1["state"] for key in o1["state"][i])
