@@ -1,7 +1,9 @@
 """The optimizer study: a grid of optimizers × ρ × learning rate × seeds on one cached embedding set.
 
 Each cell is an ordinary training run directory (``<study>/runs/<cell>``), so a study is resumable for free:
-finished cells are skipped and an interrupted cell resumes from its last checkpoint. The statistics below
+finished cells are skipped and an interrupted cell resumes from its last checkpoint. Cells are trained in packs
+(``align.train.train_pack``: K heads as one computation), as many per pack as the memory budget holds; a head's
+numbers do not depend on its pack, so ``--pack 1`` (one cell at a time) writes the same results.csv. The statistics
 (summary with Student-t intervals and Holm-adjusted verdicts, the paper's Table 3 shape, robustness) are pure
 functions of the rows of ``results.csv`` in ``align.study_stats``; writing files and plots is ``align.report``'s job.
 """
@@ -237,15 +239,87 @@ def resolve_workers(cfg: CompareConfig) -> int:
 
 # -- running ---------------------------------------------------------------------------------------------
 
-def _run_cell(cfg_json: dict[str, Any], run_dir: str, threads: int) -> dict[str, Any]:
-    """Train one cell (in a worker process): resumes a started run, returns a finished one's results."""
+PACK_HELP = "heads trained as one computation: auto (as many as the memory budget holds) or N (1: one cell at a time)"
+_UNITS = {"": 1, "k": 2 ** 10, "m": 2 ** 20, "g": 2 ** 30, "t": 2 ** 40}
+
+
+def parse_memory(text: str) -> int:
+    """Bytes from "512M", "8G", "1.5GiB", "2e9" (binary units); AlignError otherwise."""
+    from align.config import shorten
+
+    m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([kKmMgGtT]?)(?:i?[bB])?\s*", str(text))
+    try:
+        value = float(m.group(1)) * _UNITS[m.group(2).lower()] if m else math.nan
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise AlignError(f"--memory-budget {shorten(str(text))!r} is not a size: use e.g. 512M, 8G or 2GiB")
+    return int(value)
+
+
+def default_memory_budget(device: str) -> int:
+    """The default memory budget: 80% of what a CUDA device can still allocate, else half of the host's."""
+    from align.device import available_memory, pick_device
+
+    dev = pick_device(device)
+    free = available_memory(dev)
+    if free is None:  # cannot be told: assume a small machine rather than a big one
+        free = 4 << 30
+    return int(free * (0.8 if dev.type == "cuda" else 0.5))
+
+
+def check_pack(pack: int | str) -> None:
+    """AlignError unless ``pack`` is "auto" or a whole number >= 1."""
+    if pack != "auto" and (isinstance(pack, bool) or not isinstance(pack, int) or pack < 1):
+        raise AlignError(f"--pack must be auto or a whole number >= 1, got {pack!r}")
+
+
+def pack_limit(cfg: CompareConfig, pack: int | str, memory_budget: str | int | None, workers: int) -> int:
+    """How many heads one pack may hold: ``pack`` (a number, or "auto"), capped by what fits each worker's share
+    of the memory budget; AlignError when not even one head fits."""
+    from align.heads import build_model
+    from align.pack import head_bytes
+    from align.train import prepare_data
+
+    check_pack(pack)
+    budget = parse_memory(memory_budget) if memory_budget is not None else default_memory_budget(cfg.device)
+    share = budget // max(1, workers)
+    sized, data = prepare_data(cell_config(cfg, grid_cells(cfg.grid)[0], Path(".")))
+    model = build_model(sized.head, sized.loss, sized.image_dim, sized.text_dim)
+    val = data.val
+    per_head = head_bytes(model, cfg.schedule.batch_size, val.num_images + val.num_captions,
+                          metric=bool(cfg.optim.metric_beta))
+    if per_head > share:
+        raise AlignError(f"a memory budget of {share / 2 ** 20:.0f} MiB per worker cannot hold one head "
+                         f"({per_head / 2 ** 20:.1f} MiB): raise --memory-budget or use fewer --workers")
+    fit = share // per_head
+    return int(fit if pack == "auto" else min(pack, fit))
+
+
+def plan_packs(cells: list[Cell], limit: int, workers: int) -> list[list[Cell]]:
+    """Cells → packs of at most ``limit``: two-pass and single-pass cells apart (a single-pass head would idle
+    through the second pass), each kind split into at least ``workers`` packs of near-equal size, cells of one
+    seed together (they share batches); largest work first."""
+    packs = []
+    for two_pass in (True, False):
+        group = sorted((c for c in cells if optimizer_info(c.optimizer).two_pass == two_pass), key=lambda c: c.seed)
+        if not group:
+            continue
+        count = max(math.ceil(len(group) / limit), min(workers, len(group)))
+        bounds = [round(i * len(group) / count) for i in range(count + 1)]
+        packs += [group[a:b] for a, b in zip(bounds, bounds[1:])]
+    return sorted(packs, key=lambda p: -len(p) * (2 if optimizer_info(p[0].optimizer).two_pass else 1))
+
+
+def _run_pack(cfg_jsons: list[dict[str, Any]], run_dirs: list[str], threads: int) -> list[dict[str, Any]]:
+    """Train one pack of cells (in a worker process): resumes started runs, returns finished ones' results."""
     import torch
 
     torch.set_num_threads(threads)
-    from align.train import train
+    from align.train import train_pack
 
-    cfg = TrainConfig.model_validate(cfg_json)
-    return train(cfg, Path(run_dir), resume=True, progress=False)
+    cfgs = [TrainConfig.model_validate(c) for c in cfg_jsons]
+    return train_pack(cfgs, [Path(d) for d in run_dirs], resume=True, progress=False)
 
 
 def _exit_with_parent(parent: int, poll_s: float = 0.5) -> None:
@@ -262,13 +336,18 @@ def _exit_with_parent(parent: int, poll_s: float = 0.5) -> None:
     threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
-def run_study(cfg: CompareConfig, log: Log | None = None, progress: bool = True) -> list[dict[str, Any]]:
-    """Train every cell not yet finished (in parallel where the hardware allows) → rows for ``results.csv``."""
+def run_study(cfg: CompareConfig, log: Log | None = None, progress: bool = True, pack: int | str = "auto",
+              memory_budget: str | int | None = None) -> list[dict[str, Any]]:
+    """Train every cell not yet finished, in packs of heads trained as one computation (``pack``: "auto" or at
+    most N per pack; packs run in parallel worker processes where the hardware allows) → rows for results.csv."""
     from align import runs
     from align.cache import embed_all
     from align.progress import progress_bar
 
     log = log or (lambda message: None)
+    check_pack(pack)
+    if memory_budget is not None:
+        parse_memory(memory_budget)
     root = study_dir(cfg)
     cells = grid_cells(cfg.grid)
     embed_all(cfg.data, progress=progress, log=log)  # a no-op when every split is cached
@@ -277,33 +356,39 @@ def run_study(cfg: CompareConfig, log: Log | None = None, progress: bool = True)
     log(f"study {cfg.name}: {len(cells)} runs, {len(cells) - len(todo)} already finished")
     workers = min(resolve_workers(cfg), max(1, len(todo)))
     threads = max(1, (os.cpu_count() or 1) // workers)
-    jobs = [(cell_config(cfg, c, root / "runs" / c.key).model_dump(mode="json"), str(root / "runs" / c.key))
-            for c in todo]
+    packs = plan_packs(todo, pack_limit(cfg, pack, memory_budget, workers), workers) if todo else []
+    if packs:
+        log(f"{len(todo)} runs in {len(packs)} pack(s) of up to {max(len(p) for p in packs)} heads, "
+            f"{workers} at a time")
+    jobs = [([cell_config(cfg, c, root / "runs" / c.key).model_dump(mode="json") for c in p],
+             [str(root / "runs" / c.key) for c in p]) for p in packs]
     with progress_bar(len(cells), f"study {cfg.name}", enabled=progress) as bar:
         bar.advance(len(cells) - len(todo))
         if workers == 1:
             for job in jobs:
-                _run_cell(*job, threads=threads)
-                bar.advance()
+                _run_pack(*job, threads=threads)
+                bar.advance(len(job[1]))
         else:
             import multiprocessing as mp
             from concurrent.futures import ProcessPoolExecutor, as_completed
 
             with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_exit_with_parent,
                                      initargs=(os.getpid(),)) as pool:
-                futures = [pool.submit(_run_cell, *job, threads) for job in jobs]
+                futures = {pool.submit(_run_pack, *job, threads): len(job[1]) for job in jobs}
                 try:
                     for future in as_completed(futures):
                         future.result()
-                        bar.advance()
-                except BaseException:  # a failed cell (disk full, ...) stops the study: queued cells never start
+                        bar.advance(futures[future])
+                except BaseException:  # a failed pack (disk full, ...) stops the study: queued packs never start
                     pool.shutdown(wait=True, cancel_futures=True)
                     raise
     return collect_rows(cfg)
 
 
-def run_compare(cfg: CompareConfig, log: Log | None = None, progress: bool = True) -> dict[str, Any]:
-    """The whole study: its config.yaml, every cell, then results.csv, the tables, plots and report.md."""
+def run_compare(cfg: CompareConfig, log: Log | None = None, progress: bool = True, pack: int | str = "auto",
+                memory_budget: str | int | None = None) -> dict[str, Any]:
+    """The whole study: its config.yaml, every cell (in packs, see ``run_study``), then results.csv, the tables,
+    plots and report.md."""
     from align import report
     from align.device import pick_device
     from align.locks import exclusive
@@ -314,7 +399,7 @@ def run_compare(cfg: CompareConfig, log: Log | None = None, progress: bool = Tru
     with exclusive(root, "study", "another align compare is running it; wait for it to finish or use --out NEW_DIR"):
         report.clear_temp_files(root)  # of a killed run; we hold the lock, so no writer owns them
         report.write_study_config(root, cfg)
-        rows = run_study(cfg, log=log, progress=progress)
+        rows = run_study(cfg, log=log, progress=progress, pack=pack, memory_budget=memory_budget)
         return dict(report.write_report(root, cfg, rows), study_dir=root)
 
 

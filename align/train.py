@@ -1,11 +1,16 @@
-"""Train an alignment head on cached embeddings with any registered optimizer (orchestration).
+"""Train alignment heads on cached embeddings with any registered optimizer (orchestration).
+
+One loop trains a pack of K runs at once (``train_pack``; ``train`` is the pack of one that ``align train`` runs):
+runs that differ only in optimizer, seed and logit clamp share one ``align.pack.HeadPack``, whose step is
+``align.optim.step.take_step``'s for every head at once. Each run keeps its own run directory, data order,
+schedule, validation, best checkpoint, divergence and results, and its numbers do not depend on the pack it
+trained in (a pack of one gives the same bits).
 
 One step: a batch of B images (a random permutation per epoch, drawn on the device; for multi-caption data one
 random caption per image per epoch), the contrastive loss of the head's outputs, then either one optimizer step
-or — for optimizers whose registry entry says ``two_pass`` (the SAM family) — ``first_step`` / second forward-
-backward / ``second_step``. The learning rate follows linear warm-up then cosine decay to 0 (a ``LambdaLR`` on
-the optimizer; the SAM family shares its param groups with its base, so one scheduler drives both). After
-each step the logit scale is clamped by the configured policy.
+or — for optimizers whose registry entry says ``two_pass`` (the SAM family) — the perturbation, a second forward-
+backward and the base step. The learning rate follows linear warm-up then cosine decay to 0 from each run's peak.
+After each step the logit scale is clamped by the configured policy.
 
 Choices that change M-SAM's perturbation (it depends on the gradient's scale, see paper-notes.md) are fixed:
 mean-reduced loss, no loss scaling (bf16 autocast on CUDA needs none), no gradient accumulation, gradient
@@ -22,10 +27,11 @@ within ``diverge_tol`` of its uniform-prediction value (ln B for CLIP) with ‖g
 ``diverge_patience`` consecutive steps (the frozen state of a collapsed logit scale). The best head so far is
 still evaluated.
 
-Determinism: the head is initialised from ``seed``; the data order of epoch e comes from a generator seeded by
-(seed, e), so it never depends on how often a run was interrupted. Checkpoints hold the head, the optimizer
-state (including the base optimizer's moments), the scheduler, RNG states, the best head so far and the loop's
-counters; resuming from one reaches bit-identical final weights on the same machine.
+Determinism: the head is initialised from ``seed`` (``torch.manual_seed(seed)`` then ``build_model``); the data
+order of epoch e comes from a generator seeded by (seed, e), so it never depends on how often a run was
+interrupted. Checkpoints hold the head, its optimizer state (the base optimizer's moments, in the layout of its
+torch ``state_dict``), the RNG state after initialisation, the best head so far and the loop's counters; resuming
+from one reaches bit-identical final weights on the same machine, in any pack.
 
 Results (``results.json``, read by ``align compare``): see ``RESULT_KEYS``. The configuration classes live in
 ``align.train_config``, the measurements in ``align.measure``, the run directory's bookkeeping in ``align.runs``.
@@ -44,13 +50,15 @@ from torch import Tensor
 
 from align.config import dump_config, shorten
 from align.errors import AlignError, is_out_of_memory, out_of_memory_error
-from align.measure import NonFiniteFeatures, evaluate_head, head_sharpness, update_best_over_training
+from align.measure import (NonFiniteFeatures, embedding_metrics, evaluate_head, head_sharpness,
+                           update_best_over_training)
 from align.progress import Log
 from align.runs import RunDir, config_hash, flatten_state, json_safe, unflatten_state
 from align.train_config import EvalConfig, OptimConfig, ScheduleConfig, TrainConfig, hashed_config
 
-__all__ = ["TrainConfig", "OptimConfig", "ScheduleConfig", "EvalConfig", "train", "Sampler", "lr_factor",
-           "uniform_loss", "holdout_split", "load_data", "resolve_dims", "optimizer_and_schedule", "check_head_fits"]
+__all__ = ["TrainConfig", "OptimConfig", "ScheduleConfig", "EvalConfig", "train", "train_pack", "pack_key", "Sampler",
+           "lr_factor", "uniform_loss", "holdout_split", "load_data", "resolve_dims", "optimizer_and_schedule",
+           "check_head_fits"]
 
 RESULT_KEYS = (
     "status",          # "done" | "diverged"
@@ -257,7 +265,8 @@ def use_bf16(cfg: TrainConfig, device: torch.device) -> bool:
 
 
 def optimizer_and_schedule(cfg: TrainConfig, model: torch.nn.Module) -> tuple[Any, Any]:
-    """The configured optimizer over the model's param groups and its warm-up + cosine ``LambdaLR``."""
+    """The configured torch optimizer over a model's param groups and its warm-up + cosine ``LambdaLR``: the reference
+    path of one head (benchmarks and tests compare the pack's steps with it)."""
     from align.optim import create_optimizer, optimizer_info
 
     o = cfg.optim
@@ -283,16 +292,8 @@ def _rng_tensors() -> dict[str, Tensor]:
     return out
 
 
-def _set_rng(tensors: dict[str, Tensor]) -> None:
-    torch.set_rng_state(tensors["rng.cpu"])
-    if torch.cuda.is_available():
-        states = [tensors[f"rng.cuda.{i}"] for i in range(torch.cuda.device_count()) if f"rng.cuda.{i}" in tensors]
-        if len(states) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(states)
-
-
-def _finite_model(model: torch.nn.Module) -> bool:
-    return all(bool(torch.isfinite(t).all()) for t in model.state_dict().values() if t.is_floating_point())
+def _finite(state: dict[str, Tensor]) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in state.values() if t.is_floating_point())
 
 
 def _window_mean(values: list[float]) -> float | None:
@@ -343,137 +344,246 @@ class LoopState:
         return state
 
 
-# -- one run -----------------------------------------------------------------------------------------------
+# -- one pack of runs ----------------------------------------------------------------------------------------
+
+PACK_FREE = ("optim", "seed", "out_dir")  # what may differ between the runs of one pack (and the logit clamp)
+EVAL_BYTES = 256 * 2 ** 20  # features held at once while validating a pack
+
+
+def pack_key(cfg: TrainConfig) -> str:
+    """What runs must share to train in one pack: everything but the optimizer, the seed, the run directory and
+    the logit-scale clamp (same data, head, loss, schedule, evaluation, device and precision)."""
+    data = hashed_config(cfg)
+    for key in PACK_FREE:
+        data.pop(key, None)
+    data["loss"] = {k: v for k, v in data["loss"].items() if k != "clamp"}
+    return config_hash(data)
+
+
+def head_hparams_of(cfg: TrainConfig) -> dict[str, Any]:
+    """The run's optimizer as per-head hyper-parameters (``align.optim.batched.head_hparams``); AlignError on a
+    knob the method lacks (alpha for SAM), as building the optimizer would."""
+    from align.optim import optimizer_info
+    from align.optim.batched import head_hparams
+
+    o = cfg.optim
+    method = dict(o.method_hparams(), base=o.base) if optimizer_info(o.name).two_pass else {}
+    try:
+        return head_hparams(o.name, lr=o.lr, weight_decay=o.weight_decay, momentum=o.momentum, betas=tuple(o.betas),
+                            eps=o.eps, grad_clip=o.grad_clip, **method)
+    except ValueError as exc:
+        raise AlignError(f"optim: {exc}") from None
+
+
+@dataclass
+class Head:
+    """One run of a pack: its config, run directory, data order, loop state and where it sits in the pack."""
+
+    cfg: TrainConfig
+    run: RunDir
+    config: dict[str, Any]
+    cfg_hash: str
+    sampler: Sampler
+    model: Any  # its AlignmentModel until the pack is built
+    rng: dict[str, Tensor]  # RNG state right after its initialisation (what its checkpoints hold)
+    hparams: dict[str, Any]
+    two_pass: bool
+    state: LoopState = field(default_factory=LoopState)
+    optim_saved: dict[str, Any] | None = None  # optimizer state of the checkpoint it resumes from
+    results: dict[str, Any] | None = None  # set when the run is finished
+
 
 class Trainer:
-    """One run's model, optimizer, schedule and training data on its device, and the pieces of its loop."""
+    """K runs of one architecture on one device (K = 1 for ``align train``): their heads trained as one
+    ``HeadPack``, each with its own run directory, data order, schedule, validation, checkpoints and results."""
 
-    def __init__(self, cfg: TrainConfig, data: RunData, device: torch.device, run: RunDir, started: float) -> None:
+    def __init__(self, cfgs: list[TrainConfig], data: RunData, device: torch.device, runs: list[RunDir],
+                 started: float) -> None:
+        import copy
+
         from align.heads import build_model
         from align.losses import loss_for
         from align.optim import optimizer_info
 
-        self.cfg, self.data, self.device, self.run, self.started = cfg, data, device, run, started
-        self.config = hashed_config(cfg)
-        self.cfg_hash = config_hash(self.config)
-        self.bf16 = use_bf16(cfg, device)
-        torch.manual_seed(cfg.seed)
-        self.model = build_model(cfg.head, cfg.loss, cfg.image_dim, cfg.text_dim).to(device)
-        self.loss_fn = loss_for(cfg.loss)
-        self.sampler = Sampler(data.train.caption_to_image, data.train.num_images, cfg.schedule.batch_size,
-                               cfg.seed, device)
+        if len({pack_key(c) for c in cfgs}) != 1:
+            raise AlignError("runs of one pack must differ only in optim, seed and loss.clamp")
+        self.cfg, self.data, self.device, self.started = cfgs[0], data, device, started
+        self.bf16 = use_bf16(self.cfg, device)
+        self.samplers: dict[int, Sampler] = {}
+        self.heads = []
+        for cfg, run in zip(cfgs, runs):
+            config = hashed_config(cfg)
+            hparams = head_hparams_of(cfg)  # a config error comes before anything is written
+            torch.manual_seed(cfg.seed)
+            model = build_model(cfg.head, cfg.loss, cfg.image_dim, cfg.text_dim).to(device)
+            sampler = self.samplers.get(cfg.seed) or Sampler(data.train.caption_to_image, data.train.num_images,
+                                                             cfg.schedule.batch_size, cfg.seed, device)
+            self.samplers[cfg.seed] = sampler
+            self.heads.append(Head(cfg, run, config, config_hash(config), sampler, model, _rng_tensors(), hparams,
+                                   optimizer_info(cfg.optim.name).two_pass))
+        self.model = copy.deepcopy(self.heads[0].model)  # evaluates one head at a time (test, sharpness)
+        self.loss_fn = loss_for(self.cfg.loss)
         self.image = data.train.image.to(device=device, dtype=torch.float32)
         self.text = data.train.text.to(device=device, dtype=torch.float32)
-        self.two_pass = optimizer_info(cfg.optim.name).two_pass
-        self.opt, self.sched = optimizer_and_schedule(cfg, self.model)
-        self.uniform = uniform_loss(cfg.loss.kind, cfg.schedule.batch_size)
+        self.uniform = uniform_loss(self.cfg.loss.kind, self.cfg.schedule.batch_size)
+        self.active: list[Head] = []
+        self.pack: Any = None
+        self.share = 1  # runs trained in this session
 
-    def wall_time(self, state: LoopState) -> float:
-        return state.wall_before + time.perf_counter() - self.started
+    def wall_time(self, head: Head) -> float:
+        """The run's wall time: its earlier sessions plus its share of this session (the pack's time / its runs)."""
+        return head.state.wall_before + (time.perf_counter() - self.started) / max(1, self.share)
 
     # -- checkpoints
-    def restore(self, kind: str, log: Log) -> LoopState:
-        """A fresh state, or the one of the newest checkpoint (model, optimizer, schedule and RNG restored too)."""
-        found = self.run.latest_checkpoint() if kind == "resume" else None
+    def restore(self, head: Head, kind: str, log: Log) -> None:
+        """A fresh state, or the one of the newest checkpoint (head, optimizer state, RNG, best head, counters)."""
+        found = head.run.latest_checkpoint() if kind == "resume" else None
         if found is None:
             if kind == "resume":
-                log(f"{self.run.path} has no checkpoint yet: starting from step 0")
-            self.run.begin(0)  # a stray metrics.jsonl without a checkpoint is not ours to append to
-            return LoopState()
+                log(f"{head.run.path} has no checkpoint yet: starting from step 0")
+            head.run.begin(0)  # a stray metrics.jsonl without a checkpoint is not ours to append to
+            return
         tensors, meta = found
-        self.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-        self.opt.load_state_dict(unflatten_state(meta["optimizer"], tensors))
-        self.sched.load_state_dict(unflatten_state(meta["scheduler"], tensors))
-        _set_rng(tensors)
+        head.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        head.optim_saved = unflatten_state(meta["optimizer"], tensors)
+        head.rng = {k: v for k, v in tensors.items() if k.startswith("rng.")}
         best_state = {k[5:]: v.to(self.device) for k, v in tensors.items() if k.startswith("best.")}
-        state = LoopState.from_json(meta["train_state"], best_state)
-        self.run.begin(state.step)
-        log(f"resuming {self.run.path} from step {state.step}")
-        return state
+        head.state = LoopState.from_json(meta["train_state"], best_state)
+        head.run.begin(head.state.step)
+        log(f"resuming {head.run.path} from step {head.state.step}")
 
-    def checkpoint(self, state: LoopState) -> None:
-        """A resumable checkpoint of the whole training state at ``state.step``."""
-        tensors: dict[str, Tensor] = {f"model.{k}": v for k, v in self.model.state_dict().items()}
+    def build_pack(self, heads: list[Head]) -> None:
+        """Stack the heads still to train, ordered by (step, seed) so heads sharing a batch sit side by side."""
+        from align.pack import HeadPack
+
+        self.active = sorted(heads, key=lambda h: (h.state.step, h.cfg.seed))
+        self.share = max(1, len(self.active))
+        if not self.active:
+            return
+        self.pack = HeadPack([h.model for h in self.active], [h.hparams for h in self.active],
+                             [h.cfg.loss.clamp for h in self.active])
+        for slot, head in enumerate(self.active):
+            head.model = None  # its weights live in the pack now
+            if head.optim_saved is not None:
+                self.pack.load_optim_state_(slot, head.optim_saved, head.state.step)
+
+    def checkpoint(self, head: Head, slot: int) -> None:
+        """A resumable checkpoint of the run's whole training state at its step."""
+        state = head.state
+        tensors: dict[str, Tensor] = {f"model.{k}": v for k, v in self.pack.head_state(slot).items()}
         if state.best.state is not None:
             tensors.update({f"best.{k}": v for k, v in state.best.state.items()})
-        tensors.update(_rng_tensors())
-        meta = {"config_hash": self.cfg_hash, "config": self.config,
-                "optimizer": flatten_state(self.opt.state_dict(), "optim", tensors),
-                "scheduler": flatten_state(self.sched.state_dict(), "sched", tensors),
-                "train_state": state.to_json(self.wall_time(state))}
-        self.run.save_checkpoint(state.step, tensors, meta, keep=self.cfg.keep_checkpoints)
+        tensors.update(head.rng)
+        meta = {"config_hash": head.cfg_hash, "config": head.config,
+                "optimizer": flatten_state(self.pack.optim_state(slot), "optim", tensors),
+                "scheduler": {"last_epoch": state.step, "base_lrs": [head.cfg.optim.lr]},
+                "train_state": state.to_json(self.wall_time(head))}
+        head.run.save_checkpoint(state.step, tensors, meta, keep=head.cfg.keep_checkpoints)
 
     # -- evaluation
-    def evaluate(self, split: str) -> dict[str, float] | None:
-        """Metrics of the current head on a role's split ("val" / "test"); None if its features are NaN/inf."""
+    def evaluate(self, split: str, state: dict[str, Tensor]) -> dict[str, float] | None:
+        """Metrics of one head on a role's split ("val" / "test"); None if its features are NaN/inf."""
+        self.model.load_state_dict(state)
         try:
             return evaluate_head(self.model, getattr(self.data, split), self.cfg.eval, self.device)
         except NonFiniteFeatures:
             return None
 
-    def validate(self, state: LoopState) -> bool:
-        """Validate, log, track the best head and the best of every metric; False if the features are NaN/inf."""
-        metrics = self.evaluate("val")
-        if metrics is None:
-            return False
-        state.last_val = dict(metrics, step=state.step)
-        self.run.append_metrics({"kind": "val", "step": state.step, **metrics})
-        update_best_over_training(state.max_val, metrics, self.cfg.eval.ks)
-        score = metrics[self.cfg.eval.select]
-        if math.isfinite(score) and (state.best.score is None or score > state.best.score):
-            head = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-            state.best = BestHead(step=state.step, score=score, val=metrics, state=head)
-            self.run.save_head("best", head, {"step": state.step, "select": self.cfg.eval.select, "score": score,
-                                              "val": metrics, "config_hash": self.cfg_hash})
-        return True
+    def validate(self, slots: list[int]) -> list[dict[str, float] | None]:
+        """Validation metrics of the heads at ``slots``, encoded as a batch in bounded memory (None: NaN/inf)."""
+        paired, ev = self.data.val, self.cfg.eval
+        image = paired.image.to(device=self.device, dtype=torch.float32)
+        text = paired.text.to(device=self.device, dtype=torch.float32)
+        per_head = (paired.num_images + paired.num_captions) * self.cfg.head.out_dim * 4
+        chunk = max(1, EVAL_BYTES // max(1, per_head))
+        first = paired.first_caption_per_image()
+        out: list[dict[str, float] | None] = []
+        for lo in range(0, len(slots), chunk):
+            index = torch.tensor(slots[lo:lo + chunk], device=self.device)
+            with torch.no_grad():
+                img, txt = self.pack.encode(image, "image", index), self.pack.encode(text, "text", index)
+            for g in range(len(index)):
+                if not (bool(torch.isfinite(img[g]).all()) and bool(torch.isfinite(txt[g]).all())):
+                    out.append(None)
+                    continue
+                metrics, _ = embedding_metrics(img[g], txt[g], paired.caption_to_image, first, ev.ks, ev.knn_k,
+                                               ev.backend)
+                out.append(metrics)
+        return out
 
-    def test_and_sharpness(self, head: dict[str, Tensor] | None) -> tuple[dict | None, dict | None]:
-        """Test metrics and sharpness of a head (None, None for no head)."""
-        if head is None:
+    def record_validation(self, head: Head, slot: int, metrics: dict[str, float]) -> None:
+        """Log a validation, track the best head and the best of every metric."""
+        state, cfg = head.state, head.cfg
+        state.last_val = dict(metrics, step=state.step)
+        head.run.append_metrics({"kind": "val", "step": state.step, **metrics})
+        update_best_over_training(state.max_val, metrics, cfg.eval.ks)
+        score = metrics[cfg.eval.select]
+        if math.isfinite(score) and (state.best.score is None or score > state.best.score):
+            weights = self.pack.head_state(slot)
+            state.best = BestHead(step=state.step, score=score, val=metrics, state=weights)
+            head.run.save_head("best", weights, {"step": state.step, "select": cfg.eval.select, "score": score,
+                                                 "val": metrics, "config_hash": head.cfg_hash})
+
+    def test_and_sharpness(self, head: Head, weights: dict[str, Tensor] | None) -> tuple[dict | None, dict | None]:
+        """Test metrics and sharpness of one head's weights (None, None for no head)."""
+        if weights is None:
             return None, None
-        self.model.load_state_dict(head)
-        test = self.evaluate("test") if self.cfg.eval.test_split else None
+        ev = self.cfg.eval
+        test = self.evaluate("test", weights) if ev.test_split else None
         sharp = None
-        if self.cfg.eval.sharpness and (test is not None or not self.cfg.eval.test_split):
-            batches = self.sampler.fixed_batches(self.cfg.eval.sharpness_batches)
-            sharp = head_sharpness(self.model, self.loss_fn, self.image, self.text, batches, self.cfg.eval)
+        if ev.sharpness and (test is not None or not ev.test_split):
+            self.model.load_state_dict(weights)
+            batches = head.sampler.fixed_batches(ev.sharpness_batches)
+            sharp = head_sharpness(self.model, self.loss_fn, self.image, self.text, batches, ev)
         return test, sharp
 
     # -- training
-    def step(self, state: LoopState) -> float | None:
-        """One optimizer step and its metrics record → the loss, or None when it was non-finite (not stepped)."""
-        from align.optim.step import backward_closure, take_step
+    def _batches(self) -> list[tuple[slice, Tensor, Tensor]]:
+        """Each run of heads with one (step, seed) and the batch they share."""
+        from align.pack import group_batches
 
-        rows = self.sampler.batch(state.step)
-        lr = self.opt.param_groups[0]["lr"]
-        image, text = self.image[rows[0]], self.text[rows[1]]
-        loss, grad_norm_t = take_step(self.opt, backward_closure(lambda: self.loss_fn(**self.model(image, text)),
-                                                                 self.bf16), self.cfg.optim.grad_clip)
-        loss_value, grad_norm = float(loss), float(grad_norm_t)
-        record: dict[str, Any] = {"kind": "train", "step": state.step + 1, "loss": loss_value, "lr": lr}
-        if not math.isfinite(loss_value):
+        groups, start = [], 0
+        for slot in range(1, len(self.active) + 1):
+            a, b = self.active[start], self.active[slot] if slot < len(self.active) else None
+            if b is None or (b.state.step, b.cfg.seed) != (a.state.step, a.cfg.seed):
+                groups.append((slice(start, slot), *a.sampler.batch(a.state.step)))
+                start = slot
+        return group_batches(groups, self.image, self.text)
+
+    def step(self) -> None:
+        """One optimizer step of every active head, and each head's metrics record."""
+        sched = self.cfg.schedule
+        lr = [peak * lr_factor(h.state.step, sched.steps, sched.warmup_steps)
+              for peak, h in zip(self.pack.hp.host["lr"], self.active)]
+        stats = self.pack.step(self._batches(), lr, bf16=self.bf16)
+        host = {k: getattr(stats, k).tolist() for k in ("loss", "grad_norm", "sam_grad_norm", "delta_norm", "skipped")}
+        host["log_scale"], host["lr"] = self.pack.log_scale().tolist(), lr
+        for slot, head in enumerate(self.active):
+            self._record(head, {k: v[slot] for k, v in host.items()})
+
+    def _record(self, head: Head, v: dict[str, Any]) -> None:
+        """The step's metrics record; a non-finite loss (not stepped) or a collapse ends the run as diverged."""
+        state = head.state
+        record: dict[str, Any] = {"kind": "train", "step": state.step + 1, "loss": v["loss"], "lr": v["lr"]}
+        if not math.isfinite(v["loss"]):
             state.diverged = {"step": state.step + 1,
-                              "reason": f"non-finite training loss ({loss_value}) at step {state.step + 1}"}
-            self.run.append_metrics(dict(record, grad_norm=grad_norm))
-            return None  # that step was not taken: steps_done stays at the last finite one
-        self.model.clamp_logit_scale_()
-        record.update(log_scale=float(self.model.log_scale.detach()), grad_norm=grad_norm)
-        if self.two_pass:
-            stats = self.opt.last_stats
-            record.update(perturbation_norm=stats.get("perturbation_norm"),
-                          effective_radius=stats.get("effective_radius"), skipped=stats.get("skipped"))
-        self.sched.step()
+                              "reason": f"non-finite training loss ({v['loss']}) at step {state.step + 1}"}
+            head.run.append_metrics(dict(record, grad_norm=v["grad_norm"]))
+            return  # that step was not taken: steps_done stays at the last finite one
+        record.update(log_scale=v["log_scale"], grad_norm=v["grad_norm"])
+        if head.two_pass:
+            n, d = v["sam_grad_norm"], v["delta_norm"]
+            record.update(perturbation_norm=d, effective_radius=d / n if n > 0 else 0.0, skipped=bool(v["skipped"]))
         state.step += 1
-        state.losses.append(loss_value)
-        if state.step == self.cfg.loss_at_step:
+        state.losses.append(v["loss"])
+        if state.step == head.cfg.loss_at_step:
             state.loss_at_step = _window_mean(list(state.losses))
-        self.run.append_metrics(record)
-        self._track_collapse(state, loss_value, grad_norm)
-        return loss_value
+        head.run.append_metrics(record)
+        self._track_collapse(head, v["loss"], v["grad_norm"])
 
-    def _track_collapse(self, state: LoopState, loss: float, grad_norm: float) -> None:
+    def _track_collapse(self, head: Head, loss: float, grad_norm: float) -> None:
         """Declare divergence after ``diverge_patience`` steps frozen at the uniform loss with a vanishing ‖g‖."""
-        cfg = self.cfg
+        cfg, state = head.cfg, head.state
         collapsed = abs(loss - self.uniform) < cfg.diverge_tol and grad_norm < cfg.diverge_grad_tol
         state.stuck = state.stuck + 1 if collapsed else 0
         if state.stuck >= cfg.diverge_patience:
@@ -481,102 +591,148 @@ class Trainer:
                               f"{self.uniform:.4f} with ‖g‖ < {cfg.diverge_grad_tol:g} for {state.stuck} steps "
                               f"(since step {state.step - state.stuck + 1})"}
 
-    def loop(self, state: LoopState, progress: bool) -> None:
-        """Train until the last step or divergence, validating and checkpointing on schedule."""
+    def after_step(self) -> None:
+        """Validate and checkpoint the heads that are due; finish the heads that diverged or reached the end."""
+        steps, ev = self.cfg.schedule.steps, self.cfg.eval
+        running = [s for s, h in enumerate(self.active) if h.state.diverged is None]
+        due = [s for s in running if self.active[s].state.step % ev.every == 0 or self.active[s].state.step == steps]
+        for slot, metrics in zip(due, self.validate(due) if due else []):
+            head = self.active[slot]
+            if metrics is None:
+                head.state.diverged = {"step": head.state.step,
+                                       "reason": f"the head's features became NaN/inf by step {head.state.step}"}
+            else:
+                self.record_validation(head, slot, metrics)
+        for slot, head in enumerate(self.active):
+            s = head.state.step
+            if head.state.diverged is None and s % head.cfg.checkpoint_every == 0 and s != steps:
+                self.checkpoint(head, slot)
+        self.finish_done()
+
+    def finish_done(self) -> None:
+        """Finish the heads that diverged or reached their last step, and drop them from the pack."""
+        steps = self.cfg.schedule.steps
+        done = [s for s, h in enumerate(self.active) if h.state.diverged is not None or h.state.step >= steps]
+        for slot in done:
+            self.finish(self.active[slot], slot)
+        if done:
+            keep = [s for s in range(len(self.active)) if s not in done]
+            self.active = [self.active[s] for s in keep]
+            if keep:
+                self.pack.keep(torch.tensor(keep, device=self.device))
+
+    def loop(self, progress: bool) -> None:
+        """Train every active head until its last step or its divergence."""
         from align.progress import progress_bar
 
-        steps, name = self.cfg.schedule.steps, self.cfg.optim.name
+        steps = self.cfg.schedule.steps
+        name = self.active[0].cfg.optim.name if len(self.active) == 1 else f"{len(self.active)} heads"
         with progress_bar(steps, f"training {name}", enabled=progress) as bar:
-            bar.advance(state.step)
-            while state.step < steps and state.diverged is None:
-                loss = self.step(state)
-                if loss is None:
-                    break
+            bar.advance(min(h.state.step for h in self.active))
+            while self.active:
+                self.step()
+                self.after_step()
                 bar.advance(1)
-                if state.step % 10 == 0:
-                    bar.describe(f"training {name}  loss {loss:.4f}")
-                if state.diverged is not None:
-                    break
-                if (state.step % self.cfg.eval.every == 0 or state.step == steps) and not self.validate(state):
-                    state.diverged = {"step": state.step,
-                                      "reason": f"the head's features became NaN/inf by step {state.step}"}
-                    break
-                if state.step % self.cfg.checkpoint_every == 0 and state.step != steps:
-                    self.checkpoint(state)
+                if self.active and self.active[0].state.step % 10 == 0:
+                    bar.describe(f"training {name}  loss {self.active[0].state.losses[-1]:.4f}")
 
     # -- the end
-    def final_val(self, state: LoopState) -> dict[str, float] | None:
-        """Validation metrics of the final head (reused when the last validation was at the final step)."""
-        if state.last_val is not None and state.last_val["step"] == state.step:
-            return {k: v for k, v in state.last_val.items() if k != "step"}
-        return self.evaluate("val") if _finite_model(self.model) else None
+    def finish(self, head: Head, slot: int) -> None:
+        """The run's final checkpoint (a diverged run still reports its best head), its results and results.json."""
+        self.checkpoint(head, slot)
+        head.results = self.results(head, self.pack.head_state(slot), int(self.pack.skipped_steps[slot]))
+        head.run.write_results(head.results)
 
-    def results(self, state: LoopState) -> dict[str, Any]:
-        """Test and sharpness of the best and final heads → the results dict (the final head stays loaded)."""
-        final_val = self.final_val(state)
-        final_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-        best_test, best_sharp = self.test_and_sharpness(state.best.state)
+    def final_val(self, head: Head, weights: dict[str, Tensor]) -> dict[str, float] | None:
+        """Validation metrics of the final head (reused when the last validation was at the final step)."""
+        last = head.state.last_val
+        if last is not None and last["step"] == head.state.step:
+            return {k: v for k, v in last.items() if k != "step"}
+        return self.evaluate("val", weights) if _finite(weights) else None
+
+    def results(self, head: Head, final: dict[str, Tensor], skipped: int) -> dict[str, Any]:
+        """Test and sharpness of the run's best and final heads → its results dict."""
+        state, o = head.state, head.cfg.optim
+        final_val = self.final_val(head, final)
+        best_test, best_sharp = self.test_and_sharpness(head, state.best.state)
         if final_val is not None and state.best.step == state.step:  # the final head is the best one
             final_test, final_sharp = best_test, best_sharp
         else:
-            final_test, final_sharp = self.test_and_sharpness(final_state if final_val is not None else None)
-        self.model.load_state_dict(final_state)
-        diverged, o = state.diverged, self.cfg.optim
+            final_test, final_sharp = self.test_and_sharpness(head, final if final_val is not None else None)
+        diverged = state.diverged
         return {
             "status": "diverged" if diverged else "done",
             "diverged_at": diverged["step"] if diverged else None,
             "diverge_reason": diverged["reason"] if diverged else None,
-            "steps_done": state.step, "best_step": state.best.step, "select": self.cfg.eval.select,
+            "steps_done": state.step, "best_step": state.best.step, "select": head.cfg.eval.select,
             "best_val": state.best.val, "final_val": final_val, "best_test": best_test, "final_test": final_test,
             "max_val": state.max_val,
-            "loss_at_step": state.loss_at_step, "loss_at_step_T": self.cfg.loss_at_step,
+            "loss_at_step": state.loss_at_step, "loss_at_step_T": head.cfg.loss_at_step,
             "final_loss": _window_mean(list(state.losses)),
             "sharpness": {"best": best_sharp, "final": final_sharp},
-            "optimizer": o.name, "two_pass": self.two_pass,
-            "skipped_perturbations": int(getattr(self.opt, "skipped_steps", 0)),
-            "config_hash": self.cfg_hash, "device": str(self.device), "precision": "bf16" if self.bf16 else "fp32",
-            "wall_time_s": self.wall_time(state),
+            "optimizer": o.name, "two_pass": head.two_pass, "skipped_perturbations": skipped,
+            "config_hash": head.cfg_hash, "device": str(self.device), "precision": "bf16" if self.bf16 else "fp32",
+            "wall_time_s": self.wall_time(head),
         }
 
 
 def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, log: Log | None = None,
           progress: bool = True) -> dict[str, Any]:
     """Train per ``cfg`` into ``run_dir`` (or continue it with ``resume``) → the results dict (also results.json)."""
+    return train_pack([cfg], [run_dir], resume=resume, log=log, progress=progress)[0]
+
+
+def train_pack(cfgs: list[TrainConfig], run_dirs: list[Path], resume: bool = False, log: Log | None = None,
+               progress: bool = True) -> list[dict[str, Any]]:
+    """Train K runs that differ only in optimizer, seed and clamp as one pack (each into its own run directory,
+    resumed from its own checkpoint with ``resume``) → their results dicts, in the order given."""
+    from contextlib import ExitStack
+
     from align.device import pick_device
 
     log = log or (lambda message: None)
     started = time.perf_counter()
-    device = pick_device(cfg.device)
-    run = RunDir(run_dir)
-    run.check_location()
-    check_head_fits(cfg, device)  # before the data is read (dims from the cache count as 1) ...
+    device = pick_device(cfgs[0].device)
+    runs = [RunDir(d) for d in run_dirs]
+    for run, cfg in zip(runs, cfgs):
+        run.check_location()
+        check_head_fits(cfg, device)  # before the data is read (dims from the cache count as 1) ...
     try:
-        cfg, data = prepare_data(cfg)
-        check_head_fits(cfg, device)  # ... and with the cache's dims
-        trainer = Trainer(cfg, data, device, run, started)  # builds the head: its config errors come before any write
-        with run.lock():  # the "fresh?" check and every write happen under it
-            results = _train_locked(trainer, resume, log, progress)
+        _, data = prepare_data(cfgs[0])
+        cfgs = [resolve_dims(c, data.train) for c in cfgs]
+        for cfg in cfgs:
+            check_head_fits(cfg, device)  # ... and with the cache's dims
+        trainer = Trainer(cfgs, data, device, runs, started)  # builds the heads: config errors come before any write
+        with ExitStack() as locks:
+            for run in runs:
+                locks.enter_context(run.lock())  # the "fresh?" checks and every write happen under them
+            _train_locked(trainer, resume, log, progress)
     except Exception as exc:
         if is_out_of_memory(exc):
-            raise out_of_memory_error(f"training {run.path} on {device}", exc, "use a smaller head or "
+            where = runs[0].path if len(runs) == 1 else f"a pack of {len(runs)} runs"
+            raise out_of_memory_error(f"training {where} on {device}", exc, "use a smaller head, pack or "
                                       "schedule.batch_size, or free memory; finished checkpoints are kept "
                                       "(continue with --resume)") from None
         raise
-    return json_safe(results)
+    return [json_safe(h.results) for h in trainer.heads]
 
 
-def _train_locked(trainer: Trainer, resume: bool, log: Log, progress: bool) -> dict[str, Any]:
-    run = trainer.run
-    kind = run.check(trainer.cfg_hash, trainer.config, resume)
-    if kind == "finished":
-        log(f"{run.path} is already finished; its results are in {run.results_path}")
-        return run.read_results()
-    state = trainer.restore(kind, log)
-    run.write_config(dump_config(trainer.cfg))
-    trainer.loop(state, progress)
-    trainer.checkpoint(state)  # the final checkpoint (a diverged run still reports its best head)
-    if state.diverged is not None:
-        log(f"run diverged: {state.diverged['reason']}")
-    results = trainer.results(state)
-    run.write_results(results)
-    return results
+def _train_locked(trainer: Trainer, resume: bool, log: Log, progress: bool) -> None:
+    kinds = [h.run.check(h.cfg_hash, h.config, resume) for h in trainer.heads]
+    todo = []
+    for head, kind in zip(trainer.heads, kinds):
+        if kind == "finished":
+            log(f"{head.run.path} is already finished; its results are in {head.run.results_path}")
+            head.results = head.run.read_results()
+            continue
+        trainer.restore(head, kind, log)
+        head.run.write_config(dump_config(head.cfg))
+        todo.append(head)
+    trainer.build_pack(todo)
+    trainer.finish_done()  # runs stopped after their last step but before their results were written
+    if trainer.active:
+        trainer.loop(progress)
+    for head in todo:
+        if head.results["status"] == "diverged":
+            where = "run" if len(trainer.heads) == 1 else f"run {head.run.path}"
+            log(f"{where} diverged: {head.results['diverge_reason']}")

@@ -71,6 +71,15 @@ def _print_robustness(robustness: list[dict], axes: list[str], hp) -> None:
     console.print(rob)
 
 
+def _whole_number(text: str, option: str) -> int:
+    from align.errors import AlignError
+
+    try:
+        return int(text)
+    except ValueError:
+        raise AlignError(f"{option} must be auto or a whole number >= 1, got {text[:40]!r}") from None
+
+
 def register(app: typer.Typer) -> None:
     @app.command("compare")
     @user_errors
@@ -78,7 +87,9 @@ def register(app: typer.Typer) -> None:
         config: Optional[str] = typer.Option(None, "--config", "-c", metavar="FILE|NAME", help=CONFIG_HELP),
         set_: list[str] = typer.Option([], "--set", help="override a key: --set grid.seeds=[0,1,2]"),
         dry_run: bool = typer.Option(False, "--dry-run", help="validate the config and print the plan; no download, no training"),
-        workers: Optional[int] = typer.Option(None, "--workers", help="runs trained at once (default: from the config)"),
+        workers: Optional[int] = typer.Option(None, "--workers", help="packs trained at once, in parallel processes (default: from the config)"),
+        pack: str = typer.Option("auto", "--pack", metavar="auto|N", help="heads trained as one computation: auto (as many as the memory budget holds) or N; 1: one cell at a time"),
+        memory_budget: Optional[str] = typer.Option(None, "--memory-budget", metavar="SIZE", help="memory the packs may take, e.g. 8G (default: 80% of free GPU memory, else half the free RAM)"),
         out: Optional[Path] = typer.Option(None, "--out", help="study folder (default: $ALIGN_HOME/studies/<name>, else data/studies/<name>)"),
         progress: bool = typer.Option(True, "--progress/--no-progress"),
     ) -> None:
@@ -103,7 +114,9 @@ def register(app: typer.Typer) -> None:
         if dry_run:
             console.print_json(json.dumps(plan(cfg)))
             return
-        result = run_compare(cfg, log=lambda m: console.print(m, highlight=False), progress=progress)
+        packs = pack if pack == "auto" else _whole_number(pack, "--pack")
+        result = run_compare(cfg, log=lambda m: console.print(m, highlight=False), progress=progress, pack=packs,
+                             memory_budget=memory_budget)
         root = result["study_dir"]
         _print_tables(result, cfg.reference)
         console.print(f"wrote {root / 'results.csv'}, {root / 'report.md'} and {len(result['figures'])} plots in {root}")

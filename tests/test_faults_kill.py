@@ -46,11 +46,11 @@ TRAIN_STEPS = 60
 # name → (kill point, what the killed run must have left behind)
 TRAIN_KILLS = {
     # after SAM's first pass moved the weights to θ + δ, before the second pass: the in-memory state is mid-step
-    "mid-step (between SAM's two passes)": {"call": "align.optim.sam:SAM.second_step", "nth": 38},
+    "mid-step (between SAM's two passes)": {"call": "align.pack:HeadPack._grads", "nth": 76},
     "during a checkpoint's tensor write": {"replace": "step-0000030.safetensors"},
     "between a checkpoint's two halves": {"replace": "step-0000045.json"},
     "between the best head's two halves": {"replace": "best.json", "nth": 2},
-    "during the final evaluation": {"call": "align.train:evaluate_head", "nth": 4},  # test metrics of the best head
+    "during the final evaluation": {"call": "align.train:Trainer.evaluate", "nth": 1},  # test metrics of the best head
     "before results.json": {"replace": "results.json"},
 }
 
@@ -79,7 +79,7 @@ def train_kills(tmp_path_factory) -> dict:
     steps = [train("reference")]
     for i, kill in enumerate(TRAIN_KILLS.values()):
         steps += [train(f"kill{i}", kill), resume(f"kill{i}")]
-    steps += [train("twice", {"call": "align.optim.sam:SAM.second_step", "nth": 20}),
+    steps += [train("twice", {"call": "align.pack:HeadPack._grads", "nth": 40}),
               resume("twice", {"replace": "step-0000045.json"}), resume("twice")]
     outcomes = run_driver(root / "driver", steps, preload=["faiss", "safetensors.torch"])
     return {"root": root, "outcomes": outcomes}

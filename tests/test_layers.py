@@ -17,6 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 LAYERS = {
     "core": {"align.optim", "align.optim.sam", "align.optim.registry", "align.optim.step",
              "align.optim.defaults", "align.losses",
+             "align.optim.batched", "align.pack",
              "align.heads", "align.knn", "align.metrics", "align.zeroshot", "align.metrics.retrieval", "align.metrics.alignment",
              "align.metrics.sharpness", "align.toy", "align.study_stats", "align.embeddings", "align.measure"},
     "shared": {"align", "align.config", "align.errors", "align.device", "align.progress", "align.paths"},

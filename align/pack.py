@@ -1,0 +1,269 @@
+"""K alignment heads of one architecture trained as one computation (core, pure tensor math; no I/O).
+
+``HeadPack`` stacks the parameters of K ``AlignmentModel`` s along a leading dimension and takes one training step
+for all of them: the forward and backward passes are ``torch.func.vmap`` over ``functional_call`` (any head kind,
+CLIP or SigLIP), heads that share a batch (same seed, same step) take it as one unbatched input, and the optimizer
+step is ``align.optim.batched``: each head keeps its own learning rate, weight decay, base optimizer, SAM-family
+method and hyper-parameters, gradient norm, guards and logit-scale clamp. A step is what ``align.optim.step.
+take_step`` does for one head: the loss and ‖g‖ at θ, no step at all on a non-finite loss, the perturbation and
+second pass for the SAM family, clipping of the gradient the base optimizer steps with, then the clamp.
+
+Each head's slice of every computation is independent of the other heads (batched matmuls, per-row reductions,
+elementwise updates), so a head's numbers do not depend on which pack it trained in.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from align.heads import MAX_LOG_SCALE, AlignmentModel
+from align.losses import loss_for
+from align.optim.batched import (NONE, HeadHparams, ParamSpec, base_step_, clip_grads_, col, global_norm,
+                                 init_metric, init_state, norms, perturbation)
+
+CLAMPS = {"open_clip": (0.0, MAX_LOG_SCALE), "upper": (-math.inf, MAX_LOG_SCALE), "none": (-math.inf, math.inf)}
+Batch = tuple[slice, Tensor, Tensor]  # heads [a:b] that share one batch: (B, image_dim) images, (B, text_dim) texts
+
+
+@dataclass
+class StepStats:
+    """One step of every head, [K] tensors on the pack's device."""
+
+    loss: Tensor  # training loss at θ (float32)
+    grad_norm: Tensor  # ‖g‖ at θ over all trainable parameters (float32), as take_step reports it
+    stepped: Tensor  # bool: the head was active and its loss finite, so it stepped
+    sam_grad_norm: Tensor  # the SAM family's ‖g‖ over its norm scope (SAM.last_stats "grad_norm")
+    delta_norm: Tensor  # ‖δ‖ of the perturbation (0 when none)
+    skipped: Tensor  # bool: a zero or non-finite norm skipped the perturbation
+
+
+def param_specs(model: AlignmentModel) -> dict[str, ParamSpec]:
+    """Trainable parameter names in the optimizer's order (``param_groups``) with their group flags."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return {names[id(p)]: ParamSpec(decay=g["name"] == "decay", perturb=bool(g["perturb"]))
+            for g in model.param_groups(1.0) for p in g["params"]}
+
+
+class HeadPack:
+    """K heads of one architecture: stacked weights, optimizer state and hyper-parameters; one step for all."""
+
+    def __init__(self, models: Sequence[AlignmentModel], hparams: Sequence[Mapping[str, Any]],
+                 clamps: Sequence[str]) -> None:
+        template = models[0]
+        self.template = template
+        self.specs = param_specs(template)
+        self.keys = list(template.state_dict())
+        self.loss_fn = loss_for(template.loss_cfg)
+        states = [m.state_dict() for m in models]
+        self.params = {n: torch.stack([s[n].detach() for s in states]) for n in self.specs}
+        self.fixed = {n: torch.stack([s[n].detach() for s in states]) for n in self.keys if n not in self.specs}
+        device = next(iter(self.params.values())).device
+        self.hp = HeadHparams.stack(list(hparams), device)
+        bounds = torch.tensor([CLAMPS[c] for c in clamps], dtype=torch.float64, device=device)
+        self.clamp_lo, self.clamp_hi = bounds[:, 0], bounds[:, 1]
+        self.state = init_state(self.params, self.hp)
+        self.metric = init_metric(self.params, self.specs) if bool((self.hp.metric_beta > 0).any()) else None
+        self.skipped_steps = torch.zeros(len(models), dtype=torch.long, device=device)
+        cfg = template.head_cfg
+        # Plain linear heads take the fast path: one matmul for all heads that share an input.
+        self.linear = cfg.kind == "linear" and not cfg.pre_norm and cfg.lock == "none"
+
+    @property
+    def size(self) -> int:
+        """K, the number of heads."""
+        return int(self.hp.lr.shape[0])
+
+    # -- the forward pass, batched
+    def _head_loss(self, params: dict[str, Tensor], image: Tensor, text: Tensor) -> Tensor:
+        return self.loss_fn(**torch.func.functional_call(self.template, params, (image, text)))
+
+    def _outputs_loss(self, outputs: dict[str, Tensor]) -> Tensor:
+        return self.loss_fn(**outputs)
+
+    def _linear_outputs(self, tensors: Mapping[str, Tensor], image: Tensor, text: Tensor) -> dict[str, Tensor]:
+        """The model's outputs for G linear heads on one shared batch: (G, B, D) features through ``shared_linear``."""
+        out = {"image_features": shared_linear(image, tensors["image_head.weight"], tensors.get("image_head.bias")),
+               "text_features": shared_linear(text, tensors["text_head.weight"], tensors.get("text_head.bias")),
+               "logit_scale": tensors["log_scale"].exp()}
+        if self.template.has_bias:
+            out["logit_bias"] = tensors["logit_bias"]
+        return out
+
+    def losses(self, params: Sequence[Mapping[str, Tensor]], batches: Sequence[Batch], bf16: bool = False) -> Tensor:
+        """[K] training losses (float32): group i's heads at ``params[i]`` on its batch."""
+        out = []
+        for tensors, (heads, image, text) in zip(params, batches):
+            tensors = {**{n: t[heads] for n, t in self.fixed.items()}, **tensors}
+            with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=bf16):
+                if self.linear:
+                    loss = torch.func.vmap(self._outputs_loss)(self._linear_outputs(tensors, image, text))
+                else:
+                    loss = torch.func.vmap(self._head_loss, in_dims=(0, None, None))(tensors, image, text)
+            out.append(loss.float())
+        return torch.cat(out)
+
+    def _grads(self, params: Mapping[str, Tensor], batches: Sequence[Batch],
+               bf16: bool) -> tuple[Tensor, dict[str, Tensor | None]]:
+        """Losses and each head's gradient of its own loss (the gradient of the sum, head by head).
+
+        Each group of heads gets leaves of its own (slices of one leaf would each back-propagate a zero-filled
+        gradient of the whole pack)."""
+        leaves = [{n: t[heads].detach().requires_grad_() for n, t in params.items()} for heads, _, _ in batches]
+        flat = [t for group in leaves for t in group.values()]
+        with torch.enable_grad():
+            losses = self.losses(leaves, batches, bf16)
+            grads = torch.autograd.grad(losses.sum(), flat, allow_unused=True)
+        per_name: dict[str, list[Tensor | None]] = {n: [] for n in params}
+        for name, g in zip([n for group in leaves for n in group], grads):
+            per_name[name].append(g)
+        out = {n: (None if any(g is None for g in gs) else gs[0] if len(gs) == 1 else torch.cat(gs))
+               for n, gs in per_name.items()}
+        return losses.detach(), out
+
+    # -- one step
+    @torch.no_grad()
+    def step(self, batches: Sequence[Batch], lr: Sequence[float], active: Tensor | None = None,
+             bf16: bool = False) -> StepStats:
+        """One optimizer step of every active head with a finite loss; ``lr`` is each head's scheduled rate."""
+        loss, grads = self._grads(self.params, batches, bf16)
+        present = {n: g for n, g in grads.items() if g is not None}
+        per = dict(zip(present, norms(list(present.values()))))
+        grad_norm = global_norm([], per=[n.float() for n in per.values()])
+        stepped = torch.isfinite(loss) if active is None else active & torch.isfinite(loss)
+        pert = perturbation(self.params, present, self.specs, self.hp, self.metric, stepped, per)
+        self.skipped_steps += pert.skipped.long()
+        two = self.hp.two_pass
+        if bool((two & stepped).any()):
+            _, second = self._grads(pert.perturbed, batches, bf16)
+            every = bool(two.all())  # a pack of the SAM family only: no selection
+            present = {n: second[n] if every else torch.where(col(two, g).bool(), second[n], g)
+                       for n, g in present.items()}
+        clip_grads_(present, self.hp.grad_clip)
+        base_step_(self.params, present, self.state, self.specs, self.hp, lr, stepped.tolist())
+        self._clamp_(stepped)
+        return StepStats(loss, grad_norm, stepped, pert.grad_norm, pert.delta_norm, pert.skipped)
+
+    def _clamp_(self, heads: Tensor) -> None:
+        """Each stepped head's log-scale (learned or fixed) into its clamp policy's range, as
+        ``AlignmentModel.clamp_logit_scale_``."""
+        s = self.log_scale()
+        clamped = torch.minimum(torch.maximum(s, self.clamp_lo.to(s.dtype)), self.clamp_hi.to(s.dtype))
+        s.copy_(torch.where(heads, clamped, s))
+
+    def log_scale(self) -> Tensor:
+        """[K] current log-scales (learned or fixed)."""
+        return (self.params if "log_scale" in self.params else self.fixed)["log_scale"]
+
+    # -- per-head views, for checkpoints and evaluation
+    def head_state(self, k: int) -> dict[str, Tensor]:
+        """Head k's ``state_dict`` (keys in the model's order), detached copies."""
+        return {n: (self.params[n] if n in self.params else self.fixed[n])[k].detach().clone() for n in self.keys}
+
+    def load_head_(self, k: int, state: Mapping[str, Tensor]) -> None:
+        """Put a ``state_dict`` into slot k."""
+        for n in self.keys:
+            (self.params if n in self.params else self.fixed)[n][k].copy_(state[n])
+
+    def encode(self, x: Tensor, side: str, heads: slice | Tensor) -> Tensor:
+        """(G, N, D) L2-normalised features of ``side`` ("image" / "text") for the heads selected, as ``encode_*``."""
+        prefix = f"{side}_head."
+        module = getattr(self.template, f"{side}_head")
+        tensors = {n[len(prefix):]: t[heads] for n, t in {**self.fixed, **self.params}.items() if n.startswith(prefix)}
+        if self.linear:
+            return shared_linear(x, tensors["weight"], tensors.get("bias"))
+        if not tensors:  # a locked identity head: the same features for every head
+            return F.normalize(module(x), dim=-1).expand(len(range(self.size)[heads]) if isinstance(heads, slice)
+                                                         else len(heads), -1, -1)
+
+        def one(params: dict[str, Tensor], rows: Tensor) -> Tensor:
+            return F.normalize(torch.func.functional_call(module, params, (rows,)), dim=-1)
+
+        return torch.func.vmap(one, in_dims=(0, None))(tensors, x)
+
+    def keep(self, index: Tensor) -> None:
+        """Drop every head not at ``index`` (finished heads leave the pack; the others' slices are unchanged)."""
+        for store in (self.params, self.fixed):
+            for n in store:
+                store[n] = store[n][index]
+        self.state = {n: {key: v[index] for key, v in st.items()} for n, st in self.state.items()}
+        if self.metric is not None:
+            self.metric = {n: v[index] for n, v in self.metric.items()}
+        self.hp = self.hp.select(index)
+        self.clamp_lo, self.clamp_hi = self.clamp_lo[index], self.clamp_hi[index]
+        self.skipped_steps = self.skipped_steps[index]
+
+    def optim_state(self, k: int) -> dict[str, Any]:
+        """Head k's optimizer state as its torch optimizer's ``state_dict`` holds it (indices in group order)."""
+        base = int(self.hp.base[k])
+        keys = ("momentum_buffer",) if base == 0 else ("step", "exp_avg", "exp_avg_sq")
+        if base == 0 and float(self.hp.momentum[k]) == 0:
+            keys = ()
+        started = keys and int(self.state[next(iter(self.specs))]["step"][k]) > 0
+        out: dict[str, Any] = {"state": {i: {key: self.state[n][key][k].clone() for key in keys}
+                                         for i, n in enumerate(self.specs)} if started else {}}
+        if int(self.hp.method[k]) != NONE:
+            sam: dict[str, Any] = {"skipped_steps": int(self.skipped_steps[k])}
+            if self.metric is not None and bool(self.metric["has"][k]):
+                sam["metric_ema"] = {i: self.metric[n][k].clone() for i, n in enumerate(self.specs)}
+            out["sam"] = sam
+        return out
+
+    def load_optim_state_(self, k: int, saved: Mapping[str, Any], steps: int) -> None:
+        """Slot k's optimizer state from ``optim_state`` output, after ``steps`` optimizer steps."""
+        names = list(self.specs)
+        for n in names:
+            self.state[n]["step"][k] = float(steps)
+        for i, values in saved.get("state", {}).items():
+            for key, value in values.items():
+                self.state[names[int(i)]][key][k].copy_(value)
+        sam = saved.get("sam", {})
+        self.skipped_steps[k] = int(sam.get("skipped_steps", 0))
+        if sam.get("metric_ema") and self.metric is not None:
+            for i, value in sam["metric_ema"].items():
+                self.metric[names[int(i)]][k].copy_(value)
+            self.metric["has"][k] = True
+
+
+def shared_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """normalize(x Wₖᵀ + bₖ) for G linear layers on one input: (N, in) and (G, out, in) → (G, N, out).
+
+    One matmul against the G weight matrices side by side: on a CPU it runs at about twice the speed of G small
+    ones, and each head's block of the product (and of its weight gradient) is the same as its own matmul's.
+    """
+    g, out_dim, in_dim = weight.shape
+    y = (x @ weight.reshape(g * out_dim, in_dim).T).reshape(x.shape[0], g, out_dim).transpose(0, 1)
+    if bias is None:
+        return F.normalize(y.contiguous(), dim=-1)
+    # Head by head, so that each bias gradient is a sum over that head's own (N, out) block: a sum over the
+    # columns of all heads at once is vectorised by the number of columns, and would change with the pack.
+    return F.normalize(torch.stack([y[k] + bias[k] for k in range(g)]), dim=-1)
+
+
+def group_batches(groups: Sequence[tuple[slice, Tensor, Tensor]], image: Tensor, text: Tensor) -> list[Batch]:
+    """Rows → tensors: each group of heads [a:b] with its (B,) image rows and (B,) caption rows."""
+    return [(heads, image[rows_i], text[rows_t]) for heads, rows_i, rows_t in groups]
+
+
+
+def head_bytes(model: AlignmentModel, batch_size: int, eval_rows: int, two_pass: bool = True,
+               optimizer_buffers: int = 2, metric: bool = False) -> int:
+    """The most memory one head of a pack takes: its weights; its optimizer state (``optimizer_buffers`` copies:
+    Adam's two moments, SGD's momentum); the gradient of each pass; the SAM family's perturbed weights and δ (and
+    M-SAM's averaged metric); the activations a forward/backward pass keeps; its validation features
+    (``eval_rows`` images and captions)."""
+    element = next(iter(model.state_dict().values())).element_size()
+    total = sum(t.numel() for t in model.state_dict().values())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    passes = 2 if two_pass else 1
+    weights = total + trainable * (optimizer_buffers + passes + (2 if two_pass else 0) + (1 if metric else 0))
+    cfg = model.head_cfg
+    hidden = 0 if cfg.kind == "linear" else 3 * (cfg.hidden_dim or cfg.out_dim)
+    # Kept for the backward pass, per side: input norm, hidden layers, the output before and after normalising;
+    # then the B × B logits, their softmax both ways and the gradient.
+    activations = 2 * batch_size * (4 * cfg.out_dim + hidden) + 6 * batch_size * batch_size
+    return element * (weights + activations + eval_rows * cfg.out_dim)

@@ -1,0 +1,116 @@
+"""`align compare` in packs: how cells are packed, the memory budget, and a packed study killed with SIGKILL then
+rerun, against the same study trained one cell at a time."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from align.cli.main import app
+from align.compare import Cell, plan_packs
+from test_train import make_cache, train_config
+
+REPO = Path(__file__).resolve().parents[1]
+runner = CliRunner()
+
+
+def _cells(optimizers, seeds=(0, 1), lrs=(0.1, 0.2)):
+    return [Cell(o, lr, None if o in ("sgd", "adamw") else 0.05, s) for o in optimizers for lr in lrs for s in seeds]
+
+
+def test_packs_keep_two_pass_and_single_pass_cells_apart_and_seeds_together():
+    cells = _cells(["sgd", "sam", "msam", "adamw"])
+    packs = plan_packs(cells, limit=3, workers=2)
+    assert sorted(c.key for p in packs for c in p) == sorted(c.key for c in cells)  # every cell once
+    for p in packs:
+        assert len(p) <= 3
+        assert len({c.optimizer in ("sam", "msam") for c in p}) == 1
+        assert [c.seed for c in p] == sorted(c.seed for c in p)
+    # 8 two-pass cells at most 3 a pack: 3 packs; 8 single-pass ones: 3 packs; the two-pass (twice the work) first.
+    assert [len(p) for p in packs] == [3, 3, 2, 3, 3, 2]
+    assert all(p[0].optimizer in ("sam", "msam") for p in packs[:3])
+    # Fewer cells than the limit still spread over the workers; one worker and a large limit: one pack per kind.
+    assert [len(p) for p in plan_packs(_cells(["sam"]), limit=100, workers=2)] == [2, 2]
+    assert [len(p) for p in plan_packs(cells, limit=100, workers=1)] == [8, 8]
+
+
+@pytest.fixture(scope="module")
+def study_file(tmp_path_factory) -> Path:
+    """A 14-cell study (SGD at one lr, AdamW, SAM and M-SAM at two, two seeds) on the training tests' embeddings."""
+    root = tmp_path_factory.mktemp("packs")
+    data = make_cache(root / "cache")
+    cfg = train_config(data, schedule={"steps": 60, "batch_size": 64, "warmup_steps": 5},
+                       eval={"every": 20, "sharpness_batches": 1, "hessian_iters": 2, "hutchinson_samples": 2,
+                             "sharpness_ascent_steps": 1}, checkpoint_every=20, loss_at_step=30)
+    cfg.pop("optim")
+    cfg.update(name="packs", workers=2, bootstrap_samples=200, optim={"base": "adamw", "weight_decay": 1e-4},
+               grid={"optimizers": ["sgd", "adamw", "sam", "msam"], "lrs": [0.01, 0.03], "rhos": [0.05],
+                     "seeds": [0, 1], "lr_overrides": {"sgd": [1.0]}})
+    path = root / "study.yaml"
+    path.write_text("# align compare --config study.yaml\n" + yaml.safe_dump(cfg))
+    return path
+
+
+def test_pack_options_and_a_budget_too_small_for_one_head_are_one_line_errors(study_file, tmp_path):
+    for args, words in ((["--pack", "0"], "--pack"), (["--pack", "many"], "--pack"),
+                        (["--memory-budget", "lots"], "--memory-budget"),
+                        (["--memory-budget", "4K"], "cannot hold one head")):
+        result = runner.invoke(app, ["compare", "--config", str(study_file), "--out", str(tmp_path / "s"),
+                                     "--no-progress", *args])
+        assert result.exit_code == 2, (args, result.output)
+        errors = [line for line in result.output.splitlines() if line.startswith("error")]
+        assert len(errors) == 1 and words in errors[0], result.output  # one line (after the cache's own log lines)
+    assert not (tmp_path / "s" / "runs").exists()  # refused before any cell started
+
+
+# A worker of the killed study: SIGKILL the study's main process right after one cell logs a given step.
+KILLER = textwrap.dedent("""
+    import os, signal
+    target = os.environ.get("ALIGN_TEST_KILL_AT")
+    if target:
+        import align.runs as runs
+        run_name, step = target.rsplit(":", 1)
+        original = runs.append_metrics
+
+        def append_then_maybe_kill(run, record):
+            original(run, record)
+            if os.path.basename(str(run)) == run_name and record.get("kind") == "train" \\
+                    and record["step"] == int(step):
+                os.kill(os.getppid(), signal.SIGKILL)  # the study's main process: no cleanup at all
+                os._exit(1)
+
+        runs.append_metrics = append_then_maybe_kill
+""")
+
+
+def _compare(study_file: Path, out: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "align.cli.main", "compare", "--config", str(study_file), "--out",
+                           str(out), "--no-progress", *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=900)
+
+
+@pytest.mark.slow
+def test_a_packed_study_killed_then_rerun_writes_the_results_of_one_cell_at_a_time_byte_for_byte(study_file,
+                                                                                                tmp_path):
+    env = dict(os.environ, PYTHONPATH=f"{tmp_path / 'hook'}{os.pathsep}{REPO}")
+    (tmp_path / "hook").mkdir()
+    (tmp_path / "hook" / "sitecustomize.py").write_text(KILLER)  # imported by every process, workers included
+    alone = _compare(study_file, tmp_path / "alone", "--pack", "1", env=env)
+    assert alone.returncode == 0, alone.stderr
+    killed = _compare(study_file, tmp_path / "packed", env=dict(env, ALIGN_TEST_KILL_AT="msam_lr0.03_rho0.05_s1:45"))
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert not (tmp_path / "packed" / "results.csv").exists()
+    runs_dir = tmp_path / "packed" / "runs"
+    assert not (runs_dir / "msam_lr0.03_rho0.05_s1" / "results.json").exists()
+    rerun = _compare(study_file, tmp_path / "packed", env=env)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "pack(s)" in rerun.stdout
+    assert (tmp_path / "packed" / "results.csv").read_bytes() == (tmp_path / "alone" / "results.csv").read_bytes()
+    assert len((tmp_path / "alone" / "results.csv").read_text().splitlines()) == 1 + 14

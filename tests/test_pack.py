@@ -1,0 +1,205 @@
+"""Packs of heads: each head trained in a pack equals the same cell trained alone by the reference path
+(torch.optim / align.optim's SAM classes driven by align.optim.step.take_step, written out here), and a head's
+numbers do not depend on which pack it trained in."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from align.config import validate
+from align.heads import HeadConfig, build_model
+from align.losses import LossConfig
+from align.optim import create_optimizer, optimizer_info
+from align.optim.batched import head_hparams
+from align.optim.step import take_step
+from align.pack import HeadPack, group_batches
+from align.train import Sampler, lr_factor
+from test_train import IMAGE_DIM, SIZES, TEXT_DIM, make_cache, synthetic_split, train_config, write_cache
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest
+
+# Every optimizer of the registry, with knobs that change its arithmetic (momentum, decay, β, norm scope, clipping).
+CELLS = [
+    dict(name="sgd", lr=0.5, momentum=0.9, weight_decay=1e-3, seed=0),
+    dict(name="adam", lr=1e-2, weight_decay=1e-3, seed=1),
+    dict(name="adamw", lr=1e-2, weight_decay=0.1, grad_clip=0.5, seed=0),
+    dict(name="sam", lr=0.2, rho=0.1, base="sgd", momentum=0.9, seed=1),
+    dict(name="msam", lr=1e-2, rho=0.3, seed=0),
+    dict(name="msam", lr=1e-2, rho=0.3, alpha=0.5, metric_beta=0.9, norm_scope="all_trainable", seed=1),
+    dict(name="asam", lr=1e-2, rho=1.0, eta=0.01, weight_decay=1e-2, seed=0),
+    dict(name="fsam", lr=1e-2, rho=0.1, eta=1.0, base="adam", grad_clip=2.0, seed=1),
+]
+STEPS, WARMUP, BATCH = 50, 5, 32
+
+
+def _kwargs(cell: dict) -> dict:
+    return {k: v for k, v in cell.items() if k not in ("name", "seed", "lr", "weight_decay", "grad_clip")}
+
+
+def _reference_run(cell, head, loss, image, text, c2i, steps=STEPS, warmup=WARMUP, batch=BATCH):
+    """One cell alone: seeded model, create_optimizer over its param groups, LambdaLR, take_step, clamp."""
+    from align.losses import loss_for
+
+    torch.manual_seed(cell["seed"])
+    model = build_model(head, loss, image.shape[1], text.shape[1]).to(image.dtype)
+    two_pass = optimizer_info(cell["name"]).two_pass
+    extra = dict(_kwargs(cell), max_grad_norm=cell.get("grad_clip")) if two_pass else {
+        k: v for k, v in _kwargs(cell).items() if k == "momentum"}
+    opt = create_optimizer(cell["name"], model.param_groups(cell.get("weight_decay", 0.0)), lr=cell["lr"],
+                           weight_decay=cell.get("weight_decay", 0.0), **extra)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: lr_factor(t, steps, warmup))
+    sampler = Sampler(c2i, image.shape[0], batch, cell["seed"], torch.device("cpu"))
+    fn = loss_for(loss)
+    for step in range(steps):
+        rows_i, rows_t = sampler.batch(step)
+
+        def closure():
+            value = fn(**model(image[rows_i], text[rows_t]))
+            value.backward()
+            return value.detach()
+
+        take_step(opt, closure, None if two_pass else cell.get("grad_clip"))
+        model.clamp_logit_scale_()
+        sched.step()
+    return model.state_dict()
+
+
+def _pack_run(cells, head, loss, image, text, c2i):
+    """All cells as one pack (ordered by seed so heads sharing a batch sit together) → state dict per cell."""
+    order = sorted(range(len(cells)), key=lambda i: cells[i]["seed"])
+    models = []
+    for i in order:
+        torch.manual_seed(cells[i]["seed"])
+        models.append(build_model(head, loss, image.shape[1], text.shape[1]).double())
+    hparams = [head_hparams(cells[i]["name"], lr=cells[i]["lr"], weight_decay=cells[i].get("weight_decay", 0.0),
+                            grad_clip=cells[i].get("grad_clip"), **_kwargs(cells[i])) for i in order]
+    pack = HeadPack(models, hparams, [loss.clamp] * len(cells))
+    samplers = {s: Sampler(c2i, image.shape[0], BATCH, s, torch.device("cpu")) for s in (0, 1)}
+    seeds = [cells[i]["seed"] for i in order]
+    for step in range(STEPS):
+        groups = [(slice(seeds.index(s), len(seeds) - seeds[::-1].index(s)), *samplers[s].batch(step))
+                  for s in sorted(set(seeds))]
+        pack.step(group_batches(groups, image, text), [lr * lr_factor(step, STEPS, WARMUP) for lr in pack.hp.host["lr"]])
+    return {i: pack.head_state(slot) for slot, i in enumerate(order)}
+
+
+@pytest.mark.parametrize("head,loss", [
+    (HeadConfig(kind="linear", out_dim=16), LossConfig(kind="clip")),
+    (HeadConfig(kind="starmlp", out_dim=12, hidden_dim=20, pre_norm=True),
+     LossConfig(kind="siglip", clamp="upper", perturb_logit_scale=True)),
+], ids=["linear-clip", "starmlp-siglip"])
+def test_each_head_of_a_pack_equals_its_cell_trained_alone_in_float64(head, loss):
+    image, text, c2i = (torch.from_numpy(a) for a in synthetic_split("train", 256))
+    image, text = image.double(), text.double()
+    packed = _pack_run(CELLS, head, loss, image, text, c2i)
+    assert {c["name"] for c in CELLS} == {"sgd", "adam", "adamw", "sam", "msam", "asam", "fsam"}  # the registry
+    for i, cell in enumerate(CELLS):
+        ref = _reference_run(cell, head, loss, image, text, c2i)
+        torch.manual_seed(cell["seed"])
+        start = build_model(head, loss, image.shape[1], text.shape[1]).double().state_dict()
+        for key, want in ref.items():
+            got = packed[i][key]
+            rel = float((got - want).norm() / want.norm().clamp_min(1e-300))
+            assert rel <= 1e-9, (cell, key, rel)
+            if key.endswith("weight") and want.ndim > 1:  # and the head did train
+                assert float((want - start[key]).norm() / start[key].norm()) > 1e-3, (cell, key)
+
+
+# -- through the trainer: files, float32 recall, and independence from the pack ---------------------------
+
+TRAIN_CELLS = [{"name": "adamw", "lr": 1e-2, "weight_decay": 1e-4}, {"name": "msam", "lr": 1e-2, "rho": 0.05},
+               {"name": "sgd", "lr": 2.0, "momentum": 0.9}, {"name": "fsam", "lr": 1e-2, "rho": 0.05}]
+
+
+@pytest.fixture(scope="module")
+def big_test_cache(tmp_path_factory) -> dict:
+    """The training helpers' cache with a 1000-image test split, so that one retrieval flip is 0.05–0.1 points."""
+    data = make_cache(tmp_path_factory.mktemp("cache"))
+    write_cache(data, "test", *synthetic_split("test", 1000))
+    return data
+
+
+def _cfg(data, cell, seed):
+    from align.train import TrainConfig
+
+    return validate(TrainConfig, train_config(data, optim=cell, seed=seed, schedule={"steps": 60},
+                                              eval={"every": 20, "sharpness": False}))
+
+
+def test_a_pack_of_runs_writes_each_run_directory_like_a_lone_run_bit_for_bit(big_test_cache, tmp_path):
+    from safetensors.torch import load_file
+
+    from align.train import train, train_pack
+
+    cfgs = [_cfg(big_test_cache, cell, seed) for cell, seed in zip(TRAIN_CELLS, (0, 1, 1, 0))]
+    packed = train_pack(cfgs, [tmp_path / f"pack{i}" for i in range(4)], progress=False)
+    for i, cfg in enumerate(cfgs[:3]):  # each against the same cell alone (a pack of one: `align train`)
+        alone = train(cfg, tmp_path / f"alone{i}", progress=False)
+        assert {k: v for k, v in alone.items() if k != "wall_time_s"} == \
+               {k: v for k, v in packed[i].items() if k != "wall_time_s"}
+        a = load_file(tmp_path / f"alone{i}" / "checkpoints" / "step-0000060.safetensors")
+        b = load_file(tmp_path / f"pack{i}" / "checkpoints" / "step-0000060.safetensors")
+        assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+        assert (tmp_path / f"alone{i}" / "metrics.jsonl").read_bytes() == (tmp_path / f"pack{i}" / "metrics.jsonl"
+                                                                           ).read_bytes()
+    assert json.loads((tmp_path / "pack1" / "results.json").read_text())["status"] == "done"
+
+
+def test_float32_pack_test_recall_agrees_with_the_reference_loop(big_test_cache, tmp_path):
+    from align.train import train_pack
+    from test_train import head_recall_at_1
+
+    cfgs = [_cfg(big_test_cache, cell, 0) for cell in TRAIN_CELLS]
+    results = train_pack(cfgs, [tmp_path / f"r{i}" for i in range(len(cfgs))], progress=False)
+    image, text, c2i = synthetic_split("train", SIZES["train"])
+    test = synthetic_split("test", 1000)
+    for cfg, res in zip(cfgs, results):
+        cell = dict(cfg.optim.model_dump(include={"name", "lr", "weight_decay", "momentum", "rho"}), seed=0)
+        cell = {k: v for k, v in cell.items() if v is not None}
+        if not optimizer_info(cell["name"]).two_pass:
+            cell.pop("rho", None)
+        if cell["name"] != "sgd":
+            cell.pop("momentum", None)
+        state = _reference_float32(cell, cfg, torch.from_numpy(image), torch.from_numpy(text), torch.from_numpy(c2i))
+        ref = sum(head_recall_at_1(state, *test)) / 2
+        got = res["final_test"]["mean_R@1"]
+        assert abs(got - ref) <= 0.002, (cell["name"], got, ref)
+        assert got > 0.3
+
+
+def _reference_float32(cell, cfg, image, text, c2i):
+    """The reference loop in float32 for the trainer's config (schedule and batch size from ``cfg``)."""
+    sched = cfg.schedule
+    return _reference_run(cell, cfg.head, cfg.loss, image.float(), text.float(), c2i, sched.steps, sched.warmup_steps,
+                          sched.batch_size)
+
+
+@pytest.mark.parametrize("dims,head,loss", [
+    ((8, 16, 16, 8), HeadConfig(out_dim=8), LossConfig()),  # the compare tests' tiny heads
+    ((128, 1280, 384, 256), HeadConfig(out_dim=256), LossConfig()),  # the default study's
+    ((8, 16, 16, 8), HeadConfig(kind="starmlp", out_dim=8, pre_norm=True), LossConfig(kind="siglip")),
+    ((64, 32, 24, 32), HeadConfig(kind="mlp", out_dim=32), LossConfig()),
+], ids=["tiny-linear", "default-linear", "tiny-starmlp-siglip", "mlp"])
+def test_a_heads_step_and_features_do_not_depend_on_the_other_heads_of_its_pack(dims, head, loss):
+    """What lets a study resume a killed pack in any other pack: one head's bits alone = in a pack of 4."""
+    batch, image_dim, text_dim, _ = dims
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(batch, image_dim, generator=gen), torch.randn(batch, text_dim, generator=gen)
+    out = {}
+    for k in (1, 4):
+        models = []
+        for seed in range(k):
+            torch.manual_seed(seed)
+            models.append(build_model(head, loss, image_dim, text_dim))
+        pack = HeadPack(models, [head_hparams("msam", lr=0.01, rho=0.5)] * k, ["open_clip"] * k)
+        stats = pack.step([(slice(0, k), x, y)], [0.01] * k)
+        out[k] = (pack.head_state(0), stats, pack.encode(x, "image", slice(0, k))[0], pack.optim_state(0))
+    (w1, s1, e1, o1), (w4, s4, e4, o4) = out[1], out[4]
+    assert all(torch.equal(w1[n], w4[n]) for n in w1)
+    assert all(torch.equal(getattr(s1, f)[0], getattr(s4, f)[0]) for f in ("loss", "grad_norm", "delta_norm"))
+    assert torch.equal(e1, e4)
+    assert all(torch.equal(o1["state"][i][key], o4["state"][i][key]) for i in o1["state"] for key in o1["state"][i])
