@@ -18,17 +18,21 @@ TINY_CFG = {"embed_dim": 16,
 runner = CliRunner()
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
+def save_tiny_clip(folder: Path, seed: int) -> Path:
+    """A tiny random open_clip model saved as local-dir (config + safetensors): loadable in any process."""
     from open_clip.model import CLIP
     from safetensors.torch import save_file
 
-    folder = tmp_path_factory.mktemp("tiny-clip-cli")
-    torch.manual_seed(5)
+    torch.manual_seed(seed)
     save_file({k: v.contiguous() for k, v in CLIP(**TINY_CFG).state_dict().items()},
               folder / "open_clip_model.safetensors")
     (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_CFG, "preprocess_cfg": {}}))
     return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    return save_tiny_clip(tmp_path_factory.mktemp("tiny-clip-cli"), seed=5)
 
 
 def _embed_section(tiny_dir: Path, root: Path) -> dict:
