@@ -241,7 +241,8 @@ def shared_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         return F.normalize(y.contiguous(), dim=-1)
     # Head by head, so that each bias gradient is a sum over that head's own (N, out) block: a sum over the
     # columns of all heads at once is vectorised by the number of columns, and would change with the pack.
-    return F.normalize(torch.stack([y[k] + bias[k] for k in range(g)]), dim=-1)
+    # (unbind, not y[k]: indexing would back-propagate a zero-filled gradient of all heads for every head.)
+    return F.normalize(torch.stack([yk + bk for yk, bk in zip(y.unbind(0), bias.unbind(0))]), dim=-1)
 
 
 def group_batches(groups: Sequence[tuple[slice, Tensor, Tensor]], image: Tensor, text: Tensor) -> list[Batch]:

@@ -683,9 +683,10 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, log: Log | None
 
 
 def train_pack(cfgs: list[TrainConfig], run_dirs: list[Path], resume: bool = False, log: Log | None = None,
-               progress: bool = True) -> list[dict[str, Any]]:
+               progress: bool = True, data: RunData | None = None) -> list[dict[str, Any]]:
     """Train K runs that differ only in optimizer, seed and clamp as one pack (each into its own run directory,
-    resumed from its own checkpoint with ``resume``) → their results dicts, in the order given."""
+    resumed from its own checkpoint with ``resume``) → their results dicts, in the order given. ``data``: the
+    splits in their roles, when already in memory (else read from the cache the configs name)."""
     from contextlib import ExitStack
 
     from align.device import pick_device
@@ -698,7 +699,8 @@ def train_pack(cfgs: list[TrainConfig], run_dirs: list[Path], resume: bool = Fal
         run.check_location()
         check_head_fits(cfg, device)  # before the data is read (dims from the cache count as 1) ...
     try:
-        _, data = prepare_data(cfgs[0])
+        if data is None:
+            _, data = prepare_data(cfgs[0])
         cfgs = [resolve_dims(c, data.train) for c in cfgs]
         for cfg in cfgs:
             check_head_fits(cfg, device)  # ... and with the cache's dims

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# On a CUDA machine: the GPU-marked tests, then the head-training benchmark on the GPU (bf16 autocast).
+# On a CUDA machine: the GPU-marked tests, the head-training benchmark on the GPU (bf16 autocast), then the packed
+# study benchmark (64 heads at once against one at a time).
 #
 #   bash bench/gpu_check.sh                      # defaults: batches 1024 4096 16384, adamw and msam
 #   bash bench/gpu_check.sh --batches 1024 8192  # extra arguments go to bench/bench_train.py
@@ -26,3 +27,7 @@ echo "== GPU-marked tests (pytest -m gpu)"
 
 echo "== head-training benchmark (bench/bench_train.py --device cuda)"
 "$PY" bench/bench_train.py --device cuda "$@"
+
+echo "== a study grid in packs against one cell at a time (bench/bench_study.py: 64 heads, 512-d, batch 1024)"
+# Goal: >= 20x the cells per second of one cell at a time. Figures also go to $OUT/bench_study.json when OUT is set.
+"$PY" bench/bench_study.py --synthetic --device cuda --heads 64 --dim 512 --batch 1024 --steps 100 --alone 8

@@ -70,6 +70,25 @@ def test_pack_options_and_a_budget_too_small_for_one_head_are_one_line_errors(st
     assert not (tmp_path / "s" / "runs").exists()  # refused before any cell started
 
 
+def test_the_pack_limit_is_what_each_workers_share_of_the_budget_holds(study_file):
+    from align.compare import CompareConfig, cell_config, grid_cells, pack_limit
+    from align.config import load_config
+    from align.errors import AlignError
+    from align.heads import HeadConfig, build_model
+    from align.pack import head_bytes
+    from align.train import prepare_data
+
+    cfg = load_config(CompareConfig, study_file)
+    _, data = prepare_data(cell_config(cfg, grid_cells(cfg.grid)[0], Path(".")))
+    model = build_model(HeadConfig(out_dim=32), cfg.loss, 32, 24)  # the training tests' embedding dimensions
+    per_head = head_bytes(model, 64, data.val.num_images + data.val.num_captions)  # batch 64
+    assert pack_limit(cfg, "auto", int(3.5 * per_head) * 2, workers=2) == 3
+    assert pack_limit(cfg, 2, int(3.5 * per_head) * 2, workers=2) == 2
+    assert pack_limit(cfg, 5, int(3.5 * per_head), workers=1) == 3  # the budget caps an explicit size
+    with pytest.raises(AlignError, match="cannot hold one head"):
+        pack_limit(cfg, "auto", per_head - 1, workers=1)
+
+
 # A worker of the killed study: SIGKILL the study's main process right after one cell logs a given step.
 KILLER = textwrap.dedent("""
     import os, signal

@@ -203,3 +203,33 @@ def test_a_heads_step_and_features_do_not_depend_on_the_other_heads_of_its_pack(
     assert all(torch.equal(getattr(s1, f)[0], getattr(s4, f)[0]) for f in ("loss", "grad_norm", "delta_norm"))
     assert torch.equal(e1, e4)
     assert all(torch.equal(o1["state"][i][key], o4["state"][i][key]) for i in o1["state"] for key in o1["state"][i])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run bench/gpu_check.sh on one)")
+def test_cuda_pack_step_and_validation_stay_within_the_memory_estimate():
+    from align.pack import head_bytes
+
+    k, batch, dim, rows = 16, 1024, 512, 6000
+    device = torch.device("cuda")
+    head, loss = HeadConfig(out_dim=dim), LossConfig()
+    x, y = torch.randn(batch, dim, device=device), torch.randn(batch, dim, device=device)
+    val = torch.randn(rows, dim, device=device)
+    data = torch.cuda.memory_allocated()
+    models = []
+    for seed in range(k):
+        torch.manual_seed(seed)
+        models.append(build_model(head, loss, dim, dim).to(device))
+    pack = HeadPack(models, [head_hparams("msam", lr=1e-3)] * k, ["open_clip"] * k)
+    del models  # construction copies are not the pack's
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    for _ in range(2):  # the optimizer state exists from the first step on
+        pack.step([(slice(0, k), x, y)], [1e-3] * k, bf16=True)
+    pack.encode(val, "image", slice(0, k))
+    torch.cuda.synchronize()
+    used = torch.cuda.max_memory_allocated() - data  # the pack at its peak: weights, state, gradients, activations
+    estimate = head_bytes(build_model(head, loss, dim, dim), batch, rows) * k
+    assert used <= estimate, (used, estimate)
+    assert used >= estimate / 4, (used, estimate)  # and not a wild over-estimate

@@ -13,9 +13,11 @@ slice, the reference classes:
 - ``clip_grads_``: ``torch.nn.utils.clip_grad_norm_`` per head.
 
 Hyper-parameters are resolved by building the reference optimizer for each head once (``head_hparams``), so the
-defaults and the error messages are the registry's own. Scalars are computed in float64 on [K] tensors and
-rounded to the parameters' dtype where the reference rounds a Python float, so float64 packs agree with the
-reference to rounding and float32 packs to a few ulps. No I/O.
+defaults and the error messages are the registry's own. The perturbations' scalars are computed in float64 on
+[K] tensors and rounded to the parameters' dtype where the reference rounds a Python float; the base step hands
+each head's own floats to the fused kernel. Float64 packs agree with the reference to rounding, float32 packs to
+a few ulps. Every reduction is taken slice by slice and every update is elementwise, so a head's numbers do not
+depend on the other heads of its pack. No I/O.
 """
 from __future__ import annotations
 
@@ -279,15 +281,11 @@ def perturbation(params: Params, grads: Params, specs: Mapping[str, ParamSpec], 
     if not pert or not bool(on.any()):
         zeros = torch.zeros_like(grad_norm)
         return Perturbation(dict(params), on & False, on & False, grad_norm, zeros)
-    delta: dict[str, Tensor] = {}
-    guard = grad_norm
-    for i, code in enumerate(sorted(set(hp.method[on].tolist()))):
-        d, gd = _RULES[code](params, g, pert, extra, hp, grad_norm, metric, on & (hp.method == code))
-        if i == 0:  # the rest of the pack is overwritten by the other methods or never perturbed
-            delta, guard = d, gd
-        else:
-            mask = hp.method == code
-            delta, guard = {n: _where(mask, d[n], delta[n]) for n in pert}, torch.where(mask, gd, guard)
+    codes = sorted(set(hp.method[on].tolist()))
+    if len(codes) == 1:  # the usual pack: one method, computed on the whole pack
+        delta, guard = _RULES[codes[0]](params, g, pert, extra, hp, grad_norm, metric, on)
+    else:
+        delta, guard = _by_method(params, g, pert, extra, hp, grad_norm, metric, on, codes)
     ok = usable(guard)
     applied, skipped = on & ok, on & ~ok
     everyone = bool(applied.all())  # the usual pack: no selection needed
@@ -298,6 +296,27 @@ def perturbation(params: Params, grads: Params, specs: Mapping[str, ParamSpec], 
     if not everyone:
         delta_norm = torch.where(applied, delta_norm, torch.zeros_like(delta_norm))
     return Perturbation(out, applied, skipped, grad_norm, delta_norm)
+
+
+def _by_method(params, g, pert, extra, hp, grad_norm, metric, on, codes):
+    """δ and the guard of a pack that mixes methods: each method on its own heads only (rows gathered, computed,
+    put back), so a mixed pack costs what its parts cost."""
+    delta = {n: torch.zeros_like(params[n]) for n in pert}
+    guard = grad_norm.double().clone()
+    for code in codes:
+        idx = torch.nonzero(hp.method == code).flatten()
+        sub = None
+        if metric is not None:
+            sub = {n: v[idx] for n, v in metric.items()}
+        d, gd = _RULES[code]({n: params[n][idx] for n in pert}, {n: g[n][idx] for n in pert + extra}, pert, extra,
+                             hp.select(idx), grad_norm[idx], sub, on[idx])
+        for n in pert:
+            delta[n].index_copy_(0, idx, d[n])
+        guard.index_copy_(0, idx, gd.double())
+        if metric is not None:
+            for n, v in sub.items():
+                metric[n].index_copy_(0, idx, v)
+    return delta, guard
 
 
 def _scaled(g: Params, names: list[str], scale: Tensor) -> Params:

@@ -1,0 +1,198 @@
+"""Cells per second of a study grid trained in packs against the same grid trained one cell at a time (--pack 1),
+measured side by side in one run.
+
+    .venv/bin/python bench/bench_study.py                                  # the default study (CPU), both ways
+    .venv/bin/python bench/bench_study.py --set grid.seeds=[0] --set grid.lrs=[0.003]   # a reduced grid
+    .venv/bin/python bench/bench_study.py --synthetic --device cuda --heads 64 --dim 512 --batch 1024
+
+Default mode: the packaged default study (or ``--config``), its embeddings cached first and not timed, then
+``align.compare.run_study`` with ``pack=1`` and with ``pack="auto"``, each into a fresh temporary study folder:
+what is timed is the study's training phase (every cell trained, validated, tested and its sharpness measured;
+not the embedding, not the report). The two results.csv are compared too: a head's numbers do not depend on its
+pack, so they must be equal byte for byte. ``--mixed`` also times one pack of single- and two-pass cells against
+the same cells in two packs, one per kind.
+
+``--synthetic``: random paired embeddings of ``--dim`` dimensions in memory (no encoders, no cache: what a GPU
+check can run), ``--heads`` cells (AdamW, SAM, M-SAM, ASAM × 4 learning rates × seeds) with 512-d-sized heads,
+``--steps`` steps at ``--batch``, one validation, no test split and no sharpness; the packs against the cells one
+by one (``--alone`` of them, extrapolated: on a GPU the cells-one-at-a-time rate is flat).
+
+The load average is printed with the figures: on a machine shared with other work a ratio is only meaningful
+when both sides ran under the same load (they run back to back).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+
+def _load(label: str) -> str:
+    one, five, _ = os.getloadavg()
+    return f"{label}: load average {one:.2f} (1 min), {five:.2f} (5 min) on {os.cpu_count()} CPUs"
+
+
+def study_mode(args: argparse.Namespace) -> dict:
+    """run_study twice on the configured grid: one cell at a time, then in packs."""
+    from align.cache import embed_all
+    from align.compare import CompareConfig, grid_cells, run_study
+    from align.config import load_config
+    from align.config_files import packaged_config, resolve_config
+
+    path = resolve_config(args.config, ("compare",)) if args.config else packaged_config("compare", "default")
+    base = load_config(CompareConfig, path, list(args.set))
+    embed_all(base.data, progress=False, log=lambda m: None)
+    cells = len(grid_cells(base.grid))
+    out: dict = {"cells": cells, "config": str(path), "overrides": list(args.set)}
+    rows: dict[str, list] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-study-") as tmp:
+        for label, pack in (("pack 1", 1), ("packed", "auto")):
+            cfg = base.model_copy(update={"study_dir": str(Path(tmp) / label.replace(" ", "")), "name": "bench"})
+            print(_load(f"before {label}"), flush=True)
+            t = time.perf_counter()
+            rows[label] = run_study(cfg, log=lambda m: print("  " + m, flush=True), progress=False, pack=pack,
+                                    memory_budget=args.memory_budget)
+            seconds = time.perf_counter() - t
+            out[label] = {"seconds": seconds, "cells_per_s": cells / seconds}
+            print(f"{label}: {cells} cells in {seconds:.1f} s = {cells / seconds:.3f} cells/s", flush=True)
+    out["results_csv_identical"] = rows["pack 1"] == rows["packed"]  # the rows results.csv is written from
+    out["speedup"] = out["packed"]["cells_per_s"] / out["pack 1"]["cells_per_s"]
+    print(_load("after"))
+    print(f"packed / pack 1: {out['speedup']:.2f}× cells per second (goal ≥ 2× on a quiet CPU); results.csv "
+          f"{'identical' if out['results_csv_identical'] else 'DIFFERENT'}")
+    return out
+
+
+def _synthetic_data(args: argparse.Namespace):
+    """Random paired embeddings (captions = a fixed map of their image + noise) as the trainer's splits."""
+    import torch
+
+    from align.embeddings import PairedEmbeddings
+    from align.train import RunData
+
+    gen = torch.Generator().manual_seed(0)
+    mapping = torch.randn(args.dim, args.dim, generator=gen) / args.dim ** 0.5
+
+    def split(n: int) -> PairedEmbeddings:
+        image = torch.randn(n, args.dim, generator=gen)
+        c2i = torch.arange(n).repeat_interleave(2)
+        return PairedEmbeddings(image, image[c2i] @ mapping + 0.5 * torch.randn(2 * n, args.dim, generator=gen), c2i)
+
+    return RunData(train=split(args.images), val=split(1000), test=None)
+
+
+def _synthetic_configs(args: argparse.Namespace, root: Path) -> list:
+    """``--heads`` cells: AdamW, SAM, M-SAM and ASAM × 4 learning rates × seeds."""
+    from align.config import validate
+    from align.train import TrainConfig
+
+    data = {"dataset": {"kind": "synthetic"}, "image_encoder": {"backend": "open_clip", "model": "ViT-B-32"},
+            "text_encoder": {"backend": "open_clip", "model": "ViT-B-32"}}
+    cells = [(name, lr, seed) for seed in range(1000) for name in ("adamw", "sam", "msam", "asam")
+             for lr in (1e-3, 3e-3, 1e-2, 3e-2)][:args.heads]
+    return [validate(TrainConfig, {
+        "data": data, "device": args.device, "seed": seed, "image_dim": args.dim, "text_dim": args.dim,
+        "head": {"out_dim": args.dim}, "optim": {"name": name, "lr": lr},
+        "schedule": {"steps": args.steps, "batch_size": args.batch, "warmup_steps": 10},
+        "eval": {"every": args.steps, "test_split": None, "sharpness": False, "backend": "torch"},
+        "checkpoint_every": args.steps, "loss_at_step": args.steps, "out_dir": str(root / f"{name}_{lr}_{seed}")})
+        for name, lr, seed in cells]
+
+
+def synthetic_mode(args: argparse.Namespace) -> dict:
+    """The packs of ``--heads`` cells against ``--alone`` of the same cells trained one by one."""
+    import torch
+
+    from align.compare import Cell, plan_packs
+    from align.train import train_pack
+
+    data = _synthetic_data(args)
+    out: dict = {"heads": args.heads, "dim": args.dim, "batch": args.batch, "steps": args.steps,
+                 "device": str(args.device)}
+    with tempfile.TemporaryDirectory(prefix="bench-study-") as tmp:
+        cfgs = _synthetic_configs(args, Path(tmp) / "packed")
+        cells = [Cell(c.optim.name, c.optim.lr, 0.05, c.seed) for c in cfgs]
+        index = {cell: i for i, cell in enumerate(cells)}
+        packs = [[index[c] for c in p] for p in plan_packs(cells, len(cells), 1)]
+        warm = _synthetic_configs(args, Path(tmp) / "warm-up")[0]  # first-call costs (imports, allocator) untimed
+        train_pack([warm], [Path(warm.out_dir)], progress=False, data=data)
+        print(_load("before packed"), flush=True)
+        t = time.perf_counter()
+        for p in packs:
+            train_pack([cfgs[i] for i in p], [Path(cfgs[i].out_dir) for i in p], progress=False, data=data)
+        packed = time.perf_counter() - t
+        alone_cfgs = _synthetic_configs(args, Path(tmp) / "alone")[:args.alone]
+        t = time.perf_counter()
+        for cfg in alone_cfgs:
+            train_pack([cfg], [Path(cfg.out_dir)], progress=False, data=data)
+        alone = time.perf_counter() - t
+    out["packed"] = {"seconds": packed, "cells_per_s": len(cfgs) / packed, "packs": [len(p) for p in packs]}
+    out["pack 1"] = {"seconds": alone, "cells": len(alone_cfgs), "cells_per_s": len(alone_cfgs) / alone}
+    out["speedup"] = out["packed"]["cells_per_s"] / out["pack 1"]["cells_per_s"]
+    if torch.cuda.is_available():
+        out["gpu"] = torch.cuda.get_device_name()
+    print(_load("after"))
+    print(f"packed: {len(cfgs)} cells in {packed:.1f} s ({out['packed']['cells_per_s']:.2f} cells/s, packs "
+          f"{out['packed']['packs']}); one at a time: {len(alone_cfgs)} cells in {alone:.1f} s "
+          f"({out['pack 1']['cells_per_s']:.2f} cells/s); packed / one at a time: {out['speedup']:.1f}×")
+    return out
+
+
+def mixed_mode(args: argparse.Namespace) -> dict:
+    """One pack of single- and two-pass cells against the same cells in two packs, one per kind."""
+    from align.optim import optimizer_info
+    from align.train import train_pack
+
+    data = _synthetic_data(args)
+    times = {}
+    for label in ("mixed", "separate"):
+        with tempfile.TemporaryDirectory(prefix="bench-study-") as tmp:
+            cfgs = _synthetic_configs(args, Path(tmp))
+            kinds = [[c for c in cfgs if optimizer_info(c.optim.name).two_pass == two] for two in (True, False)]
+            packs = [cfgs] if label == "mixed" else [k for k in kinds if k]
+            t = time.perf_counter()
+            for p in packs:
+                train_pack(p, [Path(c.out_dir) for c in p], progress=False, data=data)
+            times[label] = time.perf_counter() - t
+    print(f"{args.heads} cells, single- and two-pass heads in one pack: {times['mixed']:.1f} s; in a pack per kind: "
+          f"{times['separate']:.1f} s ({times['mixed'] / times['separate']:.2f}× the time)")
+    return {"mixed_s": times["mixed"], "separate_s": times["separate"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=None, help="study YAML or packaged name (default: compare/default)")
+    parser.add_argument("--set", action="append", default=[], help="override a study key, e.g. grid.seeds=[0]")
+    parser.add_argument("--memory-budget", default=None)
+    parser.add_argument("--synthetic", action="store_true", help="random embeddings in memory instead of a study")
+    parser.add_argument("--mixed", action="store_true", help="also time mixed against separate packs (synthetic)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--heads", type=int, default=64)
+    parser.add_argument("--alone", type=int, default=8, help="cells timed one at a time in --synthetic mode")
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--batch", type=int, default=1024)
+    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--images", type=int, default=20_000)
+    parser.add_argument("--json", default=None, help="write the figures here (default: $OUT/bench_study.json if set)")
+    args = parser.parse_args()
+
+    import torch
+
+    from align.device import pick_device
+
+    args.device = str(pick_device(args.device))
+    print(f"torch {torch.__version__}, device {args.device}, {torch.get_num_threads()} threads", flush=True)
+    out = synthetic_mode(args) if args.synthetic else study_mode(args)
+    if args.mixed:
+        out["mixed"] = mixed_mode(args)
+    target = args.json or (str(Path(os.environ["OUT"]) / "bench_study.json") if os.environ.get("OUT") else None)
+    if target:
+        Path(target).write_text(json.dumps(out, indent=2) + "\n")
+        print(f"wrote {target}")
+
+
+if __name__ == "__main__":
+    main()
