@@ -1,0 +1,120 @@
+"""Who this process is under torch.distributed: rank, world size, its device, and the few collectives the rest of
+align needs. Launched by ``torchrun`` (or ``srun torchrun`` under SLURM) the environment names the rank and the
+rendezvous; without it everything here is the single-process identity and no process group is ever created, so
+behaviour is exactly that of a plain run.
+
+The backend is nccl when the ranks run on CUDA and gloo otherwise; each rank takes its local device
+(``cuda:LOCAL_RANK``). No file I/O here: what ranks write, and where, is decided by the callers.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from align.errors import AlignError
+
+
+@dataclass(frozen=True)
+class Rank:
+    """This process's place in the job: ``rank`` of ``world_size`` (``local_rank`` on its node)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the one that writes what is written once (finalized caches, results.csv, reports)."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+SINGLE = Rank()
+
+
+def launched() -> bool:
+    """Whether this process was started by torchrun (or another launcher that sets the torch.distributed
+    environment) with more than one rank."""
+    return int(os.environ.get("WORLD_SIZE", "1") or 1) > 1
+
+
+def current() -> Rank:
+    """This process's Rank: from the initialized process group, else SINGLE."""
+    if dist.is_available() and dist.is_initialized():
+        return Rank(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0") or 0))
+    return SINGLE
+
+
+def rank_device(requested: torch.device) -> torch.device:
+    """The device this rank works on: its local GPU when ``requested`` is CUDA (without an index), else
+    ``requested``."""
+    if requested.type == "cuda" and requested.index is None and current().distributed:
+        return torch.device("cuda", current().local_rank)
+    return requested
+
+
+def init(device: torch.device, timeout_s: float = 1800.0) -> Rank:
+    """Join the process group torchrun describes (nccl on CUDA, gloo otherwise); a no-op without a launcher or
+    when already joined. → this process's Rank."""
+    if not launched() or (dist.is_available() and dist.is_initialized()):
+        return current()
+    if not dist.is_available():
+        raise AlignError("launched with WORLD_SIZE > 1 but this torch build has no torch.distributed")
+    missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if not os.environ.get(k)]
+    if missing:
+        raise AlignError(f"WORLD_SIZE > 1 but {', '.join(missing)} not set: launch with torchrun "
+                         "(torchrun --nproc-per-node N --no-python align ...)")
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0") or 0))
+    dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    return current()
+
+
+def shutdown() -> None:
+    """Leave the process group (after a last barrier) if this process joined one."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    """Wait for every rank; a no-op in a single process."""
+    if current().distributed:
+        dist.barrier()
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """Every rank's ``obj`` in rank order, on every rank ([obj] in a single process)."""
+    if not current().distributed:
+        return [obj]
+    out: list[Any] = [None] * current().world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank ``src``'s ``obj`` on every rank (``obj`` itself in a single process)."""
+    if not current().distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_ok(ok: bool) -> bool:
+    """Whether ``ok`` holds on every rank: one rank's failure reaches the others, so that no rank waits forever at
+    the next collective for a rank that has stopped."""
+    if not current().distributed:
+        return ok
+    flag = torch.tensor([0 if ok else 1], dtype=torch.int64)
+    dist.all_reduce(flag)  # gloo and nccl both reduce int64 (nccl needs it on the rank's device)
+    return int(flag.item()) == 0
