@@ -524,14 +524,16 @@ class Trainer:
             head.run.save_head("best", weights, {"step": state.step, "select": cfg.eval.select, "score": score,
                                                  "val": metrics, "config_hash": head.cfg_hash})
 
-    def test_and_sharpness(self, head: Head, weights: dict[str, Tensor] | None) -> tuple[dict | None, dict | None]:
-        """Test metrics and sharpness of one head's weights (None, None for no head)."""
+    def test_and_sharpness(self, head: Head, weights: dict[str, Tensor] | None,
+                           sharpness: bool = True) -> tuple[dict | None, dict | None]:
+        """Test metrics and (with ``sharpness`` and eval.sharpness) sharpness of one head's weights (None, None for
+        no head)."""
         if weights is None:
             return None, None
         ev = self.cfg.eval
         test = self.evaluate("test", weights) if ev.test_split else None
         sharp = None
-        if ev.sharpness and (test is not None or not ev.test_split):
+        if sharpness and ev.sharpness and (test is not None or not ev.test_split):
             self.model.load_state_dict(weights)
             batches = head.sampler.fixed_batches(ev.sharpness_batches)
             sharp = head_sharpness(self.model, self.loss_fn, self.image, self.text, batches, ev)
@@ -658,7 +660,8 @@ class Trainer:
         if final_val is not None and state.best.step == state.step:  # the final head is the best one
             final_test, final_sharp = best_test, best_sharp
         else:
-            final_test, final_sharp = self.test_and_sharpness(head, final if final_val is not None else None)
+            final_test, final_sharp = self.test_and_sharpness(head, final if final_val is not None else None,
+                                                              sharpness=head.cfg.eval.sharpness_final)
         diverged = state.diverged
         return {
             "status": "diverged" if diverged else "done",

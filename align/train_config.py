@@ -124,6 +124,7 @@ class EvalConfig(StrictModel):
     select: Literal["mean_R@1", "mutual_knn"] = "mean_R@1"  # picks the best checkpoint
     backend: Literal["faiss", "torch"] = "faiss"  # k-NN search of retrieval and alignment metrics
     sharpness: bool = True  # sharpness of the best and final heads at the training loss
+    sharpness_final: bool = True  # False: the best head's only (a study's table uses the best head's)
     sharpness_rho: Number = Field(0.05, gt=0)
     sharpness_batches: StrictInt = Field(4, ge=1)  # fixed training batches (of schedule.batch_size) it averages
     sharpness_ascent_steps: StrictInt = Field(5, ge=0)

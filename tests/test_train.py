@@ -258,6 +258,19 @@ def test_run_directory_contents_and_metrics_log(cache_data, tmp_path):
     assert (run / "checkpoints" / "best.safetensors").is_file()
 
 
+def test_sharpness_final_false_measures_the_best_head_only(cache_data, tmp_path):
+    from align.train import TrainConfig, train
+
+    ev = {"every": 20, "sharpness_final": False, "sharpness_batches": 2, "hessian_iters": 3, "hutchinson_samples": 2,
+          "sharpness_ascent_steps": 1}
+    # lr 0.3 with SGD: validation peaks early, so the best head is not the final one.
+    cfg = validate(TrainConfig, train_config(cache_data, optim={"name": "sgd", "lr": 0.3}, eval=ev))
+    results = train(cfg, tmp_path / "run", progress=False)
+    sharp = results["sharpness"]
+    assert sharp["best"] is not None and sharp["best"]["hessian_trace"] > 0
+    assert results["best_step"] < results["steps_done"] and sharp["final"] is None
+
+
 def test_best_over_training_covers_every_validation_metric_r20_and_cka_included(cache_data, tmp_path):
     from align.train import TrainConfig, train
 
