@@ -311,15 +311,81 @@ def plan_packs(cells: list[Cell], limit: int, workers: int) -> list[list[Cell]]:
     return sorted(packs, key=lambda p: -len(p) * (2 if optimizer_info(p[0].optimizer).two_pass else 1))
 
 
-def _run_pack(cfg_jsons: list[dict[str, Any]], run_dirs: list[str], threads: int) -> list[dict[str, Any]]:
-    """Train one pack of cells (in a worker process): resumes started runs, returns finished ones' results."""
+def _run_pack(cfg_jsons: list[dict[str, Any]], run_dirs: list[str], threads: int, pack_id: int = 0,
+              steps_done: Any = None) -> list[dict[str, Any]]:
+    """Train one pack of cells (in a worker process): resumes started runs, returns finished ones' results.
+    ``steps_done.put((pack_id, k))`` after every step of k heads (a queue back to the study's progress bar)."""
     import torch
 
     torch.set_num_threads(threads)
     from align.train import train_pack
 
     cfgs = [TrainConfig.model_validate(c) for c in cfg_jsons]
-    return train_pack(cfgs, [Path(d) for d in run_dirs], resume=True, progress=False)
+    steps_done = steps_done if steps_done is not None else _WORKER_STEPS_DONE
+    on_step = None if steps_done is None else (lambda k: steps_done.put((pack_id, k)))
+    return train_pack(cfgs, [Path(d) for d in run_dirs], resume=True, progress=False, on_step=on_step)
+
+
+class _PackProgress:
+    """The study's bar, in cells, moved by the packs' steps as they happen: a step of k heads is k/steps of a
+    cell, and a finished pack tops its cells up (resumed or diverged heads take fewer steps)."""
+
+    def __init__(self, bar: Any, steps: int, sizes: list[int]) -> None:
+        self.bar, self.steps, self.sizes, self.credited = bar, steps, sizes, [0.0] * len(sizes)
+
+    def put(self, item: tuple[int, int]) -> None:
+        pack_id, heads = item
+        share = min(heads / self.steps, self.sizes[pack_id] - self.credited[pack_id])
+        self.credited[pack_id] += share
+        self.bar.advance(share)
+
+    def finish(self, pack_id: int) -> None:
+        self.bar.advance(self.sizes[pack_id] - self.credited[pack_id])
+        self.credited[pack_id] = float(self.sizes[pack_id])
+
+
+def _run_packs(jobs: list[tuple[list, list]], workers: int, threads: int, progress: _PackProgress) -> None:
+    """Every pack, ``workers`` at a time (in worker processes when more than one); a failed pack (disk full, ...)
+    stops the study: queued packs never start."""
+    if workers == 1:
+        for pack_id, job in enumerate(jobs):
+            _run_pack(*job, threads, pack_id, progress)
+            progress.finish(pack_id)
+        return
+    import multiprocessing as mp
+    import queue
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    context = mp.get_context("spawn")
+    steps_done = context.Queue()  # handed over at each worker's start (a queue cannot travel with a task)
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker,
+                             initargs=(os.getpid(), steps_done)) as pool:
+        futures = {pool.submit(_run_pack, *job, threads, i): i for i, job in enumerate(jobs)}
+        pending = set(futures)
+        try:
+            while pending:
+                done, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+                while True:
+                    try:
+                        progress.put(steps_done.get_nowait())
+                    except queue.Empty:
+                        break
+                for future in done:
+                    future.result()
+                    progress.finish(futures[future])
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+
+
+_WORKER_STEPS_DONE: Any = None  # in a study's worker process: the queue its packs report their steps to
+
+
+def _start_worker(parent: int, steps_done: Any) -> None:
+    """A study worker's start: keep the queue back to the progress bar, and die with the study's main process."""
+    global _WORKER_STEPS_DONE
+    _WORKER_STEPS_DONE = steps_done
+    _exit_with_parent(parent)
 
 
 def _exit_with_parent(parent: int, poll_s: float = 0.5) -> None:
@@ -364,24 +430,7 @@ def run_study(cfg: CompareConfig, log: Log | None = None, progress: bool = True,
              [str(root / "runs" / c.key) for c in p]) for p in packs]
     with progress_bar(len(cells), f"study {cfg.name}", enabled=progress) as bar:
         bar.advance(len(cells) - len(todo))
-        if workers == 1:
-            for job in jobs:
-                _run_pack(*job, threads=threads)
-                bar.advance(len(job[1]))
-        else:
-            import multiprocessing as mp
-            from concurrent.futures import ProcessPoolExecutor, as_completed
-
-            with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_exit_with_parent,
-                                     initargs=(os.getpid(),)) as pool:
-                futures = {pool.submit(_run_pack, *job, threads): len(job[1]) for job in jobs}
-                try:
-                    for future in as_completed(futures):
-                        future.result()
-                        bar.advance(futures[future])
-                except BaseException:  # a failed pack (disk full, ...) stops the study: queued packs never start
-                    pool.shutdown(wait=True, cancel_futures=True)
-                    raise
+        _run_packs(jobs, workers, threads, _PackProgress(bar, cfg.schedule.steps, [len(p) for p in packs]))
     return collect_rows(cfg)
 
 

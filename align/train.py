@@ -43,7 +43,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -623,8 +623,9 @@ class Trainer:
             if keep:
                 self.pack.keep(torch.tensor(keep, device=self.device))
 
-    def loop(self, progress: bool) -> None:
-        """Train every active head until its last step or its divergence."""
+    def loop(self, progress: bool, on_step: Callable[[int], None] | None = None) -> None:
+        """Train every active head until its last step or its divergence (``on_step(k)`` after each step of k
+        heads: a study's progress across worker processes)."""
         from align.progress import progress_bar
 
         steps = self.cfg.schedule.steps
@@ -633,6 +634,8 @@ class Trainer:
             bar.advance(min(h.state.step for h in self.active))
             while self.active:
                 self.step()
+                if on_step is not None:
+                    on_step(len(self.active))
                 self.after_step()
                 bar.advance(1)
                 if self.active and self.active[0].state.step % 10 == 0:
@@ -686,17 +689,21 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, log: Log | None
 
 
 def train_pack(cfgs: list[TrainConfig], run_dirs: list[Path], resume: bool = False, log: Log | None = None,
-               progress: bool = True, data: RunData | None = None) -> list[dict[str, Any]]:
+               progress: bool = True, data: RunData | None = None,
+               on_step: Callable[[int], None] | None = None) -> list[dict[str, Any]]:
     """Train K runs that differ only in optimizer, seed and clamp as one pack (each into its own run directory,
     resumed from its own checkpoint with ``resume``) → their results dicts, in the order given. ``data``: the
-    splits in their roles, when already in memory (else read from the cache the configs name)."""
+    splits in their roles, when already in memory (else read from the cache the configs name). ``on_step(k)``: called
+    after each step of k heads."""
     from contextlib import ExitStack
 
-    from align.device import pick_device
+    from align.device import keep_freed_memory, pick_device
 
     log = log or (lambda message: None)
     started = time.perf_counter()
     device = pick_device(cfgs[0].device)
+    if device.type == "cpu" and len(cfgs) > 1:
+        keep_freed_memory()  # a pack's tensors are large: reused, not mmap'd and page-faulted afresh every step
     runs = [RunDir(d) for d in run_dirs]
     for run, cfg in zip(runs, cfgs):
         run.check_location()
@@ -711,7 +718,7 @@ def train_pack(cfgs: list[TrainConfig], run_dirs: list[Path], resume: bool = Fal
         with ExitStack() as locks:
             for run in runs:
                 locks.enter_context(run.lock())  # the "fresh?" checks and every write happen under them
-            _train_locked(trainer, resume, log, progress)
+            _train_locked(trainer, resume, log, progress, on_step)
     except Exception as exc:
         if is_out_of_memory(exc):
             where = runs[0].path if len(runs) == 1 else f"a pack of {len(runs)} runs"
@@ -722,7 +729,8 @@ def train_pack(cfgs: list[TrainConfig], run_dirs: list[Path], resume: bool = Fal
     return [json_safe(h.results) for h in trainer.heads]
 
 
-def _train_locked(trainer: Trainer, resume: bool, log: Log, progress: bool) -> None:
+def _train_locked(trainer: Trainer, resume: bool, log: Log, progress: bool,
+                  on_step: Callable[[int], None] | None = None) -> None:
     kinds = [h.run.check(h.cfg_hash, h.config, resume) for h in trainer.heads]
     todo = []
     for head, kind in zip(trainer.heads, kinds):
@@ -736,7 +744,7 @@ def _train_locked(trainer: Trainer, resume: bool, log: Log, progress: bool) -> N
     trainer.build_pack(todo)
     trainer.finish_done()  # runs stopped after their last step but before their results were written
     if trainer.active:
-        trainer.loop(progress)
+        trainer.loop(progress, on_step)
     for head in todo:
         if head.results["status"] == "diverged":
             where = "run" if len(trainer.heads) == 1 else f"run {head.run.path}"

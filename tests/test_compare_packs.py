@@ -133,3 +133,26 @@ def test_a_packed_study_killed_then_rerun_writes_the_results_of_one_cell_at_a_ti
     assert "pack(s)" in rerun.stdout
     assert (tmp_path / "packed" / "results.csv").read_bytes() == (tmp_path / "alone" / "results.csv").read_bytes()
     assert len((tmp_path / "alone" / "results.csv").read_text().splitlines()) == 1 + 14
+
+
+def test_the_study_bar_moves_with_every_packs_steps_and_ends_on_the_cell_count():
+    from align.compare import _PackProgress
+
+    class Bar:
+        done = 0.0
+
+        def advance(self, n: float) -> None:
+            self.done += n
+
+    bar = Bar()
+    progress = _PackProgress(bar, steps=10, sizes=[3, 2])
+    for _ in range(4):  # pack 0: 4 steps of 3 heads = 12 head-steps of its 30
+        progress.put((0, 3))
+    assert bar.done == pytest.approx(1.2)
+    for _ in range(10):  # pack 1 runs to its end: 2 cells
+        progress.put((1, 2))
+    assert bar.done == pytest.approx(3.2)
+    progress.put((0, 1))  # a head of pack 0 diverged early: one head left stepping, then the pack ends
+    progress.finish(0)
+    progress.finish(1)
+    assert bar.done == pytest.approx(5.0)
