@@ -328,20 +328,20 @@ def _run_pack(cfg_jsons: list[dict[str, Any]], run_dirs: list[str], threads: int
 
 class _PackProgress:
     """The study's bar, in cells, moved by the packs' steps as they happen: a step of k heads is k/steps of a
-    cell, and a finished pack tops its cells up (resumed or diverged heads take fewer steps)."""
+    cell, and a finished pack counts as all its cells (resumed or diverged heads take fewer steps)."""
 
-    def __init__(self, bar: Any, steps: int, sizes: list[int]) -> None:
-        self.bar, self.steps, self.sizes, self.credited = bar, steps, sizes, [0.0] * len(sizes)
+    def __init__(self, bar: Any, steps: int, sizes: list[int], start: int = 0) -> None:
+        self.bar, self.steps, self.sizes, self.start = bar, steps, sizes, start
+        self.credited = [0.0] * len(sizes)
 
     def put(self, item: tuple[int, int]) -> None:
         pack_id, heads = item
-        share = min(heads / self.steps, self.sizes[pack_id] - self.credited[pack_id])
-        self.credited[pack_id] += share
-        self.bar.advance(share)
+        self.credited[pack_id] = min(self.credited[pack_id] + heads / self.steps, self.sizes[pack_id] - 1e-9)
+        self.bar.set(self.start + sum(self.credited))
 
     def finish(self, pack_id: int) -> None:
-        self.bar.advance(self.sizes[pack_id] - self.credited[pack_id])
-        self.credited[pack_id] = float(self.sizes[pack_id])
+        self.credited[pack_id] = self.sizes[pack_id]  # exact: the bar ends on the cell count
+        self.bar.set(self.start + sum(self.credited))
 
 
 def _run_packs(jobs: list[tuple[list, list]], workers: int, threads: int, progress: _PackProgress) -> None:
@@ -430,7 +430,8 @@ def run_study(cfg: CompareConfig, log: Log | None = None, progress: bool = True,
              [str(root / "runs" / c.key) for c in p]) for p in packs]
     with progress_bar(len(cells), f"study {cfg.name}", enabled=progress) as bar:
         bar.advance(len(cells) - len(todo))
-        _run_packs(jobs, workers, threads, _PackProgress(bar, cfg.schedule.steps, [len(p) for p in packs]))
+        _run_packs(jobs, workers, threads, _PackProgress(bar, cfg.schedule.steps, [len(p) for p in packs],
+                                                         start=len(cells) - len(todo)))
     return collect_rows(cfg)
 
 

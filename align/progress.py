@@ -20,6 +20,10 @@ class Bar:
         if self._progress is not None:
             self._progress.advance(self._task, n)
 
+    def set(self, completed: float) -> None:
+        if self._progress is not None:
+            self._progress.update(self._task, completed=completed)
+
     def describe(self, text: str) -> None:
         if self._progress is not None:
             self._progress.update(self._task, description=text)
