@@ -33,6 +33,11 @@ interrupted. Checkpoints hold the head, its optimizer state (the base optimizer'
 torch ``state_dict``), the RNG state after initialisation, the best head so far and the loop's counters; resuming
 from one reaches bit-identical final weights on the same machine, in any pack.
 
+Data-parallel: under ``torchrun`` every rank runs ``train`` with the same run; each takes its slice of every
+batch (the single-process batch, cut in equal parts in rank order), the pack computes the whole batch's loss and
+steps every rank with the mean gradient (``align.pack``), so the ranks keep identical heads. Rank 0 writes the run
+directory and evaluates while the others wait; every rank reads the checkpoint it resumes from.
+
 Results (``results.json``, read by ``align compare``): see ``RESULT_KEYS``. The configuration classes live in
 ``align.train_config``, the measurements in ``align.measure``, the run directory's bookkeeping in ``align.runs``.
 """
@@ -466,7 +471,7 @@ class Trainer:
         """The optimizer state this rank resumes from: M-SAM's averaged metric with a local perturbation is each
         rank's own (``checkpoint`` stores one per rank)."""
         ranks = saved.get("sam", {}).pop("metric_ema_ranks", None)
-        if ranks is None:
+        if ranks is None or all(r is None for r in ranks):
             return saved
         if len(ranks) != self.job.world_size:
             raise AlignError(f"{head.run.path} was trained on {len(ranks)} ranks with optim.perturbation=local and "

@@ -337,3 +337,19 @@ def test_a_local_msam_metric_is_kept_per_rank_and_resumes_only_on_as_many_ranks(
     (tmp_path / "alone" / "results.json").unlink()
     with pytest.raises(AlignError, match="trained on 2 ranks.*resume it on 2 ranks"):
         train(TrainConfig.model_validate(cfg), tmp_path / "alone", resume=True, progress=False)
+
+
+def test_the_new_keys_at_their_defaults_leave_a_runs_config_hash_as_it_was(tmp_path):
+    """loss.local and optim.perturbation came after runs were trained: at their defaults they are not hashed, so
+    those runs still resume; set, they are."""
+    from align.runs import config_hash
+    from align.train import TrainConfig, hashed_config
+
+    cfg = TrainConfig.model_validate(train_config(make_cache(tmp_path / "cache"), optim={"name": "msam"}))
+    before = cfg.model_dump(mode="json")  # what a run written before the keys existed holds
+    for key in ("out_dir", "device"):
+        before.pop(key)
+    del before["loss"]["local"], before["optim"]["perturbation"]
+    assert config_hash(hashed_config(cfg)) == config_hash(before)
+    local = cfg.model_copy(update={"optim": cfg.optim.model_copy(update={"perturbation": "local"})})
+    assert config_hash(hashed_config(local)) != config_hash(before)
