@@ -4,8 +4,8 @@ The pack's step on 2 ranks, each with half of every batch, against the reference
 optimizers driven by take_step on the whole batch, one process): with ``optim.perturbation: global`` every head
 of the registry ends within 1e-9 (relative, float64, 20 steps), with the whole gathered loss and with
 ``loss.local``; with ``local`` the SAM family ends elsewhere while the ranks still hold identical weights. Then
-`align train` itself under torchrun: rank 0 writes the run alone, and a kill -9 of a rank followed by ``--resume``
-gives the uninterrupted 2-rank run bit for bit.
+`align train` itself under torchrun: rank 0 writes the run alone, with the numbers of one process; and (slow) a
+kill -9 of either rank followed by ``--resume`` gives the uninterrupted 2-rank run bit for bit.
 """
 from __future__ import annotations
 
@@ -240,11 +240,9 @@ def test_align_train_under_torchrun_writes_one_run_that_matches_one_process(trai
                 assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (a, b, key)
 
 
-# name → (the rank that dies, its kill point)
+# name → (the rank that dies, its kill point). Slow: two more launches each (≈ 25 s on 2 shared cores).
 KILLS = {
     "rank 1 mid-step (between M-SAM's two passes)": (1, {"call": "align.pack:HeadPack._grads", "nth": 28}),
-}
-SLOW_KILLS = {
     "rank 0 between a checkpoint's two halves": (0, {"replace": "step-0000020.json"}),
     "rank 0 during the final evaluation": (0, {"call": "align.train:Trainer.evaluate", "nth": 1}),
 }
@@ -272,16 +270,10 @@ def kill_then_resume(train_setup, two_rank_run, name: str, kill_rank: int, kill:
     assert_same_run(two_rank_run["run"], run, TRAIN_STEPS)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(KILLS))
 def test_a_killed_rank_then_resume_gives_the_uninterrupted_two_rank_run(train_setup, two_rank_run, name):
     kill_then_resume(train_setup, two_rank_run, name, *KILLS[name])
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("name", list(SLOW_KILLS))
-def test_rank_0_killed_while_writing_then_resume_gives_the_uninterrupted_two_rank_run(train_setup, two_rank_run,
-                                                                                       name):
-    kill_then_resume(train_setup, two_rank_run, name, *SLOW_KILLS[name])
 
 
 def test_a_batch_that_does_not_split_evenly_over_the_ranks_is_refused_before_anything_is_written(tmp_path):
