@@ -453,7 +453,8 @@ class Trainer:
 
     # -- checkpoints
     def restore(self, head: Head, kind: str, log: Log) -> None:
-        """A fresh state, or the one of the newest checkpoint (head, optimizer state, RNG, best head, counters)."""
+        """A fresh state, or the one of the newest checkpoint (head, optimizer state, RNG, best head, counters);
+        only reads (``_train_locked`` then begins the run directory)."""
         found = head.run.latest_checkpoint() if kind == "resume" else None
         if found is None:
             if kind == "resume":
@@ -465,7 +466,6 @@ class Trainer:
         head.rng = {k: v for k, v in tensors.items() if k.startswith("rng.")}
         best_state = {k[5:]: v.to(self.device) for k, v in tensors.items() if k.startswith("best.")}
         head.state = LoopState.from_json(meta["train_state"], best_state)
-        log(f"resuming {head.run.path} from step {head.state.step}")
 
     def _own_rank_state(self, saved: dict[str, Any], head: Head) -> dict[str, Any]:
         """The optimizer state this rank resumes from: M-SAM's averaged metric with a local perturbation is each
@@ -790,7 +790,9 @@ def _train_locked(trainer: Trainer, resume: bool, log: Log, progress: bool) -> N
     if trainer.job.distributed:
         distributed.barrier()  # every rank has read its checkpoints before rank 0 writes anything
     for head in todo:
-        head.run.begin(head.state.step)
+        head.run.begin(head.state.step)  # checks the log it keeps: a damaged one stops the run here
+        if head.optim_saved is not None:
+            log(f"resuming {head.run.path} from step {head.state.step}")
         head.run.write_config(dump_config(head.cfg))
     trainer.build_pack(todo)
     trainer.finish_done()  # runs stopped after their last step but before their results were written
