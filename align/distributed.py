@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import Tensor
 
 from align.errors import AlignError
 
@@ -115,6 +116,75 @@ def all_ok(ok: bool) -> bool:
     the next collective for a rank that has stopped."""
     if not current().distributed:
         return ok
-    flag = torch.tensor([0 if ok else 1], dtype=torch.int64)
+    flag = torch.tensor([0 if ok else 1], dtype=torch.int64, device=_collective_device())
     dist.all_reduce(flag)  # gloo and nccl both reduce int64 (nccl needs it on the rank's device)
     return int(flag.item()) == 0
+
+
+def _collective_device() -> torch.device:
+    """Where a tensor made for a collective must live: the rank's GPU under nccl, the CPU under gloo."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+# -- data-parallel training: gradients and gathered features ----------------------------------------------
+
+def all_reduce_mean_(tensors: list[Tensor]) -> None:
+    """Replace each tensor by its mean over the ranks, in place (nothing in a single process).
+
+    One collective per dtype over the tensors laid end to end. Every rank ends with the same bits: the reduction
+    is done once per element and its result sent to all ranks (gloo's and nccl's ring all-reduce both do this)."""
+    rank = current()
+    if not rank.distributed or not tensors:
+        return
+    by_dtype: dict[torch.dtype, list[Tensor]] = {}
+    for t in tensors:
+        by_dtype.setdefault(t.dtype, []).append(t)
+    for group in by_dtype.values():
+        flat = torch.cat([t.reshape(-1) for t in group])
+        dist.all_reduce(flat)
+        flat.div_(rank.world_size)
+        offset = 0
+        for t in group:
+            t.copy_(flat[offset:offset + t.numel()].view_as(t))
+            offset += t.numel()
+
+
+def all_gather_local(x: Tensor, dim: int) -> Tensor:
+    """Every rank's ``x`` laid side by side along ``dim`` (rank order), the gradient flowing only into this rank's
+    own part: open_clip's ``gather_features`` with the local features substituted (``x`` in a single process)."""
+    rank = current()
+    if not rank.distributed:
+        return x
+    parts = [torch.empty_like(x) for _ in range(rank.world_size)]
+    dist.all_gather(parts, x.detach().contiguous())
+    parts[rank.rank] = x
+    return torch.cat(parts, dim)
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums the gradient of the gathered tensor over the ranks and hands each rank the
+    slice of its own part (open_clip's ``gather_with_grad``)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, dim: int) -> Tensor:  # type: ignore[override]
+        rank = current()
+        parts = [torch.empty_like(x) for _ in range(rank.world_size)]
+        dist.all_gather(parts, x.contiguous())
+        ctx.dim, ctx.rank, ctx.size = dim, rank.rank, x.shape[dim]
+        return torch.cat(parts, dim)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)  # all-reduce rather than reduce-scatter: gloo has no reduce-scatter
+        return grad.narrow(ctx.dim, ctx.rank * ctx.size, ctx.size), None
+
+
+def all_gather_with_grad(x: Tensor, dim: int) -> Tensor:
+    """Every rank's ``x`` laid side by side along ``dim``, differentiable for every rank: the gradient reaching
+    this rank's ``x`` is the sum over ranks of the gradients of its part (``x`` in a single process)."""
+    if not current().distributed:
+        return x
+    return _GatherWithGrad.apply(x, dim)

@@ -10,9 +10,19 @@ second pass for the SAM family, clipping of the gradient the base optimizer step
 
 Each head's slice of every computation is independent of the other heads (batched matmuls, per-row reductions,
 elementwise updates), so a head's numbers do not depend on which pack it trained in.
+
+Data-parallel (under torchrun, ``align.distributed``): each rank holds the same heads and its own slice of every
+batch. The features of all ranks are gathered and the loss is the one of the whole batch, either on every rank
+with the gradient through the rank's own features (open_clip's gather with local features substituted) or, with
+``loss.local``, only the rank's rows against all columns with the gradient gathered back (open_clip's local loss
+with gather_with_grad). Either way the rank's gradient g_r is scaled so that its mean over the ranks is the
+gradient of the whole batch's loss, and the mean is what steps: every rank takes the same step and keeps the same
+weights. The SAM family's first gradient is averaged before δ (``optim.perturbation: global``: the single-process
+step) or not (``local``: δ from g_r, only the second gradient averaged).
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
@@ -21,8 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from align import distributed
 from align.heads import MAX_LOG_SCALE, AlignmentModel
-from align.losses import loss_for
+from align.losses import loss_for, rows_loss_for
 from align.optim.batched import (NONE, HeadHparams, ParamSpec, base_step_, clip_grads_, col, global_norm,
                                  init_metric, init_state, norms, perturbation)
 
@@ -53,7 +64,7 @@ class HeadPack:
     """K heads of one architecture: stacked weights, optimizer state and hyper-parameters; one step for all."""
 
     def __init__(self, models: Sequence[AlignmentModel], hparams: Sequence[Mapping[str, Any]],
-                 clamps: Sequence[str]) -> None:
+                 clamps: Sequence[str], job: distributed.Rank = distributed.SINGLE) -> None:
         template = models[0]
         self.template = template
         self.specs = param_specs(template)
@@ -72,6 +83,8 @@ class HeadPack:
         cfg = template.head_cfg
         # Plain linear heads take the fast path: one matmul for all heads that share an input.
         self.linear = cfg.kind == "linear" and not cfg.pre_norm and cfg.lock == "none"
+        self.job = job  # the data-parallel job this pack trains in, on this rank's slice of every batch (SINGLE: none)
+        self.rows_loss_fn = rows_loss_for(template.loss_cfg) if template.loss_cfg.local else None
 
     @property
     def size(self) -> int:
@@ -81,6 +94,9 @@ class HeadPack:
     # -- the forward pass, batched
     def _head_loss(self, params: dict[str, Tensor], image: Tensor, text: Tensor) -> Tensor:
         return self.loss_fn(**torch.func.functional_call(self.template, params, (image, text)))
+
+    def _head_outputs(self, params: dict[str, Tensor], image: Tensor, text: Tensor) -> dict[str, Tensor]:
+        return torch.func.functional_call(self.template, params, (image, text))
 
     def _outputs_loss(self, outputs: dict[str, Tensor]) -> Tensor:
         return self.loss_fn(**outputs)
@@ -116,7 +132,7 @@ class HeadPack:
         leaves = [{n: t[heads].detach().requires_grad_() for n, t in params.items()} for heads, _, _ in batches]
         flat = [t for group in leaves for t in group.values()]
         with torch.enable_grad():
-            losses = self.losses(leaves, batches, bf16)
+            losses = (self.gathered_losses if self.job.distributed else self.losses)(leaves, batches, bf16)
             grads = torch.autograd.grad(losses.sum(), flat, allow_unused=True)
         per_name: dict[str, list[Tensor | None]] = {n: [] for n in params}
         for name, g in zip([n for group in leaves for n in group], grads):
@@ -125,28 +141,85 @@ class HeadPack:
                for n, gs in per_name.items()}
         return losses.detach(), out
 
+    def gathered_losses(self, params: Sequence[Mapping[str, Tensor]], batches: Sequence[Batch],
+                        bf16: bool = False) -> Tensor:
+        """[K] losses of the whole batch under data parallelism, from this rank's slice of every batch: the
+        features of all groups gathered over the ranks in one collective, then each head's loss (``losses`` is the
+        single-process version). The gradient of their sum, on this rank, is its g_r (see the module doc)."""
+        outs = []
+        with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=bf16):
+            for tensors, (heads, image, text) in zip(params, batches):
+                tensors = {**{n: t[heads] for n, t in self.fixed.items()}, **tensors}
+                outs.append(self._linear_outputs(tensors, image, text) if self.linear else
+                            torch.func.vmap(self._head_outputs, in_dims=(0, None, None))(tensors, image, text))
+            local = torch.stack([torch.cat([o["image_features"] for o in outs]),
+                                 torch.cat([o["text_features"] for o in outs])])  # (2, K, b, D)
+            world, b = self.job.world_size, local.shape[2]
+            if self.rows_loss_fn is None:
+                # Every rank computes the whole loss L, and its own features get ∂L/∂f_r: their gradient times
+                # the world size makes the ranks' mean the whole gradient (the scale's is whole on every rank).
+                whole = distributed.all_gather_local(_GradScale.apply(local, float(world)), dim=2)
+                fn = self._outputs_loss
+            else:  # rank r's loss L_r: L is their mean, and the gathered gradient reaches every rank's features
+                whole = distributed.all_gather_with_grad(local, dim=2)
+                rows = slice(self.job.rank * b, (self.job.rank + 1) * b)
+                fn = functools.partial(self._rows_loss, rows=rows)
+            out, lo = [], 0
+            for o in outs:
+                g = o["image_features"].shape[0]
+                o = dict(o, image_features=whole[0, lo:lo + g], text_features=whole[1, lo:lo + g])
+                out.append(torch.func.vmap(fn)(o).float())
+                lo += g
+        return torch.cat(out)
+
+    def _rows_loss(self, outputs: dict[str, Tensor], rows: slice) -> Tensor:
+        return self.rows_loss_fn(**outputs, rows=rows)
+
     # -- one step
     @torch.no_grad()
     def step(self, batches: Sequence[Batch], lr: Sequence[float], active: Tensor | None = None,
              bf16: bool = False) -> StepStats:
         """One optimizer step of every active head with a finite loss; ``lr`` is each head's scheduled rate."""
         loss, grads = self._grads(self.params, batches, bf16)
+        if self.job.distributed:
+            loss = self._average_first_(loss, grads)
         present = {n: g for n, g in grads.items() if g is not None}
         per = dict(zip(present, norms(list(present.values()))))
         grad_norm = global_norm([], per=[n.float() for n in per.values()])
         stepped = torch.isfinite(loss) if active is None else active & torch.isfinite(loss)
         pert = perturbation(self.params, present, self.specs, self.hp, self.metric, stepped, per)
-        self.skipped_steps += pert.skipped.long()
         two = self.hp.two_pass
         if bool((two & stepped).any()):
             _, second = self._grads(pert.perturbed, batches, bf16)
+            if self.job.distributed:
+                distributed.all_reduce_mean_([second[n] for n in present])  # every rank steps with the mean
             every = bool(two.all())  # a pack of the SAM family only: no selection
             present = {n: second[n] if every else torch.where(col(two, g).bool(), second[n], g)
                        for n, g in present.items()}
         clip_grads_(present, self.hp.grad_clip)
         base_step_(self.params, present, self.state, self.specs, self.hp, lr, stepped.tolist())
         self._clamp_(stepped)
-        return StepStats(loss, grad_norm, stepped, pert.grad_norm, pert.delta_norm, pert.skipped)
+        stats = StepStats(loss, grad_norm, stepped, pert.grad_norm, pert.delta_norm, pert.skipped)
+        if self.job.distributed and bool((two & self.hp.local_perturbation).any()):
+            stats = _agree(stats)
+        self.skipped_steps += stats.skipped.long()
+        return stats
+
+    def _average_first_(self, loss: Tensor, grads: dict[str, Tensor | None]) -> Tensor:
+        """The ranks' mean loss; each first-pass gradient replaced by its mean over the ranks, in place, except for
+        the SAM family's heads with a local perturbation (δ from the rank's own gradient)."""
+        loss = loss.clone()
+        distributed.all_reduce_mean_([loss])
+        keep_own = self.hp.two_pass & self.hp.local_perturbation
+        names = [n for n, g in grads.items() if g is not None]
+        if not bool(keep_own.any()):
+            distributed.all_reduce_mean_([grads[n] for n in names])
+        elif not bool(keep_own.all()):  # a pack that mixes both: the mean where it is needed
+            mean = {n: grads[n].clone() for n in names}
+            distributed.all_reduce_mean_(list(mean.values()))
+            for n in names:
+                grads[n] = torch.where(col(keep_own, grads[n]).bool(), grads[n], mean[n])
+        return loss
 
     def _clamp_(self, heads: Tensor) -> None:
         """Each stepped head's log-scale (learned or fixed) into its clamp policy's range, as
@@ -227,6 +300,29 @@ class HeadPack:
             for i, value in sam["metric_ema"].items():
                 self.metric[names[int(i)]][k].copy_(value)
             self.metric["has"][k] = True
+
+
+class _GradScale(torch.autograd.Function):
+    """The identity whose backward multiplies the gradient by a constant."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, factor: float) -> Tensor:  # type: ignore[override]
+        ctx.factor = factor
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        return grad * ctx.factor, None
+
+
+def _agree(stats: StepStats) -> StepStats:
+    """A step's diagnostics made the same on every rank when heads perturbed with their own gradients: the means
+    over the ranks of ‖g_r‖, of the SAM norm and of ‖δ_r‖; skipped where any rank skipped."""
+    rows = torch.stack([stats.grad_norm.double(), stats.sam_grad_norm.double(), stats.delta_norm.double(),
+                        stats.skipped.double()])
+    distributed.all_reduce_mean_([rows])
+    return StepStats(stats.loss, rows[0].to(stats.grad_norm.dtype), stats.stepped,
+                     rows[1].to(stats.sam_grad_norm.dtype), rows[2].to(stats.delta_norm.dtype), rows[3] > 0)
 
 
 def shared_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:

@@ -36,6 +36,9 @@ RESULTS_FILE = "results.json"
 CHECKPOINT_DIR = "checkpoints"
 _STEP_RE = re.compile(r"^step-(\d+)\.json$")
 HASH_EXCLUDED = ("out_dir", "device")  # where a run lives and what runs it: a checkpoint need not match these
+# Keys added after runs were first trained, left out of the hash while they hold their defaults: a run trained
+# before they existed keeps its config_hash and still resumes.
+HASH_NEW_DEFAULTS = {("loss", "local"): False, ("optim", "perturbation"): "global", ("eval", "sharpness_final"): True}
 
 
 # -- atomic writes and JSON ------------------------------------------------------------------------------
@@ -71,6 +74,17 @@ def read_json(path: Path) -> Any:
 def config_hash(config: dict[str, Any]) -> str:
     """SHA-256 (16 hex digits) of a config dict in canonical JSON: what a checkpoint must match to resume."""
     return hashlib.sha256(json.dumps(json_safe(config), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def hashed_view(config: dict[str, Any]) -> dict[str, Any]:
+    """The part of a run's config (a dict as config.yaml holds it) that its checkpoints must match: all but
+    ``HASH_EXCLUDED``, and the ``HASH_NEW_DEFAULTS`` keys only where they differ from their defaults."""
+    data = {k: v for k, v in config.items() if k not in HASH_EXCLUDED}
+    for (section, key), default in HASH_NEW_DEFAULTS.items():
+        part = data.get(section)
+        if isinstance(part, dict) and key in part and part[key] == default:
+            data[section] = {k: v for k, v in part.items() if k != key}
+    return data
 
 
 def diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
@@ -340,9 +354,7 @@ class RunDir:
     def _check_saved_config(self, cfg_hash: str, config: dict[str, Any]) -> None:
         from align.config import load_yaml
 
-        saved = load_yaml(self.config_path)
-        for key in HASH_EXCLUDED:
-            saved.pop(key, None)
+        saved = hashed_view(load_yaml(self.config_path))
         if config_hash(saved) != cfg_hash:
             keys = diff_keys(saved, config)
             raise AlignError(f"{self.path} was trained with another configuration (differs in: "
@@ -396,3 +408,34 @@ class RunDir:
         out = self.path / "eval" / f"{split}-{checkpoint}.json"
         write_json(out, result)
         return out
+
+
+class ReadOnlyRunDir(RunDir):
+    """A run directory as the ranks other than 0 of a torchrun job see it: they read what rank 0 wrote (the
+    checkpoint they resume from, a finished run's results) and write nothing, not even its lock."""
+
+    def lock(self) -> Any:
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    def begin(self, resumed_step: int) -> None:
+        pass
+
+    def write_config(self, yaml_text: str) -> None:
+        pass
+
+    def append_metrics(self, record: dict[str, Any]) -> None:
+        pass
+
+    def save_checkpoint(self, step: int, tensors: dict[str, torch.Tensor], meta: dict[str, Any], keep: int) -> None:
+        pass
+
+    def save_head(self, name: str, state: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        pass
+
+    def write_results(self, results: dict[str, Any]) -> None:
+        pass
+
+    def write_eval(self, split: str, checkpoint: str, result: dict[str, Any]) -> Path:
+        return self.path / "eval" / f"{split}-{checkpoint}.json"

@@ -33,6 +33,11 @@ interrupted. Checkpoints hold the head, its optimizer state (the base optimizer'
 torch ``state_dict``), the RNG state after initialisation, the best head so far and the loop's counters; resuming
 from one reaches bit-identical final weights on the same machine, in any pack.
 
+Data-parallel: under ``torchrun`` every rank runs ``train`` with the same run; each takes its slice of every
+batch (the single-process batch, cut in equal parts in rank order), the pack computes the whole batch's loss and
+steps every rank with the mean gradient (``align.pack``), so the ranks keep identical heads. Rank 0 writes the run
+directory and evaluates while the others wait; every rank reads the checkpoint it resumes from.
+
 Results (``results.json``, read by ``align compare``): see ``RESULT_KEYS``. The configuration classes live in
 ``align.train_config``, the measurements in ``align.measure``, the run directory's bookkeeping in ``align.runs``.
 """
@@ -48,6 +53,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from align import distributed
 from align.config import dump_config, shorten
 from align.errors import AlignError, is_out_of_memory, out_of_memory_error
 from align.measure import (NonFiniteFeatures, embedding_metrics, evaluate_head, head_sharpness,
@@ -370,7 +376,7 @@ def head_hparams_of(cfg: TrainConfig) -> dict[str, Any]:
     method = dict(o.method_hparams(), base=o.base) if optimizer_info(o.name).two_pass else {}
     try:
         return head_hparams(o.name, lr=o.lr, weight_decay=o.weight_decay, momentum=o.momentum, betas=tuple(o.betas),
-                            eps=o.eps, grad_clip=o.grad_clip, **method)
+                            eps=o.eps, grad_clip=o.grad_clip, perturbation=o.perturbation, **method)
     except ValueError as exc:
         raise AlignError(f"optim: {exc}") from None
 
@@ -398,7 +404,7 @@ class Trainer:
     ``HeadPack``, each with its own run directory, data order, schedule, validation, checkpoints and results."""
 
     def __init__(self, cfgs: list[TrainConfig], data: RunData, device: torch.device, runs: list[RunDir],
-                 started: float) -> None:
+                 started: float, job: distributed.Rank = distributed.SINGLE) -> None:
         import copy
 
         from align.heads import build_model
@@ -408,6 +414,11 @@ class Trainer:
         if len({pack_key(c) for c in cfgs}) != 1:
             raise AlignError("runs of one pack must differ only in optim, seed and loss.clamp")
         self.cfg, self.data, self.device, self.started = cfgs[0], data, device, started
+        self.job = job  # data-parallel under torchrun: this rank trains on its slice of every batch
+        batch, world = self.cfg.schedule.batch_size, self.job.world_size
+        if batch % world:
+            raise AlignError(f"schedule.batch_size={batch} must be a multiple of the {world} ranks (each takes an "
+                             f"equal slice of every batch): use --set schedule.batch_size={batch - batch % world}")
         self.bf16 = use_bf16(self.cfg, device)
         self.samplers: dict[int, Sampler] = {}
         self.heads = []
@@ -430,27 +441,44 @@ class Trainer:
         self.pack: Any = None
         self.share = 1  # runs trained in this session
 
+    def _from_main(self, fn: Any) -> Any:
+        """``fn()`` on rank 0 alone and its result on every rank of the job (evaluation: the others wait)."""
+        if not self.job.distributed:
+            return fn()
+        return distributed.broadcast_object(fn() if self.job.is_main else None)
+
     def wall_time(self, head: Head) -> float:
         """The run's wall time: its earlier sessions plus its share of this session (the pack's time / its runs)."""
         return head.state.wall_before + (time.perf_counter() - self.started) / max(1, self.share)
 
     # -- checkpoints
     def restore(self, head: Head, kind: str, log: Log) -> None:
-        """A fresh state, or the one of the newest checkpoint (head, optimizer state, RNG, best head, counters)."""
+        """A fresh state, or the one of the newest checkpoint (head, optimizer state, RNG, best head, counters);
+        only reads (``_train_locked`` then begins the run directory)."""
         found = head.run.latest_checkpoint() if kind == "resume" else None
         if found is None:
             if kind == "resume":
                 log(f"{head.run.path} has no checkpoint yet: starting from step 0")
-            head.run.begin(0)  # a stray metrics.jsonl without a checkpoint is not ours to append to
-            return
+            return  # begin(0) then drops a stray metrics.jsonl without a checkpoint: it is not ours to append to
         tensors, meta = found
         head.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-        head.optim_saved = unflatten_state(meta["optimizer"], tensors)
+        head.optim_saved = self._own_rank_state(unflatten_state(meta["optimizer"], tensors), head)
         head.rng = {k: v for k, v in tensors.items() if k.startswith("rng.")}
         best_state = {k[5:]: v.to(self.device) for k, v in tensors.items() if k.startswith("best.")}
         head.state = LoopState.from_json(meta["train_state"], best_state)
-        head.run.begin(head.state.step)
-        log(f"resuming {head.run.path} from step {head.state.step}")
+
+    def _own_rank_state(self, saved: dict[str, Any], head: Head) -> dict[str, Any]:
+        """The optimizer state this rank resumes from: M-SAM's averaged metric with a local perturbation is each
+        rank's own (``checkpoint`` stores one per rank)."""
+        ranks = saved.get("sam", {}).pop("metric_ema_ranks", None)
+        if ranks is None or all(r is None for r in ranks):
+            return saved
+        if len(ranks) != self.job.world_size:
+            raise AlignError(f"{head.run.path} was trained on {len(ranks)} ranks with optim.perturbation=local and "
+                             f"M-SAM's averaged metric, one per rank: resume it on {len(ranks)} ranks")
+        if ranks[self.job.rank] is not None:
+            saved["sam"]["metric_ema"] = ranks[self.job.rank]
+        return saved
 
     def build_pack(self, heads: list[Head]) -> None:
         """Stack the heads still to train, ordered by (step, seed) so heads sharing a batch sit side by side."""
@@ -461,7 +489,7 @@ class Trainer:
         if not self.active:
             return
         self.pack = HeadPack([h.model for h in self.active], [h.hparams for h in self.active],
-                             [h.cfg.loss.clamp for h in self.active])
+                             [h.cfg.loss.clamp for h in self.active], job=self.job)
         for slot, head in enumerate(self.active):
             head.model = None  # its weights live in the pack now
             if head.optim_saved is not None:
@@ -469,13 +497,20 @@ class Trainer:
 
     def checkpoint(self, head: Head, slot: int) -> None:
         """A resumable checkpoint of the run's whole training state at its step."""
-        state = head.state
+        state, optim = head.state, self.pack.optim_state(slot)
+        if self.job.distributed and bool(self.pack.hp.local_perturbation[slot]) and self.pack.metric is not None:
+            sam = optim.setdefault("sam", {})  # each rank's own averaged metric (a collective: every rank is here)
+            own = sam.pop("metric_ema", None)
+            sam["metric_ema_ranks"] = distributed.gather_objects(
+                None if own is None else {i: t.cpu() for i, t in own.items()})
+        if not self.job.is_main:
+            return
         tensors: dict[str, Tensor] = {f"model.{k}": v for k, v in self.pack.head_state(slot).items()}
         if state.best.state is not None:
             tensors.update({f"best.{k}": v for k, v in state.best.state.items()})
         tensors.update(head.rng)
         meta = {"config_hash": head.cfg_hash, "config": head.config,
-                "optimizer": flatten_state(self.pack.optim_state(slot), "optim", tensors),
+                "optimizer": flatten_state(optim, "optim", tensors),
                 "scheduler": {"last_epoch": state.step, "base_lrs": [head.cfg.optim.lr]},
                 "train_state": state.to_json(self.wall_time(head))}
         head.run.save_checkpoint(state.step, tensors, meta, keep=head.cfg.keep_checkpoints)
@@ -541,16 +576,24 @@ class Trainer:
 
     # -- training
     def _batches(self) -> list[tuple[slice, Tensor, Tensor]]:
-        """Each run of heads with one (step, seed) and the batch they share."""
+        """Each run of heads with one (step, seed) and the batch they share (under torchrun: this rank's slice)."""
         from align.pack import group_batches
 
         groups, start = [], 0
         for slot in range(1, len(self.active) + 1):
             a, b = self.active[start], self.active[slot] if slot < len(self.active) else None
             if b is None or (b.state.step, b.cfg.seed) != (a.state.step, a.cfg.seed):
-                groups.append((slice(start, slot), *a.sampler.batch(a.state.step)))
+                groups.append((slice(start, slot), *self._rank_slice(*a.sampler.batch(a.state.step))))
                 start = slot
         return group_batches(groups, self.image, self.text)
+
+    def _rank_slice(self, images: Tensor, captions: Tensor) -> tuple[Tensor, Tensor]:
+        """This rank's equal slice of a batch's rows (rank r takes the r-th; the batch is the single-process one)."""
+        if not self.job.distributed:
+            return images, captions
+        size = len(images) // self.job.world_size
+        lo = self.job.rank * size
+        return images[lo:lo + size], captions[lo:lo + size]
 
     def step(self) -> None:
         """One optimizer step of every active head, and each head's metrics record."""
@@ -598,7 +641,7 @@ class Trainer:
         steps, ev = self.cfg.schedule.steps, self.cfg.eval
         running = [s for s, h in enumerate(self.active) if h.state.diverged is None]
         due = [s for s in running if self.active[s].state.step % ev.every == 0 or self.active[s].state.step == steps]
-        for slot, metrics in zip(due, self.validate(due) if due else []):
+        for slot, metrics in zip(due, self._from_main(lambda: self.validate(due)) if due else []):
             head = self.active[slot]
             if metrics is None:
                 head.state.diverged = {"step": head.state.step,
@@ -645,7 +688,8 @@ class Trainer:
     def finish(self, head: Head, slot: int) -> None:
         """The run's final checkpoint (a diverged run still reports its best head), its results and results.json."""
         self.checkpoint(head, slot)
-        head.results = self.results(head, self.pack.head_state(slot), int(self.pack.skipped_steps[slot]))
+        head.results = self._from_main(lambda: self.results(head, self.pack.head_state(slot),
+                                                            int(self.pack.skipped_steps[slot])))
         head.run.write_results(head.results)
 
     def final_val(self, head: Head, weights: dict[str, Tensor]) -> dict[str, float] | None:
@@ -684,27 +728,41 @@ class Trainer:
 
 def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, log: Log | None = None,
           progress: bool = True) -> dict[str, Any]:
-    """Train per ``cfg`` into ``run_dir`` (or continue it with ``resume``) → the results dict (also results.json)."""
-    return train_pack([cfg], [run_dir], resume=resume, log=log, progress=progress)[0]
+    """Train per ``cfg`` into ``run_dir`` (or continue it with ``resume``) → the results dict (also results.json).
+
+    Under torchrun every rank calls this and joins the job: the run trains data-parallel over the ranks (see
+    ``align.pack``), rank 0 writes it and evaluates, and every rank returns the results."""
+    from align.device import pick_device
+
+    job = distributed.init(pick_device(cfg.device))
+    return train_pack([cfg], [run_dir], resume=resume, log=log, progress=progress, job=job)[0]
 
 
 def train_pack(cfgs: list[TrainConfig], run_dirs: list[Path], resume: bool = False, log: Log | None = None,
                progress: bool = True, data: RunData | None = None,
-               on_step: Callable[[int], None] | None = None) -> list[dict[str, Any]]:
+               on_step: Callable[[int], None] | None = None,
+               job: distributed.Rank = distributed.SINGLE) -> list[dict[str, Any]]:
     """Train K runs that differ only in optimizer, seed and clamp as one pack (each into its own run directory,
     resumed from its own checkpoint with ``resume``) → their results dicts, in the order given. ``data``: the
     splits in their roles, when already in memory (else read from the cache the configs name). ``on_step(k)``: called
-    after each step of k heads."""
+    after each step of k heads. ``job``: the joined torchrun job to train in data-parallel (every rank calls this
+    with the same runs), where rank 0 alone writes and evaluates; SINGLE (the default) trains in this process
+    alone, whatever ranks it belongs to."""
     from contextlib import ExitStack
 
     from align.device import keep_freed_memory, pick_device
+    from align.runs import ReadOnlyRunDir
 
     log = log or (lambda message: None)
     started = time.perf_counter()
     device = pick_device(cfgs[0].device)
     if device.type == "cpu" and len(cfgs) > 1:
         keep_freed_memory()  # a pack's tensors are large: reused, not mmap'd and page-faulted afresh every step
-    runs = [RunDir(d) for d in run_dirs]
+    if job.distributed:
+        device = distributed.rank_device(device)
+    if not job.is_main:  # rank 0 speaks and writes for the job
+        log, progress = (lambda message: None), False
+    runs = [RunDir(d) if job.is_main else ReadOnlyRunDir(d) for d in run_dirs]
     for run, cfg in zip(runs, cfgs):
         run.check_location()
         check_head_fits(cfg, device)  # before the data is read (dims from the cache count as 1) ...
@@ -714,7 +772,7 @@ def train_pack(cfgs: list[TrainConfig], run_dirs: list[Path], resume: bool = Fal
         cfgs = [resolve_dims(c, data.train) for c in cfgs]
         for cfg in cfgs:
             check_head_fits(cfg, device)  # ... and with the cache's dims
-        trainer = Trainer(cfgs, data, device, runs, started)  # builds the heads: config errors come before any write
+        trainer = Trainer(cfgs, data, device, runs, started, job)  # builds the heads: config errors come before any write
         with ExitStack() as locks:
             for run in runs:
                 locks.enter_context(run.lock())  # the "fresh?" checks and every write happen under them
@@ -739,8 +797,14 @@ def _train_locked(trainer: Trainer, resume: bool, log: Log, progress: bool,
             head.results = head.run.read_results()
             continue
         trainer.restore(head, kind, log)
-        head.run.write_config(dump_config(head.cfg))
         todo.append(head)
+    if trainer.job.distributed:
+        distributed.barrier()  # every rank has read its checkpoints before rank 0 writes anything
+    for head in todo:
+        head.run.begin(head.state.step)  # checks the log it keeps: a damaged one stops the run here
+        if head.optim_saved is not None:
+            log(f"resuming {head.run.path} from step {head.state.step}")
+        head.run.write_config(dump_config(head.cfg))
     trainer.build_pack(todo)
     trainer.finish_done()  # runs stopped after their last step but before their results were written
     if trainer.active:

@@ -15,7 +15,7 @@ from align.cache import EmbedConfig
 from align.config import StrictModel
 from align.heads import HeadConfig
 from align.losses import LossConfig
-from align.runs import HASH_EXCLUDED
+from align.runs import hashed_view
 
 
 
@@ -56,6 +56,10 @@ class OptimConfig(StrictModel):
     norm_scope: Literal["perturbed", "all_trainable"] | None = None  # SAM / M-SAM: which gradients make up ‖g‖
     base: str = "adamw"  # base optimizer of the SAM family: sgd | adam | adamw
     grad_clip: Number | None = None  # max ‖g‖ of the gradient the base optimizer steps with (SAM: the second)
+    # The SAM family under torchrun: global averages the ranks' first gradients before δ (the single-process
+    # step); local takes δ from each rank's own gradient and averages only the second. Other optimizers and
+    # single-process runs ignore it.
+    perturbation: Literal["global", "local"] = "global"
 
     def method_hparams(self) -> dict[str, Any]:
         """The SAM-family hyper-parameters that were set (the rest take the method's defaults)."""
@@ -163,9 +167,7 @@ class TrainConfig(StrictModel):
 
 
 def hashed_config(cfg: TrainConfig) -> dict[str, Any]:
-    """The part of the config a checkpoint must match: all but where the run lives and which device runs it."""
-    data = cfg.model_dump(mode="json")
-    for key in HASH_EXCLUDED:
-        data.pop(key, None)
-    return data
+    """The part of the config a checkpoint must match: all but where the run lives and which device runs it
+    (``align.runs.hashed_view``)."""
+    return hashed_view(cfg.model_dump(mode="json"))
 

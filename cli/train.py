@@ -1,4 +1,5 @@
-"""`align train --config FILE|NAME [--set key.sub=value ...] [--resume] [--out DIR]`."""
+"""`align train --config FILE|NAME [--set key.sub=value ...] [--resume] [--out DIR]`, alone or under
+`torchrun --nproc-per-node N --no-python align train ...` (data-parallel; rank 0 writes and reports)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -61,6 +62,7 @@ def register(app: typer.Typer) -> None:
         progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
     ) -> None:
         """Train an alignment head on cached embeddings; writes config.yaml, metrics.jsonl, checkpoints/, results.json."""
+        from align import distributed
         from align.config import load_config
         from align.config_files import resolve_config
         from align.train import TrainConfig, train
@@ -71,6 +73,10 @@ def register(app: typer.Typer) -> None:
         cfg = cfg.model_copy(update={"out_dir": str(run_dir)})
         results = train(cfg, run_dir, resume=resume, log=lambda m: err_console.print(m, highlight=False),
                         progress=progress)
+        main = distributed.current().is_main
+        distributed.shutdown()  # under torchrun: every rank leaves the job together (a no-op otherwise)
+        if not main:
+            return  # rank 0 reports for the job
         print_results(results, f"{run_dir}")
         if results["status"] == "diverged":
             err_console.print(f"[bold yellow]diverged[/] at step {results['diverged_at']}: {results['diverge_reason']}",

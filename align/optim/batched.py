@@ -67,6 +67,7 @@ class HeadHparams:
     alpha: Tensor
     metric_beta: Tensor
     all_trainable: Tensor  # norm_scope == "all_trainable"
+    local_perturbation: Tensor  # SAM family under torchrun: δ from the rank's own gradient (optim.perturbation: local)
 
     @classmethod
     def stack(cls, heads: Sequence[Mapping[str, Any]], device: torch.device | str = "cpu") -> "HeadHparams":
@@ -75,7 +76,7 @@ class HeadHparams:
         for f in fields(cls):
             values = [h[f.name] for h in heads]
             dtype = torch.int64 if f.name in ("base", "method") else (
-                torch.bool if f.name == "all_trainable" else torch.float64)
+                torch.bool if f.name in ("all_trainable", "local_perturbation") else torch.float64)
             out[f.name] = torch.tensor(values, dtype=dtype, device=device)
         return cls(**out)
 
@@ -96,11 +97,14 @@ class HeadHparams:
 
 def head_hparams(name: str, *, lr: float, weight_decay: float = 0.0, momentum: float = 0.0,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, base: str | None = None,
-                 grad_clip: float | None = None, **method: Any) -> dict[str, Any]:
+                 grad_clip: float | None = None, perturbation: str = "global", **method: Any) -> dict[str, Any]:
     """One head's resolved hyper-parameters, read off the reference optimizer ``create_optimizer`` builds (its
-    defaults, its ValueErrors). ``grad_clip`` is the SAM family's ``max_grad_norm`` or the single-pass clip."""
+    defaults, its ValueErrors). ``grad_clip`` is the SAM family's ``max_grad_norm`` or the single-pass clip;
+    ``perturbation`` ("global" | "local") matters only to the SAM family under torchrun."""
     from align.optim.registry import create_optimizer, optimizer_info
 
+    if perturbation not in ("global", "local"):
+        raise ValueError(f"perturbation must be global or local, got {perturbation!r}")
     two_pass = optimizer_info(name).two_pass
     extra = dict(method, base=base, max_grad_norm=grad_clip) if two_pass else {}
     opt = create_optimizer(name, [torch.zeros(1, requires_grad=True)], lr=lr, weight_decay=weight_decay,
@@ -115,7 +119,8 @@ def head_hparams(name: str, *, lr: float, weight_decay: float = 0.0, momentum: f
             "method": METHODS.index(_METHOD_OF_CLASS[type(opt)]) if two_pass else NONE,
             "rho": group.get("rho", 0.0), "eta": group.get("eta", 0.0), "alpha": getattr(opt, "alpha", 1.0),
             "metric_beta": getattr(opt, "metric_beta", 0.0),
-            "all_trainable": getattr(opt, "norm_scope", "perturbed") == "all_trainable"}
+            "all_trainable": getattr(opt, "norm_scope", "perturbed") == "all_trainable",
+            "local_perturbation": two_pass and perturbation == "local"}
 
 
 # -- helpers --------------------------------------------------------------------------------------------
