@@ -1,6 +1,7 @@
 """Evaluation figures (PNG): zero-shot confusion matrices and the retrieval gallery (edge: writes files)."""
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -81,8 +82,8 @@ def gallery_figure(path: Path, queries: list[dict[str, Any]], title: str) -> Pat
             ax.set_title(f"{hit['score']:.3f}" + (f"  {hit['label']}" if hit.get("label") else ""), fontsize=8)
         for ax in row[len(query["hits"]):]:
             ax.set_visible(False)
-        text = query["text"] if len(query["text"]) <= 70 else query["text"][:67] + "..."
-        row[0].set_ylabel(text, fontsize=8, rotation=0, ha="right", va="center", labelpad=8)
+        text = textwrap.shorten(query["text"], 90, placeholder="...")
+        row[0].set_ylabel(textwrap.fill(text, 26), fontsize=8, rotation=0, ha="right", va="center", labelpad=8)
     fig.suptitle(title, fontsize=10)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     out = _save(fig, Path(path))

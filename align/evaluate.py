@@ -92,8 +92,9 @@ def _confusion_png(path: Path, result: dict[str, Any], what: str) -> Path:
 
 def draw_gallery(paired: Any, image: Tensor, text: Tensor, spec: Any, path: Path, title: str, queries: int = 4,
                  k: int = 5) -> Path:
-    """For ``queries`` captions spread over the split (each its image's first), the top-``k`` images by cosine,
-    read again from the dataset ``spec`` the cache was made from → a PNG at ``path``."""
+    """For ``queries`` images spread over the split, one caption each (the q-th query takes its image's caption q,
+    cycling), the top-``k`` images by cosine, read again from the dataset ``spec`` the cache was made from → a
+    PNG at ``path``."""
     from align import datasets
     from align.cache import source_rows
     from align.eval_plots import gallery_figure
@@ -103,13 +104,14 @@ def draw_gallery(paired: Any, image: Tensor, text: Tensor, spec: Any, path: Path
                          "(no common space without a head): give a RUN_DIR instead of --cache")
     img_rows, cap_rows = source_rows(paired.meta["path"])
     data = datasets.load_image_caption_split(spec, paired.meta["split"])
-    first = paired.first_caption_per_image()
     picks = torch.linspace(0, paired.num_images - 1, min(queries, paired.num_images)).round().long().unique()
-    scores, hits = top_images(image, text[first[picks]], k)
+    own_captions = [torch.nonzero(paired.caption_to_image == i).flatten() for i in picks.tolist()]
+    chosen = torch.stack([caps[q % len(caps)] for q, caps in enumerate(own_captions)])
+    scores, hits = top_images(image, text[chosen], k)
     names, labels = paired.class_names, paired.labels
     rows = []
     for q, own in enumerate(picks.tolist()):
-        rows.append({"text": data.captions[int(cap_rows[int(first[own])])], "hits": [
+        rows.append({"text": data.captions[int(cap_rows[int(chosen[q])])], "hits": [
             {"image": data.load_image(int(img_rows[j])), "score": float(s), "own": j == own,
              "same_class": labels is not None and int(labels[j]) == int(labels[own]),
              "label": names[int(labels[j])] if names is not None and labels is not None else ""}
