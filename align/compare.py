@@ -216,6 +216,7 @@ def plan(cfg: CompareConfig) -> dict[str, Any]:
         "splits": list(cfg.data.splits),
         "image_encoder": cfg.data.image_encoder.model_dump(exclude_none=True),
         "text_encoder": cfg.data.text_encoder.model_dump(exclude_none=True),
+        "score": cfg.score,
         "optimizers": list(cfg.grid.optimizers),
         "method_axes": {name: dict(spec) for name, spec in cfg.grid.method_axes.items()},
         "runs": len(cells),
@@ -231,6 +232,10 @@ def _dataset_summary(cfg: CompareConfig) -> dict[str, Any]:
     dataset = cfg.data.dataset.model_dump(exclude_none=True)
     if dataset.get("kind") != "synthetic":
         dataset.pop("synthetic", None)
+    if dataset.get("kind") == "mnist":  # the templates are in the config; the plan says how many
+        mnist = dataset["mnist"]
+        mnist["caption_templates"], mnist["prompt_templates"] = (len(mnist["caption_templates"]),
+                                                                 len(mnist["prompt_templates"]))
     return dataset
 
 

@@ -147,6 +147,10 @@ def evaluate_cache(key_or_path: str | Path, split: str | None = None, cache_root
     if split is not None and paired.meta.get("split") != split:
         raise AlignError(f"cache {path.name} holds split {paired.meta.get('split')!r}, not {split!r}: "
                          "give the key of that split (align cache ls)")
+    if gallery is not None and paired.image.shape[1] != paired.text.shape[1]:  # said before the work, not after
+        raise AlignError(f"no gallery of raw embeddings: image dimension {paired.image.shape[1]} differs from text "
+                         f"dimension {paired.text.shape[1]} (no common space without a head): give a RUN_DIR instead "
+                         "of --cache")
     result = evaluate_embeddings(paired, ks=ks, knn_k=knn_k, backend=backend, source=str(path))
     written = []
     if confusion is not None and "zeroshot" in result:

@@ -105,3 +105,15 @@ def test_gallery_rows_are_the_top_images_by_cosine_and_the_png_is_written(photo_
         for hit, j in zip(row["hits"], ranked):
             with Image.open(photo_cache.parent.parent / "photos" / f"photo{j:02d}.png") as source:
                 assert np.array_equal(np.asarray(hit["image"]), np.asarray(source.convert("RGB")))
+
+
+def test_a_raw_gallery_needs_a_shared_space(tmp_path):
+    from align.errors import AlignError
+    from align.evaluate import evaluate_cache
+    from test_train import make_cache
+
+    make_cache(tmp_path)  # image and text embeddings of different widths, no encoder needed
+    folder = next(p for p in tmp_path.iterdir() if p.name.startswith("synthetic-val"))
+    with pytest.raises(AlignError, match="no common space without a head") as info:
+        evaluate_cache(folder, gallery=tmp_path / "g.png", knn_k=2)
+    assert "\n" not in str(info.value) and not (tmp_path / "g.png").exists()
