@@ -165,7 +165,8 @@ def evaluate_embeddings(paired: PairedEmbeddings, ks: Sequence[int] = (1, 5, 10)
 
 
 def top_images(image: Tensor, queries: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """(N, D) images, (Q, D) caption queries → (Q, k) cosine scores and image indices, best first (ties: lower index)."""
+    """(N, D) images, (Q, D) caption queries → (Q, k) cosine scores and image indices, best first (ties: the
+    lower index)."""
     import torch.nn.functional as F
 
     sim = F.normalize(queries.float(), dim=-1) @ F.normalize(image.float(), dim=-1).T

@@ -14,8 +14,10 @@ Captions come from ``caption_templates`` ("a handwritten digit seven"): ``captio
 taken in turn, so that each template captions the same share of every class (the k-th image of a class in a
 split starts at template k mod T). The captions name only the digit, so one caption per image already gives every
 class all its templates, at a fifth of the encoding time of five. The zero-shot prompts come from
-``prompt_templates``, a separate list, so that a zero-shot score is not the recall of a training sentence. Images are upscaled from 28 px to ``image_size`` (the image encoder's input size, filled in
-by the embed config when left out) with ``resample``; both are part of the identity, hence of the cache key.
+``prompt_templates``, a separate list, so that a zero-shot score is not the recall of a training sentence.
+
+Images are upscaled from 28 px to ``image_size`` (the image encoder's input size, filled in by the embed config
+when left out) with ``resample``; both are part of the identity, hence of the cache key.
 """
 from __future__ import annotations
 

@@ -126,7 +126,8 @@ def training_curves(run_root: Path, best: dict[str, tuple], rows: list[dict[str,
                 ax_val.plot([m["step"] for m in val], [_num(m.get(score)) for m in val], "o-", ms=3,
                             color=color, alpha=0.8, label=label)
     ax_loss.set(xlabel="step", ylabel="training loss (10-step mean)", title="training loss")
-    ax_val.set(xlabel="step", ylabel=f"validation {SCORES.get(score, score)}", title=f"validation {SCORES.get(score, score)}")
+    label = SCORES.get(score, score)
+    ax_val.set(xlabel="step", ylabel=f"validation {label}", title=f"validation {label}")
     for ax in (ax_loss, ax_val):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)

@@ -116,7 +116,8 @@ def summary_lines(summary: list[dict[str, Any]], reference: str, axes: list[str]
         div = f" ({s['diverged_seeds']} diverged)" if s["diverged_seeds"] else ""
         lines.append(f"| {s['optimizer']} | {_hp(s['lr'])} | {_hp(s['rho'])} | "
                      + "".join(f"{_hp(s.get(a))} | " for a in axes) + f"{s['seeds']}{div} | "
-                     + "".join(f"{cell(s)} | " for _, cell in columns) + f"{diff_text(s)} | {s.get('verdict') or '—'} |")
+                     + "".join(f"{cell(s)} | " for _, cell in columns)
+                     + f"{diff_text(s)} | {s.get('verdict') or '—'} |")
     return lines
 
 
@@ -155,7 +156,8 @@ def verdict_sentences(summary: list[dict[str, Any]], reference: str, score: str 
 def robustness_lines(rob: list[dict[str, Any]], axes: list[str] = (), score: str = study_stats.SCORE) -> list[str]:
     """The robustness table: best, worst and the share within 95% judged on validation; test means beside."""
     worst = "lr, ρ" + "".join(f", {AXIS_LABELS.get(a, a)}" for a in axes)
-    lines = [f"| optimizer | configs | within 95% of its best (val) | best config: val {score_label(score)} | its test | "
+    lines = [f"| optimizer | configs | within 95% of its best (val) | best config: val {score_label(score)} | "
+             "its test | "
              f"worst config ({worst}): val | its test | diverged configs |", "|---" * 8 + "|"]
     for r in rob:
         where = ", ".join([_hp(r["worst_lr"]), _hp(r["worst_rho"]), *(_hp(r.get(f"worst_{a}")) for a in axes)])

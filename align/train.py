@@ -20,8 +20,8 @@ second one, never the first. ``grad_norm`` in metrics.jsonl is ‖g‖ over all 
 Best checkpoint: the validation score named by ``eval.select`` — ``mean_R@1`` (mean of image→text and
 text→image R@1, the default: retrieval is what a head is for, and it separates runs better than R@5),
 ``mutual_knn`` (the paper's alignment figure) or, on a labelled set, ``zeroshot_top1`` (zero-shot accuracy; on
-mnist, whose captions only name the digit, it is the one that measures the head). ``max_val`` in the results holds the maximum of every
-validation metric over training as well (the paper's "best alignment over training").
+mnist, whose captions only name the digit, it is the one that measures the head). ``max_val`` in the results
+holds the maximum of every validation metric over training as well (the paper's "best alignment over training").
 
 Divergence ends a run cleanly with ``status: "diverged"``: a non-finite training loss, or a collapse — the loss
 within ``diverge_tol`` of its uniform-prediction value (ln B for CLIP) with ‖g‖ < ``diverge_grad_tol`` for
