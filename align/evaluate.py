@@ -20,14 +20,16 @@ from align.runs import RunDir, json_safe
 
 
 def evaluate_run(run_dir: Path, split: str = "test", checkpoint: str = "best", device: str | None = None,
-                 backend: str | None = None, log: Log | None = None, gallery: Path | None = None) -> dict[str, Any]:
+                 backend: str | None = None, log: Log | None = None, gallery: Path | None = None,
+                 cache: str | Path | None = None, cache_root: str | Path | None = None) -> dict[str, Any]:
     """Evaluate a trained run's head on ``split`` → results dict, also written to RUN/eval/SPLIT-CHECKPOINT.json
     (and its zero-shot confusion matrix to SPLIT-CHECKPOINT-confusion.png on a labelled split; the retrieval
-    gallery to ``gallery`` when given)."""
+    gallery to ``gallery`` when given). ``cache``: evaluate on that cache instead (any set embedded by the run's
+    encoders, e.g. photos for a head trained on digits), recorded as RUN/eval/cache-KEY-CHECKPOINT.json."""
     from align.config import load_config
     from align.device import pick_device
     from align.heads import build_model
-    from align.train import check_head_fits, load_data, resolve_dims
+    from align.train import check_head_fits, resolve_dims
     from align.train_config import TrainConfig
 
     run = RunDir(run_dir)
@@ -37,10 +39,8 @@ def evaluate_run(run_dir: Path, split: str = "test", checkpoint: str = "best", d
     cfg = load_config(TrainConfig, run.config_path)
     if backend is not None:
         cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"backend": backend})})
-    if split not in cfg.data.splits:
-        raise AlignError(f"split {split!r} is not in the run's data.splits ({', '.join(cfg.data.splits)})")
     state, meta = run.load_head(checkpoint)
-    paired = load_data(cfg, [split])[split]
+    paired, spec, split = _run_data(cfg, split, cache, cache_root)
     cfg = resolve_dims(cfg, paired)
     notes = [] if cfg.eval.knn_k < paired.num_images else [  # said, so that they are not missing without a word
         f"mutual_knn/cknna skipped: {paired.num_images} images is not more than the run's eval.knn_k={cfg.eval.knn_k}"]
@@ -67,12 +67,37 @@ def evaluate_run(run_dir: Path, split: str = "test", checkpoint: str = "best", d
     if confusion is not None:
         written.append(_confusion_png(out.with_name(f"{out.stem}-confusion.png"), result, f"{run.path.name}, {split}"))
     if features is not None and gallery is not None:
-        written.append(draw_gallery(paired, *features, cfg.data.dataset, gallery,
-                                    f"{run.path.name} ({checkpoint}), split {split}: through the heads"))
+        written.append(draw_gallery(paired, *features, spec, gallery,
+                                    f"{run.path.name} ({checkpoint}), {split}: through the heads"))
     if log:
         for path in written:
             log(f"wrote {path}")
     return json_safe(dict(result, written_to=str(out)))
+
+
+def _run_data(cfg: Any, split: str, cache: str | Path | None, cache_root: str | Path | None) -> tuple[Any, Any, str]:
+    """(embeddings, their dataset spec, the label of the evaluation): the run's own split, or another cache made by
+    the run's encoders (AlignError naming both otherwise)."""
+    from align.cache import find_cache, load_cache_dir, manifest_of
+    from align.datasets import DatasetSpec
+    from align.train import load_data
+
+    if cache is None:
+        if split not in cfg.data.splits:
+            raise AlignError(f"split {split!r} is not in the run's data.splits ({', '.join(cfg.data.splits)})")
+        return load_data(cfg, [split])[split], cfg.data.dataset, split
+    path = find_cache(cache, cache_root)
+    manifest = manifest_of(path)
+    wanted = {"image": cfg.data.image_encoder.describe(), "text": cfg.data.text_encoder.describe()}
+    if {k: manifest["encoders"].get(k) for k in wanted} != wanted:
+        from align.config import shorten
+
+        def pair(encoders: dict) -> str:
+            return " + ".join(shorten(str(encoders.get(k)), 48) for k in ("image", "text"))
+
+        raise AlignError(f"cache {path.name} was not embedded by the run's encoders: embed that set with the run's "
+                         f"encoders (cache: {pair(manifest['encoders'])}; run: {pair(wanted)})")
+    return load_cache_dir(path), DatasetSpec.model_validate(manifest["config"]["dataset"]), f"cache-{path.name}"
 
 
 def _head_features(model: torch.nn.Module, paired: Any, device: torch.device) -> tuple[Tensor, Tensor]:

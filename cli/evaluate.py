@@ -35,7 +35,7 @@ def register(app: typer.Typer) -> None:
         run_dir: Optional[Path] = typer.Argument(None, help="A run directory written by align train."),
         split: Optional[str] = typer.Option(None, "--split", help="Split to evaluate (run: default test; cache: the key's own split)."),
         checkpoint: str = typer.Option("best", "--checkpoint", help="best | last"),
-        cache: Optional[str] = typer.Option(None, "--cache", help="Evaluate raw cached embeddings (cache key or folder), no head."),
+        cache: Optional[str] = typer.Option(None, "--cache", help="Evaluate raw cached embeddings (cache key or folder), no head; with RUN_DIR: the run's heads on that cache (same encoders)."),
         cache_root: Optional[Path] = typer.Option(None, "--cache-root", help="Where cache keys live (default: $ALIGN_HOME/cache, else data/cache)."),
         device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | mps (run: default the run's)."),
         backend: Optional[str] = typer.Option(None, "--backend", help="k-NN search: faiss | torch."),
@@ -50,8 +50,8 @@ def register(app: typer.Typer) -> None:
         from align.evaluate import evaluate_cache, evaluate_run
         from align.files import require_file_path
 
-        if (run_dir is None) == (cache is None):
-            raise AlignError("give either a RUN_DIR or --cache KEY_OR_PATH (not both)")
+        if run_dir is None and cache is None:
+            raise AlignError("give either a RUN_DIR or --cache KEY_OR_PATH (both: the run's heads on that cache)")
         if backend is not None and backend not in ("faiss", "torch"):
             raise AlignError(f"unknown --backend {backend!r}: use faiss or torch")
         if out is not None:
@@ -63,7 +63,7 @@ def register(app: typer.Typer) -> None:
             if checkpoint not in ("best", "last"):
                 raise AlignError(f"unknown --checkpoint {checkpoint!r}: use best or last")
             result = evaluate_run(run_dir, split=split or "test", checkpoint=checkpoint, device=device,
-                                  backend=backend, log=say, gallery=gallery)
+                                  backend=backend, log=say, gallery=gallery, cache=cache, cache_root=cache_root)
         else:
             confusion = None if out is None else out.with_name(f"{out.stem}-confusion.png")
             result = evaluate_cache(cache, split=split, cache_root=cache_root, knn_k=knn_k,

@@ -117,3 +117,34 @@ def test_a_raw_gallery_needs_a_shared_space(tmp_path):
     with pytest.raises(AlignError, match="no common space without a head") as info:
         evaluate_cache(folder, gallery=tmp_path / "g.png", knn_k=2)
     assert "\n" not in str(info.value) and not (tmp_path / "g.png").exists()
+
+
+def test_a_runs_heads_on_another_cache_of_its_encoders(photo_cache, tmp_path):
+    """A head trained elsewhere (here on random 16-d pairs) applied to the photos: its gallery and its record."""
+    from align.embeddings import PairedEmbeddings
+    from align.train import RunData, train_pack
+    from align.train_config import TrainConfig
+
+    embed = yaml.safe_load((photo_cache.parent.parent / "embed.yaml").read_text())
+    cfg = TrainConfig.model_validate({
+        "data": embed, "device": "cpu", "head": {"out_dim": 8}, "schedule": {"steps": 4, "batch_size": 8,
+                                                                             "warmup_steps": 1},
+        "eval": {"every": 4, "knn_k": 2, "ks": [1], "test_split": None, "sharpness": False, "backend": "torch"},
+        "loss_at_step": 2, "checkpoint_every": 4})
+    rng = torch.Generator().manual_seed(0)
+    pairs = PairedEmbeddings(torch.randn(24, 16, generator=rng), torch.randn(24, 16, generator=rng), torch.arange(24))
+    train_pack([cfg], [tmp_path / "run"], data=RunData(train=pairs, val=pairs, test=None), progress=False)
+    out = tmp_path / "after.png"
+    result = runner.invoke(app, ["eval", str(tmp_path / "run"), "--cache", str(photo_cache), "--knn-k", "2",
+                                 "--gallery", str(out)], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / "run" / "eval" / f"cache-{photo_cache.name}-best.json").read_text())
+    assert record["num_images"] == len(photos()) and "i2t_R@1" in record["metrics"]
+    with Image.open(out) as png:
+        assert png.format == "PNG"
+
+    other = dict(embed, image_encoder={"backend": "open_clip", "model": "ViT-S-32"})
+    cfg2 = cfg.model_copy(update={"data": cfg.data.model_validate(other)})
+    train_pack([cfg2], [tmp_path / "run2"], data=RunData(train=pairs, val=pairs, test=None), progress=False)
+    result = runner.invoke(app, ["eval", str(tmp_path / "run2"), "--cache", str(photo_cache)])
+    assert result.exit_code == 2 and "embed that set with the run's encoders" in result.output, result.output
