@@ -116,7 +116,7 @@ class CompareConfig(TrainConfig):
     # The headline metric: it picks each optimizer's best configuration (validation) and is compared with the
     # reference (test). zeroshot_top1 needs a labelled set (mnist), whose captions only name the class.
     score: Literal["mean_R@1", "zeroshot_top1"] = "mean_R@1"
-    beside: str | None = None  # another study (name under the studies folder, or folder) ranked beside this one
+    beside: str | None = None  # another study ranked beside this one: its name, or its folder as a path (with a /)
     grid: GridConfig = GridConfig()
 
     @field_validator("name")

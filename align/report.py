@@ -341,7 +341,7 @@ def beside_section(beside: str | None, summ: list[dict[str, Any]], score: str) -
         return []
     from align.paths import studies_dir
 
-    folder = Path(beside) if ("/" in beside or Path(beside).is_dir()) else studies_dir() / beside
+    folder = Path(beside) if "/" in beside else studies_dir() / beside  # a name, or a folder given as a path
     head = [f"## Beside study `{Path(beside).name}`", ""]
     if not (folder / "summary.csv").is_file():
         return head + [f"{folder / 'summary.csv'} does not exist yet: run that study (`align compare`) and then "
