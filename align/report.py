@@ -405,6 +405,7 @@ def zero_shot_note(cfg: Any, score: str) -> list[str]:
             f"class is the prediction. Top-1, top-5 and balanced accuracy (mean per-class recall) on the test split. "
             f"Headline: {score_label(score)}. Retrieval recall is reported too, in CLIP_benchmark's convention: a "
             "caption's hit is its own image only, an image's hit any of its own captions (any-hit). Every caption "
-            "here names only the digit, so all images of a class share the same few caption texts and tie with the "
-            "right one: recall then measures near-chance identification of one image among its class, not "
-            "alignment, and says little here.", ""]
+            "here names only the digit, so all images of a class share the same few caption texts: a caption's own "
+            "image competes with every digit of its class, an image's own caption with the identical captions of "
+            "the others. Recall then measures near-chance identification of one image among its class, not "
+            "alignment.", ""]
