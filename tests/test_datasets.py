@@ -476,4 +476,4 @@ def test_every_dataset_snippet_in_configs_validates():
     for path in files:
         assert path.read_text().startswith("#"), f"{path.name}: start with a comment saying how to use it"
         spec = validate(DatasetSpec, load_yaml(path), source=str(path))
-        assert spec.kind in ("synthetic", "hub", "imagefolder", "csv")
+        assert spec.kind in ("synthetic", "mnist", "hub", "imagefolder", "csv")
