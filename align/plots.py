@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from align.optim.registry import OPTIMIZERS
-from align.study_stats import config_key
+from align.study_stats import SCORE, SCORES, config_key
 
 
 def _label(name: str) -> str:
@@ -102,8 +102,9 @@ def heatmaps(rows: list[dict[str, Any]], column: str, title: str, path: Path, pe
     return out
 
 
-def training_curves(run_root: Path, best: dict[str, tuple], rows: list[dict[str, Any]], path: Path) -> Path:
-    """Training loss and validation mean R@1 over steps for each optimizer's best configuration (all seeds)."""
+def training_curves(run_root: Path, best: dict[str, tuple], rows: list[dict[str, Any]], path: Path,
+                    score: str = SCORE) -> Path:
+    """Training loss and the validation ``score`` over steps for each optimizer's best configuration (all seeds)."""
     from align import runs
 
     plt = _pyplot()
@@ -122,10 +123,11 @@ def training_curves(run_root: Path, best: dict[str, tuple], rows: list[dict[str,
                 smooth = np.convolve(loss, np.ones(window) / window, mode="valid")
                 ax_loss.plot(steps[window - 1:], smooth, color=color, alpha=0.8, label=label)
             if val:
-                ax_val.plot([m["step"] for m in val], [_num(m.get("mean_R@1")) for m in val], "o-", ms=3,
+                ax_val.plot([m["step"] for m in val], [_num(m.get(score)) for m in val], "o-", ms=3,
                             color=color, alpha=0.8, label=label)
     ax_loss.set(xlabel="step", ylabel="training loss (10-step mean)", title="training loss")
-    ax_val.set(xlabel="step", ylabel="validation mean R@1", title="validation recall")
+    label = SCORES.get(score, score)
+    ax_val.set(xlabel="step", ylabel=f"validation {label}", title=f"validation {label}")
     for ax in (ax_loss, ax_val):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -135,13 +137,14 @@ def training_curves(run_root: Path, best: dict[str, tuple], rows: list[dict[str,
     return out
 
 
-def bar_chart(summary: list[dict[str, Any]], path: Path) -> Path:
-    """Test mean R@1 and mutual-k-NN of each optimizer's best configuration, mean ± std over seeds."""
+def bar_chart(summary: list[dict[str, Any]], path: Path, score: str = SCORE) -> Path:
+    """The test ``score`` and mutual-k-NN of each optimizer's best configuration, mean ± std over seeds."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     names = [s["optimizer"] for s in summary]
     x = np.arange(len(names))
-    for ax, metric, label in ((axes[0], "mean_R@1", "test mean R@1"), (axes[1], "mutual_knn", "test mutual-k-NN")):
+    for ax, metric, label in ((axes[0], score, f"test {SCORES.get(score, score)}"),
+                              (axes[1], "mutual_knn", "test mutual-k-NN")):
         means = [s[f"{metric}_mean"] for s in summary]
         stds = [s[f"{metric}_std"] for s in summary]
         ax.bar(x, means, yerr=stds, capsize=4, color=[_color(n, "#333333") for n in names])
@@ -158,8 +161,8 @@ def bar_chart(summary: list[dict[str, Any]], path: Path) -> Path:
     return out
 
 
-def sharpness_scatter(rows: list[dict[str, Any]], path: Path) -> Path | None:
-    """Sharpness of each finished run's best head against its test mean R@1."""
+def sharpness_scatter(rows: list[dict[str, Any]], path: Path, score: str = SCORE) -> Path | None:
+    """Sharpness of each finished run's best head against its test ``score``."""
     column = next((c for c in ("sharpness_hessian_top_eigenvalue", "sharpness_top_eigenvalue",
                                "sharpness_worst_case_ascent", "sharpness_worst_case_first_order")
                    if any(_num(r.get(c)) == _num(r.get(c)) for r in rows)), None)
@@ -171,11 +174,11 @@ def sharpness_scatter(rows: list[dict[str, Any]], path: Path) -> Path | None:
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for name in dict.fromkeys(r["optimizer"] for r in rows):
         rs = [r for r in rows if r["optimizer"] == name and r["status"] == "ok"]
-        ax.scatter([_num(r.get(column)) for r in rs], [_num(r.get("best_test_mean_R@1")) for r in rs],
+        ax.scatter([_num(r.get(column)) for r in rs], [_num(r.get(f"best_test_{score}")) for r in rs],
                    s=18, alpha=0.75, color=_color(name), label=_label(name))
     ax.set_xscale("symlog")
-    ax.set(xlabel=column.removeprefix("sharpness_").replace("_", " "), ylabel="test mean R@1",
-           title="flatness vs retrieval (finished runs)")
+    ax.set(xlabel=column.removeprefix("sharpness_").replace("_", " "), ylabel=f"test {SCORES.get(score, score)}",
+           title=f"flatness vs {SCORES.get(score, score)} (finished runs)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     out = _save(fig, path)
@@ -184,17 +187,23 @@ def sharpness_scatter(rows: list[dict[str, Any]], path: Path) -> Path | None:
 
 
 def study_plots(rows: list[dict[str, Any]], summary: list[dict[str, Any]], out_dir: Path, run_root: Path,
-                best: dict[str, tuple]) -> dict[str, Path]:
-    """Every study plot → {title: path}."""
+                best: dict[str, tuple], score: str = SCORE) -> dict[str, Path]:
+    """Every study plot → {title: path} (``score``: the study's headline metric)."""
+    label = SCORES.get(score, score)
     figures = {
         "Test mean R@1 over ρ × lr": heatmaps(rows, "best_test_mean_R@1", "test mean R@1 (seed mean)",
                                              out_dir / "heatmap_recall.png"),
         "Test mutual-k-NN over ρ × lr": heatmaps(rows, "best_test_mutual_knn", "test mutual-k-NN (seed mean)",
                                                 out_dir / "heatmap_mutual_knn.png"),
-        "Training curves": training_curves(run_root, best, rows, out_dir / "training_curves.png"),
-        "Best configuration per optimizer": bar_chart(summary, out_dir / "best_per_optimizer.png"),
     }
-    scatter = sharpness_scatter(rows, out_dir / "sharpness_vs_recall.png")
+    if score != SCORE:
+        figures = {f"Test {label} over ρ × lr": heatmaps(rows, f"best_test_{score}", f"test {label} (seed mean)",
+                                                         out_dir / f"heatmap_{score}.png"), **figures}
+    figures.update({
+        "Training curves": training_curves(run_root, best, rows, out_dir / "training_curves.png", score),
+        "Best configuration per optimizer": bar_chart(summary, out_dir / "best_per_optimizer.png", score),
+    })
+    scatter = sharpness_scatter(rows, out_dir / "sharpness_vs_recall.png", score)
     if scatter is not None:
         figures["Sharpness vs test recall"] = scatter
     return figures

@@ -77,19 +77,47 @@ def diff_text(entry: dict[str, Any]) -> str:
     return f"{100 * diff:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}] (n = {pairs})"
 
 
-def summary_lines(summary: list[dict[str, Any]], reference: str, axes: list[str] = ()) -> list[str]:
-    """The summary as a markdown table (one column per method axis the grid uses)."""
+def score_label(score: str) -> str:
+    """A headline metric as the tables name it: 'mean R@1', 'zero-shot top-1'."""
+    return study_stats.SCORES.get(score, score)
+
+
+def _has_zeroshot(summary: list[dict[str, Any]]) -> bool:
+    return any(not math.isnan(s.get("zeroshot_top1_mean", math.nan)) for s in summary)
+
+
+def summary_columns(summary: list[dict[str, Any]], score: str = study_stats.SCORE) -> list[tuple[str, Any]]:
+    """(header, cell of a summary entry) of the summary's metric columns: the headline first, with its std."""
+    def pct(metric: str) -> Any:
+        return lambda s: _pct(s.get(f"{metric}_mean", math.nan))
+
+    columns = [(f"test {score_label(score)} (%)", lambda s: _pct(s[f"{score}_mean"], s[f"{score}_std"]))]
+    if score != "mean_R@1":
+        columns.append(("mean R@1", pct("mean_R@1")))
+    columns += [("i2t R@1", pct("i2t_R@1")), ("t2i R@1", pct("t2i_R@1"))]
+    if _has_zeroshot(summary):
+        columns += [(h, pct(m)) for h, m in (("zero-shot top-1", "zeroshot_top1"), ("top-5", "zeroshot_top5"),
+                                               ("balanced acc.", "zeroshot_balanced_accuracy")) if m != score]
+    return columns + [("mutual-kNN", lambda s: f"{_fmt(s['mutual_knn_mean'])} ± {_fmt(s['mutual_knn_std'])}"),
+                      ("CKNNA", lambda s: _fmt(s["cknna_mean"]))]
+
+
+def summary_lines(summary: list[dict[str, Any]], reference: str, axes: list[str] = (),
+                  score: str = study_stats.SCORE) -> list[str]:
+    """The summary as a markdown table (one column per method axis the grid uses; zero-shot columns on a
+    labelled set)."""
     heads = [AXIS_LABELS.get(a, a) for a in axes]
-    lines = ["| optimizer | lr | ρ | " + "".join(f"{h} | " for h in heads) + "seeds | test mean R@1 (%) | i2t R@1 | "
-             f"t2i R@1 | mutual-kNN | CKNNA | Δ vs {reference} (points, 95% t-interval, n) | verdict (Holm) |",
-             "|---" * (11 + len(axes)) + "|"]
+    columns = summary_columns(summary, score)
+    lines = ["| optimizer | lr | ρ | " + "".join(f"{h} | " for h in heads) + "seeds | "
+             + "".join(f"{h} | " for h, _ in columns)
+             + f"Δ vs {reference} (points, 95% t-interval, n) | verdict (Holm) |",
+             "|---" * (6 + len(axes) + len(columns)) + "|"]
     for s in summary:
         div = f" ({s['diverged_seeds']} diverged)" if s["diverged_seeds"] else ""
         lines.append(f"| {s['optimizer']} | {_hp(s['lr'])} | {_hp(s['rho'])} | "
                      + "".join(f"{_hp(s.get(a))} | " for a in axes) + f"{s['seeds']}{div} | "
-                     f"{_pct(s['mean_R@1_mean'], s['mean_R@1_std'])} | {_pct(s['i2t_R@1_mean'])} | "
-                     f"{_pct(s['t2i_R@1_mean'])} | {_fmt(s['mutual_knn_mean'])} ± {_fmt(s['mutual_knn_std'])} | "
-                     f"{_fmt(s['cknna_mean'])} | {diff_text(s)} | {s.get('verdict') or '—'} |")
+                     + "".join(f"{cell(s)} | " for _, cell in columns)
+                     + f"{diff_text(s)} | {s.get('verdict') or '—'} |")
     return lines
 
 
@@ -97,7 +125,7 @@ def _names(entries: list[dict[str, Any]], with_diff: bool = False) -> str:
     return ", ".join(f"`{s['optimizer']}`" + (f" ({diff_text(s)})" if with_diff else "") for s in entries)
 
 
-def verdict_sentences(summary: list[dict[str, Any]], reference: str) -> list[str]:
+def verdict_sentences(summary: list[dict[str, Any]], reference: str, score: str = study_stats.SCORE) -> list[str]:
     """What the comparison with the reference supports, in sentences generated from the verdicts: which
     optimizers are better or worse after Holm's adjustment, which show no detectable difference (and how large a
     difference their intervals still allow), and which were not tested for lack of seeds."""
@@ -106,7 +134,8 @@ def verdict_sentences(summary: list[dict[str, Any]], reference: str) -> list[str
     family = len(better) + len(worse) + len(none)
     out = []
     if family:
-        out.append(f"Tested against `{reference}` on test mean R@1: paired t-tests over seeds, Holm-adjusted over "
+        out.append(f"Tested against `{reference}` on test {score_label(score)}: paired t-tests over seeds, "
+                   f"Holm-adjusted over "
                    f"{family} comparison{'s' if family > 1 else ''} at the 5% level.")
     if better:
         out.append(f"Better than `{reference}`: {_names(better, True)}.")
@@ -124,10 +153,11 @@ def verdict_sentences(summary: list[dict[str, Any]], reference: str) -> list[str
     return out
 
 
-def robustness_lines(rob: list[dict[str, Any]], axes: list[str] = ()) -> list[str]:
+def robustness_lines(rob: list[dict[str, Any]], axes: list[str] = (), score: str = study_stats.SCORE) -> list[str]:
     """The robustness table: best, worst and the share within 95% judged on validation; test means beside."""
     worst = "lr, ρ" + "".join(f", {AXIS_LABELS.get(a, a)}" for a in axes)
-    lines = [f"| optimizer | configs | within 95% of its best (val) | best config: val mean R@1 | its test | "
+    lines = [f"| optimizer | configs | within 95% of its best (val) | best config: val {score_label(score)} | "
+             "its test | "
              f"worst config ({worst}): val | its test | diverged configs |", "|---" * 8 + "|"]
     for r in rob:
         where = ", ".join([_hp(r["worst_lr"]), _hp(r["worst_rho"]), *(_hp(r.get(f"worst_{a}")) for a in axes)])
@@ -182,17 +212,19 @@ FISHER_NOTE = (
     "14–44% at 1e5, and the trained weights differ by 2.7%, 6.3% and 9.6%; hence the η axis of the default study.")
 
 
-def fisher_note(rows: list[dict[str, Any]], reference: str, default_eta: float) -> list[str]:
+def fisher_note(rows: list[dict[str, Any]], reference: str, default_eta: float,
+                score: str = study_stats.SCORE) -> list[str]:
     """The report's paragraph on Fisher SAM's η, with this study's own gap to the reference at η = 1."""
     if not any(r["optimizer"] == "fsam" for r in rows):
         return []
     text = FISHER_NOTE
     axis = "eta" in study_stats.used_axes([r for r in rows if r["optimizer"] == "fsam"])
     if axis or default_eta == 1.0:
-        gap, pairs = study_stats.max_paired_gap(rows, "fsam", reference, {"eta": 1.0} if axis else {})
+        gap, pairs = study_stats.max_paired_gap(rows, "fsam", reference, {"eta": 1.0} if axis else {},
+                                                column=f"best_test_{score}")
         if pairs:
             text += (f" In this study Fisher SAM at η = 1 and `{reference}` at the same lr, ρ and seed differ by at "
-                     f"most {100 * gap:.2f} points of test mean R@1 ({pairs} pairs).")
+                     f"most {100 * gap:.2f} points of test {score_label(score)} ({pairs} pairs).")
     return [text, ""]
 
 
@@ -223,22 +255,28 @@ def write_report(root: Path, cfg: Any, rows: list[dict[str, Any]]) -> dict[str, 
 
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
+    score = getattr(cfg, "score", study_stats.SCORE)
     axes = study_stats.used_axes(rows)
     write_csv(root / "results.csv", with_axis_columns(rows, axes))
-    summ = study_stats.summary(rows, cfg.reference)
-    rob = study_stats.robustness(rows)
+    summ = study_stats.summary(rows, cfg.reference, score=score)
+    rob = study_stats.robustness(rows, select=f"best_val_{score}", test=f"best_test_{score}")
     write_csv(root / "summary.csv", summ)
     write_csv(root / "robustness.csv", rob)
     t3 = {name: study_stats.table3(rows, name) for name in dict.fromkeys(r["optimizer"] for r in rows)}
     write_csv(root / "table3.csv", [dict(optimizer=name, **r) for name, rs in t3.items() for r in rs])
 
-    figures = plots.study_plots(rows, summ, root, run_root=root / "runs", best=study_stats.best_configs(rows))
-    md = _report_head(cfg, rows, summ, axes)
+    best = study_stats.best_configs(rows, f"best_val_{score}")
+    figures = plots.study_plots(rows, summ, root, run_root=root / "runs", best=best, score=score)
+    confusion = _confusion_figure(root, rows, best)
+    if confusion is not None:
+        figures["Zero-shot confusion of each optimizer's best configuration (test, summed over seeds)"] = confusion
+    md = _report_head(cfg, rows, summ, axes, score)
+    md += beside_section(getattr(cfg, "beside", None), summ, score)
     md += ["## Robustness to ρ, the learning rate and the method axes", "",
-           "Judged on VALIDATION seed means (mean R@1), as the best configuration is: the share of an optimizer's "
-           "grid configurations within 95% of its best, and its best and worst configuration. The test means of "
-           "those two configurations sit beside them, labelled; nothing is chosen on test scores.", "",
-           *robustness_lines(rob, axes), ""]
+           f"Judged on VALIDATION seed means ({score_label(score)}), as the best configuration is: the share of an "
+           "optimizer's grid configurations within 95% of its best, and its best and worst configuration. The test "
+           "means of those two configurations sit beside them, labelled; nothing is chosen on test scores.", "",
+           *robustness_lines(rob, axes, score), ""]
     md += ["## The paper's Table 3 shape", "",
            f"Each cell: best validation mutual-k-NN (k = {cfg.eval.knn_k}) over training / training loss at step "
            f"{cfg.loss_at_step} / final training loss (means over seeds); † diverged seeds.", "",
@@ -252,7 +290,85 @@ def write_report(root: Path, cfg: Any, rows: list[dict[str, Any]]) -> dict[str, 
     return {"summary": summ, "robustness": rob, "table3": t3, "figures": figures}
 
 
-def _report_head(cfg: Any, rows: list[dict[str, Any]], summ: list[dict[str, Any]], axes: list[str]) -> list[str]:
+def _confusion_figure(root: Path, rows: list[dict[str, Any]], best: dict[str, tuple]) -> Path | None:
+    """One zero-shot confusion matrix per optimizer (its best configuration, test, summed over seeds), read from
+    the runs' results.json; None when the study's test split has no labels."""
+    import numpy as np
+
+    from align.eval_plots import confusion_grid
+
+    panels: dict[str, Any] = {}
+    classes: list[str] = []
+    for name, key in best.items():
+        for r in rows:
+            if study_stats.config_key(r) != key:
+                continue
+            record = (runs.read_results(root / "runs" / r["run"]) or {}).get("zeroshot")
+            if record:
+                classes = record["classes"]
+                panels[name] = panels.get(name, 0) + np.asarray(record["confusion"])
+    if not panels:
+        return None
+    return confusion_grid(root / "zeroshot_confusion.png", panels, classes,
+                          "zero-shot confusion (test; rows: true class)")
+
+
+def _read_summary(path: Path) -> list[dict[str, Any]]:
+    """Another study's summary.csv as summary entries (numbers parsed; an old file's score is mean R@1)."""
+    with open(path, newline="", encoding="utf-8") as fh:
+        raw = list(csv.DictReader(fh))
+    numeric = ("pairs", "diff_vs_ref", "diff_ci_low", "diff_ci_high", "seeds", "diverged_seeds")
+    out = []
+    for r in raw:
+        entry: dict[str, Any] = {k: (float(v) if v not in ("", None) else math.nan) for k, v in r.items()
+                                 if k.endswith(("_mean", "_std")) or k in numeric}
+        entry["pairs"] = None if math.isnan(entry.get("pairs", math.nan)) else int(entry["pairs"])
+        entry.update(optimizer=r["optimizer"], verdict=r.get("verdict") or None, score=r.get("score") or "mean_R@1")
+        out.append(entry)
+    return out
+
+
+def _ranks(summary: list[dict[str, Any]], score: str) -> dict[str, int]:
+    order = sorted(summary, key=lambda s: -s.get(f"{score}_mean", math.nan)
+                   if not math.isnan(s.get(f"{score}_mean", math.nan)) else math.inf)
+    return {s["optimizer"]: i + 1 for i, s in enumerate(order)}
+
+
+def beside_section(beside: str | None, summ: list[dict[str, Any]], score: str) -> list[str]:
+    """report.md's side-by-side ranking with another study (``beside``: its name under the studies folder, or its
+    folder): each optimizer's headline, Δ to the reference and verdict in both, and Kendall's τ of the rankings."""
+    if not beside:
+        return []
+    from align.paths import studies_dir
+
+    folder = Path(beside) if "/" in beside else studies_dir() / beside  # a name, or a folder given as a path
+    head = [f"## Beside study `{Path(beside).name}`", ""]
+    if not (folder / "summary.csv").is_file():
+        return head + [f"{folder / 'summary.csv'} does not exist yet: run that study (`align compare`) and then "
+                       "this one again (finished cells are kept) to see both rankings side by side.", ""]
+    other = _read_summary(folder / "summary.csv")
+    theirs = {s["optimizer"]: s for s in other}
+    their_score = other[0]["score"] if other else study_stats.SCORE
+    here_rank, there_rank = _ranks(summ, score), _ranks(other, their_score)
+    lines = [f"| optimizer | here: test {score_label(score)} (%) | Δ (n) | verdict | rank | there: test "
+             f"{score_label(their_score)} (%) | Δ (n) | verdict | rank |", "|---" * 9 + "|"]
+    for s in summ:
+        t = theirs.get(s["optimizer"])
+        there = ([_pct(t[f"{their_score}_mean"], t.get(f"{their_score}_std")), diff_text(t), t.get("verdict") or "—",
+                  str(there_rank[s["optimizer"]])] if t else ["—"] * 4)
+        lines.append(f"| {s['optimizer']} | {_pct(s[f'{score}_mean'], s[f'{score}_std'])} | {diff_text(s)} | "
+                     f"{s.get('verdict') or '—'} | {here_rank[s['optimizer']]} | " + " | ".join(there) + " |")
+    tau, n = study_stats.rank_agreement({s["optimizer"]: s[f"{score}_mean"] for s in summ},
+                                        {s["optimizer"]: s[f"{their_score}_mean"] for s in other})
+    agreement = (f"Kendall's τ between the two rankings of the best-configuration means: {tau:+.2f} over {n} "
+                 f"optimizers (+1: the same order, −1: reversed)." if n >= 2 and not math.isnan(tau) else
+                 "Too few optimizers in common to compare the rankings.")
+    return head + [f"Ranked by seed means of each study's own headline metric; the intervals and verdicts say "
+                   f"which differences the seeds support. {agreement}", "", *lines, ""]
+
+
+def _report_head(cfg: Any, rows: list[dict[str, Any]], summ: list[dict[str, Any]], axes: list[str],
+                 score: str = study_stats.SCORE) -> list[str]:
     """report.md's title, setup, summary table and what its comparisons support."""
     from align.optim import default_hparams
 
@@ -260,6 +376,7 @@ def _report_head(cfg: Any, rows: list[dict[str, Any]], summ: list[dict[str, Any]
                                                for a, values in spec.items())
                        for name, spec in cfg.grid.method_axes.items())
     eta = cfg.optim.eta if cfg.optim.eta is not None else default_hparams("fsam")["eta"]
+    label = score_label(score)
     return [f"# Optimizer study `{cfg.name}`", "",
             f"Data: `{cfg.data.dataset.kind}` set; image encoder `{cfg.data.image_encoder.backend}:{cfg.data.image_encoder.model}`, "
             f"text encoder `{cfg.data.text_encoder.backend}:{cfg.data.text_encoder.model}`. Head `{cfg.head.kind}` → "
@@ -267,11 +384,28 @@ def _report_head(cfg: Any, rows: list[dict[str, Any]], summ: list[dict[str, Any]
             f"base optimizer of the SAM family `{cfg.optim.base}`.",
             f"{len(rows)} runs: optimizers {', '.join(cfg.grid.optimizers)}; seeds {cfg.grid.seeds}"
             + (f"; method axes {sweeps}" if sweeps else "") + ". The best configuration of each optimizer is "
-            "chosen on the validation split (mean R@1); test figures below.", "",
+            f"chosen on the validation split ({label}); test figures below.", "",
+            *zero_shot_note(cfg, score),
             "## Summary (best configuration per optimizer, mean ± std over seeds)", "",
-            *summary_lines(summ, cfg.reference, axes), "",
-            f"Δ: difference in test mean R@1 (points) to `{cfg.reference}`, paired by seed, with n paired seeds and "
+            *summary_lines(summ, cfg.reference, axes, score), "",
+            f"Δ: difference in test {label} (points) to `{cfg.reference}`, paired by seed, with n paired seeds and "
             "its Student-t 95% interval (per comparison); below 3 pairs no interval is given, because none keeps its "
             "level there. Verdict: the paired t-test, Holm-adjusted over all comparisons with the reference.", "",
-            *verdict_sentences(summ, cfg.reference), "",
-            *fisher_note(rows, cfg.reference, eta)]
+            *verdict_sentences(summ, cfg.reference, score), "",
+            *fisher_note(rows, cfg.reference, eta, score)]
+
+
+def zero_shot_note(cfg: Any, score: str) -> list[str]:
+    """What zero-shot means here and why recall is not the headline on a set whose captions name only the class."""
+    if cfg.data.dataset.kind != "mnist":
+        return []
+    templates = "; ".join(f"“{t}”" for t in cfg.data.dataset.mnist.prompt_templates)
+    return [f"Zero-shot: each image through the image head, each class as CLIP's prompt ensemble of its prompts "
+            f"through the text head (templates {templates}; the training captions use other templates), the nearest "
+            f"class is the prediction. Top-1, top-5 and balanced accuracy (mean per-class recall) on the test split. "
+            f"Headline: {score_label(score)}. Retrieval recall is reported too, in CLIP_benchmark's convention: a "
+            "caption's hit is its own image only, an image's hit any of its own captions (any-hit). Every caption "
+            "here names only the digit, so all images of a class share the same few caption texts: a caption's own "
+            "image competes with every digit of its class, an image's own caption with the identical captions of "
+            "the others. Recall then measures near-chance identification of one image among its class, not "
+            "alignment.", ""]

@@ -12,9 +12,13 @@ from typing import Any
 
 import numpy as np
 
-SCORE = "mean_R@1"        # the headline metric: mean of i2t and t2i R@1
+SCORE = "mean_R@1"        # the default headline metric: mean of i2t and t2i R@1
 ALIGNMENT = "mutual_knn"  # the paper's alignment metric
-SUMMARY_METRICS = (SCORE, "i2t_R@1", "t2i_R@1", "i2t_R@5", "t2i_R@5", ALIGNMENT, "cknna")
+ZEROSHOT = ("zeroshot_top1", "zeroshot_top5", "zeroshot_balanced_accuracy")  # labelled sets (mnist)
+SUMMARY_METRICS = (SCORE, "i2t_R@1", "t2i_R@1", "i2t_R@5", "t2i_R@5", ALIGNMENT, "cknna", *ZEROSHOT)
+# A study's headline metric (``score`` of its config) picks each optimizer's best configuration on validation and
+# is the one compared with the reference on test; zero-shot top-1 on sets whose captions only name the class.
+SCORES = {"mean_R@1": "mean R@1", "zeroshot_top1": "zero-shot top-1"}
 # A method's own hyper-parameters a grid can sweep besides lr and ρ (grid.method_axes), in the fixed order that
 # run keys, configuration keys and table columns use.
 METHOD_AXES = ("eta", "alpha", "metric_beta")
@@ -91,26 +95,27 @@ def _vs_reference(verdict: dict[str, Any] | None, is_reference: bool) -> dict[st
             "p_holm": verdict["p_holm"], "verdict": verdict["verdict"]}
 
 
-def summary(rows: list[dict[str, Any]], reference: str = "sam", level: float = 0.95) -> list[dict[str, Any]]:
-    """Best configuration per optimizer (chosen on validation): test metrics mean ± std over its seeds, and its
-    test mean R@1 against the reference's best configuration, paired by seed.
+def summary(rows: list[dict[str, Any]], reference: str = "sam", level: float = 0.95,
+            score: str = SCORE) -> list[dict[str, Any]]:
+    """Best configuration per optimizer (chosen on validation ``score``): test metrics mean ± std over its seeds,
+    and its test ``score`` against the reference's best configuration, paired by seed.
 
     The comparison states n (``pairs``), the mean difference with its Student-t ``level`` interval (NaN bounds
     below 3 pairs: no interval at all rather than one that does not keep its level), the Holm-adjusted p over
     all optimizers compared with the reference and the verdict (``VERDICTS``).
     """
-    best = best_configs(rows)
+    best = best_configs(rows, f"best_val_{score}")
     axes = used_axes(rows)
     verdicts: dict[str, dict[str, Any]] = {}
     if reference in best:
-        verdicts = {v["optimizer"]: v for v in
-                    verdicts_vs_reference(best_config_scores(rows), reference, alpha=1.0 - level)}
+        scores = best_config_scores(rows, f"best_test_{score}", f"best_val_{score}")
+        verdicts = {v["optimizer"]: v for v in verdicts_vs_reference(scores, reference, alpha=1.0 - level)}
     out = []
     for name, key in best.items():
         seeds = list({r["seed"]: r for r in rows if config_key(r) == key}.values())
         entry: dict[str, Any] = {"optimizer": name, "lr": key[1], "rho": key[2],
                                  **{a: key_axes(key).get(a) for a in axes}, "seeds": len(seeds),
-                                 "diverged_seeds": sum(r["status"] != "ok" for r in seeds)}
+                                 "diverged_seeds": sum(r["status"] != "ok" for r in seeds), "score": score}
         entry.update(_seed_stats(seeds))
         entry.update(_vs_reference(verdicts.get(name), name == reference))
         out.append(entry)
@@ -169,6 +174,24 @@ def robustness(rows: list[dict[str, Any]], select: str = f"best_val_{SCORE}",
                     "diverged_configs": sum(k in diverged for k in items)})
     return out
 
+
+
+def rank_agreement(first: dict[str, float], second: dict[str, float]) -> tuple[float, int]:
+    """Kendall's τ-b between two rankings of the optimizers both hold (higher value = better) → (τ, n); NaN
+    below 2 optimizers or when one side is all ties. Counts concordant minus discordant pairs over √ of the
+    untied pair counts of each side."""
+    names = [n for n in first if n in second and not math.isnan(first[n]) and not math.isnan(second[n])]
+    concordant = discordant = tied_first = tied_second = 0
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            x, y = np.sign(first[a] - first[b]), np.sign(second[a] - second[b])
+            tied_first += x == 0
+            tied_second += y == 0
+            concordant += x * y > 0
+            discordant += x * y < 0
+    pairs = len(names) * (len(names) - 1) // 2
+    denominator = math.sqrt((pairs - tied_first) * (pairs - tied_second))
+    return (float((concordant - discordant) / denominator) if denominator else math.nan), len(names)
 
 
 def max_paired_gap(rows: list[dict[str, Any]], optimizer: str, reference: str, where: dict[str, float] | None = None,

@@ -18,9 +18,10 @@ clipping (``optim.grad_clip``) applied to the gradient the base optimizer steps 
 second one, never the first. ``grad_norm`` in metrics.jsonl is ‖g‖ over all trainable parameters at θ.
 
 Best checkpoint: the validation score named by ``eval.select`` — ``mean_R@1`` (mean of image→text and
-text→image R@1, the default: retrieval is what a head is for, and it separates runs better than R@5) or
-``mutual_knn`` (the paper's alignment figure). ``max_val`` in the results holds the maximum of every
-validation metric over training as well (the paper's "best alignment over training").
+text→image R@1, the default: retrieval is what a head is for, and it separates runs better than R@5),
+``mutual_knn`` (the paper's alignment figure) or, on a labelled set, ``zeroshot_top1`` (zero-shot accuracy; on
+mnist, whose captions only name the digit, it is the one that measures the head). ``max_val`` in the results
+holds the maximum of every validation metric over training as well (the paper's "best alignment over training").
 
 Divergence ends a run cleanly with ``status: "diverged"``: a non-finite training loss, or a collapse — the loss
 within ``diverge_tol`` of its uniform-prediction value (ln B for CLIP) with ‖g‖ < ``diverge_grad_tol`` for
@@ -56,8 +57,8 @@ from torch import Tensor
 from align import distributed
 from align.config import dump_config, shorten
 from align.errors import AlignError, is_out_of_memory, out_of_memory_error
-from align.measure import (NonFiniteFeatures, embedding_metrics, evaluate_head, head_sharpness,
-                           update_best_over_training)
+from align.measure import (NonFiniteFeatures, confusion_record, embedding_metrics, evaluate_head, head_sharpness,
+                           head_zero_shot, update_best_over_training, zero_shot)
 from align.progress import Log
 from align.runs import RunDir, config_hash, flatten_state, json_safe, unflatten_state
 from align.train_config import EvalConfig, OptimConfig, ScheduleConfig, TrainConfig, hashed_config
@@ -80,6 +81,7 @@ RESULT_KEYS = (
     "final_loss",      # mean training loss over the last LOSS_WINDOW steps
     "sharpness",       # {"best": {...}, "final": {...}} of the head at its training loss (see measure.head_sharpness)
     "wall_time_s",     # training + evaluation time summed over all sessions of the run
+    "zeroshot",        # labelled test split: the best head's zero-shot confusion (measure.confusion_record), else None
 )
 LOSS_WINDOW = 10
 
@@ -172,8 +174,10 @@ def holdout_split(paired: Any, n: int) -> tuple[Any, Any]:
         new_index = torch.full((paired.num_images,), -1, dtype=torch.long)
         new_index[images] = torch.arange(len(images))
         keep = new_index[paired.caption_to_image] >= 0
+        labelled = {} if paired.labels is None else {
+            "labels": paired.labels[images], "class_text": paired.class_text, "class_names": paired.class_names}
         return PairedEmbeddings(paired.image[images], paired.text[keep], new_index[paired.caption_to_image[keep]],
-                                dict(paired.meta, split=name))
+                                dict(paired.meta, split=name), **labelled)
 
     return subset(order[n:], "train"), subset(order[:n], "train-holdout")
 
@@ -216,6 +220,10 @@ def prepare_data(cfg: TrainConfig) -> tuple[TrainConfig, RunData]:
                    test=loaded[cfg.eval.test_split] if cfg.eval.test_split else None)
     if holdout:
         data.train, data.val = holdout_split(loaded["train"], holdout)
+    if cfg.eval.select.startswith("zeroshot") and not (data.val is not None and data.val.labelled):
+        where = "the held-out training images have" if holdout else f"split {cfg.eval.split!r} has"
+        raise AlignError(f"eval.select={cfg.eval.select} needs class labels, but {where} none (dataset kind "
+                         f"{cfg.data.dataset.kind!r}; labelled: mnist): use --set eval.select=mean_R@1")
     for role, paired in (("validation", data.val), ("test", data.test)):
         if paired is not None and cfg.eval.knn_k >= paired.num_images:
             raise AlignError(f"eval.knn_k={cfg.eval.knn_k} needs more than {cfg.eval.knn_k} images but the {role} "
@@ -532,17 +540,22 @@ class Trainer:
         per_head = (paired.num_images + paired.num_captions) * self.cfg.head.out_dim * 4
         chunk = max(1, EVAL_BYTES // max(1, per_head))
         first = paired.first_caption_per_image()
+        prompts = None if paired.class_text is None else \
+            paired.class_text.reshape(-1, paired.class_text.shape[2]).to(device=self.device, dtype=torch.float32)
         out: list[dict[str, float] | None] = []
         for lo in range(0, len(slots), chunk):
             index = torch.tensor(slots[lo:lo + chunk], device=self.device)
             with torch.no_grad():
                 img, txt = self.pack.encode(image, "image", index), self.pack.encode(text, "text", index)
+                cls = None if prompts is None else self.pack.encode(prompts, "text", index)
             for g in range(len(index)):
                 if not (bool(torch.isfinite(img[g]).all()) and bool(torch.isfinite(txt[g]).all())):
                     out.append(None)
                     continue
                 metrics, _ = embedding_metrics(img[g], txt[g], paired.caption_to_image, first, ev.ks, ev.knn_k,
                                                ev.backend)
+                if cls is not None:  # the same prompt ensemble as evaluate_head's, on the pack's features
+                    metrics.update(zero_shot(img[g], cls[g].view(*paired.class_text.shape[:2], -1), paired.labels)[0])
                 out.append(metrics)
         return out
 
@@ -723,7 +736,16 @@ class Trainer:
             "optimizer": o.name, "two_pass": head.two_pass, "skipped_perturbations": skipped,
             "config_hash": head.cfg_hash, "device": str(self.device), "precision": "bf16" if self.bf16 else "fp32",
             "wall_time_s": self.wall_time(head),
+            "zeroshot": self.test_confusion(state.best.state) if best_test is not None else None,
         }
+
+    def test_confusion(self, weights: dict[str, Tensor] | None) -> dict[str, Any] | None:
+        """The zero-shot confusion matrix of one head on a labelled test split (None otherwise)."""
+        test = self.data.test
+        if weights is None or test is None or not test.labelled:
+            return None
+        self.model.load_state_dict(weights)
+        return confusion_record(head_zero_shot(self.model, test, self.device)[1], test)
 
 
 def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, log: Log | None = None,

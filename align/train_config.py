@@ -125,7 +125,8 @@ class EvalConfig(StrictModel):
     test_split: str | None = "test"  # evaluated at the end for the best and the final head; None: skip
     ks: list[int] = [1, 5, 10]
     knn_k: StrictInt = Field(8, ge=1)  # k of mutual-k-NN and CKNNA (the paper uses 8)
-    select: Literal["mean_R@1", "mutual_knn"] = "mean_R@1"  # picks the best checkpoint
+    select: Literal["mean_R@1", "mutual_knn", "zeroshot_top1"] = "mean_R@1"  # picks the best checkpoint
+    # (zeroshot_top1: labelled sets such as mnist, whose captions name only the class)
     backend: Literal["faiss", "torch"] = "faiss"  # k-NN search of retrieval and alignment metrics
     sharpness: bool = True  # sharpness of the best and final heads at the training loss
     sharpness_final: bool = True  # False: the best head's only (a study's table uses the best head's)
@@ -164,6 +165,15 @@ class TrainConfig(StrictModel):
     diverge_patience: StrictInt = Field(20, ge=1)  # consecutive collapsed steps before a run is declared diverged
     diverge_tol: Number = Field(1e-3, ge=0)  # |loss − uniform loss| below this counts as collapsed ...
     diverge_grad_tol: Number = Field(1e-3, ge=0)  # ... together with ‖g‖ below this
+
+    @model_validator(mode="after")
+    def _select_fits_data(self) -> "TrainConfig":
+        from align.datasets import LABELLED_KINDS
+
+        if self.eval.select.startswith("zeroshot") and self.data.dataset.kind not in LABELLED_KINDS:
+            raise ValueError(f"eval.select={self.eval.select} needs a labelled dataset ({', '.join(LABELLED_KINDS)}), "
+                             f"not kind {self.data.dataset.kind!r}")
+        return self
 
 
 def hashed_config(cfg: TrainConfig) -> dict[str, Any]:

@@ -36,6 +36,10 @@ def _print_info(path: Path, m: dict) -> None:
                              f"text  {m['encoders']['text']} ({dims['text']}-d)")
     grid.add_row("cached", f"{counts['images']} images, {counts['captions']} captions; {counts['skipped_images']} "
                            f"unreadable images skipped, {counts.get('dropped_captions', 0)} of their captions dropped")
+    if isinstance(m.get("classes"), dict):  # a labelled set: class labels and zero-shot prompt embeddings
+        classes = m["classes"]
+        grid.add_row("classes", f"{len(classes['names'])} ({', '.join(classes['names'][:12])}), "
+                                f"{len(classes['templates'])} zero-shot prompt templates")
     grid.add_row("storage", f"{m['storage_dtype']}, normalize {str(m['normalize']).lower()}, created "
                             f"{m.get('created', '?')}")
     if run:

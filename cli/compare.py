@@ -18,12 +18,12 @@ def _pct(mean: float, std: float | None = None) -> str:
     return f"{100 * mean:.1f}" + ("" if std is None else f" ± {100 * std:.1f}")
 
 
-def _print_tables(result: dict, reference: str) -> None:
+def _print_tables(result: dict, reference: str, score: str = "mean_R@1") -> None:
     """The summary, the comparison with the reference and robustness, each narrow enough for 80 columns."""
     from rich import box
     from rich.table import Table
 
-    from align.report import AXIS_LABELS, diff_text
+    from align.report import AXIS_LABELS, diff_text, score_label
     from align.study_stats import METHOD_AXES
 
     def hp(value) -> str:
@@ -33,32 +33,35 @@ def _print_tables(result: dict, reference: str) -> None:
     seeds = max((s["seeds"] for s in result["summary"]), default=0)
     table = Table(title=f"Best configuration per optimizer (test, mean ± std over {seeds} seeds)",
                   box=box.SIMPLE_HEAD, pad_edge=False)
-    for col in ("optimizer", "lr", "ρ", *(AXIS_LABELS[a] for a in axes), "mean R@1 %", "i2t", "t2i", "mkNN"):
+    extra = ["mean_R@1"] if score != "mean_R@1" else ["i2t_R@1", "t2i_R@1"]
+    heads = {"mean_R@1": "mean R@1", "i2t_R@1": "i2t", "t2i_R@1": "t2i"}
+    for col in ("optimizer", "lr", "ρ", *(AXIS_LABELS[a] for a in axes), f"{score_label(score)} %",
+                *(heads[m] for m in extra), "mkNN"):
         table.add_column(col, justify="left" if col == "optimizer" else "right", no_wrap=True)
-    versus = Table(title=f"Δ test mean R@1 vs {reference} (points, paired by seed; 95% Student-t interval; "
-                         "verdict: paired t-test, Holm-adjusted)", box=box.SIMPLE_HEAD, pad_edge=False)
+    versus = Table(title=f"Δ test {score_label(score)} vs {reference} (points, paired by seed; 95% Student-t "
+                         "interval; verdict: paired t-test, Holm-adjusted)", box=box.SIMPLE_HEAD, pad_edge=False)
     versus.add_column("optimizer", no_wrap=True)
     versus.add_column("Δ [95% CI] (n)", justify="right", no_wrap=True)
     versus.add_column("verdict")
     for s in result["summary"]:
         name = s["optimizer"] + (f" ({s['diverged_seeds']} div)" if s["diverged_seeds"] else "")
         table.add_row(name, hp(s["lr"]), hp(s["rho"]), *(hp(s.get(a)) for a in axes),
-                      _pct(s["mean_R@1_mean"], s["mean_R@1_std"]), _pct(s["i2t_R@1_mean"]), _pct(s["t2i_R@1_mean"]),
+                      _pct(s[f"{score}_mean"], s[f"{score}_std"]), *(_pct(s[f"{m}_mean"]) for m in extra),
                       f"{s['mutual_knn_mean']:.3f}")
         versus.add_row(s["optimizer"], diff_text(s), s.get("verdict") or "—")
     console.print(table)
     console.print(versus)
-    _print_robustness(result["robustness"], axes, hp)
+    _print_robustness(result["robustness"], axes, hp, score_label(score))
 
 
-def _print_robustness(robustness: list[dict], axes: list[str], hp) -> None:
+def _print_robustness(robustness: list[dict], axes: list[str], hp, label: str = "mean R@1") -> None:
     """Best, worst and the share within 95% of the best, judged on validation; test means beside, labelled."""
     from rich import box
     from rich.table import Table
 
     from align.report import AXIS_LABELS
 
-    rob = Table(title="Robustness on VALIDATION mean R@1 %: share of configs within 95% of the best, the best and "
+    rob = Table(title=f"Robustness on VALIDATION {label} %: share of configs within 95% of the best, the best and "
                       "the worst (test: the same configs' test means)", box=box.SIMPLE_HEAD, pad_edge=False)
     where = ", ".join(["lr", "ρ", *(AXIS_LABELS[a] for a in axes)])
     for col in ("optimizer", "cfgs", "≥95%", "best", "test", f"worst ({where})", "test", "div"):
@@ -118,5 +121,5 @@ def register(app: typer.Typer) -> None:
         result = run_compare(cfg, log=lambda m: console.print(m, highlight=False), progress=progress, pack=packs,
                              memory_budget=memory_budget)
         root = result["study_dir"]
-        _print_tables(result, cfg.reference)
+        _print_tables(result, cfg.reference, cfg.score)
         console.print(f"wrote {root / 'results.csv'}, {root / 'report.md'} and {len(result['figures'])} plots in {root}")

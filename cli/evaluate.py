@@ -1,4 +1,4 @@
-"""`align eval RUN_DIR [--split test] [--checkpoint best|last]` and `align eval --cache KEY_OR_PATH`."""
+"""`align eval RUN_DIR [--split test] [--checkpoint best|last] [--gallery PNG]` and `align eval --cache KEY_OR_PATH`."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -35,33 +35,39 @@ def register(app: typer.Typer) -> None:
         run_dir: Optional[Path] = typer.Argument(None, help="A run directory written by align train."),
         split: Optional[str] = typer.Option(None, "--split", help="Split to evaluate (run: default test; cache: the key's own split)."),
         checkpoint: str = typer.Option("best", "--checkpoint", help="best | last"),
-        cache: Optional[str] = typer.Option(None, "--cache", help="Evaluate raw cached embeddings (cache key or folder), no head."),
+        cache: Optional[str] = typer.Option(None, "--cache", help="Evaluate raw cached embeddings (cache key or folder), no head; with RUN_DIR: the run's heads on that cache (same encoders)."),
         cache_root: Optional[Path] = typer.Option(None, "--cache-root", help="Where cache keys live (default: $ALIGN_HOME/cache, else data/cache)."),
         device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda | mps (run: default the run's)."),
         backend: Optional[str] = typer.Option(None, "--backend", help="k-NN search: faiss | torch."),
         knn_k: int = typer.Option(8, "--knn-k", help="k of mutual-k-NN and CKNNA (raw embeddings)."),
-        out: Optional[Path] = typer.Option(None, "--out", help="Also write the results JSON here."),
+        out: Optional[Path] = typer.Option(None, "--out", help="Also write the results JSON here (--cache on a labelled split: the zero-shot confusion matrix too, as OUT-confusion.png)."),
+        gallery: Optional[Path] = typer.Option(None, "--gallery", metavar="PNG", help="Write a retrieval gallery: for 4 caption queries, the top-5 images with their scores."),
     ) -> None:
-        """Retrieval recall (both ways) and alignment metrics of a trained head, or of raw embeddings (--cache)."""
+        """Retrieval recall (both ways), alignment metrics and, on a labelled split (mnist), zero-shot accuracy of a
+        trained head (confusion matrix PNG under RUN/eval/), or of raw embeddings (--cache)."""
         from align import runs
         from align.errors import AlignError
         from align.evaluate import evaluate_cache, evaluate_run
         from align.files import require_file_path
 
-        if (run_dir is None) == (cache is None):
-            raise AlignError("give either a RUN_DIR or --cache KEY_OR_PATH (not both)")
+        if run_dir is None and cache is None:
+            raise AlignError("give either a RUN_DIR or --cache KEY_OR_PATH (both: the run's heads on that cache)")
         if backend is not None and backend not in ("faiss", "torch"):
             raise AlignError(f"unknown --backend {backend!r}: use faiss or torch")
         if out is not None:
             require_file_path(out, "--out")  # before the work, not after it
+        if gallery is not None:
+            require_file_path(gallery, "--gallery")
+        say = lambda m: err_console.print(m, highlight=False)  # noqa: E731
         if run_dir is not None:
             if checkpoint not in ("best", "last"):
                 raise AlignError(f"unknown --checkpoint {checkpoint!r}: use best or last")
             result = evaluate_run(run_dir, split=split or "test", checkpoint=checkpoint, device=device,
-                                  backend=backend, log=lambda m: err_console.print(m, highlight=False))
+                                  backend=backend, log=say, gallery=gallery, cache=cache, cache_root=cache_root)
         else:
+            confusion = None if out is None else out.with_name(f"{out.stem}-confusion.png")
             result = evaluate_cache(cache, split=split, cache_root=cache_root, knn_k=knn_k,
-                                    backend=backend or "faiss")
+                                    backend=backend or "faiss", gallery=gallery, confusion=confusion, log=say)
         if out is not None:  # before printing: a failed write is then the only output
             runs.write_json(out, result)
         print_eval(result)

@@ -27,7 +27,7 @@ def print_results(results: dict[str, Any], title: str) -> None:
     for column in ("best val", "best test", "final test"):
         table.add_column(column, justify="right")
     keys = [k for k in ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "mean_R@1",
-                        "mutual_knn", "cknna", "cka")
+                        "mutual_knn", "cknna", "cka", "zeroshot_top1", "zeroshot_top5", "zeroshot_balanced_accuracy")
             if any(k in (results.get(s) or {}) for s in ("best_val", "best_test", "final_test"))]
     for key in keys:
         cells = []

@@ -23,9 +23,9 @@ LAYERS = {
     "shared": {"align", "align.config", "align.errors", "align.device", "align.progress", "align.paths",
                "align.distributed"},
     "orchestration": {"align.train", "align.train_config", "align.evaluate", "align.compare"},
-    "edge": {"align.encoders", "align.datasets", "align.synthetic", "align.cache", "align.runs", "align.report",
-             "align.plots", "align.toy_plots", "align.files", "align.hub", "align.config_files",
-             "align.locks"},
+    "edge": {"align.encoders", "align.datasets", "align.synthetic", "align.mnist", "align.cache", "align.runs",
+             "align.report", "align.plots", "align.eval_plots", "align.toy_plots", "align.files", "align.hub",
+             "align.config_files", "align.locks"},
 }
 # What each layer may import from align/ (besides itself).
 MAY_IMPORT = {
