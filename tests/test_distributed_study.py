@@ -167,7 +167,7 @@ def test_a_killed_rank_leaves_work_that_reruns_with_one_or_two_ranks_finish_to_t
     train = cache_path(EmbedConfig.model_validate(dict(yaml.safe_load(study["config"].read_text())["data"],
                                                        cache_root=str(cache))), "train")
     with exclusive(train, "cache"):
-        refused = torchrun(2, "embed", *args, env=env)
+        refused = torchrun(2, "embed", *args, env=env, standalone=True)
     lines = [line for line in refused.stderr.splitlines() if line.startswith("error: ")]
     assert refused.returncode != 0 and len(lines) == 2 and len(set(lines)) == 1, refused.stderr[-3000:]
     assert f"is in use by process {os.getpid()}" in lines[0]
