@@ -56,7 +56,7 @@ from align.datasets import DatasetSpec
 from align.embeddings import PairedEmbeddings
 from align.encoders import EncoderSpec
 from align.errors import AlignError
-from align.files import atomic_write_text, sha256_file
+from align.files import atomic_write_text, sha256_file, wait_until_visible
 from align.progress import Log, progress_bar
 
 CACHE_FORMAT = 1
@@ -209,6 +209,10 @@ def _embed_locked(cfg: EmbedConfig, split: str, key: str, final: Path, progress:
     rates = distributed.gather_objects(rates)
 
     def finish() -> dict[str, Any]:
+        if me.distributed:  # the other ranks' shards, on a shared file system that may show them late
+            wait_until_visible([work / f"{kind}-{s:05d}.{ext}" for kind, shards in (("image", image_shards),
+                                ("text", text_shards)) for s in range(len(shards)) for ext in ("npy", "json")],
+                               "embedding shards")
         manifest = _finalize(cfg, split, key, data, final, work, image_shards, text_shards, plan, device, resumed)
         shutil.rmtree(work, ignore_errors=True)
         return manifest

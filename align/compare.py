@@ -356,6 +356,7 @@ def run_study(cfg: CompareConfig, log: Log | None = None, progress: bool = True,
     own device, with ``workers`` processes of its own), and the rows are collected once every rank is done."""
     from align import distributed, runs
     from align.cache import embed_all
+    from align.files import wait_until_visible
 
     log = log or (lambda message: None)
     check_pack(pack)
@@ -381,6 +382,9 @@ def run_study(cfg: CompareConfig, log: Log | None = None, progress: bool = True,
     with distributed.together():  # every rank's packs finished (or the first failure raised everywhere)
         _train_packs(jobs, workers, threads, len(cells), len(cells) - len(todo), f"study {cfg.name}",
                      progress and me.is_main)
+    if me.distributed:  # the other ranks' cells, on a shared file system that may show them late
+        distributed.from_main(lambda: wait_until_visible([runs.RunDir(root / "runs" / c.key).results_path
+                                                          for c in todo], "cell results"))
     return distributed.from_main(lambda: collect_rows(cfg))
 
 

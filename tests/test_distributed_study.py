@@ -97,6 +97,97 @@ def assert_same_arrays(ref_root: Path, got_root: Path) -> list[dict]:
     return [json.loads((got_root / key / "manifest.json").read_text()) for key in keys]
 
 
+RANK_SCRIPT = textwrap.dedent("""
+    import json, sys
+    from pathlib import Path
+    import torch
+    from align import distributed as d
+    from align.errors import AlignError
+    from align.locks import exclusive
+
+    me = d.init(torch.device("cpu"), timeout_s=120)
+    out = {"rank": me.rank, "world": me.world_size, "value": d.from_main(lambda: f"made by rank {me.rank}")}
+
+    def refuse():
+        raise AlignError("refused on rank 0")
+
+    try:
+        d.from_main(refuse)
+    except AlignError as exc:
+        out["from_main"] = str(exc)
+    try:
+        with d.together():
+            if me.rank == 1:
+                raise AlignError("disk full on rank 1")
+    except AlignError as exc:
+        out["together"] = str(exc)
+    with d.main_first():
+        if me.is_main:
+            Path(sys.argv[1], "first.txt").write_text("written by rank 0 first")
+        out["main_first"] = Path(sys.argv[1], "first.txt").read_text()
+    try:
+        with d.main_first():
+            if me.is_main:
+                raise ValueError("boom")
+            out["ran_after_a_failure"] = True
+    except Exception as exc:
+        out["main_first_failure"] = f"{type(exc).__name__}: {exc}"
+    try:
+        with d.main_holds(lambda: exclusive(Path(sys.argv[1], "locked"), "study")):
+            out["held"] = True
+    except AlignError as exc:
+        out["main_holds"] = str(exc)
+    print(json.dumps(out), flush=True)
+    d.shutdown()
+""")
+
+
+def test_rank_zero_decides_and_a_failure_on_any_rank_is_raised_on_every_rank(tmp_path):
+    """The helpers embed and compare build on, with 2 gloo ranks started by hand (torchrun's variables)."""
+    import json
+
+    from align.locks import exclusive
+
+    port = free_port()
+    with exclusive(tmp_path / "locked", "study"):  # held here: rank 0's main_holds is refused
+        procs = [subprocess.Popen([sys.executable, "-c", RANK_SCRIPT, str(tmp_path)], cwd=REPO, text=True,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  env=dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2",
+                                           LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)))
+                 for r in range(2)]
+        done = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in done]
+    zero, one = (json.loads(out.strip().splitlines()[-1]) for out, _ in done)
+    assert (zero["rank"], one["rank"], zero["world"]) == (0, 1, 2)
+    assert zero["value"] == one["value"] == "made by rank 0"
+    assert zero["from_main"] == one["from_main"] == "refused on rank 0"
+    assert zero["together"] == one["together"] == "disk full on rank 1"
+    assert zero["main_first"] == one["main_first"] == "written by rank 0 first"
+    assert zero["main_first_failure"] == "ValueError: boom"  # rank 0 keeps its own exception (and traceback)
+    assert one["main_first_failure"] == "AlignError: rank 0 failed: ValueError: boom"
+    assert "ran_after_a_failure" not in one and "held" not in zero and "held" not in one
+    assert zero["main_holds"] == one["main_holds"]
+    assert f"is in use by process {os.getpid()}" in one["main_holds"]
+
+
+def test_rank_zero_waits_for_files_other_ranks_wrote_and_names_one_it_never_sees(tmp_path):
+    import threading
+    import time
+
+    from align.errors import AlignError
+    from align.files import wait_until_visible
+
+    late = tmp_path / "work" / "text-00001.json"
+    late.parent.mkdir()
+    threading.Timer(0.3, late.write_text, args=("{}",)).start()  # another rank's shard, seen a moment later
+    t = time.monotonic()
+    wait_until_visible([late], "embedding shards", timeout_s=30, poll_s=0.05)
+    assert 0.25 < time.monotonic() - t < 10
+    with pytest.raises(AlignError, match=r"1 embedding shards written by other ranks not visible here after 0.2 s "
+                                         r"\(first: .*never\.json\): every rank must see one file system"):
+        wait_until_visible([late, tmp_path / "never.json"], "embedding shards", timeout_s=0.2, poll_s=0.05)
+
+
 def test_packs_are_dealt_largest_first_to_the_least_loaded_rank():
     from align.distributed import deal
 
