@@ -220,4 +220,3 @@ def all_ok(ok: bool) -> bool:
     flag = torch.tensor([0 if ok else 1], dtype=torch.int64)
     dist.all_reduce(flag)  # gloo and nccl both reduce int64 (nccl needs it on the rank's device)
     return int(flag.item()) == 0
-
