@@ -277,7 +277,8 @@ def test_a_killed_rank_leaves_work_that_reruns_with_one_or_two_ranks_finish_to_t
     killed = torchrun(2, "compare", *args, "--out", str(out), env=dict(env, ALIGN_TEST_KILL_AT="step:12"))
     assert killed.returncode != 0 and not (out / "results.csv").exists(), killed.stderr[-3000:]
     unfinished = [d for d in (out / "runs").iterdir() if not (d / "results.json").exists()]
-    assert unfinished and all((d / "checkpoints").is_dir() for d in unfinished)
+    # rank 1's cells stopped after their step-8 checkpoint (rank 0's, stopped by torchrun, may not have reached one)
+    assert any((d / "checkpoints").is_dir() for d in unfinished)
     rerun = torchrun(2, "compare", *args, "--out", str(out), env=env)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert (out / "results.csv").read_bytes() == (study["ref"] / "results.csv").read_bytes()
