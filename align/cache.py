@@ -20,6 +20,12 @@ are whole micro-batches), so the stored bytes do not depend on batch_size or sha
 fixed shards, each written atomically, frozen in ``work/plan.json``, so a run killed at any point and started
 again finishes with files byte-identical to an uninterrupted run. One ``align embed`` writes a key at a time.
 
+Under ``torchrun`` (``align.distributed``) the ranks of one job write a key together: rank 0 takes the lock,
+cleans up and freezes the plan; the shards still to do are dealt out (the i-th to rank i mod world size), every
+rank writes its own into ``work/``; after a barrier rank 0 assembles the arrays and writes the manifest. All ranks
+must therefore see one ``cache_root`` (a shared file system across nodes). A killed rank's finished shards stay,
+so a rerun with any number of ranks resumes, and on one kind of device the arrays equal a single process's.
+
 Every load (``load_cached_split``, ``load_cache_dir``) goes through ``check_cache`` first: manifest structure,
 ``.npy`` headers (C order, plain numbers), shapes, dtypes, counts and dims, finite embeddings, and the sha256 of
 each file. Hashing is skipped only for a file whose (size, mtime_ns, ctime_ns, inode, device) equals what
@@ -56,7 +62,7 @@ from align.datasets import DatasetSpec
 from align.embeddings import PairedEmbeddings
 from align.encoders import EncoderSpec
 from align.errors import AlignError
-from align.files import atomic_write_text, sha256_file
+from align.files import atomic_write_text, sha256_file, wait_until_visible
 from align.progress import Log, progress_bar
 
 CACHE_FORMAT = 1
@@ -158,55 +164,113 @@ def embed_split(cfg: EmbedConfig, split: str, progress: bool = True, log: Log = 
 
     A finished cache is checked (``check_cache``) and reused; a damaged one is an AlignError, never re-used or
     silently rebuilt. Writing happens under the folder's lock: a second ``align embed`` of the same key is
-    refused in one line naming the first one's PID."""
-    from align import encoders
-    from align.locks import exclusive
+    refused in one line naming the first one's PID.
 
-    encoders.prepare_weights(cfg.image_encoder)  # hub files fetched first, so the key sees the final weights
-    encoders.prepare_weights(cfg.text_encoder)
+    Under ``torchrun`` every rank calls this: rank 0 holds the lock, decides and finalizes, the shards are shared
+    out between the ranks, all of which write into the same folder (a file system every rank sees)."""
+    from contextlib import ExitStack
+
+    from align import distributed, encoders
+
+    with distributed.main_first():  # hub files fetched once, so the key sees the final weights
+        encoders.prepare_weights(cfg.image_encoder)
+        encoders.prepare_weights(cfg.text_encoder)
     key = cache_key(cfg, split)
     final = Path(cfg.cache_root) / key
-    if (final / MANIFEST).exists():  # readers never take the lock: a finished cache is only read
-        check_cache(final)
-        log(f"{split}: cached ({key})")
-        return final
-    with exclusive(final, "cache", "another `align embed` is writing it; wait for it to finish"):
-        if (final / MANIFEST).exists():  # finished by another process while this one waited to look
-            check_cache(final)
+    with ExitStack() as lock:  # rank 0's: held from the "is it finished?" check to the manifest
+        if distributed.from_main(lambda: _claim(final, lock)):
             log(f"{split}: cached ({key})")
             return final
         return _embed_locked(cfg, split, key, final, progress, log)
 
 
+def _claim(final: Path, lock: Any) -> bool:
+    """True when ``final`` is a finished (and sound) cache; else take its lock into the ExitStack ``lock``."""
+    from align.locks import exclusive
+
+    if (final / MANIFEST).exists():  # readers never take the lock: a finished cache is only read
+        check_cache(final)
+        return True
+    lock.enter_context(exclusive(final, "cache", "another `align embed` is writing it; wait for it to finish"))
+    if (final / MANIFEST).exists():  # finished by another process while this one waited to look
+        check_cache(final)
+        return True
+    return False
+
+
 def _embed_locked(cfg: EmbedConfig, split: str, key: str, final: Path, progress: bool, log: Log) -> Path:
-    """embed_split's work, with the key's lock held: load the split, encode missing shards, write the cache."""
-    from align import datasets, encoders
+    """embed_split's work, with the key's lock held: load the split, encode missing shards, write the cache.
+
+    With several ranks, rank 0 cleans up and freezes the plan, the shards still to do are dealt out (the i-th of
+    them to rank i mod world size), and rank 0 assembles the cache once every rank is done. A shard's bytes do not
+    depend on which rank encodes it (fixed micro-batches), so the arrays equal a single process's."""
+    from align import datasets, distributed
 
     started = time.perf_counter()
-    data = datasets.load_image_caption_split(cfg.dataset, split)
-    _check_captions(data, split)
+    with distributed.main_first():
+        data = datasets.load_image_caption_split(cfg.dataset, split)
+        _check_captions(data, split)
     n_img, n_cap = len(data.image_ids), len(data.captions)
     if n_img == 0 or n_cap == 0:
         raise AlignError(f"split {split!r} of dataset {data.name} has {n_img} images and {n_cap} captions: "
                          f"nothing to embed (check the dataset config)")
+    work = final / WORK
+    plan, todo_img, todo_txt, resumed = distributed.from_main(lambda: _prepare(final, key, n_img, n_cap, cfg, split,
+                                                                               log))
+    image_shards, text_shards = _shards(n_img, plan["shard_size"]), _shards(n_cap, plan["shard_size"])
+    me = distributed.current()
+    with distributed.together():  # every rank's shards written (or the first failure raised everywhere)
+        rates, device = _encode_share(cfg, split, data, work, image_shards, text_shards,
+                                      todo_img[me.rank::me.world_size], todo_txt[me.rank::me.world_size],
+                                      progress and me.is_main, log)
+    rates = distributed.gather_objects(rates)
 
+    def finish() -> dict[str, Any]:
+        if me.distributed:  # the other ranks' shards, on a shared file system that may show them late
+            wait_until_visible([work / f"{kind}-{s:05d}.{ext}" for kind, shards in (("image", image_shards),
+                                ("text", text_shards)) for s in range(len(shards)) for ext in ("npy", "json")],
+                               "embedding shards")
+        manifest = _finalize(cfg, split, key, data, final, work, image_shards, text_shards, plan, device, resumed)
+        shutil.rmtree(work, ignore_errors=True)
+        return manifest
+
+    counts = distributed.from_main(finish)["counts"]
+    skipped = f", {counts['skipped_images']} unreadable images skipped" if counts["skipped_images"] else ""
+    log(f"{split}: {counts['images']} images, {counts['captions']} captions{skipped} → {final}")
+    for r, rank_rates in enumerate(rates):
+        who = f"rank {r} of {len(rates)}: " if len(rates) > 1 else ""
+        log(f"{split}: {who}throughput this run: {'; '.join(rank_rates) or 'nothing left to encode'}; "
+            f"{time.perf_counter() - started:.1f} s in all")
+    return final
+
+
+def _prepare(final: Path, key: str, n_img: int, n_cap: int, cfg: EmbedConfig, split: str,
+             log: Log) -> tuple[dict[str, Any], list[int], list[int], bool]:
+    """(frozen plan, image shards to do, caption shards to do, resumed?): the folder cleaned of a killed run's
+    leftovers first (the caller holds the lock, so no writer owns them)."""
     (final / VERIFIED).unlink(missing_ok=True)  # a record of older files must never vouch for new ones
     work = final / WORK
     for leftover in [*final.glob(".*.tmp"), *work.glob(".*.tmp")]:  # temp files of a killed run (we hold the lock)
         leftover.unlink(missing_ok=True)
     plan = _plan(work, key, n_img, n_cap, cfg, log)
-    image_shards = _shards(n_img, plan["shard_size"])
-    text_shards = _shards(n_cap, plan["shard_size"])
+    image_shards, text_shards = _shards(n_img, plan["shard_size"]), _shards(n_cap, plan["shard_size"])
     todo_img = [s for s in range(len(image_shards)) if not (work / f"image-{s:05d}.json").is_file()]
     todo_txt = [s for s in range(len(text_shards)) if not (work / f"text-{s:05d}.json").is_file()]
     resumed = len(todo_img) < len(image_shards) or len(todo_txt) < len(text_shards)
     if resumed:
         log(f"{split}: resuming: {len(image_shards) - len(todo_img)}/{len(image_shards)} image shards and "
             f"{len(text_shards) - len(todo_txt)}/{len(text_shards)} caption shards already done")
+    return plan, todo_img, todo_txt, resumed
 
+
+def _encode_share(cfg: EmbedConfig, split: str, data: Any, work: Path, image_shards: list[range],
+                  text_shards: list[range], todo_img: list[int], todo_txt: list[int], progress: bool,
+                  log: Log) -> tuple[list[str], torch.device]:
+    """Encode this rank's shards (each encoder built only when it has some) → (rates, this rank's device)."""
+    from align import distributed, encoders
     from align.device import pick_device
 
-    device = pick_device(cfg.device)
+    device = distributed.rank_device(pick_device(cfg.device))
     rates = []
     if todo_img:
         image_encoder = encoders.build_image_encoder(cfg.image_encoder, device)
@@ -219,16 +283,10 @@ def _embed_locked(cfg: EmbedConfig, split: str, key: str, final: Path, progress:
         t0 = time.perf_counter()
         _embed_texts(data, text_encoder, text_shards, todo_txt, work, split, progress, log)
         rates.append(_rate(sum(len(text_shards[s]) for s in todo_txt), "captions", time.perf_counter() - t0))
-    if data.labels is not None and not (work / "classes.json").is_file():
+    if distributed.current().is_main and data.labels is not None and not (work / "classes.json").is_file():
+        # the class prompts (labelled sets): a few rows, encoded by rank 0 before the ranks meet
         _embed_prompts(data, text_encoder or encoders.build_text_encoder(cfg.text_encoder, device), work, split)
-
-    manifest = _finalize(cfg, split, key, data, final, work, image_shards, text_shards, plan, device, resumed)
-    shutil.rmtree(work, ignore_errors=True)
-    counts = manifest["counts"]
-    skipped = f", {counts['skipped_images']} unreadable images skipped" if counts["skipped_images"] else ""
-    log(f"{split}: {counts['images']} images, {counts['captions']} captions{skipped} → {final}")
-    log(f"{split}: throughput this run: {'; '.join(rates)}; {time.perf_counter() - started:.1f} s in all")
-    return final
+    return rates, device
 
 
 def _rate(n: int, what: str, seconds: float) -> str:
@@ -414,8 +472,11 @@ def _finalize(cfg: EmbedConfig, split: str, key: str, data: Any, final: Path, wo
         files[name] = {"shape": list(array.shape), "dtype": str(array.dtype), "bytes": (final / name).stat().st_size,
                        "sha256": digest}
     dims = {"image": int(image.shape[1]), "text": int(text.shape[1])}
+    from align.distributed import current
+
     run = {"device": str(device), "batch_size": cfg.batch_size, "encode_rows": plan["encode_rows"],
-           "shard_size": plan["shard_size"], "num_workers": cfg.num_workers, "resumed": resumed}
+           "shard_size": plan["shard_size"], "num_workers": cfg.num_workers, "resumed": resumed,
+           "ranks": current().world_size}  # ranks that shared this run's shards (torchrun), 1 in a single process
     manifest = _manifest(cfg, split, key, data, files, skipped, counts, dims, run, _timing(seconds, len(data.captions)))
     if data.labels is not None:
         manifest["classes"] = {"names": list(data.class_names), "templates": list(data.prompt_templates)}

@@ -6,6 +6,10 @@ finished cells are skipped and an interrupted cell resumes from its last checkpo
 numbers do not depend on its pack, so ``--pack 1`` (one cell at a time) writes the same results.csv. The statistics
 (summary with Student-t intervals and Holm-adjusted verdicts, the paper's Table 3 shape, robustness) are pure
 functions of the rows of ``results.csv`` in ``align.study_stats``; writing files and plots is ``align.report``'s job.
+
+Under ``torchrun`` (``align.distributed``) the packs are dealt out to the ranks, each training its own on its own
+device into the study's run folders (a file system every rank sees); rank 0 holds the study's lock, plans, collects
+the rows and writes results.csv, the tables, plots and report, which equal a single process's.
 """
 from __future__ import annotations
 
@@ -248,7 +252,14 @@ def resolve_workers(cfg: CompareConfig) -> int:
 
     if cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available()):
         return 1
-    return max(1, min(4, (os.cpu_count() or 1)))
+    return max(1, min(4, _cores()))
+
+
+def _cores() -> int:
+    """The CPU cores this process may use: the node's, shared evenly by the ranks torchrun started on it."""
+    from align.distributed import local_world_size
+
+    return max(1, (os.cpu_count() or 1) // local_world_size())
 
 
 # -- running ---------------------------------------------------------------------------------------------
@@ -419,10 +430,13 @@ def _exit_with_parent(parent: int, poll_s: float = 0.5) -> None:
 def run_study(cfg: CompareConfig, log: Log | None = None, progress: bool = True, pack: int | str = "auto",
               memory_budget: str | int | None = None) -> list[dict[str, Any]]:
     """Train every cell not yet finished, in packs of heads trained as one computation (``pack``: "auto" or at
-    most N per pack; packs run in parallel worker processes where the hardware allows) → rows for results.csv."""
-    from align import runs
+    most N per pack; packs run in parallel worker processes where the hardware allows) → rows for results.csv.
+
+    Under ``torchrun`` every rank calls this: rank 0 plans the packs, they are dealt out to the ranks (each on its
+    own device, with ``workers`` processes of its own), and the rows are collected once every rank is done."""
+    from align import distributed, runs
     from align.cache import embed_all
-    from align.progress import progress_bar
+    from align.files import wait_until_visible
 
     log = log or (lambda message: None)
     check_pack(pack)
@@ -430,41 +444,78 @@ def run_study(cfg: CompareConfig, log: Log | None = None, progress: bool = True,
         parse_memory(memory_budget)
     root = study_dir(cfg)
     cells = grid_cells(cfg.grid)
-    embed_all(cfg.data, progress=progress, log=log)  # a no-op when every split is cached
+    embed_all(cfg.data, progress=progress, log=log)  # a no-op when every split is cached; shared out under torchrun
 
-    todo = [c for c in cells if not runs.RunDir(root / "runs" / c.key).is_finished()]
+    me = distributed.current()
+    todo = distributed.from_main(lambda: [c for c in cells if not runs.RunDir(root / "runs" / c.key).is_finished()])
     log(f"study {cfg.name}: {len(cells)} runs, {len(cells) - len(todo)} already finished")
-    workers = min(resolve_workers(cfg), max(1, len(todo)))
-    threads = max(1, (os.cpu_count() or 1) // workers)
-    packs = plan_packs(todo, pack_limit(cfg, pack, memory_budget, workers), workers) if todo else []
+    workers = min(resolve_workers(cfg), max(1, len(todo)))  # per rank
+    threads = max(1, _cores() // workers)
+    packs = distributed.from_main(lambda: plan_packs(todo, pack_limit(cfg, pack, memory_budget, workers),
+                                                     workers * me.world_size) if todo else [])
     if packs:
+        ranks = f" on each of {me.world_size} ranks" if me.distributed else ""
         log(f"{len(todo)} runs in {len(packs)} pack(s) of up to {max(len(p) for p in packs)} heads, "
-            f"{workers} at a time")
-    jobs = [([cell_config(cfg, c, root / "runs" / c.key).model_dump(mode="json") for c in p],
-             [str(root / "runs" / c.key) for c in p]) for p in packs]
-    with progress_bar(len(cells), f"study {cfg.name}", enabled=progress) as bar:
-        bar.advance(len(cells) - len(todo))
-        _run_packs(jobs, workers, threads, _PackProgress(bar, cfg.schedule.steps, [len(p) for p in packs],
-                                                         start=len(cells) - len(todo)))
-    return collect_rows(cfg)
+            f"{workers} at a time{ranks}")
+    mine = [packs[i] for i in distributed.deal([_pack_work(p) for p in packs], me.world_size)[me.rank]]
+    jobs = [_pack_job(cfg, root, p) for p in mine]
+    with distributed.together():  # every rank's packs finished (or the first failure raised everywhere)
+        _train_packs(jobs, workers, threads, cfg.schedule.steps, len(cells), len(cells) - len(todo),
+                     f"study {cfg.name}", progress and me.is_main)
+    if me.distributed:  # the other ranks' cells, on a shared file system that may show them late
+        distributed.from_main(lambda: wait_until_visible([runs.RunDir(root / "runs" / c.key).results_path
+                                                          for c in todo], "cell results"))
+    return distributed.from_main(lambda: collect_rows(cfg))
+
+
+def _pack_work(cells: list[Cell]) -> float:
+    """A pack's relative cost: heads × passes per step."""
+    return len(cells) * (2 if optimizer_info(cells[0].optimizer).two_pass else 1)
+
+
+def _pack_job(cfg: CompareConfig, root: Path, cells: list[Cell]) -> tuple[list[dict[str, Any]], list[str]]:
+    """(cell configs as JSON, run folders) of one pack; under torchrun the configs name this rank's device."""
+    from align import distributed
+    from align.device import pick_device
+
+    configs = [cell_config(cfg, c, root / "runs" / c.key).model_dump(mode="json") for c in cells]
+    if distributed.current().distributed:  # "cuda" → this rank's cuda:LOCAL_RANK (the device is not hashed)
+        device = str(distributed.rank_device(pick_device(cfg.device)))
+        configs = [dict(c, device=device) for c in configs]
+    return configs, [str(root / "runs" / c.key) for c in cells]
+
+
+def _train_packs(jobs: list[tuple[list[dict[str, Any]], list[str]]], workers: int, threads: int, steps: int,
+                 total: int, done: int, title: str, progress: bool) -> None:
+    """Train the packs ``jobs`` (see ``_run_packs``) under a bar of ``total`` cells, ``done`` of them finished."""
+    from align.progress import progress_bar
+
+    with progress_bar(total, title, enabled=progress) as bar:
+        bar.advance(done)
+        _run_packs(jobs, workers, threads, _PackProgress(bar, steps, [len(job[1]) for job in jobs], start=done))
 
 
 def run_compare(cfg: CompareConfig, log: Log | None = None, progress: bool = True, pack: int | str = "auto",
                 memory_budget: str | int | None = None) -> dict[str, Any]:
     """The whole study: its config.yaml, every cell (in packs, see ``run_study``), then results.csv, the tables,
-    plots and report.md."""
-    from align import report
+    plots and report.md. Under ``torchrun``: rank 0 holds the study's lock and writes every file but the cells'
+    run folders; every rank gets the same result."""
+    from align import distributed, report
     from align.device import pick_device
     from align.locks import exclusive
     from align.train import check_head_fits
 
     root = study_dir(cfg)
-    check_head_fits(cfg, pick_device(cfg.device))  # before any embedding (dims from the cache count as 1)
-    with exclusive(root, "study", "another align compare is running it; wait for it to finish or use --out NEW_DIR"):
-        report.clear_temp_files(root)  # of a killed run; we hold the lock, so no writer owns them
-        report.write_study_config(root, cfg)
+    check_head_fits(cfg, distributed.rank_device(pick_device(cfg.device)))  # before any embedding
+    hint = "another align compare is running it; wait for it to finish or use --out NEW_DIR"
+    with distributed.main_holds(lambda: exclusive(root, "study", hint)):
+        def begin() -> None:
+            report.clear_temp_files(root)  # of a killed run; we hold the lock, so no writer owns them
+            report.write_study_config(root, cfg)
+
+        distributed.from_main(begin)
         rows = run_study(cfg, log=log, progress=progress, pack=pack, memory_budget=memory_budget)
-        return dict(report.write_report(root, cfg, rows), study_dir=root)
+        return distributed.from_main(lambda: dict(report.write_report(root, cfg, rows), study_dir=root))
 
 
 def collect_rows(cfg: CompareConfig) -> list[dict[str, Any]]:

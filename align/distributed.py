@@ -9,9 +9,10 @@ The backend is nccl when the ranks run on CUDA and gloo otherwise; each rank tak
 from __future__ import annotations
 
 import os
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, Callable, ContextManager, Iterator, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -39,6 +40,7 @@ class Rank:
 
 
 SINGLE = Rank()
+T = TypeVar("T")
 
 
 def launched() -> bool:
@@ -60,6 +62,106 @@ def rank_device(requested: torch.device) -> torch.device:
     if requested.type == "cuda" and requested.index is None and current().distributed:
         return torch.device("cuda", current().local_rank)
     return requested
+
+
+# -- work split between ranks: rank 0 decides and writes what is written once, errors reach every rank -------------
+
+def local_world_size() -> int:
+    """How many ranks share this node (torchrun's LOCAL_WORLD_SIZE; 1 in a single process): they share its cores."""
+    if not current().distributed:
+        return 1
+    return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+
+
+def _failure(exc: BaseException) -> str:
+    """The line the other ranks raise for a rank's failure: an AlignError's own line, else its type and text."""
+    if isinstance(exc, AlignError):
+        return str(exc)
+    return f"rank {current().rank} failed: {type(exc).__name__}: {exc}"[:300]
+
+
+def from_main(fn: Callable[[], T]) -> T:
+    """``fn()`` run on rank 0 alone, its result on every rank (``fn()`` itself in a single process). When it
+    raises on rank 0, every other rank raises an AlignError with its line, so none waits for a rank that stopped;
+    rank 0 re-raises the original."""
+    if not current().distributed:
+        return fn()
+    outcome: tuple[bool, Any] = (True, None)
+    error: BaseException | None = None
+    if current().is_main:
+        try:
+            outcome = (True, fn())
+        except Exception as exc:  # noqa: BLE001 -- reported to every rank, then re-raised here
+            outcome, error = (False, _failure(exc)), exc
+    ok, value = broadcast_object(outcome)
+    if error is not None:
+        raise error
+    if not ok:
+        raise AlignError(value)
+    return value
+
+
+@contextmanager
+def main_first() -> Iterator[None]:
+    """The block on rank 0 first, then on the other ranks (a hub download or dataset preparation done once, then
+    read by the rest from the shared cache); rank 0's failure is raised on every rank."""
+    me = current()
+    if not me.distributed:
+        yield
+        return
+    if me.is_main:
+        try:
+            yield
+        except Exception as exc:
+            broadcast_object(_failure(exc))
+            raise
+        broadcast_object(None)
+        return
+    failure = broadcast_object(None)
+    if failure is not None:
+        raise AlignError(failure)
+    yield
+
+
+@contextmanager
+def main_holds(enter: Callable[[], ContextManager[Any]]) -> Iterator[None]:
+    """``enter()``'s context (a lock) held by rank 0 alone for the block, for every rank: one writer per target
+    whatever the number of ranks. A refusal (AlignError) is raised on every rank."""
+    with ExitStack() as stack:
+        from_main(lambda: (stack.enter_context(enter()), None)[1])
+        yield
+
+
+@contextmanager
+def together() -> Iterator[None]:
+    """Every rank runs the block, then waits for all the others (a barrier that carries failures): when it raised
+    on any rank, every rank raises, the failed ones their own error and the others an AlignError with the first
+    failure's line. In a single process: the block itself."""
+    if not current().distributed:
+        yield
+        return
+    error: BaseException | None = None
+    try:
+        yield
+    except Exception as exc:  # noqa: BLE001 -- reported to every rank, then re-raised here
+        error = exc
+    failures = [f for f in gather_objects(None if error is None else _failure(error)) if f is not None]
+    if error is not None:
+        raise error
+    if failures:
+        raise AlignError(failures[0])
+
+
+def deal(loads: list[float], ranks: int) -> list[list[int]]:
+    """Indices of ``loads`` dealt to ``ranks`` ranks, each item to the least loaded rank so far (lowest rank on a
+    tie), the largest first: a fixed, balanced split that every rank computes alike."""
+    order = sorted(range(len(loads)), key=lambda i: (-loads[i], i))
+    totals, hands = [0.0] * ranks, [[] for _ in range(ranks)]
+    for i in order:
+        r = min(range(ranks), key=lambda k: (totals[k], k))
+        totals[r] += loads[i]
+        hands[r].append(i)
+    return [sorted(h) for h in hands]
 
 
 def init(device: torch.device, timeout_s: float = 1800.0) -> Rank:

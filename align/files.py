@@ -108,3 +108,29 @@ def json_safe(obj: Any) -> Any:
     if hasattr(obj, "tolist") and hasattr(obj, "ndim"):  # torch tensors and numpy arrays, without importing them
         return json_safe(obj.item() if obj.ndim == 0 else obj.tolist())
     return obj
+
+
+def wait_until_visible(paths: list[Path], what: str, timeout_s: float = 180.0, poll_s: float = 0.5) -> None:
+    """Wait until every file of ``paths`` exists here: files other ranks have just written to a shared file system
+    (an NFS client keeps "no such file" answers for up to a minute; listing the folder again makes it ask the
+    server). AlignError after ``timeout_s`` naming the first file still missing: the folder is not shared."""
+    import time
+
+    from align.config import shorten
+
+    deadline = time.monotonic() + timeout_s
+    missing = [Path(p) for p in paths]
+    while True:
+        missing = [p for p in missing if not p.exists()]
+        if not missing:
+            return
+        if time.monotonic() >= deadline:
+            raise AlignError(shorten(f"{len(missing)} {what} written by other ranks not visible here after "
+                                     f"{timeout_s:g} s (first: {shorten(str(missing[0]), 120)}): every rank must "
+                                     "see one file system (a shared one across nodes)"))
+        time.sleep(poll_s)
+        for folder in {p.parent for p in missing}:
+            try:
+                os.listdir(folder)
+            except OSError:
+                pass

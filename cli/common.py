@@ -1,8 +1,9 @@
-"""What every command shares: user errors become one line on stderr and exit code 2."""
+"""What every command shares: user errors become one line on stderr and exit code 2; joining torchrun's group."""
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, TypeVar
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, TypeVar
 
 import typer
 from rich.console import Console
@@ -56,3 +57,32 @@ def user_errors(func: F) -> F:
             raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+# How long a rank may wait at a collective for the others: a rank that finished its share of shards or packs waits
+# there for the slowest one, which can take hours. A rank that dies is noticed by torchrun, not by this timeout.
+SHARE_WAIT_S = 7 * 24 * 3600.0
+
+
+@contextmanager
+def joined(device: str, timeout_s: float = SHARE_WAIT_S) -> Iterator[Any]:
+    """The command's ranks under ``torchrun`` (``align.distributed``): the process group joined for the block
+    (nccl on CUDA, gloo otherwise; collectives wait up to ``timeout_s``) and left after it → this process's Rank.
+    Without torchrun: the single-process Rank, nothing joined. After a failure the group is not waited for: the
+    process exits and torchrun stops the others."""
+    from align import distributed
+    from align.device import pick_device
+
+    if not distributed.launched():
+        yield distributed.SINGLE
+        return
+    me = distributed.init(pick_device(device), timeout_s=timeout_s)
+    yield me
+    distributed.shutdown()
+
+
+def rank_log(me: Any) -> Callable[[str], None]:
+    """Where a command's messages go: the console on rank 0 (the only rank that reports), nowhere on the others."""
+    if me.is_main:
+        return lambda message: console.print(message, highlight=False)
+    return lambda message: None

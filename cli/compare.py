@@ -1,4 +1,6 @@
-"""`align compare`: the optimizer study (grid × seeds), its tables, plots and report."""
+"""`align compare`: the optimizer study (grid × seeds), its tables, plots and report.
+
+Under `torchrun --nproc-per-node N --no-python align compare ...` the N ranks share the study's packs of cells."""
 from __future__ import annotations
 
 import math
@@ -7,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from align.cli.common import console, user_errors
+from align.cli.common import console, joined, rank_log, user_errors
 
 CONFIG_HELP = "study YAML: a path or a packaged name (`align configs`); default: the embedded offline study"
 
@@ -90,7 +92,7 @@ def register(app: typer.Typer) -> None:
         config: Optional[str] = typer.Option(None, "--config", "-c", metavar="FILE|NAME", help=CONFIG_HELP),
         set_: list[str] = typer.Option([], "--set", help="override a key: --set grid.seeds=[0,1,2]"),
         dry_run: bool = typer.Option(False, "--dry-run", help="validate the config and print the plan; no download, no training"),
-        workers: Optional[int] = typer.Option(None, "--workers", help="packs trained at once, in parallel processes (default: from the config)"),
+        workers: Optional[int] = typer.Option(None, "--workers", help="packs trained at once, in parallel processes (default: from the config; per rank under torchrun)"),
         pack: str = typer.Option("auto", "--pack", metavar="auto|N", help="heads trained as one computation: auto (as many as the memory budget holds) or N; 1: one cell at a time"),
         memory_budget: Optional[str] = typer.Option(None, "--memory-budget", metavar="SIZE", help="memory the packs may take, e.g. 8G (default: 80% of free GPU memory, else half the free RAM)"),
         out: Optional[Path] = typer.Option(None, "--out", help="study folder (default: $ALIGN_HOME/studies/<name>, else data/studies/<name>)"),
@@ -118,8 +120,11 @@ def register(app: typer.Typer) -> None:
             console.print_json(json.dumps(plan(cfg)))
             return
         packs = pack if pack == "auto" else _whole_number(pack, "--pack")
-        result = run_compare(cfg, log=lambda m: console.print(m, highlight=False), progress=progress, pack=packs,
-                             memory_budget=memory_budget)
+        with joined(cfg.device) as me:  # under torchrun the ranks share the cells; rank 0 writes and reports
+            result = run_compare(cfg, log=rank_log(me), progress=progress and me.is_main, pack=packs,
+                                 memory_budget=memory_budget)
+        if not me.is_main:
+            return
         root = result["study_dir"]
         _print_tables(result, cfg.reference, cfg.score)
         console.print(f"wrote {root / 'results.csv'}, {root / 'report.md'} and {len(result['figures'])} plots in {root}")

@@ -1,11 +1,13 @@
-"""`align embed --config FILE|NAME [--set k=v ...] [--split S ...] [--strict]`: encode a dataset into the cache."""
+"""`align embed --config FILE|NAME [--set k=v ...] [--split S ...] [--strict]`: encode a dataset into the cache.
+
+Under `torchrun --nproc-per-node N --no-python align embed ...` the N ranks share the shards of each split."""
 from __future__ import annotations
 
 from typing import Optional
 
 import typer
 
-from align.cli.common import console, user_errors
+from align.cli.common import console, joined, rank_log, user_errors
 
 
 def register(app: typer.Typer) -> None:
@@ -33,8 +35,11 @@ def register(app: typer.Typer) -> None:
         if strict:
             cfg.strict = True
         todo = list(splits) if splits else cfg.splits
-        paths = {split: embed_split(cfg, split, progress=progress,
-                                    log=lambda m: console.print(m, highlight=False)) for split in todo}
+        with joined(cfg.device) as me:  # under torchrun the ranks share the shards; rank 0 reports
+            paths = {split: embed_split(cfg, split, progress=progress and me.is_main, log=rank_log(me))
+                     for split in todo}
+        if not me.is_main:
+            return
         table = Table(title=f"embedding cache under {cfg.cache_root}", title_justify="left", header_style="bold")
         for column in ("split", "key", "images", "captions", "skipped", "dims i/t"):
             table.add_column(column, justify="right" if column in ("images", "captions", "skipped") else "left",
