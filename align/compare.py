@@ -321,19 +321,36 @@ def pack_limit(cfg: CompareConfig, pack: int | str, memory_budget: str | int | N
     return int(fit if pack == "auto" else min(pack, fit))
 
 
+PACK_SHARE = 3  # packs per worker a study is cut into at least, so that the workers finish together
+MIN_PACK = 8  # ... but none smaller than this where it can be avoided: a CPU step costs little more per head from here
+
+
 def plan_packs(cells: list[Cell], limit: int, workers: int) -> list[list[Cell]]:
-    """Cells → packs of at most ``limit``: two-pass and single-pass cells apart (a single-pass head would idle
-    through the second pass), each kind split into at least ``workers`` packs of near-equal size, cells of one
-    seed together (they share batches); largest work first."""
+    """Cells → packs of at most ``limit`` heads of one SAM-family optimizer (its perturbation is then computed for
+    the whole pack at once; mixing methods costs a gather and a scatter of every tensor per step) or of single-pass
+    optimizers only (a single-pass head would idle through the second pass), cells of one seed together (they share
+    batches). Each group is cut into near-equal packs of about 1 / (``PACK_SHARE`` × workers) of the study's work
+    (no fewer than ``MIN_PACK`` heads where the group allows), and the study into at least ``workers`` packs while
+    cells allow; largest work first."""
+    target = _pack_work(cells) / (PACK_SHARE * max(1, workers)) if cells else 1.0
+    groups: dict[str | None, list[Cell]] = {}
+    for cell in sorted(cells, key=lambda c: c.seed):
+        groups.setdefault(cell.optimizer if optimizer_info(cell.optimizer).two_pass else None, []).append(cell)
     packs = []
-    for two_pass in (True, False):
-        group = sorted((c for c in cells if optimizer_info(c.optimizer).two_pass == two_pass), key=lambda c: c.seed)
-        if not group:
-            continue
-        count = max(math.ceil(len(group) / limit), min(workers, len(group)))
-        bounds = [round(i * len(group) / count) for i in range(count + 1)]
-        packs += [group[a:b] for a, b in zip(bounds, bounds[1:])]
-    return sorted(packs, key=lambda p: -len(p) * (2 if optimizer_info(p[0].optimizer).two_pass else 1))
+    for group in groups.values():
+        count = min(math.ceil(_pack_work(group) / target), max(1, len(group) // MIN_PACK))
+        packs += _split(group, max(count, math.ceil(len(group) / max(1, limit))))
+    while len(packs) < min(workers, len(cells)):  # few cells: every worker gets some
+        largest = max(packs, key=len)
+        packs.remove(largest)
+        packs += _split(largest, 2)
+    return sorted(packs, key=lambda p: -_pack_work(p))
+
+
+def _split(cells: list[Cell], count: int) -> list[list[Cell]]:
+    """``cells`` in order, cut into ``count`` near-equal runs."""
+    bounds = [round(i * len(cells) / count) for i in range(count + 1)]
+    return [cells[a:b] for a, b in zip(bounds, bounds[1:])]
 
 
 def _run_pack(cfg_jsons: list[dict[str, Any]], run_dirs: list[str], threads: int, pack_id: int = 0,
@@ -469,8 +486,8 @@ def run_study(cfg: CompareConfig, log: Log | None = None, progress: bool = True,
 
 
 def _pack_work(cells: list[Cell]) -> float:
-    """A pack's relative cost: heads × passes per step."""
-    return len(cells) * (2 if optimizer_info(cells[0].optimizer).two_pass else 1)
+    """Cells' relative cost: heads × passes per step."""
+    return float(sum(2 if optimizer_info(c.optimizer).two_pass else 1 for c in cells))
 
 
 def _pack_job(cfg: CompareConfig, root: Path, cells: list[Cell]) -> tuple[list[dict[str, Any]], list[str]]:

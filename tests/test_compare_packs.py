@@ -25,20 +25,24 @@ def _cells(optimizers, seeds=(0, 1), lrs=(0.1, 0.2)):
     return [Cell(o, lr, None if o in ("sgd", "adamw") else 0.05, s) for o in optimizers for lr in lrs for s in seeds]
 
 
-def test_packs_keep_two_pass_and_single_pass_cells_apart_and_seeds_together():
+def test_packs_hold_one_sam_family_optimizer_or_single_pass_ones_with_seeds_together():
     cells = _cells(["sgd", "sam", "msam", "adamw"])
     packs = plan_packs(cells, limit=3, workers=2)
     assert sorted(c.key for p in packs for c in p) == sorted(c.key for c in cells)  # every cell once
     for p in packs:
         assert len(p) <= 3
-        assert len({c.optimizer in ("sam", "msam") for c in p}) == 1
+        assert len({c.optimizer if c.optimizer in ("sam", "msam") else None for c in p}) == 1
         assert [c.seed for c in p] == sorted(c.seed for c in p)
-    # 8 two-pass cells at most 3 a pack: 3 packs; 8 single-pass ones: 3 packs; the two-pass (twice the work) first.
-    assert [len(p) for p in packs] == [3, 3, 2, 3, 3, 2]
-    assert all(p[0].optimizer in ("sam", "msam") for p in packs[:3])
-    # Fewer cells than the limit still spread over the workers; one worker and a large limit: one pack per kind.
+    # SAM's 4 cells and M-SAM's 4, at most 3 a pack: 2 packs each; the 8 single-pass ones: 3 packs; the two-pass
+    # packs (twice the work per head) first.
+    assert [len(p) for p in packs] == [2, 2, 2, 2, 3, 3, 2]
+    assert all(p[0].optimizer in ("sam", "msam") for p in packs[:4])
+    # Fewer cells than the limit still spread over the workers; one worker and a large limit: one pack per method.
     assert [len(p) for p in plan_packs(_cells(["sam"]), limit=100, workers=2)] == [2, 2]
-    assert [len(p) for p in plan_packs(cells, limit=100, workers=1)] == [8, 8]
+    assert sorted(len(p) for p in plan_packs(cells, limit=100, workers=1)) == [4, 4, 8]
+    # A large study is cut into packs of about a third of a worker's share of the work.
+    many = _cells(["sam", "msam"], seeds=range(5), lrs=[0.1 * i for i in range(1, 11)])  # 50 cells each
+    assert sorted(len(p) for p in plan_packs(many, limit=1000, workers=2)) == [16, 16, 17, 17, 17, 17]
 
 
 @pytest.fixture(scope="module")
