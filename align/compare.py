@@ -2,8 +2,11 @@
 
 Each cell is an ordinary training run directory (``<study>/runs/<cell>``), so a study is resumable for free:
 finished cells are skipped and an interrupted cell resumes from its last checkpoint. Cells are trained in packs
-(``align.train.train_pack``: K heads as one computation), as many per pack as the memory budget holds; a head's
-numbers do not depend on its pack, so ``--pack 1`` (one cell at a time) writes the same results.csv. The statistics
+(``align.train.train_pack``: K heads as one computation) of one SAM-family optimizer or of single-pass ones, no
+more per pack than the memory budget holds (``plan_packs``). The layout is recorded at the first run (``packs.json``,
+``pack_layout``) and kept by every rerun, so a resumed study writes the bytes of an uninterrupted one; ``--pack 1``
+(one cell at a time) agrees with a packed study to floating-point noise (BLAS sums another shape in another order).
+The statistics
 (summary with Student-t intervals and Holm-adjusted verdicts, the paper's Table 3 shape, robustness) are pure
 functions of the rows of ``results.csv`` in ``align.study_stats``; writing files and plots is ``align.report``'s job.
 
@@ -347,6 +350,28 @@ def plan_packs(cells: list[Cell], limit: int, workers: int) -> list[list[Cell]]:
     return sorted(packs, key=lambda p: -_pack_work(p))
 
 
+def pack_layout(cfg: CompareConfig, root: Path, todo: list[Cell], pack: int | str,
+                memory_budget: str | int | None, ranks: int = 1) -> tuple[list[list[Cell]], int]:
+    """The study's packs and the threads each trains with: those its packs.json recorded (a resumed pack then
+    replays exactly what it computed: same heads in the same slots, same threads, whatever ``--pack``, the memory
+    or the core count say now), plus packs planned now for unfinished cells it does not hold (a first run, a grown
+    grid), which are recorded too. Cells no longer in the grid leave their packs."""
+    from align import report
+
+    saved = report.read_pack_layout(root)
+    by_key = {c.key: c for c in grid_cells(cfg.grid)}
+    packs = [] if saved is None else [[by_key[k] for k in p if k in by_key] for p in saved["packs"]]
+    packs = [p for p in packs if p]
+    placed = {c.key for p in packs for c in p}
+    new = [c for c in todo if c.key not in placed]
+    workers = min(resolve_workers(cfg), max(1, len(new)))
+    threads = saved["threads"] if saved is not None else max(1, _cores() // workers)
+    if new:
+        packs += plan_packs(new, pack_limit(cfg, pack, memory_budget, workers), workers * ranks)
+        report.write_pack_layout(root, {"threads": threads, "packs": [[c.key for c in p] for p in packs]})
+    return packs, threads
+
+
 def _split(cells: list[Cell], count: int) -> list[list[Cell]]:
     """``cells`` in order, cut into ``count`` near-equal runs."""
     bounds = [round(i * len(cells) / count) for i in range(count + 1)]
@@ -466,18 +491,20 @@ def run_study(cfg: CompareConfig, log: Log | None = None, progress: bool = True,
     me = distributed.current()
     todo = distributed.from_main(lambda: [c for c in cells if not runs.RunDir(root / "runs" / c.key).is_finished()])
     log(f"study {cfg.name}: {len(cells)} runs, {len(cells) - len(todo)} already finished")
-    workers = min(resolve_workers(cfg), max(1, len(todo)))  # per rank
-    threads = max(1, _cores() // workers)
-    packs = distributed.from_main(lambda: plan_packs(todo, pack_limit(cfg, pack, memory_budget, workers),
-                                                     workers * me.world_size) if todo else [])
+    packs, threads = distributed.from_main(lambda: pack_layout(cfg, root, todo, pack, memory_budget, me.world_size)) \
+        if todo else ([], 1)
+    left = {c.key for c in todo}
+    packs = [p for p in packs if any(c.key in left for c in p)]  # whole: a finished cell keeps its slot, idle
+    workers = max(1, min(resolve_workers(cfg), len(packs), _cores() // threads))  # per rank
     if packs:
         ranks = f" on each of {me.world_size} ranks" if me.distributed else ""
         log(f"{len(todo)} runs in {len(packs)} pack(s) of up to {max(len(p) for p in packs)} heads, "
             f"{workers} at a time{ranks}")
     mine = [packs[i] for i in distributed.deal([_pack_work(p) for p in packs], me.world_size)[me.rank]]
     jobs = [_pack_job(cfg, root, p) for p in mine]
+    sizes = [sum(c.key in left for c in p) for p in mine]
     with distributed.together():  # every rank's packs finished (or the first failure raised everywhere)
-        _train_packs(jobs, workers, threads, cfg.schedule.steps, len(cells), len(cells) - len(todo),
+        _train_packs(jobs, sizes, workers, threads, cfg.schedule.steps, len(cells), len(cells) - len(todo),
                      f"study {cfg.name}", progress and me.is_main)
     if me.distributed:  # the other ranks' cells, on a shared file system that may show them late
         distributed.from_main(lambda: wait_until_visible([runs.RunDir(root / "runs" / c.key).results_path
@@ -502,14 +529,15 @@ def _pack_job(cfg: CompareConfig, root: Path, cells: list[Cell]) -> tuple[list[d
     return configs, [str(root / "runs" / c.key) for c in cells]
 
 
-def _train_packs(jobs: list[tuple[list[dict[str, Any]], list[str]]], workers: int, threads: int, steps: int,
-                 total: int, done: int, title: str, progress: bool) -> None:
-    """Train the packs ``jobs`` (see ``_run_packs``) under a bar of ``total`` cells, ``done`` of them finished."""
+def _train_packs(jobs: list[tuple[list[dict[str, Any]], list[str]]], sizes: list[int], workers: int, threads: int,
+                 steps: int, total: int, done: int, title: str, progress: bool) -> None:
+    """Train the packs ``jobs`` (see ``_run_packs``; ``sizes``: the cells each has left) under a bar of ``total``
+    cells, ``done`` of them finished."""
     from align.progress import progress_bar
 
     with progress_bar(total, title, enabled=progress) as bar:
         bar.advance(done)
-        _run_packs(jobs, workers, threads, _PackProgress(bar, steps, [len(job[1]) for job in jobs], start=done))
+        _run_packs(jobs, workers, threads, _PackProgress(bar, steps, sizes, start=done))
 
 
 def run_compare(cfg: CompareConfig, log: Log | None = None, progress: bool = True, pack: int | str = "auto",

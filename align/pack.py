@@ -8,8 +8,11 @@ method and hyper-parameters, gradient norm, guards and logit-scale clamp. A step
 take_step`` does for one head: the loss and ‖g‖ at θ, no step at all on a non-finite loss, the perturbation and
 second pass for the SAM family, clipping of the gradient the base optimizer steps with, then the clamp.
 
-Each head's slice of every computation is independent of the other heads (batched matmuls, per-row reductions,
-elementwise updates), so a head's numbers do not depend on which pack it trained in.
+Each head's slice of every computation is independent of the other heads' values (batched matmuls, per-row
+reductions, elementwise updates): in a pack of one layout a head's bits are the same whatever its neighbours hold,
+which is what lets a killed pack resume exactly with its finished heads idle. Its bits may still depend on the
+pack's size, because BLAS picks its kernels (and so its summation order) by the shape of a matmul: in another pack
+a head agrees to floating-point noise (1e-9 relative in float64, tested), not bit for bit.
 
 Data-parallel (under torchrun, ``align.distributed``): each rank holds the same heads and its own slice of every
 batch. The features of all ranks are gathered and the loss is the one of the whole batch, either on every rank
@@ -258,18 +261,6 @@ class HeadPack:
 
         return torch.func.vmap(one, in_dims=(0, None))(tensors, x)
 
-    def keep(self, index: Tensor) -> None:
-        """Drop every head not at ``index`` (finished heads leave the pack; the others' slices are unchanged)."""
-        for store in (self.params, self.fixed):
-            for n in store:
-                store[n] = store[n][index]
-        self.state = {n: {key: v[index] for key, v in st.items()} for n, st in self.state.items()}
-        if self.metric is not None:
-            self.metric = {n: v[index] for n, v in self.metric.items()}
-        self.hp = self.hp.select(index)
-        self.clamp_lo, self.clamp_hi = self.clamp_lo[index], self.clamp_hi[index]
-        self.skipped_steps = self.skipped_steps[index]
-
     def optim_state(self, k: int) -> dict[str, Any]:
         """Head k's optimizer state as its torch optimizer's ``state_dict`` holds it (indices in group order)."""
         base = int(self.hp.base[k])
@@ -329,7 +320,8 @@ def shared_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """normalize(x Wₖᵀ + bₖ) for G linear layers on one input: (N, in) and (G, out, in) → (G, N, out).
 
     One matmul against the G weight matrices side by side: on a CPU it runs at about twice the speed of G small
-    ones, and each head's block of the product (and of its weight gradient) is the same as its own matmul's.
+    ones. Each head's block of the product (and of its weight gradient) depends on its own weights alone, though
+    not always bit for bit on G (MKL takes other kernels for other shapes; see the module's doc).
     """
     g, out_dim, in_dim = weight.shape
     y = (x @ weight.reshape(g * out_dim, in_dim).T).reshape(x.shape[0], g, out_dim).transpose(0, 1)

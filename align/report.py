@@ -1,4 +1,5 @@
-"""The study's files: results.csv, the tables as CSV, the plots (PNG) and report.md that shows them all."""
+"""The study's files: results.csv, the tables as CSV, the plots (PNG) and report.md that shows them all; its
+config.yaml and its pack layout (packs.json)."""
 from __future__ import annotations
 
 import csv
@@ -8,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from align import runs, study_stats
+from align.errors import AlignError
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
@@ -235,6 +237,31 @@ def clear_temp_files(root: Path) -> list[Path]:
     for path in stale:
         path.unlink(missing_ok=True)
     return stale
+
+
+PACKS_FILE = "packs.json"  # the study's pack layout and threads per pack, fixed at its first run
+
+
+def read_pack_layout(root: Path) -> dict[str, Any] | None:
+    """ROOT/packs.json as {"threads": int, "packs": [[cell key, ...], ...]}, or None when there is none;
+    AlignError (one line) when it is damaged."""
+    path = Path(root) / PACKS_FILE
+    if not path.is_file():
+        return None
+    layout = runs.read_json(path)
+    ok = isinstance(layout, dict) and isinstance(layout.get("threads"), int) and layout["threads"] >= 1 \
+        and isinstance(layout.get("packs"), list) \
+        and all(isinstance(p, list) and p and all(isinstance(k, str) for k in p) for p in layout["packs"])
+    keys = [k for p in layout["packs"] for k in p] if ok else []
+    if not ok or len(keys) != len(set(keys)):
+        raise AlignError(f"{path} is damaged (not a pack layout): delete it to plan the packs again (resumed cells "
+                         "may then differ from an uninterrupted run in the last bits)")
+    return layout
+
+
+def write_pack_layout(root: Path, layout: dict[str, Any]) -> None:
+    """Write ROOT/packs.json (atomically)."""
+    runs.write_json(Path(root) / PACKS_FILE, layout)
 
 
 def write_study_config(root: Path, cfg: Any) -> Path:

@@ -214,17 +214,25 @@ def _tensor_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | N
 
 def save_checkpoint(run_dir: Path, step: int, tensors: dict[str, torch.Tensor], meta: dict[str, Any],
                     keep: int = 2) -> Path:
-    """Write checkpoint ``step`` (tensor file first, then the JSON naming its hash); keep the newest ``keep``."""
+    """Write checkpoint ``step`` (tensor file first, then the JSON naming its hash); keep the newest ``keep``
+    (0: keep every one, for ``prune_checkpoints`` to thin later)."""
     folder = checkpoint_dir(run_dir)
     data = _tensor_bytes(tensors)
     atomic_write_bytes(folder / f"step-{step:07d}.safetensors", data)
     meta = dict(meta, step=step, tensors_sha256=hashlib.sha256(data).hexdigest())
     path = folder / f"step-{step:07d}.json"
     write_json(path, meta)
-    for old in list_checkpoints(run_dir)[:-keep] if keep > 0 else []:
+    if keep > 0:
+        prune_checkpoints(run_dir, keep)
+    return path
+
+
+def prune_checkpoints(run_dir: Path, keep: int) -> None:
+    """Delete all but the newest ``keep`` checkpoints (JSON half first: a half-deleted one is no checkpoint)."""
+    folder = checkpoint_dir(run_dir)
+    for old in list_checkpoints(run_dir)[:-keep]:
         (folder / f"step-{old:07d}.json").unlink(missing_ok=True)
         (folder / f"step-{old:07d}.safetensors").unlink(missing_ok=True)
-    return path
 
 
 def list_checkpoints(run_dir: Path) -> list[int]:
@@ -368,10 +376,16 @@ class RunDir:
                                                      "or use --out NEW_DIR")
 
     def begin(self, resumed_step: int) -> None:
-        """Create the folder, drop metrics records past ``resumed_step`` (0: a fresh start keeps none) and the
-        temporary files a killed writer left behind (we hold the lock, so none of them is being written)."""
+        """Create the folder, drop metrics records and checkpoints past ``resumed_step`` (0: a fresh start keeps
+        none; a pack that resumes at an older step than a run's newest recomputes the rest) and the temporary files
+        a killed writer left behind (we hold the lock, so none of them is being written)."""
         self.path.mkdir(parents=True, exist_ok=True)
         truncate_metrics(self.path, resumed_step)
+        folder = checkpoint_dir(self.path)
+        for step in list_checkpoints(self.path):
+            if step > resumed_step:
+                (folder / f"step-{step:07d}.json").unlink(missing_ok=True)
+                (folder / f"step-{step:07d}.safetensors").unlink(missing_ok=True)
         for folder in (self.path, checkpoint_dir(self.path)):
             for stale in folder.glob(".*.tmp") if folder.is_dir() else []:
                 stale.unlink(missing_ok=True)
@@ -388,8 +402,17 @@ class RunDir:
     def save_checkpoint(self, step: int, tensors: dict[str, torch.Tensor], meta: dict[str, Any], keep: int) -> None:
         save_checkpoint(self.path, step, tensors, meta, keep=keep)
 
+    def prune_checkpoints(self, keep: int) -> None:
+        prune_checkpoints(self.path, keep)
+
     def latest_checkpoint(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
         return latest_checkpoint(self.path)
+
+    def checkpoint_steps(self) -> list[int]:
+        return list_checkpoints(self.path)
+
+    def load_checkpoint(self, step: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        return load_checkpoint(self.path, step)
 
     def save_head(self, name: str, state: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
         save_head(self.path, name, state, meta)
@@ -429,6 +452,9 @@ class ReadOnlyRunDir(RunDir):
         pass
 
     def save_checkpoint(self, step: int, tensors: dict[str, torch.Tensor], meta: dict[str, Any], keep: int) -> None:
+        pass
+
+    def prune_checkpoints(self, keep: int) -> None:
         pass
 
     def save_head(self, name: str, state: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:

@@ -3,8 +3,12 @@
 One loop trains a pack of K runs at once (``train_pack``; ``train`` is the pack of one that ``align train`` runs):
 runs that differ only in optimizer, seed and logit clamp share one ``align.pack.HeadPack``, whose step is
 ``align.optim.step.take_step``'s for every head at once. Each run keeps its own run directory, data order,
-schedule, validation, best checkpoint, divergence and results, and its numbers do not depend on the pack it
-trained in (a pack of one gives the same bits).
+schedule, validation, best checkpoint, divergence and results. A pack keeps its layout (its runs, in slot order)
+from its first step to its last: a finished run holds its slot as an idle head, and a resumed pack restarts all its
+runs from one step they all have a checkpoint of. A run's bits therefore depend on its own config and on its pack's
+layout, never on when the pack was interrupted (the other heads' values never enter a head's arithmetic; only the
+shapes of the batched matmuls do, which BLAS may compute in another order for another pack size: a run trained in
+another pack agrees to floating-point noise, 1e-9 relative in float64).
 
 One step: a batch of B images (a random permutation per epoch, drawn on the device; for multi-caption data one
 random caption per image per epoch), the contrastive loss of the head's outputs, then either one optimizer step
@@ -32,7 +36,7 @@ Determinism: the head is initialised from ``seed`` (``torch.manual_seed(seed)`` 
 order of epoch e comes from a generator seeded by (seed, e), so it never depends on how often a run was
 interrupted. Checkpoints hold the head, its optimizer state (the base optimizer's moments, in the layout of its
 torch ``state_dict``), the RNG state after initialisation, the best head so far and the loop's counters; resuming
-from one reaches bit-identical final weights on the same machine, in any pack.
+its pack from them reaches bit-identical final weights on the same machine.
 
 Data-parallel: under ``torchrun`` every rank runs ``train`` with the same run; each takes its slice of every
 batch (the single-process batch, cut in equal parts in rank order), the pack computes the whole batch's loss and
@@ -445,8 +449,9 @@ class Trainer:
         self.image = data.train.image.to(device=device, dtype=torch.float32)
         self.text = data.train.text.to(device=device, dtype=torch.float32)
         self.uniform = uniform_loss(self.cfg.loss.kind, self.cfg.schedule.batch_size)
-        self.active: list[Head] = []
+        self.slots: list[Head] = []  # the pack's layout: every run, finished ones included, in slot order
         self.pack: Any = None
+        self.pack_step = 0  # the step every run still training is at
         self.share = 1  # runs trained in this session
 
     def _from_main(self, fn: Any) -> Any:
@@ -460,15 +465,41 @@ class Trainer:
         return head.state.wall_before + (time.perf_counter() - self.started) / max(1, self.share)
 
     # -- checkpoints
-    def restore(self, head: Head, kind: str, log: Log) -> None:
-        """A fresh state, or the one of the newest checkpoint (head, optimizer state, RNG, best head, counters);
-        only reads (``_train_locked`` then begins the run directory)."""
-        found = head.run.latest_checkpoint() if kind == "resume" else None
-        if found is None:
-            if kind == "resume":
+    def restore(self, todo: list[tuple[Head, str]], log: Log) -> None:
+        """The state each run still to train starts from (only reads; ``_train_locked`` then begins the run
+        directories). A run whose newest checkpoint is its last (it diverged, or reached its final step, before its
+        results were written) is finished from it. All others start at one step: the newest that every one of them
+        has a checkpoint of (step 0 if none), so the pack replays exactly what it computed before the interruption."""
+        steps = self.cfg.schedule.steps
+        pending = []
+        for head, kind in todo:
+            found = head.run.latest_checkpoint() if kind == "resume" else None
+            if found is not None and (found[1]["train_state"]["diverged"] is not None
+                                      or found[1]["train_state"]["step"] >= steps):
+                self._load(head, *found)
+            else:
+                pending.append((head, kind))
+        common = set.intersection(*(set(h.run.checkpoint_steps()) for h, _ in pending)) if pending else set()
+        while common:
+            step = max(common)
+            try:
+                loaded = [head.run.load_checkpoint(step) for head, _ in pending]
+            except AlignError:  # one of them is damaged: an older step
+                common.discard(step)
+                continue
+            for (head, _), found in zip(pending, loaded):
+                self._load(head, *found)
+            break
+        for head, kind in pending:
+            newest = max(head.run.checkpoint_steps(), default=0) if kind == "resume" else 0
+            if kind == "resume" and newest == 0:
                 log(f"{head.run.path} has no checkpoint yet: starting from step 0")
-            return  # begin(0) then drops a stray metrics.jsonl without a checkpoint: it is not ours to append to
-        tensors, meta = found
+            elif newest > head.state.step:
+                log(f"{head.run.path}: its pack resumes at step {head.state.step}, the newest step all its runs "
+                    f"have a checkpoint of (its own newest: {newest})")
+
+    def _load(self, head: Head, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
+        """A run's state from one of its checkpoints: head, optimizer state, RNG, best head, counters."""
         head.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
         head.optim_saved = self._own_rank_state(unflatten_state(meta["optimizer"], tensors), head)
         head.rng = {k: v for k, v in tensors.items() if k.startswith("rng.")}
@@ -488,23 +519,35 @@ class Trainer:
             saved["sam"]["metric_ema"] = ranks[self.job.rank]
         return saved
 
-    def build_pack(self, heads: list[Head]) -> None:
-        """Stack the heads still to train, ordered by (step, seed) so heads sharing a batch sit side by side."""
+    def build_pack(self) -> None:
+        """Stack every run in its slot, in the order given with runs of one seed side by side (they share a batch);
+        finished runs keep their slots as idle heads, so the pack's layout is the one it was planned with."""
         from align.pack import HeadPack
 
-        self.active = sorted(heads, key=lambda h: (h.state.step, h.cfg.seed))
-        self.share = max(1, len(self.active))
-        if not self.active:
+        self.slots = sorted(self.heads, key=lambda h: h.cfg.seed)
+        training = [h for h in self.slots if h.results is None]
+        self.share = max(1, len(training))
+        if not training:
             return
-        self.pack = HeadPack([h.model for h in self.active], [h.hparams for h in self.active],
-                             [h.cfg.loss.clamp for h in self.active], job=self.job)
-        for slot, head in enumerate(self.active):
+        self.pack_step = min((h.state.step for h in training if not self._ended(h)), default=0)
+        self.pack = HeadPack([h.model for h in self.slots], [h.hparams for h in self.slots],
+                             [h.cfg.loss.clamp for h in self.slots], job=self.job)
+        for slot, head in enumerate(self.slots):
             head.model = None  # its weights live in the pack now
-            if head.optim_saved is not None:
+            if head.results is None and head.optim_saved is not None:
                 self.pack.load_optim_state_(slot, head.optim_saved, head.state.step)
 
-    def checkpoint(self, head: Head, slot: int) -> None:
-        """A resumable checkpoint of the run's whole training state at its step."""
+    def running(self) -> list[int]:
+        """Slots of the runs still training (not finished, not diverged)."""
+        return [s for s, h in enumerate(self.slots) if h.results is None and h.state.diverged is None]
+
+    def _ended(self, head: Head) -> bool:
+        """Whether the run diverged or reached its last step (its results may still be due)."""
+        return head.state.diverged is not None or head.state.step >= self.cfg.schedule.steps
+
+    def checkpoint(self, head: Head, slot: int, keep: int | None = None) -> None:
+        """A resumable checkpoint of the run's whole training state at its step; ``keep``: how many of its newest
+        checkpoints to keep (default: its config's; 0: all, to prune once the whole pack has written this step)."""
         state, optim = head.state, self.pack.optim_state(slot)
         if self.job.distributed and bool(self.pack.hp.local_perturbation[slot]) and self.pack.metric is not None:
             sam = optim.setdefault("sam", {})  # each rank's own averaged metric (a collective: every rank is here)
@@ -521,7 +564,7 @@ class Trainer:
                 "optimizer": flatten_state(optim, "optim", tensors),
                 "scheduler": {"last_epoch": state.step, "base_lrs": [head.cfg.optim.lr]},
                 "train_state": state.to_json(self.wall_time(head))}
-        head.run.save_checkpoint(state.step, tensors, meta, keep=head.cfg.keep_checkpoints)
+        head.run.save_checkpoint(state.step, tensors, meta, keep=head.cfg.keep_checkpoints if keep is None else keep)
 
     # -- evaluation
     def evaluate(self, split: str, state: dict[str, Tensor]) -> dict[str, float] | None:
@@ -533,7 +576,8 @@ class Trainer:
             return None
 
     def validate(self, slots: list[int]) -> list[dict[str, float] | None]:
-        """Validation metrics of the heads at ``slots``, encoded as a batch in bounded memory (None: NaN/inf)."""
+        """Validation metrics of the heads at ``slots`` (None: NaN/inf features), encoded in bounded memory by
+        fixed chunks of the pack's slots (a head's features come from a matmul of the same shape every time)."""
         paired, ev = self.data.val, self.cfg.eval
         image = paired.image.to(device=self.device, dtype=torch.float32)
         text = paired.text.to(device=self.device, dtype=torch.float32)
@@ -542,22 +586,26 @@ class Trainer:
         first = paired.first_caption_per_image()
         prompts = None if paired.class_text is None else \
             paired.class_text.reshape(-1, paired.class_text.shape[2]).to(device=self.device, dtype=torch.float32)
-        out: list[dict[str, float] | None] = []
-        for lo in range(0, len(slots), chunk):
-            index = torch.tensor(slots[lo:lo + chunk], device=self.device)
+        out: dict[int, dict[str, float] | None] = {}
+        for lo in range(0, len(self.slots), chunk):
+            wanted = [s for s in slots if lo <= s < lo + chunk]
+            if not wanted:
+                continue
+            heads = slice(lo, min(lo + chunk, len(self.slots)))
             with torch.no_grad():
-                img, txt = self.pack.encode(image, "image", index), self.pack.encode(text, "text", index)
-                cls = None if prompts is None else self.pack.encode(prompts, "text", index)
-            for g in range(len(index)):
+                img, txt = self.pack.encode(image, "image", heads), self.pack.encode(text, "text", heads)
+                cls = None if prompts is None else self.pack.encode(prompts, "text", heads)
+            for slot in wanted:
+                g = slot - lo
                 if not (bool(torch.isfinite(img[g]).all()) and bool(torch.isfinite(txt[g]).all())):
-                    out.append(None)
+                    out[slot] = None
                     continue
                 metrics, _ = embedding_metrics(img[g], txt[g], paired.caption_to_image, first, ev.ks, ev.knn_k,
                                                ev.backend)
                 if cls is not None:  # the same prompt ensemble as evaluate_head's, on the pack's features
                     metrics.update(zero_shot(img[g], cls[g].view(*paired.class_text.shape[:2], -1), paired.labels)[0])
-                out.append(metrics)
-        return out
+                out[slot] = metrics
+        return [out[s] for s in slots]
 
     def record_validation(self, head: Head, slot: int, metrics: dict[str, float]) -> None:
         """Log a validation, track the best head and the best of every metric."""
@@ -589,14 +637,15 @@ class Trainer:
 
     # -- training
     def _batches(self) -> list[tuple[slice, Tensor, Tensor]]:
-        """Each run of heads with one (step, seed) and the batch they share (under torchrun: this rank's slice)."""
+        """Each run of slots with one seed and the batch they share at the pack's step (under torchrun: this rank's
+        slice); idle slots take their seed's batch too, so every step has the shapes of the pack's first."""
         from align.pack import group_batches
 
         groups, start = [], 0
-        for slot in range(1, len(self.active) + 1):
-            a, b = self.active[start], self.active[slot] if slot < len(self.active) else None
-            if b is None or (b.state.step, b.cfg.seed) != (a.state.step, a.cfg.seed):
-                groups.append((slice(start, slot), *self._rank_slice(*a.sampler.batch(a.state.step))))
+        for slot in range(1, len(self.slots) + 1):
+            a = self.slots[start]
+            if slot == len(self.slots) or self.slots[slot].cfg.seed != a.cfg.seed:
+                groups.append((slice(start, slot), *self._rank_slice(*a.sampler.batch(self.pack_step))))
                 start = slot
         return group_batches(groups, self.image, self.text)
 
@@ -609,15 +658,18 @@ class Trainer:
         return images[lo:lo + size], captions[lo:lo + size]
 
     def step(self) -> None:
-        """One optimizer step of every active head, and each head's metrics record."""
-        sched = self.cfg.schedule
-        lr = [peak * lr_factor(h.state.step, sched.steps, sched.warmup_steps)
-              for peak, h in zip(self.pack.hp.host["lr"], self.active)]
-        stats = self.pack.step(self._batches(), lr, bf16=self.bf16)
+        """One optimizer step of every run still training, and each one's metrics record (idle slots: no step)."""
+        sched, running = self.cfg.schedule, self.running()
+        factor = lr_factor(self.pack_step, sched.steps, sched.warmup_steps)
+        lr = [peak * factor for peak in self.pack.hp.host["lr"]]
+        active = torch.zeros(len(self.slots), dtype=torch.bool, device=self.device)
+        active[running] = True
+        stats = self.pack.step(self._batches(), lr, active=active, bf16=self.bf16)
         host = {k: getattr(stats, k).tolist() for k in ("loss", "grad_norm", "sam_grad_norm", "delta_norm", "skipped")}
         host["log_scale"], host["lr"] = self.pack.log_scale().tolist(), lr
-        for slot, head in enumerate(self.active):
-            self._record(head, {k: v[slot] for k, v in host.items()})
+        for slot in running:
+            self._record(self.slots[slot], {k: v[slot] for k, v in host.items()})
+        self.pack_step += 1
 
     def _record(self, head: Head, v: dict[str, Any]) -> None:
         """The step's metrics record; a non-finite loss (not stepped) or a collapse ends the run as diverged."""
@@ -650,52 +702,50 @@ class Trainer:
                               f"(since step {state.step - state.stuck + 1})"}
 
     def after_step(self) -> None:
-        """Validate and checkpoint the heads that are due; finish the heads that diverged or reached the end."""
+        """Validate and checkpoint the runs that are due; finish the runs that diverged or reached the end."""
         steps, ev = self.cfg.schedule.steps, self.cfg.eval
-        running = [s for s, h in enumerate(self.active) if h.state.diverged is None]
-        due = [s for s in running if self.active[s].state.step % ev.every == 0 or self.active[s].state.step == steps]
+        running = self.running()
+        due = [s for s in running if self.slots[s].state.step % ev.every == 0 or self.slots[s].state.step == steps]
         for slot, metrics in zip(due, self._from_main(lambda: self.validate(due)) if due else []):
-            head = self.active[slot]
+            head = self.slots[slot]
             if metrics is None:
                 head.state.diverged = {"step": head.state.step,
                                        "reason": f"the head's features became NaN/inf by step {head.state.step}"}
             else:
                 self.record_validation(head, slot, metrics)
-        for slot, head in enumerate(self.active):
-            s = head.state.step
-            if head.state.diverged is None and s % head.cfg.checkpoint_every == 0 and s != steps:
-                self.checkpoint(head, slot)
+        saving = [s for s in self.running() if self.slots[s].state.step % self.slots[s].cfg.checkpoint_every == 0
+                  and self.slots[s].state.step != steps]
+        for slot in saving:
+            self.checkpoint(self.slots[slot], slot, keep=0)
+        for slot in saving:  # older checkpoints go once every run has this one: a resume always finds a common step
+            self.slots[slot].run.prune_checkpoints(self.slots[slot].cfg.keep_checkpoints)
         self.finish_done()
 
     def finish_done(self) -> None:
-        """Finish the heads that diverged or reached their last step, and drop them from the pack."""
-        steps = self.cfg.schedule.steps
-        done = [s for s, h in enumerate(self.active) if h.state.diverged is not None or h.state.step >= steps]
-        for slot in done:
-            self.finish(self.active[slot], slot)
-        if done:
-            keep = [s for s in range(len(self.active)) if s not in done]
-            self.active = [self.active[s] for s in keep]
-            if keep:
-                self.pack.keep(torch.tensor(keep, device=self.device))
+        """Finish the runs that diverged or reached their last step; their slots stay in the pack, idle."""
+        for slot, head in enumerate(self.slots):
+            if head.results is None and self._ended(head):
+                self.finish(head, slot)
 
     def loop(self, progress: bool, on_step: Callable[[int], None] | None = None) -> None:
-        """Train every active head until its last step or its divergence (``on_step(k)`` after each step of k
-        heads: a study's progress across worker processes)."""
+        """Train until every run reached its last step or diverged (``on_step(k)`` after each step of k runs: a
+        study's progress across worker processes)."""
         from align.progress import progress_bar
 
         steps = self.cfg.schedule.steps
-        name = self.active[0].cfg.optim.name if len(self.active) == 1 else f"{len(self.active)} heads"
+        running = self.running()
+        name = self.slots[running[0]].cfg.optim.name if len(running) == 1 else f"{len(running)} heads"
         with progress_bar(steps, f"training {name}", enabled=progress) as bar:
-            bar.advance(min(h.state.step for h in self.active))
-            while self.active:
+            bar.advance(self.pack_step)
+            while running:
                 self.step()
                 if on_step is not None:
-                    on_step(len(self.active))
+                    on_step(len(running))
                 self.after_step()
                 bar.advance(1)
-                if self.active and self.active[0].state.step % 10 == 0:
-                    bar.describe(f"training {name}  loss {self.active[0].state.losses[-1]:.4f}")
+                running = self.running()
+                if running and self.pack_step % 10 == 0:
+                    bar.describe(f"training {name}  loss {self.slots[running[0]].state.losses[-1]:.4f}")
 
     # -- the end
     def finish(self, head: Head, slot: int) -> None:
@@ -814,12 +864,13 @@ def _train_locked(trainer: Trainer, resume: bool, log: Log, progress: bool,
     kinds = [h.run.check(h.cfg_hash, h.config, resume) for h in trainer.heads]
     todo = []
     for head, kind in zip(trainer.heads, kinds):
-        if kind == "finished":
+        if kind == "finished":  # its slot stays in the pack, idle
             log(f"{head.run.path} is already finished; its results are in {head.run.results_path}")
             head.results = head.run.read_results()
             continue
-        trainer.restore(head, kind, log)
-        todo.append(head)
+        todo.append((head, kind))
+    trainer.restore(todo, log)
+    todo = [head for head, _ in todo]
     if trainer.job.distributed:
         distributed.barrier()  # every rank has read its checkpoints before rank 0 writes anything
     for head in todo:
@@ -827,9 +878,9 @@ def _train_locked(trainer: Trainer, resume: bool, log: Log, progress: bool,
         if head.optim_saved is not None:
             log(f"resuming {head.run.path} from step {head.state.step}")
         head.run.write_config(dump_config(head.cfg))
-    trainer.build_pack(todo)
+    trainer.build_pack()
     trainer.finish_done()  # runs stopped after their last step but before their results were written
-    if trainer.active:
+    if trainer.running():
         trainer.loop(progress, on_step)
     for head in todo:
         if head.results["status"] == "diverged":

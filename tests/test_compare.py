@@ -173,6 +173,29 @@ def test_rerun_is_cached_and_an_interrupted_study_resumes_to_the_same_results(st
     assert (finished_study / "results.csv").read_bytes() == before
 
 
+def test_a_rerun_keeps_the_recorded_pack_layout_and_a_damaged_one_is_one_line(study_config, finished_study):
+    """packs.json holds every cell once with its pack's threads; a rerun trains a lost cell in its recorded pack
+    (the finished cells idle beside it), whatever --pack says now, and writes the same bytes."""
+    layout = json.loads((finished_study / "packs.json").read_text())
+    keys = [k for p in layout["packs"] for k in p]
+    assert sorted(keys) == sorted(p.name for p in (finished_study / "runs").iterdir()) and layout["threads"] >= 1
+    before = (finished_study / "results.csv").read_bytes()
+    lost = layout["packs"][0][-1]
+    shutil.rmtree(finished_study / "runs" / lost)
+    saved = (finished_study / "packs.json").read_bytes()
+    (finished_study / "packs.json").write_bytes(saved[:-9] + b"]]]]]]]]\n")  # same size, not JSON
+    result = runner.invoke(app, ["compare", "--config", str(study_config), "--no-progress"])
+    assert result.exit_code == 2, result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and "packs.json" in errors[0], result.output
+    (finished_study / "packs.json").write_bytes(saved)
+    result = runner.invoke(app, ["compare", "--config", str(study_config), "--no-progress", "--pack", "1"])
+    assert result.exit_code == 0, result.output
+    assert f"1 runs in 1 pack(s) of up to {len(layout['packs'][0])} heads" in result.output
+    assert (finished_study / "results.csv").read_bytes() == before
+    assert (finished_study / "packs.json").read_bytes() == saved
+
+
 def test_bad_study_config_is_one_line_exit_2(study_config, tmp_path):
     result = runner.invoke(app, ["compare", "--config", str(study_config), "--set", "grid.optimisers=[sam]"])
     assert result.exit_code == 2

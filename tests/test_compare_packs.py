@@ -1,7 +1,8 @@
 """`align compare` in packs: how cells are packed, the memory budget, and a packed study killed with SIGKILL then
-rerun, against the same study trained one cell at a time."""
+rerun, against the same study uninterrupted (bit for bit) and trained one cell at a time (to float noise)."""
 from __future__ import annotations
 
+import csv
 import os
 import signal
 import subprocess
@@ -120,23 +121,30 @@ def _compare(study_file: Path, out: Path, *args: str, env: dict | None = None) -
 
 
 @pytest.mark.slow
-def test_a_packed_study_killed_then_rerun_writes_the_results_of_one_cell_at_a_time_byte_for_byte(study_file,
-                                                                                                tmp_path):
+def test_a_packed_study_killed_then_rerun_writes_the_uninterrupted_bytes_and_one_cell_at_a_time_agrees(study_file,
+                                                                                                     tmp_path):
     env = dict(os.environ, PYTHONPATH=f"{tmp_path / 'hook'}{os.pathsep}{REPO}")
     (tmp_path / "hook").mkdir()
     (tmp_path / "hook" / "sitecustomize.py").write_text(KILLER)  # imported by every process, workers included
-    alone = _compare(study_file, tmp_path / "alone", "--pack", "1", env=env)
-    assert alone.returncode == 0, alone.stderr
+    whole = _compare(study_file, tmp_path / "whole", env=env)
+    assert whole.returncode == 0, whole.stderr
     killed = _compare(study_file, tmp_path / "packed", env=dict(env, ALIGN_TEST_KILL_AT="msam_lr0.03_rho0.05_s1:45"))
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert not (tmp_path / "packed" / "results.csv").exists()
     runs_dir = tmp_path / "packed" / "runs"
     assert not (runs_dir / "msam_lr0.03_rho0.05_s1" / "results.json").exists()
-    rerun = _compare(study_file, tmp_path / "packed", env=env)
+    rerun = _compare(study_file, tmp_path / "packed", "--pack", "1", env=env)  # the recorded layout wins
     assert rerun.returncode == 0, rerun.stderr
     assert "pack(s)" in rerun.stdout
-    assert (tmp_path / "packed" / "results.csv").read_bytes() == (tmp_path / "alone" / "results.csv").read_bytes()
-    assert len((tmp_path / "alone" / "results.csv").read_text().splitlines()) == 1 + 14
+    assert (tmp_path / "packed" / "results.csv").read_bytes() == (tmp_path / "whole" / "results.csv").read_bytes()
+    # One cell at a time: other matmul shapes, so BLAS may sum in another order; the same numbers to float noise.
+    alone = _compare(study_file, tmp_path / "alone", "--pack", "1", env=env)
+    assert alone.returncode == 0, alone.stderr
+    rows = [list(csv.DictReader(open(tmp_path / name / "results.csv"))) for name in ("whole", "alone")]
+    assert len(rows[0]) == len(rows[1]) == 14
+    for a, b in zip(*rows):
+        assert a["run"] == b["run"] and a["status"] == b["status"]
+        assert abs(float(a["best_test_mean_R@1"]) - float(b["best_test_mean_R@1"])) <= 0.01, a["run"]
 
 
 def test_the_study_bar_moves_with_every_packs_steps_and_ends_on_the_cell_count():

@@ -207,7 +207,7 @@ def test_two_ranks_embed_and_compare_write_the_single_process_bytes(study):
     manifests = assert_same_arrays(study["cache"], cache)
     assert [m["run"]["ranks"] for m in manifests] == [2, 2, 2]
     assert "rank 1 of 2: throughput this run: nothing left to encode" in compare.stdout  # 1-shard val and test
-    assert "6 runs in 4 pack(s) of up to 2 heads, 1 at a time on each of 2 ranks" in compare.stdout
+    assert "6 runs in 3 pack(s) of up to 2 heads, 1 at a time on each of 2 ranks" in compare.stdout
     assert compare.stdout.count("Best configuration per optimizer") == 1  # rank 0 alone reports
     assert (out / "results.csv").read_bytes() == (study["ref"] / "results.csv").read_bytes()
     assert len((out / "results.csv").read_text().splitlines()) == 1 + 6

@@ -1,6 +1,6 @@
 """Packs of heads: each head trained in a pack equals the same cell trained alone by the reference path
-(torch.optim / align.optim's SAM classes driven by align.optim.step.take_step, written out here), and a head's
-numbers do not depend on which pack it trained in."""
+(torch.optim / align.optim's SAM classes driven by align.optim.step.take_step, written out here); a head's bits do
+not depend on what the other slots of its pack hold, and across pack sizes it agrees to float noise."""
 from __future__ import annotations
 
 import json
@@ -130,7 +130,20 @@ def _cfg(data, cell, seed):
                                               eval={"every": 20, "sharpness": False}))
 
 
-def test_a_pack_of_runs_writes_each_run_directory_like_a_lone_run_bit_for_bit(big_test_cache, tmp_path):
+def _close(a, b, rel=1e-4) -> bool:
+    """Equal structure; numbers equal or within ``rel`` (relative, with an absolute floor of ``rel``)."""
+    if isinstance(a, dict):
+        return isinstance(b, dict) and sorted(a) == sorted(b) and all(_close(a[k], b[k], rel) for k in a)
+    if isinstance(a, list):
+        return isinstance(b, list) and len(a) == len(b) and all(_close(x, y, rel) for x, y in zip(a, b))
+    if isinstance(a, float) and isinstance(b, (int, float)) and not isinstance(b, bool):
+        return math.isclose(a, b, rel_tol=rel, abs_tol=rel) or (math.isnan(a) and math.isnan(b))
+    return a == b
+
+
+def test_a_pack_of_runs_writes_each_run_directory_like_a_lone_run(big_test_cache, tmp_path):
+    """The same files and records as `align train` of each cell alone, equal to float32 noise (BLAS may sum a
+    matmul of another shape in another order, so bit equality across pack sizes is not promised)."""
     from safetensors.torch import load_file
 
     from align.train import train, train_pack
@@ -139,13 +152,20 @@ def test_a_pack_of_runs_writes_each_run_directory_like_a_lone_run_bit_for_bit(bi
     packed = train_pack(cfgs, [tmp_path / f"pack{i}" for i in range(4)], progress=False)
     for i, cfg in enumerate(cfgs[:3]):  # each against the same cell alone (a pack of one: `align train`)
         alone = train(cfg, tmp_path / f"alone{i}", progress=False)
-        assert {k: v for k, v in alone.items() if k != "wall_time_s"} == \
-               {k: v for k, v in packed[i].items() if k != "wall_time_s"}
+        a_res, p_res = ({k: v for k, v in r.items() if k != "wall_time_s"} for r in (alone, packed[i]))
+        assert _close(a_res, p_res, rel=3e-3)  # a recall of 1000 queries moves by 0.001 a flip
+        assert abs(a_res["final_test"]["mean_R@1"] - p_res["final_test"]["mean_R@1"]) <= 0.002
         a = load_file(tmp_path / f"alone{i}" / "checkpoints" / "step-0000060.safetensors")
         b = load_file(tmp_path / f"pack{i}" / "checkpoints" / "step-0000060.safetensors")
-        assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
-        assert (tmp_path / f"alone{i}" / "metrics.jsonl").read_bytes() == (tmp_path / f"pack{i}" / "metrics.jsonl"
-                                                                           ).read_bytes()
+        assert sorted(a) == sorted(b)
+        for k in a:
+            if a[k].is_floating_point():
+                assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-5), k
+        records = [[json.loads(line) for line in (tmp_path / f"{kind}{i}" / "metrics.jsonl").read_text().splitlines()]
+                   for kind in ("alone", "pack")]
+        train_records = [[r for r in rs if r["kind"] == "train"] for rs in records]
+        assert _close(*train_records), i
+        assert [r["step"] for r in records[0]] == [r["step"] for r in records[1]]
     assert json.loads((tmp_path / "pack1" / "results.json").read_text())["status"] == "done"
 
 
@@ -184,25 +204,55 @@ def _reference_float32(cell, cfg, image, text, c2i):
     ((8, 16, 16, 8), HeadConfig(kind="starmlp", out_dim=8, pre_norm=True), LossConfig(kind="siglip")),
     ((64, 32, 24, 32), HeadConfig(kind="mlp", out_dim=32), LossConfig()),
 ], ids=["tiny-linear", "default-linear", "tiny-starmlp-siglip", "mlp"])
-def test_a_heads_step_and_features_do_not_depend_on_the_other_heads_of_its_pack(dims, head, loss):
-    """What lets a study resume a killed pack in any other pack: one head's bits alone = in a pack of 4."""
+@pytest.mark.parametrize("idle", ["fresh", "zero", "nan"])
+def test_a_heads_bits_do_not_depend_on_what_the_other_slots_of_its_pack_hold(dims, head, loss, idle):
+    """What lets a killed pack resume exactly with its finished runs idle: head 0 of a pack of 4 steps to the
+    same bits whether the other 3 slots train beside it or sit idle holding other weights (even NaN)."""
     batch, image_dim, text_dim, _ = dims
     gen = torch.Generator().manual_seed(0)
     x, y = torch.randn(batch, image_dim, generator=gen), torch.randn(batch, text_dim, generator=gen)
+    out = {}
+    for case in ("training", idle):
+        models = []
+        for seed in range(4):
+            torch.manual_seed(seed if case in ("training", "fresh") or seed == 0 else seed + 10)
+            model = build_model(head, loss, image_dim, text_dim)
+            if seed > 0 and case in ("zero", "nan"):
+                with torch.no_grad():
+                    for p in model.parameters():
+                        p.fill_(0.0 if case == "zero" else float("nan"))
+            models.append(model)
+        pack = HeadPack(models, [head_hparams("msam", lr=0.01, rho=0.5, metric_beta=0.5)] * 4, ["open_clip"] * 4)
+        active = torch.tensor([True, case == "training", case == "training", case == "training"])
+        for _ in range(3):
+            stats = pack.step([(slice(0, 4), x, y)], [0.01] * 4, active=active)
+        out[case] = (pack.head_state(0), stats, pack.encode(x, "image", slice(0, 4))[0], pack.optim_state(0))
+    (w1, s1, e1, o1), (w2, s2, e2, o2) = out["training"], out[idle]
+    assert all(torch.equal(w1[n], w2[n]) for n in w1)
+    assert all(torch.equal(getattr(s1, f)[0], getattr(s2, f)[0]) for f in ("loss", "grad_norm", "delta_norm"))
+    assert torch.equal(e1, e2)
+    assert all(torch.equal(o1["state"][i][key], o2["state"][i][key]) for i in o1["state"] for key in o1["state"][i])
+    assert torch.equal(o1["sam"]["metric_ema"][0], o2["sam"]["metric_ema"][0])
+    torch.manual_seed(0)
+    start = build_model(head, loss, image_dim, text_dim).state_dict()
+    assert any(not torch.equal(w1[n], start[n]) for n in w1)  # it did train
+    assert bool(s1.stepped[0]) and not bool(s2.stepped[1])  # an idle slot never steps
+
+
+def test_a_head_in_a_pack_of_another_size_agrees_to_float_noise():
+    """The other side of BLAS's shape-dependent kernels: a pack of 1 against the same head in a pack of 4."""
+    x, y = torch.randn(8, 16, generator=torch.Generator().manual_seed(0)), torch.randn(8, 16)
     out = {}
     for k in (1, 4):
         models = []
         for seed in range(k):
             torch.manual_seed(seed)
-            models.append(build_model(head, loss, image_dim, text_dim))
+            models.append(build_model(HeadConfig(out_dim=8), LossConfig(), 16, 16))
         pack = HeadPack(models, [head_hparams("msam", lr=0.01, rho=0.5)] * k, ["open_clip"] * k)
-        stats = pack.step([(slice(0, k), x, y)], [0.01] * k)
-        out[k] = (pack.head_state(0), stats, pack.encode(x, "image", slice(0, k))[0], pack.optim_state(0))
-    (w1, s1, e1, o1), (w4, s4, e4, o4) = out[1], out[4]
-    assert all(torch.equal(w1[n], w4[n]) for n in w1)
-    assert all(torch.equal(getattr(s1, f)[0], getattr(s4, f)[0]) for f in ("loss", "grad_norm", "delta_norm"))
-    assert torch.equal(e1, e4)
-    assert all(torch.equal(o1["state"][i][key], o4["state"][i][key]) for i in o1["state"] for key in o1["state"][i])
+        for _ in range(3):
+            pack.step([(slice(0, k), x, y)], [0.01] * k)
+        out[k] = pack.head_state(0)
+    assert all(torch.allclose(out[1][n], out[4][n], rtol=1e-5, atol=1e-6) for n in out[1])
 
 
 @pytest.mark.gpu

@@ -177,3 +177,68 @@ def test_resume_without_checkpoint_starts_from_scratch(tmp_path):
     fresh = train(cfg, tmp_path / "fresh", progress=False)
     resumed = train(cfg, tmp_path / "resumed", resume=True, progress=False)  # nothing there yet: same as fresh
     assert {k: v for k, v in resumed.items() if k != "wall_time_s"} == {k: v for k, v in fresh.items() if k != "wall_time_s"}
+
+
+def test_a_pack_resumes_every_run_at_the_newest_step_they_all_have_a_checkpoint_of(tmp_path):
+    """A pack killed while its runs stood at different checkpoints (one finished, one at step 40, one at 30 with
+    that checkpoint damaged) resumes at step 20 with the finished run idle in its slot, and reaches the bits of the
+    uninterrupted pack: results, final weights and every metrics record."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from align.train import TrainConfig, train_pack
+
+    data = make_cache(tmp_path / "cache")
+    cells = [(dict(name="msam", lr=1e-2, rho=0.3), 0), (dict(name="msam", lr=3e-2, rho=0.3), 0),
+             (dict(name="msam", lr=1e-2, rho=0.1), 1)]
+    cfgs = [validate(TrainConfig, train_config(data, optim=cell, seed=seed, schedule={"steps": 60},
+                                               checkpoint_every=10, keep_checkpoints=10,
+                                               eval={"every": 20, "sharpness": False})) for cell, seed in cells]
+    ref = [tmp_path / f"ref{i}" for i in range(3)]
+    expected = train_pack(cfgs, ref, progress=False)
+    cut = [tmp_path / f"cut{i}" for i in range(3)]
+    for a, b in zip(ref, cut):
+        shutil.copytree(a, b)
+    for run, last in ((cut[1], 40), (cut[2], 30)):
+        (run / "results.json").unlink()
+        for step in runs.list_checkpoints(run):
+            if step > last:
+                for suffix in (".json", ".safetensors"):
+                    (run / "checkpoints" / f"step-{step:07d}{suffix}").unlink()
+    (cut[2] / "checkpoints" / "step-0000030.safetensors").write_bytes(b"torn")  # damaged: step 20 is common
+    lines: list[str] = []
+    got = train_pack(cfgs, cut, resume=True, progress=False, log=lines.append)
+    assert any(f"{cut[1]}: its pack resumes at step 20" in line for line in lines), lines
+    assert any(f"resuming {cut[2]} from step 20" in line for line in lines), lines
+    for i in range(3):
+        assert {k: v for k, v in got[i].items() if k != "wall_time_s"} == \
+               {k: v for k, v in expected[i].items() if k != "wall_time_s"}
+        a = load_file(ref[i] / "checkpoints" / "step-0000060.safetensors")
+        b = load_file(cut[i] / "checkpoints" / "step-0000060.safetensors")
+        assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+        assert (ref[i] / "metrics.jsonl").read_bytes() == (cut[i] / "metrics.jsonl").read_bytes()
+    assert (cut[0] / "results.json").read_bytes() == (ref[0] / "results.json").read_bytes()  # idle: untouched
+
+
+def test_a_pack_prunes_old_checkpoints_only_once_every_run_has_written_the_new_one(tmp_path, monkeypatch):
+    """Killed between two runs' writes of one step, the pack still finds a step all its runs have (keep = 1)."""
+    from align.train import TrainConfig, train_pack
+
+    data = make_cache(tmp_path / "cache")
+    cfgs = [validate(TrainConfig, train_config(data, optim=dict(name="sam", lr=1e-2, rho=0.1), seed=seed,
+                                               schedule={"steps": 30}, checkpoint_every=10, keep_checkpoints=1,
+                                               eval={"every": 10, "sharpness": False})) for seed in (0, 1)]
+    seen: list[tuple[str, list[int]]] = []
+    original = runs.save_checkpoint
+
+    def save_and_look(run_dir, step, tensors, meta, keep=2):
+        path = original(run_dir, step, tensors, meta, keep=keep)
+        if step == 20 and Path(run_dir).name == "r0":  # r0 has written step 20, r1 not yet: what a kill leaves
+            seen.extend((name, runs.list_checkpoints(tmp_path / name)) for name in ("r0", "r1"))
+        return path
+
+    monkeypatch.setattr(runs, "save_checkpoint", save_and_look)
+    train_pack(cfgs, [tmp_path / "r0", tmp_path / "r1"], progress=False)
+    assert seen == [("r0", [10, 20]), ("r1", [10])]  # step 10 is common to both
+    assert runs.list_checkpoints(tmp_path / "r0") == [30]
