@@ -249,8 +249,8 @@ ARRAYS = ["image.npy", "text.npy", "caption_to_image.npy", "image_rows.npy", "ca
 
 @pytest.fixture(scope="module")
 def embed_kills(tmp_path_factory) -> dict:
-    """A tiny random open_clip model, 6 images × 2 captions in shards of 2: a reference embedding, then each
-    kill point followed by the same command."""
+    """A tiny random open_clip model, 130 images × 2 captions in shards of 64 (a shard is whole 64-row micro-batches:
+    3 image shards, 5 caption shards): a reference embedding, then each kill point followed by the same command."""
     from open_clip.model import CLIP
     from safetensors.torch import save_file
 
@@ -263,10 +263,10 @@ def embed_kills(tmp_path_factory) -> dict:
     encoder = {"backend": "open_clip", "model": f"local-dir:{model}"}
     config = root / "embed.yaml"
     config.write_text(yaml.safe_dump({
-        "dataset": {"kind": "synthetic", "synthetic": {"train_images": 6, "val_images": 2, "test_images": 2,
+        "dataset": {"kind": "synthetic", "synthetic": {"train_images": 130, "val_images": 2, "test_images": 2,
                                                        "image_size": 32, "captions_per_image": 2}},
         "splits": ["train"], "image_encoder": encoder, "text_encoder": encoder,
-        "batch_size": 2, "shard_size": 2, "device": "cpu"}))
+        "batch_size": 32, "shard_size": 64, "device": "cpu"}))
 
     def embed(cache: str, kill: dict | None = None) -> dict:
         return {"argv": ["embed", "--config", str(config), "--set", f"cache_root={root / cache}", "--no-progress"],
