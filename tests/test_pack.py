@@ -283,3 +283,22 @@ def test_cuda_pack_step_and_validation_stay_within_the_memory_estimate():
     estimate = head_bytes(build_model(head, loss, dim, dim), batch, rows) * k
     assert used <= estimate, (used, estimate)
     assert used >= estimate / 4, (used, estimate)  # and not a wild over-estimate
+
+
+def test_shared_linears_gradients_equal_autograds_of_the_plain_expression():
+    """The hand-written backward (weight gradient as one row-major matmul) against autograd of x Wᵀ + b, in
+    float64, with the input's gradient too."""
+    from align.pack import shared_linear
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 6, dtype=torch.float64, generator=gen, requires_grad=True)
+    w = torch.randn(3, 4, 6, dtype=torch.float64, generator=gen, requires_grad=True)
+    b = torch.randn(3, 4, dtype=torch.float64, generator=gen, requires_grad=True)
+    probe = torch.randn(3, 8, 4, dtype=torch.float64, generator=gen)
+    ours = torch.autograd.grad((shared_linear(x, w, b) * probe).sum(), [x, w, b])
+    plain = torch.nn.functional.normalize(torch.einsum("ni,goi->gno", x, w) + b[:, None, :], dim=-1)
+    theirs = torch.autograd.grad((plain * probe).sum(), [x, w, b])
+    for a, e in zip(ours, theirs):
+        assert torch.allclose(a, e, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(shared_linear(x, w, None), torch.nn.functional.normalize(torch.einsum("ni,goi->gno", x, w),
+                                                                                   dim=-1), rtol=1e-12)
