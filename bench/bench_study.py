@@ -13,6 +13,9 @@ to floating-point noise (BLAS sums a matmul of another shape in another order), 
 difference of any test or validation R@1 column between the two, and whether they happen to be identical. ``--mixed`` also times one pack of single- and two-pass cells against
 the same cells in two packs, one per kind.
 
+``--step``: one optimizer step of a pack of one against a pack of ``--heads`` (default study's head shape, batch
+``--batch``, ``--steps`` repetitions), ms per head-step and the matmul rate each reaches.
+
 ``--synthetic``: random paired embeddings of ``--dim`` dimensions in memory (no encoders, no cache: what a GPU
 check can run), ``--heads`` cells (AdamW, SAM, M-SAM, ASAM × 4 learning rates × seeds) with 512-d-sized heads,
 ``--steps`` steps at ``--batch``, one validation, no test split and no sharpness; the packs against the cells one
@@ -180,6 +183,53 @@ def mixed_mode(args: argparse.Namespace) -> dict:
     return {"mixed_s": times["mixed"], "separate_s": times["separate"]}
 
 
+def step_mode(args: argparse.Namespace) -> dict:
+    """One optimizer step of a pack of 1 against a pack of ``--heads`` M-SAM heads of the default study's shape
+    (1280 → ``--dim`` and 384 → ``--dim`` at ``--batch``), on one thread: ms per head-step and the matmul rate
+    it implies (2 passes of forward and weight-gradient matmuls; the rest is elementwise), the ceiling of what
+    packing can gain on a CPU."""
+    import torch
+
+    from align.heads import HeadConfig, build_model
+    from align.losses import LossConfig
+    from align.optim.batched import head_hparams
+    from align.pack import HeadPack
+
+    torch.set_num_threads(1)
+    from align.device import keep_freed_memory
+
+    keep_freed_memory()
+    x, y = torch.randn(args.batch, 1280), torch.randn(args.batch, 384)
+    flops = 2 * 2 * 2 * args.batch * (1280 + 384) * args.dim  # passes × (forward + weight gradient) × 2 per MAC
+    out = {}
+    for k in (1, args.heads):
+        models = []
+        for seed in range(k):
+            torch.manual_seed(seed)
+            models.append(build_model(HeadConfig(out_dim=args.dim), LossConfig(), 1280, 384))
+        pack = HeadPack(models, [head_hparams("msam", lr=3e-3, rho=0.05, base="adamw")] * k, ["open_clip"] * k)
+        for _ in range(3):
+            pack.step([(slice(0, k), x, y)], [3e-3] * k)
+        t = time.perf_counter()
+        for _ in range(args.steps):
+            pack.step([(slice(0, k), x, y)], [3e-3] * k)
+        per_head = (time.perf_counter() - t) / args.steps / k
+        out[k] = {"ms_per_head_step": 1000 * per_head, "matmul_gflops": flops / per_head / 1e9}
+        print(f"pack of {k}: {1000 * per_head:.1f} ms per head-step, {flops / per_head / 1e9:.0f} GFLOP/s of matmul "
+              "work", flush=True)
+    a = torch.randn(2048, 2048)
+    a @ a
+    t = time.perf_counter()
+    for _ in range(5):
+        a @ a
+    peak = 2 * 2048 ** 3 * 5 / (time.perf_counter() - t) / 1e9
+    ceiling = flops / (peak * 1e9) * 1000  # ms per head-step if every FLOP ran at the sgemm rate
+    print(f"packed / alone: {out[1]['ms_per_head_step'] / out[args.heads]['ms_per_head_step']:.2f}× per head-step; "
+          f"a 2048³ sgemm runs at {peak:.0f} GFLOP/s on this thread, so no step can beat {ceiling:.1f} ms per "
+          f"head (alone / that: {out[1]['ms_per_head_step'] / ceiling:.2f}×)")
+    return {"step": out, "sgemm_gflops": peak, "ms_per_head_step_at_sgemm_peak": ceiling}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=None, help="study YAML or packaged name (default: compare/default)")
@@ -187,6 +237,7 @@ def main() -> None:
     parser.add_argument("--memory-budget", default=None)
     parser.add_argument("--synthetic", action="store_true", help="random embeddings in memory instead of a study")
     parser.add_argument("--mixed", action="store_true", help="also time mixed against separate packs (synthetic)")
+    parser.add_argument("--step", action="store_true", help="only time one packed step against one alone (CPU)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--heads", type=int, default=64)
     parser.add_argument("--alone", type=int, default=8, help="cells timed one at a time in --synthetic mode")
@@ -203,7 +254,10 @@ def main() -> None:
 
     args.device = str(pick_device(args.device))
     print(f"torch {torch.__version__}, device {args.device}, {torch.get_num_threads()} threads", flush=True)
-    out = synthetic_mode(args) if args.synthetic else study_mode(args)
+    if args.step:
+        out = step_mode(args)
+    else:
+        out = synthetic_mode(args) if args.synthetic else study_mode(args)
     if args.mixed:
         out["mixed"] = mixed_mode(args)
     target = args.json or (str(Path(os.environ["OUT"]) / "bench_study.json") if os.environ.get("OUT") else None)
