@@ -14,7 +14,8 @@ difference of any test or validation R@1 column between the two, and whether the
 the same cells in two packs, one per kind.
 
 ``--step``: one optimizer step of a pack of one against a pack of ``--heads`` (default study's head shape, batch
-``--batch``, ``--steps`` repetitions), ms per head-step and the matmul rate each reaches.
+``--batch``, ``--steps`` repetitions), ms per head-step and the matmul rate each reaches; beside each, the same
+matmuls timed bare (what a step cannot do without), so the rest is what packing can amortise.
 
 ``--synthetic``: random paired embeddings of ``--dim`` dimensions in memory (no encoders, no cache: what a GPU
 check can run), ``--heads`` cells (AdamW, SAM, M-SAM, ASAM × 4 learning rates × seeds) with 512-d-sized heads,
@@ -214,9 +215,12 @@ def step_mode(args: argparse.Namespace) -> dict:
         for _ in range(args.steps):
             pack.step([(slice(0, k), x, y)], [3e-3] * k)
         per_head = (time.perf_counter() - t) / args.steps / k
-        out[k] = {"ms_per_head_step": 1000 * per_head, "matmul_gflops": flops / per_head / 1e9}
+        bare = _bare_matmuls(k, args.batch, args.dim, args.steps)
+        out[k] = {"ms_per_head_step": 1000 * per_head, "matmul_gflops": flops / per_head / 1e9,
+                  "bare_matmul_ms_per_head_step": 1000 * bare, "bare_matmul_gflops": flops / bare / 1e9}
         print(f"pack of {k}: {1000 * per_head:.1f} ms per head-step, {flops / per_head / 1e9:.0f} GFLOP/s of matmul "
-              "work", flush=True)
+              f"work; its matmuls alone: {1000 * bare:.1f} ms per head-step ({flops / bare / 1e9:.0f} GFLOP/s), "
+              f"the rest {1000 * (per_head - bare):.1f} ms", flush=True)
     a = torch.randn(2048, 2048)
     a @ a
     t = time.perf_counter()
@@ -228,6 +232,29 @@ def step_mode(args: argparse.Namespace) -> dict:
           f"a 2048³ sgemm runs at {peak:.0f} GFLOP/s on this thread, so no step can beat {ceiling:.1f} ms per "
           f"head (alone / that: {out[1]['ms_per_head_step'] / ceiling:.2f}×)")
     return {"step": out, "sgemm_gflops": peak, "ms_per_head_step_at_sgemm_peak": ceiling}
+
+
+def _bare_matmuls(k: int, batch: int, dim: int, steps: int) -> float:
+    """Seconds per head-step of a linear pack's matmuls and nothing else: both passes' forward products and
+    weight gradients of both sides, shaped as the pack computes them (k heads' weights side by side, one shared
+    batch). What is left of a step's time beyond this is what packing can amortise."""
+    import torch
+
+    sides = [(torch.randn(batch, width), torch.randn(k * dim, width), torch.randn(batch, k * dim),
+              torch.empty(k * dim, width)) for width in (1280, 384)]
+
+    def step() -> None:
+        for _ in range(2):  # the SAM family's two passes
+            for x, w, gy, gw in sides:
+                x @ w.T
+                torch.mm(gy.T, x, out=gw)
+
+    for _ in range(3):
+        step()
+    t = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return (time.perf_counter() - t) / steps / k
 
 
 def main() -> None:
