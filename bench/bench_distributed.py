@@ -136,7 +136,7 @@ def compare_rows(args: argparse.Namespace, config: Path, root: Path, cells: int)
 
 def train_rows(args: argparse.Namespace, config: dict, root: Path) -> list[dict]:
     """`align train` of one head at 1 and 2 ranks (the same global batch), if this checkout can."""
-    from align.train_config import OptimConfig
+    from align.train.config import OptimConfig
 
     if "perturbation" not in OptimConfig.model_fields:
         return [{"kind": "train", "ranks": ranks, "note": "data-parallel `align train` is not in this checkout: "

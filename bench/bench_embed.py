@@ -53,7 +53,7 @@ def plain_loop(data, batch_size: int, built) -> tuple[tuple[float, float], torch
 def pipeline(cfg, root: Path) -> tuple[float, float]:
     """embed_split from scratch: dataset, DataLoader, both towers, shards, final arrays, manifest, checksums.
     The model itself is already loaded (the encoders keep the last built ones), as in the plain loop."""
-    from align.cache import embed_split
+    from align.cache.write import embed_split
 
     shutil.rmtree(root, ignore_errors=True)
     cfg = cfg.model_copy(update={"cache_root": str(root)})
@@ -70,8 +70,9 @@ def main() -> None:
     args = parser.parse_args()
     logging.getLogger().setLevel(logging.ERROR)  # open_clip's "initialized randomly" is expected here
 
-    from align.cache import EmbedConfig, load_cached_split
-    from align.datasets import load_image_caption_split as load_data
+    from align.cache.key import EmbedConfig
+    from align.cache.read import load_cached_split
+    from align.data.datasets import load_image_caption_split as load_data
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-embed-"))
     cfg = EmbedConfig.model_validate({
@@ -85,7 +86,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; random ViT-S-32; {n_img} images "
           f"(synthetic, 128 px → 224 px) + {n_cap} captions; batch {args.batch_size}")
 
-    from align.encoders import build_image_encoder, build_text_encoder
+    from align.data.encoders import build_image_encoder, build_text_encoder
 
     built = plain_model()
     build_image_encoder(cfg.image_encoder, "cpu"), build_text_encoder(cfg.text_encoder, "cpu")  # load once

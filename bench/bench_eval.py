@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from align.knn import approximate_index, knn_search, neighbour_recall  # noqa: E402
+from align.metrics.knn import approximate_index, knn_search, neighbour_recall
 from align.metrics.retrieval import retrieval_recall  # noqa: E402
 
 PAGE = os.sysconf("SC_PAGE_SIZE")

@@ -42,10 +42,11 @@ def _load(label: str) -> str:
 
 def study_mode(args: argparse.Namespace) -> dict:
     """run_study twice on the configured grid: one cell at a time, then in packs."""
-    from align.cache import embed_all
-    from align.compare import CompareConfig, grid_cells, run_study
-    from align.config import load_config
-    from align.config_files import packaged_config, resolve_config
+    from align.cache.write import embed_all
+    from align.study.config import CompareConfig, grid_cells
+    from align.study.compare import run_study
+    from align.common.config import load_config
+    from align.common.config_files import packaged_config, resolve_config
 
     path = resolve_config(args.config, ("compare",)) if args.config else packaged_config("compare", "default")
     base = load_config(CompareConfig, path, list(args.set))
@@ -92,8 +93,8 @@ def _synthetic_data(args: argparse.Namespace):
     """Random paired embeddings (captions = a fixed map of their image + noise) as the trainer's splits."""
     import torch
 
-    from align.embeddings import PairedEmbeddings
-    from align.train import RunData
+    from align.cache.embeddings import PairedEmbeddings
+    from align.train.run_data import RunData
 
     gen = torch.Generator().manual_seed(0)
     mapping = torch.randn(args.dim, args.dim, generator=gen) / args.dim ** 0.5
@@ -108,8 +109,8 @@ def _synthetic_data(args: argparse.Namespace):
 
 def _synthetic_configs(args: argparse.Namespace, root: Path) -> list:
     """``--heads`` cells: AdamW, SAM, M-SAM and ASAM × 4 learning rates × seeds."""
-    from align.config import validate
-    from align.train import TrainConfig
+    from align.common.config import validate
+    from align.train.config import TrainConfig
 
     data = {"dataset": {"kind": "synthetic"}, "image_encoder": {"backend": "open_clip", "model": "ViT-B-32"},
             "text_encoder": {"backend": "open_clip", "model": "ViT-B-32"}}
@@ -128,8 +129,9 @@ def synthetic_mode(args: argparse.Namespace) -> dict:
     """The packs of ``--heads`` cells against ``--alone`` of the same cells trained one by one."""
     import torch
 
-    from align.compare import Cell, plan_packs
-    from align.train import train_pack
+    from align.study.config import Cell
+    from align.study.packing import plan_packs
+    from align.train.loop import train_pack
 
     data = _synthetic_data(args)
     out: dict = {"heads": args.heads, "dim": args.dim, "batch": args.batch, "steps": args.steps,
@@ -166,7 +168,7 @@ def synthetic_mode(args: argparse.Namespace) -> dict:
 def mixed_mode(args: argparse.Namespace) -> dict:
     """One pack of single- and two-pass cells against the same cells in two packs, one per kind."""
     from align.optim import optimizer_info
-    from align.train import train_pack
+    from align.train.loop import train_pack
 
     data = _synthetic_data(args)
     times = {}
@@ -191,13 +193,13 @@ def step_mode(args: argparse.Namespace) -> dict:
     packing can gain on a CPU."""
     import torch
 
-    from align.heads import HeadConfig, build_model
-    from align.losses import LossConfig
+    from align.train.heads import HeadConfig, build_model
+    from align.train.losses import LossConfig
     from align.optim.batched import head_hparams
-    from align.pack import HeadPack
+    from align.train.pack import HeadPack
 
     torch.set_num_threads(1)
-    from align.device import keep_freed_memory
+    from align.common.device import keep_freed_memory
 
     keep_freed_memory()
     x, y = torch.randn(args.batch, 1280), torch.randn(args.batch, 384)
@@ -277,7 +279,7 @@ def main() -> None:
 
     import torch
 
-    from align.device import pick_device
+    from align.common.device import pick_device
 
     args.device = str(pick_device(args.device))
     print(f"torch {torch.__version__}, device {args.device}, {torch.get_num_threads()} threads", flush=True)

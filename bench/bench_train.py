@@ -26,7 +26,7 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from align.config import validate
+from align.common.config import validate
 
 
 def sync(device: torch.device) -> None:
@@ -56,9 +56,10 @@ class Variant:
 
     def __init__(self, name: str, batch: int, args: argparse.Namespace, image: torch.Tensor, text: torch.Tensor,
                  device: torch.device) -> None:
-        from align.heads import build_model
-        from align.losses import loss_for
-        from align.train import TrainConfig, optimizer_and_schedule
+        from align.train.heads import build_model
+        from align.train.losses import loss_for
+        from align.train.config import TrainConfig
+        from align.train.loop import optimizer_and_schedule
 
         data = {"dataset": {"kind": "synthetic"},
                 "image_encoder": {"backend": "efficientnet_lite", "model": "efficientnet-lite0"},
@@ -115,7 +116,7 @@ def main() -> None:
     parser.add_argument("--pool", type=int, default=50_000, help="cached embeddings to draw batches from")
     args = parser.parse_args()
 
-    from align.device import pick_device
+    from align.common.device import pick_device
 
     device = pick_device(args.device)
     cuda = device.type == "cuda"

@@ -30,12 +30,13 @@ MEASURE_AT = (0, 1, 10, 20, 50, 100, 200, 300, 399)
 
 def trainer_for(overrides: list[str], optimizer: str, eta: float | None, out: Path):
     """A ``Trainer`` for one cell of the default study, ready to step (embeds the set first when not cached)."""
-    from align.cache import embed_all
-    from align.compare import Cell, CompareConfig, cell_config
-    from align.config import load_config
-    from align.config_files import packaged_config
-    from align.runs import RunDir
-    from align.train import Trainer, prepare_data
+    from align.cache.write import embed_all
+    from align.study.config import Cell, CompareConfig, cell_config
+    from align.common.config import load_config
+    from align.common.config_files import packaged_config
+    from align.train.runs import RunDir
+    from align.train.loop import Trainer
+    from align.train.run_data import prepare_data
 
     cfg = load_config(CompareConfig, packaged_config("compare", "default"), overrides)
     embed_all(cfg.data, progress=False, log=print)
@@ -85,7 +86,7 @@ def flat_weights(trainer) -> torch.Tensor:
 
 
 def main() -> None:
-    from align.train import LoopState
+    from align.train.checkpoint import LoopState
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="override a study key")

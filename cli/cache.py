@@ -65,7 +65,7 @@ def _print_info(path: Path, m: dict) -> None:
 
 
 def _root(root: Optional[Path]) -> Path:
-    from align.paths import cache_dir
+    from align.common.paths import cache_dir
 
     return cache_dir() if root is None else root
 
@@ -98,7 +98,7 @@ def _print_list(root: Path, entries: list[dict]) -> None:
 @user_errors
 def ls_command(root: Optional[Path] = typer.Option(None, "--root", help=ROOT_HELP)) -> None:
     """One row per cache: key, size, counts, encoders, dataset."""
-    from align.cache import list_caches
+    from align.cache.store import list_caches
 
     root = _root(root)
     entries = list_caches(root)
@@ -112,7 +112,8 @@ def ls_command(root: Optional[Path] = typer.Option(None, "--root", help=ROOT_HEL
 def info_command(key: str = typer.Argument(..., help="Cache key (or a unique prefix)."),
                  root: Optional[Path] = typer.Option(None, "--root", help=ROOT_HELP)) -> None:
     """The manifest of one cache: counts, encoders, files, skipped items, timing."""
-    from align.cache import manifest_of, resolve_cache
+    from align.cache.read import manifest_of
+    from align.cache.store import resolve_cache
 
     path = resolve_cache(_root(root), key)
     _print_info(path, manifest_of(path))
@@ -122,7 +123,8 @@ def info_command(key: str = typer.Argument(..., help="Cache key (or a unique pre
 def verify_command(key: str = typer.Argument(..., help="Cache key (or a unique prefix)."),
                    root: Optional[Path] = typer.Option(None, "--root", help=ROOT_HELP)) -> None:
     """Re-hash every file and check headers, shapes, dtypes, counts, finiteness and indices (what loads check)."""
-    from align.cache import check_cache, resolve_cache
+    from align.cache.read import check_cache
+    from align.cache.store import resolve_cache
 
     path = resolve_cache(_root(root), key)
     check_cache(path, rehash=True)  # a damaged cache: one line naming the folder and the problem, exit 2
@@ -133,7 +135,7 @@ def verify_command(key: str = typer.Argument(..., help="Cache key (or a unique p
 def rm_command(key: str = typer.Argument(..., help="Cache key (or a unique prefix)."),
                root: Optional[Path] = typer.Option(None, "--root", help=ROOT_HELP)) -> None:
     """Delete one cache folder (only a real cache: a manifest, or an embed in progress)."""
-    from align.cache import remove_cache
+    from align.cache.store import remove_cache
 
     console.print(f"removed {remove_cache(_root(root), key)}", highlight=False)
 

@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from align.errors import AlignError
+from align.common.errors import AlignError
 
 console = Console()
 err_console = Console(stderr=True)
@@ -20,8 +20,8 @@ def environment_error(exc: BaseException) -> AlignError | None:
     """The last line of defence for failures the user's machine or files cause, which the library did not turn
     into an AlignError where they happened: no space left, out of memory, a file that is not UTF-8. None for
     anything else (a real bug keeps its traceback)."""
-    from align.errors import is_out_of_memory, out_of_memory_error
-    from align.files import disk_full_error, is_disk_full
+    from align.common.errors import is_out_of_memory, out_of_memory_error
+    from align.common.files import disk_full_error, is_disk_full
 
     if is_disk_full(exc):
         where = getattr(exc, "filename", None)
@@ -47,7 +47,7 @@ def user_errors(func: F) -> F:
             err_console.print("interrupted: finished work is saved; run the same command again to resume")
             raise typer.Exit(130) from None
         except Exception as exc:
-            from align.config import shorten
+            from align.common.config import shorten
 
             error = exc if isinstance(exc, AlignError) else environment_error(exc)
             if error is None:
@@ -70,8 +70,8 @@ def joined(device: str, timeout_s: float = SHARE_WAIT_S) -> Iterator[Any]:
     (nccl on CUDA, gloo otherwise; collectives wait up to ``timeout_s``) and left after it → this process's Rank.
     Without torchrun: the single-process Rank, nothing joined. After a failure the group is not waited for: the
     process exits and torchrun stops the others."""
-    from align import distributed
-    from align.device import pick_device
+    from align.common import distributed
+    from align.common.device import pick_device
 
     if not distributed.launched():
         yield distributed.SINGLE

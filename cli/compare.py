@@ -25,8 +25,8 @@ def _print_tables(result: dict, reference: str, score: str = "mean_R@1") -> None
     from rich import box
     from rich.table import Table
 
-    from align.report import AXIS_LABELS, diff_text, score_label
-    from align.study_stats import METHOD_AXES
+    from align.study.report import AXIS_LABELS, diff_text, score_label
+    from align.study.stats import METHOD_AXES
 
     def hp(value) -> str:
         return "—" if value is None else f"{value:g}"
@@ -61,7 +61,7 @@ def _print_robustness(robustness: list[dict], axes: list[str], hp, label: str = 
     from rich import box
     from rich.table import Table
 
-    from align.report import AXIS_LABELS
+    from align.study.report import AXIS_LABELS
 
     rob = Table(title=f"Robustness on VALIDATION {label} %: share of configs within 95% of the best, the best and "
                       "the worst (test: the same configs' test means)", box=box.SIMPLE_HEAD, pad_edge=False)
@@ -77,7 +77,7 @@ def _print_robustness(robustness: list[dict], axes: list[str], hp, label: str = 
 
 
 def _whole_number(text: str, option: str) -> int:
-    from align.errors import AlignError
+    from align.common.errors import AlignError
 
     try:
         return int(text)
@@ -101,10 +101,11 @@ def register(app: typer.Typer) -> None:
         """Compare optimizers over a grid of ρ × learning rate (× method axes) × seeds on one cached embedding set."""
         import json
 
-        from align.compare import CompareConfig, plan, run_compare
-        from align.config import load_config
-        from align.config_files import packaged_config, resolve_config
-        from align.errors import AlignError
+        from align.study.config import CompareConfig
+        from align.study.compare import plan, run_compare
+        from align.common.config import load_config
+        from align.common.config_files import packaged_config, resolve_config
+        from align.common.errors import AlignError
 
         path = resolve_config(config, ("compare",)) if config is not None else packaged_config("compare", "default")
         if path is None:

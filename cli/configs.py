@@ -13,7 +13,7 @@ def configs_command() -> None:
     from rich.table import Table
     from rich.text import Text
 
-    from align.config_files import configs_root, list_configs
+    from align.common.config_files import configs_root, list_configs
 
     table = Table(title=f"packaged configs in {configs_root()}", title_justify="left", header_style="bold",
                   box=box.SIMPLE_HEAD)

@@ -28,8 +28,10 @@ def register(app: typer.Typer) -> None:
         """Encode images and captions once with frozen encoders; resumable, cached under cache_root/<key>/."""
         from rich.table import Table
 
-        from align.cache import embed_split, load_embed_config, read_manifest
-        from align.config_files import resolve_config
+        from align.cache.write import embed_split
+        from align.cache.key import load_embed_config
+        from align.cache.read import read_manifest
+        from align.common.config_files import resolve_config
 
         cfg = load_embed_config(resolve_config(config, ("embed", "train", "compare")), overrides)
         if strict:

@@ -45,10 +45,10 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Retrieval recall (both ways), alignment metrics and, on a labelled split (mnist), zero-shot accuracy of a
         trained head (confusion matrix PNG under RUN/eval/), or of raw embeddings (--cache)."""
-        from align import runs
-        from align.errors import AlignError
-        from align.evaluate import evaluate_cache, evaluate_run
-        from align.files import require_file_path
+        from align.train import runs
+        from align.common.errors import AlignError
+        from align.eval.evaluate import evaluate_cache, evaluate_run
+        from align.common.files import require_file_path
 
         if run_dir is None and cache is None:
             raise AlignError("give either a RUN_DIR or --cache KEY_OR_PATH (both: the run's heads on that cache)")

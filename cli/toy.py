@@ -60,10 +60,10 @@ def register(app: typer.Typer) -> None:
             help="banana, grid: M-SAM's metric scale α, G = I + α² g gᵀ (0 = SAM, 1 = the paper's M-SAM, default)."),
     ) -> None:
         """Reproduce the paper's 2-D experiments (Figures 1-5) with the real optimizer classes."""
-        from align.errors import AlignError
-        from align.paths import toy_dir
-        from align.toy import EXPERIMENTS, run_experiment
-        from align.toy_plots import write_outputs
+        from align.common.errors import AlignError
+        from align.common.paths import toy_dir
+        from align.toy.experiments import EXPERIMENTS, run_experiment
+        from align.toy.plots import write_outputs
 
         if alpha is not None and experiment.value not in ("banana", "grid", "all"):
             raise AlignError(f"--alpha applies to banana and grid (M-SAM's metric scale), not {experiment.value}")

@@ -12,7 +12,7 @@ from align.cli.common import console, err_console, user_errors
 
 def default_run_dir(config_path: Path) -> Path:
     """<data root>/runs/<config file name without extension> (a run's own config.yaml names its out_dir explicitly)."""
-    from align.paths import runs_dir
+    from align.common.paths import runs_dir
 
     return runs_dir() / config_path.stem
 
@@ -62,10 +62,11 @@ def register(app: typer.Typer) -> None:
         progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
     ) -> None:
         """Train an alignment head on cached embeddings; writes config.yaml, metrics.jsonl, checkpoints/, results.json."""
-        from align import distributed
-        from align.config import load_config
-        from align.config_files import resolve_config
-        from align.train import TrainConfig, train
+        from align.common import distributed
+        from align.common.config import load_config
+        from align.common.config_files import resolve_config
+        from align.train.config import TrainConfig
+        from align.train.loop import train
 
         path = resolve_config(config, ("train",))
         cfg = load_config(TrainConfig, path, overrides or [])

@@ -97,7 +97,8 @@ def main(plan_path: str, result_path: str) -> None:
     started = time.perf_counter()
     plan = json.loads(open(plan_path, encoding="utf-8").read())
     # torch._dynamo: the optimizers import it on their first step (≈5 s); every child would pay for it again
-    for module in ["align.cli.main", "align.train", "align.compare", "align.cache", "align.measure", "torch._dynamo",
+    for module in ["align.cli.main", "align.train.loop", "align.study.compare", "align.cache.write", "align.metrics.measure",
+                   "torch._dynamo",
                    *plan.get("preload", [])]:
         importlib.import_module(module)
     results = [{"seconds": round(time.perf_counter() - started, 2)}]  # the imports

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from align.errors import AlignError
+from align.common.errors import AlignError
 from align.metrics.alignment import cka, cknna, cycle_knn, mutual_knn, svcca, unbiased_cka
 
 

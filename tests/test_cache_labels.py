@@ -13,9 +13,9 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from align import cache
+from align.cache import key as cache_keys, read as cache_read, store as cache_store, write as cache_write
 from align.cli.main import app
-from align.errors import AlignError
+from align.common.errors import AlignError
 from test_embed_cli import save_tiny_clip
 
 pytest.importorskip("mlxtend")
@@ -24,17 +24,17 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest
 
 
 @pytest.fixture(scope="module")
-def labelled(tmp_path_factory) -> tuple[Path, cache.EmbedConfig]:
+def labelled(tmp_path_factory) -> tuple[Path, cache_keys.EmbedConfig]:
     root = tmp_path_factory.mktemp("labelled")
     (root / "tiny").mkdir()
     model = save_tiny_clip(root / "tiny", seed=11)
     encoder = {"backend": "open_clip", "model": f"local-dir:{model}"}
-    cfg = cache.EmbedConfig.model_validate({
+    cfg = cache_keys.EmbedConfig.model_validate({
         "dataset": {"kind": "mnist", "mnist": {"train_per_class": 1, "val_per_class": 1, "test_per_class": 3,
                                                "captions_per_image": 2}},
         "splits": ["test"], "image_encoder": encoder, "text_encoder": encoder, "device": "cpu",
         "cache_root": str(root / "cache")})
-    return cache.embed_split(cfg, "test", progress=False, log=lambda m: None), cfg
+    return cache_write.embed_split(cfg, "test", progress=False, log=lambda m: None), cfg
 
 
 def _copy(folder: Path, tmp_path: Path) -> Path:
@@ -42,12 +42,12 @@ def _copy(folder: Path, tmp_path: Path) -> Path:
 
 
 def test_labels_and_prompt_embeddings_are_the_datasets_and_the_text_towers(labelled):
-    from align.datasets import load_image_caption_split
-    from align.encoders import build_text_encoder
+    from align.data.datasets import load_image_caption_split
+    from align.data.encoders import build_text_encoder
 
     folder, cfg = labelled
     data = load_image_caption_split(cfg.dataset, "test")
-    paired = cache.load_cache_dir(folder)
+    paired = cache_read.load_cache_dir(folder)
     assert paired.labelled and paired.labels.tolist() == data.labels.tolist()
     assert paired.class_names == list(data.class_names) and paired.class_text.shape == (10, 5, 16)
     prompts = [p for per_class in data.prompts for p in per_class]
@@ -55,7 +55,7 @@ def test_labels_and_prompt_embeddings_are_the_datasets_and_the_text_towers(label
     assert torch.equal(paired.class_text.reshape(50, 16), direct)
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["classes"]["templates"] == cfg.dataset.mnist.prompt_templates
-    assert cache.verify_cache(folder) == []
+    assert cache_store.verify_cache(folder) == []
 
 
 def _bad_label(folder: Path) -> None:
@@ -90,7 +90,7 @@ def test_damaged_label_arrays_are_one_line(labelled, tmp_path, damage, phrase):
     folder = _copy(labelled[0], tmp_path)
     damage(folder)
     with pytest.raises(AlignError) as info:
-        cache.load_cache_dir(folder)
+        cache_read.load_cache_dir(folder)
     assert phrase in str(info.value) and "\n" not in str(info.value) and "damaged cache" in str(info.value)
     result = runner.invoke(app, ["cache", "verify", folder.name, "--root", str(folder.parent)])
     assert result.exit_code == 2 and phrase in " ".join(result.output.split()), result.output
@@ -99,12 +99,12 @@ def test_damaged_label_arrays_are_one_line(labelled, tmp_path, damage, phrase):
 def test_a_cache_without_labels_loads_as_before(labelled, tmp_path):
     folder = _copy(labelled[0], tmp_path)
     manifest = json.loads((folder / "manifest.json").read_text())
-    for name in cache.LABEL_ARRAYS:
+    for name in cache_keys.LABEL_ARRAYS:
         (folder / name).unlink()
         manifest["files"].pop(name)
     manifest.pop("classes")
     (folder / "manifest.json").write_text(json.dumps(manifest))  # exactly the layout caches had before labels
-    paired = cache.load_cache_dir(folder)
+    paired = cache_read.load_cache_dir(folder)
     assert not paired.labelled and paired.num_images == 30
     result = runner.invoke(app, ["eval", "--cache", str(folder), "--knn-k", "2"], env={"COLUMNS": "200"})
     assert result.exit_code == 0 and "zeroshot" not in result.output, result.output
@@ -117,7 +117,7 @@ def test_eval_cache_reports_raw_zero_shot_and_draws_confusion_and_gallery(labell
                                  "--gallery", str(gallery)], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     record = json.loads(out.read_text())
-    paired = cache.load_cache_dir(folder)
+    paired = cache_read.load_cache_dir(folder)
     sims = torch.nn.functional.normalize(paired.image, dim=1) @ torch.nn.functional.normalize(
         torch.nn.functional.normalize(paired.class_text, dim=-1).mean(1), dim=1).T
     assert record["metrics"]["zeroshot_top1"] == pytest.approx(float((sims.argmax(1) == paired.labels).double().mean()))

@@ -205,21 +205,21 @@ def test_bad_study_config_is_one_line_exit_2(study_config, tmp_path):
     assert len(result.output.strip().splitlines()) == 1
 
 
-CONFIG_MODELS = {"compare": "align.compare:CompareConfig", "train": "align.train:TrainConfig",
-                 "embed": "align.cache:EmbedConfig"}
+CONFIG_MODELS = {"compare": "align.study.config:CompareConfig", "train": "align.train.config:TrainConfig",
+                 "embed": "align.cache.key:EmbedConfig"}
 
 
 @pytest.mark.parametrize("path", sorted(REPO.glob("configs/**/*.yaml")), ids=lambda p: str(p.relative_to(REPO)))
 def test_every_config_validates_and_compare_configs_dry_run(path):
     from importlib import import_module
 
-    from align.config import load_config
+    from align.common.config import load_config
 
     first_line = path.read_text().splitlines()[0]
     assert first_line.startswith("# "), "every config starts with a comment"
     folder = path.parent.name
     if folder == "datasets":
-        from align.datasets import DatasetSpec
+        from align.data.datasets import DatasetSpec
 
         data = yaml.safe_load(path.read_text())
         DatasetSpec.model_validate(data)  # a `dataset:` section on its own

@@ -15,7 +15,8 @@ import yaml
 from typer.testing import CliRunner
 
 from align.cli.main import app
-from align.compare import Cell, plan_packs
+from align.study.config import Cell
+from align.study.packing import plan_packs
 from test_train import make_cache, train_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -76,12 +77,13 @@ def test_pack_options_and_a_budget_too_small_for_one_head_are_one_line_errors(st
 
 
 def test_the_pack_limit_is_what_each_workers_share_of_the_budget_holds(study_file):
-    from align.compare import CompareConfig, cell_config, grid_cells, pack_limit
-    from align.config import load_config
-    from align.errors import AlignError
-    from align.heads import HeadConfig, build_model
-    from align.pack import head_bytes
-    from align.train import prepare_data
+    from align.study.config import CompareConfig, cell_config, grid_cells
+    from align.study.packing import pack_limit
+    from align.common.config import load_config
+    from align.common.errors import AlignError
+    from align.train.heads import HeadConfig, build_model
+    from align.train.memory import head_bytes
+    from align.train.run_data import prepare_data
 
     cfg = load_config(CompareConfig, study_file)
     _, data = prepare_data(cell_config(cfg, grid_cells(cfg.grid)[0], Path(".")))
@@ -99,7 +101,7 @@ KILLER = textwrap.dedent("""
     import os, signal
     target = os.environ.get("ALIGN_TEST_KILL_AT")
     if target:
-        import align.runs as runs
+        import align.train.runs as runs
         run_name, step = target.rsplit(":", 1)
         original = runs.append_metrics
 
@@ -148,7 +150,7 @@ def test_a_packed_study_killed_then_rerun_writes_the_uninterrupted_bytes_and_one
 
 
 def test_the_study_bar_moves_with_every_packs_steps_and_ends_on_the_cell_count():
-    from align.compare import _PackProgress
+    from align.study.workers import _PackProgress
 
     class Bar:
         done = 0.0

@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from align.study_stats import (best_configs, config_key, max_paired_gap, robustness, summary, table3,
-                               used_axes)
+from align.study.stats import best_configs, config_key, max_paired_gap, robustness, summary, table3, used_axes
 
 
 def _row(opt, lr, rho, seed, val, test, status="ok", knn=0.5, loss_t=1.0, final=0.5, max_knn=0.6, **axes):

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from align.errors import AlignError
-from align.locks import exclusive
+from align.common.errors import AlignError
+from align.common.locks import exclusive
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -35,8 +35,8 @@ def wait_for(predicate, timeout: float = 60.0) -> None:
 def test_a_second_holder_is_refused_with_the_first_ones_pid(tmp_path):
     with exclusive(tmp_path / "target", "cache"):
         child = python(f"""
-            from align.locks import exclusive
-            from align.errors import AlignError
+            from align.common.locks import exclusive
+            from align.common.errors import AlignError
             try:
                 with exclusive({str(tmp_path / 'target')!r}, "cache"):
                     print("ACQUIRED")
@@ -53,7 +53,7 @@ def test_a_second_holder_is_refused_with_the_first_ones_pid(tmp_path):
 def test_a_holder_killed_with_sigkill_leaves_the_target_free(tmp_path):
     holder = python(f"""
         import time
-        from align.locks import exclusive
+        from align.common.locks import exclusive
         with exclusive({str(tmp_path)!r}, "study"):
             print("HELD", flush=True)
             time.sleep(60)
@@ -84,9 +84,10 @@ def test_two_trainings_into_one_run_directory_one_is_refused_and_the_log_has_no_
     run = tmp_path / "run"
     code = f"""
         import torch; torch.set_num_threads(1)
-        from align.config import load_config
-        from align.errors import AlignError
-        from align.train import TrainConfig, train
+        from align.common.config import load_config
+        from align.common.errors import AlignError
+        from align.train.config import TrainConfig
+        from align.train.loop import train
         cfg = load_config(TrainConfig, {str(tmp_path / 'c.yaml')!r})
         try:
             print(train(cfg, {str(run)!r}, resume=True, progress=False)["status"])
@@ -116,7 +117,7 @@ def test_study_workers_exit_when_the_main_process_is_killed():
     parent = python("""
         import multiprocessing as mp, os, time
         from concurrent.futures import ProcessPoolExecutor
-        from align.compare import _exit_with_parent
+        from align.study.workers import _exit_with_parent
 
         if __name__ == "__main__":
             with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn"), initializer=_exit_with_parent,
@@ -145,8 +146,9 @@ def test_study_workers_exit_when_the_main_process_is_killed():
 
 
 def test_a_second_study_into_the_same_folder_is_refused_before_it_trains(tmp_path):
-    from align.compare import CompareConfig, run_compare
-    from align.config import validate
+    from align.study.config import CompareConfig
+    from align.study.compare import run_compare
+    from align.common.config import validate
     from test_train import make_cache, train_config
 
     data = make_cache(tmp_path / "cache")
@@ -154,7 +156,7 @@ def test_a_second_study_into_the_same_folder_is_refused_before_it_trains(tmp_pat
                                    "grid": {"optimizers": ["sgd"], "seeds": [0]}, "reference": "sgd"})
     holder = python(f"""
         import time
-        from align.locks import exclusive
+        from align.common.locks import exclusive
         with exclusive({str(tmp_path / 'study')!r}, "study"):
             print("HELD", flush=True)
             time.sleep(60)

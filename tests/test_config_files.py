@@ -8,8 +8,8 @@ import pytest
 from typer.testing import CliRunner
 
 from align.cli.main import app
-from align.config_files import list_configs, resolve_config
-from align.errors import AlignError
+from align.common.config_files import list_configs, resolve_config
+from align.common.errors import AlignError
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
@@ -68,7 +68,7 @@ def test_list_configs_is_every_yaml_with_its_first_descriptive_line():
     assert set(found) == {(p.parent.name, p.stem) for p in CONFIGS.glob("*/*.yaml")}
     assert found["compare", "default"].summary == ("The offline optimizer study: the built-in synthetic image–caption"
                                                    " set encoded by EfficientNet-Lite0 (160 px) and")
-    assert found["datasets", "synthetic"].summary.startswith("A `dataset:` section (align.datasets.DatasetSpec).")
+    assert found["datasets", "synthetic"].summary.startswith("A `dataset:` section (align.data.datasets.DatasetSpec).")
 
 
 def test_align_configs_lists_every_packaged_config():

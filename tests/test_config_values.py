@@ -11,8 +11,8 @@ import copy
 import pytest
 import yaml
 
-from align.config import validate
-from align.errors import AlignError
+from align.common.config import validate
+from align.common.errors import AlignError
 
 from test_train import data_section
 
@@ -63,7 +63,7 @@ BAD = {
 
 @pytest.mark.parametrize("case", sorted(BAD))
 def test_bad_value_is_one_short_line(case):
-    from align.compare import CompareConfig
+    from align.study.config import CompareConfig
 
     with pytest.raises(AlignError) as err:
         validate(CompareConfig, study(**BAD[case]))
@@ -74,14 +74,14 @@ def test_bad_value_is_one_short_line(case):
 
 
 def test_the_study_defaults_pass_the_same_checks():
-    from align.compare import CompareConfig
+    from align.study.config import CompareConfig
 
     cfg = validate(CompareConfig, study())
     assert cfg.optim.lr > 0 and cfg.eval.every >= 1
 
 
 def test_a_huge_input_is_cut_in_the_error_line():
-    from align.compare import CompareConfig
+    from align.study.config import CompareConfig
 
     cfg = study(name="x" * 100_000)
     with pytest.raises(AlignError) as err:
@@ -90,7 +90,7 @@ def test_a_huge_input_is_cut_in_the_error_line():
 
 
 def test_yaml_1_1_exponent_without_a_dot_still_reads_as_a_number():
-    from align.train import TrainConfig
+    from align.train.config import TrainConfig
 
     raw = yaml.safe_load("optim: {lr: 1e-3}")  # PyYAML gives the string "1e-3"
     cfg = validate(TrainConfig, {"data": data_section("/tmp/unused-cache"), **copy.deepcopy(raw)})

@@ -15,9 +15,9 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from align.cli.main import app
-from align.config import validate
-from align.datasets import DatasetSpec, load_image_caption_split
-from align.errors import AlignError
+from align.common.config import validate
+from align.data.datasets import DatasetSpec, load_image_caption_split
+from align.common.errors import AlignError
 
 
 def _png(path: Path, colour: tuple[int, int, int]) -> np.ndarray:

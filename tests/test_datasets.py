@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from align.config import dump_config, load_yaml, validate
-from align.datasets import DatasetSpec, ImageUnreadable, load_image_caption_split
-from align.errors import AlignError
+from align.common.config import dump_config, load_yaml, validate
+from align.data.datasets import DatasetSpec, ImageUnreadable, load_image_caption_split
+from align.common.errors import AlignError
 
 COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (0, 255, 255)]
 
@@ -352,7 +352,7 @@ def test_unreachable_hub_without_offline_flags_uses_only_the_cache(monkeypatch):
     import datasets.config
     import huggingface_hub.constants
 
-    from align import hub
+    from align.data import hub
 
     for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
         monkeypatch.delenv(var, raising=False)
@@ -456,7 +456,7 @@ def test_identity_of_local_data_follows_its_content_not_its_place(tmp_path):
 
 
 def test_synthetic_identity_covers_its_config():
-    from align.synthetic import SyntheticConfig
+    from align.data.synthetic import SyntheticConfig
 
     changes = {"seed": 3, "image_size": 64, "captions_per_image": 2, "two_object_fraction": 0.2,
                "hard_negative_fraction": 0.0, "texture_fraction": 0.0, "test_images": 50}

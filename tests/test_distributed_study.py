@@ -101,9 +101,9 @@ RANK_SCRIPT = textwrap.dedent("""
     import json, sys
     from pathlib import Path
     import torch
-    from align import distributed as d
-    from align.errors import AlignError
-    from align.locks import exclusive
+    from align.common import distributed as d
+    from align.common.errors import AlignError
+    from align.common.locks import exclusive
 
     me = d.init(torch.device("cpu"), timeout_s=120)
     out = {"rank": me.rank, "world": me.world_size, "value": d.from_main(lambda: f"made by rank {me.rank}")}
@@ -146,7 +146,7 @@ def test_rank_zero_decides_and_a_failure_on_any_rank_is_raised_on_every_rank(tmp
     """The helpers embed and compare build on, with 2 gloo ranks started by hand (torchrun's variables)."""
     import json
 
-    from align.locks import exclusive
+    from align.common.locks import exclusive
 
     port = free_port()
     with exclusive(tmp_path / "locked", "study"):  # held here: rank 0's main_holds is refused
@@ -174,8 +174,8 @@ def test_rank_zero_waits_for_files_other_ranks_wrote_and_names_one_it_never_sees
     import threading
     import time
 
-    from align.errors import AlignError
-    from align.files import wait_until_visible
+    from align.common.errors import AlignError
+    from align.common.files import wait_until_visible
 
     late = tmp_path / "work" / "text-00001.json"
     late.parent.mkdir()
@@ -189,7 +189,7 @@ def test_rank_zero_waits_for_files_other_ranks_wrote_and_names_one_it_never_sees
 
 
 def test_packs_are_dealt_largest_first_to_the_least_loaded_rank():
-    from align.distributed import deal
+    from align.common.distributed import deal
 
     assert deal([4, 4, 1, 1], 2) == [[0, 2], [1, 3]]
     # 4 to rank 0; 2 and 2 to rank 1 (level at 4), 1 to rank 0 (the tie goes to the lower rank), 1 to rank 1
@@ -221,7 +221,7 @@ KILLER = textwrap.dedent("""
     if os.environ.get("RANK") is not None and os.environ.get("RANK") == os.environ.get("ALIGN_TEST_KILL_RANK"):
         what, arg = os.environ["ALIGN_TEST_KILL_AT"].split(":", 1)
         if what == "file":  # right after an embed shard's .json (the shard counts as done) is written
-            import align.cache as cache
+            import align.cache.write as cache
             original = cache._write_text
 
             def write_then_maybe_die(path, text):
@@ -231,7 +231,7 @@ KILLER = textwrap.dedent("""
 
             cache._write_text = write_then_maybe_die
         else:  # "step": right after a cell logs this training step
-            import align.runs as runs
+            import align.train.runs as runs
             original = runs.append_metrics
 
             def append_then_maybe_die(run, record):
@@ -252,8 +252,8 @@ def test_a_killed_rank_leaves_work_that_reruns_with_one_or_two_ranks_finish_to_t
     args = ("--config", str(study["config"]), "--set", f"data.cache_root={cache}", "--no-progress")
 
     # a key another process is writing: rank 0 finds it locked, and every rank stops with the same one line
-    from align.cache import EmbedConfig, cache_path
-    from align.locks import exclusive
+    from align.cache.key import EmbedConfig, cache_path
+    from align.common.locks import exclusive
 
     train = cache_path(EmbedConfig.model_validate(dict(yaml.safe_load(study["config"].read_text())["data"],
                                                        cache_root=str(cache))), "train")

@@ -21,12 +21,12 @@ import pytest
 import torch
 import yaml
 
-from align import distributed
-from align.heads import HeadConfig, build_model
-from align.losses import LossConfig, clip_loss, clip_loss_rows, siglip_loss, siglip_loss_rows
+from align.common import distributed
+from align.train.heads import HeadConfig, build_model
+from align.train.losses import LossConfig, clip_loss, clip_loss_rows, siglip_loss, siglip_loss_rows
 from align.optim.batched import head_hparams
-from align.pack import HeadPack, group_batches
-from align.train import Sampler, lr_factor
+from align.train.pack import HeadPack, group_batches
+from align.train.run_data import Sampler, lr_factor
 from test_pack import CELLS, _kwargs, _reference_run
 from test_train import make_cache, synthetic_split, train_config
 
@@ -222,7 +222,8 @@ def two_rank_run(train_setup) -> dict:
 def test_align_train_under_torchrun_writes_one_run_that_matches_one_process(train_setup, two_rank_run, tmp_path):
     """One results table, every step logged once, and the numbers of the same run trained in one process
     (float32: to rounding)."""
-    from align.train import TrainConfig, train
+    from align.train.config import TrainConfig
+    from align.train.loop import train
 
     run, proc = two_rank_run["run"], two_rank_run["proc"]
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -242,9 +243,9 @@ def test_align_train_under_torchrun_writes_one_run_that_matches_one_process(trai
 
 # name → (the rank that dies, its kill point). Slow: two more launches each (≈ 25 s on 2 shared cores).
 KILLS = {
-    "rank 1 mid-step (between M-SAM's two passes)": (1, {"call": "align.pack:HeadPack._grads", "nth": 28}),
+    "rank 1 mid-step (between M-SAM's two passes)": (1, {"call": "align.train.pack:HeadPack._grads", "nth": 28}),
     "rank 0 between a checkpoint's two halves": (0, {"replace": "step-0000020.json"}),
-    "rank 0 during the final evaluation": (0, {"call": "align.train:Trainer.evaluate", "nth": 1}),
+    "rank 0 during the final evaluation": (0, {"call": "align.train.loop:Trainer.evaluate", "nth": 1}),
 }
 
 
@@ -260,7 +261,7 @@ def kill_then_resume(train_setup, two_rank_run, name: str, kill_rank: int, kill:
                                       "--no-progress"]), cwd=root, env=run_env(), capture_output=True, text=True,
                             timeout=600)
     assert killed.returncode != 0 and "SIGKILL" in killed.stderr, killed.stderr[-3000:]
-    assert not (run / "results.json").exists() or kill.get("call") == "align.train:Trainer.evaluate"
+    assert not (run / "results.json").exists() or kill.get("call") == "align.train.loop:Trainer.evaluate"
     resumed = subprocess.run(torchrun([*align_command(), "train", "--config", str(run / "config.yaml"), "--resume",
                                        "--no-progress"]), cwd=root, env=run_env(), capture_output=True, text=True,
                              timeout=600)
@@ -277,9 +278,10 @@ def test_a_killed_rank_then_resume_gives_the_uninterrupted_two_rank_run(train_se
 
 
 def test_a_batch_that_does_not_split_evenly_over_the_ranks_is_refused_before_anything_is_written(tmp_path):
-    from align.distributed import Rank
-    from align.errors import AlignError
-    from align.train import TrainConfig, train_pack
+    from align.common.distributed import Rank
+    from align.common.errors import AlignError
+    from align.train.config import TrainConfig
+    from align.train.loop import train_pack
 
     cfg = TrainConfig.model_validate(train_config(make_cache(tmp_path / "cache"), schedule={"batch_size": 64}))
     with pytest.raises(AlignError, match="multiple of the 3 ranks.*batch_size=63"):
@@ -291,7 +293,8 @@ def test_a_batch_that_does_not_split_evenly_over_the_ranks_is_refused_before_any
 
 def _resume_main(rank: int, port: int, root: str) -> None:
     """A 2-rank run, then a copy of it cut back to its step-10 checkpoint resumed on the same 2 ranks."""
-    from align.train import TrainConfig, train
+    from align.train.config import TrainConfig
+    from align.train.loop import train
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
                       LOCAL_RANK=str(rank))
@@ -313,8 +316,9 @@ def _resume_main(rank: int, port: int, root: str) -> None:
 def test_a_local_msam_metric_is_kept_per_rank_and_resumes_only_on_as_many_ranks(tmp_path):
     from faults import assert_same_run
 
-    from align.errors import AlignError
-    from align.train import TrainConfig, train
+    from align.common.errors import AlignError
+    from align.train.config import TrainConfig
+    from align.train.loop import train
 
     cfg = train_config(make_cache(tmp_path / "cache"),
                        optim={"name": "msam", "lr": 1e-2, "rho": 0.2, "metric_beta": 0.9, "perturbation": "local"},
@@ -334,8 +338,8 @@ def test_a_local_msam_metric_is_kept_per_rank_and_resumes_only_on_as_many_ranks(
 def test_the_new_keys_at_their_defaults_leave_a_runs_config_hash_as_it_was(tmp_path):
     """loss.local, optim.perturbation and eval.sharpness_final came after runs were trained: at their defaults they
     are not hashed, so those runs still resume; set, they are."""
-    from align.runs import config_hash
-    from align.train import TrainConfig, hashed_config
+    from align.train.runs import config_hash
+    from align.train.config import TrainConfig, hashed_config
 
     cfg = TrainConfig.model_validate(train_config(make_cache(tmp_path / "cache"), optim={"name": "msam"}))
     before = cfg.model_dump(mode="json")  # what a run written before the keys existed holds

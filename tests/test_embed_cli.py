@@ -130,7 +130,7 @@ def test_bad_config_is_one_line(tmp_path):
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs" / "embed").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_embed_config_validates_and_names_its_command(path, monkeypatch):
-    from align.cache import load_embed_config
+    from align.cache.key import load_embed_config
 
     first = path.read_text().splitlines()[0]
     assert first == f"# align embed --config configs/embed/{path.name}"
@@ -142,7 +142,7 @@ def test_every_embed_config_validates_and_names_its_command(path, monkeypatch):
 
 
 def test_the_offline_default_is_the_documented_pair():
-    from align.cache import load_embed_config
+    from align.cache.key import load_embed_config
 
     cfg = load_embed_config(REPO / "configs" / "embed" / "synthetic_offline.yaml")
     assert (cfg.image_encoder.backend, cfg.image_encoder.image_size, cfg.text_encoder.backend) == \

@@ -18,10 +18,11 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from align import cache
-from align.cache import cache_key, embed_split
+from align.cache import key as cache_keys, read as cache_read, store as cache_store, write as cache_write
+from align.cache.key import cache_key
+from align.cache.write import embed_split
 from align.cli.main import app
-from align.locks import exclusive
+from align.common.locks import exclusive
 from test_embed_cli import save_tiny_clip
 from test_train import data_section, synthetic_split, write_cache
 
@@ -54,10 +55,12 @@ def one_line(result) -> str:
 
 HOLDER = textwrap.dedent("""
     import sys, time
-    from align import cache, encoders
-    from align.cache import EmbedConfig, embed_split
+    from align.cache import write as cache_write
+    from align.data import encoders
+    from align.cache.key import EmbedConfig
+    from align.cache.write import embed_split
 
-    cache.ENCODE_ROWS = 4
+    cache_write.ENCODE_ROWS = 4
     real = encoders.build_image_encoder
     class Slow:
         def __init__(self, inner):
@@ -75,7 +78,7 @@ def test_an_embed_finds_its_key_locked_and_is_refused_in_one_line(tiny_dir, tmp_
     """Fast: the lock held in this process, as a running `align embed` holds it (the subprocess case: slow)."""
     section = embed_section(tiny_dir, tmp_path / "cache")
     (tmp_path / "embed.yaml").write_text(yaml.safe_dump(section))
-    folder = tmp_path / "cache" / cache_key(cache.EmbedConfig.model_validate(section), "train")
+    folder = tmp_path / "cache" / cache_key(cache_keys.EmbedConfig.model_validate(section), "train")
     with exclusive(folder, "cache"):
         line = one_line(runner.invoke(app, ["embed", "--config", str(tmp_path / "embed.yaml"), "--no-progress"]))
     assert line == (f"cache {folder} is in use by process {os.getpid()}: another `align embed` is writing it; "
@@ -87,9 +90,9 @@ def test_an_embed_finds_its_key_locked_and_is_refused_in_one_line(tiny_dir, tmp_
 
 @pytest.mark.slow
 def test_a_second_concurrent_embed_is_refused_naming_the_first_ones_pid(tiny_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(cache, "ENCODE_ROWS", 4)
+    monkeypatch.setattr(cache_write, "ENCODE_ROWS", 4)
     section = embed_section(tiny_dir, tmp_path / "cache")
-    cfg = cache.EmbedConfig.model_validate(section)
+    cfg = cache_keys.EmbedConfig.model_validate(section)
     folder = tmp_path / "cache" / cache_key(cfg, "train")
     env = dict(os.environ, PYTHONPATH=str(REPO))
     first = subprocess.Popen([sys.executable, "-c", HOLDER, cfg.model_dump_json()], env=env, text=True,
@@ -105,12 +108,12 @@ def test_a_second_concurrent_embed_is_refused_naming_the_first_ones_pid(tiny_dir
     assert first.poll() is None  # the refused embed touched nothing of the running one
     out, _ = first.communicate(timeout=300)
     assert first.returncode == 0 and "FIRST DONE" in out, out
-    cache.check_cache(folder, rehash=True)
+    cache_read.check_cache(folder, rehash=True)
     assert not (folder / "work").exists() and (folder / "manifest.json").is_file()
     # A finished cache is only read: readers never need the lock, so a held lock does not stop them.
     with exclusive(folder, "cache"):
         assert embed_split(cfg, "train", progress=False, log=lambda m: None) == folder
-        assert cache.load_cached_split(cfg, "train").num_images == 20
+        assert cache_read.load_cached_split(cfg, "train").num_images == 20
 
 
 # ---------------------------------------------------------------------------------------- disk full
@@ -120,9 +123,9 @@ def reference(tiny_dir, tmp_path_factory) -> Path:
     """An uninterrupted embed (ENCODE_ROWS = 4) to compare resumed runs with."""
     root = tmp_path_factory.mktemp("reference")
     mp = pytest.MonkeyPatch()
-    mp.setattr(cache, "ENCODE_ROWS", 4)
+    mp.setattr(cache_write, "ENCODE_ROWS", 4)
     try:
-        return embed_split(cache.EmbedConfig.model_validate(embed_section(tiny_dir, root)), "train",
+        return embed_split(cache_keys.EmbedConfig.model_validate(embed_section(tiny_dir, root)), "train",
                            progress=False, log=lambda m: None)
     finally:
         mp.undo()
@@ -133,12 +136,12 @@ def reference(tiny_dir, tmp_path_factory) -> Path:
                                        (10, "text.npy")])
 def test_disk_full_is_one_line_leaves_no_temp_file_and_resumes_byte_identical(tiny_dir, tmp_path, monkeypatch,
                                                                               reference, nth, what):
-    monkeypatch.setattr(cache, "ENCODE_ROWS", 4)
+    monkeypatch.setattr(cache_write, "ENCODE_ROWS", 4)
     section = embed_section(tiny_dir, tmp_path / "cache")
     (tmp_path / "embed.yaml").write_text(yaml.safe_dump(section))
     folder = tmp_path / "cache" / reference.name
     calls = []
-    real = cache._write_npy
+    real = cache_write._write_npy
 
     def full_disk(fh, array):
         calls.append(1)
@@ -147,7 +150,7 @@ def test_disk_full_is_one_line_leaves_no_temp_file_and_resumes_byte_identical(ti
             raise OSError(errno.ENOSPC, "No space left on device")
         real(fh, array)
 
-    monkeypatch.setattr(cache, "_write_npy", full_disk)
+    monkeypatch.setattr(cache_write, "_write_npy", full_disk)
     line = one_line(runner.invoke(app, ["embed", "--config", str(tmp_path / "embed.yaml"), "--no-progress"]))
     assert line == (f"no space left on the device writing {folder / what}: free some space, then run the same "
                     f"`align embed` again (finished shards are kept and it resumes)")
@@ -156,23 +159,23 @@ def test_disk_full_is_one_line_leaves_no_temp_file_and_resumes_byte_identical(ti
     done = sorted(p.name for p in (folder / "work").glob("*.json") if p.name != "plan.json")
     assert len(done) == min(nth - 1, 8)  # every shard finished before the failure is kept
 
-    monkeypatch.setattr(cache, "_write_npy", real)
+    monkeypatch.setattr(cache_write, "_write_npy", real)
     result = runner.invoke(app, ["embed", "--config", str(tmp_path / "embed.yaml"), "--no-progress"])
     assert result.exit_code == 0 and "resuming" in result.output, result.output
-    for name in cache.ARRAYS:
+    for name in cache_keys.ARRAYS:
         assert (folder / name).read_bytes() == (reference / name).read_bytes(), name
     assert json.loads((folder / "manifest.json").read_text())["files"] == \
         json.loads((reference / "manifest.json").read_text())["files"]
 
 
 def test_other_write_errors_are_one_line_too(tiny_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(cache, "ENCODE_ROWS", 4)
+    monkeypatch.setattr(cache_write, "ENCODE_ROWS", 4)
     (tmp_path / "embed.yaml").write_text(yaml.safe_dump(embed_section(tiny_dir, tmp_path / "cache")))
 
     def read_only(path, text):
         raise PermissionError(errno.EACCES, "Permission denied", str(path))
 
-    monkeypatch.setattr(cache, "atomic_write_text", read_only)
+    monkeypatch.setattr(cache_write, "atomic_write_text", read_only)
     line = one_line(runner.invoke(app, ["embed", "--config", str(tmp_path / "embed.yaml"), "--no-progress"]))
     assert line.startswith("cannot write ") and line.endswith("plan.json: Permission denied (check the folder's "
                                                               "permissions and disk)")
@@ -222,7 +225,7 @@ def test_cache_rm_removes_only_real_caches(cache_root):
     assert "no manifest.json and no embed in progress" in one_line(_rm(root, "empty"))
     assert (cache_root["thesis"] / "thesis.pdf").read_bytes() == b"%PDF years of work"
     assert (cache_root["lookalike"] / "notes.txt").is_file() and cache_root["empty"].is_dir()
-    listed = {e["key"]: e["status"] for e in cache.list_caches(root)}
+    listed = {e["key"]: e["status"] for e in cache_store.list_caches(root)}
     assert listed == {cache_root["finished"].name: "ok", cache_root["interrupted"].name: "incomplete",
                       cache_root["lock_only"].name: "incomplete"}
 

@@ -15,9 +15,9 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from align import encoders, hub
-from align.encoders import EncoderSpec, build_image_encoder, build_text_encoder
-from align.errors import AlignError
+from align.data import encoders, hub
+from align.data.encoders import EncoderSpec, build_image_encoder, build_text_encoder
+from align.common.errors import AlignError
 
 TINY = "align-tiny-test"
 TINY_CFG = {"embed_dim": 24,

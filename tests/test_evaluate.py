@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from typer.testing import CliRunner
 
-from align.config import validate
-from align.embeddings import PairedEmbeddings
+from align.common.config import validate
+from align.cache.embeddings import PairedEmbeddings
 from align.cli.main import app
 from test_train import (IMAGE_DIM, SIZES, TEXT_DIM, data_section, head_recall_at_1, make_cache, synthetic_split,
                         train_config, write_cache)
@@ -49,7 +49,7 @@ def first_captions(c2i: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def test_raw_embeddings_of_equal_dims_get_retrieval_and_alignment():
-    from align.measure import evaluate_embeddings
+    from align.metrics.measure import evaluate_embeddings
 
     image, text, c2i = (torch.from_numpy(a) for a in synthetic_split("val", 96, text_dim=IMAGE_DIM, noise=1.5))
     text = text + 0.3 * torch.randn(text.shape, generator=torch.Generator().manual_seed(1))
@@ -67,7 +67,7 @@ def test_raw_embeddings_of_equal_dims_get_retrieval_and_alignment():
 
 
 def test_raw_embeddings_of_different_dims_report_alignment_only_and_say_why():
-    from align.measure import evaluate_embeddings
+    from align.metrics.measure import evaluate_embeddings
 
     image, text, c2i = (torch.from_numpy(a) for a in synthetic_split("val", 64))
     result = evaluate_embeddings(PairedEmbeddings(image, text, c2i), knn_k=8, backend="faiss")
@@ -80,10 +80,10 @@ def test_raw_embeddings_of_different_dims_report_alignment_only_and_say_why():
 
 
 def test_head_sharpness_matches_its_definition_and_restores_the_weights():
-    from align.measure import head_sharpness
-    from align.heads import HeadConfig, build_model
-    from align.losses import LossConfig, clip_loss
-    from align.train import EvalConfig
+    from align.metrics.measure import head_sharpness
+    from align.train.heads import HeadConfig, build_model
+    from align.train.losses import LossConfig, clip_loss
+    from align.train.config import EvalConfig
 
     torch.manual_seed(0)
     model = build_model(HeadConfig(out_dim=8), LossConfig(), 12, 10)
@@ -127,7 +127,8 @@ def test_head_sharpness_matches_its_definition_and_restores_the_weights():
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory) -> tuple[Path, dict]:
-    from align.train import TrainConfig, train
+    from align.train.config import TrainConfig
+    from align.train.loop import train
 
     root = tmp_path_factory.mktemp("eval")
     data = make_cache(root / "cache")
@@ -140,7 +141,7 @@ def trained_run(tmp_path_factory) -> tuple[Path, dict]:
 def test_evaluate_run_best_and_last_equal_brute_force_on_the_saved_heads(trained_run):
     from safetensors.torch import load_file
 
-    from align.evaluate import evaluate_run
+    from align.eval.evaluate import evaluate_run
 
     run, results = trained_run
     image, text, c2i = synthetic_split("test", SIZES["test"])
@@ -172,7 +173,7 @@ def test_align_eval_run_prints_a_table_and_rejects_bad_input(trained_run, tmp_pa
 
 
 def test_align_eval_cache_reports_the_no_training_row(tmp_path):
-    from align.cache import EmbedConfig, cache_key
+    from align.cache.key import EmbedConfig, cache_key
 
     data = data_section(tmp_path / "cache")
     folder = write_cache(data, "test", *synthetic_split("test", 80))

@@ -152,10 +152,11 @@ def test_the_memory_check_at_its_boundary(world, monkeypatch, free_bytes, refuse
     training with adamw keeps 5 float32 copies of each, 37 140 bytes. One byte less is refused."""
     import torch
 
-    from align import device
-    from align.config import load_config
-    from align.errors import AlignError
-    from align.train import TrainConfig, check_head_fits
+    from align.common import device
+    from align.common.config import load_config
+    from align.common.errors import AlignError
+    from align.train.config import TrainConfig
+    from align.train.memory import check_head_fits
 
     monkeypatch.setattr(device, "available_memory", lambda dev: free_bytes)
     cfg = load_config(TrainConfig, world["train"], ["image_dim=32", "text_dim=24", "head.out_dim=32"])
@@ -171,7 +172,7 @@ def test_the_memory_check_at_its_boundary(world, monkeypatch, free_bytes, refuse
 def test_a_real_allocation_failure_is_one_line(world, tmp_path, monkeypatch):
     """The check let through (as if the machine had room): torch's CPU allocator then fails for real on a
     10^13 × 32 weight (beyond the address space), and that becomes one line."""
-    from align import device
+    from align.common import device
 
     monkeypatch.setattr(device, "available_memory", lambda dev: 10 ** 30)
     line = one_error_line(runner.invoke(app, ["train", "--config", str(world["train"]), "--out", str(tmp_path / "r"),
@@ -182,12 +183,12 @@ def test_a_real_allocation_failure_is_one_line(world, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("error", [MemoryError(), RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")])
 def test_running_out_of_memory_mid_training_is_one_line(error, world, tmp_path, monkeypatch):
-    import align.train
+    import align.train.loop
 
     def fail(*args, **kwargs):
         raise error
 
-    monkeypatch.setattr(align.train, "evaluate_head", fail)  # at the first validation, after 10 steps
+    monkeypatch.setattr(align.train.loop, "evaluate_head", fail)  # at the first validation, after 10 steps
     line = one_error_line(runner.invoke(app, ["train", "--config", str(world["train"]), "--out", str(tmp_path / "r"),
                                               "--no-progress"]))
     assert line.startswith("error: out of memory while training") and "--resume" in line
@@ -195,12 +196,12 @@ def test_running_out_of_memory_mid_training_is_one_line(error, world, tmp_path, 
 
 def test_a_real_bug_keeps_its_traceback(world, tmp_path, monkeypatch):
     """The last line of defence is for the user's machine and files only: a programming error is not a user error."""
-    import align.train
+    import align.train.loop
 
     def bug(*args, **kwargs):
         raise ValueError("a bug")
 
-    monkeypatch.setattr(align.train, "evaluate_head", bug)
+    monkeypatch.setattr(align.train.loop, "evaluate_head", bug)
     result = runner.invoke(app, ["train", "--config", str(world["train"]), "--out", str(tmp_path / "r"), "--no-progress"])
     assert result.exit_code == 1 and isinstance(result.exception, ValueError)
 

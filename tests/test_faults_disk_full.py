@@ -11,7 +11,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from align import runs
+from align.train import runs
 from align.cli.main import app
 from faults import FullDisk, assert_same_run, files_under, one_error_line, same_bytes, temp_files
 from test_train import make_cache, train_config

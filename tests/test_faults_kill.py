@@ -46,11 +46,11 @@ TRAIN_STEPS = 60
 # name → (kill point, what the killed run must have left behind)
 TRAIN_KILLS = {
     # after SAM's first pass moved the weights to θ + δ, before the second pass: the in-memory state is mid-step
-    "mid-step (between SAM's two passes)": {"call": "align.pack:HeadPack._grads", "nth": 76},
+    "mid-step (between SAM's two passes)": {"call": "align.train.pack:HeadPack._grads", "nth": 76},
     "during a checkpoint's tensor write": {"replace": "step-0000030.safetensors"},
     "between a checkpoint's two halves": {"replace": "step-0000045.json"},
     "between the best head's two halves": {"replace": "best.json", "nth": 2},
-    "during the final evaluation": {"call": "align.train:Trainer.evaluate", "nth": 1},  # test metrics of the best head
+    "during the final evaluation": {"call": "align.train.loop:Trainer.evaluate", "nth": 1},  # test metrics of the best head
     "before results.json": {"replace": "results.json"},
 }
 
@@ -79,7 +79,7 @@ def train_kills(tmp_path_factory) -> dict:
     steps = [train("reference")]
     for i, kill in enumerate(TRAIN_KILLS.values()):
         steps += [train(f"kill{i}", kill), resume(f"kill{i}")]
-    steps += [train("twice", {"call": "align.pack:HeadPack._grads", "nth": 40}),
+    steps += [train("twice", {"call": "align.train.pack:HeadPack._grads", "nth": 40}),
               resume("twice", {"replace": "step-0000045.json"}), resume("twice")]
     outcomes = run_driver(root / "driver", steps, preload=["faiss", "safetensors.torch"])
     return {"root": root, "outcomes": outcomes}
@@ -275,7 +275,7 @@ def embed_kills(tmp_path_factory) -> dict:
     steps = [embed("reference")]
     for i, kill in enumerate(EMBED_KILLS.values()):
         steps += [embed(f"kill{i}", kill), embed(f"kill{i}")]
-    outcomes = run_driver(root / "driver", steps, preload=["open_clip", "align.encoders", "align.datasets"])
+    outcomes = run_driver(root / "driver", steps, preload=["open_clip", "align.data.encoders", "align.data.datasets"])
     return {"root": root, "outcomes": outcomes}
 
 

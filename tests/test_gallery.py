@@ -75,8 +75,8 @@ def photo_cache(tmp_path_factory) -> Path:
 
 
 def test_gallery_rows_are_the_top_images_by_cosine_and_the_png_is_written(photo_cache, tmp_path, monkeypatch):
-    from align import eval_plots
-    from align.cache import load_cache_dir
+    from align.eval import plots as eval_plots
+    from align.cache.read import load_cache_dir
 
     seen: list = []
     real = eval_plots.gallery_figure
@@ -108,8 +108,8 @@ def test_gallery_rows_are_the_top_images_by_cosine_and_the_png_is_written(photo_
 
 
 def test_a_raw_gallery_needs_a_shared_space(tmp_path):
-    from align.errors import AlignError
-    from align.evaluate import evaluate_cache
+    from align.common.errors import AlignError
+    from align.eval.evaluate import evaluate_cache
     from test_train import make_cache
 
     make_cache(tmp_path)  # image and text embeddings of different widths, no encoder needed
@@ -121,9 +121,10 @@ def test_a_raw_gallery_needs_a_shared_space(tmp_path):
 
 def test_a_runs_heads_on_another_cache_of_its_encoders(photo_cache, tmp_path):
     """A head trained elsewhere (here on random 16-d pairs) applied to the photos: its gallery and its record."""
-    from align.embeddings import PairedEmbeddings
-    from align.train import RunData, train_pack
-    from align.train_config import TrainConfig
+    from align.cache.embeddings import PairedEmbeddings
+    from align.train.run_data import RunData
+    from align.train.loop import train_pack
+    from align.train.config import TrainConfig
 
     embed = yaml.safe_load((photo_cache.parent.parent / "embed.yaml").read_text())
     cfg = TrainConfig.model_validate({

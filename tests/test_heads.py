@@ -5,10 +5,10 @@ import pytest
 import torch
 from torch import nn
 
-from align.config import validate
-from align.errors import AlignError
-from align.heads import HeadConfig, build_model
-from align.losses import LossConfig
+from align.common.config import validate
+from align.common.errors import AlignError
+from align.train.heads import HeadConfig, build_model
+from align.train.losses import LossConfig
 
 
 @pytest.mark.parametrize("kind", ["linear", "mlp", "starmlp"])

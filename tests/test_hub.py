@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from align import hub
+from align.data import hub
 
 ENDPOINT = "https://hub.example:8443"
 

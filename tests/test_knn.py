@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from align.errors import AlignError
-from align.knn import approximate_index, knn_search, neighbour_recall
+from align.common.errors import AlignError
+from align.metrics.knn import approximate_index, knn_search, neighbour_recall
 
 
 def brute_knn(q, g, k, exclude_self=False):
@@ -71,7 +71,7 @@ def test_exclude_self_with_duplicates(backend):
 
 def test_backends_identical_across_gallery_blocks(monkeypatch):
     # Force several gallery blocks in the torch path so the block merge is exercised.
-    import align.knn as knn
+    import align.metrics.knn as knn
 
     monkeypatch.setattr(knn, "GALLERY_BLOCK", 13)
     rng = np.random.default_rng(3)

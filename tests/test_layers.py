@@ -14,26 +14,45 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
-LAYERS = {
-    "core": {"align.optim", "align.optim.sam", "align.optim.registry", "align.optim.step",
-             "align.optim.defaults", "align.losses",
-             "align.optim.batched", "align.pack",
-             "align.heads", "align.knn", "align.metrics", "align.zeroshot", "align.metrics.retrieval", "align.metrics.alignment",
-             "align.metrics.sharpness", "align.toy", "align.study_stats", "align.embeddings", "align.measure"},
-    "shared": {"align", "align.config", "align.errors", "align.device", "align.progress", "align.paths",
-               "align.distributed"},
-    "orchestration": {"align.train", "align.train_config", "align.evaluate", "align.compare"},
-    "edge": {"align.encoders", "align.datasets", "align.synthetic", "align.mnist", "align.cache", "align.runs",
-             "align.report", "align.plots", "align.eval_plots", "align.toy_plots", "align.files", "align.hub",
-             "align.config_files", "align.locks"},
+# The packages in pipeline order. Each may import only the packages it names (and itself): the folders are the
+# dependency graph, and it has no cycle (test_the_package_graph_is_acyclic).
+PACKAGES = {
+    "align.common": set(),                    # errors, config, paths, device, progress, distributed, files, locks
+    "align.optim": {"align.common"},          # the optimizers
+    "align.data": {"align.common"},           # datasets and frozen encoders
+    "align.cache": {"align.data", "align.common"},  # embeddings on disk
+    "align.metrics": {"align.cache", "align.common"},  # pure measurements of embeddings and heads
+    "align.train": {"align.optim", "align.metrics", "align.cache", "align.data", "align.common"},
+    "align.eval": {"align.train", "align.metrics", "align.cache", "align.data", "align.common"},
+    "align.study": {"align.train", "align.eval", "align.metrics", "align.cache", "align.data", "align.optim",
+                    "align.common"},
+    "align.toy": {"align.optim", "align.common"},  # the paper's 2-D experiments
 }
-# What each layer may import from align/ (besides itself).
-MAY_IMPORT = {
-    "core": {"core", "shared"},
-    "shared": {"shared"},
-    "orchestration": {"core", "shared", "orchestration", "edge"},
-    "edge": {"core", "shared", "edge"},
+# Top-level modules: the package's docstring, and the old import paths that scripts use (re-exports only).
+COMPAT = {"align": set(), "align.losses": {"align.train.losses"}, "align.study_stats": {"align.study.stats"}}
+# The role of every module besides its package. core: pure tensor math, which imports only core and common modules;
+# orchestration: composes the others and makes no I/O call of its own; edge: touches disk, network, encoders,
+# plots. common modules import only common modules. Every module is filed in exactly one role.
+ROLES = {
+    "core": {"align.optim", "align.optim.sam", "align.optim.registry", "align.optim.step", "align.optim.defaults",
+             "align.optim.batched",
+             "align.cache.embeddings",
+             "align.metrics", "align.metrics.retrieval", "align.metrics.alignment", "align.metrics.sharpness",
+             "align.metrics.knn", "align.metrics.zeroshot", "align.metrics.measure",
+             "align.train.heads", "align.train.losses", "align.train.pack", "align.train.checkpoint",
+             "align.study.stats", "align.toy.experiments", "align.losses", "align.study_stats"},
+    "orchestration": {"align.train.config", "align.train.memory", "align.train.run_data", "align.train.loop",
+                      "align.eval.evaluate", "align.study.config", "align.study.packing", "align.study.workers",
+                      "align.study.compare"},
+    "edge": {"align.data.datasets", "align.data.encoders", "align.data.synthetic", "align.data.mnist",
+             "align.data.hub", "align.cache.key", "align.cache.read", "align.cache.write", "align.cache.store",
+             "align.train.runs", "align.eval.plots", "align.study.studies", "align.study.report",
+             "align.study.plots", "align.toy.plots"},
+    "common": {"align.common.errors", "align.common.config", "align.common.paths", "align.common.device",
+               "align.common.progress", "align.common.distributed", "align.common.files", "align.common.locks",
+               "align.common.config_files", "align.common.figures"},
 }
+PACKAGE_INITS = {"align"} | {p for p in PACKAGES if p not in ROLES["core"]}  # docstring only: no code, no imports
 HEAVY = {"open_clip", "transformers", "datasets", "faiss", "matplotlib", "scipy", "sklearn"}
 # Calls that read or write files or the terminal. Core and orchestration make none of them: they go through edges.
 IO_NAMES = {"open", "print", "input"}
@@ -58,14 +77,23 @@ LIBRARY = {module_name(p): p for p in sorted(REPO.glob("align/**/*.py"))}
 CLI = {module_name(p): p for p in sorted(REPO.glob("cli/*.py"))}
 
 
-def layer_of(module: str) -> str:
-    found = [name for name, members in LAYERS.items() if module in members]
-    assert len(found) == 1, f"{module} must be filed in exactly one layer of tests/test_layers.py (and the README)"
+def role_of(module: str) -> str:
+    found = [name for name, members in ROLES.items() if module in members]
+    assert len(found) == 1, f"{module} must be filed in exactly one role of tests/test_layers.py (and the README)"
     return found[0]
 
 
+def package_of(module: str) -> str:
+    """The package a module belongs to (align.train.loop → align.train), or the module itself at the top."""
+    for package in PACKAGES:
+        if module == package or module.startswith(package + "."):
+            return package
+    assert module in COMPAT, f"{module} is in no package of tests/test_layers.py"
+    return module
+
+
 def imports(path: Path) -> list[tuple[str, bool]]:
-    """(module, at module level?) for every import in a file; `from align import runs` counts as align.runs."""
+    """(module, at module level?) for every import in a file; `from align.train import runs` counts as align.train.runs."""
     tree = ast.parse(path.read_text())
     top_level = {id(node) for node in tree.body}
     found = []
@@ -104,22 +132,50 @@ def io_calls(path: Path) -> list[str]:
     return [text for *_, text in sorted(found)]
 
 
-def test_every_library_module_is_filed_in_one_layer():
+def test_every_library_module_is_filed_in_one_role_and_one_package():
     for module in LIBRARY:
-        layer_of(module)
-    filed = set().union(*LAYERS.values())
+        if module in PACKAGE_INITS:
+            continue
+        role_of(module)
+        package_of(module)
+    filed = set().union(*ROLES.values())
     assert not {m for m in filed if m not in LIBRARY}, "stale entries"
+    assert set(PACKAGES) | set(COMPAT) >= {m for m in LIBRARY if m.count(".") <= 1}, "a package is not listed"
+
+
+@pytest.mark.parametrize("package", sorted(PACKAGE_INITS))
+def test_package_inits_hold_a_docstring_only(package):
+    """Importing one module of a package never loads its siblings (a train config loads no cache writer)."""
+    tree = ast.parse(LIBRARY[package].read_text())
+    assert len(tree.body) == 1 and isinstance(tree.body[0], ast.Expr), f"{package}/__init__.py holds code"
+    assert len(ast.get_docstring(tree).splitlines()) >= 2, f"{package}/__init__.py: say what it holds and imports"
 
 
 @pytest.mark.parametrize("module", sorted(LIBRARY))
-def test_imports_follow_the_layers(module):
-    layer = layer_of(module)
-    bad = sorted(m for m in align_imports(LIBRARY[module])
-                 if not m.startswith("align.cli") and layer_of(m) not in MAY_IMPORT[layer] | {layer})
-    assert not bad, f"{module} ({layer}) imports {bad}"
+def test_imports_follow_the_packages(module):
+    package = package_of(module)
+    allowed = COMPAT.get(package) if package in COMPAT else PACKAGES[package] | {package}
+    bad = sorted(m for m in align_imports(LIBRARY[module]) if package_of(m) not in allowed and m not in allowed)
+    assert not bad, f"{module} ({package}) imports {bad}"
 
 
-@pytest.mark.parametrize("module", sorted(m for m in LIBRARY if layer_of(m) in ("core", "orchestration")))
+@pytest.mark.parametrize("module", sorted(m for m in LIBRARY if m not in PACKAGE_INITS))
+def test_imports_follow_the_roles(module):
+    """core imports only core and common modules; common only common; nothing imports orchestration but
+    orchestration (and the CLI)."""
+    role = role_of(module)
+    may = {"core": {"core", "common"}, "common": {"common"}, "edge": {"core", "common", "edge"},
+           "orchestration": {"core", "common", "edge", "orchestration"}}[role]
+    bad = sorted(m for m in align_imports(LIBRARY[module]) if m not in PACKAGE_INITS and role_of(m) not in may)
+    assert not bad, f"{module} ({role}) imports {bad}"
+
+
+def test_the_package_graph_is_acyclic():
+    assert find_cycle({p: set(d) for p, d in PACKAGES.items()}) is None
+
+
+@pytest.mark.parametrize("module", sorted(m for m in LIBRARY if m not in PACKAGE_INITS
+                                          and role_of(m) in ("core", "orchestration")))
 def test_core_and_orchestration_do_no_io_of_their_own(module):
     calls = io_calls(LIBRARY[module])
     assert not calls, f"{module} does I/O itself (go through an edge module): {calls}"
@@ -196,11 +252,11 @@ def test_the_checks_catch_planted_violations(tmp_path):
     planted.write_text(
         "import numpy as np\nimport torch\n"
         "def f(path, x):\n"
-        "    from align import runs\n"
-        "    from align.train import train\n"
+        "    from align.train import runs\n"
+        "    from align.train.loop import train\n"
         "    torch.save(x, path)\n    np.save(path, x)\n    path.write_bytes(b'')\n"
         "    with path.open('w') as fh:\n        fh.write('x')\n    json.dump(x, fh)\n    print(x)\n"
         "    return x.sum()\n")
     calls = [c.split(": ")[1] for c in io_calls(planted)]
     assert calls == ["torch.save", "np.save", "path.write_bytes", "path.open", "fh.write", "json.dump", "print"]
-    assert {m for m, at_top in imports(planted) if not at_top} == {"align.runs", "align.train"}
+    assert {m for m, at_top in imports(planted) if not at_top} == {"align.train.runs", "align.train.loop"}

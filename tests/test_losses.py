@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from align.heads import HeadConfig, build_model
-from align.losses import LossConfig, clip_loss, loss_for, siglip_loss
+from align.train.heads import HeadConfig, build_model
+from align.train.losses import LossConfig, clip_loss, loss_for, siglip_loss
 
 open_clip_loss = pytest.importorskip("open_clip.loss")
 

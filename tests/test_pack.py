@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from align.config import validate
-from align.heads import HeadConfig, build_model
-from align.losses import LossConfig
+from align.common.config import validate
+from align.train.heads import HeadConfig, build_model
+from align.train.losses import LossConfig
 from align.optim import create_optimizer, optimizer_info
 from align.optim.batched import head_hparams
 from align.optim.step import take_step
-from align.pack import HeadPack, group_batches
-from align.train import Sampler, lr_factor
+from align.train.pack import HeadPack, group_batches
+from align.train.run_data import Sampler, lr_factor
 from test_train import IMAGE_DIM, SIZES, TEXT_DIM, make_cache, synthetic_split, train_config, write_cache
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest
@@ -42,7 +42,7 @@ def _kwargs(cell: dict) -> dict:
 
 def _reference_run(cell, head, loss, image, text, c2i, steps=STEPS, warmup=WARMUP, batch=BATCH):
     """One cell alone: seeded model, create_optimizer over its param groups, LambdaLR, take_step, clamp."""
-    from align.losses import loss_for
+    from align.train.losses import loss_for
 
     torch.manual_seed(cell["seed"])
     model = build_model(head, loss, image.shape[1], text.shape[1]).to(image.dtype)
@@ -124,7 +124,7 @@ def big_test_cache(tmp_path_factory) -> dict:
 
 
 def _cfg(data, cell, seed):
-    from align.train import TrainConfig
+    from align.train.config import TrainConfig
 
     return validate(TrainConfig, train_config(data, optim=cell, seed=seed, schedule={"steps": 60},
                                               eval={"every": 20, "sharpness": False}))
@@ -146,7 +146,7 @@ def test_a_pack_of_runs_writes_each_run_directory_like_a_lone_run(big_test_cache
     matmul of another shape in another order, so bit equality across pack sizes is not promised)."""
     from safetensors.torch import load_file
 
-    from align.train import train, train_pack
+    from align.train.loop import train, train_pack
 
     cfgs = [_cfg(big_test_cache, cell, seed) for cell, seed in zip(TRAIN_CELLS, (0, 1, 1, 0))]
     packed = train_pack(cfgs, [tmp_path / f"pack{i}" for i in range(4)], progress=False)
@@ -170,7 +170,7 @@ def test_a_pack_of_runs_writes_each_run_directory_like_a_lone_run(big_test_cache
 
 
 def test_float32_pack_test_recall_agrees_with_the_reference_loop(big_test_cache, tmp_path):
-    from align.train import train_pack
+    from align.train.loop import train_pack
     from test_train import head_recall_at_1
 
     cfgs = [_cfg(big_test_cache, cell, 0) for cell in TRAIN_CELLS]
@@ -258,7 +258,7 @@ def test_a_head_in_a_pack_of_another_size_agrees_to_float_noise():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run bench/gpu_check.sh on one)")
 def test_cuda_pack_step_and_validation_stay_within_the_memory_estimate():
-    from align.pack import head_bytes
+    from align.train.memory import head_bytes
 
     k, batch, dim, rows = 16, 1024, 512, 6000
     device = torch.device("cuda")
@@ -288,7 +288,7 @@ def test_cuda_pack_step_and_validation_stay_within_the_memory_estimate():
 def test_shared_linears_gradients_equal_autograds_of_the_plain_expression():
     """The hand-written backward (weight gradient as one row-major matmul) against autograd of x Wᵀ + b, in
     float64, with the input's gradient too."""
-    from align.pack import shared_linear
+    from align.train.pack import shared_linear
 
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(8, 6, dtype=torch.float64, generator=gen, requires_grad=True)

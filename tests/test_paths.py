@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from align import paths
+from align.common import paths
 from align.cli.main import app
 
 REPO = Path(__file__).resolve().parents[1]
@@ -18,11 +18,11 @@ runner = CliRunner()
 @pytest.mark.parametrize("path", sorted(p.relative_to(REPO).as_posix() for p in [*REPO.glob("align/**/*.py"),
                                                                               *REPO.glob("cli/**/*.py")]))
 def test_no_data_path_literal_outside_paths_py(path):
-    if path == "align/paths.py":
+    if path == "align/common/paths.py":
         return
     source = (REPO / path).read_text()
     found = re.findall(r"""(?:["']data/|Path\(\s*["']data["']\s*\))""", source)
-    assert not found, f"{path} spells a default data path {found}: use align.paths"
+    assert not found, f"{path} spells a default data path {found}: use align.common.paths"
 
 
 def test_data_root_is_align_home_else_data(monkeypatch):
@@ -69,7 +69,7 @@ def test_align_home_moves_the_cache_root_of_cache_ls_and_eval(tmp_path, monkeypa
 
 
 def test_align_home_moves_study_cache_and_run_defaults(tmp_path, monkeypatch):
-    from align.cache import load_embed_config
+    from align.cache.key import load_embed_config
     from align.cli.train import default_run_dir
 
     monkeypatch.setenv("ALIGN_HOME", str(tmp_path))
@@ -84,7 +84,7 @@ def test_align_home_moves_study_cache_and_run_defaults(tmp_path, monkeypatch):
 
 
 def test_the_cache_key_does_not_depend_on_the_cache_root(tmp_path, monkeypatch):
-    from align.cache import cache_key, load_embed_config
+    from align.cache.key import cache_key, load_embed_config
 
     config = REPO / "configs" / "embed" / "synthetic_offline.yaml"
     monkeypatch.delenv("ALIGN_HOME", raising=False)

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from align.errors import AlignError
+from align.common.errors import AlignError
 from align.metrics.retrieval import retrieval_recall
 
 

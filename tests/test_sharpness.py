@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from align.heads import HeadConfig, build_model
-from align.losses import LossConfig, clip_loss
+from align.train.heads import HeadConfig, build_model
+from align.train.losses import LossConfig, clip_loss
 from align.metrics.sharpness import hessian_top_eigenvalue, hessian_trace, worst_case_sharpness
 
 

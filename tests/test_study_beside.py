@@ -8,8 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from align import study_stats
-from align.report import beside_section, summary_lines, write_csv
+from align.study import stats as study_stats
+from align.study.report import beside_section, summary_lines, write_csv
 
 NAN = math.nan
 

@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from align.compare import Cell, CompareConfig, cell_config, grid_cells, plan, result_row
-from align.config import validate
-from align.errors import AlignError
+from align.study.config import Cell, CompareConfig, cell_config, grid_cells
+from align.study.compare import plan, result_row
+from align.common.config import validate
+from align.common.errors import AlignError
 
 DATA = {"dataset": {"kind": "synthetic"}, "image_encoder": {"backend": "open_clip", "model": "ViT-S-32"},
         "text_encoder": {"backend": "open_clip", "model": "ViT-S-16"}, "cache_root": "/nonexistent", "device": "cpu"}
@@ -85,8 +86,8 @@ def test_bad_method_axes_are_one_line_errors(axes, message):
 
 
 def test_the_default_study_has_five_seeds_and_sweeps_fisher_sams_eta_where_it_differs():
-    from align.config import load_config
-    from align.config_files import packaged_config
+    from align.common.config import load_config
+    from align.common.config_files import packaged_config
 
     path = packaged_config("compare", "default")
     cfg = load_config(CompareConfig, path)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from align.study_stats import (VERDICTS, best_config_scores, holm_adjust, paired_interval, paired_intervals,
+from align.study.stats import (VERDICTS, best_config_scores, holm_adjust, paired_interval, paired_intervals,
                                paired_t_test, student_t_quantile, student_t_two_sided_p, verdicts_vs_reference)
 
 

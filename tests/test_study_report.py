@@ -5,8 +5,8 @@ import math
 
 import pytest
 
-from align.report import (diff_text, fisher_note, robustness_lines, summary_lines, table3_section,
-                          verdict_sentences, with_axis_columns)
+from align.study.report import (diff_text, fisher_note, robustness_lines, summary_lines, table3_section,
+                                verdict_sentences, with_axis_columns)
 
 NAN = math.nan
 

@@ -10,10 +10,10 @@ import hashlib
 import numpy as np
 import pytest
 
-from align.config import validate
-from align.datasets import DatasetSpec, load_image_caption_split
-from align.errors import AlignError
-from align.synthetic import SyntheticConfig, plan_split
+from align.common.config import validate
+from align.data.datasets import DatasetSpec, load_image_caption_split
+from align.common.errors import AlignError
+from align.data.synthetic import SyntheticConfig, plan_split
 
 # Roughly the intended colours; the drawn ones are jittered by at most 14 per channel.
 EXPECTED_RGB = {"red": (215, 35, 35), "green": (35, 160, 55), "blue": (40, 75, 225), "yellow": (240, 210, 35),

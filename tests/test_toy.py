@@ -7,7 +7,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from align import toy
+from align.toy import experiments as toy
 from align.optim import MSAM, SAM
 
 D = torch.float64
@@ -247,7 +247,7 @@ def test_unknown_experiment_is_rejected():
 
 
 def test_toy_and_study_plots_share_labels_and_colours():
-    from align import plots
+    from align.study import plots
     from align.optim import OPTIMIZERS
 
     for method in ("sam", "msam", "asam", "fsam"):

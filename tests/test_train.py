@@ -18,8 +18,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from align.config import validate
-from align.errors import AlignError
+from align.common.config import validate
+from align.common.errors import AlignError
 
 IMAGE_DIM, TEXT_DIM = 32, 24
 SIZES = {"train": 512, "val": 128, "test": 128}
@@ -53,7 +53,7 @@ def synthetic_split(split: str, n_images: int, captions: int = 3, image_dim: int
 
 def write_cache(data: dict[str, Any], split: str, image: np.ndarray, text: np.ndarray, c2i: np.ndarray) -> Path:
     """Write one split in align.cache's layout (arrays + manifest written last) where load_cached_split looks for it."""
-    from align.cache import CACHE_FORMAT, EmbedConfig, cache_path
+    from align.cache.key import CACHE_FORMAT, EmbedConfig, cache_path
 
     cfg = EmbedConfig.model_validate(data)
     folder = cache_path(cfg, split)
@@ -120,7 +120,7 @@ def cache_data(tmp_path_factory) -> dict[str, Any]:
 # -- pieces against their definitions -------------------------------------------------------------------
 
 def test_lr_schedule_is_linear_warmup_then_cosine_to_zero():
-    from align.train import lr_factor
+    from align.train.run_data import lr_factor
 
     steps, warmup = 100, 10
     assert [lr_factor(t, steps, warmup) for t in range(3)] == pytest.approx([0.1, 0.2, 0.3])
@@ -132,8 +132,8 @@ def test_lr_schedule_is_linear_warmup_then_cosine_to_zero():
 
 
 def test_uniform_loss_is_the_loss_of_equal_logits():
-    from align.losses import clip_loss, siglip_loss
-    from align.train import uniform_loss
+    from align.train.losses import clip_loss, siglip_loss
+    from align.train.run_data import uniform_loss
 
     b = 16
     feats = F.normalize(torch.randn(b, 8), dim=-1)
@@ -149,7 +149,7 @@ def test_uniform_loss_is_the_loss_of_equal_logits():
 
 
 def test_sampler_visits_each_image_once_per_epoch_with_one_of_its_captions():
-    from align.train import Sampler
+    from align.train.run_data import Sampler
 
     c2i = torch.tensor([0, 0, 1, 2, 2, 2, 4, 4, 5, 6, 7, 8, 9])  # image 3 has no caption
     sampler = Sampler(c2i, 10, batch_size=3, seed=5, device=torch.device("cpu"))
@@ -172,7 +172,7 @@ def test_sampler_visits_each_image_once_per_epoch_with_one_of_its_captions():
 
 
 def test_batch_larger_than_the_training_set_is_a_user_error():
-    from align.train import Sampler
+    from align.train.run_data import Sampler
 
     with pytest.raises(AlignError, match="batch_size"):
         Sampler(torch.arange(5), 5, batch_size=8, seed=0, device=torch.device("cpu"))
@@ -195,8 +195,9 @@ OPTIMIZER_SETTINGS = {
 def test_every_optimizer_lifts_test_recall_far_above_the_untrained_head(name, cache_data, tmp_path):
     from safetensors.torch import load_file
 
-    from align.heads import build_model
-    from align.train import TrainConfig, train
+    from align.train.heads import build_model
+    from align.train.config import TrainConfig
+    from align.train.loop import train
 
     cfg = validate(TrainConfig, train_config(cache_data, optim={"name": name, **OPTIMIZER_SETTINGS[name]},
                                              eval={"sharpness": False}))
@@ -217,8 +218,9 @@ def test_every_optimizer_lifts_test_recall_far_above_the_untrained_head(name, ca
 
 
 def test_run_directory_contents_and_metrics_log(cache_data, tmp_path):
-    from align.config import load_config
-    from align.train import TrainConfig, train
+    from align.common.config import load_config
+    from align.train.config import TrainConfig
+    from align.train.loop import train
 
     cfg = validate(TrainConfig, train_config(cache_data, optim={"name": "msam", "lr": 1e-2, "rho": 0.05}))
     run = tmp_path / "run"
@@ -259,7 +261,8 @@ def test_run_directory_contents_and_metrics_log(cache_data, tmp_path):
 
 
 def test_sharpness_final_false_measures_the_best_head_only(cache_data, tmp_path):
-    from align.train import TrainConfig, train
+    from align.train.config import TrainConfig
+    from align.train.loop import train
 
     ev = {"every": 20, "sharpness_final": False, "sharpness_batches": 2, "hessian_iters": 3, "hutchinson_samples": 2,
           "sharpness_ascent_steps": 1}
@@ -272,7 +275,8 @@ def test_sharpness_final_false_measures_the_best_head_only(cache_data, tmp_path)
 
 
 def test_best_over_training_covers_every_validation_metric_r20_and_cka_included(cache_data, tmp_path):
-    from align.train import TrainConfig, train
+    from align.train.config import TrainConfig
+    from align.train.loop import train
 
     cfg = validate(TrainConfig, train_config(cache_data, schedule={"steps": 60}, eval={"every": 20, "ks": [1, 5, 20],
                                                                                         "sharpness": False}))
@@ -291,7 +295,8 @@ def test_best_over_training_covers_every_validation_metric_r20_and_cka_included(
 def test_same_seed_same_weights_other_seed_other_weights(cache_data, tmp_path):
     from safetensors.torch import load_file
 
-    from align.train import TrainConfig, train
+    from align.train.config import TrainConfig
+    from align.train.loop import train
 
     finals = []
     for i, seed in enumerate([3, 3, 4]):
@@ -306,7 +311,8 @@ def test_same_seed_same_weights_other_seed_other_weights(cache_data, tmp_path):
 # -- divergence -----------------------------------------------------------------------------------------
 
 def test_sam_with_unbounded_log_scale_collapses_to_ln_batch_and_is_reported(cache_data, tmp_path):
-    from align.train import TrainConfig, train
+    from align.train.config import TrainConfig
+    from align.train.loop import train
 
     cfg = validate(TrainConfig, train_config(cache_data, optim={"name": "sam", "base": "sgd", "lr": 0.5, "rho": 5.0},
                                              loss={"clamp": "upper"}, schedule={"warmup_steps": 0}))
@@ -322,7 +328,8 @@ def test_sam_with_unbounded_log_scale_collapses_to_ln_batch_and_is_reported(cach
 
 
 def test_exploding_learning_rate_is_reported_as_diverged_not_nan(cache_data, tmp_path):
-    from align.train import TrainConfig, train
+    from align.train.config import TrainConfig
+    from align.train.loop import train
 
     cfg = validate(TrainConfig, train_config(cache_data, optim={"name": "sgd", "lr": 1e38}))
     results = train(cfg, tmp_path / "run", progress=False)
@@ -341,10 +348,11 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 @needs_cuda
 @pytest.mark.parametrize("name", ["adamw", "msam"])
 def test_cuda_bf16_training_steps_match_cpu_fp32(name):
-    from align.heads import build_model
-    from align.losses import loss_for
+    from align.train.heads import build_model
+    from align.train.losses import loss_for
     from align.optim.step import backward_closure, take_step
-    from align.train import TrainConfig, optimizer_and_schedule
+    from align.train.config import TrainConfig
+    from align.train.loop import optimizer_and_schedule
 
     cfg = validate(TrainConfig, train_config(data_section(Path("unused")), optim={"name": name, "lr": 1e-3, "rho": 0.05},
                                              head={"out_dim": 256}, schedule={"batch_size": 512}))
@@ -375,7 +383,8 @@ def test_cuda_bf16_training_steps_match_cpu_fp32(name):
 @pytest.mark.gpu
 @needs_cuda
 def test_cuda_training_run_end_to_end(cache_data, tmp_path):
-    from align.train import TrainConfig, train
+    from align.train.config import TrainConfig
+    from align.train.loop import train
 
     cfg = validate(TrainConfig, train_config(cache_data, device="cuda", optim={"name": "msam", "lr": 1e-2}))
     results = train(cfg, tmp_path / "run", progress=False)
@@ -384,8 +393,10 @@ def test_cuda_training_run_end_to_end(cache_data, tmp_path):
 
 
 def test_holdout_validation_partitions_training_images_with_all_their_captions(tmp_path):
-    from align.embeddings import PairedEmbeddings
-    from align.train import TrainConfig, holdout_split, train
+    from align.cache.embeddings import PairedEmbeddings
+    from align.train.config import TrainConfig
+    from align.train.run_data import holdout_split
+    from align.train.loop import train
 
     image, text, c2i = (torch.from_numpy(a) for a in synthetic_split("train", 50))
     rest, held = holdout_split(PairedEmbeddings(image, text, c2i), 12)
@@ -414,8 +425,9 @@ def test_holdout_validation_partitions_training_images_with_all_their_captions(t
 
 
 def test_training_config_takes_the_registry_defaults_and_refuses_a_knob_the_method_lacks():
-    from align.heads import build_model
-    from align.train import TrainConfig, optimizer_and_schedule
+    from align.train.heads import build_model
+    from align.train.config import TrainConfig
+    from align.train.loop import optimizer_and_schedule
 
     def built(**optim):
         cfg = validate(TrainConfig, train_config(data_section(Path("unused")), optim={"lr": 1e-3, **optim}))
@@ -430,7 +442,7 @@ def test_training_config_takes_the_registry_defaults_and_refuses_a_knob_the_meth
 
 
 def test_a_study_gives_each_cell_only_the_knobs_its_method_has(tmp_path):
-    from align.compare import Cell, CompareConfig, cell_config
+    from align.study.config import Cell, CompareConfig, cell_config
 
     cfg = validate(CompareConfig, {"data": data_section(Path("unused")),
                                    "optim": {"alpha": 0.5, "eta": 10.0},

@@ -9,7 +9,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from align.config import load_config
+from align.common.config import load_config
 from align.cli.main import app
 from test_train import data_section, make_cache, synthetic_split, train_config, write_cache
 
@@ -163,7 +163,7 @@ def test_diverging_run_exits_0_and_says_diverged(cache_data, tmp_path):
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs" / "train").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_train_config_validates_and_names_its_command(path):
-    from align.train import TrainConfig
+    from align.train.config import TrainConfig
 
     first = path.read_text().splitlines()[0]
     assert first.startswith("# align ") and f"configs/train/{path.name}" in first
@@ -172,7 +172,7 @@ def test_every_shipped_train_config_validates_and_names_its_command(path):
 
 
 def test_synthetic_default_uses_the_offline_embed_config_data_section_verbatim():
-    from align.cache import cache_key, load_embed_config
+    from align.cache.key import cache_key, load_embed_config
 
     train = load_embed_config(REPO / "configs" / "train" / "synthetic_msam.yaml")
     embed = load_embed_config(REPO / "configs" / "embed" / "synthetic_offline.yaml")

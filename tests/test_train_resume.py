@@ -15,8 +15,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from align import runs
-from align.config import dump_config, validate
+from align.train import checkpoint, runs
+from align.common.config import dump_config, validate
 from test_train import make_cache, train_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,10 +63,10 @@ def test_optimizer_state_round_trips_through_safetensors_and_json(name, tmp_path
         sched.step()
     state = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "odd": {3: (1.5, float("inf")), "s": None}}
     tensors: dict[str, torch.Tensor] = {}
-    structure = runs.flatten_state(state, "x", tensors)
+    structure = checkpoint.flatten_state(state, "x", tensors)
     text = json.dumps(structure, allow_nan=False)  # strict JSON: no pickle, no NaN tokens
     save_file(tensors, tmp_path / "t.safetensors")
-    back = runs.unflatten_state(json.loads(text), load_file(tmp_path / "t.safetensors"))
+    back = checkpoint.unflatten_state(json.loads(text), load_file(tmp_path / "t.safetensors"))
     assert _same(back, state)
     assert isinstance(next(iter(back["optimizer"]["state"])), int)  # int keys survive JSON
     assert back["optimizer"]["param_groups"][0]["betas"] == (0.9, 0.999)  # tuples stay tuples
@@ -93,9 +93,10 @@ def test_torn_or_damaged_checkpoint_falls_back_to_the_previous_one(tmp_path):
 
 KILL_SCRIPT = textwrap.dedent("""
     import os, signal, sys
-    from align import runs
-    from align.config import load_config
-    from align.train import TrainConfig, train
+    from align.train import runs
+    from align.common.config import load_config
+    from align.train.config import TrainConfig
+    from align.train.loop import train
 
     cfg_path, run_dir, kill_at = sys.argv[1], sys.argv[2], int(sys.argv[3])
     original = runs.append_metrics
@@ -114,7 +115,8 @@ KILL_SCRIPT = textwrap.dedent("""
 def test_sigkill_mid_run_then_resume_reaches_bit_identical_weights(name, tmp_path):
     from safetensors.torch import load_file
 
-    from align.train import TrainConfig, train
+    from align.train.config import TrainConfig
+    from align.train.loop import train
     from align.cli.main import app
 
     data = make_cache(tmp_path / "cache")
@@ -155,7 +157,8 @@ def test_sigkill_mid_run_then_resume_reaches_bit_identical_weights(name, tmp_pat
 
 
 def test_resuming_a_finished_run_returns_its_results_without_training(tmp_path):
-    from align.train import TrainConfig, train
+    from align.train.config import TrainConfig
+    from align.train.loop import train
 
     data = make_cache(tmp_path / "cache")
     cfg = validate(TrainConfig, train_config(data, schedule={"steps": 20}, eval={"every": 20, "sharpness": False}))
@@ -169,7 +172,8 @@ def test_resuming_a_finished_run_returns_its_results_without_training(tmp_path):
 
 
 def test_resume_without_checkpoint_starts_from_scratch(tmp_path):
-    from align.train import TrainConfig, train
+    from align.train.config import TrainConfig
+    from align.train.loop import train
 
     data = make_cache(tmp_path / "cache")
     cfg = validate(TrainConfig, train_config(data, schedule={"steps": 20}, eval={"every": 20, "sharpness": False,
@@ -187,7 +191,8 @@ def test_a_pack_resumes_every_run_at_the_newest_step_they_all_have_a_checkpoint_
 
     from safetensors.torch import load_file
 
-    from align.train import TrainConfig, train_pack
+    from align.train.config import TrainConfig
+    from align.train.loop import train_pack
 
     data = make_cache(tmp_path / "cache")
     cells = [(dict(name="msam", lr=1e-2, rho=0.3), 0), (dict(name="msam", lr=3e-2, rho=0.3), 0),
@@ -223,7 +228,8 @@ def test_a_pack_resumes_every_run_at_the_newest_step_they_all_have_a_checkpoint_
 
 def test_a_pack_prunes_old_checkpoints_only_once_every_run_has_written_the_new_one(tmp_path, monkeypatch):
     """Killed between two runs' writes of one step, the pack still finds a step all its runs have (keep = 1)."""
-    from align.train import TrainConfig, train_pack
+    from align.train.config import TrainConfig
+    from align.train.loop import train_pack
 
     data = make_cache(tmp_path / "cache")
     cfgs = [validate(TrainConfig, train_config(data, optim=dict(name="sam", lr=1e-2, rho=0.1), seed=seed,

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from align.zeroshot import class_embeddings, confusion_matrix, top_k_classes, zero_shot_metrics
+from align.metrics.zeroshot import class_embeddings, confusion_matrix, top_k_classes, zero_shot_metrics
 
 
 def test_prompt_ensemble_normalises_each_template_then_the_mean():

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from align.embeddings import PairedEmbeddings
-from align.measure import evaluate_embeddings, evaluate_head
+from align.cache.embeddings import PairedEmbeddings
+from align.metrics.measure import evaluate_embeddings, evaluate_head
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest
 CLASSES, TEMPLATES, IMAGE_DIM, TEXT_DIM = 6, 3, 12, 7
@@ -54,9 +54,9 @@ def brute_force(state: dict[str, torch.Tensor], paired: PairedEmbeddings) -> dic
 
 
 def test_evaluate_head_zero_shot_matches_brute_force_through_a_linear_head():
-    from align.heads import HeadConfig, build_model
-    from align.losses import LossConfig
-    from align.train_config import EvalConfig
+    from align.train.heads import HeadConfig, build_model
+    from align.train.losses import LossConfig
+    from align.train.config import EvalConfig
 
     paired = labelled_split(120, seed=1)
     torch.manual_seed(3)
@@ -71,10 +71,11 @@ def test_evaluate_head_zero_shot_matches_brute_force_through_a_linear_head():
 def test_training_validates_and_tests_zero_shot_like_evaluate_head(tmp_path):
     """select=zeroshot_top1: the best head is picked by the pack's validation zero-shot, which must equal
     evaluate_head's of the saved best head; the test confusion matrix adds up to its top-1."""
-    from align.heads import build_model
-    from align.runs import RunDir
-    from align.train import RunData, train_pack
-    from align.train_config import TrainConfig
+    from align.train.heads import build_model
+    from align.train.runs import RunDir
+    from align.train.run_data import RunData
+    from align.train.loop import train_pack
+    from align.train.config import TrainConfig
 
     data = {"dataset": {"kind": "mnist", "mnist": {"image_size": 32}}, "device": "cpu", "cache_root": str(tmp_path),
             "image_encoder": {"backend": "open_clip", "model": "ViT-S-32"},
@@ -115,7 +116,7 @@ def test_raw_embeddings_get_zero_shot_only_in_a_shared_space():
 
 
 def test_a_held_out_validation_keeps_each_image_its_label():
-    from align.train import holdout_split
+    from align.train.run_data import holdout_split
 
     paired = labelled_split(30, seed=6)
     rest, held = holdout_split(paired, 10)
@@ -126,9 +127,9 @@ def test_a_held_out_validation_keeps_each_image_its_label():
 
 
 def test_select_zeroshot_needs_a_labelled_kind():
-    from align.config import validate
-    from align.errors import AlignError
-    from align.train_config import TrainConfig
+    from align.common.config import validate
+    from align.common.errors import AlignError
+    from align.train.config import TrainConfig
 
     data = {"dataset": {"kind": "synthetic"}, "image_encoder": {"backend": "open_clip", "model": "ViT-S-32"},
             "text_encoder": {"backend": "open_clip", "model": "ViT-S-16"}}

@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from align.errors import AlignError
-from align.knn import check_finite, knn_search, pair_scores
+from align.common.errors import AlignError
+from align.metrics.knn import check_finite, knn_search, pair_scores
 
 EPS = 1e-6  # platonic-rep's denominator guard: hsic_kl / (sqrt(hsic_kk * hsic_ll) + 1e-6)
 

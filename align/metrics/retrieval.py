@@ -28,8 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from align.errors import AlignError
-from align.knn import approximate_index, check_finite, float32_error_bound, knn_search, neighbour_recall, pair_scores
+from align.common.errors import AlignError
+from align.metrics.knn import (approximate_index, check_finite, float32_error_bound, knn_search, neighbour_recall,
+                               pair_scores)
 
 TILE_COLS = 8192  # caption columns per tile: tile memory = chunk_size × TILE_COLS × 4 bytes
 

@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from align.errors import AlignError
+from align.common.errors import AlignError
 
 LossClosure = Callable[[], Tensor]  # recomputes the scalar loss at the current params (no backward)
 

@@ -1,0 +1,136 @@
+"""Config plumbing shared by every command: strict pydantic models, YAML loading and ``--set`` overrides.
+
+Each module owns the pydantic model of its own section (``EncoderSpec`` in encoders, ``TrainConfig`` in train,
+...); this file only provides the strict base class and the loading/override/error-formatting rules, so that
+an unknown or mistyped key is always one line naming the key and the valid ones.
+"""
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from align.common.errors import AlignError
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class StrictModel(BaseModel):
+    """Base of every config section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """The mapping in a YAML file (``yaml.safe_load``), or an AlignError saying what is wrong."""
+    path = Path(path)
+    if path.is_dir():
+        raise AlignError(f"config {path} is a directory: give a YAML file")
+    if not path.is_file():
+        raise AlignError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as exc:
+        raise AlignError(f"config {path} is not UTF-8 text (byte {exc.start} is 0x{exc.object[exc.start]:02x}): "
+                         "save it as UTF-8") from None
+    except OSError as exc:
+        raise AlignError(f"cannot read config {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise AlignError(f"config {path} is not valid YAML: {str(exc).splitlines()[0]}") from exc
+    if not isinstance(data, dict):
+        raise AlignError(f"config {path} must be a mapping of keys to values, got {type(data).__name__}")
+    return data
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"train.lr=1e-3"`` → (["train", "lr"], 0.001); the value is parsed as YAML (numbers, lists, null)."""
+    if "=" not in text:
+        raise AlignError(f"--set {text!r}: expected key.sub=value")
+    key, raw = text.split("=", 1)
+    parts = [p for p in key.strip().split(".")]
+    if not all(parts):
+        raise AlignError(f"--set {text!r}: empty key part")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return parts, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
+    """A copy of ``data`` with each ``key.sub=value`` override applied (type checks happen at validation)."""
+    import copy
+
+    out = copy.deepcopy(data)
+    for text in overrides or []:
+        parts, value = parse_override(text)
+        node = out
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise AlignError(f"--set {text!r}: {part!r} is a value, not a section")
+            node = child
+        node[parts[-1]] = value
+    return out
+
+
+def _valid_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """The field names valid at ``loc`` (the path of an unknown key) inside ``model``."""
+    current: Any = model
+    for part in loc[:-1]:
+        fields = getattr(current, "model_fields", None)
+        if fields is None or part not in fields:
+            return []
+        annotation = fields[part].annotation
+        candidates = [annotation, *getattr(annotation, "__args__", ())]
+        current = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+        if current is None:
+            return []
+    return sorted(getattr(current, "model_fields", {}))
+
+
+def format_validation_error(exc: ValidationError, model: type[BaseModel], source: str = "config") -> str:
+    """One line describing the first problem, naming the key and, for unknown keys, the valid ones."""
+    err = exc.errors()[0]
+    loc = tuple(err["loc"])
+    key = ".".join(str(p) for p in loc) or "(root)"
+    if err["type"] == "extra_forbidden":
+        valid = _valid_keys(model, loc)
+        close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        return f"{source}: unknown key {key!r}{hint}; valid keys here: {', '.join(valid)}"
+    value = err.get("input")
+    if isinstance(value, (dict, list)):  # a whole section: the message names the problem, the key says where
+        return shorten(f"{source}: {key}: {err['msg']}")
+    return shorten(f"{source}: {key}: {err['msg']} (got {shorten(repr(value), 80)})")
+
+
+def shorten(text: str, limit: int = 300) -> str:
+    """``text`` cut to ``limit`` characters (an error line must stay one line, whatever the input was)."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def validate(model: type[M], data: dict[str, Any], source: str = "config") -> M:
+    """``model.model_validate(data)`` with pydantic's multi-line error turned into one AlignError line."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise AlignError(format_validation_error(exc, model, source)) from None
+
+
+def load_config(model: type[M], path: str | Path | None, overrides: list[str] | None = None,
+                defaults: dict[str, Any] | None = None) -> M:
+    """Load ``path`` (or ``defaults``), apply ``--set`` overrides and validate strictly into ``model``."""
+    data = load_yaml(path) if path is not None else dict(defaults or {})
+    return validate(model, apply_overrides(data, overrides), source=str(path or "config"))
+
+
+def dump_config(config: BaseModel) -> str:
+    """The config as YAML, re-loadable with ``load_config`` (used for every run's ``config.yaml``)."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

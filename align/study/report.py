@@ -1,0 +1,395 @@
+"""The study's files: results.csv, the tables as CSV, the plots (PNG) and report.md that shows them all; its
+config.yaml and its pack layout (packs.json)."""
+from __future__ import annotations
+
+import csv
+import io
+import math
+from pathlib import Path
+from typing import Any
+
+from align.study import stats as study_stats
+from align.train import runs
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}" if abs(value) < 1e-3 and value != 0 else f"{value:.{digits}f}"
+    return str(value)
+
+
+def _hp(value: Any) -> str:
+    """A hyper-parameter (lr, ρ) as written in configs: 0.003, 1e-05; None as —."""
+    return "—" if value is None or value == "" else f"{float(value):g}"
+
+
+def _pct(mean: float, std: float | None = None) -> str:
+    if mean is None or math.isnan(mean):
+        return "—"
+    return f"{100 * mean:.1f}" + (f" ± {100 * std:.1f}" if std is not None else "")
+
+
+def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Rows as CSV (columns in first-seen order), written atomically."""
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({k: "" if r.get(k) is None else r.get(k) for k in columns})
+    runs.atomic_write_text(path, buf.getvalue())
+
+
+AXIS_LABELS = {"eta": "η", "alpha": "α", "metric_beta": "β"}  # the grid's method axes as the tables name them
+
+
+def with_axis_columns(rows: list[dict[str, Any]], axes: list[str]) -> list[dict[str, Any]]:
+    """Rows with every method-axis column right after ``rho`` (None where a row's method lacks it), so a CSV
+    has them in one place; rows are returned unchanged when no axis is used (results.csv as before)."""
+    if not axes:
+        return rows
+    out = []
+    for r in rows:
+        row: dict[str, Any] = {}
+        for key, value in r.items():
+            if key not in axes:
+                row[key] = value
+            if key == "rho":
+                row.update({a: r.get(a) for a in axes})
+        out.append(row)
+    return out
+
+
+def axes_text(values: dict[str, Any]) -> str:
+    """Method-axis values as a label: 'η 1000, α 0.5' ('' when there are none)."""
+    return ", ".join(f"{AXIS_LABELS.get(a, a)} {_hp(v)}" for a, v in values.items() if v not in (None, ""))
+
+
+def diff_text(entry: dict[str, Any]) -> str:
+    """A summary entry's Δ vs the reference in points: '+0.4 [−0.3, +1.1] (n = 5)', or '+0.4 (n = 2: no
+    interval)' below 3 paired seeds, or '—' (the reference itself, or nothing paired)."""
+    pairs, diff = entry.get("pairs"), entry.get("diff_vs_ref")
+    if pairs in (None, "") or diff is None or math.isnan(diff):
+        return "—"
+    low, high = entry["diff_ci_low"], entry["diff_ci_high"]
+    if math.isnan(low) or math.isnan(high):
+        return f"{100 * diff:+.1f} (n = {pairs}: no interval)"
+    return f"{100 * diff:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}] (n = {pairs})"
+
+
+def score_label(score: str) -> str:
+    """A headline metric as the tables name it: 'mean R@1', 'zero-shot top-1'."""
+    return study_stats.SCORES.get(score, score)
+
+
+def _has_zeroshot(summary: list[dict[str, Any]]) -> bool:
+    return any(not math.isnan(s.get("zeroshot_top1_mean", math.nan)) for s in summary)
+
+
+def summary_columns(summary: list[dict[str, Any]], score: str = study_stats.SCORE) -> list[tuple[str, Any]]:
+    """(header, cell of a summary entry) of the summary's metric columns: the headline first, with its std."""
+    def pct(metric: str) -> Any:
+        return lambda s: _pct(s.get(f"{metric}_mean", math.nan))
+
+    columns = [(f"test {score_label(score)} (%)", lambda s: _pct(s[f"{score}_mean"], s[f"{score}_std"]))]
+    if score != "mean_R@1":
+        columns.append(("mean R@1", pct("mean_R@1")))
+    columns += [("i2t R@1", pct("i2t_R@1")), ("t2i R@1", pct("t2i_R@1"))]
+    if _has_zeroshot(summary):
+        columns += [(h, pct(m)) for h, m in (("zero-shot top-1", "zeroshot_top1"), ("top-5", "zeroshot_top5"),
+                                               ("balanced acc.", "zeroshot_balanced_accuracy")) if m != score]
+    return columns + [("mutual-kNN", lambda s: f"{_fmt(s['mutual_knn_mean'])} ± {_fmt(s['mutual_knn_std'])}"),
+                      ("CKNNA", lambda s: _fmt(s["cknna_mean"]))]
+
+
+def summary_lines(summary: list[dict[str, Any]], reference: str, axes: list[str] = (),
+                  score: str = study_stats.SCORE) -> list[str]:
+    """The summary as a markdown table (one column per method axis the grid uses; zero-shot columns on a
+    labelled set)."""
+    heads = [AXIS_LABELS.get(a, a) for a in axes]
+    columns = summary_columns(summary, score)
+    lines = ["| optimizer | lr | ρ | " + "".join(f"{h} | " for h in heads) + "seeds | "
+             + "".join(f"{h} | " for h, _ in columns)
+             + f"Δ vs {reference} (points, 95% t-interval, n) | verdict (Holm) |",
+             "|---" * (6 + len(axes) + len(columns)) + "|"]
+    for s in summary:
+        div = f" ({s['diverged_seeds']} diverged)" if s["diverged_seeds"] else ""
+        lines.append(f"| {s['optimizer']} | {_hp(s['lr'])} | {_hp(s['rho'])} | "
+                     + "".join(f"{_hp(s.get(a))} | " for a in axes) + f"{s['seeds']}{div} | "
+                     + "".join(f"{cell(s)} | " for _, cell in columns)
+                     + f"{diff_text(s)} | {s.get('verdict') or '—'} |")
+    return lines
+
+
+def _names(entries: list[dict[str, Any]], with_diff: bool = False) -> str:
+    return ", ".join(f"`{s['optimizer']}`" + (f" ({diff_text(s)})" if with_diff else "") for s in entries)
+
+
+def verdict_sentences(summary: list[dict[str, Any]], reference: str, score: str = study_stats.SCORE) -> list[str]:
+    """What the comparison with the reference supports, in sentences generated from the verdicts: which
+    optimizers are better or worse after Holm's adjustment, which show no detectable difference (and how large a
+    difference their intervals still allow), and which were not tested for lack of seeds."""
+    by = {v: [s for s in summary if s.get("verdict") == v] for v in study_stats.VERDICTS}
+    better, worse, none, untested = (by[v] for v in study_stats.VERDICTS)
+    family = len(better) + len(worse) + len(none)
+    out = []
+    if family:
+        out.append(f"Tested against `{reference}` on test {score_label(score)}: paired t-tests over seeds, "
+                   f"Holm-adjusted over "
+                   f"{family} comparison{'s' if family > 1 else ''} at the 5% level.")
+    if better:
+        out.append(f"Better than `{reference}`: {_names(better, True)}.")
+    if worse:
+        out.append(f"Worse than `{reference}`: {_names(worse, True)}.")
+    if none:
+        widest = max(100 * max(abs(s["diff_ci_low"]), abs(s["diff_ci_high"])) for s in none)
+        out.append(f"No detectable difference from `{reference}`: {_names(none)}. That is not evidence that they "
+                   f"are equal: their 95% intervals still include differences of up to {widest:.1f} points.")
+    if untested:
+        n = sorted({s["pairs"] for s in untested if s.get("pairs") is not None})
+        out.append(f"Not tested (n = {', '.join(map(str, n)) or 0} paired seeds, fewer than 3): {_names(untested)}. "
+                   f"Their Δ is a mean of so few seeds that it supports no conclusion either way; more seeds "
+                   f"(grid.seeds) give intervals and tests.")
+    return out
+
+
+def robustness_lines(rob: list[dict[str, Any]], axes: list[str] = (), score: str = study_stats.SCORE) -> list[str]:
+    """The robustness table: best, worst and the share within 95% judged on validation; test means beside."""
+    worst = "lr, ρ" + "".join(f", {AXIS_LABELS.get(a, a)}" for a in axes)
+    lines = [f"| optimizer | configs | within 95% of its best (val) | best config: val {score_label(score)} | "
+             "its test | "
+             f"worst config ({worst}): val | its test | diverged configs |", "|---" * 8 + "|"]
+    for r in rob:
+        where = ", ".join([_hp(r["worst_lr"]), _hp(r["worst_rho"]), *(_hp(r.get(f"worst_{a}")) for a in axes)])
+        lines.append(f"| {r['optimizer']} | {r['configs']} | {100 * r['within_95pct_val']:.0f}% | "
+                     f"{_pct(r['best_val'])} | {_pct(r['best_test'])} | {_pct(r['worst_val'])} ({where}) | "
+                     f"{_pct(r['worst_test'])} | {r['diverged_configs']} |")
+    return lines
+
+
+def table3_lines(rows3: list[dict[str, Any]], loss_step: int) -> list[str]:
+    """lr × ρ cells: best alignment / loss at step T / final loss, † for diverged seeds."""
+    rhos = sorted({r["rho"] for r in rows3}, key=lambda x: -1 if x is None else x)
+    lrs = sorted({r["lr"] for r in rows3})
+    cell = {(r["lr"], r["rho"]): r for r in rows3}
+    lines = ["| lr \\ ρ | " + " | ".join(_hp(r) for r in rhos) + " |", "|---" * (len(rhos) + 1) + "|"]
+    for lr in lrs:
+        parts = []
+        for rho in rhos:
+            r = cell.get((lr, rho))
+            if r is None:
+                parts.append("")
+                continue
+            mark = f" †{r['diverged']}/{r['seeds']}" if r["diverged"] else ""
+            parts.append(f"{_fmt(r['best_alignment'])} / {_fmt(r['loss_at_step'])} / {_fmt(r['final_loss'])}{mark}")
+        lines.append(f"| {_hp(lr)} | " + " | ".join(parts) + " |")
+    return lines
+
+
+def table3_section(t3: dict[str, list[dict[str, Any]]], axes: list[str], loss_step: int) -> list[str]:
+    """One lr × ρ table per optimizer and per value of its method axes (Fisher SAM η = 1000, ...)."""
+    md: list[str] = []
+    for name, rs in t3.items():
+        parts: dict[tuple, list[dict[str, Any]]] = {}
+        for r in rs:
+            parts.setdefault(tuple((a, r.get(a)) for a in axes), []).append(r)
+        for values, part in parts.items():
+            label = axes_text(dict(values))
+            md += [f"**{name}**" + (f" ({label})" if label else ""), "", *table3_lines(part, loss_step), ""]
+    return md
+
+
+# Measured by bench/study_knobs.py on the embedded default study's head (SAM's best cell: lr 0.003, ρ 0.05, seed 0):
+# the squared gradient coordinates, Fisher SAM's δ against SAM's on the same gradient, and the trained weights.
+FISHER_NOTE = (
+    "Fisher SAM and its η: the perturbation is SAM's direction with coordinate i scaled by 1/(1 + η gᵢ²) and "
+    "renormalised to radius ρ, so it departs from SAM only where η gᵢ² is not small against 1. An alignment head's "
+    "gradient is small per coordinate: on the embedded default study's head max gᵢ² is 0.021 at the first step and "
+    "below 3e-4 from step 50 on, so at η = 1 every factor 1 + η gᵢ² lies in [1, 1.021] at the first step and in "
+    "[1, 1.0003] later. There ‖δ_F − δ_S‖/‖δ_S‖ is 0.3% at the first step and below 3e-5 from step 50 on, and after "
+    "400 steps the weights differ from SAM's by 1.4e-4: at η = 1 Fisher SAM is SAM to the printed precision. It "
+    "differs once η nears 1/gᵢ²: over steps 50–400 ‖δ_F − δ_S‖/‖δ_S‖ is 0.3–2.5% at η = 1e3, 2–15% at 1e4 and "
+    "14–44% at 1e5, and the trained weights differ by 2.7%, 6.3% and 9.6%; hence the η axis of the default study.")
+
+
+def fisher_note(rows: list[dict[str, Any]], reference: str, default_eta: float,
+                score: str = study_stats.SCORE) -> list[str]:
+    """The report's paragraph on Fisher SAM's η, with this study's own gap to the reference at η = 1."""
+    if not any(r["optimizer"] == "fsam" for r in rows):
+        return []
+    text = FISHER_NOTE
+    axis = "eta" in study_stats.used_axes([r for r in rows if r["optimizer"] == "fsam"])
+    if axis or default_eta == 1.0:
+        gap, pairs = study_stats.max_paired_gap(rows, "fsam", reference, {"eta": 1.0} if axis else {},
+                                                column=f"best_test_{score}")
+        if pairs:
+            text += (f" In this study Fisher SAM at η = 1 and `{reference}` at the same lr, ρ and seed differ by at "
+                     f"most {100 * gap:.2f} points of test {score_label(score)} ({pairs} pairs).")
+    return [text, ""]
+
+
+def write_report(root: Path, cfg: Any, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Write results.csv, summary.csv, robustness.csv, table3.csv, the plots and report.md into ``root``.
+
+    ``cfg`` is the study's ``align.compare.CompareConfig``; returns what was computed.
+    """
+    from align.study import plots
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    score = getattr(cfg, "score", study_stats.SCORE)
+    axes = study_stats.used_axes(rows)
+    write_csv(root / "results.csv", with_axis_columns(rows, axes))
+    summ = study_stats.summary(rows, cfg.reference, score=score)
+    rob = study_stats.robustness(rows, select=f"best_val_{score}", test=f"best_test_{score}")
+    write_csv(root / "summary.csv", summ)
+    write_csv(root / "robustness.csv", rob)
+    t3 = {name: study_stats.table3(rows, name) for name in dict.fromkeys(r["optimizer"] for r in rows)}
+    write_csv(root / "table3.csv", [dict(optimizer=name, **r) for name, rs in t3.items() for r in rs])
+
+    best = study_stats.best_configs(rows, f"best_val_{score}")
+    figures = plots.study_plots(rows, summ, root, run_root=root / "runs", best=best, score=score)
+    confusion = _confusion_figure(root, rows, best)
+    if confusion is not None:
+        figures["Zero-shot confusion of each optimizer's best configuration (test, summed over seeds)"] = confusion
+    md = _report_head(cfg, rows, summ, axes, score)
+    md += beside_section(getattr(cfg, "beside", None), summ, score)
+    md += ["## Robustness to ρ, the learning rate and the method axes", "",
+           f"Judged on VALIDATION seed means ({score_label(score)}), as the best configuration is: the share of an "
+           "optimizer's grid configurations within 95% of its best, and its best and worst configuration. The test "
+           "means of those two configurations sit beside them, labelled; nothing is chosen on test scores.", "",
+           *robustness_lines(rob, axes, score), ""]
+    md += ["## The paper's Table 3 shape", "",
+           f"Each cell: best validation mutual-k-NN (k = {cfg.eval.knn_k}) over training / training loss at step "
+           f"{cfg.loss_at_step} / final training loss (means over seeds); † diverged seeds.", "",
+           *table3_section(t3, axes, cfg.loss_at_step)]
+    md += ["## Plots", ""]
+    for title, path in figures.items():
+        md += [f"### {title}", "", f"![{title}]({path.name})", ""]
+    md += ["## Files", "", "`results.csv` (a row per run), `summary.csv`, `robustness.csv`, `table3.csv`, "
+           "`runs/<run>/` (config.yaml to re-run, metrics.jsonl, checkpoints, results.json).", ""]
+    runs.atomic_write_text(root / "report.md", "\n".join(md))
+    return {"summary": summ, "robustness": rob, "table3": t3, "figures": figures}
+
+
+def _confusion_figure(root: Path, rows: list[dict[str, Any]], best: dict[str, tuple]) -> Path | None:
+    """One zero-shot confusion matrix per optimizer (its best configuration, test, summed over seeds), read from
+    the runs' results.json; None when the study's test split has no labels."""
+    import numpy as np
+
+    from align.eval.plots import confusion_grid
+
+    panels: dict[str, Any] = {}
+    classes: list[str] = []
+    for name, key in best.items():
+        for r in rows:
+            if study_stats.config_key(r) != key:
+                continue
+            record = (runs.read_results(root / "runs" / r["run"]) or {}).get("zeroshot")
+            if record:
+                classes = record["classes"]
+                panels[name] = panels.get(name, 0) + np.asarray(record["confusion"])
+    if not panels:
+        return None
+    return confusion_grid(root / "zeroshot_confusion.png", panels, classes,
+                          "zero-shot confusion (test; rows: true class)")
+
+
+def _read_summary(path: Path) -> list[dict[str, Any]]:
+    """Another study's summary.csv as summary entries (numbers parsed; an old file's score is mean R@1)."""
+    with open(path, newline="", encoding="utf-8") as fh:
+        raw = list(csv.DictReader(fh))
+    numeric = ("pairs", "diff_vs_ref", "diff_ci_low", "diff_ci_high", "seeds", "diverged_seeds")
+    out = []
+    for r in raw:
+        entry: dict[str, Any] = {k: (float(v) if v not in ("", None) else math.nan) for k, v in r.items()
+                                 if k.endswith(("_mean", "_std")) or k in numeric}
+        entry["pairs"] = None if math.isnan(entry.get("pairs", math.nan)) else int(entry["pairs"])
+        entry.update(optimizer=r["optimizer"], verdict=r.get("verdict") or None, score=r.get("score") or "mean_R@1")
+        out.append(entry)
+    return out
+
+
+def _ranks(summary: list[dict[str, Any]], score: str) -> dict[str, int]:
+    order = sorted(summary, key=lambda s: -s.get(f"{score}_mean", math.nan)
+                   if not math.isnan(s.get(f"{score}_mean", math.nan)) else math.inf)
+    return {s["optimizer"]: i + 1 for i, s in enumerate(order)}
+
+
+def beside_section(beside: str | None, summ: list[dict[str, Any]], score: str) -> list[str]:
+    """report.md's side-by-side ranking with another study (``beside``: its name under the studies folder, or its
+    folder): each optimizer's headline, Δ to the reference and verdict in both, and Kendall's τ of the rankings."""
+    if not beside:
+        return []
+    from align.common.paths import studies_dir
+
+    folder = Path(beside) if "/" in beside else studies_dir() / beside  # a name, or a folder given as a path
+    head = [f"## Beside study `{Path(beside).name}`", ""]
+    if not (folder / "summary.csv").is_file():
+        return head + [f"{folder / 'summary.csv'} does not exist yet: run that study (`align compare`) and then "
+                       "this one again (finished cells are kept) to see both rankings side by side.", ""]
+    other = _read_summary(folder / "summary.csv")
+    theirs = {s["optimizer"]: s for s in other}
+    their_score = other[0]["score"] if other else study_stats.SCORE
+    here_rank, there_rank = _ranks(summ, score), _ranks(other, their_score)
+    lines = [f"| optimizer | here: test {score_label(score)} (%) | Δ (n) | verdict | rank | there: test "
+             f"{score_label(their_score)} (%) | Δ (n) | verdict | rank |", "|---" * 9 + "|"]
+    for s in summ:
+        t = theirs.get(s["optimizer"])
+        there = ([_pct(t[f"{their_score}_mean"], t.get(f"{their_score}_std")), diff_text(t), t.get("verdict") or "—",
+                  str(there_rank[s["optimizer"]])] if t else ["—"] * 4)
+        lines.append(f"| {s['optimizer']} | {_pct(s[f'{score}_mean'], s[f'{score}_std'])} | {diff_text(s)} | "
+                     f"{s.get('verdict') or '—'} | {here_rank[s['optimizer']]} | " + " | ".join(there) + " |")
+    tau, n = study_stats.rank_agreement({s["optimizer"]: s[f"{score}_mean"] for s in summ},
+                                        {s["optimizer"]: s[f"{their_score}_mean"] for s in other})
+    agreement = (f"Kendall's τ between the two rankings of the best-configuration means: {tau:+.2f} over {n} "
+                 f"optimizers (+1: the same order, −1: reversed)." if n >= 2 and not math.isnan(tau) else
+                 "Too few optimizers in common to compare the rankings.")
+    return head + [f"Ranked by seed means of each study's own headline metric; the intervals and verdicts say "
+                   f"which differences the seeds support. {agreement}", "", *lines, ""]
+
+
+def _report_head(cfg: Any, rows: list[dict[str, Any]], summ: list[dict[str, Any]], axes: list[str],
+                 score: str = study_stats.SCORE) -> list[str]:
+    """report.md's title, setup, summary table and what its comparisons support."""
+    from align.optim import default_hparams
+
+    sweeps = "; ".join(f"{name}: " + ", ".join(f"{AXIS_LABELS.get(a, a)} ∈ {{{', '.join(map(_hp, values))}}}"
+                                               for a, values in spec.items())
+                       for name, spec in cfg.grid.method_axes.items())
+    eta = cfg.optim.eta if cfg.optim.eta is not None else default_hparams("fsam")["eta"]
+    label = score_label(score)
+    return [f"# Optimizer study `{cfg.name}`", "",
+            f"Data: `{cfg.data.dataset.kind}` set; image encoder `{cfg.data.image_encoder.backend}:{cfg.data.image_encoder.model}`, "
+            f"text encoder `{cfg.data.text_encoder.backend}:{cfg.data.text_encoder.model}`. Head `{cfg.head.kind}` → "
+            f"{cfg.head.out_dim}-d, {cfg.loss.kind} loss, {cfg.schedule.steps} steps at batch {cfg.schedule.batch_size}, "
+            f"base optimizer of the SAM family `{cfg.optim.base}`.",
+            f"{len(rows)} runs: optimizers {', '.join(cfg.grid.optimizers)}; seeds {cfg.grid.seeds}"
+            + (f"; method axes {sweeps}" if sweeps else "") + ". The best configuration of each optimizer is "
+            f"chosen on the validation split ({label}); test figures below.", "",
+            *zero_shot_note(cfg, score),
+            "## Summary (best configuration per optimizer, mean ± std over seeds)", "",
+            *summary_lines(summ, cfg.reference, axes, score), "",
+            f"Δ: difference in test {label} (points) to `{cfg.reference}`, paired by seed, with n paired seeds and "
+            "its Student-t 95% interval (per comparison); below 3 pairs no interval is given, because none keeps its "
+            "level there. Verdict: the paired t-test, Holm-adjusted over all comparisons with the reference.", "",
+            *verdict_sentences(summ, cfg.reference, score), "",
+            *fisher_note(rows, cfg.reference, eta, score)]
+
+
+def zero_shot_note(cfg: Any, score: str) -> list[str]:
+    """What zero-shot means here and why recall is not the headline on a set whose captions name only the class."""
+    if cfg.data.dataset.kind != "mnist":
+        return []
+    templates = "; ".join(f"“{t}”" for t in cfg.data.dataset.mnist.prompt_templates)
+    return [f"Zero-shot: each image through the image head, each class as CLIP's prompt ensemble of its prompts "
+            f"through the text head (templates {templates}; the training captions use other templates), the nearest "
+            f"class is the prediction. Top-1, top-5 and balanced accuracy (mean per-class recall) on the test split. "
+            f"Headline: {score_label(score)}. Retrieval recall is reported too, in CLIP_benchmark's convention: a "
+            "caption's hit is its own image only, an image's hit any of its own captions (any-hit). Every caption "
+            "here names only the digit, so all images of a class share the same few caption texts: a caption's own "
+            "image competes with every digit of its class, an image's own caption with the identical captions of "
+            "the others. Recall then measures near-chance identification of one image among its class, not "
+            "alignment.", ""]

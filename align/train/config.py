@@ -1,0 +1,183 @@
+"""The configuration of one training run (``config.yaml`` of a run directory), checked before any data is read.
+
+Every value a user can get wrong is refused here, at load, with one line naming the key: a zero ``eval.every``
+would otherwise fail as a ZeroDivisionError after training has started, and a NaN learning rate would be reported
+as the optimizer's divergence. Numbers refuse booleans (``lr: true`` is not 1.0).
+"""
+from __future__ import annotations
+
+import math
+from typing import Annotated, Any, Literal
+
+from pydantic import BeforeValidator, Field, StrictInt, field_validator, model_validator
+
+from align.cache.key import EmbedConfig
+from align.common.config import StrictModel
+from align.train.heads import HeadConfig
+from align.train.losses import LossConfig
+from align.train.runs import hashed_view
+
+
+
+def _not_bool(value: Any) -> Any:
+    if isinstance(value, bool):
+        raise ValueError(f"expected a number, got {value!r}")
+    return value
+
+
+# A float that is not a bool: pydantic's lax mode reads ``true`` as 1.0. Strings stay allowed because YAML 1.1
+# reads ``1e-3`` (no dot) as the string "1e-3".
+Number = Annotated[float, BeforeValidator(_not_bool)]
+MAX_SEED = 2 ** 63  # torch.manual_seed takes seeds in [0, 2^63)
+METHOD_HPARAMS = ("rho", "eta", "alpha", "metric_beta", "norm_scope")  # the SAM family's own (optim section)
+
+
+def _finite_positive(value: float | None, what: str) -> float | None:
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{what} must be a finite number > 0, got {value!r}")
+    return value
+
+
+class OptimConfig(StrictModel):
+    """Which registered optimizer and its hyper-parameters (rho/eta/base apply to the SAM family)."""
+
+    name: str = "adamw"  # sgd | adam | adamw | sam | msam | asam | fsam
+    lr: Number = 1e-3  # peak learning rate (after warm-up)
+    weight_decay: Number = Field(0.0, ge=0)  # on Linear weights only; never on biases, norms or the logit scale
+    momentum: Number = Field(0.9, ge=0)  # SGD momentum (sgd, or the SAM family with base=sgd)
+    betas: tuple[float, float] = (0.9, 0.999)  # Adam/AdamW
+    eps: Number = Field(1e-8, gt=0)  # Adam/AdamW
+    # The SAM family's own hyper-parameters; None takes the method's default from the registry
+    # (`align.optim.default_hparams`): ρ 0.05 (ASAM 0.5), η 0.01 ASAM / 1.0 Fisher SAM, α 1, β 0, "perturbed".
+    rho: Number | None = Field(None, ge=0)  # radius
+    eta: Number | None = Field(None, ge=0)  # ASAM / Fisher SAM regulariser
+    alpha: Number | None = Field(None, ge=0)  # M-SAM metric scale: G = I + α² g gᵀ (0: SAM, 1: M-SAM)
+    metric_beta: Number | None = Field(None, ge=0, lt=1)  # M-SAM averaged metric: EMA factor of the metric's gradient
+    norm_scope: Literal["perturbed", "all_trainable"] | None = None  # SAM / M-SAM: which gradients make up ‖g‖
+    base: str = "adamw"  # base optimizer of the SAM family: sgd | adam | adamw
+    grad_clip: Number | None = None  # max ‖g‖ of the gradient the base optimizer steps with (SAM: the second)
+    # The SAM family under torchrun: global averages the ranks' first gradients before δ (the single-process
+    # step); local takes δ from each rank's own gradient and averages only the second. Other optimizers and
+    # single-process runs ignore it.
+    perturbation: Literal["global", "local"] = "global"
+
+    def method_hparams(self) -> dict[str, Any]:
+        """The SAM-family hyper-parameters that were set (the rest take the method's defaults)."""
+        return {k: getattr(self, k) for k in METHOD_HPARAMS if getattr(self, k) is not None}
+
+    @field_validator("name")
+    @classmethod
+    def _known_name(cls, value: str) -> str:
+        from align.optim import OPTIMIZERS
+
+        if value not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {value!r}; choose one of {', '.join(OPTIMIZERS)}")
+        return value
+
+    @field_validator("base")
+    @classmethod
+    def _known_base(cls, value: str) -> str:
+        from align.optim import BASE_OPTIMIZERS
+
+        if value not in BASE_OPTIMIZERS:
+            raise ValueError(f"unknown base optimizer {value!r}; choose one of {', '.join(BASE_OPTIMIZERS)}")
+        return value
+
+    @field_validator("lr")
+    @classmethod
+    def _lr(cls, value: float) -> float:
+        return _finite_positive(value, "lr")
+
+    @field_validator("grad_clip")
+    @classmethod
+    def _grad_clip(cls, value: float | None) -> float | None:
+        return _finite_positive(value, "grad_clip")
+
+    @field_validator("rho", "eta", "alpha", "metric_beta", "weight_decay", "momentum", "eps")
+    @classmethod
+    def _finite(cls, value: float | None) -> float | None:
+        if value is not None and not math.isfinite(value):
+            raise ValueError(f"must be finite, got {value!r}")
+        return value
+
+
+class ScheduleConfig(StrictModel):
+    """Length, batch size and learning-rate schedule (linear warm-up, then cosine decay to 0)."""
+
+    steps: StrictInt = 400
+    batch_size: StrictInt = 128  # images per step (the contrastive batch; the uniform loss is ln(batch_size))
+    warmup_steps: StrictInt = 20
+
+    @model_validator(mode="after")
+    def _positive(self) -> "ScheduleConfig":
+        if self.steps < 1 or self.batch_size < 2 or not 0 <= self.warmup_steps <= self.steps:
+            raise ValueError("need steps >= 1, batch_size >= 2 and 0 <= warmup_steps <= steps")
+        return self
+
+
+class EvalConfig(StrictModel):
+    """Validation during training and the final test/sharpness evaluation."""
+
+    every: StrictInt = Field(50, ge=1)  # validate every N steps (and at the end)
+    split: str = "val"  # the validation split (ignored when holdout_images > 0)
+    holdout_images: StrictInt = Field(0, ge=0)  # > 0: validate on this many training images held out instead
+    # (for sets without a validation split, e.g. Flickr30k's hub copy with train and test only)
+    test_split: str | None = "test"  # evaluated at the end for the best and the final head; None: skip
+    ks: list[int] = [1, 5, 10]
+    knn_k: StrictInt = Field(8, ge=1)  # k of mutual-k-NN and CKNNA (the paper uses 8)
+    select: Literal["mean_R@1", "mutual_knn", "zeroshot_top1"] = "mean_R@1"  # picks the best checkpoint
+    # (zeroshot_top1: labelled sets such as mnist, whose captions name only the class)
+    backend: Literal["faiss", "torch"] = "faiss"  # k-NN search of retrieval and alignment metrics
+    sharpness: bool = True  # sharpness of the best and final heads at the training loss
+    sharpness_final: bool = True  # False: the best head's only (a study's table uses the best head's)
+    sharpness_rho: Number = Field(0.05, gt=0)
+    sharpness_batches: StrictInt = Field(4, ge=1)  # fixed training batches (of schedule.batch_size) it averages
+    sharpness_ascent_steps: StrictInt = Field(5, ge=0)
+    hessian_iters: StrictInt = Field(20, ge=1)  # power iterations for the top Hessian eigenvalue
+    hutchinson_samples: StrictInt = Field(16, ge=1)  # Rademacher probes for the Hessian trace
+
+    @field_validator("ks")
+    @classmethod
+    def _ks(cls, value: list[int]) -> list[int]:
+        if not value or any(k < 1 for k in value) or 1 not in value:
+            raise ValueError("ks must be positive and include 1 (mean_R@1 needs it)")
+        return sorted(set(value))
+
+
+class TrainConfig(StrictModel):
+    """Everything one training run needs; ``config.yaml`` of a run directory is this, resolved."""
+
+    data: EmbedConfig
+    head: HeadConfig = HeadConfig()
+    loss: LossConfig = LossConfig()
+    optim: OptimConfig = OptimConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    eval: EvalConfig = EvalConfig()
+    seed: StrictInt = Field(0, ge=0, lt=MAX_SEED)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 elsewhere
+    image_dim: int | None = None  # expected cached embedding dims; None: taken from the cache (and recorded)
+    text_dim: int | None = None
+    out_dir: str | None = None  # where `align train --config RUN/config.yaml` writes; None: <runs>/<config name>
+    loss_at_step: StrictInt = Field(200, ge=1)  # the "loss at step T" reported for comparisons
+    checkpoint_every: StrictInt = Field(100, ge=1)  # steps between resumable checkpoints (and one at the end)
+    keep_checkpoints: StrictInt = Field(2, ge=1)
+    diverge_patience: StrictInt = Field(20, ge=1)  # consecutive collapsed steps before a run is declared diverged
+    diverge_tol: Number = Field(1e-3, ge=0)  # |loss − uniform loss| below this counts as collapsed ...
+    diverge_grad_tol: Number = Field(1e-3, ge=0)  # ... together with ‖g‖ below this
+
+    @model_validator(mode="after")
+    def _select_fits_data(self) -> "TrainConfig":
+        from align.data.datasets import LABELLED_KINDS
+
+        if self.eval.select.startswith("zeroshot") and self.data.dataset.kind not in LABELLED_KINDS:
+            raise ValueError(f"eval.select={self.eval.select} needs a labelled dataset ({', '.join(LABELLED_KINDS)}), "
+                             f"not kind {self.data.dataset.kind!r}")
+        return self
+
+
+def hashed_config(cfg: TrainConfig) -> dict[str, Any]:
+    """The part of the config a checkpoint must match: all but where the run lives and which device runs it
+    (``align.runs.hashed_view``)."""
+    return hashed_view(cfg.model_dump(mode="json"))
+

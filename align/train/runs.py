@@ -1,0 +1,414 @@
+"""Run directories on disk: resolved config, per-step metrics, checkpoints and results (the edge of training).
+
+Layout of a run directory::
+
+    RUN/config.yaml                     the resolved TrainConfig (``align train --config RUN/config.yaml`` re-runs it)
+    RUN/metrics.jsonl                   one JSON object per training step and per validation
+    RUN/checkpoints/step-000200.safetensors + step-000200.json
+                                        the full training state (tensors | the rest); the JSON is written last
+                                        and names the tensor file's SHA-256, so a checkpoint counts only when both
+                                        halves are there and agree (a kill between the two writes loses nothing)
+    RUN/checkpoints/best.safetensors + best.json   the head weights with the best validation score
+    RUN/results.json                    what ``align compare`` reads
+
+Every write is atomic (temporary file in the same folder + ``os.replace``). No pickle anywhere: tensors go to
+safetensors, everything else to JSON; nested state (optimizer ``state_dict``s) is flattened into both with
+``flatten_state`` / ``unflatten_state``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from align.common import files
+from align.common.errors import AlignError
+
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.jsonl"
+RESULTS_FILE = "results.json"
+CHECKPOINT_DIR = "checkpoints"
+_STEP_RE = re.compile(r"^step-(\d+)\.json$")
+HASH_EXCLUDED = ("out_dir", "device")  # where a run lives and what runs it: a checkpoint need not match these
+# Keys added after runs were first trained, left out of the hash while they hold their defaults: a run trained
+# before they existed keeps its config_hash and still resumes.
+HASH_NEW_DEFAULTS = {("loss", "local"): False, ("optim", "perturbation"): "global", ("eval", "sharpness_final"): True}
+
+
+# Re-exported: run directories are the main user of these.
+atomic_write_bytes, atomic_write_text, json_safe = files.atomic_write_bytes, files.atomic_write_text, files.json_safe
+
+
+def dumps(obj: Any, indent: int | None = 2) -> str:
+    return json.dumps(json_safe(obj), indent=indent, allow_nan=False)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, dumps(obj) + "\n")
+
+
+def read_json(path: Path) -> Any:
+    """The JSON value in ``path``; AlignError (one line) if it is missing, unreadable, not UTF-8 or not JSON."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise AlignError(f"{path} not found") from None
+    except UnicodeDecodeError as exc:
+        raise AlignError(f"{path} is not UTF-8 text (byte {exc.start}); the file is damaged") from None
+    except json.JSONDecodeError as exc:
+        raise AlignError(f"{path} is not valid JSON ({exc.msg}); the file is damaged") from None
+    except OSError as exc:
+        raise AlignError(f"cannot read {path}: {exc.strerror}") from None
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    """SHA-256 (16 hex digits) of a config dict in canonical JSON: what a checkpoint must match to resume."""
+    return hashlib.sha256(json.dumps(json_safe(config), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def hashed_view(config: dict[str, Any]) -> dict[str, Any]:
+    """The part of a run's config (a dict as config.yaml holds it) that its checkpoints must match: all but
+    ``HASH_EXCLUDED``, and the ``HASH_NEW_DEFAULTS`` keys only where they differ from their defaults."""
+    data = {k: v for k, v in config.items() if k not in HASH_EXCLUDED}
+    for (section, key), default in HASH_NEW_DEFAULTS.items():
+        part = data.get(section)
+        if isinstance(part, dict) and key in part and part[key] == default:
+            data[section] = {k: v for k, v in part.items() if k != key}
+    return data
+
+
+def diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested dicts (for 'another configuration' messages)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out: list[str] = []
+        for key in sorted(set(a) | set(b)):
+            out += diff_keys(a.get(key), b.get(key), f"{prefix}{key}.")
+        return out
+    return [] if json_safe(a) == json_safe(b) else [prefix.rstrip(".")]
+
+
+def write_config(run_dir: Path, text: str) -> None:
+    atomic_write_text(Path(run_dir) / CONFIG_FILE, text)
+
+
+def append_metrics(run_dir: Path, record: dict[str, Any]) -> None:
+    """Append one record to metrics.jsonl as one line. A write that fails (no space left) is cut off again, so
+    the log keeps whole lines; a kill mid-write can still leave a torn last line, which readers skip."""
+    path = Path(run_dir) / METRICS_FILE
+    data = memoryview((dumps(record, indent=None) + "\n").encode("utf-8"))
+    with open(path, "ab", buffering=0) as fh:  # unbuffered: nothing is left to flush after a failed write
+        size = fh.seek(0, os.SEEK_END)
+        try:
+            while data:
+                data = data[fh.write(data):]
+        except OSError as exc:
+            os.ftruncate(fh.fileno(), size)  # truncating frees space, so it works on a full disk too
+            if files.is_disk_full(exc):
+                raise files.disk_full_error(path) from None
+            raise
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """Every record of metrics.jsonl. A torn last line (a kill mid-write) is skipped; a damaged line before it
+    is an AlignError, since dropping it would silently lose a record."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        return []
+    lines = path.read_bytes().split(b"\n")
+    out = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line.decode("utf-8"))
+        except ValueError:  # UnicodeDecodeError and JSONDecodeError both are
+            if number == len(lines):  # no newline after it: the write was torn
+                continue
+            raise AlignError(f"line {number} of {path} is damaged (not a UTF-8 JSON record): the run's log cannot "
+                             "be trusted; train it again with --out NEW_DIR") from None
+        out.append(record)
+    return out
+
+
+def truncate_metrics(run_dir: Path, last_step: int) -> None:
+    """Keep only the records up to ``last_step`` (resuming from that checkpoint re-logs the rest)."""
+    path = Path(run_dir) / METRICS_FILE
+    kept = [r for r in read_metrics(run_dir) if int(r.get("step", 0)) <= last_step]
+    if path.exists() or kept:
+        atomic_write_text(path, "".join(dumps(r, indent=None) + "\n" for r in kept))
+
+
+def write_results(run_dir: Path, results: dict[str, Any]) -> None:
+    write_json(Path(run_dir) / RESULTS_FILE, results)
+
+
+def read_results(run_dir: Path) -> dict[str, Any]:
+    return read_json(Path(run_dir) / RESULTS_FILE)
+
+
+def checkpoint_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / CHECKPOINT_DIR
+
+
+def _tensor_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
+    from safetensors.torch import save
+
+    return save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=metadata)
+
+
+def save_checkpoint(run_dir: Path, step: int, tensors: dict[str, torch.Tensor], meta: dict[str, Any],
+                    keep: int = 2) -> Path:
+    """Write checkpoint ``step`` (tensor file first, then the JSON naming its hash); keep the newest ``keep``
+    (0: keep every one, for ``prune_checkpoints`` to thin later)."""
+    folder = checkpoint_dir(run_dir)
+    data = _tensor_bytes(tensors)
+    atomic_write_bytes(folder / f"step-{step:07d}.safetensors", data)
+    meta = dict(meta, step=step, tensors_sha256=hashlib.sha256(data).hexdigest())
+    path = folder / f"step-{step:07d}.json"
+    write_json(path, meta)
+    if keep > 0:
+        prune_checkpoints(run_dir, keep)
+    return path
+
+
+def prune_checkpoints(run_dir: Path, keep: int) -> None:
+    """Delete all but the newest ``keep`` checkpoints (JSON half first: a half-deleted one is no checkpoint)."""
+    folder = checkpoint_dir(run_dir)
+    for old in list_checkpoints(run_dir)[:-keep]:
+        (folder / f"step-{old:07d}.json").unlink(missing_ok=True)
+        (folder / f"step-{old:07d}.safetensors").unlink(missing_ok=True)
+
+
+def list_checkpoints(run_dir: Path) -> list[int]:
+    """Steps of the checkpoints whose JSON half exists, ascending."""
+    folder = checkpoint_dir(run_dir)
+    if not folder.is_dir():
+        return []
+    return sorted(int(m.group(1)) for p in folder.iterdir() if (m := _STEP_RE.match(p.name)))
+
+
+def load_checkpoint(run_dir: Path, step: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(tensors, meta) of checkpoint ``step``; AlignError if its halves are missing or disagree."""
+    from safetensors.torch import load
+
+    folder = checkpoint_dir(run_dir)
+    meta = read_json(folder / f"step-{step:07d}.json")
+    tensor_path = folder / f"step-{step:07d}.safetensors"
+    if not tensor_path.is_file():
+        raise AlignError(f"checkpoint {tensor_path} is missing; delete {folder / f'step-{step:07d}.json'} to "
+                         "fall back to an earlier checkpoint")
+    data = tensor_path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != meta.get("tensors_sha256"):
+        raise AlignError(f"checkpoint {tensor_path} does not match its JSON (damaged or half-written); delete "
+                         "both step files to fall back to an earlier checkpoint")
+    return load(data), meta
+
+
+def latest_checkpoint(run_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+    """The newest complete checkpoint, skipping damaged ones, or None if there is none."""
+    for step in reversed(list_checkpoints(run_dir)):
+        try:
+            return load_checkpoint(run_dir, step)
+        except AlignError:
+            continue
+    return None
+
+
+def save_head(run_dir: Path, name: str, state: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    """Write head weights ``checkpoints/NAME.safetensors`` and their description ``NAME.json``."""
+    folder = checkpoint_dir(run_dir)
+    data = _tensor_bytes(state)
+    atomic_write_bytes(folder / f"{name}.safetensors", data)
+    write_json(folder / f"{name}.json", dict(meta, tensors_sha256=hashlib.sha256(data).hexdigest()))
+
+
+def load_head(run_dir: Path, which: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Head weights and their description: ``which`` = "best" or "last" (the newest training checkpoint)."""
+    from safetensors.torch import load
+
+    folder = checkpoint_dir(run_dir)
+    if which == "last":
+        found = latest_checkpoint(run_dir)
+        if found is None:
+            raise AlignError(f"{run_dir} has no checkpoint yet: train it first (align train ... --out {run_dir})")
+        tensors, meta = found
+        state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+        return state, {"step": meta["step"], "config_hash": meta.get("config_hash")}
+    if which != "best":
+        raise AlignError(f"unknown checkpoint {which!r}: use best or last")
+    path = folder / "best.safetensors"
+    if not path.is_file() or not (folder / "best.json").is_file():
+        raise AlignError(f"{run_dir} has no best checkpoint (no validation finished yet): use --checkpoint last")
+    meta = read_json(folder / "best.json")
+    data = path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != meta.get("tensors_sha256"):
+        raise AlignError(f"{path} does not match best.json (damaged or half-written): use --checkpoint last")
+    return load(data), meta
+
+
+def is_run_dir(path: Path) -> bool:
+    return (Path(path) / CONFIG_FILE).is_file()
+
+
+class RunDir:
+    """A run directory's bookkeeping for the training loop and evaluation: what it holds, and every write to it."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    @property
+    def config_path(self) -> Path:
+        return self.path / CONFIG_FILE
+
+    @property
+    def results_path(self) -> Path:
+        return self.path / RESULTS_FILE
+
+    def is_run(self) -> bool:
+        """Whether the folder has a run's config.yaml (what evaluation needs)."""
+        return is_run_dir(self.path)
+
+    def is_finished(self) -> bool:
+        """Whether the run wrote its results (it trained to the end or diverged)."""
+        return self.results_path.exists()
+
+    def holds_run(self) -> bool:
+        """Whether anything of a run is here: a config, a checkpoint or results."""
+        return is_run_dir(self.path) or bool(list_checkpoints(self.path)) or self.results_path.exists()
+
+    def check_location(self) -> None:
+        """AlignError unless the run directory is a folder or can become one (no file in its place or above it)."""
+        files.require_folder_path(self.path, "run directory")
+
+    def check(self, cfg_hash: str, config: dict[str, Any], resume: bool) -> str:
+        """What this folder holds for a run of ``config``: "fresh", "resume" or "finished"; AlignError on a clash.
+
+        Only reads; nothing is written until every check has passed.
+        """
+        self.check_location()
+        if not self.holds_run():
+            return "fresh"
+        if not resume:
+            raise AlignError(f"{self.path} already holds a run: add --resume to continue it, or use --out NEW_DIR")
+        if is_run_dir(self.path):
+            self._check_saved_config(cfg_hash, config)
+        for step in list_checkpoints(self.path):
+            meta = read_json(checkpoint_dir(self.path) / f"step-{step:07d}.json")
+            if meta.get("config_hash") != cfg_hash:
+                keys = diff_keys(meta.get("config", {}), config)
+                raise AlignError(f"checkpoint step {step} in {self.path} comes from another configuration (differs "
+                                 f"in: {', '.join(keys) or 'unknown'}): resume with the run's config.yaml or use "
+                                 "--out NEW_DIR")
+        return "finished" if self.results_path.exists() else "resume"
+
+    def _check_saved_config(self, cfg_hash: str, config: dict[str, Any]) -> None:
+        from align.common.config import load_yaml
+
+        saved = hashed_view(load_yaml(self.config_path))
+        if config_hash(saved) != cfg_hash:
+            keys = diff_keys(saved, config)
+            raise AlignError(f"{self.path} was trained with another configuration (differs in: "
+                             f"{', '.join(keys) or 'unknown'}): resume with its own config.yaml or use --out NEW_DIR")
+
+    def lock(self) -> Any:
+        """Context manager: this process is the run directory's only writer (AlignError naming the holder)."""
+        from align.common.locks import exclusive
+
+        return exclusive(self.path, "run directory", "another align train is writing it; wait for it to finish "
+                                                     "or use --out NEW_DIR")
+
+    def begin(self, resumed_step: int) -> None:
+        """Create the folder, drop metrics records and checkpoints past ``resumed_step`` (0: a fresh start keeps
+        none; a pack that resumes at an older step than a run's newest recomputes the rest) and the temporary files
+        a killed writer left behind (we hold the lock, so none of them is being written)."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        truncate_metrics(self.path, resumed_step)
+        folder = checkpoint_dir(self.path)
+        for step in list_checkpoints(self.path):
+            if step > resumed_step:
+                (folder / f"step-{step:07d}.json").unlink(missing_ok=True)
+                (folder / f"step-{step:07d}.safetensors").unlink(missing_ok=True)
+        for folder in (self.path, checkpoint_dir(self.path)):
+            for stale in folder.glob(".*.tmp") if folder.is_dir() else []:
+                stale.unlink(missing_ok=True)
+
+    def write_config(self, yaml_text: str) -> None:
+        """The resolved config, headed by the commands that resume it and re-run it elsewhere."""
+        write_config(self.path, f"# align train --config {self.config_path} --resume   (continue or finish this run)\n"
+                                f"# align train --config {self.config_path} --out NEW_DIR   (run it again elsewhere)\n"
+                     + yaml_text)
+
+    def append_metrics(self, record: dict[str, Any]) -> None:
+        append_metrics(self.path, record)
+
+    def save_checkpoint(self, step: int, tensors: dict[str, torch.Tensor], meta: dict[str, Any], keep: int) -> None:
+        save_checkpoint(self.path, step, tensors, meta, keep=keep)
+
+    def prune_checkpoints(self, keep: int) -> None:
+        prune_checkpoints(self.path, keep)
+
+    def latest_checkpoint(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+        return latest_checkpoint(self.path)
+
+    def checkpoint_steps(self) -> list[int]:
+        return list_checkpoints(self.path)
+
+    def load_checkpoint(self, step: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        return load_checkpoint(self.path, step)
+
+    def save_head(self, name: str, state: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        save_head(self.path, name, state, meta)
+
+    def load_head(self, which: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        return load_head(self.path, which)
+
+    def write_results(self, results: dict[str, Any]) -> None:
+        write_results(self.path, results)
+
+    def read_results(self) -> dict[str, Any]:
+        return read_results(self.path)
+
+    def write_eval(self, split: str, checkpoint: str, result: dict[str, Any]) -> Path:
+        """Record an evaluation as RUN/eval/SPLIT-CHECKPOINT.json; returns that path."""
+        out = self.path / "eval" / f"{split}-{checkpoint}.json"
+        write_json(out, result)
+        return out
+
+
+class ReadOnlyRunDir(RunDir):
+    """A run directory as the ranks other than 0 of a torchrun job see it: they read what rank 0 wrote (the
+    checkpoint they resume from, a finished run's results) and write nothing, not even its lock."""
+
+    def lock(self) -> Any:
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    def begin(self, resumed_step: int) -> None:
+        pass
+
+    def write_config(self, yaml_text: str) -> None:
+        pass
+
+    def append_metrics(self, record: dict[str, Any]) -> None:
+        pass
+
+    def save_checkpoint(self, step: int, tensors: dict[str, torch.Tensor], meta: dict[str, Any], keep: int) -> None:
+        pass
+
+    def prune_checkpoints(self, keep: int) -> None:
+        pass
+
+    def save_head(self, name: str, state: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+        pass
+
+    def write_results(self, results: dict[str, Any]) -> None:
+        pass
+
+    def write_eval(self, split: str, checkpoint: str, result: dict[str, Any]) -> Path:
+        return self.path / "eval" / f"{split}-{checkpoint}.json"
