@@ -6,6 +6,7 @@ an unknown or mistyped key is always one line naming the key and the valid ones.
 """
 from __future__ import annotations
 
+import copy
 import difflib
 from pathlib import Path
 from typing import Any, TypeVar
@@ -13,7 +14,7 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from align.common.errors import AlignError
+from align.common.errors import AlignError, shorten
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -62,8 +63,6 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
     """A copy of ``data`` with each ``key.sub=value`` override applied (type checks happen at validation)."""
-    import copy
-
     out = copy.deepcopy(data)
     for text in overrides or []:
         parts, value = parse_override(text)
@@ -108,12 +107,6 @@ def format_validation_error(exc: ValidationError, model: type[BaseModel], source
     if isinstance(value, (dict, list)):  # a whole section: the message names the problem, the key says where
         return shorten(f"{source}: {key}: {err['msg']}")
     return shorten(f"{source}: {key}: {err['msg']} (got {shorten(repr(value), 80)})")
-
-
-def shorten(text: str, limit: int = 300) -> str:
-    """``text`` cut to ``limit`` characters (an error line must stay one line, whatever the input was)."""
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
 def validate(model: type[M], data: dict[str, Any], source: str = "config") -> M:

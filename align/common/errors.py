@@ -4,6 +4,12 @@ The CLI prints its message on one line and exits with code 2; the message must s
 """
 
 
+def shorten(text: str, limit: int = 300) -> str:
+    """``text`` cut to ``limit`` characters (an error line must stay one line, whatever the input was)."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
 class AlignError(Exception):
     """A user-facing error: its message is shown as is, without a traceback."""
 

@@ -7,10 +7,11 @@ import math
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
-from align.common.errors import AlignError
+from align.common.errors import AlignError, shorten
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)  # no space left, disk quota exceeded: the user's to fix, not a bug
 
@@ -22,8 +23,6 @@ def is_disk_full(exc: BaseException) -> bool:
 
 def disk_full_error(path: str | Path) -> AlignError:
     """The one line for a write to ``path`` that ran out of space: where, how much is free, and that a rerun resumes."""
-    from align.common.config import shorten
-
     folder = Path(path).parent
     while not folder.is_dir() and folder != folder.parent:
         folder = folder.parent
@@ -114,10 +113,6 @@ def wait_until_visible(paths: list[Path], what: str, timeout_s: float = 180.0, p
     """Wait until every file of ``paths`` exists here: files other ranks have just written to a shared file system
     (an NFS client keeps "no such file" answers for up to a minute; listing the folder again makes it ask the
     server). AlignError after ``timeout_s`` naming the first file still missing: the folder is not shared."""
-    import time
-
-    from align.common.config import shorten
-
     deadline = time.monotonic() + timeout_s
     missing = [Path(p) for p in paths]
     while True:

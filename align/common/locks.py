@@ -7,12 +7,14 @@ dies (kill -9 too), so a stale lock file never blocks a rerun; the file itself s
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
 from align.common.errors import AlignError
+from align.common.files import require_folder_path
 
 LOCK_FILE = ".lock"
 
@@ -20,10 +22,6 @@ LOCK_FILE = ".lock"
 @contextmanager
 def exclusive(folder: str | Path, what: str, hint: str = "wait for it to finish, or stop it") -> Iterator[None]:
     """Hold ``folder``'s lock for the block; AlignError naming the holder's PID if another process has it."""
-    import fcntl
-
-    from align.common.files import require_folder_path
-
     folder = require_folder_path(folder, what)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK_FILE

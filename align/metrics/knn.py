@@ -81,7 +81,7 @@ def _torch_candidates(q: Tensor, g: Tensor, m: int) -> tuple[Tensor, Tensor]:
 
 
 def _faiss_index(g: Tensor):
-    import faiss
+    import faiss  # heavy: loaded only when a FAISS search runs
 
     index = faiss.IndexFlatIP(g.shape[1])
     index.add(g.cpu().numpy())
@@ -208,7 +208,7 @@ def approximate_index(gallery: Tensor, kind: Literal["hnsw", "ivf"] = "hnsw", *,
     which ``nprobe`` (default nlist/16, at least 16) are scanned per query. Check its recall with
     ``neighbour_recall`` against ``knn_search`` on a sample of queries.
     """
-    import faiss
+    import faiss  # heavy: loaded only when an approximate index is built
 
     g = _as_matrix(gallery, "gallery").cpu().numpy()
     n, d = g.shape

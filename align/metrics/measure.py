@@ -20,10 +20,15 @@ import math
 from typing import Any, Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from align.cache.embeddings import PairedEmbeddings
 from align.common.errors import AlignError
+from align.metrics.alignment import cka, cknna, mutual_knn
+from align.metrics.retrieval import retrieval_recall
+from align.metrics.sharpness import hessian_top_eigenvalue, hessian_trace, worst_case_sharpness
+from align.metrics.zeroshot import class_embeddings, zero_shot_metrics
 
 ALIGNMENT_KEYS = ("mutual_knn", "cknna", "cka")
 ZEROSHOT_KEYS = ("zeroshot_top1", "zeroshot_top5", "zeroshot_balanced_accuracy")
@@ -75,8 +80,6 @@ def encode(model: torch.nn.Module, paired: PairedEmbeddings, device: torch.devic
 def embedding_metrics(image: Tensor, text: Tensor, caption_to_image: Tensor, first_caption: Tensor,
                       ks: Sequence[int], knn_k: int, backend: str = "faiss") -> tuple[dict[str, float], list[str]]:
     """Metrics of (N_img, Di) images and (N_cap, Dt) captions → (metrics, notes). Retrieval only if Di == Dt."""
-    from align.metrics import cka, cknna, mutual_knn, retrieval_recall
-
     if backend == "faiss":  # FAISS searches host memory
         image, text = image.cpu(), text.cpu()
     metrics: dict[str, float] = {}
@@ -100,8 +103,6 @@ def embedding_metrics(image: Tensor, text: Tensor, caption_to_image: Tensor, fir
 
 def zero_shot(image: Tensor, prompts: Tensor, labels: Tensor) -> tuple[dict[str, float], Tensor]:
     """(N, D) image features, (C, T, D) prompt features (same space), (N,) labels → (metrics, (C, C) confusion)."""
-    from align.metrics.zeroshot import class_embeddings, zero_shot_metrics
-
     return zero_shot_metrics(image, labels, class_embeddings(prompts), ks=(1, 5))
 
 
@@ -167,8 +168,6 @@ def evaluate_embeddings(paired: PairedEmbeddings, ks: Sequence[int] = (1, 5, 10)
 def top_images(image: Tensor, queries: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """(N, D) images, (Q, D) caption queries → (Q, k) cosine scores and image indices, best first (ties: the
     lower index)."""
-    import torch.nn.functional as F
-
     sim = F.normalize(queries.float(), dim=-1) @ F.normalize(image.float(), dim=-1).T
     order = torch.sort(sim, dim=1, descending=True, stable=True).indices[:, :min(k, image.shape[0])]
     return torch.gather(sim, 1, order), order
@@ -187,8 +186,6 @@ def head_sharpness(model: torch.nn.Module, loss_fn: Callable[..., Tensor], image
     Measured in the space of the head weights with the logit scale (and SigLIP bias) held fixed: the temperature
     sits on a clamp boundary in many runs, and including it would mix two very different scales. fp32, no autocast.
     """
-    from align.metrics import hessian_top_eigenvalue, hessian_trace, worst_case_sharpness
-
     logit_ids = {id(p) for p in getattr(model, "logit_parameters", lambda: [])()}
     params = [p for p in model.parameters() if p.requires_grad and id(p) not in logit_ids]
 

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from align.optim.defaults import BASE_CLASSES
+from align.optim.registry import create_optimizer, optimizer_info
 from align.optim.sam import ASAM, MSAM, SAM, FisherSAM
 
 BASES = tuple(BASE_CLASSES)  # sgd, adam, adamw: the codes are their positions
@@ -101,8 +102,6 @@ def head_hparams(name: str, *, lr: float, weight_decay: float = 0.0, momentum: f
     """One head's resolved hyper-parameters, read off the reference optimizer ``create_optimizer`` builds (its
     defaults, its ValueErrors). ``grad_clip`` is the SAM family's ``max_grad_norm`` or the single-pass clip;
     ``perturbation`` ("global" | "local") matters only to the SAM family under torchrun."""
-    from align.optim.registry import create_optimizer, optimizer_info
-
     if perturbation not in ("global", "local"):
         raise ValueError(f"perturbation must be global or local, got {perturbation!r}")
     two_pass = optimizer_info(name).two_pass

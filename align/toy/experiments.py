@@ -20,6 +20,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
+from torch.func import jacrev, vmap
 
 from align.optim import create_optimizer, optimizer_info
 from align.optim.step import finish, first_pass
@@ -82,8 +83,6 @@ def gradients(loss_fn: LossFn, points: Tensor) -> Tensor:
 
 def hessians(loss_fn: LossFn, points: Tensor) -> Tensor:
     """∇²ℓ at each point by autograd (vectorised with torch.func): points[N, 2] → [N, 2, 2]."""
-    from torch.func import jacrev, vmap
-
     # Reverse-over-reverse: torch.func.hessian's forward mode would load TorchScript decompositions (slow, warns).
     return vmap(jacrev(jacrev(loss_fn)))(points.detach())
 

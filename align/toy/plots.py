@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from align.common.files import atomic_write_bytes, json_safe
@@ -56,8 +57,7 @@ def _surface(loss_fn, lim: float, n: int = 300) -> tuple[Any, Any, Any]:
 
 def _banana_background(ax, lim: float) -> None:
     """Filled log-contours of the banana loss, its valley θ₁θ₂ = 1, the saddle and the flattest minima."""
-    import numpy as np
-    from matplotlib.colors import LogNorm
+    from matplotlib.colors import LogNorm  # heavy: only when a figure is drawn
 
     x, y, z = _surface(banana, lim)
     levels = np.logspace(-3, math.log10(max(z.max(), 1.0)), 25)
@@ -83,7 +83,7 @@ def _method_of(key: str) -> str:
 
 def plot_banana(result: ToyResult):
     """Fig. 1: trajectories of GD, SAM and M-SAM over the banana loss, and loss per step."""
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # heavy: only when a figure is drawn
 
     fig = Figure(figsize=(11, 4.8))
     ax, ax2 = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1.15, 1]})
@@ -113,8 +113,7 @@ def plot_banana(result: ToyResult):
 
 def plot_sinc(result: ToyResult):
     """Fig. 2: start and final points of SAM and M-SAM on the sinc loss, one row per ρ."""
-    import numpy as np
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # heavy: only when a figure is drawn
 
     rhos = result.settings["rhos"]
     methods = list(dict.fromkeys(_method_of(k) for k in result.runs))
@@ -149,15 +148,14 @@ def plot_sinc(result: ToyResult):
 
 
 def _circle(radius: float):
-    from matplotlib.patches import Circle
+    from matplotlib.patches import Circle  # heavy: only when a figure is drawn
 
     return Circle((0.0, 0.0), radius, fill=False, color="white", lw=1.0, ls="--")
 
 
 def plot_paraboloid(result: ToyResult):
     """Fig. 3: iterates on the parabola ℓ = θ² and loss per step, one column per learning rate."""
-    import numpy as np
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # heavy: only when a figure is drawn
 
     lrs = result.settings["lrs"]
     fig = Figure(figsize=(5.2 * len(lrs), 7.5))
@@ -189,9 +187,8 @@ def plot_paraboloid(result: ToyResult):
 
 def plot_stability(result: ToyResult):
     """Fig. 4: heatmaps of the second eigenvalue of A_ρ, rows = methods, columns = ρ; blue = attracting."""
-    import numpy as np
-    from matplotlib.colors import SymLogNorm
-    from matplotlib.figure import Figure
+    from matplotlib.colors import SymLogNorm  # heavy: only when a figure is drawn
+    from matplotlib.figure import Figure  # heavy: only when a figure is drawn
 
     maps = result.extra["second_eigenvalue"]
     rhos = result.settings["rhos"]
@@ -227,8 +224,7 @@ def plot_stability(result: ToyResult):
 
 def plot_grid(result: ToyResult):
     """Fig. 5: trajectories from a grid of starts, end points coloured by saddle / flattest / elsewhere."""
-    import numpy as np
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # heavy: only when a figure is drawn
 
     methods = list(result.runs)
     fig = Figure(figsize=(4.3 * len(methods), 4.6))
