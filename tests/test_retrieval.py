@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from align.common.errors import AlignError
-from align.metrics.retrieval import retrieval_recall
+from align.metrics.retrieval import approximate_retrieval_recall, retrieval_recall
 
 
 def brute_force(img, txt, c2i, ks):
@@ -140,7 +140,7 @@ def test_approximate_index_option_reports_its_recall(kind):
     txt = img[c2i] + 0.3 * rng.standard_normal((800, 16)).astype(np.float32)
     args = (torch.from_numpy(img), torch.from_numpy(txt), torch.from_numpy(c2i))
     exact = retrieval_recall(*args, ks=(1, 5))
-    approx = retrieval_recall(*args, ks=(1, 5), index=kind, check_queries=200)
+    approx = approximate_retrieval_recall(*args, ks=(1, 5), kind=kind, check_queries=200)
     assert set(approx) == {"i2t_R@1", "i2t_R@5", "t2i_R@1", "t2i_R@5", "i2t_index_recall@5", "t2i_index_recall@5"}
     assert approx["i2t_index_recall@5"] > 0.8 and approx["t2i_index_recall@5"] > 0.8
     for key in ("i2t_R@1", "i2t_R@5", "t2i_R@1", "t2i_R@5"):

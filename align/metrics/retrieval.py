@@ -162,10 +162,16 @@ def _topk_ranks(img: Tensor, txt: Tensor, c2i: Tensor, kmax: int, search_i2t, se
     return i2t, t2i
 
 
-def _approximate(img: Tensor, txt: Tensor, c2i: Tensor, ks: Sequence[int], kind: str, check_queries: int,
-                 seed: int, chunk_size: int) -> dict[str, float]:
-    """R@k from approximate indexes both ways, plus each index's neighbour recall@kmax against exact search
-    on ``check_queries`` random queries per direction (keys ``i2t_index_recall@K`` / ``t2i_index_recall@K``)."""
+def approximate_retrieval_recall(image_emb: Tensor, text_emb: Tensor, caption_to_image: Tensor,
+                                 ks: Sequence[int] = (1, 5, 10), kind: Literal["hnsw", "ivf"] = "hnsw",
+                                 check_queries: int = 1000, seed: int = 0, chunk_size: int = 1024) -> dict[str, float]:
+    """R@k from approximate FAISS indexes both ways (for galleries too large for exact search; no ranks), plus
+    each index's neighbour recall@kmax against exact search on ``check_queries`` random queries per direction
+    (keys ``i2t_index_recall@K`` / ``t2i_index_recall@K``). Inputs as ``retrieval_recall``'s."""
+    _check_ks(ks)
+    if kind not in ("hnsw", "ivf"):
+        raise AlignError(f"unknown approximate index {kind!r}; use 'hnsw' or 'ivf'")
+    img, txt, c2i = (t.cpu() for t in _prepare(image_emb, text_emb, caption_to_image))
     kmax = max(ks)
     cap_index, img_index = approximate_index(txt, kind, seed=seed), approximate_index(img, kind, seed=seed)
     i2t, t2i = _topk_ranks(img, txt, c2i, kmax, lambda q, k: cap_index.search(q, k)[1],
@@ -180,26 +186,24 @@ def _approximate(img: Tensor, txt: Tensor, c2i: Tensor, ks: Sequence[int], kind:
     return out
 
 
-def retrieval_recall(image_emb: Tensor, text_emb: Tensor, caption_to_image: Tensor, ks: Sequence[int] = (1, 5, 10),
-                     backend: Literal["faiss", "torch"] = "torch", chunk_size: int = 1024, ranks: bool = True,
-                     index: Literal["exact", "hnsw", "ivf"] = "exact", check_queries: int = 1000,
-                     seed: int = 0) -> dict[str, float]:
-    """(N_img, D) images, (N_cap, D) captions, (N_cap,) caption→image → {i2t_R@k, t2i_R@k, *_mean_rank, *_median_rank}.
-
-    Recalls are fractions in [0, 1]; ranks are 1-based. Exact (``index="exact"``): both backends give identical
-    numbers (see module doc); ``torch`` does it all in one pass on the inputs' device, ``faiss`` runs on the
-    CPU. ``index="hnsw"|"ivf"``: R@k from approximate FAISS indexes (for galleries too large for exact search;
-    no ranks), with each index's neighbour recall against exact search on ``check_queries`` sampled queries.
-    """
+def _check_ks(ks: Sequence[int]) -> None:
     if not ks or min(ks) < 1:
         raise AlignError(f"recall cut-offs must be positive integers, got {list(ks)}")
+
+
+def retrieval_recall(image_emb: Tensor, text_emb: Tensor, caption_to_image: Tensor, ks: Sequence[int] = (1, 5, 10),
+                     backend: Literal["faiss", "torch"] = "torch", chunk_size: int = 1024,
+                     ranks: bool = True) -> dict[str, float]:
+    """(N_img, D) images, (N_cap, D) captions, (N_cap,) caption→image → {i2t_R@k, t2i_R@k, *_mean_rank, *_median_rank}.
+
+    Exact search. Recalls are fractions in [0, 1]; ranks are 1-based. Both backends give identical numbers (see
+    module doc); ``torch`` does it all in one pass on the inputs' device, ``faiss`` runs on the CPU. For galleries
+    too large for exact search: ``approximate_retrieval_recall``.
+    """
+    _check_ks(ks)
     if backend not in ("faiss", "torch"):
         raise AlignError(f"unknown retrieval backend {backend!r}; use 'faiss' or 'torch'")
-    if index not in ("exact", "hnsw", "ivf"):
-        raise AlignError(f"unknown retrieval index {index!r}; use 'exact', 'hnsw' or 'ivf'")
     img, txt, c2i = _prepare(image_emb, text_emb, caption_to_image)
-    if index != "exact":
-        return _approximate(img.cpu(), txt.cpu(), c2i.cpu(), ks, index, check_queries, seed, chunk_size)
     if backend == "torch":
         i2t, t2i = _rank_pass(img, txt, c2i, chunk_size)
         return _summary(i2t, t2i, ks, ranks)

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from align.optim.defaults import BASE_CLASSES
-from align.optim.registry import create_optimizer, optimizer_info
+from align.optim.registry import BASE_HPARAMS, create_optimizer, optimizer_info
 from align.optim.sam import ASAM, MSAM, SAM, FisherSAM
 
 BASES = tuple(BASE_CLASSES)  # sgd, adam, adamw: the codes are their positions
@@ -96,18 +96,19 @@ class HeadHparams:
         return self.method != NONE
 
 
-def head_hparams(name: str, *, lr: float, weight_decay: float = 0.0, momentum: float = 0.0,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, base: str | None = None,
-                 grad_clip: float | None = None, perturbation: str = "global", **method: Any) -> dict[str, Any]:
-    """One head's resolved hyper-parameters, read off the reference optimizer ``create_optimizer`` builds (its
-    defaults, its ValueErrors). ``grad_clip`` is the SAM family's ``max_grad_norm`` or the single-pass clip;
-    ``perturbation`` ("global" | "local") matters only to the SAM family under torchrun."""
+def head_hparams(name: str, *, lr: float, base: str | None = None, grad_clip: float | None = None,
+                 perturbation: str = "global", **hparams: Any) -> dict[str, Any]:
+    """One head's resolved hyper-parameters, read off the reference optimizer ``create_optimizer`` builds from the
+    same arguments (its defaults, its ValueErrors). ``grad_clip`` is the SAM family's ``max_grad_norm`` or the
+    single-pass clip; ``perturbation`` ("global" | "local") matters only to the SAM family under torchrun."""
     if perturbation not in ("global", "local"):
         raise ValueError(f"perturbation must be global or local, got {perturbation!r}")
     two_pass = optimizer_info(name).two_pass
-    extra = dict(method, base=base, max_grad_norm=grad_clip) if two_pass else {}
-    opt = create_optimizer(name, [torch.zeros(1, requires_grad=True)], lr=lr, weight_decay=weight_decay,
-                           momentum=momentum, betas=betas, eps=eps, **extra)
+    if two_pass:
+        hparams = dict(hparams, base=base, max_grad_norm=grad_clip)
+    else:  # the base optimizers take their own knobs only
+        hparams = {k: v for k, v in hparams.items() if k in BASE_HPARAMS}
+    opt = create_optimizer(name, [torch.zeros(1, requires_grad=True)], lr=lr, **hparams)
     base_opt = opt.base_optimizer if two_pass else opt
     group = base_opt.param_groups[0]
     b1, b2 = group.get("betas", (0.9, 0.999))
@@ -289,7 +290,7 @@ def perturbation(params: Params, grads: Params, specs: Mapping[str, ParamSpec], 
     if len(codes) == 1:  # the usual pack: one method, computed on the whole pack
         delta, guard = _RULES[codes[0]](params, g, pert, extra, hp, grad_norm, metric, on)
     else:
-        delta, guard = _by_method(params, g, pert, extra, hp, grad_norm, metric, on, codes)
+        delta, guard = _by_method(params, g, pert, extra, hp, grad_norm, metric, on)
     ok = usable(guard)
     applied, skipped = on & ok, on & ~ok
     everyone = bool(applied.all())  # the usual pack: no selection needed
@@ -302,12 +303,12 @@ def perturbation(params: Params, grads: Params, specs: Mapping[str, ParamSpec], 
     return Perturbation(out, applied, skipped, grad_norm, delta_norm)
 
 
-def _by_method(params, g, pert, extra, hp, grad_norm, metric, on, codes):
+def _by_method(params, g, pert, extra, hp, grad_norm, metric, on):
     """δ and the guard of a pack that mixes methods: each method on its own heads only (rows gathered, computed,
     put back), so a mixed pack costs what its parts cost."""
     delta = {n: torch.zeros_like(params[n]) for n in pert}
     guard = grad_norm.double().clone()
-    for code in codes:
+    for code in sorted(set(hp.method[on].tolist())):
         idx = torch.nonzero(hp.method == code).flatten()
         sub = None
         if metric is not None:

@@ -54,36 +54,44 @@ def default_hparams(name: str) -> dict[str, Any]:
     return dict(optimizer_info(name).defaults)
 
 
-def _base(name: str, lr: float, weight_decay: float, momentum: float, betas: tuple[float, float],
-          eps: float) -> tuple[type[Optimizer], dict[str, Any]]:
+# What the base optimizers take besides lr, with the values an omitted one takes (SGD uses momentum, Adam and AdamW
+# betas and eps; all of them weight decay).
+BASE_HPARAMS: Mapping[str, Any] = MappingProxyType({"weight_decay": 0.0, "momentum": 0.0, "betas": (0.9, 0.999),
+                                                    "eps": 1e-8})
+
+
+def _base(name: str, lr: float, given: Mapping[str, Any]) -> tuple[type[Optimizer], dict[str, Any]]:
+    """The base optimizer class ``name`` and its keyword arguments from the ``BASE_HPARAMS`` in ``given``."""
     if name not in BASE_CLASSES:
         raise ValueError(f"unknown base optimizer {name!r}; choose one of {', '.join(BASE_OPTIMIZERS)}")
+    hp = {k: given.get(k, v) for k, v in BASE_HPARAMS.items()}
     if name == "sgd":
-        return BASE_CLASSES[name], dict(lr=lr, momentum=momentum, weight_decay=weight_decay)
-    return BASE_CLASSES[name], dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+        return BASE_CLASSES[name], dict(lr=lr, momentum=hp["momentum"], weight_decay=hp["weight_decay"])
+    return BASE_CLASSES[name], dict(lr=lr, betas=tuple(hp["betas"]), eps=hp["eps"], weight_decay=hp["weight_decay"])
 
 
-def create_optimizer(name: str, params: Iterable[Any], *, lr: float, weight_decay: float = 0.0,
-                     momentum: float = 0.0, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                     base: str | None = None, max_grad_norm: float | None = None, **method: Any) -> Optimizer:
-    """Build a registered optimizer. ``base``/``max_grad_norm`` and the ``method`` hyper-parameters (rho, eta,
-    alpha, metric_beta, norm_scope: whichever ``default_hparams(name)`` lists) belong to the SAM family; the base
-    optimizers ignore them, so one set of arguments builds every entry.
+def create_optimizer(name: str, params: Iterable[Any], *, lr: float, base: str | None = None,
+                     max_grad_norm: float | None = None, **hparams: Any) -> Optimizer:
+    """Build a registered optimizer. ``hparams``: the base optimizer's (``BASE_HPARAMS``: weight_decay, momentum,
+    betas, eps) and the SAM family's own (rho, eta, alpha, metric_beta, norm_scope: whichever
+    ``default_hparams(name)`` lists). ``base``/``max_grad_norm`` and the method hyper-parameters belong to the SAM
+    family; the base optimizers ignore them, so one set of arguments builds every entry.
 
     Hyper-parameters left out or None take the entry's defaults, the same values the classes use as constructor
     defaults; one a SAM-family method does not have is a ValueError.
     """
     info = optimizer_info(name)
+    method = {k: v for k, v in hparams.items() if k not in BASE_HPARAMS}
     if info.sam_class is None:
         if max_grad_norm is not None:
             raise ValueError("max_grad_norm is applied by the SAM family; clip in the training loop for base optimizers")
-        cls, kwargs = _base(name, lr, weight_decay, momentum, betas, eps)
+        cls, kwargs = _base(name, lr, hparams)
         return cls(params, **kwargs)
     d = info.defaults
     unknown = sorted(k for k, v in method.items() if v is not None and (k not in d or k == "base"))
     if unknown:
         raise ValueError(f"{', '.join(unknown)} {'is not a parameter' if len(unknown) == 1 else 'are not parameters'}"
                          f" of {name}")
-    cls, kwargs = _base(base if base is not None else d["base"], lr, weight_decay, momentum, betas, eps)
+    cls, kwargs = _base(base if base is not None else d["base"], lr, hparams)
     hparams = {k: (method[k] if method.get(k) is not None else v) for k, v in d.items() if k != "base"}
     return info.sam_class(params, cls, max_grad_norm=max_grad_norm, **hparams, **kwargs)

@@ -16,7 +16,8 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from types import MappingProxyType
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -127,19 +128,19 @@ def build_toy_optimizer(method: str, param: Tensor, *, lr: float, rho: float, et
 
 
 def run_optimizer(loss_fn: LossFn, starts: Tensor, method: str, *, lr: float, rho: float, steps: int,
-                  eta: float | None = None, tol: float | None = None, alpha: float | None = None) -> Trajectories:
+                  tol: float | None = None, **hparams: float | None) -> Trajectories:
     """Run ``method`` from each start (starts[B, 2]) for at most ``steps`` steps, each run with its own optimizer.
 
     The B runs are independent: one optimizer per run, because one optimizer over B parameters would share a
     single global gradient norm. Only the forward/backward passes are batched (the loss is a sum of per-run
     terms, so each parameter receives exactly its own gradient). With ``tol``, a run stops once
-    ‖θₜ − θₜ₋₂‖ < tol: a fixed point, or the 2-cycle SAM-type updates settle into. ``alpha``: M-SAM's metric
-    scale (None: the registry default, 1).
+    ‖θₜ − θₜ₋₂‖ < tol: a fixed point, or the 2-cycle SAM-type updates settle into. ``hparams``: ``eta`` (ASAM,
+    Fisher SAM) and ``alpha`` (M-SAM's metric scale), as ``build_toy_optimizer`` takes them (None: the defaults).
     """
     if starts.ndim != 2 or starts.shape[1] != 2:
         raise ValueError(f"starts must have shape [B, 2], got {tuple(starts.shape)}")
     params = [torch.nn.Parameter(s.detach().to(DTYPE).clone().view(1, 2)) for s in starts]
-    opts = [build_toy_optimizer(method, p, lr=lr, rho=rho, eta=eta, alpha=alpha) for p in params]
+    opts = [build_toy_optimizer(method, p, lr=lr, rho=rho, **hparams) for p in params]
     b = len(params)
     points = [[p.detach().view(2).clone()] for p in params]
     losses: list[list[float]] = [[] for _ in range(b)]
@@ -349,19 +350,23 @@ def grid_starts(n: int = 10, lim: float = 3.0) -> Tensor:
     return torch.cartesian_prod(axis, axis)
 
 
+GRID_TOL = 1e-7  # a grid run has stopped once ‖θₜ − θₜ₋₂‖ is below this
+GRID_RADIUS = 0.2  # a run "ends at" the saddle or a flattest minimum within this distance (Figure 5's classes)
+GRID_ETAS = MappingProxyType({"asam": 0.01, "fsam": 1.0})  # η of the methods that have one
+
+
 def grid_experiment(n: int = 10, lim: float = 3.0, lr: float = 0.01, rho: float = 1.0, max_steps: int = 500,
-                    tol: float = 1e-7, methods: Sequence[str] = ("sam", "msam", "fsam", "asam"),
-                    asam_eta: float = 0.01, fsam_eta: float = 1.0, radius: float = 0.2,
-                    alpha: float | None = None) -> ToyResult:
+                    methods: Sequence[str] = ("sam", "msam", "fsam", "asam"),
+                    etas: Mapping[str, float] = GRID_ETAS, alpha: float | None = None) -> ToyResult:
     """Fig. 5: each method from each start of an n×n grid on the banana loss; count ends at the saddle / (±1, ±1).
 
-    Convergence: a run stops when ‖θₜ − θₜ₋₂‖ < tol, else after ``max_steps``. Near a minimum SAM-type updates
+    Convergence: a run stops when ‖θₜ − θₜ₋₂‖ < ``GRID_TOL``, else after ``max_steps``. Near a minimum SAM-type updates
     with a finite lr settle into a small limit cycle rather than a point, so many runs stop at the cap; their
     class (saddle / flattest / elsewhere on the valley) no longer changes by then except for ASAM's slow drift.
     ``alpha``: M-SAM's metric scale (0 repeats SAM's runs exactly).
     """
     starts = grid_starts(n, lim)
-    etas = {"asam": asam_eta, "fsam": fsam_eta}
+    tol, radius = GRID_TOL, GRID_RADIUS
     runs: dict[str, Trajectories] = {}
     summary = []
     for m in methods:
@@ -376,7 +381,7 @@ def grid_experiment(n: int = 10, lim: float = 3.0, lr: float = 0.01, rho: float 
                         "mean_loss": tr.final_losses.mean().item()})
     settings = {"loss": "(1 - t1*t2)^2", "grid": f"{n}x{n} on [-{lim:g}, {lim:g}]^2", "lr": lr, "rho": rho,
                 "max_steps": max_steps, "converged": f"||theta_t - theta_(t-2)|| < {tol:g}",
-                "asam_eta": asam_eta, "fsam_eta": fsam_eta, "msam_alpha": _msam_alpha(alpha), "radius": radius,
+                "asam_eta": etas.get("asam"), "fsam_eta": etas.get("fsam"), "msam_alpha": _msam_alpha(alpha), "radius": radius,
                 "at_saddle": "final point within radius of (0, 0)", "at_flat": "within radius of (+-1, +-1)", "base": "SGD (no momentum)"}
     return ToyResult("grid", settings, summary, runs, {"starts": starts})
 
