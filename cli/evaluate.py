@@ -7,6 +7,8 @@ from typing import Any, Optional
 import typer
 
 from align.cli.common import console, err_console, user_errors
+from align.common.errors import AlignError
+from align.common.files import require_file_path
 
 
 def print_eval(result: dict[str, Any]) -> None:
@@ -45,10 +47,9 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Retrieval recall (both ways), alignment metrics and, on a labelled split (mnist), zero-shot accuracy of a
         trained head (confusion matrix PNG under RUN/eval/), or of raw embeddings (--cache)."""
-        from align.train import runs
-        from align.common.errors import AlignError
+        from align.cache.store import find_cache  # the library loads torch: imported when the command runs
         from align.eval.evaluate import evaluate_cache, evaluate_run
-        from align.common.files import require_file_path
+        from align.train.runs import write_json
 
         if run_dir is None and cache is None:
             raise AlignError("give either a RUN_DIR or --cache KEY_OR_PATH (both: the run's heads on that cache)")
@@ -59,17 +60,18 @@ def register(app: typer.Typer) -> None:
         if gallery is not None:
             require_file_path(gallery, "--gallery")
         say = lambda m: err_console.print(m, highlight=False)  # noqa: E731
+        folder = None if cache is None else find_cache(cache, cache_root)
         if run_dir is not None:
             if checkpoint not in ("best", "last"):
                 raise AlignError(f"unknown --checkpoint {checkpoint!r}: use best or last")
             result = evaluate_run(run_dir, split=split or "test", checkpoint=checkpoint, device=device,
-                                  backend=backend, log=say, gallery=gallery, cache=cache, cache_root=cache_root)
+                                  backend=backend, log=say, gallery=gallery, cache=folder)
         else:
             confusion = None if out is None else out.with_name(f"{out.stem}-confusion.png")
-            result = evaluate_cache(cache, split=split, cache_root=cache_root, knn_k=knn_k,
-                                    backend=backend or "faiss", gallery=gallery, confusion=confusion, log=say)
+            result = evaluate_cache(folder, split=split, knn_k=knn_k, backend=backend or "faiss", gallery=gallery,
+                                    confusion=confusion, log=say)
         if out is not None:  # before printing: a failed write is then the only output
-            runs.write_json(out, result)
+            write_json(out, result)
         print_eval(result)
         if out is not None:
             console.print(f"wrote {out}", highlight=False)

@@ -75,12 +75,12 @@ def photo_cache(tmp_path_factory) -> Path:
 
 
 def test_gallery_rows_are_the_top_images_by_cosine_and_the_png_is_written(photo_cache, tmp_path, monkeypatch):
-    from align.eval import plots as eval_plots
     from align.cache.read import load_cache_dir
+    from align.eval import evaluate
 
     seen: list = []
-    real = eval_plots.gallery_figure
-    monkeypatch.setattr(eval_plots, "gallery_figure", lambda path, rows, title: seen.append(rows) or real(path, rows,
+    real = evaluate.gallery_figure
+    monkeypatch.setattr(evaluate, "gallery_figure", lambda path, rows, title: seen.append(rows) or real(path, rows,
                                                                                                            title))
     out = tmp_path / "gallery.png"
     result = runner.invoke(app, ["eval", "--cache", str(photo_cache), "--knn-k", "2", "--gallery", str(out)],

@@ -13,27 +13,32 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
+from align.cache.read import load_cache_dir, manifest_of, source_rows
+from align.common.config import load_config, shorten
+from align.common.device import pick_device
 from align.common.errors import AlignError, is_out_of_memory, out_of_memory_error
-from align.metrics.measure import confusion_record, evaluate_embeddings, evaluate_head, head_zero_shot, top_images
-from align.common.progress import Log
-from align.train.runs import RunDir
 from align.common.files import json_safe
+from align.common.progress import Log
+from align.data import datasets
+from align.data.datasets import DatasetSpec
+from align.eval.plots import confusion_figure, gallery_figure
+from align.metrics.measure import (confusion_record, encode, evaluate_embeddings, evaluate_head, head_zero_shot,
+                                   top_images)
+from align.train.config import TrainConfig
+from align.train.heads import build_model
+from align.train.memory import check_head_fits
+from align.train.run_data import load_data, resolve_dims
+from align.train.runs import RunDir
 
 
 def evaluate_run(run_dir: Path, split: str = "test", checkpoint: str = "best", device: str | None = None,
                  backend: str | None = None, log: Log | None = None, gallery: Path | None = None,
-                 cache: str | Path | None = None, cache_root: str | Path | None = None) -> dict[str, Any]:
+                 cache: Path | None = None) -> dict[str, Any]:
     """Evaluate a trained run's head on ``split`` → results dict, also written to RUN/eval/SPLIT-CHECKPOINT.json
     (and its zero-shot confusion matrix to SPLIT-CHECKPOINT-confusion.png on a labelled split; the retrieval
-    gallery to ``gallery`` when given). ``cache``: evaluate on that cache instead (any set embedded by the run's
-    encoders, e.g. photos for a head trained on digits), recorded as RUN/eval/cache-KEY-CHECKPOINT.json."""
-    from align.common.config import load_config
-    from align.common.device import pick_device
-    from align.train.heads import build_model
-    from align.train.memory import check_head_fits
-    from align.train.run_data import resolve_dims
-    from align.train.config import TrainConfig
-
+    gallery to ``gallery`` when given). ``cache``: evaluate on that cache folder instead (any set embedded by the
+    run's encoders, e.g. photos for a head trained on digits; ``align.cache.store.find_cache`` finds it by key),
+    recorded as RUN/eval/cache-KEY-CHECKPOINT.json."""
     run = RunDir(run_dir)
     if not run.is_run():
         raise AlignError(f"{run.path} is not a run directory (no {run.config_path.name}): give the folder align "
@@ -42,7 +47,7 @@ def evaluate_run(run_dir: Path, split: str = "test", checkpoint: str = "best", d
     if backend is not None:
         cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"backend": backend})})
     state, meta = run.load_head(checkpoint)
-    paired, spec, split = _run_data(cfg, split, cache, cache_root)
+    paired, spec, split = _run_data(cfg, split, cache)
     cfg = resolve_dims(cfg, paired)
     notes = [] if cfg.eval.knn_k < paired.num_images else [  # said, so that they are not missing without a word
         f"mutual_knn/cknna skipped: {paired.num_images} images is not more than the run's eval.knn_k={cfg.eval.knn_k}"]
@@ -77,24 +82,17 @@ def evaluate_run(run_dir: Path, split: str = "test", checkpoint: str = "best", d
     return json_safe(dict(result, written_to=str(out)))
 
 
-def _run_data(cfg: Any, split: str, cache: str | Path | None, cache_root: str | Path | None) -> tuple[Any, Any, str]:
+def _run_data(cfg: Any, split: str, cache: Path | None) -> tuple[Any, Any, str]:
     """(embeddings, their dataset spec, the label of the evaluation): the run's own split, or another cache made by
     the run's encoders (AlignError naming both otherwise)."""
-    from align.cache.store import find_cache
-    from align.cache.read import load_cache_dir, manifest_of
-    from align.data.datasets import DatasetSpec
-    from align.train.run_data import load_data
-
     if cache is None:
         if split not in cfg.data.splits:
             raise AlignError(f"split {split!r} is not in the run's data.splits ({', '.join(cfg.data.splits)})")
         return load_data(cfg, [split])[split], cfg.data.dataset, split
-    path = find_cache(cache, cache_root)
+    path = Path(cache)
     manifest = manifest_of(path)
     wanted = {"image": cfg.data.image_encoder.describe(), "text": cfg.data.text_encoder.describe()}
     if {k: manifest["encoders"].get(k) for k in wanted} != wanted:
-        from align.common.config import shorten
-
         def pair(encoders: dict) -> str:
             return " + ".join(shorten(str(encoders.get(k)), 48) for k in ("image", "text"))
 
@@ -104,15 +102,11 @@ def _run_data(cfg: Any, split: str, cache: str | Path | None, cache_root: str | 
 
 
 def _head_features(model: torch.nn.Module, paired: Any, device: torch.device) -> tuple[Tensor, Tensor]:
-    from align.metrics.measure import encode
-
     image, text = encode(model, paired, device)
     return image.cpu(), text.cpu()
 
 
 def _confusion_png(path: Path, result: dict[str, Any], what: str) -> Path:
-    from align.eval.plots import confusion_figure
-
     top1 = result["metrics"].get("zeroshot_top1")
     title = f"zero-shot confusion, {what}" + (f" (top-1 {100 * top1:.1f}%)" if top1 is not None else "")
     return confusion_figure(path, result["zeroshot"]["confusion"], result["zeroshot"]["classes"], title)
@@ -123,10 +117,6 @@ def draw_gallery(paired: Any, image: Tensor, text: Tensor, spec: Any, path: Path
     """For ``queries`` images spread over the split, one caption each (the q-th query takes its image's caption q,
     cycling), the top-``k`` images by cosine, read again from the dataset ``spec`` the cache was made from → a
     PNG at ``path``."""
-    from align.data import datasets
-    from align.cache.read import source_rows
-    from align.eval.plots import gallery_figure
-
     if image.shape[1] != text.shape[1]:
         raise AlignError(f"no gallery: image dimension {image.shape[1]} differs from text dimension {text.shape[1]} "
                          "(no common space without a head): give a RUN_DIR instead of --cache")
@@ -161,17 +151,12 @@ def _load_head_state(model: torch.nn.Module, state: dict[str, Tensor], run_dir: 
     model.load_state_dict(state)
 
 
-def evaluate_cache(key_or_path: str | Path, split: str | None = None, cache_root: str | Path | None = None,
-                   ks: Sequence[int] = (1, 5, 10), knn_k: int = 8, backend: str = "faiss",
-                   gallery: Path | None = None, confusion: Path | None = None,
+def evaluate_cache(path: Path, split: str | None = None, ks: Sequence[int] = (1, 5, 10), knn_k: int = 8,
+                   backend: str = "faiss", gallery: Path | None = None, confusion: Path | None = None,
                    log: Log | None = None) -> dict[str, Any]:
-    """Metrics of the raw embeddings in a cache folder, or of cache ``key`` (a unique prefix will do) under
-    ``cache_root``; optionally the retrieval gallery and (when zero-shot is defined) the confusion matrix PNGs."""
-    from align.cache.store import find_cache
-    from align.cache.read import load_cache_dir, manifest_of
-    from align.data.datasets import DatasetSpec
-
-    path = find_cache(key_or_path, cache_root)
+    """Metrics of the raw embeddings in a cache folder (``align.cache.store.find_cache`` finds one by key);
+    optionally the retrieval gallery and (when zero-shot is defined) the confusion matrix PNGs."""
+    path = Path(path)
     paired = load_cache_dir(path)
     if split is not None and paired.meta.get("split") != split:
         raise AlignError(f"cache {path.name} holds split {paired.meta.get('split')!r}, not {split!r}: "
