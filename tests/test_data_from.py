@@ -15,7 +15,7 @@ from align.common.config import dump_config, load_config, load_yaml, read_config
 from align.common.errors import AlignError
 from align.study.config import CompareConfig
 from align.train.config import TrainConfig
-from test_compare import study_config as tiny_study  # noqa: F401  (the fixture study_config: a tiny study)
+from test_embed_cli import save_tiny_clip
 from test_train import make_cache, train_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -241,19 +241,31 @@ def test_the_packaged_compare_configs_dry_run_through_their_reference(elsewhere)
 
 
 @pytest.mark.slow
-def test_a_study_from_a_reference_is_the_study_from_the_copied_section(study_config, tmp_path):
-    """results.csv byte for byte, and the study's config.yaml holds the full data section."""
-    config = yaml.safe_load(study_config.read_text())
-    write_yaml(tmp_path / "data" / "embed.yaml", config["data"])
-    studies = {"copied": {**config, "study_dir": str(tmp_path / "copied")},
-               "referenced": {"data_from": "data/embed.yaml", "study_dir": str(tmp_path / "referenced"),
-                              **{k: v for k, v in config.items() if k not in ("data", "study_dir")}}}
+def test_a_study_from_a_reference_is_the_study_from_the_copied_section(tmp_path):
+    """results.csv byte for byte, one set of caches for both, and the study's config.yaml holds the full data."""
+    (tmp_path / "tiny-clip").mkdir()
+    encoder = {"backend": "open_clip", "model": f"local-dir:{save_tiny_clip(tmp_path / 'tiny-clip', seed=0)}"}
+    data = {"dataset": {"kind": "synthetic", "synthetic": {"train_images": 24, "val_images": 8, "test_images": 8,
+                                                           "image_size": 32, "captions_per_image": 2}},
+            "image_encoder": encoder, "text_encoder": encoder, "batch_size": 8, "device": "cpu",
+            "cache_root": str(tmp_path / "cache")}
+    write_yaml(tmp_path / "data" / "embed.yaml", data)
+    shared = {"name": "tiny", "workers": 1, "reference": "sam", "head": {"kind": "linear", "out_dim": 8},
+              "schedule": {"steps": 16, "batch_size": 8, "warmup_steps": 2},
+              "eval": {"every": 8, "knn_k": 2, "ks": [1, 5], "sharpness": False},
+              "loss_at_step": 8, "checkpoint_every": 8, "device": "cpu",
+              "grid": {"optimizers": ["sam", "msam"], "lrs": [0.01], "rhos": [0.05], "seeds": [0, 1]}}
+    studies = {"copied": {**shared, "data": data}, "referenced": {**shared, "data_from": "data/embed.yaml"}}
     for name, study in studies.items():
+        study["study_dir"] = str(tmp_path / name)
         result = runner.invoke(app, ["compare", "--config", str(write_yaml(tmp_path / f"{name}.yaml", study)),
                                      "--no-progress"])
         assert result.exit_code == 0, result.output
     copied, referenced = tmp_path / "copied", tmp_path / "referenced"
     assert (copied / "results.csv").read_bytes() == (referenced / "results.csv").read_bytes()
+    assert len((copied / "results.csv").read_text().splitlines()) == 1 + 4
+    caches = sorted(p.name.split("-")[1] for p in (tmp_path / "cache").iterdir() if p.is_dir())
+    assert caches == ["test", "train", "val"]  # the second study found the first one's caches: the same keys
     saved = {d: yaml.safe_load((d / "config.yaml").read_text()) for d in (copied, referenced)}
-    assert "data_from" not in saved[referenced] and saved[referenced]["data"] == saved[copied]["data"]
+    assert "data_from" not in saved[referenced] and saved[referenced]["data"]["cache_root"] == data["cache_root"]
     assert {**saved[referenced], "study_dir": ""} == {**saved[copied], "study_dir": ""}
