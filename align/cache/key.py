@@ -29,7 +29,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from align.common import paths
-from align.common.config import StrictModel
+from align.common.config import StrictModel, apply_overrides, parse_override, read_config, validate
 from align.common.errors import AlignError
 from align.data.datasets import DatasetSpec
 from align.data.encoders import EncoderSpec
@@ -77,11 +77,10 @@ class EmbedConfig(StrictModel):
 def load_embed_config(path: str | Path, overrides: list[str] | None = None) -> EmbedConfig:
     """An EmbedConfig from a YAML file that is one, or that holds one under ``data:`` (train/compare configs).
 
-    ``--set`` overrides use the file's own key paths (``batch_size=32``, or ``data.batch_size=32``).
+    A ``data_from:`` reference counts as the ``data:`` section it names. ``--set`` overrides use the file's own
+    key paths (``batch_size=32``, or ``data.batch_size=32``).
     """
-    from align.common.config import apply_overrides, load_yaml, parse_override, validate
-
-    raw = load_yaml(path)
+    raw = read_config(path)
     if isinstance(raw.get("data"), dict):
         for text in overrides or []:
             if parse_override(text)[0][0] != "data":  # would land outside the embed settings, unseen

@@ -1,5 +1,10 @@
 """Config plumbing shared by every command: strict pydantic models, YAML loading and ``--set`` overrides.
 
+A train or compare config may name its ``data:`` section instead of holding it: ``data_from: embed/synthetic_offline``
+(a packaged embed config, or a path to one relative to the config's folder). ``read_config`` replaces the reference
+by that file's settings, so everything downstream (validation, ``--set data.x=...``, the config.yaml a run or a
+study saves, config hashes, cache keys) sees the full section, exactly as if it had been copied in.
+
 Each module owns the pydantic model of its own section (``EncoderSpec`` in encoders, ``TrainConfig`` in train,
 ...); this file only provides the strict base class and the loading/override/error-formatting rules, so that
 an unknown or mistyped key is always one line naming the key and the valid ones.
@@ -14,9 +19,11 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from align.common.config_files import resolve_data_from
 from align.common.errors import AlignError, shorten
 
 M = TypeVar("M", bound=BaseModel)
+DATA_FROM = "data_from"  # the key naming an embed config whose settings are the config's data: section
 
 
 class StrictModel(BaseModel):
@@ -44,6 +51,29 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise AlignError(f"config {path} must be a mapping of keys to values, got {type(data).__name__}")
     return data
+
+
+def read_config(path: str | Path) -> dict[str, Any]:
+    """The mapping in config file ``path`` (``load_yaml``) with a ``data_from:`` reference replaced, in place, by
+    ``data:`` holding the named embed config's settings; an AlignError naming the problem when the reference is
+    combined with ``data:``, names no file, or names a file that is not an embed config."""
+    raw = load_yaml(path)
+    if DATA_FROM not in raw:
+        return raw
+    if "data" in raw:
+        raise AlignError(f"{path}: give either data: or data_from:, not both")
+    target = resolve_data_from(raw[DATA_FROM], path)
+    section = load_yaml(target)
+    named = f"{path}: data_from {raw[DATA_FROM]} ({target})"
+    hint = "name an embed config, e.g. embed/synthetic_offline"
+    if DATA_FROM in section:  # one level only: no chains, so no cycles
+        raise AlignError(f"{named} uses data_from itself (a train or compare config, or a chain); {hint}")
+    if "data" in section:
+        raise AlignError(f"{named} is a train or compare config (it has a data: section); {hint}")
+    if "dataset" not in section:
+        raise AlignError(f"{named} is not an embed config (it has no dataset: section); {hint}")
+    return {("data" if key == DATA_FROM else key): (section if key == DATA_FROM else value)
+            for key, value in raw.items()}
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -119,8 +149,9 @@ def validate(model: type[M], data: dict[str, Any], source: str = "config") -> M:
 
 def load_config(model: type[M], path: str | Path | None, overrides: list[str] | None = None,
                 defaults: dict[str, Any] | None = None) -> M:
-    """Load ``path`` (or ``defaults``), apply ``--set`` overrides and validate strictly into ``model``."""
-    data = load_yaml(path) if path is not None else dict(defaults or {})
+    """Load ``path`` (``read_config``: a ``data_from:`` is resolved) or ``defaults``, apply ``--set`` overrides and
+    validate strictly into ``model``."""
+    data = read_config(path) if path is not None else dict(defaults or {})
     return validate(model, apply_overrides(data, overrides), source=str(path or "config"))
 
 
