@@ -162,7 +162,7 @@ class HubSource:
             cells.append(row[image_col])
             if limit is not None and len(ids) >= limit:
                 break
-        return ids, caption_lists, MemoryImages(cells, ids, self._base)
+        return ids, caption_lists, _MemoryImages(cells, ids, self._base)
 
     def _read_table(self, ds: Any, image_col: str, caption_col: str, accepted: set[str] | None) \
             -> tuple[list[str], list[list[str]], Any]:
@@ -181,10 +181,10 @@ class HubSource:
             rows.append(r)
             if limit is not None and len(ids) >= limit:
                 break
-        return ids, caption_lists, HubImages(ds.select_columns([image_col]), image_col, rows, ids, self._base)
+        return ids, caption_lists, _HubImages(ds.select_columns([image_col]), image_col, rows, ids, self._base)
 
 
-class HubImages:
+class _HubImages:
     """Picklable loader of one image column of a (memory-mapped) ``datasets.Dataset``; decodes per item."""
 
     def __init__(self, ds: Any, column: str, rows: list[int], ids: list[str], base: Path | None) -> None:
@@ -195,20 +195,20 @@ class HubImages:
             value = self.ds[self.rows[i]][self.column]
         except Exception as exc:  # an arrow read error on a damaged row
             raise ImageUnreadable(f"image {self.ids[i]}: cannot read row ({type(exc).__name__}: {exc})") from None
-        return decode_cell(value, self.ids[i], self.base)
+        return _decode_cell(value, self.ids[i], self.base)
 
 
-class MemoryImages:
+class _MemoryImages:
     """Loader over encoded image cells kept from a streamed split (bytes, not decoded pixels)."""
 
     def __init__(self, cells: list[Any], ids: list[str], base: Path | None) -> None:
         self.cells, self.ids, self.base = cells, ids, base
 
     def __call__(self, i: int) -> Image.Image:
-        return decode_cell(self.cells[i], self.ids[i], self.base)
+        return _decode_cell(self.cells[i], self.ids[i], self.base)
 
 
-def decode_cell(value: Any, image_id: str, base: Path | None) -> Image.Image:
+def _decode_cell(value: Any, image_id: str, base: Path | None) -> Image.Image:
     """An undecoded image cell ({bytes, path}, raw bytes, a path, or a PIL image) → RGB image."""
     if isinstance(value, Image.Image):
         return value.convert("RGB")

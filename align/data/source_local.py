@@ -33,7 +33,7 @@ METADATA_FILES = ("metadata.jsonl", "metadata.csv")
 FLAT_SPLIT = "train"  # what a source without splits is called (as in ``datasets``)
 
 
-class FileImages:
+class _FileImages:
     """Picklable loader of image files: ``root / relpath``."""
 
     def __init__(self, root: Path, relpaths: list[str]) -> None:
@@ -71,7 +71,7 @@ class LocalSource:
             raise AlignError(f"{rows.source}: no rows for split {split!r}")
         meta = {"source": str(rows.source), "split": split}
         return self.selection.apply(f"{rows.source.name}/{split}", rows.relpaths, rows.captions,
-                                    FileImages(rows.root, rows.relpaths), meta)
+                                    _FileImages(rows.root, rows.relpaths), meta)
 
     def identity(self, split: str) -> dict[str, Any]:
         """The metadata file's bytes and the stat fingerprint of the selected images, plus the column mapping."""
