@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from align.cache import key as cache_keys, write as cache_write
-from align.data import datasets, encoders
+from align.data import datasets, encoder_weights, encoders
 from align.cache.key import EmbedConfig, cache_key
 from align.cache.write import embed_split
 from align.cache.store import list_caches, remove_cache, verify_cache
@@ -126,7 +126,7 @@ def test_key_covers_every_value_changing_option_and_nothing_else(tiny_dir, tmp_p
     data = bytearray(other.read_bytes())
     data[-1] ^= 0xFF
     other.write_bytes(bytes(data))
-    encoders._sha256_cached.cache_clear()
+    encoder_weights._sha256_cached.cache_clear()
     assert cache_key(make_cfg(tiny_dir, tmp_path, **file_spec), "train") != before
 
     for option, value in {"batch_size": 1, "device": "cuda", "num_workers": 3, "shard_size": 5, "strict": True,

@@ -12,7 +12,8 @@ import pytest
 from PIL import Image
 
 from align.common.config import dump_config, load_yaml, validate
-from align.data.datasets import DatasetSpec, ImageUnreadable, load_image_caption_split
+from align.data.caption_set import ImageUnreadable
+from align.data.datasets import DatasetSpec, load_image_caption_split
 from align.common.errors import AlignError
 
 COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (0, 255, 255)]

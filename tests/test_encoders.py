@@ -15,8 +15,9 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from align.data import encoders, hub
-from align.data.encoders import EncoderSpec, build_image_encoder, build_text_encoder
+from align.data import backend_common, encoder_weights, hub
+from align.data.encoder_spec import EncoderSpec
+from align.data.encoders import build_image_encoder, build_text_encoder
 from align.common.errors import AlignError
 
 TINY = "align-tiny-test"
@@ -37,9 +38,9 @@ def _images(n: int = 3) -> list[Image.Image]:
 
 @pytest.fixture(autouse=True)
 def _fresh_model_memo():
-    encoders._MODELS.clear()
+    backend_common._MODELS.clear()
     yield
-    encoders._MODELS.clear()
+    backend_common._MODELS.clear()
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +127,7 @@ def test_open_clip_hf_hub_reads_the_local_hub_cache_offline(tiny_clip, tmp_path,
     got = enc.encode(torch.stack([enc.preprocess(im) for im in images]))
     torch.testing.assert_close(got, _reference_image(model, preprocess, images), rtol=1e-5, atol=1e-5)
     assert spec.identity()["weights"] == {"source": "hub", "repo": "test-org/tiny-clip", "commit": commit,
-                                          "open_clip": encoders._version("open_clip_torch")}
+                                          "open_clip": encoder_weights.package_version("open_clip_torch")}
 
 
 def test_towers_from_two_models_and_one_model_loads_once(tiny_clip, monkeypatch):
@@ -162,7 +163,7 @@ def test_random_init_is_reproducible_and_identified(tiny_clip):
     images = _images(2)
     first = build_image_encoder(spec, CPU)
     a = first.encode(torch.stack([first.preprocess(im) for im in images]))
-    encoders._MODELS.clear()
+    backend_common._MODELS.clear()
     second = build_image_encoder(spec, CPU)
     b = second.encode(torch.stack([second.preprocess(im) for im in images]))
     assert first._forward.__self__ is not second._forward.__self__

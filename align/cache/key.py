@@ -32,7 +32,7 @@ from align.common import paths
 from align.common.config import StrictModel, apply_overrides, parse_override, read_config, validate
 from align.common.errors import AlignError
 from align.data.datasets import DatasetSpec
-from align.data.encoders import EncoderSpec
+from align.data.encoder_spec import EncoderSpec
 
 CACHE_FORMAT = 1
 MANIFEST = "manifest.json"

@@ -225,7 +225,7 @@ class _ImageItems(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str | None]:
         from PIL import Image
 
-        from align.data.datasets import ImageUnreadable
+        from align.data.caption_set import ImageUnreadable
 
         try:
             return index, self.preprocess(self.data.load_image(index)), None

