@@ -29,7 +29,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from align.common import paths
-from align.common.config import StrictModel
+from align.common.config import StrictModel, apply_overrides, load_yaml, parse_override, validate
 from align.common.errors import AlignError
 from align.data.datasets import DatasetSpec
 from align.data.encoders import EncoderSpec
@@ -79,8 +79,6 @@ def load_embed_config(path: str | Path, overrides: list[str] | None = None) -> E
 
     ``--set`` overrides use the file's own key paths (``batch_size=32``, or ``data.batch_size=32``).
     """
-    from align.common.config import apply_overrides, load_yaml, parse_override, validate
-
     raw = load_yaml(path)
     if isinstance(raw.get("data"), dict):
         for text in overrides or []:
