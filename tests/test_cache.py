@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from align.cache import key as cache_keys, write as cache_write
+from align.cache import key as cache_keys, work as cache_work, write as cache_write
 from align.data import datasets, encoder_weights, encoders
 from align.cache.key import EmbedConfig, cache_key
 from align.cache.write import embed_split
@@ -180,7 +180,7 @@ def test_float16_storage_and_normalisation(tiny_dir, tmp_path):
 
 
 def test_batch_and_shard_size_change_neither_key_nor_bytes(tiny_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(cache_write, "ENCODE_ROWS", 4)  # several micro-batches in 20 images and 40 captions
+    monkeypatch.setattr(cache_work, "ENCODE_ROWS", 4)  # several micro-batches in 20 images and 40 captions
     cfg_a = make_cfg(tiny_dir, tmp_path / "a", batch_size=4, shard_size=8)
     cfg_b = make_cfg(tiny_dir, tmp_path / "b", batch_size=1, shard_size=5)
     a = embed_split(cfg_a, "train", progress=False, log=quiet)
@@ -230,7 +230,7 @@ def _image_folder(root: Path, n: int = 6) -> Path:
 def test_unreadable_images_are_skipped_listed_and_their_captions_dropped(tiny_dir, tmp_path, monkeypatch):
     import open_clip
 
-    monkeypatch.setattr(cache_write, "ENCODE_ROWS", 4)  # two image shards, as the resume below writes them
+    monkeypatch.setattr(cache_work, "ENCODE_ROWS", 4)  # two image shards, as the resume below writes them
     folder = _image_folder(tmp_path / "images")
     cfg = make_cfg(tiny_dir, tmp_path / "cache", dataset={"kind": "imagefolder", "path": str(folder)},
                    shard_size=4, batch_size=3)
@@ -286,7 +286,7 @@ class _Broken:
 
 
 def test_nan_embeddings_are_an_error(tiny_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(cache_write, "ENCODE_ROWS", 4)  # the second micro-batch is images 4-7
+    monkeypatch.setattr(cache_work, "ENCODE_ROWS", 4)  # the second micro-batch is images 4-7
     real = encoders.build_image_encoder
     monkeypatch.setattr(encoders, "build_image_encoder", lambda spec, device: _Broken(real(spec, device)))
     cfg = make_cfg(tiny_dir, tmp_path)
@@ -356,12 +356,12 @@ def test_list_and_remove(tiny_dir, tmp_path):
 SLOW_RUN = textwrap.dedent("""
     import sys, time
     sys.path.insert(0, {repo!r})
-    from align.cache import write as cache_write
+    from align.cache import work as cache_work
     from align.cache.key import EmbedConfig
     from align.cache.write import embed_split
     from align.data import encoders
 
-    cache_write.ENCODE_ROWS = 4  # as in the test's own process: micro-batches of 4, five image shards
+    cache_work.ENCODE_ROWS = 4  # as in the test's own process: micro-batches of 4, five image shards
 
     real = encoders.build_image_encoder
     class Slow:
@@ -378,7 +378,7 @@ SLOW_RUN = textwrap.dedent("""
 
 
 def test_sigkill_mid_run_then_resume_gives_byte_identical_files(tiny_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(cache_write, "ENCODE_ROWS", 4)
+    monkeypatch.setattr(cache_work, "ENCODE_ROWS", 4)
     cfg = make_cfg(tiny_dir, tmp_path / "killed", batch_size=3, shard_size=4)  # one 4-row micro-batch per shard
     work = tmp_path / "killed" / cache_key(cfg, "train") / "work"
     proc = subprocess.Popen([sys.executable, "-c", SLOW_RUN.format(repo=str(REPO), cfg=cfg.model_dump_json())],

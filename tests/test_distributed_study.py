@@ -221,15 +221,15 @@ KILLER = textwrap.dedent("""
     if os.environ.get("RANK") is not None and os.environ.get("RANK") == os.environ.get("ALIGN_TEST_KILL_RANK"):
         what, arg = os.environ["ALIGN_TEST_KILL_AT"].split(":", 1)
         if what == "file":  # right after an embed shard's .json (the shard counts as done) is written
-            import align.cache.write as cache
-            original = cache._write_text
+            import align.cache.work as cache_work
+            original = cache_work.save_text
 
             def write_then_maybe_die(path, text):
                 original(path, text)
                 if path.name == arg:
                     os.kill(os.getpid(), signal.SIGKILL)
 
-            cache._write_text = write_then_maybe_die
+            cache_work.save_text = write_then_maybe_die
         else:  # "step": right after a cell logs this training step
             import align.train.runs as runs
             original = runs.append_metrics

@@ -18,7 +18,7 @@ import torch
 import yaml
 from typer.testing import CliRunner
 
-from align.cache import key as cache_keys, read as cache_read, store as cache_store, write as cache_write
+from align.cache import key as cache_keys, read as cache_read, store as cache_store, work as cache_work
 from align.cache.key import cache_key
 from align.cache.write import embed_split
 from align.cli.main import app
@@ -55,12 +55,12 @@ def one_line(result) -> str:
 
 HOLDER = textwrap.dedent("""
     import sys, time
-    from align.cache import write as cache_write
+    from align.cache import work as cache_work
     from align.data import encoders
     from align.cache.key import EmbedConfig
     from align.cache.write import embed_split
 
-    cache_write.ENCODE_ROWS = 4
+    cache_work.ENCODE_ROWS = 4
     real = encoders.build_image_encoder
     class Slow:
         def __init__(self, inner):
@@ -90,7 +90,7 @@ def test_an_embed_finds_its_key_locked_and_is_refused_in_one_line(tiny_dir, tmp_
 
 @pytest.mark.slow
 def test_a_second_concurrent_embed_is_refused_naming_the_first_ones_pid(tiny_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(cache_write, "ENCODE_ROWS", 4)
+    monkeypatch.setattr(cache_work, "ENCODE_ROWS", 4)
     section = embed_section(tiny_dir, tmp_path / "cache")
     cfg = cache_keys.EmbedConfig.model_validate(section)
     folder = tmp_path / "cache" / cache_key(cfg, "train")
@@ -123,7 +123,7 @@ def reference(tiny_dir, tmp_path_factory) -> Path:
     """An uninterrupted embed (ENCODE_ROWS = 4) to compare resumed runs with."""
     root = tmp_path_factory.mktemp("reference")
     mp = pytest.MonkeyPatch()
-    mp.setattr(cache_write, "ENCODE_ROWS", 4)
+    mp.setattr(cache_work, "ENCODE_ROWS", 4)
     try:
         return embed_split(cache_keys.EmbedConfig.model_validate(embed_section(tiny_dir, root)), "train",
                            progress=False, log=lambda m: None)
@@ -136,12 +136,12 @@ def reference(tiny_dir, tmp_path_factory) -> Path:
                                        (10, "text.npy")])
 def test_disk_full_is_one_line_leaves_no_temp_file_and_resumes_byte_identical(tiny_dir, tmp_path, monkeypatch,
                                                                               reference, nth, what):
-    monkeypatch.setattr(cache_write, "ENCODE_ROWS", 4)
+    monkeypatch.setattr(cache_work, "ENCODE_ROWS", 4)
     section = embed_section(tiny_dir, tmp_path / "cache")
     (tmp_path / "embed.yaml").write_text(yaml.safe_dump(section))
     folder = tmp_path / "cache" / reference.name
     calls = []
-    real = cache_write._write_npy
+    real = cache_work._write_npy
 
     def full_disk(fh, array):
         calls.append(1)
@@ -150,7 +150,7 @@ def test_disk_full_is_one_line_leaves_no_temp_file_and_resumes_byte_identical(ti
             raise OSError(errno.ENOSPC, "No space left on device")
         real(fh, array)
 
-    monkeypatch.setattr(cache_write, "_write_npy", full_disk)
+    monkeypatch.setattr(cache_work, "_write_npy", full_disk)
     line = one_line(runner.invoke(app, ["embed", "--config", str(tmp_path / "embed.yaml"), "--no-progress"]))
     assert line == (f"no space left on the device writing {folder / what}: free some space, then run the same "
                     f"`align embed` again (finished shards are kept and it resumes)")
@@ -159,7 +159,7 @@ def test_disk_full_is_one_line_leaves_no_temp_file_and_resumes_byte_identical(ti
     done = sorted(p.name for p in (folder / "work").glob("*.json") if p.name != "plan.json")
     assert len(done) == min(nth - 1, 8)  # every shard finished before the failure is kept
 
-    monkeypatch.setattr(cache_write, "_write_npy", real)
+    monkeypatch.setattr(cache_work, "_write_npy", real)
     result = runner.invoke(app, ["embed", "--config", str(tmp_path / "embed.yaml"), "--no-progress"])
     assert result.exit_code == 0 and "resuming" in result.output, result.output
     for name in cache_keys.ARRAYS:
@@ -169,13 +169,13 @@ def test_disk_full_is_one_line_leaves_no_temp_file_and_resumes_byte_identical(ti
 
 
 def test_other_write_errors_are_one_line_too(tiny_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(cache_write, "ENCODE_ROWS", 4)
+    monkeypatch.setattr(cache_work, "ENCODE_ROWS", 4)
     (tmp_path / "embed.yaml").write_text(yaml.safe_dump(embed_section(tiny_dir, tmp_path / "cache")))
 
     def read_only(path, text):
         raise PermissionError(errno.EACCES, "Permission denied", str(path))
 
-    monkeypatch.setattr(cache_write, "atomic_write_text", read_only)
+    monkeypatch.setattr(cache_work, "atomic_write_text", read_only)
     line = one_line(runner.invoke(app, ["embed", "--config", str(tmp_path / "embed.yaml"), "--no-progress"]))
     assert line.startswith("cannot write ") and line.endswith("plan.json: Permission denied (check the folder's "
                                                               "permissions and disk)")

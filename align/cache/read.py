@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from numpy.lib import format as npy
 
 from align.cache.embeddings import PairedEmbeddings
 from align.cache.key import ARRAYS, CACHE_FORMAT, LABEL_ARRAYS, MANIFEST, VERIFIED, WORK, EmbedConfig, cache_path
@@ -80,7 +81,8 @@ def _load_manifest(path: Path) -> dict[str, Any]:
     return manifest
 
 
-def _is_count(value: Any, least: int = 0) -> bool:
+def is_count(value: Any, least: int = 0) -> bool:
+    """Whether a JSON value is an integer ≥ ``least`` (a bool is not one)."""
     return isinstance(value, int) and not isinstance(value, bool) and value >= least
 
 
@@ -97,7 +99,7 @@ def _structure_problem(m: Any) -> str | None:
                                   ("dims", ("image", "text"), 1)):
         for name in names:
             value = m[section].get(name)
-            if not _is_count(value, least):
+            if not is_count(value, least):
                 return f"{section}.{name} must be an integer ≥ {least}, found {shorten(repr(value), 40)}"
     if set(m["files"]) not in (set(ARRAYS), set(ARRAYS + LABEL_ARRAYS)):
         listed = shorten(", ".join(map(str, m["files"])), 80) or "nothing"
@@ -107,8 +109,8 @@ def _structure_problem(m: Any) -> str | None:
         return "a labelled cache needs 'classes': {names: [text, ...], templates: [text, ...]}, both non-empty"
     for name, info in m["files"].items():
         if not (isinstance(info, dict) and isinstance(info.get("shape"), list)
-                and all(_is_count(n) for n in info["shape"]) and isinstance(info.get("dtype"), str)
-                and _is_count(info.get("bytes")) and isinstance(info.get("sha256"), str)
+                and all(is_count(n) for n in info["shape"]) and isinstance(info.get("dtype"), str)
+                and is_count(info.get("bytes")) and isinstance(info.get("sha256"), str)
                 and re.fullmatch(r"[0-9a-f]{64}", info["sha256"])):
             return f"files[{name!r}] must be {{shape: [integers], dtype: text, bytes: integer, sha256: 64 hex}}"
     return None
@@ -168,8 +170,6 @@ def _checked(path: Path, rehash: bool) -> tuple[dict[str, Any], dict[str, np.nda
 
 def _npy_header(file: Path) -> tuple[tuple[int, ...], np.dtype, int]:
     """(shape, dtype, data offset) from a ``.npy`` header, read with numpy's safe parser (no pickle, no eval)."""
-    from numpy.lib import format as npy
-
     try:
         with open(file, "rb") as fh:
             version = npy.read_magic(fh)

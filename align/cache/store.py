@@ -15,10 +15,11 @@ from align.cache.read import check_cache, is_complete, read_manifest
 from align.common import paths
 from align.common.config import shorten
 from align.common.errors import AlignError
+from align.common.locks import exclusive
 
 TOP_NAMES = set(ARRAYS) | set(LABEL_ARRAYS) | {MANIFEST, VERIFIED, WORK, ".lock"}
 WORK_NAME = re.compile(r"plan\.json|(image|text)-\d{5}\.(npy|json)|classes\.(npy|json)")
-TEMP_NAME = re.compile(r"\..+\.tmp")  # _atomic_save's and atomic_write_text's temporary files
+TEMP_NAME = re.compile(r"\..+\.tmp")  # align.cache.work.save_array's and atomic_write_text's temporary files
 
 
 def _foreign_names(path: Path) -> list[str]:
@@ -101,8 +102,6 @@ def remove_cache(root: str | Path, key: str) -> Path:
 
     Only a real cache is removed: a folder holding a manifest or an embed in progress, and nothing an embed
     never writes. An ``align embed`` still writing it (its lock held) is refused with its PID."""
-    from align.common.locks import exclusive
-
     path = resolve_cache(root, key)
     if path.is_symlink() or path.resolve().parent != Path(root).resolve():
         raise AlignError(f"{path} is not directly under {root}: refusing to delete it")

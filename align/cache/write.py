@@ -1,38 +1,42 @@
-"""``align embed``: encode a dataset split once with frozen encoders into its cache folder (edge layer).
+"""``align embed``: one split of one embed config encoded with frozen encoders into its cache folder (edge layer).
 
-Encoders run on fixed micro-batches of ``ENCODE_ROWS`` rows cut at multiples of the global row index (shards are
-whole micro-batches), so the stored bytes do not depend on batch_size or shard_size. A run encodes fixed shards,
-each written atomically, frozen in ``work/plan.json``, so a run killed at any point and started again finishes
-with files byte-identical to an uninterrupted run. One ``align embed`` writes a key at a time (its lock).
+An ``EmbedJob`` claims the folder (a finished cache is checked and reused), prepares the run (a killed run's
+leftovers removed, the shard plan frozen in ``work/plan.json``), encodes the shards still to do
+(``align.cache.encode``, each written atomically into ``work/``), then finalizes: the arrays assembled from the
+shards, written atomically, and the manifest last. A run killed at any point and started again finishes with files
+byte-identical to an uninterrupted run. One ``align embed`` writes a key at a time (its lock).
 
-Under ``torchrun`` (``align.common.distributed``) the ranks of one job write a key together: rank 0 takes the
-lock, cleans up and freezes the plan; the shards still to do are dealt out (the i-th to rank i mod world size),
-every rank writes its own into ``work/``; after a barrier rank 0 assembles the arrays and writes the manifest.
-All ranks must therefore see one ``cache_root`` (a shared file system across nodes). A killed rank's finished
-shards stay, so a rerun with any number of ranks resumes, and on one kind of device the arrays equal a single
-process's.
+Under ``torchrun`` (``align.common.distributed``) the ranks of one job write a key together: rank 0 decides (is it
+finished? the plan, the shards left) and every rank hears its answer; the shards still to do are dealt out (the
+i-th to rank i mod world size) and every rank writes its own into ``work/``; then every rank runs the finalize,
+which rank 0's ``CacheWriter`` does and the others' ``ReadOnlyCacheWriter`` skips, and waits for it. All ranks must
+therefore see one ``cache_root`` (a shared file system across nodes). A killed rank's finished shards stay, so a
+rerun with any number of ranks resumes, and on one kind of device the arrays equal a single process's.
 """
 from __future__ import annotations
 
-import errno
 import json
-import os
-import shutil
 import time
+from contextlib import ExitStack
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 
-from align.cache.key import CACHE_FORMAT, ENCODE_ROWS, MANIFEST, VERIFIED, WORK, EmbedConfig, cache_identity, cache_key
-from align.cache.read import _is_count, check_cache
-from align.common.config import shorten
+from align.cache.encode import ShardEncoder
+from align.cache.key import CACHE_FORMAT, MANIFEST, VERIFIED, WORK, EmbedConfig, cache_identity, cache_key
+from align.cache.read import check_cache
+from align.cache.work import ShardContents, Todo, WorkFolder, save_array, save_text
+from align.common import distributed
+from align.common.device import pick_device
 from align.common.errors import AlignError
-from align.common.files import atomic_write_text, sha256_file, wait_until_visible
-from align.common.progress import Log, progress_bar
+from align.common.files import wait_until_visible
+from align.common.locks import exclusive
+from align.common.progress import Log
+from align.data import datasets, encoders
 
 
 def embed_all(cfg: EmbedConfig, progress: bool = True, log: Log = print) -> dict[str, Path]:
@@ -49,128 +53,234 @@ def embed_split(cfg: EmbedConfig, split: str, progress: bool = True, log: Log = 
 
     Under ``torchrun`` every rank calls this: rank 0 holds the lock, decides and finalizes, the shards are shared
     out between the ranks, all of which write into the same folder (a file system every rank sees)."""
-    from contextlib import ExitStack
-
-    from align.common import distributed
-    from align.data import encoders
-
     with distributed.main_first():  # hub files fetched once, so the key sees the final weights
         encoders.prepare_weights(cfg.image_encoder)
         encoders.prepare_weights(cfg.text_encoder)
-    key = cache_key(cfg, split)
-    final = Path(cfg.cache_root) / key
-    with ExitStack() as lock:  # rank 0's: held from the "is it finished?" check to the manifest
-        if distributed.from_main(lambda: _claim(final, lock)):
-            log(f"{split}: cached ({key})")
-            return final
-        return _embed_locked(cfg, split, key, final, progress, log)
+    return EmbedJob(cfg, split, progress=progress, log=log).run()
 
 
-def _claim(final: Path, lock: Any) -> bool:
-    """True when ``final`` is a finished (and sound) cache; else take its lock into the ExitStack ``lock``."""
-    from align.common.locks import exclusive
+class EmbedJob:
+    """One split of one embed config written into its cache folder, by this rank: claim → prepare → encode this
+    rank's shards → finalize (arrays, then the manifest). Every rank of a torchrun job runs its own."""
 
-    if (final / MANIFEST).exists():  # readers never take the lock: a finished cache is only read
-        check_cache(final)
-        return True
-    lock.enter_context(exclusive(final, "cache", "another `align embed` is writing it; wait for it to finish"))
-    if (final / MANIFEST).exists():  # finished by another process while this one waited to look
-        check_cache(final)
-        return True
-    return False
+    def __init__(self, cfg: EmbedConfig, split: str, progress: bool = True, log: Log = print) -> None:
+        self.cfg, self.split, self.log = cfg, split, log
+        self.rank = distributed.current()
+        self.progress = progress and self.rank.is_main  # the bars of rank 0 alone
+        self.key = cache_key(cfg, split)
+        self.folder = Path(cfg.cache_root) / self.key
+        self.writer = CacheWriter.for_rank(self.folder, self.rank)
+        self.data: Any = None  # the split's images and captions (load)
+        self.work: WorkFolder | None = None  # the frozen plan and its shards (prepare)
+        self.todo: Todo | None = None  # the shards still to do (prepare)
+        self.device: torch.device | None = None  # where this rank encodes (encode)
 
+    def run(self) -> Path:
+        """The cache folder: a finished one checked and reused, else written (finished shards are kept)."""
+        with self.writer:  # rank 0's lock: held from the "is it finished?" check to the manifest
+            if distributed.from_main(self.writer.claim):
+                self.log(f"{self.split}: cached ({self.key})")
+                return self.folder
+            started = time.perf_counter()
+            self.load()
+            self.work, self.todo = distributed.from_main(self.prepare)
+            with distributed.together():  # every rank's shards written (or the first failure raised everywhere)
+                rates = self.encode()
+            rates = distributed.gather_objects(rates)
+            with distributed.together():  # rank 0 writes the cache, the others wait for it
+                self.writer.finalize(self)
+            for r, rank_rates in enumerate(rates):
+                who = f"rank {r} of {len(rates)}: " if len(rates) > 1 else ""
+                self.log(f"{self.split}: {who}throughput this run: {'; '.join(rank_rates) or 'nothing left to encode'}"
+                         f"; {time.perf_counter() - started:.1f} s in all")
+        return self.folder
 
-def _embed_locked(cfg: EmbedConfig, split: str, key: str, final: Path, progress: bool, log: Log) -> Path:
-    """embed_split's work, with the key's lock held: load the split, encode missing shards, write the cache.
+    def load(self) -> None:
+        """The split's images and captions (rank 0 first: what a dataset downloads or converts, it does once)."""
+        with distributed.main_first():
+            self.data = datasets.load_image_caption_split(self.cfg.dataset, self.split)
+            _check_captions(self.data, self.split)
+        n_img, n_cap = len(self.data.image_ids), len(self.data.captions)
+        if n_img == 0 or n_cap == 0:
+            raise AlignError(f"split {self.split!r} of dataset {self.data.name} has {n_img} images and {n_cap} "
+                             f"captions: nothing to embed (check the dataset config)")
 
-    With several ranks, rank 0 cleans up and freezes the plan, the shards still to do are dealt out (the i-th of
-    them to rank i mod world size), and rank 0 assembles the cache once every rank is done. A shard's bytes do not
-    depend on which rank encodes it (fixed micro-batches), so the arrays equal a single process's."""
-    from align.common import distributed
-    from align.data import datasets
+    def prepare(self) -> tuple[WorkFolder, Todo]:
+        """(the frozen plan, what is left to do), decided by rank 0 with the lock held: a killed run's leftovers
+        removed first, the plan of an interrupted run of the same data reused."""
+        self.writer.clean()
+        work = WorkFolder.freeze(self.folder / WORK, self.key, len(self.data.image_ids), len(self.data.captions),
+                                 self.cfg.shard_size, self.log)
+        todo = work.todo(labelled=self.data.labels is not None)
+        if todo.resumed:
+            n_img, n_txt = len(work.image_shards), len(work.text_shards)
+            self.log(f"{self.split}: resuming: {n_img - len(todo.images)}/{n_img} image shards and "
+                     f"{n_txt - len(todo.captions)}/{n_txt} caption shards already done")
+        return work, todo
 
-    started = time.perf_counter()
-    with distributed.main_first():
-        data = datasets.load_image_caption_split(cfg.dataset, split)
-        _check_captions(data, split)
-    n_img, n_cap = len(data.image_ids), len(data.captions)
-    if n_img == 0 or n_cap == 0:
-        raise AlignError(f"split {split!r} of dataset {data.name} has {n_img} images and {n_cap} captions: "
-                         f"nothing to embed (check the dataset config)")
-    work = final / WORK
-    plan, todo_img, todo_txt, resumed = distributed.from_main(lambda: _prepare(final, key, n_img, n_cap, cfg, split,
-                                                                               log))
-    image_shards, text_shards = _shards(n_img, plan["shard_size"]), _shards(n_cap, plan["shard_size"])
-    me = distributed.current()
-    with distributed.together():  # every rank's shards written (or the first failure raised everywhere)
-        rates, device = _encode_share(cfg, split, data, work, image_shards, text_shards,
-                                      todo_img[me.rank::me.world_size], todo_txt[me.rank::me.world_size],
-                                      progress and me.is_main, log)
-    rates = distributed.gather_objects(rates)
+    def encode(self) -> list[str]:
+        """This rank's share of the shards still to do (the i-th to rank i mod world size; the few class prompts
+        to rank 0), each encoder built only when it has some → this rank's throughput lines.
 
-    def finish() -> dict[str, Any]:
-        if me.distributed:  # the other ranks' shards, on a shared file system that may show them late
-            wait_until_visible([work / f"{kind}-{s:05d}.{ext}" for kind, shards in (("image", image_shards),
-                                ("text", text_shards)) for s in range(len(shards)) for ext in ("npy", "json")],
-                               "embedding shards")
-        manifest = _finalize(cfg, split, key, data, final, work, image_shards, text_shards, plan, device, resumed)
-        shutil.rmtree(work, ignore_errors=True)
+        A shard's bytes do not depend on which rank encodes it (fixed micro-batches), so the arrays equal a
+        single process's."""
+        me, cfg, work = self.rank, self.cfg, self.work
+        images, captions = self.todo.images[me.rank::me.world_size], self.todo.captions[me.rank::me.world_size]
+        self.device = distributed.rank_device(pick_device(cfg.device))
+        shards = ShardEncoder(self.data, work, cfg, self.split, self.progress)
+        rates = []
+        if images:
+            image_encoder = encoders.build_image_encoder(cfg.image_encoder, self.device)
+            t0 = time.perf_counter()
+            shards.images(image_encoder, images)
+            rates.append(_rate(sum(len(work.image_shards[s]) for s in images), "images", time.perf_counter() - t0))
+        text_encoder = None
+        if captions:
+            text_encoder = encoders.build_text_encoder(cfg.text_encoder, self.device)
+            t0 = time.perf_counter()
+            shards.captions(text_encoder, captions)
+            rates.append(_rate(sum(len(work.text_shards[s]) for s in captions), "captions", time.perf_counter() - t0))
+        if self.todo.prompts and me.is_main:  # a labelled set's class prompts: a few rows, rank 0 encodes them
+            shards.prompts(text_encoder or encoders.build_text_encoder(cfg.text_encoder, self.device))
+        return rates
+
+    def assemble(self, shards: ShardContents) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+        """The cache's arrays from the finished shards, without the skipped images (and their captions) → (arrays
+        by file name, the manifest's counts)."""
+        data, skipped = self.data, shards.skipped
+        if self.cfg.strict and skipped:  # shards from an earlier non-strict run of the same key may hold skips
+            first = skipped[0]
+            raise AlignError(f"image {first['index']} ({first['image_id']}) of split {self.split!r} is unreadable: "
+                             f"{first['reason']} (drop --strict to skip unreadable images)")
+        keep_img = np.ones(len(data.image_ids), dtype=bool)
+        keep_img[[d["index"] for d in skipped]] = False
+        if not keep_img.any():
+            raise AlignError(f"every image of split {self.split!r} was unreadable (first: {skipped[0]['reason']}): "
+                             f"check the dataset paths")
+        c2i_source = np.asarray(data.caption_to_image, dtype=np.int64)
+        keep_cap = keep_img[c2i_source]
+        new_index = np.cumsum(keep_img) - 1  # source image index → row in image.npy
+        arrays = {
+            "image.npy": _store(shards.image[keep_img], self.cfg, "image", self.split),
+            "text.npy": _store(shards.text[keep_cap], self.cfg, "text", self.split),
+            "caption_to_image.npy": new_index[c2i_source[keep_cap]].astype(np.int64),
+            "image_rows.npy": np.flatnonzero(keep_img).astype(np.int64),
+            "caption_rows.npy": np.flatnonzero(keep_cap).astype(np.int64),
+        }
+        if data.labels is not None:  # the kept images' classes and the class prompts' text embeddings
+            arrays["labels.npy"] = np.asarray(data.labels, dtype=np.int64)[keep_img]
+            arrays["class_text.npy"] = _store(self.work.prompts(), self.cfg, "prompt", self.split)
+        counts = {"images": int(keep_img.sum()), "captions": int(keep_cap.sum()), "skipped_images": len(skipped),
+                  "dropped_captions": int((~keep_cap).sum())}
+        return arrays, counts
+
+    def manifest(self, files: dict[str, Any], shards: ShardContents, counts: dict[str, int]) -> dict[str, Any]:
+        """manifest.json: what the cache holds, how it was made, and the checksums that vouch for its files."""
+        cfg, data, plan = self.cfg, self.data, self.work.plan
+        run = {"device": str(self.device), "batch_size": cfg.batch_size, "encode_rows": plan["encode_rows"],
+               "shard_size": plan["shard_size"], "num_workers": cfg.num_workers, "resumed": self.todo.resumed,
+               "ranks": self.rank.world_size}  # ranks that shared this run's shards (torchrun), 1 in a single process
+        manifest = {
+            "format": CACHE_FORMAT,
+            "key": self.key,
+            "split": self.split,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "dataset": {"name": data.name, "kind": cfg.dataset.kind, "images_in_source": len(data.image_ids),
+                        "captions_in_source": len(data.captions)},
+            "encoders": {"image": cfg.image_encoder.describe(), "text": cfg.text_encoder.describe()},
+            "counts": counts,
+            "dims": {"image": int(shards.image.shape[1]), "text": int(shards.text.shape[1])},
+            "storage_dtype": cfg.storage_dtype,
+            "normalize": cfg.normalize,
+            "files": files,
+            "skipped": shards.skipped,
+            "identity": cache_identity(cfg, self.split),
+            "config": cfg.model_dump(mode="json"),
+            "versions": _versions(),
+            "run": run,
+            "timing": _timing(shards.seconds, len(data.captions)),
+        }
+        if data.labels is not None:
+            manifest["classes"] = {"names": list(data.class_names), "templates": list(data.prompt_templates)}
         return manifest
 
-    counts = distributed.from_main(finish)["counts"]
-    skipped = f", {counts['skipped_images']} unreadable images skipped" if counts["skipped_images"] else ""
-    log(f"{split}: {counts['images']} images, {counts['captions']} captions{skipped} → {final}")
-    for r, rank_rates in enumerate(rates):
-        who = f"rank {r} of {len(rates)}: " if len(rates) > 1 else ""
-        log(f"{split}: {who}throughput this run: {'; '.join(rank_rates) or 'nothing left to encode'}; "
-            f"{time.perf_counter() - started:.1f} s in all")
-    return final
+
+class CacheWriter:
+    """The write handle on one cache folder, held by rank 0: its lock (taken by ``claim``, released when the writer
+    closes), the clean-up of a killed run's leftovers, and the finished cache. The other ranks of a torchrun job
+    hold its read-only twin (``for_rank``)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._held = ExitStack()  # the folder's lock, once claimed
+
+    @classmethod
+    def for_rank(cls, path: Path, rank: distributed.Rank) -> CacheWriter:
+        """The writer on rank 0, its twin that writes nothing on the others."""
+        return cls(path) if rank.is_main else ReadOnlyCacheWriter(path)
+
+    def __enter__(self) -> CacheWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._held.close()
+
+    def claim(self) -> bool:
+        """True when the folder is a finished (and sound) cache; else False with its lock taken."""
+        if self.finished():  # readers never take the lock: a finished cache is only read
+            return True
+        self._lock()
+        return self.finished()  # finished by another process while this one waited to look
+
+    def finished(self) -> bool:
+        """Whether the folder holds a manifest (the cache is then checked: a damaged one is an AlignError)."""
+        if not (self.path / MANIFEST).exists():
+            return False
+        check_cache(self.path)
+        return True
+
+    def _lock(self) -> None:
+        self._held.enter_context(exclusive(self.path, "cache", "another `align embed` is writing it; wait for it "
+                                                               "to finish"))
+
+    def clean(self) -> None:
+        """A killed run's leftovers removed (the lock is held, so no writer owns them)."""
+        (self.path / VERIFIED).unlink(missing_ok=True)  # a record of older files must never vouch for new ones
+        for leftover in [*self.path.glob(".*.tmp"), *(self.path / WORK).glob(".*.tmp")]:  # a killed run's temp files
+            leftover.unlink(missing_ok=True)
+
+    def finalize(self, job: EmbedJob) -> None:
+        """The cache from ``job``'s finished shards: the arrays written atomically, then the manifest (the cache is
+        valid from there), then work/ removed."""
+        if job.rank.distributed:  # the other ranks' shards, on a shared file system that may show them late
+            wait_until_visible(job.work.files(), "embedding shards")
+        shards = job.work.read()
+        arrays, counts = job.assemble(shards)
+        files = {name: self._save(name, array) for name, array in arrays.items()}
+        save_text(self.path / MANIFEST, json.dumps(job.manifest(files, shards, counts), indent=1))
+        job.work.remove()
+        skipped = f", {counts['skipped_images']} unreadable images skipped" if counts["skipped_images"] else ""
+        job.log(f"{job.split}: {counts['images']} images, {counts['captions']} captions{skipped} → {self.path}")
+
+    def _save(self, name: str, array: np.ndarray) -> dict[str, Any]:
+        """One array of the cache, written atomically → its manifest entry."""
+        digest = save_array(self.path / name, array)
+        return {"shape": list(array.shape), "dtype": str(array.dtype), "bytes": (self.path / name).stat().st_size,
+                "sha256": digest}
 
 
-def _prepare(final: Path, key: str, n_img: int, n_cap: int, cfg: EmbedConfig, split: str,
-             log: Log) -> tuple[dict[str, Any], list[int], list[int], bool]:
-    """(frozen plan, image shards to do, caption shards to do, resumed?): the folder cleaned of a killed run's
-    leftovers first (the caller holds the lock, so no writer owns them)."""
-    (final / VERIFIED).unlink(missing_ok=True)  # a record of older files must never vouch for new ones
-    work = final / WORK
-    for leftover in [*final.glob(".*.tmp"), *work.glob(".*.tmp")]:  # temp files of a killed run (we hold the lock)
-        leftover.unlink(missing_ok=True)
-    plan = _plan(work, key, n_img, n_cap, cfg, log)
-    image_shards, text_shards = _shards(n_img, plan["shard_size"]), _shards(n_cap, plan["shard_size"])
-    todo_img = [s for s in range(len(image_shards)) if not (work / f"image-{s:05d}.json").is_file()]
-    todo_txt = [s for s in range(len(text_shards)) if not (work / f"text-{s:05d}.json").is_file()]
-    resumed = len(todo_img) < len(image_shards) or len(todo_txt) < len(text_shards)
-    if resumed:
-        log(f"{split}: resuming: {len(image_shards) - len(todo_img)}/{len(image_shards)} image shards and "
-            f"{len(text_shards) - len(todo_txt)}/{len(text_shards)} caption shards already done")
-    return plan, todo_img, todo_txt, resumed
+class ReadOnlyCacheWriter(CacheWriter):
+    """The cache writer as the ranks other than 0 of a torchrun job hold it: it reads (a finished cache is
+    checked) and writes nothing, not even the lock."""
 
+    def _lock(self) -> None:
+        pass
 
-def _encode_share(cfg: EmbedConfig, split: str, data: Any, work: Path, image_shards: list[range],
-                  text_shards: list[range], todo_img: list[int], todo_txt: list[int], progress: bool,
-                  log: Log) -> tuple[list[str], torch.device]:
-    """Encode this rank's shards (each encoder built only when it has some) → (rates, this rank's device)."""
-    from align.common import distributed
-    from align.common.device import pick_device
-    from align.data import encoders
+    def clean(self) -> None:
+        pass
 
-    device = distributed.rank_device(pick_device(cfg.device))
-    rates = []
-    if todo_img:
-        image_encoder = encoders.build_image_encoder(cfg.image_encoder, device)
-        t0 = time.perf_counter()
-        _embed_images(data, image_encoder, image_shards, todo_img, work, cfg, split, progress, log)
-        rates.append(_rate(sum(len(image_shards[s]) for s in todo_img), "images", time.perf_counter() - t0))
-    text_encoder = None
-    if todo_txt:
-        text_encoder = encoders.build_text_encoder(cfg.text_encoder, device)
-        t0 = time.perf_counter()
-        _embed_texts(data, text_encoder, text_shards, todo_txt, work, split, progress, log)
-        rates.append(_rate(sum(len(text_shards[s]) for s in todo_txt), "captions", time.perf_counter() - t0))
-    if distributed.current().is_main and data.labels is not None and not (work / "classes.json").is_file():
-        # the class prompts (labelled sets): a few rows, encoded by rank 0 before the ranks meet
-        _embed_prompts(data, text_encoder or encoders.build_text_encoder(cfg.text_encoder, device), work, split)
-    return rates, device
+    def finalize(self, job: EmbedJob) -> None:
+        pass
 
 
 def _rate(n: int, what: str, seconds: float) -> str:
@@ -182,273 +292,6 @@ def _check_captions(data: Any, split: str) -> None:
         if not isinstance(caption, str) or not caption.strip():
             image = data.image_ids[int(data.caption_to_image[i])]
             raise AlignError(f"caption {i} (of image {image}) in split {split!r} is empty: fix or drop that row")
-
-
-def _shards(n: int, size: int) -> list[range]:
-    return [range(start, min(start + size, n)) for start in range(0, n, size)]
-
-
-def _plan(work: Path, key: str, n_img: int, n_cap: int, cfg: EmbedConfig, log: Log) -> dict[str, Any]:
-    """The frozen shard layout of this run (reused on resume, so the same shards count as done)."""
-    rows = ENCODE_ROWS
-    plan = {"key": key, "images": n_img, "captions": n_cap, "encode_rows": rows,
-            "shard_size": -(-cfg.shard_size // rows) * rows}  # whole micro-batches: batches never cross shards
-    path = work / "plan.json"
-    if path.is_file():
-        try:
-            old = json.loads(path.read_text())
-        except (OSError, ValueError):
-            old = None
-        same = isinstance(old, dict) and all(old.get(k) == plan[k] for k in ("key", "images", "captions",
-                                                                             "encode_rows"))
-        if same and _is_count(old.get("shard_size"), 1) and old["shard_size"] % rows == 0:  # whole micro-batches
-            if old["shard_size"] != plan["shard_size"]:
-                log(f"resuming with the interrupted run's shard_size={old['shard_size']} (its finished shards are "
-                    f"kept; the values do not depend on it)")
-            return old
-        log(f"discarding an unfinished run in {work} (it was for different data or an older format)")
-        shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True, exist_ok=True)
-    _write_text(path, json.dumps(plan, indent=1))
-    return plan
-
-
-class _ImageItems(torch.utils.data.Dataset):
-    """Index → (index, preprocessed (3, H, W) tensor or None, reason); runs in DataLoader workers."""
-
-    def __init__(self, data: Any, preprocess: Callable[[Any], torch.Tensor]) -> None:
-        self.data, self.preprocess = data, preprocess
-
-    def __len__(self) -> int:
-        return len(self.data.image_ids)
-
-    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str | None]:
-        from PIL import Image
-
-        from align.data.caption_set import ImageUnreadable
-
-        try:
-            return index, self.preprocess(self.data.load_image(index)), None
-        except ImageUnreadable as exc:
-            return index, None, str(exc)
-        except (OSError, SyntaxError, Image.DecompressionBombError) as exc:  # what PIL raises on broken files
-            return index, None, f"{type(exc).__name__}: {exc}"
-
-
-def _as_list(items: list) -> list:
-    return items
-
-
-def _embed_images(data: Any, encoder: Any, shards: list[range], todo: list[int], work: Path, cfg: EmbedConfig,
-                  split: str, progress: bool, log: Log) -> None:
-    """Encode the image shards in ``todo``; each becomes work/image-SSSSS.npy (+ .json, written last)."""
-    # A loading step reads whole micro-batches (about batch_size images) of one shard; the encoder then runs
-    # each micro-batch on its own, so its rows are the same in every run whatever batch_size and shard_size are.
-    step = ENCODE_ROWS * max(1, -(-cfg.batch_size // ENCODE_ROWS))
-    batches = [list(shard[i:i + step]) for s in todo for shard in [shards[s]] for i in range(0, len(shard), step)]
-    loader = torch.utils.data.DataLoader(_ImageItems(data, encoder.preprocess), batch_sampler=batches,
-                                         num_workers=cfg.num_workers, collate_fn=_as_list,
-                                         pin_memory=encoder.device.type == "cuda")
-    done_before = len(data.image_ids) - sum(len(shards[s]) for s in todo)
-    pending = {s: {"rows": {}, "skipped": [], "seconds": 0.0} for s in todo}
-    shard_of = {i: s for s in todo for i in shards[s]}
-    with progress_bar(len(data.image_ids), f"images ({split})", enabled=progress) as bar:
-        bar.advance(done_before)
-        for items in loader:
-            s = shard_of[items[0][0]]
-            state = pending[s]
-            good = [(i, x) for i, x, _ in items if x is not None]
-            for i, _, reason in items:
-                if reason is not None:
-                    if cfg.strict:
-                        raise AlignError(f"image {i} ({data.image_ids[i]}) of split {split!r} is unreadable: "
-                                         f"{reason} (drop --strict to skip unreadable images)")
-                    state["skipped"].append({"index": i, "image_id": str(data.image_ids[i]), "reason": reason})
-            for micro in _micro_batches(good):
-                t0 = time.perf_counter()
-                emb = encoder.encode(torch.stack([x for _, x in micro]))
-                state["seconds"] += time.perf_counter() - t0
-                _check_finite(emb, [data.image_ids[i] for i, _ in micro], "image", split)
-                for (i, _), row in zip(micro, emb.numpy()):
-                    state["rows"][i] = row
-            bar.advance(len(items))
-            if len(state["rows"]) + len(state["skipped"]) == len(shards[s]):
-                _write_image_shard(work, s, shards[s], state, encoder)
-                del pending[s]
-
-
-def _micro_batches(items: list[tuple[int, Any]]) -> list[list[tuple[int, Any]]]:
-    """(row, value) pairs grouped by their micro-batch, row // ENCODE_ROWS, in order."""
-    groups: dict[int, list[tuple[int, Any]]] = {}
-    for item in items:
-        groups.setdefault(item[0] // ENCODE_ROWS, []).append(item)
-    return list(groups.values())
-
-
-def _write_image_shard(work: Path, s: int, shard: range, state: dict, encoder: Any) -> None:
-    dim = len(next(iter(state["rows"].values()))) if state["rows"] else encoder.dim
-    array = np.zeros((len(shard), dim), dtype=np.float32)  # skipped rows stay zero and are dropped at the end
-    for i, row in state["rows"].items():
-        array[i - shard.start] = row
-    _atomic_save(work / f"image-{s:05d}.npy", array)
-    meta = {"start": shard.start, "stop": shard.stop, "skipped": sorted(state["skipped"], key=lambda d: d["index"]),
-            "seconds": state["seconds"], "encoded": len(state["rows"])}
-    _write_text(work / f"image-{s:05d}.json", json.dumps(meta))  # the shard counts as done from here
-
-
-def _embed_texts(data: Any, encoder: Any, shards: list[range], todo: list[int], work: Path, split: str,
-                 progress: bool, log: Log) -> None:
-    """Encode the caption shards in ``todo``; each becomes work/text-SSSSS.npy (+ .json, written last)."""
-    done_before = len(data.captions) - sum(len(shards[s]) for s in todo)
-    with progress_bar(len(data.captions), f"captions ({split})", enabled=progress) as bar:
-        bar.advance(done_before)
-        for s in todo:
-            shard, parts, seconds = shards[s], [], 0.0
-            for start in range(shard.start, shard.stop, ENCODE_ROWS):  # shards start at multiples of it
-                stop = min(start + ENCODE_ROWS, shard.stop)
-                t0 = time.perf_counter()
-                emb = encoder.encode([data.captions[i] for i in range(start, stop)])
-                seconds += time.perf_counter() - t0
-                _check_finite(emb, [f"caption {i}" for i in range(start, stop)], "text", split)
-                parts.append(emb.numpy().astype(np.float32, copy=False))
-                bar.advance(stop - start)
-            _atomic_save(work / f"text-{s:05d}.npy", np.concatenate(parts))
-            meta = {"start": shard.start, "stop": shard.stop, "seconds": seconds, "encoded": len(shard)}
-            _write_text(work / f"text-{s:05d}.json", json.dumps(meta))
-
-
-def _embed_prompts(data: Any, encoder: Any, work: Path, split: str) -> None:
-    """The zero-shot prompts of a labelled set, class-major, in fixed ENCODE_ROWS batches → work/classes.npy."""
-    prompts = [p for per_class in data.prompts for p in per_class]
-    parts = []
-    for start in range(0, len(prompts), ENCODE_ROWS):
-        emb = encoder.encode(prompts[start:start + ENCODE_ROWS])
-        _check_finite(emb, [f"prompt {shorten(repr(p), 40)}" for p in prompts[start:start + ENCODE_ROWS]], "text",
-                      split)
-        parts.append(emb.numpy().astype(np.float32, copy=False))
-    _atomic_save(work / "classes.npy", np.concatenate(parts))
-    _write_text(work / "classes.json", json.dumps({"prompts": len(prompts)}))  # done from here
-
-
-def _check_finite(emb: torch.Tensor, names: list, tower: str, split: str) -> None:
-    bad = (~torch.isfinite(emb)).any(dim=1)
-    if bool(bad.any()):
-        which = [str(names[i]) for i in torch.nonzero(bad).flatten().tolist()[:5]]
-        raise AlignError(f"the {tower} encoder produced NaN/inf embeddings for {', '.join(which)} in split "
-                         f"{split!r}: check the weights, or use precision: fp32")
-
-
-def _finalize(cfg: EmbedConfig, split: str, key: str, data: Any, final: Path, work: Path,
-              image_shards: list[range], text_shards: list[range], plan: dict, device: torch.device,
-              resumed: bool) -> dict[str, Any]:
-    """Assemble the shards into the final arrays, write them atomically, then the manifest."""
-    image, text, skipped, seconds = _read_shards(work, len(image_shards), len(text_shards))
-    if cfg.strict and skipped:  # shards from an earlier non-strict run of the same key may hold skipped images
-        first = skipped[0]
-        raise AlignError(f"image {first['index']} ({first['image_id']}) of split {split!r} is unreadable: "
-                         f"{first['reason']} (drop --strict to skip unreadable images)")
-    arrays, counts = _final_arrays(cfg, split, data, image, text, skipped)
-    if data.labels is not None:
-        arrays.update(_label_arrays(cfg, split, data, work, skipped))
-    files = {}
-    for name, array in arrays.items():
-        digest = _atomic_save(final / name, array)
-        files[name] = {"shape": list(array.shape), "dtype": str(array.dtype), "bytes": (final / name).stat().st_size,
-                       "sha256": digest}
-    dims = {"image": int(image.shape[1]), "text": int(text.shape[1])}
-    from align.common.distributed import current
-
-    run = {"device": str(device), "batch_size": cfg.batch_size, "encode_rows": plan["encode_rows"],
-           "shard_size": plan["shard_size"], "num_workers": cfg.num_workers, "resumed": resumed,
-           "ranks": current().world_size}  # ranks that shared this run's shards (torchrun), 1 in a single process
-    manifest = _manifest(cfg, split, key, data, files, skipped, counts, dims, run, _timing(seconds, len(data.captions)))
-    if data.labels is not None:
-        manifest["classes"] = {"names": list(data.class_names), "templates": list(data.prompt_templates)}
-    _write_text(final / MANIFEST, json.dumps(manifest, indent=1))  # last: the cache is valid from here
-    return manifest
-
-
-def _read_shards(work: Path, n_image: int, n_text: int) -> tuple[np.ndarray, np.ndarray, list[dict], dict]:
-    """The finished shards concatenated: (image rows, caption rows, skipped images, encode seconds and counts)."""
-    img_parts, skipped, img_seconds, img_encoded = [], [], 0.0, 0
-    for s in range(n_image):
-        meta = json.loads((work / f"image-{s:05d}.json").read_text())
-        img_parts.append(np.load(work / f"image-{s:05d}.npy", allow_pickle=False))
-        skipped += meta["skipped"]
-        img_seconds, img_encoded = img_seconds + meta["seconds"], img_encoded + meta["encoded"]
-    txt_parts, txt_seconds = [], 0.0
-    for s in range(n_text):
-        meta = json.loads((work / f"text-{s:05d}.json").read_text())
-        txt_parts.append(np.load(work / f"text-{s:05d}.npy", allow_pickle=False))
-        txt_seconds += meta["seconds"]
-    seconds = {"image": img_seconds, "image_encoded": img_encoded, "text": txt_seconds}
-    return np.concatenate(img_parts), np.concatenate(txt_parts), skipped, seconds
-
-
-def _final_arrays(cfg: EmbedConfig, split: str, data: Any, image: np.ndarray, text: np.ndarray,
-                  skipped: list[dict]) -> tuple[dict[str, np.ndarray], dict[str, int]]:
-    """The five cache arrays without the skipped images (and their captions), and the manifest's counts."""
-    keep_img = np.ones(len(data.image_ids), dtype=bool)
-    keep_img[[d["index"] for d in skipped]] = False
-    if not keep_img.any():
-        raise AlignError(f"every image of split {split!r} was unreadable (first: {skipped[0]['reason']}): "
-                         f"check the dataset paths")
-    c2i_source = np.asarray(data.caption_to_image, dtype=np.int64)
-    keep_cap = keep_img[c2i_source]
-    new_index = np.cumsum(keep_img) - 1  # source image index → row in image.npy
-    arrays = {
-        "image.npy": _store(image[keep_img], cfg, "image", split),
-        "text.npy": _store(text[keep_cap], cfg, "text", split),
-        "caption_to_image.npy": new_index[c2i_source[keep_cap]].astype(np.int64),
-        "image_rows.npy": np.flatnonzero(keep_img).astype(np.int64),
-        "caption_rows.npy": np.flatnonzero(keep_cap).astype(np.int64),
-    }
-    counts = {"images": int(keep_img.sum()), "captions": int(keep_cap.sum()), "skipped_images": len(skipped),
-              "dropped_captions": int((~keep_cap).sum())}
-    return arrays, counts
-
-
-def _label_arrays(cfg: EmbedConfig, split: str, data: Any, work: Path, skipped: list[dict]) -> dict[str, np.ndarray]:
-    """labels.npy (the kept images' classes) and class_text.npy (the prompt embeddings) of a labelled set."""
-    keep = np.ones(len(data.image_ids), dtype=bool)
-    keep[[d["index"] for d in skipped]] = False
-    prompts = np.load(work / "classes.npy", allow_pickle=False)
-    return {"labels.npy": np.asarray(data.labels, dtype=np.int64)[keep],
-            "class_text.npy": _store(prompts, cfg, "prompt", split)}
-
-
-def _timing(seconds: dict, n_captions: int) -> dict[str, float]:
-    """The manifest's encode times and rates (of this run's shards and any resumed ones)."""
-    img, txt = seconds["image"], seconds["text"]
-    return {"image_encode_s": round(img, 3), "text_encode_s": round(txt, 3),
-            "images_per_s": seconds["image_encoded"] / img if img else 0.0,
-            "captions_per_s": n_captions / txt if txt else 0.0}
-
-
-def _manifest(cfg: EmbedConfig, split: str, key: str, data: Any, files: dict, skipped: list[dict],
-              counts: dict[str, int], dims: dict[str, int], run: dict[str, Any], timing: dict[str, float]
-              ) -> dict[str, Any]:
-    """manifest.json: what the cache holds, how it was made, and the checksums that vouch for its files."""
-    return {
-        "format": CACHE_FORMAT,
-        "key": key,
-        "split": split,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "dataset": {"name": data.name, "kind": cfg.dataset.kind, "images_in_source": len(data.image_ids),
-                    "captions_in_source": len(data.captions)},
-        "encoders": {"image": cfg.image_encoder.describe(), "text": cfg.text_encoder.describe()},
-        "counts": counts,
-        "dims": dims,
-        "storage_dtype": cfg.storage_dtype,
-        "normalize": cfg.normalize,
-        "files": files,
-        "skipped": skipped,
-        "identity": cache_identity(cfg, split),
-        "config": cfg.model_dump(mode="json"),
-        "versions": _versions(),
-        "run": run,
-        "timing": timing,
-    }
 
 
 def _store(array: np.ndarray, cfg: EmbedConfig, tower: str, split: str) -> np.ndarray:
@@ -463,6 +306,14 @@ def _store(array: np.ndarray, cfg: EmbedConfig, tower: str, split: str) -> np.nd
     return stored
 
 
+def _timing(seconds: dict[str, float], n_captions: int) -> dict[str, float]:
+    """The manifest's encode times and rates (of this run's shards and any resumed ones)."""
+    img, txt = seconds["image"], seconds["text"]
+    return {"image_encode_s": round(img, 3), "text_encode_s": round(txt, 3),
+            "images_per_s": seconds["image_encoded"] / img if img else 0.0,
+            "captions_per_s": n_captions / txt if txt else 0.0}
+
+
 def _versions() -> dict[str, str | None]:
     out: dict[str, str | None] = {"numpy": np.__version__, "torch": torch.__version__}
     for dist in ("align", "open_clip_torch", "transformers", "efficientnet-lite-pytorch",
@@ -472,41 +323,3 @@ def _versions() -> dict[str, str | None]:
         except metadata.PackageNotFoundError:
             out[dist] = None
     return out
-
-
-def _atomic_save(path: Path, array: np.ndarray) -> str:
-    """``np.save`` to a temporary file in the same folder, fsync, rename; returns the file's sha256.
-
-    A failed write (disk full, ...) removes the temporary file and is one AlignError line naming ``path``."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # one name per process: writers never share it
-    try:
-        with open(tmp, "wb") as fh:
-            _write_npy(fh, np.ascontiguousarray(array))
-            fh.flush()
-            os.fsync(fh.fileno())
-        digest = sha256_file(tmp)
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise _write_error(path, exc) from None
-    return digest
-
-
-def _write_npy(fh: Any, array: np.ndarray) -> None:
-    """The one place array bytes are written (tests make it fail to simulate a full disk)."""
-    np.save(fh, array, allow_pickle=False)
-
-
-def _write_text(path: Path, text: str) -> None:
-    """``atomic_write_text`` (it removes its own temp file on failure), with OSError as one AlignError line."""
-    try:
-        atomic_write_text(path, text)
-    except OSError as exc:
-        raise _write_error(path, exc) from None
-
-
-def _write_error(path: Path, exc: OSError) -> AlignError:
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return AlignError(f"no space left on the device writing {path}: free some space, then run the same "
-                          f"`align embed` again (finished shards are kept and it resumes)")
-    return AlignError(f"cannot write {path}: {exc.strerror or exc} (check the folder's permissions and disk)")
