@@ -132,6 +132,12 @@ def decode_checkpoint(tensors: dict[str, Tensor], meta: dict[str, Any], device: 
                          rng=_under(RNG, tensors), loop=LoopState.from_json(meta["train_state"], best))
 
 
+def ends_run(meta: dict[str, Any], steps: int) -> bool:
+    """Whether a checkpoint (its meta) is its run's last: the run diverged there or reached its last of ``steps``."""
+    state = meta["train_state"]
+    return state["diverged"] is not None or state["step"] >= steps
+
+
 def head_weights(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
     """The head's state_dict in a checkpoint's tensors."""
     return _under(MODEL, tensors)

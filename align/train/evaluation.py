@@ -26,6 +26,7 @@ from align.metrics.measure import (
     head_zero_shot,
     zero_shot,
 )
+from align.train.config import TrainConfig
 from align.train.heads import AlignmentModel
 from align.train.losses import loss_for
 from align.train.pack import HeadPack
@@ -58,7 +59,7 @@ class RunResults:
     sharpness: dict[str, Metrics | None]  # {"best": ..., "final": ...} at the training loss (head_sharpness)
     optimizer: str
     two_pass: bool
-    skipped_perturbations: int  # SAM-family steps whose perturbation was skipped (‖g‖ = 0)
+    skipped_perturbations: int  # SAM-family steps whose perturbation a zero or non-finite norm skipped
     config_hash: str
     device: str
     precision: str  # "bf16" | "fp32"
@@ -78,7 +79,7 @@ class RunEvaluator:
     """Measures the heads of one pack's runs: validation of the pack's heads, then test, sharpness and zero-shot
     confusion of one head at a time, on a copy of the pack's architecture."""
 
-    def __init__(self, cfg: Any, data: RunData, device: torch.device, template: AlignmentModel,
+    def __init__(self, cfg: TrainConfig, data: RunData, device: torch.device, template: AlignmentModel,
                  train_rows: tuple[Tensor, Tensor], precision: str) -> None:
         self.cfg, self.data, self.device, self.precision = cfg, data, device, precision
         self.model = copy.deepcopy(template)  # evaluates one head at a time (test, sharpness)

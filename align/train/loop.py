@@ -49,7 +49,7 @@ from align.common.device import keep_freed_memory, pick_device
 from align.common.errors import AlignError, is_out_of_memory, out_of_memory_error
 from align.common.files import json_safe
 from align.common.progress import Log, progress_bar
-from align.train.checkpoint import with_rank_metrics
+from align.train.checkpoint import ends_run, with_rank_metrics
 from align.train.config import TrainConfig, pack_key
 from align.train.evaluation import RunEvaluator
 from align.train.memory import check_head_fits
@@ -103,8 +103,7 @@ class Trainer:
         pending = []
         for run, kind in todo:
             found = run.dir.latest_checkpoint() if kind == "resume" else None
-            if found is not None and (found[1]["train_state"]["diverged"] is not None
-                                      or found[1]["train_state"]["step"] >= run.cfg.schedule.steps):
+            if found is not None and ends_run(found[1], run.cfg.schedule.steps):
                 run.resume_from(*found, self.device, self.job)
             else:
                 pending.append((run, kind))
