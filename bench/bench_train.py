@@ -59,7 +59,7 @@ class Variant:
         from align.train.heads import build_model
         from align.train.losses import loss_for
         from align.train.config import TrainConfig
-        from align.train.loop import optimizer_and_schedule
+        from align.train.optimizer import optimizer_and_schedule
 
         data = {"dataset": {"kind": "synthetic"},
                 "image_encoder": {"backend": "efficientnet_lite", "model": "efficientnet-lite0"},

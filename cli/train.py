@@ -3,38 +3,39 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import typer
+from rich.table import Table
 
-from align.cli.common import console, err_console, user_errors
+from align.cli.common import console, err_console, joined, user_errors
+from align.common.config import load_config
+from align.common.config_files import resolve_config
+from align.common.paths import runs_dir
+from align.metrics.measure import RANK_KEYS, metric_names
+from align.train.config import TrainConfig
+from align.train.loop import train
+
+TABLE_COLUMNS = {"best_val": "best val", "best_test": "best test", "final_test": "final test"}  # results' sections
 
 
 def default_run_dir(config_path: Path) -> Path:
     """<data root>/runs/<config file name without extension> (a run's own config.yaml names its out_dir explicitly)."""
-    from align.common.paths import runs_dir
-
     return runs_dir() / config_path.stem
 
 
-def print_results(results: dict[str, Any], title: str) -> None:
-    """The headline figures of a results dict as a rich table."""
-    from rich.table import Table
-
+def print_results(results: dict[str, Any], title: str, ks: Sequence[int] = (1, 5, 10)) -> None:
+    """The headline figures of a results dict as a rich table: every metric of the registry
+    (``align.metrics.measure.metric_names`` at recall cut-offs ``ks``, the run's eval.ks) that the run measured,
+    but the rank statistics (counts, not fractions: they stay in results.json)."""
     console.print(f"[bold]{title}[/]", highlight=False)
     table = Table(show_header=True, header_style="bold")
     table.add_column("metric")
-    for column in ("best val", "best test", "final test"):
+    for column in TABLE_COLUMNS.values():
         table.add_column(column, justify="right")
-    keys = [k for k in ("i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "mean_R@1",
-                        "mutual_knn", "cknna", "cka", "zeroshot_top1", "zeroshot_top5", "zeroshot_balanced_accuracy")
-            if any(k in (results.get(s) or {}) for s in ("best_val", "best_test", "final_test"))]
-    for key in keys:
-        cells = []
-        for section in ("best_val", "best_test", "final_test"):
-            value = (results.get(section) or {}).get(key)
-            cells.append("—" if value is None else f"{value:.4f}")
-        table.add_row(key, *cells)
+    sections = [results.get(s) or {} for s in TABLE_COLUMNS]
+    for key in [k for k in metric_names(ks) if k not in RANK_KEYS and any(k in s for s in sections)]:
+        table.add_row(key, *("—" if s.get(key) is None else f"{s[key]:.4f}" for s in sections))
     console.print(table)
     sharp = (results.get("sharpness") or {}).get("best")
     if sharp:
@@ -62,23 +63,16 @@ def register(app: typer.Typer) -> None:
         progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
     ) -> None:
         """Train an alignment head on cached embeddings; writes config.yaml, metrics.jsonl, checkpoints/, results.json."""
-        from align.common import distributed
-        from align.common.config import load_config
-        from align.common.config_files import resolve_config
-        from align.train.config import TrainConfig
-        from align.train.loop import train
-
         path = resolve_config(config, ("train",))
         cfg = load_config(TrainConfig, path, overrides or [])
         run_dir = out or (Path(cfg.out_dir) if cfg.out_dir else default_run_dir(path))
         cfg = cfg.model_copy(update={"out_dir": str(run_dir)})
-        results = train(cfg, run_dir, resume=resume, log=lambda m: err_console.print(m, highlight=False),
-                        progress=progress)
-        main = distributed.current().is_main
-        distributed.shutdown()  # under torchrun: every rank leaves the job together (a no-op otherwise)
-        if not main:
+        with joined(cfg.device) as me:  # under torchrun the ranks train the run data-parallel; rank 0 writes it
+            results = train(cfg, run_dir, resume=resume, log=lambda m: err_console.print(m, highlight=False),
+                            progress=progress)
+        if not me.is_main:
             return  # rank 0 reports for the job
-        print_results(results, f"{run_dir}")
+        print_results(results, f"{run_dir}", cfg.eval.ks)
         if results["status"] == "diverged":
             err_console.print(f"[bold yellow]diverged[/] at step {results['diverged_at']}: {results['diverge_reason']}",
                               highlight=False)

@@ -81,14 +81,13 @@ def test_the_pack_limit_is_what_each_workers_share_of_the_budget_holds(study_fil
     from align.study.packing import pack_limit
     from align.common.config import load_config
     from align.common.errors import AlignError
-    from align.train.heads import HeadConfig, build_model
-    from align.train.memory import head_bytes
+    from align.train.memory import OptimizerMemory, head_memory
     from align.train.run_data import prepare_data
 
     cfg = load_config(CompareConfig, study_file)
-    _, data = prepare_data(cell_config(cfg, grid_cells(cfg.grid)[0], Path(".")))
-    model = build_model(HeadConfig(out_dim=32), cfg.loss, 32, 24)  # the training tests' embedding dimensions
-    per_head = head_bytes(model, 64, data.val.num_images + data.val.num_captions)  # batch 64
+    sized, data = prepare_data(cell_config(cfg, grid_cells(cfg.grid)[0], Path(".")))
+    assert (sized.head.out_dim, sized.image_dim, sized.text_dim, sized.schedule.batch_size) == (32, 32, 24, 64)
+    per_head = head_memory(sized, data.val.num_images + data.val.num_captions, OptimizerMemory()).bytes
     assert pack_limit(cfg, "auto", int(3.5 * per_head) * 2, workers=2) == 3
     assert pack_limit(cfg, 2, int(3.5 * per_head) * 2, workers=2) == 2
     assert pack_limit(cfg, 5, int(3.5 * per_head), workers=1) == 3  # the budget caps an explicit size

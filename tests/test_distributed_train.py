@@ -245,7 +245,7 @@ def test_align_train_under_torchrun_writes_one_run_that_matches_one_process(trai
 KILLS = {
     "rank 1 mid-step (between M-SAM's two passes)": (1, {"call": "align.train.pack:HeadPack._grads", "nth": 28}),
     "rank 0 between a checkpoint's two halves": (0, {"replace": "step-0000020.json"}),
-    "rank 0 during the final evaluation": (0, {"call": "align.train.loop:Trainer.evaluate", "nth": 1}),
+    "rank 0 during the final evaluation": (0, {"call": "align.train.evaluation:RunEvaluator.evaluate", "nth": 1}),
 }
 
 
@@ -261,7 +261,7 @@ def kill_then_resume(train_setup, two_rank_run, name: str, kill_rank: int, kill:
                                       "--no-progress"]), cwd=root, env=run_env(), capture_output=True, text=True,
                             timeout=600)
     assert killed.returncode != 0 and "SIGKILL" in killed.stderr, killed.stderr[-3000:]
-    assert not (run / "results.json").exists() or kill.get("call") == "align.train.loop:Trainer.evaluate"
+    assert not (run / "results.json").exists() or kill.get("call") == "align.train.evaluation:RunEvaluator.evaluate"
     resumed = subprocess.run(torchrun([*align_command(), "train", "--config", str(run / "config.yaml"), "--resume",
                                        "--no-progress"]), cwd=root, env=run_env(), capture_output=True, text=True,
                              timeout=600)
@@ -301,6 +301,7 @@ def _resume_main(rank: int, port: int, root: str) -> None:
     torch.set_num_threads(1)
     root_path = Path(root)
     cfg = TrainConfig.model_validate(json.loads((root_path / "cfg.json").read_text()))
+    distributed.init(torch.device("cpu"))  # as `align train` does under torchrun: train() trains in the joined group
     train(cfg, root_path / "reference", progress=False)
     distributed.barrier()
     if rank == 0:
@@ -338,7 +339,7 @@ def test_a_local_msam_metric_is_kept_per_rank_and_resumes_only_on_as_many_ranks(
 def test_the_new_keys_at_their_defaults_leave_a_runs_config_hash_as_it_was(tmp_path):
     """loss.local, optim.perturbation and eval.sharpness_final came after runs were trained: at their defaults they
     are not hashed, so those runs still resume; set, they are."""
-    from align.train.runs import config_hash
+    from align.train.identity import config_hash
     from align.train.config import TrainConfig, hashed_config
 
     cfg = TrainConfig.model_validate(train_config(make_cache(tmp_path / "cache"), optim={"name": "msam"}))
@@ -351,3 +352,48 @@ def test_the_new_keys_at_their_defaults_leave_a_runs_config_hash_as_it_was(tmp_p
     assert config_hash(hashed_config(best_only)) != config_hash(before)
     local = cfg.model_copy(update={"optim": cfg.optim.model_copy(update={"perturbation": "local"})})
     assert config_hash(hashed_config(local)) != config_hash(before)
+
+
+# -- the torchrun idiom: rank 0's run directory and its read-only twin; a job of one inside a group -----------------
+
+def test_ranks_other_than_0_hold_a_read_only_twin_of_the_run_directory(tmp_path):
+    """The twin reads what rank 0 wrote and writes nothing, not even the folder."""
+    from align.common.distributed import Rank
+    from align.train.runs import ReadOnlyRunDir, RunDir
+
+    main, other = RunDir.for_rank(tmp_path / "run", Rank(0, 2)), RunDir.for_rank(tmp_path / "run", Rank(1, 2))
+    assert type(main) is RunDir and type(other) is ReadOnlyRunDir
+    assert type(RunDir.for_rank(tmp_path / "run", distributed.SINGLE)) is RunDir
+    other.begin(0)
+    other.save_checkpoint(10, {"w": torch.ones(2)}, {}, keep=2)
+    other.write_results({"status": "done"})
+    assert not (tmp_path / "run").exists()
+    main.begin(0)
+    main.save_checkpoint(10, {"w": torch.ones(2)}, {}, keep=2)
+    main.write_results({"status": "done"})
+    assert other.checkpoint_steps() == [10] and other.read_results() == {"status": "done"}
+
+
+def _own_job_main(rank: int, port: int, out: str) -> None:
+    """In a joined 2-rank group, decisions of a job of one (SINGLE: a study's pack on one rank) stay on that rank."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
+                      LOCAL_RANK=str(rank))
+    distributed.init(torch.device("cpu"))
+    alone = distributed.from_main(lambda: f"rank {rank}", distributed.SINGLE)
+    joined = distributed.from_main(lambda: f"rank {rank}", distributed.current())
+    failed = None
+    try:
+        with distributed.together(distributed.SINGLE):
+            if rank == 1:
+                raise ValueError("rank 1 alone")
+    except ValueError as exc:
+        failed = str(exc)
+    Path(out, f"{rank}.json").write_text(json.dumps({"alone": alone, "joined": joined, "failed": failed}))
+    distributed.shutdown()
+
+
+def test_a_job_of_one_inside_a_process_group_decides_alone(tmp_path):
+    torch.multiprocessing.spawn(_own_job_main, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    got = [json.loads((tmp_path / f"{r}.json").read_text()) for r in range(WORLD)]
+    assert got == [{"alone": "rank 0", "joined": "rank 0", "failed": None},
+                   {"alone": "rank 1", "joined": "rank 0", "failed": "rank 1 alone"}]

@@ -97,31 +97,42 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(case, world):
 
 # -- a head too big for memory ----------------------------------------------------------------------------
 
-def gigabytes(values: int, copies: int) -> str:
-    """The estimate as the message prints it: float32 values × copies kept, in GB (3 significant digits)."""
-    return f"{4 * copies * values / 1e9:.3g} GB"
+def gigabytes(values: int) -> str:
+    """The estimate as the message prints it: float32 values, in GB (3 significant digits)."""
+    return f"{4 * values / 1e9:.3g} GB"
+
+
+def activations(batch: int, out_dim: int) -> int:
+    """What a linear head's training step keeps for the backward pass: per side the output before and after
+    normalising, each with its gradient (2 · B · 4 · out), and the B × B logits, their softmax both ways and its
+    gradient (6 · B²)."""
+    return 2 * batch * 4 * out_dim + 6 * batch ** 2
 
 
 def test_out_dim_10_to_the_12_is_refused_before_the_cache_is_read(tmp_path):
     """No cache exists here: the refusal names the memory, so it came before any data was read. Embedding dims
-    not known yet count as 1: a linear head per side has (1 + 1) × out_dim values, plus the logit scale."""
+    not known yet count as 1: a linear head per side has (1 + 1) × out_dim values, plus the logit scale. adamw
+    keeps 4 copies of each (weights, two moments, gradient), and a batch of 64 its activations."""
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump(train_config(data_section(tmp_path / "no-cache"))))
     line = one_error_line(runner.invoke(app, ["train", "--config", str(config), "--out", str(tmp_path / "run"),
                                               "--set", "head.out_dim=1000000000000"]))
     lower_bound = 2 * (1 + 1) * 10 ** 12 + 1
-    assert f"has {lower_bound:.3g} parameters and needs at least {gigabytes(lower_bound, 5)} to train with adamw" in line
+    need = gigabytes(4 * lower_bound + activations(64, 10 ** 12))
+    assert f"has {lower_bound:.3g} parameters and needs at least {need} to train with adamw" in line
     assert "head.out_dim=1000000000000" in line and "GB free" in line
     assert not (tmp_path / "run").exists()
 
 
 def test_out_dim_10_to_the_12_with_known_dims_and_a_sam_optimizer(world, tmp_path):
-    """With the dims given, the estimate is exact: (32 + 1) + (24 + 1) values per output, SAM keeps 6 copies."""
+    """With the dims given, only the validation features are not known yet: (32 + 1) + (24 + 1) values per
+    output, of which SAM keeps 7 copies (weights, AdamW's two moments, two gradients, the saved point and δ)."""
     line = one_error_line(runner.invoke(app, ["train", "--config", str(world["train"]), "--out", str(tmp_path / "r"),
                                               "--set", "head.out_dim=1000000000000", "--set", "image_dim=32",
                                               "--set", "text_dim=24", "--set", "optim.name=sam"]))
     values = (32 + 1 + 24 + 1) * 10 ** 12 + 1
-    assert f"on 32/24-d embeddings has {values:.3g} parameters and needs {gigabytes(values, 6)} to train with sam" in line
+    need = gigabytes(7 * values + activations(64, 10 ** 12))
+    assert f"on 32/24-d embeddings has {values:.3g} parameters and needs at least {need} to train with sam" in line
 
 
 def test_compare_refuses_a_huge_head_before_embedding_anything(tmp_path):
@@ -143,13 +154,19 @@ def test_eval_of_a_run_whose_config_asks_for_a_huge_head(world, tmp_path):
     (run / "config.yaml").write_text(yaml.safe_dump(cfg))
     line = one_error_line(runner.invoke(app, ["eval", str(run)]))
     values = (32 + 1 + 24 + 1) * 10 ** 12 + 1
-    assert f"needs {gigabytes(values, 1)} to hold it" in line
+    _, _, caption_to_image = synthetic_split("test", SIZES["test"])
+    rows = SIZES["test"] + len(caption_to_image)  # the test split's images and captions, through the head
+    assert f"needs {gigabytes(values + rows * 10 ** 12)} to hold it with the features of {rows} images" in line
 
 
-@pytest.mark.parametrize("free_bytes, refused", [(4 * 5 * 1857 - 1, True), (4 * 5 * 1857, False)])
+BOUNDARY = 4 * (4 * 1857 + activations(64, 32))  # 193 552 bytes
+
+
+@pytest.mark.parametrize("free_bytes, refused", [(BOUNDARY - 1, True), (BOUNDARY, False)])
 def test_the_memory_check_at_its_boundary(world, monkeypatch, free_bytes, refused):
     """Linear heads 32 → 32 and 24 → 32 with biases, plus the logit scale: 33·32 + 25·32 + 1 = 1857 values;
-    training with adamw keeps 5 float32 copies of each, 37 140 bytes. One byte less is refused."""
+    training with adamw keeps 4 float32 copies of each, and a batch of 64 keeps 2·64·4·32 + 6·64² = 40 960
+    activations: 4 · (4 · 1857 + 40 960) = 193 552 bytes. One byte less is refused."""
     import torch
 
     from align.common import device
@@ -161,7 +178,7 @@ def test_the_memory_check_at_its_boundary(world, monkeypatch, free_bytes, refuse
     monkeypatch.setattr(device, "available_memory", lambda dev: free_bytes)
     cfg = load_config(TrainConfig, world["train"], ["image_dim=32", "text_dim=24", "head.out_dim=32"])
     if refused:
-        with pytest.raises(AlignError, match="needs 3.71e-05 GB"):
+        with pytest.raises(AlignError, match="needs at least 0.000194 GB"):
             check_head_fits(cfg, torch.device("cpu"))
     else:
         check_head_fits(cfg, torch.device("cpu"))
@@ -183,12 +200,12 @@ def test_a_real_allocation_failure_is_one_line(world, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("error", [MemoryError(), RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")])
 def test_running_out_of_memory_mid_training_is_one_line(error, world, tmp_path, monkeypatch):
-    import align.train.loop
+    import align.train.evaluation
 
     def fail(*args, **kwargs):
         raise error
 
-    monkeypatch.setattr(align.train.loop, "evaluate_head", fail)  # at the first validation, after 10 steps
+    monkeypatch.setattr(align.train.evaluation, "evaluate_head", fail)  # at the first validation, after 10 steps
     line = one_error_line(runner.invoke(app, ["train", "--config", str(world["train"]), "--out", str(tmp_path / "r"),
                                               "--no-progress"]))
     assert line.startswith("error: out of memory while training") and "--resume" in line
@@ -196,12 +213,12 @@ def test_running_out_of_memory_mid_training_is_one_line(error, world, tmp_path, 
 
 def test_a_real_bug_keeps_its_traceback(world, tmp_path, monkeypatch):
     """The last line of defence is for the user's machine and files only: a programming error is not a user error."""
-    import align.train.loop
+    import align.train.evaluation
 
     def bug(*args, **kwargs):
         raise ValueError("a bug")
 
-    monkeypatch.setattr(align.train.loop, "evaluate_head", bug)
+    monkeypatch.setattr(align.train.evaluation, "evaluate_head", bug)
     result = runner.invoke(app, ["train", "--config", str(world["train"]), "--out", str(tmp_path / "r"), "--no-progress"])
     assert result.exit_code == 1 and isinstance(result.exception, ValueError)
 

@@ -50,7 +50,7 @@ TRAIN_KILLS = {
     "during a checkpoint's tensor write": {"replace": "step-0000030.safetensors"},
     "between a checkpoint's two halves": {"replace": "step-0000045.json"},
     "between the best head's two halves": {"replace": "best.json", "nth": 2},
-    "during the final evaluation": {"call": "align.train.loop:Trainer.evaluate", "nth": 1},  # test metrics of the best head
+    "during the final evaluation": {"call": "align.train.evaluation:RunEvaluator.evaluate", "nth": 1},  # test metrics of the best head
     "before results.json": {"replace": "results.json"},
 }
 

@@ -18,7 +18,8 @@ from align.optim.batched import head_hparams
 from align.optim.step import take_step
 from align.train.pack import HeadPack, group_batches
 from align.train.run_data import Sampler, lr_factor
-from test_train import IMAGE_DIM, SIZES, TEXT_DIM, make_cache, synthetic_split, train_config, write_cache
+from test_train import (IMAGE_DIM, SIZES, TEXT_DIM, data_section, make_cache, synthetic_split, train_config,
+                        write_cache)
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest
 
@@ -258,7 +259,8 @@ def test_a_head_in_a_pack_of_another_size_agrees_to_float_noise():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run bench/gpu_check.sh on one)")
 def test_cuda_pack_step_and_validation_stay_within_the_memory_estimate():
-    from align.train.memory import head_bytes
+    from align.train.config import TrainConfig
+    from align.train.memory import OptimizerMemory, head_memory
 
     k, batch, dim, rows = 16, 1024, 512, 6000
     device = torch.device("cuda")
@@ -280,7 +282,10 @@ def test_cuda_pack_step_and_validation_stay_within_the_memory_estimate():
     pack.encode(val, "image", slice(0, k))
     torch.cuda.synchronize()
     used = torch.cuda.max_memory_allocated() - data  # the pack at its peak: weights, state, gradients, activations
-    estimate = head_bytes(build_model(head, loss, dim, dim), batch, rows) * k
+    cfg = TrainConfig.model_validate(train_config(data_section(Path("unused")), head=head.model_dump(),
+                                                  loss=loss.model_dump(), schedule={"batch_size": batch},
+                                                  image_dim=dim, text_dim=dim))
+    estimate = head_memory(cfg, rows, OptimizerMemory()).bytes * k
     assert used <= estimate, (used, estimate)
     assert used >= estimate / 4, (used, estimate)  # and not a wild over-estimate
 

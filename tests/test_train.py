@@ -352,7 +352,7 @@ def test_cuda_bf16_training_steps_match_cpu_fp32(name):
     from align.train.losses import loss_for
     from align.optim.step import backward_closure, take_step
     from align.train.config import TrainConfig
-    from align.train.loop import optimizer_and_schedule
+    from align.train.optimizer import optimizer_and_schedule
 
     cfg = validate(TrainConfig, train_config(data_section(Path("unused")), optim={"name": name, "lr": 1e-3, "rho": 0.05},
                                              head={"out_dim": 256}, schedule={"batch_size": 512}))
@@ -427,7 +427,7 @@ def test_holdout_validation_partitions_training_images_with_all_their_captions(t
 def test_training_config_takes_the_registry_defaults_and_refuses_a_knob_the_method_lacks():
     from align.train.heads import build_model
     from align.train.config import TrainConfig
-    from align.train.loop import optimizer_and_schedule
+    from align.train.optimizer import optimizer_and_schedule
 
     def built(**optim):
         cfg = validate(TrainConfig, train_config(data_section(Path("unused")), optim={"lr": 1e-3, **optim}))

@@ -178,3 +178,40 @@ def test_synthetic_default_uses_the_offline_embed_config_data_section_verbatim()
     embed = load_embed_config(REPO / "configs" / "embed" / "synthetic_offline.yaml")
     assert train == embed
     assert all(cache_key(train, s) == cache_key(embed, s) for s in ("train", "val", "test"))
+
+
+def test_the_results_table_lists_the_registrys_metrics_the_run_measured():
+    """Rows in the registry's order (``metric_names``: recall at each k, mean R@1, alignment, zero-shot), only those
+    some column has, no rank statistics; a missing value is a dash."""
+    from align.cli.common import console
+    from align.cli.train import print_results
+
+    val = {"i2t_R@1": 0.5, "i2t_R@5": 0.75, "t2i_R@1": 0.25, "t2i_R@5": 0.5, "mean_R@1": 0.375, "i2t_mean_rank": 3.0,
+           "mutual_knn": 0.125, "cka": 0.0625}
+    results = {"best_val": val, "best_test": dict(val, zeroshot_top1=0.875), "final_test": None,
+               "sharpness": {"best": None}, "final_loss": None, "status": "done", "steps_done": 20,
+               "best_step": 10, "wall_time_s": 1.5}
+    with console.capture() as captured:
+        print_results(results, "RUN", ks=[1, 5])
+    rows = [line.split("│")[1:-1] for line in captured.get().splitlines() if line.startswith("│")]
+    assert [[cell.strip() for cell in row] for row in rows] == [
+        ["i2t_R@1", "0.5000", "0.5000", "—"], ["i2t_R@5", "0.7500", "0.7500", "—"],
+        ["t2i_R@1", "0.2500", "0.2500", "—"], ["t2i_R@5", "0.5000", "0.5000", "—"],
+        ["mean_R@1", "0.3750", "0.3750", "—"], ["mutual_knn", "0.1250", "0.1250", "—"],
+        ["cka", "0.0625", "0.0625", "—"], ["zeroshot_top1", "—", "0.8750", "—"]]
+    assert "status done, steps 20, best step 10, final loss —, 1.5 s" in captured.get()
+
+
+def test_results_json_keeps_its_keys_in_their_order(cache_data, tmp_path):
+    """results.json as ``align compare`` and earlier versions read it: these keys, in this order."""
+    from align.train.config import TrainConfig
+    from align.train.loop import train
+
+    cfg = TrainConfig.model_validate(train_config(cache_data, schedule={"steps": 10},
+                                                  eval={"every": 10, "sharpness": False}))
+    train(cfg, tmp_path / "run", progress=False)
+    assert list(json.loads((tmp_path / "run" / "results.json").read_text())) == [
+        "status", "diverged_at", "diverge_reason", "steps_done", "best_step", "select", "best_val", "final_val",
+        "best_test", "final_test", "max_val", "loss_at_step", "loss_at_step_T", "final_loss", "sharpness",
+        "optimizer", "two_pass", "skipped_perturbations", "config_hash", "device", "precision", "wall_time_s",
+        "zeroshot"]

@@ -248,3 +248,67 @@ def test_a_pack_prunes_old_checkpoints_only_once_every_run_has_written_the_new_o
     train_pack(cfgs, [tmp_path / "r0", tmp_path / "r1"], progress=False)
     assert seen == [("r0", [10, 20]), ("r1", [10])]  # step 10 is common to both
     assert runs.list_checkpoints(tmp_path / "r0") == [30]
+
+
+def test_a_checkpoint_holds_the_run_under_named_prefixes_and_decodes_to_it(tmp_path):
+    """The tensor half: the head under model., the best head under best., the RNG under rng., the optimizer state
+    under optim.; the JSON half: the config it must match, the optimizer's structure and the loop state, and no
+    scheduler entry. Decoding gives the head, the best head and the counters back; encoding them again gives the
+    same two halves."""
+    from align.train.config import TrainConfig
+    from align.train.loop import train
+
+    data = make_cache(tmp_path / "cache")
+    cfg = validate(TrainConfig, train_config(data, optim={"name": "msam", "lr": 1e-2, "rho": 0.05},
+                                             schedule={"steps": 20}, checkpoint_every=10,
+                                             eval={"every": 10, "sharpness": False}))
+    train(cfg, tmp_path / "run", progress=False)
+    tensors, meta = runs.load_checkpoint(tmp_path / "run", 20)
+    head = ["image_head.weight", "image_head.bias", "text_head.weight", "text_head.bias", "log_scale"]
+    optim = [k for k in tensors if k.startswith("optim.")]
+    assert sorted(tensors) == sorted([f"model.{k}" for k in head] + [f"best.{k}" for k in head] + ["rng.cpu"] + optim)
+    assert len(optim) == 3 * len(head)  # AdamW's step, exp_avg and exp_avg_sq of each parameter
+    assert sorted(meta) == ["config", "config_hash", "optimizer", "step", "tensors_sha256", "train_state"]
+
+    state = checkpoint.decode_checkpoint(tensors, meta, torch.device("cpu"))
+    assert sorted(state.head) == sorted(head) and all(torch.equal(state.head[k], tensors[f"model.{k}"]) for k in head)
+    assert state.loop.step == 20 and state.loop.best.step in (10, 20)
+    assert all(torch.equal(state.loop.best.state[k], tensors[f"best.{k}"]) for k in head)
+    assert torch.equal(state.rng["cpu"], tensors["rng.cpu"])
+    again, again_meta = checkpoint.encode_checkpoint(state, meta["config_hash"], meta["config"],
+                                                     meta["train_state"]["wall_time_s"])
+    assert sorted(again) == sorted(tensors) and all(torch.equal(again[k], tensors[k]) for k in tensors)
+    assert json.loads(json.dumps(again_meta)) == {k: v for k, v in meta.items() if k not in ("step", "tensors_sha256")}
+
+
+def test_a_checkpoint_with_the_old_scheduler_entry_resumes_bit_identically(tmp_path):
+    """Checkpoints written before the codec hold a "scheduler" entry that nothing reads: the run resumes from one
+    and ends with the uninterrupted run's bits."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from align.train.config import TrainConfig
+    from align.train.loop import train
+
+    data = make_cache(tmp_path / "cache")
+    cfg = validate(TrainConfig, train_config(data, optim={"name": "msam", "lr": 1e-2, "rho": 0.05},
+                                             schedule={"steps": 30}, checkpoint_every=10, keep_checkpoints=5,
+                                             eval={"every": 10, "sharpness": False}))
+    expected = train(cfg, tmp_path / "reference", progress=False)
+    shutil.copytree(tmp_path / "reference", tmp_path / "old")
+    folder = tmp_path / "old" / "checkpoints"
+    for name in ("step-0000030.json", "step-0000030.safetensors"):
+        (folder / name).unlink()
+    (tmp_path / "old" / "results.json").unlink()
+    meta = json.loads((folder / "step-0000020.json").read_text())
+    meta["scheduler"] = {"last_epoch": 20, "base_lrs": [1e-2]}  # as the checkpoints of earlier versions hold it
+    (folder / "step-0000020.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+    got = train(cfg, tmp_path / "old", resume=True, progress=False)
+    assert {k: v for k, v in got.items() if k != "wall_time_s"} == \
+           {k: v for k, v in expected.items() if k != "wall_time_s"}
+    a = load_file(tmp_path / "reference" / "checkpoints" / "step-0000030.safetensors")
+    b = load_file(folder / "step-0000030.safetensors")
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert (tmp_path / "old" / "metrics.jsonl").read_bytes() == (tmp_path / "reference" / "metrics.jsonl").read_bytes()

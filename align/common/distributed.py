@@ -80,15 +80,17 @@ def _failure(exc: BaseException) -> str:
     return f"rank {current().rank} failed: {type(exc).__name__}: {exc}"[:300]
 
 
-def from_main(fn: Callable[[], T]) -> T:
+def from_main(fn: Callable[[], T], job: Rank | None = None) -> T:
     """``fn()`` run on rank 0 alone, its result on every rank (``fn()`` itself in a single process). When it
     raises on rank 0, every other rank raises an AlignError with its line, so none waits for a rank that stopped;
-    rank 0 re-raises the original."""
-    if not current().distributed:
+    rank 0 re-raises the original. ``job``: the job whose ranks share the result (default: the process group;
+    SINGLE: this process alone, as when one rank of a study trains a pack by itself)."""
+    me = current() if job is None else job
+    if not me.distributed:
         return fn()
     outcome: tuple[bool, Any] = (True, None)
     error: BaseException | None = None
-    if current().is_main:
+    if me.is_main:
         try:
             outcome = (True, fn())
         except Exception as exc:  # noqa: BLE001 -- reported to every rank, then re-raised here
@@ -133,11 +135,11 @@ def main_holds(enter: Callable[[], ContextManager[Any]]) -> Iterator[None]:
 
 
 @contextmanager
-def together() -> Iterator[None]:
+def together(job: Rank | None = None) -> Iterator[None]:
     """Every rank runs the block, then waits for all the others (a barrier that carries failures): when it raised
     on any rank, every rank raises, the failed ones their own error and the others an AlignError with the first
-    failure's line. In a single process: the block itself."""
-    if not current().distributed:
+    failure's line. In a single process: the block itself. ``job``: as for ``from_main``."""
+    if not (current() if job is None else job).distributed:
         yield
         return
     error: BaseException | None = None

@@ -52,7 +52,7 @@ def evaluate_run(run_dir: Path, split: str = "test", checkpoint: str = "best", d
     notes = [] if cfg.eval.knn_k < paired.num_images else [  # said, so that they are not missing without a word
         f"mutual_knn/cknna skipped: {paired.num_images} images is not more than the run's eval.knn_k={cfg.eval.knn_k}"]
     dev = pick_device(device or cfg.device)
-    check_head_fits(cfg, dev, training=False)
+    check_head_fits(cfg, dev, paired.num_images + paired.num_captions, training=False)
     try:
         model = build_model(cfg.head, cfg.loss, cfg.image_dim, cfg.text_dim)
         _load_head_state(model, state, run.path)

@@ -70,18 +70,16 @@ def check_pack(pack: int | str) -> None:
 def pack_limit(cfg: CompareConfig, pack: int | str, memory_budget: str | int | None, workers: int) -> int:
     """How many heads one pack may hold: ``pack`` (a number, or "auto"), capped by what fits each worker's share
     of the memory budget; AlignError when not even one head fits."""
-    from align.train.heads import build_model
-    from align.train.memory import head_bytes
+    from align.train.memory import OptimizerMemory, head_memory
     from align.train.run_data import prepare_data
 
     check_pack(pack)
     budget = parse_memory(memory_budget) if memory_budget is not None else default_memory_budget(cfg.device)
     share = budget // max(1, workers)
     sized, data = prepare_data(cell_config(cfg, grid_cells(cfg.grid)[0], Path(".")))
-    model = build_model(sized.head, sized.loss, sized.image_dim, sized.text_dim)
-    val = data.val
-    per_head = head_bytes(model, cfg.schedule.batch_size, val.num_images + val.num_captions,
-                          metric=bool(cfg.optim.metric_beta))
+    val = data.val  # any optimizer of the grid: the most one keeps
+    per_head = head_memory(sized, val.num_images + val.num_captions,
+                           OptimizerMemory(metric=bool(cfg.optim.metric_beta))).bytes
     if per_head > share:
         raise AlignError(f"a memory budget of {share / 2 ** 20:.0f} MiB per worker cannot hold one head "
                          f"({per_head / 2 ** 20:.1f} MiB): raise --memory-budget or use fewer --workers")

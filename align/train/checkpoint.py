@@ -1,6 +1,19 @@
-"""The training state a checkpoint holds, as tensors and JSON (core, no I/O): the loop's counters and best
-head (``LoopState``), the RNG state, and nested optimizer state flattened into both (``flatten_state`` /
-``unflatten_state``).
+"""A run's training state and its checkpoint codec (core, no I/O).
+
+``LoopState`` is what the loop carries from one step to the next (counters, recent losses, the best head so far);
+``TrainingState`` is the whole state of a run at a step: its head, its optimizer state (the base optimizer's
+moments, in the layout of its torch ``state_dict``), the RNG state right after its initialisation, and its
+LoopState. ``encode_checkpoint`` turns it into a checkpoint's two halves and ``decode_checkpoint`` back:
+
+    tensors (safetensors)   model.<name>  the head's weights        best.<name>  the best head so far
+                            rng.<device>  the RNG state             optim.<...>  the optimizer state's tensors
+    meta (JSON)             config_hash, config   what a resume must match
+                            optimizer    the optimizer state, its tensors replaced by their keys (``flatten_state``)
+                            train_state  the LoopState (``LoopState.to_json``)
+
+Checkpoints written before this codec also hold a ``scheduler`` entry that nothing reads; they decode alike.
+Under torchrun with a local perturbation, M-SAM's averaged metric is each rank's own: a checkpoint holds one per
+rank (``with_rank_metrics``) and each rank resumes from its own (``own_rank_optimizer``).
 """
 from __future__ import annotations
 
@@ -12,22 +25,25 @@ from typing import Any
 import torch
 from torch import Tensor
 
-LOSS_WINDOW = 10
+from align.common import distributed
+from align.common.errors import AlignError
+
+LOSS_WINDOW = 10  # training losses averaged into loss_at_step and final_loss
+MODEL, BEST, RNG, OPTIMIZER = "model.", "best.", "rng.", "optim"  # the checkpoint's tensor key prefixes
+RANK_METRICS = "metric_ema_ranks"  # M-SAM's averaged metric of every rank, in the optimizer state's "sam" part
 
 
-def _rng_tensors() -> dict[str, Tensor]:
-    out = {"rng.cpu": torch.get_rng_state()}
+def rng_state() -> dict[str, Tensor]:
+    """The RNG state of the CPU and of every CUDA device, by device name ("cpu", "cuda.0", ...)."""
+    out = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         for i, state in enumerate(torch.cuda.get_rng_state_all()):
-            out[f"rng.cuda.{i}"] = state
+            out[f"cuda.{i}"] = state
     return out
 
 
-def _finite(state: dict[str, Tensor]) -> bool:
-    return all(bool(torch.isfinite(t).all()) for t in state.values() if t.is_floating_point())
-
-
 def _window_mean(values: list[float]) -> float | None:
+    """Mean of the finite values (None if there is none)."""
     finite = [v for v in values if math.isfinite(v)]
     return sum(finite) / len(finite) if finite else None
 
@@ -56,6 +72,10 @@ class LoopState:
     last_val: dict[str, Any] | None = None
     diverged: dict[str, Any] | None = None
 
+    def recent_loss(self) -> float | None:
+        """Mean training loss over the last ``LOSS_WINDOW`` steps (non-finite ones left out)."""
+        return _window_mean(list(self.losses))
+
     def to_json(self, wall_time_s: float) -> dict[str, Any]:
         return {"step": self.step, "stuck": self.stuck, "recent_losses": list(self.losses),
                 "loss_at_step": self.loss_at_step, "max_val": self.max_val, "last_val": self.last_val,
@@ -71,6 +91,79 @@ class LoopState:
         state.losses.extend(float("nan") if v is None else v for v in ts["recent_losses"])
         state.best = BestHead(**ts["best"], state=best_state if ts["best"]["step"] is not None else None)
         return state
+
+
+@dataclass
+class TrainingState:
+    """A run's whole training state at a step: what one checkpoint holds."""
+
+    head: dict[str, Tensor]  # the head's state_dict
+    optimizer: dict[str, Any]  # its optimizer state (``HeadPack.optim_state``'s layout)
+    rng: dict[str, Tensor]  # the RNG state right after the head's initialisation (``rng_state``)
+    loop: LoopState
+
+
+def _prefixed(prefix: str, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {prefix + name: t for name, t in tensors.items()}
+
+
+def _under(prefix: str, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {key[len(prefix):]: t for key, t in tensors.items() if key.startswith(prefix)}
+
+
+def encode_checkpoint(state: TrainingState, config_hash: str, config: dict[str, Any],
+                      wall_time_s: float) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """A checkpoint's (tensors, meta) for a run of ``config`` (hashed to ``config_hash``), with the run's wall
+    time so far."""
+    tensors = _prefixed(MODEL, state.head)
+    if state.loop.best.state is not None:
+        tensors.update(_prefixed(BEST, state.loop.best.state))
+    tensors.update(_prefixed(RNG, state.rng))
+    meta = {"config_hash": config_hash, "config": config,
+            "optimizer": flatten_state(state.optimizer, OPTIMIZER, tensors),
+            "train_state": state.loop.to_json(wall_time_s)}
+    return tensors, meta
+
+
+def decode_checkpoint(tensors: dict[str, Tensor], meta: dict[str, Any], device: torch.device) -> TrainingState:
+    """The TrainingState of a checkpoint's (tensors, meta), the best head on ``device``."""
+    best = {name: t.to(device) for name, t in _under(BEST, tensors).items()}
+    return TrainingState(head=_under(MODEL, tensors), optimizer=unflatten_state(meta["optimizer"], tensors),
+                         rng=_under(RNG, tensors), loop=LoopState.from_json(meta["train_state"], best))
+
+
+def ends_run(meta: dict[str, Any], steps: int) -> bool:
+    """Whether a checkpoint (its meta) is its run's last: the run diverged there or reached its last of ``steps``."""
+    state = meta["train_state"]
+    return state["diverged"] is not None or state["step"] >= steps
+
+
+def head_weights(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The head's state_dict in a checkpoint's tensors."""
+    return _under(MODEL, tensors)
+
+
+def with_rank_metrics(optimizer: dict[str, Any]) -> dict[str, Any]:
+    """``optimizer`` with this rank's M-SAM averaged metric replaced by every rank's, in rank order (a collective:
+    every rank of the job calls it)."""
+    sam = optimizer.setdefault("sam", {})
+    own = sam.pop("metric_ema", None)
+    sam[RANK_METRICS] = distributed.gather_objects(None if own is None else {i: t.cpu() for i, t in own.items()})
+    return optimizer
+
+
+def own_rank_optimizer(optimizer: dict[str, Any], job: distributed.Rank, where: str) -> dict[str, Any]:
+    """The optimizer state rank ``job`` resumes from: with M-SAM's averaged metric of its own when the checkpoint
+    holds one per rank (``with_rank_metrics``); AlignError when it was written by another number of ranks."""
+    ranks = optimizer.get("sam", {}).pop(RANK_METRICS, None)
+    if ranks is None or all(r is None for r in ranks):
+        return optimizer
+    if len(ranks) != job.world_size:
+        raise AlignError(f"{where} was trained on {len(ranks)} ranks with optim.perturbation=local and M-SAM's "
+                         f"averaged metric, one per rank: resume it on {len(ranks)} ranks")
+    if ranks[job.rank] is not None:
+        optimizer["sam"]["metric_ema"] = ranks[job.rank]
+    return optimizer
 
 
 def flatten_state(obj: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:

@@ -3,20 +3,26 @@
 Every value a user can get wrong is refused here, at load, with one line naming the key: a zero ``eval.every``
 would otherwise fail as a ZeroDivisionError after training has started, and a NaN learning rate would be reported
 as the optimizer's divergence. Numbers refuse booleans (``lr: true`` is not 1.0).
+
+What a config implies lives here too: the part its checkpoints must match (``hashed_config``), what the runs of
+one pack share (``pack_key``) and whether it trains under bf16 autocast (``TrainConfig.uses_bf16``).
 """
 from __future__ import annotations
 
 import math
 from typing import Annotated, Any, Literal
 
+import torch
 from pydantic import BeforeValidator, Field, StrictInt, field_validator, model_validator
 
 from align.cache.key import EmbedConfig
 from align.common.config import StrictModel
+from align.common.errors import AlignError
+from align.data.datasets import LABELLED_KINDS
+from align.optim import BASE_OPTIMIZERS, OPTIMIZERS
 from align.train.heads import HeadConfig
+from align.train.identity import config_hash, hashed_view
 from align.train.losses import LossConfig
-from align.train.runs import hashed_view
-
 
 
 def _not_bool(value: Any) -> Any:
@@ -68,8 +74,6 @@ class OptimConfig(StrictModel):
     @field_validator("name")
     @classmethod
     def _known_name(cls, value: str) -> str:
-        from align.optim import OPTIMIZERS
-
         if value not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {value!r}; choose one of {', '.join(OPTIMIZERS)}")
         return value
@@ -77,8 +81,6 @@ class OptimConfig(StrictModel):
     @field_validator("base")
     @classmethod
     def _known_base(cls, value: str) -> str:
-        from align.optim import BASE_OPTIMIZERS
-
         if value not in BASE_OPTIMIZERS:
             raise ValueError(f"unknown base optimizer {value!r}; choose one of {', '.join(BASE_OPTIMIZERS)}")
         return value
@@ -168,16 +170,35 @@ class TrainConfig(StrictModel):
 
     @model_validator(mode="after")
     def _select_fits_data(self) -> "TrainConfig":
-        from align.data.datasets import LABELLED_KINDS
-
         if self.eval.select.startswith("zeroshot") and self.data.dataset.kind not in LABELLED_KINDS:
             raise ValueError(f"eval.select={self.eval.select} needs a labelled dataset ({', '.join(LABELLED_KINDS)}), "
                              f"not kind {self.data.dataset.kind!r}")
         return self
 
+    def uses_bf16(self, device: torch.device) -> bool:
+        """Whether the run trains under bf16 autocast on ``device`` (``precision``: auto = on CUDA only);
+        AlignError where it cannot."""
+        bf16 = self.precision == "bf16" or (self.precision == "auto" and device.type == "cuda")
+        if bf16 and device.type != "cuda":
+            raise AlignError("precision=bf16 needs a CUDA device here: use --set precision=fp32")
+        return bf16
+
 
 def hashed_config(cfg: TrainConfig) -> dict[str, Any]:
     """The part of the config a checkpoint must match: all but where the run lives and which device runs it
-    (``align.runs.hashed_view``)."""
+    (``align.train.identity.hashed_view``)."""
     return hashed_view(cfg.model_dump(mode="json"))
+
+
+PACK_FREE = ("optim", "seed", "out_dir")  # what may differ between the runs of one pack (and the logit clamp)
+
+
+def pack_key(cfg: TrainConfig) -> str:
+    """What runs must share to train in one pack: everything but the optimizer, the seed, the run directory and
+    the logit-scale clamp (same data, head, loss, schedule, evaluation, device and precision)."""
+    data = hashed_config(cfg)
+    for key in PACK_FREE:
+        data.pop(key, None)
+    data["loss"] = {k: v for k, v in data["loss"].items() if k != "clamp"}
+    return config_hash(data)
 

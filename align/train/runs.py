@@ -12,11 +12,11 @@ Layout of a run directory::
     RUN/results.json                    what ``align compare`` reads
 
 Every write is atomic (temporary file in the same folder + ``os.replace``). No pickle anywhere: tensors go to
-safetensors, everything else to JSON; nested state (optimizer ``state_dict``s) is flattened into both with
-``flatten_state`` / ``unflatten_state``.
+safetensors, everything else to JSON; what a checkpoint holds, and how, is ``align.train.checkpoint``'s codec.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -26,18 +26,18 @@ from typing import Any
 
 import torch
 
-from align.common import files
+from align.common import distributed, files
+from align.common.config import load_yaml
 from align.common.errors import AlignError
+from align.common.locks import exclusive
+from align.train.checkpoint import head_weights
+from align.train.identity import config_hash, diff_keys, hashed_view
 
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 RESULTS_FILE = "results.json"
 CHECKPOINT_DIR = "checkpoints"
 _STEP_RE = re.compile(r"^step-(\d+)\.json$")
-HASH_EXCLUDED = ("out_dir", "device")  # where a run lives and what runs it: a checkpoint need not match these
-# Keys added after runs were first trained, left out of the hash while they hold their defaults: a run trained
-# before they existed keeps its config_hash and still resumes.
-HASH_NEW_DEFAULTS = {("loss", "local"): False, ("optim", "perturbation"): "global", ("eval", "sharpness_final"): True}
 
 
 # Re-exported: run directories are the main user of these.
@@ -64,32 +64,6 @@ def read_json(path: Path) -> Any:
         raise AlignError(f"{path} is not valid JSON ({exc.msg}); the file is damaged") from None
     except OSError as exc:
         raise AlignError(f"cannot read {path}: {exc.strerror}") from None
-
-
-def config_hash(config: dict[str, Any]) -> str:
-    """SHA-256 (16 hex digits) of a config dict in canonical JSON: what a checkpoint must match to resume."""
-    return hashlib.sha256(json.dumps(json_safe(config), sort_keys=True).encode()).hexdigest()[:16]
-
-
-def hashed_view(config: dict[str, Any]) -> dict[str, Any]:
-    """The part of a run's config (a dict as config.yaml holds it) that its checkpoints must match: all but
-    ``HASH_EXCLUDED``, and the ``HASH_NEW_DEFAULTS`` keys only where they differ from their defaults."""
-    data = {k: v for k, v in config.items() if k not in HASH_EXCLUDED}
-    for (section, key), default in HASH_NEW_DEFAULTS.items():
-        part = data.get(section)
-        if isinstance(part, dict) and key in part and part[key] == default:
-            data[section] = {k: v for k, v in part.items() if k != key}
-    return data
-
-
-def diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two nested dicts (for 'another configuration' messages)."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        out: list[str] = []
-        for key in sorted(set(a) | set(b)):
-            out += diff_keys(a.get(key), b.get(key), f"{prefix}{key}.")
-        return out
-    return [] if json_safe(a) == json_safe(b) else [prefix.rstrip(".")]
 
 
 def write_config(run_dir: Path, text: str) -> None:
@@ -156,7 +130,7 @@ def checkpoint_dir(run_dir: Path) -> Path:
 
 
 def _tensor_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
-    from safetensors.torch import save
+    from safetensors.torch import save  # heavy: only when tensors are written
 
     return save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=metadata)
 
@@ -194,7 +168,7 @@ def list_checkpoints(run_dir: Path) -> list[int]:
 
 def load_checkpoint(run_dir: Path, step: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(tensors, meta) of checkpoint ``step``; AlignError if its halves are missing or disagree."""
-    from safetensors.torch import load
+    from safetensors.torch import load  # heavy: only when tensors are read
 
     folder = checkpoint_dir(run_dir)
     meta = read_json(folder / f"step-{step:07d}.json")
@@ -229,7 +203,7 @@ def save_head(run_dir: Path, name: str, state: dict[str, torch.Tensor], meta: di
 
 def load_head(run_dir: Path, which: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Head weights and their description: ``which`` = "best" or "last" (the newest training checkpoint)."""
-    from safetensors.torch import load
+    from safetensors.torch import load  # heavy: only when tensors are read
 
     folder = checkpoint_dir(run_dir)
     if which == "last":
@@ -237,8 +211,7 @@ def load_head(run_dir: Path, which: str) -> tuple[dict[str, torch.Tensor], dict[
         if found is None:
             raise AlignError(f"{run_dir} has no checkpoint yet: train it first (align train ... --out {run_dir})")
         tensors, meta = found
-        state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
-        return state, {"step": meta["step"], "config_hash": meta.get("config_hash")}
+        return head_weights(tensors), {"step": meta["step"], "config_hash": meta.get("config_hash")}
     if which != "best":
         raise AlignError(f"unknown checkpoint {which!r}: use best or last")
     path = folder / "best.safetensors"
@@ -260,6 +233,12 @@ class RunDir:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+
+    @classmethod
+    def for_rank(cls, path: str | Path, job: distributed.Rank) -> "RunDir":
+        """The run directory as rank ``job`` sees it under torchrun: rank 0 (or a single process) writes it, the
+        other ranks hold its read-only twin (reads work, writes do nothing)."""
+        return RunDir(path) if job.is_main else ReadOnlyRunDir(path)
 
     @property
     def config_path(self) -> Path:
@@ -307,8 +286,6 @@ class RunDir:
         return "finished" if self.results_path.exists() else "resume"
 
     def _check_saved_config(self, cfg_hash: str, config: dict[str, Any]) -> None:
-        from align.common.config import load_yaml
-
         saved = hashed_view(load_yaml(self.config_path))
         if config_hash(saved) != cfg_hash:
             keys = diff_keys(saved, config)
@@ -317,8 +294,6 @@ class RunDir:
 
     def lock(self) -> Any:
         """Context manager: this process is the run directory's only writer (AlignError naming the holder)."""
-        from align.common.locks import exclusive
-
         return exclusive(self.path, "run directory", "another align train is writing it; wait for it to finish "
                                                      "or use --out NEW_DIR")
 
@@ -385,8 +360,6 @@ class ReadOnlyRunDir(RunDir):
     checkpoint they resume from, a finished run's results) and write nothing, not even its lock."""
 
     def lock(self) -> Any:
-        import contextlib
-
         return contextlib.nullcontext()
 
     def begin(self, resumed_step: int) -> None:

@@ -1,0 +1,44 @@
+"""What identifies a run's configuration (core: dicts in, dicts and hashes out): the part of a run's config its
+checkpoints must match, its hash, and which keys two configs differ in.
+
+A run directory checks a resume against it (``align.train.runs``) and a study groups its cells into packs by it
+(``align.train.config.pack_key``); both see the config as the dict config.yaml holds.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from align.common.files import json_safe
+
+HASH_EXCLUDED = ("out_dir", "device")  # where a run lives and what runs it: a checkpoint need not match these
+# Keys added after runs were first trained, left out of the hash while they hold their defaults: a run trained
+# before they existed keeps its config_hash and still resumes.
+HASH_NEW_DEFAULTS = {("loss", "local"): False, ("optim", "perturbation"): "global", ("eval", "sharpness_final"): True}
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    """SHA-256 (16 hex digits) of a config dict in canonical JSON: what a checkpoint must match to resume."""
+    return hashlib.sha256(json.dumps(json_safe(config), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def hashed_view(config: dict[str, Any]) -> dict[str, Any]:
+    """The part of a run's config (a dict as config.yaml holds it) that its checkpoints must match: all but
+    ``HASH_EXCLUDED``, and the ``HASH_NEW_DEFAULTS`` keys only where they differ from their defaults."""
+    data = {k: v for k, v in config.items() if k not in HASH_EXCLUDED}
+    for (section, key), default in HASH_NEW_DEFAULTS.items():
+        part = data.get(section)
+        if isinstance(part, dict) and key in part and part[key] == default:
+            data[section] = {k: v for k, v in part.items() if k != key}
+    return data
+
+
+def diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested dicts (for 'another configuration' messages)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out: list[str] = []
+        for key in sorted(set(a) | set(b)):
+            out += diff_keys(a.get(key), b.get(key), f"{prefix}{key}.")
+        return out
+    return [] if json_safe(a) == json_safe(b) else [prefix.rstrip(".")]
