@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from align.common.config import load_config
 from align.cli.main import app
-from test_train import data_section, make_cache, synthetic_split, train_config, write_cache
+from helpers import data_section, synthetic_split, train_config, write_cache
 
 REPO = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -36,11 +36,6 @@ def one_error_line(result) -> str:
     assert len(lines) == 1 and lines[0].startswith("error:"), result.output
     assert "Traceback" not in result.output
     return lines[0]
-
-
-@pytest.fixture(scope="module")
-def cache_data(tmp_path_factory) -> dict:
-    return make_cache(tmp_path_factory.mktemp("cache"))
 
 
 @pytest.fixture()
