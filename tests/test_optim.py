@@ -352,7 +352,21 @@ def test_bf16_autocast_step_is_close_to_fp32():
 
 
 def test_registry_capabilities_and_bad_input():
-    assert [n for n, i in OPTIMIZERS.items() if i.two_pass] == ["sam", "msam", "asam", "fsam"]
+    rng = torch.Generator().manual_seed(0)
+    x, y = torch.randn(8, 3, generator=rng), torch.randn(8, 2, generator=rng)
+    for name, info in OPTIMIZERS.items():  # the flag against one real step: closure calls, through take_step and .step
+        model = torch.nn.Linear(3, 2)
+        calls = []
+
+        def closure():
+            calls.append(name)
+            loss = _loss(model, x, y)
+            loss.backward()
+            return loss.detach()
+
+        before = [p.detach().clone() for p in model.parameters()]
+        take_step(create_optimizer(name, model.parameters(), lr=0.1), closure)
+        assert len(calls) == (2 if info.two_pass else 1), (name, len(calls))
     p = [torch.nn.Parameter(torch.zeros(1))]
     with pytest.raises(ValueError, match="rho"):
         MSAM(p, torch.optim.SGD, rho=-0.1, lr=0.1)
