@@ -1,4 +1,5 @@
-"""Test-wide settings: never reach the network, keep hub caches in a temporary folder."""
+"""Test-wide settings (never reach the network, keep hub caches in a temporary folder) and the fixtures several
+test modules share. The helpers they are built from are in helpers.py."""
 import os
 import tempfile
 
@@ -21,3 +22,21 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """A tiny random open_clip model saved as local-dir (config + safetensors), read-only: loadable in any process."""
+    # Imported here, after the environment above is set: helpers imports align.
+    from helpers import save_tiny_clip
+
+    return save_tiny_clip(tmp_path_factory.mktemp("tiny-clip"), seed=3)
+
+
+@pytest.fixture(scope="session")
+def cache_data(tmp_path_factory) -> dict:
+    """helpers.make_cache's train/val/test embeddings (no encoder), read-only → the data section pointing at them."""
+    # Imported here, after the environment above is set: helpers imports align.
+    from helpers import make_cache
+
+    return make_cache(tmp_path_factory.mktemp("cache"))

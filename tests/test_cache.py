@@ -24,25 +24,8 @@ from align.cache.store import list_caches, remove_cache, verify_cache
 from align.cache.read import load_cached_split
 from align.common.errors import AlignError
 
-TINY_CFG = {"embed_dim": 16,
-            "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
-            "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
 SYNTH = {"train_images": 20, "val_images": 6, "test_images": 6, "image_size": 32, "captions_per_image": 2}
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    """A tiny random open_clip model saved as local-dir (config + safetensors): loadable in any process."""
-    from open_clip.model import CLIP
-    from safetensors.torch import save_file
-
-    folder = tmp_path_factory.mktemp("tiny-clip")
-    torch.manual_seed(3)
-    model = CLIP(**TINY_CFG)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "open_clip_model.safetensors")
-    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_CFG, "preprocess_cfg": {}}))
-    return folder
 
 
 def make_cfg(tiny_dir: Path, root: Path, **changes) -> EmbedConfig:

@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 from align.cache import key as cache_keys, read as cache_read, store as cache_store, write as cache_write
 from align.cli.main import app
 from align.common.errors import AlignError
-from test_train import make_cache, train_config
+from helpers import make_cache, train_config
 
 runner = CliRunner()
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest

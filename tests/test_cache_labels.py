@@ -16,7 +16,6 @@ from typer.testing import CliRunner
 from align.cache import key as cache_keys, read as cache_read, store as cache_store, write as cache_write
 from align.cli.main import app
 from align.common.errors import AlignError
-from test_embed_cli import save_tiny_clip
 
 pytest.importorskip("mlxtend")
 runner = CliRunner()
@@ -24,11 +23,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest
 
 
 @pytest.fixture(scope="module")
-def labelled(tmp_path_factory) -> tuple[Path, cache_keys.EmbedConfig]:
+def labelled(tmp_path_factory, tiny_dir) -> tuple[Path, cache_keys.EmbedConfig]:
     root = tmp_path_factory.mktemp("labelled")
-    (root / "tiny").mkdir()
-    model = save_tiny_clip(root / "tiny", seed=11)
-    encoder = {"backend": "open_clip", "model": f"local-dir:{model}"}
+    encoder = {"backend": "open_clip", "model": f"local-dir:{tiny_dir}"}
     cfg = cache_keys.EmbedConfig.model_validate({
         "dataset": {"kind": "mnist", "mnist": {"train_per_class": 1, "val_per_class": 1, "test_per_class": 3,
                                                "captions_per_image": 2}},

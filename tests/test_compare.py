@@ -9,16 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import yaml
 from typer.testing import CliRunner
 
 from align.cli.main import app
 
 REPO = Path(__file__).resolve().parents[1]
-TINY_CFG = {"embed_dim": 16,
-            "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
-            "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
 runner = CliRunner()
 
 
@@ -26,19 +22,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest
 
 
 @pytest.fixture(scope="module")
-def study_config(tmp_path_factory) -> Path:
+def study_config(tmp_path_factory, tiny_dir) -> Path:
     """A 2 optimizers × 2 ρ × 1 lr × 2 seeds study on a tiny synthetic set and a tiny random open_clip model."""
-    from open_clip.model import CLIP
-    from safetensors.torch import save_file
-
     root = tmp_path_factory.mktemp("study")
-    model_dir = root / "tiny-clip"
-    model_dir.mkdir()
-    torch.manual_seed(0)
-    save_file({k: v.contiguous() for k, v in CLIP(**TINY_CFG).state_dict().items()},
-              model_dir / "open_clip_model.safetensors")
-    (model_dir / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_CFG, "preprocess_cfg": {}}))
-    encoder = {"backend": "open_clip", "model": f"local-dir:{model_dir}"}
+    encoder = {"backend": "open_clip", "model": f"local-dir:{tiny_dir}"}
     config = {  # bootstrap_samples is unused now, but configs saved by older studies have it and must load
         "name": "tiny", "study_dir": str(root / "out"), "workers": 2, "reference": "sam", "bootstrap_samples": 500,
         "data": {"dataset": {"kind": "synthetic", "synthetic": {"train_images": 24, "val_images": 8, "test_images": 8,
@@ -232,4 +219,16 @@ def test_every_config_validates_and_compare_configs_dry_run(path):
         assert result.exit_code == 0, result.output
         plan = json.loads(result.output)
         assert plan["runs"] > 0 and plan["forward_backward_passes"] > 0
-        assert not math.isnan(plan["steps_per_run"])
+        # The plan against the YAML's own grid, counted here: cells per optimizer = its lrs × its ρs (one "no ρ"
+        # for single-pass methods) × its method-axis combinations × seeds; the SAM family takes two passes a step.
+        raw = yaml.safe_load(path.read_text())
+        grid, steps = raw["grid"], raw["schedule"]["steps"]
+        two_pass = {"sam", "msam", "asam", "fsam"}
+        cells = {name: len(grid.get("lr_overrides", {}).get(name, grid["lrs"]))
+                 * (len(grid.get("rho_overrides", {}).get(name, grid["rhos"])) if name in two_pass else 1)
+                 * math.prod(len(values) for values in grid.get("method_axes", {}).get(name, {}).values())
+                 * len(grid["seeds"]) for name in grid["optimizers"]}
+        assert plan["optimizers"] == grid["optimizers"] and plan["steps_per_run"] == steps
+        assert plan["runs"] == sum(cells.values())
+        assert plan["forward_backward_passes"] == steps * sum(n * (2 if name in two_pass else 1)
+                                                               for name, n in cells.items())

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from align.cli.main import app
 from align.study.config import Cell
 from align.study.packing import plan_packs
-from test_train import make_cache, train_config
+from helpers import make_cache, train_config
 
 REPO = Path(__file__).resolve().parents[1]
 runner = CliRunner()

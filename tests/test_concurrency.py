@@ -76,7 +76,7 @@ def test_a_file_where_a_folder_belongs_is_one_line(tmp_path):
 
 
 def test_two_trainings_into_one_run_directory_one_is_refused_and_the_log_has_no_duplicates(tmp_path):
-    from test_train import make_cache, train_config
+    from helpers import make_cache, train_config
 
     data = make_cache(tmp_path / "cache")
     cfg = train_config(data, schedule={"steps": 100_000}, eval={"every": 1000, "sharpness": False})
@@ -149,7 +149,7 @@ def test_a_second_study_into_the_same_folder_is_refused_before_it_trains(tmp_pat
     from align.study.config import CompareConfig
     from align.study.compare import run_compare
     from align.common.config import validate
-    from test_train import make_cache, train_config
+    from helpers import make_cache, train_config
 
     data = make_cache(tmp_path / "cache")
     cfg = validate(CompareConfig, {**train_config(data), "study_dir": str(tmp_path / "study"),

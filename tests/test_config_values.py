@@ -14,7 +14,7 @@ import yaml
 from align.common.config import validate
 from align.common.errors import AlignError
 
-from test_train import data_section
+from helpers import data_section
 
 
 def study(**changes):

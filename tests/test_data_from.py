@@ -15,8 +15,7 @@ from align.common.config import dump_config, load_config, load_yaml, read_config
 from align.common.errors import AlignError
 from align.study.config import CompareConfig
 from align.train.config import TrainConfig
-from test_embed_cli import save_tiny_clip
-from test_train import make_cache, train_config
+from helpers import make_cache, save_tiny_clip, train_config
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"

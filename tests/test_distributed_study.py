@@ -20,7 +20,6 @@ import yaml
 from typer.testing import CliRunner
 
 from align.cli.main import app
-from test_embed_cli import save_tiny_clip
 
 REPO = Path(__file__).resolve().parents[1]
 ARRAYS = ("image.npy", "text.npy", "caption_to_image.npy", "image_rows.npy", "caption_rows.npy")
@@ -28,14 +27,12 @@ runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def study(tmp_path_factory) -> dict:
+def study(tmp_path_factory, tiny_dir) -> dict:
     """A 6-cell study (AdamW, SAM, M-SAM × 2 seeds) over a tiny random open_clip model, and its single-process
     reference: 96 training images (2 image shards, 3 caption shards of ENCODE_ROWS = 64 rows) and 8 each for
     val and test (one shard: one rank has nothing to encode)."""
     root = tmp_path_factory.mktemp("distributed")
-    (root / "tiny-clip").mkdir()
-    model = save_tiny_clip(root / "tiny-clip", seed=3)
-    encoder = {"backend": "open_clip", "model": f"local-dir:{model}"}
+    encoder = {"backend": "open_clip", "model": f"local-dir:{tiny_dir}"}
     config = {
         "name": "ranks", "workers": 1, "reference": "sam",
         "data": {"dataset": {"kind": "synthetic", "synthetic": {"train_images": 96, "val_images": 8, "test_images": 8,

@@ -1,6 +1,6 @@
 """Data-parallel training under torch.distributed (2 gloo ranks on the CPU, a free port found at run time).
 
-The pack's step on 2 ranks, each with half of every batch, against the reference path of test_pack (torch
+The pack's step on 2 ranks, each with half of every batch, against the reference path (helpers.reference_run: torch
 optimizers driven by take_step on the whole batch, one process): with ``optim.perturbation: global`` every head
 of the registry ends within 1e-9 (relative, float64, 20 steps), with the whole gathered loss and with
 ``loss.local``; with ``local`` the SAM family ends elsewhere while the ranks still hold identical weights. Then
@@ -27,8 +27,7 @@ from align.train.losses import LossConfig, clip_loss, clip_loss_rows, siglip_los
 from align.optim.batched import head_hparams
 from align.train.pack import HeadPack, group_batches
 from align.train.run_data import Sampler, lr_factor
-from test_pack import CELLS, _kwargs, _reference_run
-from test_train import make_cache, synthetic_split, train_config
+from helpers import CELLS, cell_kwargs, make_cache, reference_run, synthetic_split, train_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest
 
@@ -67,7 +66,7 @@ def _hparams(cells: list[dict], perturbation: str, **_: object) -> list[dict]:
     """Each head's hyper-parameters in pack order (made here: building torch optimizers imports torch._dynamo,
     seconds that each spawned rank would pay again)."""
     return [head_hparams(cells[i]["name"], lr=cells[i]["lr"], weight_decay=cells[i].get("weight_decay", 0.0),
-                         grad_clip=cells[i].get("grad_clip"), perturbation=perturbation, **_kwargs(cells[i]))
+                         grad_clip=cells[i].get("grad_clip"), perturbation=perturbation, **cell_kwargs(cells[i]))
             for i in _order(cells)]
 
 
@@ -122,12 +121,12 @@ _REFERENCES: dict[str, dict[str, torch.Tensor]] = {}
 
 
 def _reference(job: dict, cell: dict) -> dict[str, torch.Tensor]:
-    """The cell trained alone in one process on the whole batch (test_pack's reference path), computed once."""
+    """The cell trained alone in one process on the whole batch (helpers.reference_run), computed once."""
     key = repr((job["head"], job["loss"].model_copy(update={"local": False}), sorted(cell.items())))
     if key not in _REFERENCES:
         image, text, c2i = _data()
-        _REFERENCES[key] = _reference_run(cell, job["head"], job["loss"], image, text, c2i, steps=STEPS,
-                                          warmup=WARMUP, batch=BATCH)
+        _REFERENCES[key] = reference_run(cell, job["head"], job["loss"], image, text, c2i, steps=STEPS,
+                                         warmup=WARMUP, batch=BATCH)
     return _REFERENCES[key]
 
 

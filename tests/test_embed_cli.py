@@ -5,34 +5,13 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 from typer.testing import CliRunner
 
 from align.cli.main import app
 
 REPO = Path(__file__).resolve().parents[1]
-TINY_CFG = {"embed_dim": 16,
-            "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
-            "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
 runner = CliRunner()
-
-
-def save_tiny_clip(folder: Path, seed: int) -> Path:
-    """A tiny random open_clip model saved as local-dir (config + safetensors): loadable in any process."""
-    from open_clip.model import CLIP
-    from safetensors.torch import save_file
-
-    torch.manual_seed(seed)
-    save_file({k: v.contiguous() for k, v in CLIP(**TINY_CFG).state_dict().items()},
-              folder / "open_clip_model.safetensors")
-    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_CFG, "preprocess_cfg": {}}))
-    return folder
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    return save_tiny_clip(tmp_path_factory.mktemp("tiny-clip-cli"), seed=5)
 
 
 def _embed_section(tiny_dir: Path, root: Path) -> dict:

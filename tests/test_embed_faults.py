@@ -23,16 +23,10 @@ from align.cache.key import cache_key
 from align.cache.write import embed_split
 from align.cli.main import app
 from align.common.locks import exclusive
-from test_embed_cli import save_tiny_clip
-from test_train import data_section, synthetic_split, write_cache
+from helpers import data_section, synthetic_split, write_cache
 
 REPO = Path(__file__).resolve().parents[1]
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    return save_tiny_clip(tmp_path_factory.mktemp("tiny-clip-faults"), seed=7)
 
 
 def embed_section(tiny_dir: Path, root: Path) -> dict:

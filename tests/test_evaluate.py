@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from align.common.config import validate
 from align.cache.embeddings import PairedEmbeddings
 from align.cli.main import app
-from test_train import (IMAGE_DIM, SIZES, TEXT_DIM, data_section, head_recall_at_1, make_cache, synthetic_split,
+from helpers import (IMAGE_DIM, SIZES, TEXT_DIM, data_section, head_recall_at_1, make_cache, synthetic_split,
                         train_config, write_cache)
 
 runner = CliRunner()

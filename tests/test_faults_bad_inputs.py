@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from align.cli.main import app
 from faults import files_under, one_error_line
-from test_train import SIZES, data_section, make_cache, synthetic_split, train_config, write_cache
+from helpers import SIZES, data_section, make_cache, synthetic_split, train_config, write_cache
 
 REPO = Path(__file__).resolve().parents[1]
 runner = CliRunner()

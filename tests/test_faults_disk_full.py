@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from align.train import runs
 from align.cli.main import app
 from faults import FullDisk, assert_same_run, files_under, one_error_line, same_bytes, temp_files
-from test_train import make_cache, train_config
+from helpers import make_cache, train_config
 
 runner = CliRunner()
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest

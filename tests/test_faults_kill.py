@@ -14,11 +14,10 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from faults import assert_same_run, files_under, same_bytes
-from test_train import make_cache, train_config
+from helpers import make_cache, train_config
 
 REPO = Path(__file__).resolve().parents[1]
 DRIVER = REPO / "tests" / "fault_driver.py"
@@ -235,9 +234,6 @@ def test_compare_with_workers_killed_from_outside_reruns_byte_identical(compare_
 
 # -- align embed --------------------------------------------------------------------------------------------
 
-TINY_CFG = {"embed_dim": 16,
-            "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
-            "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
 EMBED_KILLS = {
     "mid image shard (array written, its record not)": {"replace": "image-00001.json"},
     "during the caption shards (temporary file left)": {"replace": "text-00002.npy"},
@@ -248,19 +244,11 @@ ARRAYS = ["image.npy", "text.npy", "caption_to_image.npy", "image_rows.npy", "ca
 
 
 @pytest.fixture(scope="module")
-def embed_kills(tmp_path_factory) -> dict:
+def embed_kills(tmp_path_factory, tiny_dir) -> dict:
     """A tiny random open_clip model, 130 images × 2 captions in shards of 64 (a shard is whole 64-row micro-batches:
     3 image shards, 5 caption shards): a reference embedding, then each kill point followed by the same command."""
-    from open_clip.model import CLIP
-    from safetensors.torch import save_file
-
     root = tmp_path_factory.mktemp("embed-kills")
-    model = root / "tiny-clip"
-    model.mkdir()
-    torch.manual_seed(3)
-    save_file({k: v.contiguous() for k, v in CLIP(**TINY_CFG).state_dict().items()}, model / "open_clip_model.safetensors")
-    (model / "open_clip_config.json").write_text(json.dumps({"model_cfg": TINY_CFG, "preprocess_cfg": {}}))
-    encoder = {"backend": "open_clip", "model": f"local-dir:{model}"}
+    encoder = {"backend": "open_clip", "model": f"local-dir:{tiny_dir}"}
     config = root / "embed.yaml"
     config.write_text(yaml.safe_dump({
         "dataset": {"kind": "synthetic", "synthetic": {"train_images": 130, "val_images": 2, "test_images": 2,

@@ -15,7 +15,6 @@ from PIL import Image, ImageDraw
 from typer.testing import CliRunner
 
 from align.cli.main import app
-from test_embed_cli import save_tiny_clip
 
 runner = CliRunner()
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest
@@ -53,7 +52,7 @@ def photos() -> list[tuple[Image.Image, str]]:
 
 
 @pytest.fixture(scope="module")
-def photo_cache(tmp_path_factory) -> Path:
+def photo_cache(tmp_path_factory, tiny_dir) -> Path:
     root = tmp_path_factory.mktemp("gallery")
     folder = root / "photos"
     folder.mkdir()
@@ -63,8 +62,7 @@ def photo_cache(tmp_path_factory) -> Path:
         image.save(folder / f"photo{i:02d}.png")
         rows.append(json.dumps({"file_name": f"photo{i:02d}.png", "caption": caption}))
     (folder / "metadata.jsonl").write_text("\n".join(rows) + "\n")
-    (root / "tiny").mkdir()
-    encoder = {"backend": "open_clip", "model": f"local-dir:{save_tiny_clip(root / 'tiny', seed=3)}"}
+    encoder = {"backend": "open_clip", "model": f"local-dir:{tiny_dir}"}
     config = root / "embed.yaml"
     config.write_text(yaml.safe_dump({"dataset": {"kind": "imagefolder", "path": str(folder)}, "splits": ["train"],
                                       "image_encoder": encoder, "text_encoder": encoder, "device": "cpu",
@@ -110,7 +108,7 @@ def test_gallery_rows_are_the_top_images_by_cosine_and_the_png_is_written(photo_
 def test_a_raw_gallery_needs_a_shared_space(tmp_path):
     from align.common.errors import AlignError
     from align.eval.evaluate import evaluate_cache
-    from test_train import make_cache
+    from helpers import make_cache
 
     make_cache(tmp_path)  # image and text embeddings of different widths, no encoder needed
     folder = next(p for p in tmp_path.iterdir() if p.name.startswith("synthetic-val"))

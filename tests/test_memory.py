@@ -15,7 +15,7 @@ from align.train.losses import LossConfig
 from align.train.memory import HeadMemory, OptimizerMemory, check_head_fits, head_memory
 from align.train.optimizer import head_hparams_of
 from align.train.pack import HeadPack
-from test_train import data_section, train_config
+from helpers import data_section, train_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -29,6 +29,27 @@ def _flat(xs: list[np.ndarray]) -> np.ndarray:
     return np.concatenate([x.ravel() for x in xs])
 
 
+def _max_inner_product_in_ellipsoid(g: np.ndarray, metric: np.ndarray, rho: float):
+    """max gᵀδ  s.t.  δᵀ metric δ ≤ ρ², solved numerically (SLSQP) from a neutral start → scipy's result."""
+    return minimize(lambda d: -g @ d, x0=np.full(g.size, 1e-3), jac=lambda d: -g,
+                    constraints=[{"type": "ineq", "fun": lambda d: rho**2 - d @ metric @ d,
+                                  "jac": lambda d: -2 * metric @ d}],
+                    method="SLSQP", options={"ftol": 1e-14, "maxiter": 500})
+
+
+def _assert_solves_the_constrained_problem(delta: np.ndarray, g: np.ndarray, metric: np.ndarray, rho: float) -> None:
+    """δ is the numerical optimum of max gᵀδ s.t. δᵀ metric δ ≤ ρ² (float64: to 1e-6 ρ), and no better point exists."""
+    res = _max_inner_product_in_ellipsoid(g, metric, rho)
+    # SLSQP may stop on "positive directional derivative" once at machine precision: judge it by its answer.
+    assert res.x @ metric @ res.x <= rho**2 * (1 + 1e-9)
+    np.testing.assert_allclose(delta, res.x, rtol=0, atol=1e-6 * rho)
+    assert delta @ metric @ delta == pytest.approx(rho**2, rel=1e-12)  # on the boundary
+    best = res.x * rho / math.sqrt(res.x @ metric @ res.x)  # the numerical answer moved onto the boundary: feasible
+    assert g @ delta >= g @ best * (1 - 1e-12)  # no feasible point found does better than ours
+    sam = rho * g / np.linalg.norm(g)
+    assert np.linalg.norm(res.x - sam) > 1e-2 * rho  # the metric matters here: the optimum is not SAM's δ
+
+
 # --- M-SAM: the closed form is the solution of the constrained problem -------------------------------
 
 @pytest.mark.parametrize("seed,scale", [(0, 0.3), (1, 1.0), (2, 3.0), (3, 0.05)])
@@ -38,10 +59,7 @@ def test_msam_closed_form_solves_the_monge_constrained_problem(seed, scale):
     g = _flat(grads)
     rho = 0.7
     G = np.eye(g.size) + np.outer(g, g)
-    # max gᵀδ  s.t.  δᵀGδ ≤ ρ², solved numerically (SLSQP) from a neutral start.
-    res = minimize(lambda d: -g @ d, x0=np.full(g.size, 1e-3), jac=lambda d: -g,
-                   constraints=[{"type": "ineq", "fun": lambda d: rho**2 - d @ G @ d, "jac": lambda d: -2 * G @ d}],
-                   method="SLSQP", options={"ftol": 1e-14, "maxiter": 500})
+    res = _max_inner_product_in_ellipsoid(g, G, rho)
     # SLSQP may stop on "positive directional derivative" once at machine precision: judge it by its answer.
     assert res.x @ G @ res.x <= rho**2 + 1e-7
     delta = _flat(_perturbation(MSAM, grads, rho=rho))
@@ -112,6 +130,33 @@ def test_fisher_sam_perturbation_matches_numpy_transcription():
     expected = rho * f_inv * g / math.sqrt(g @ (f_inv * g))
     got = _flat(_perturbation(FisherSAM, grads, rho=rho, eta=eta))
     np.testing.assert_allclose(got, expected, rtol=1e-12)
+
+
+# --- ASAM and Fisher SAM: δ solves each paper's constrained problem ----------------------------------------
+
+@pytest.mark.parametrize("seed,scale,eta,rho", [(0, 1.0, 0.01, 0.5), (1, 0.1, 0.01, 0.1), (2, 3.0, 0.1, 2.0),
+                                                (3, 0.5, 1.0, 1.0)])
+def test_asam_solves_the_problem_in_weight_scaled_coordinates(seed, scale, eta, rho):
+    """Kwon et al.: max gᵀδ s.t. ‖T⁻¹δ‖ ≤ ρ, T = diag(|θ|) + ηI on weight tensors (ndim > 1) and T = I on biases and
+    other 1-D tensors (the ASAM code's choice, paper-notes.md), i.e. δᵀ diag(1/T²) δ ≤ ρ²."""
+    rng = np.random.default_rng(seed)
+    params = [rng.normal(size=(3, 2)) * scale, rng.normal(size=3) * scale, rng.normal(size=(2, 1, 2)) * scale]
+    grads = [rng.normal(size=p.shape) for p in params]
+    t = _flat([np.abs(p) + eta if p.ndim > 1 else np.ones_like(p) for p in params])
+    delta = _flat(_perturbation(ASAM, grads, params, rho=rho, eta=eta))
+    _assert_solves_the_constrained_problem(delta, _flat(grads), np.diag(1 / t**2), rho)
+
+
+@pytest.mark.parametrize("seed,scale,eta,rho", [(0, 1.0, 1.0, 0.2), (1, 0.1, 100.0, 0.05), (2, 3.0, 0.5, 1.0),
+                                                (3, 0.01, 1e4, 0.1)])
+def test_fisher_sam_solves_the_problem_in_the_fisher_metric(seed, scale, eta, rho):
+    """Kim et al.: max gᵀδ s.t. δᵀFδ ≤ ρ² with the regularised diagonal Fisher F = I + η diag(g²) (F⁻¹ = 1/(1 + ηg²),
+    paper-notes.md); one metric over every perturbed tensor."""
+    rng = np.random.default_rng(seed)
+    grads = [rng.normal(size=(3, 3)) * scale, rng.normal(size=5) * scale]
+    g = _flat(grads)
+    delta = _flat(_perturbation(FisherSAM, grads, rho=rho, eta=eta))
+    _assert_solves_the_constrained_problem(delta, g, np.diag(1 + eta * g**2), rho)
 
 
 # --- full steps --------------------------------------------------------------------------------------
@@ -352,7 +397,25 @@ def test_bf16_autocast_step_is_close_to_fp32():
 
 
 def test_registry_capabilities_and_bad_input():
-    assert [n for n, i in OPTIMIZERS.items() if i.two_pass] == ["sam", "msam", "asam", "fsam"]
+    rng = torch.Generator().manual_seed(0)
+    x, y = torch.randn(8, 3, generator=rng), torch.randn(8, 2, generator=rng)
+    for name, info in OPTIMIZERS.items():  # the flag against one real step: closure calls, through take_step and .step
+        model = torch.nn.Linear(3, 2)
+        calls = []
+
+        def closure():
+            calls.append(name)
+            loss = _loss(model, x, y)
+            loss.backward()
+            return loss.detach()
+
+        before = [p.detach().clone() for p in model.parameters()]
+        take_step(create_optimizer(name, model.parameters(), lr=0.1), closure)
+        assert len(calls) == (2 if info.two_pass else 1), (name, len(calls))
+        assert all(not torch.equal(b, p) for b, p in zip(before, model.parameters())), name  # it did step
+        calls.clear()
+        create_optimizer(name, model.parameters(), lr=0.1).step(closure)
+        assert len(calls) == (2 if info.two_pass else 1), (name, len(calls))
     p = [torch.nn.Parameter(torch.zeros(1))]
     with pytest.raises(ValueError, match="rho"):
         MSAM(p, torch.optim.SGD, rho=-0.1, lr=0.1)

@@ -1,5 +1,5 @@
 """Packs of heads: each head trained in a pack equals the same cell trained alone by the reference path
-(torch.optim / align.optim's SAM classes driven by align.optim.step.take_step, written out here); a head's bits do
+(torch.optim / align.optim's SAM classes driven by align.optim.step.take_step: helpers.reference_run); a head's bits do
 not depend on what the other slots of its pack hold, and across pack sizes it agrees to float noise."""
 from __future__ import annotations
 
@@ -13,60 +13,16 @@ import torch
 from align.common.config import validate
 from align.train.heads import HeadConfig, build_model
 from align.train.losses import LossConfig
-from align.optim import create_optimizer, optimizer_info
+from align.optim import optimizer_info
 from align.optim.batched import head_hparams
-from align.optim.step import take_step
 from align.train.pack import HeadPack, group_batches
 from align.train.run_data import Sampler, lr_factor
-from test_train import (IMAGE_DIM, SIZES, TEXT_DIM, data_section, make_cache, synthetic_split, train_config,
-                        write_cache)
+from helpers import (CELLS, IMAGE_DIM, SIZES, TEXT_DIM, cell_kwargs, data_section, make_cache, reference_run,
+                     synthetic_split, train_config, write_cache)
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest
 
-# Every optimizer of the registry, with knobs that change its arithmetic (momentum, decay, β, norm scope, clipping).
-CELLS = [
-    dict(name="sgd", lr=0.5, momentum=0.9, weight_decay=1e-3, seed=0),
-    dict(name="adam", lr=1e-2, weight_decay=1e-3, seed=1),
-    dict(name="adamw", lr=1e-2, weight_decay=0.1, grad_clip=0.5, seed=0),
-    dict(name="sam", lr=0.2, rho=0.1, base="sgd", momentum=0.9, seed=1),
-    dict(name="msam", lr=1e-2, rho=0.3, seed=0),
-    dict(name="msam", lr=1e-2, rho=0.3, alpha=0.5, metric_beta=0.9, norm_scope="all_trainable", seed=1),
-    dict(name="asam", lr=1e-2, rho=1.0, eta=0.01, weight_decay=1e-2, seed=0),
-    dict(name="fsam", lr=1e-2, rho=0.1, eta=1.0, base="adam", grad_clip=2.0, seed=1),
-]
 STEPS, WARMUP, BATCH = 50, 5, 32
-
-
-def _kwargs(cell: dict) -> dict:
-    return {k: v for k, v in cell.items() if k not in ("name", "seed", "lr", "weight_decay", "grad_clip")}
-
-
-def _reference_run(cell, head, loss, image, text, c2i, steps=STEPS, warmup=WARMUP, batch=BATCH):
-    """One cell alone: seeded model, create_optimizer over its param groups, LambdaLR, take_step, clamp."""
-    from align.train.losses import loss_for
-
-    torch.manual_seed(cell["seed"])
-    model = build_model(head, loss, image.shape[1], text.shape[1]).to(image.dtype)
-    two_pass = optimizer_info(cell["name"]).two_pass
-    extra = dict(_kwargs(cell), max_grad_norm=cell.get("grad_clip")) if two_pass else {
-        k: v for k, v in _kwargs(cell).items() if k == "momentum"}
-    opt = create_optimizer(cell["name"], model.param_groups(cell.get("weight_decay", 0.0)), lr=cell["lr"],
-                           weight_decay=cell.get("weight_decay", 0.0), **extra)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: lr_factor(t, steps, warmup))
-    sampler = Sampler(c2i, image.shape[0], batch, cell["seed"], torch.device("cpu"))
-    fn = loss_for(loss)
-    for step in range(steps):
-        rows_i, rows_t = sampler.batch(step)
-
-        def closure():
-            value = fn(**model(image[rows_i], text[rows_t]))
-            value.backward()
-            return value.detach()
-
-        take_step(opt, closure, None if two_pass else cell.get("grad_clip"))
-        model.clamp_logit_scale_()
-        sched.step()
-    return model.state_dict()
 
 
 def _pack_run(cells, head, loss, image, text, c2i):
@@ -77,7 +33,7 @@ def _pack_run(cells, head, loss, image, text, c2i):
         torch.manual_seed(cells[i]["seed"])
         models.append(build_model(head, loss, image.shape[1], text.shape[1]).double())
     hparams = [head_hparams(cells[i]["name"], lr=cells[i]["lr"], weight_decay=cells[i].get("weight_decay", 0.0),
-                            grad_clip=cells[i].get("grad_clip"), **_kwargs(cells[i])) for i in order]
+                            grad_clip=cells[i].get("grad_clip"), **cell_kwargs(cells[i])) for i in order]
     pack = HeadPack(models, hparams, [loss.clamp] * len(cells))
     samplers = {s: Sampler(c2i, image.shape[0], BATCH, s, torch.device("cpu")) for s in (0, 1)}
     seeds = [cells[i]["seed"] for i in order]
@@ -99,7 +55,7 @@ def test_each_head_of_a_pack_equals_its_cell_trained_alone_in_float64(head, loss
     packed = _pack_run(CELLS, head, loss, image, text, c2i)
     assert {c["name"] for c in CELLS} == {"sgd", "adam", "adamw", "sam", "msam", "asam", "fsam"}  # the registry
     for i, cell in enumerate(CELLS):
-        ref = _reference_run(cell, head, loss, image, text, c2i)
+        ref = reference_run(cell, head, loss, image, text, c2i, STEPS, WARMUP, BATCH)
         torch.manual_seed(cell["seed"])
         start = build_model(head, loss, image.shape[1], text.shape[1]).double().state_dict()
         for key, want in ref.items():
@@ -172,7 +128,7 @@ def test_a_pack_of_runs_writes_each_run_directory_like_a_lone_run(big_test_cache
 
 def test_float32_pack_test_recall_agrees_with_the_reference_loop(big_test_cache, tmp_path):
     from align.train.loop import train_pack
-    from test_train import head_recall_at_1
+    from helpers import head_recall_at_1
 
     cfgs = [_cfg(big_test_cache, cell, 0) for cell in TRAIN_CELLS]
     results = train_pack(cfgs, [tmp_path / f"r{i}" for i in range(len(cfgs))], progress=False)
@@ -195,7 +151,7 @@ def test_float32_pack_test_recall_agrees_with_the_reference_loop(big_test_cache,
 def _reference_float32(cell, cfg, image, text, c2i):
     """The reference loop in float32 for the trainer's config (schedule and batch size from ``cfg``)."""
     sched = cfg.schedule
-    return _reference_run(cell, cfg.head, cfg.loss, image.float(), text.float(), c2i, sched.steps, sched.warmup_steps,
+    return reference_run(cell, cfg.head, cfg.loss, image.float(), text.float(), c2i, sched.steps, sched.warmup_steps,
                           sched.batch_size)
 
 

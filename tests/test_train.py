@@ -1,120 +1,24 @@
 """Training: every optimizer lifts test recall far above the untrained head, divergence is reported, the pieces
 (schedule, sampler, uniform loss) match their definitions, and a CUDA bf16 step matches the CPU one.
 
-The helpers at the top (``write_cache``, ``train_config``) are shared by the other training/evaluation tests: they
-write a small encoder-free embedding cache in align.cache's exact on-disk layout at the key
-``load_cached_split`` looks for, so tests exercise the real cache loader without running any encoder.
+The runs train on helpers.make_cache's encoder-free embedding cache (conftest's ``cache_data``), read through the
+real cache loader.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from align.common.config import validate
 from align.common.errors import AlignError
-
-IMAGE_DIM, TEXT_DIM = 32, 24
-SIZES = {"train": 512, "val": 128, "test": 128}
-
+from helpers import IMAGE_DIM, SIZES, TEXT_DIM, data_section, head_recall_at_1, synthetic_split, train_config, write_cache
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest
-
-
-# -- shared helpers -------------------------------------------------------------------------------------
-
-def data_section(root: Path, **synthetic: Any) -> dict[str, Any]:
-    """An EmbedConfig dict whose cache keys live under ``root`` (encoders are named, never run)."""
-    return {"dataset": {"kind": "synthetic", "synthetic": {"train_images": SIZES["train"], "val_images": SIZES["val"],
-                                                           "test_images": SIZES["test"], **synthetic}},
-            "image_encoder": {"backend": "open_clip", "model": "ViT-S-32"},
-            "text_encoder": {"backend": "open_clip", "model": "ViT-S-16"},
-            "cache_root": str(root), "device": "cpu"}
-
-
-def synthetic_split(split: str, n_images: int, captions: int = 3, image_dim: int = IMAGE_DIM,
-                    text_dim: int = TEXT_DIM, noise: float = 0.6, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Images (N, Di) Gaussian; each caption = a fixed linear map of its image + fresh noise; 1..captions per image."""
-    mapping = np.random.default_rng(seed).standard_normal((image_dim, text_dim)) / math.sqrt(image_dim)
-    rng = np.random.default_rng([seed, {"train": 1, "val": 2, "test": 3}[split]])
-    image = rng.standard_normal((n_images, image_dim)).astype(np.float32)
-    per_image = rng.integers(1, captions + 1, size=n_images)  # multi-caption, uneven
-    c2i = np.repeat(np.arange(n_images), per_image).astype(np.int64)
-    text = (image[c2i] @ mapping + noise * rng.standard_normal((len(c2i), text_dim))).astype(np.float32)
-    return image, text, c2i
-
-
-def write_cache(data: dict[str, Any], split: str, image: np.ndarray, text: np.ndarray, c2i: np.ndarray) -> Path:
-    """Write one split in align.cache's layout (arrays + manifest written last) where load_cached_split looks for it."""
-    from align.cache.key import CACHE_FORMAT, EmbedConfig, cache_path
-
-    cfg = EmbedConfig.model_validate(data)
-    folder = cache_path(cfg, split)
-    folder.mkdir(parents=True, exist_ok=True)
-    arrays = {"image.npy": image, "text.npy": text, "caption_to_image.npy": c2i,
-              "image_rows.npy": np.arange(len(image), dtype=np.int64),
-              "caption_rows.npy": np.arange(len(text), dtype=np.int64)}
-    files = {}
-    for name, array in arrays.items():
-        np.save(folder / name, array, allow_pickle=False)
-        raw = (folder / name).read_bytes()
-        files[name] = {"shape": list(array.shape), "dtype": str(array.dtype), "bytes": len(raw),
-                       "sha256": hashlib.sha256(raw).hexdigest()}
-    manifest = {"format": CACHE_FORMAT, "key": folder.name, "split": split, "created": "test",
-                "dataset": {"name": "synthetic-embeddings", "kind": "synthetic", "images_in_source": len(image),
-                            "captions_in_source": len(text)},
-                "encoders": {"image": "test:image", "text": "test:text"},
-                "counts": {"images": len(image), "captions": len(text), "skipped_images": 0, "dropped_captions": 0},
-                "dims": {"image": image.shape[1], "text": text.shape[1]}, "storage_dtype": str(image.dtype),
-                "normalize": False, "files": files, "skipped": []}
-    (folder / "manifest.json").write_text(json.dumps(manifest))
-    return folder
-
-
-def make_cache(root: Path, **kwargs: Any) -> dict[str, Any]:
-    """Write train/val/test splits of the synthetic embeddings under ``root``; returns the data section."""
-    data = data_section(root)
-    for split, n in SIZES.items():
-        write_cache(data, split, *synthetic_split(split, n, **kwargs))
-    return data
-
-
-def train_config(data: dict[str, Any], **sections: Any) -> dict[str, Any]:
-    """A small, fast TrainConfig dict (override sections by keyword: optim={...}, schedule={...})."""
-    cfg: dict[str, Any] = {"data": data, "device": "cpu", "head": {"out_dim": 32},
-                           "schedule": {"steps": 120, "batch_size": 64, "warmup_steps": 10},
-                           "eval": {"every": 40, "sharpness_batches": 2, "hessian_iters": 5, "hutchinson_samples": 4,
-                                    "sharpness_ascent_steps": 2},
-                           "optim": {"name": "adamw", "lr": 1e-2}, "checkpoint_every": 50, "loss_at_step": 100}
-    for key, value in sections.items():
-        if isinstance(value, dict):
-            cfg[key] = {**cfg.get(key, {}), **value}
-        else:
-            cfg[key] = value
-    return cfg
-
-
-def head_recall_at_1(state: dict[str, torch.Tensor], image: np.ndarray, text: np.ndarray, c2i: np.ndarray) -> tuple[float, float]:
-    """(i2t R@1, t2i R@1) of linear heads given by raw weights, by brute force (argmax over all pairs)."""
-    img = F.normalize(torch.from_numpy(image) @ state["image_head.weight"].T + state["image_head.bias"], dim=-1)
-    txt = F.normalize(torch.from_numpy(text) @ state["text_head.weight"].T + state["text_head.bias"], dim=-1)
-    sim = (img @ txt.T).double()
-    c2i_t = torch.from_numpy(c2i)
-    i2t = float((c2i_t[sim.argmax(dim=1)] == torch.arange(len(image))).double().mean())
-    t2i = float((sim.argmax(dim=0) == c2i_t).double().mean())
-    return i2t, t2i
-
-
-@pytest.fixture(scope="module")
-def cache_data(tmp_path_factory) -> dict[str, Any]:
-    return make_cache(tmp_path_factory.mktemp("cache"))
 
 
 # -- pieces against their definitions -------------------------------------------------------------------

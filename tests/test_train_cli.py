@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from align.common.config import load_config
 from align.cli.main import app
-from test_train import data_section, make_cache, synthetic_split, train_config, write_cache
+from helpers import data_section, synthetic_split, train_config, write_cache
 
 REPO = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -36,11 +36,6 @@ def one_error_line(result) -> str:
     assert len(lines) == 1 and lines[0].startswith("error:"), result.output
     assert "Traceback" not in result.output
     return lines[0]
-
-
-@pytest.fixture(scope="module")
-def cache_data(tmp_path_factory) -> dict:
-    return make_cache(tmp_path_factory.mktemp("cache"))
 
 
 @pytest.fixture()
@@ -161,6 +156,15 @@ def test_diverging_run_exits_0_and_says_diverged(cache_data, tmp_path):
     assert results["status"] == "diverged" and results["diverged_at"] is not None
 
 
+def _leaves(tree: object, keys: tuple[str, ...] = ()):
+    """(path of keys, value) for every non-mapping value of a YAML tree."""
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            yield from _leaves(value, (*keys, key))
+    else:
+        yield keys, tree
+
+
 @pytest.mark.parametrize("path", sorted((REPO / "configs" / "train").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_train_config_validates_and_names_its_command(path):
     from align.train.config import TrainConfig
@@ -168,7 +172,16 @@ def test_every_shipped_train_config_validates_and_names_its_command(path):
     first = path.read_text().splitlines()[0]
     assert first.startswith("# align ") and f"configs/train/{path.name}" in first
     cfg = load_config(TrainConfig, path)
-    assert cfg.optim.name in ("sgd", "adam", "adamw", "sam", "msam", "asam", "fsam")
+    # Every value the file sets is the loaded config's value at the same place (none dropped, renamed or altered).
+    loaded = cfg.model_dump(mode="json")
+    raw = yaml.safe_load(path.read_text())
+    if "data_from" in raw:  # a packaged embed config's settings are the data section
+        raw["data"] = yaml.safe_load((REPO / "configs" / f"{raw.pop('data_from')}.yaml").read_text())
+    for keys, value in _leaves(raw):
+        got = loaded
+        for key in keys:
+            got = got[key]
+        assert got == value, (".".join(keys), got, value)
 
 
 def test_synthetic_default_uses_the_offline_embed_config_data_section_verbatim():

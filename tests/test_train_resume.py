@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from align.train import checkpoint, runs
 from align.common.config import dump_config, validate
-from test_train import make_cache, train_config
+from helpers import make_cache, train_config
 
 REPO = Path(__file__).resolve().parents[1]
 
