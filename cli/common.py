@@ -59,26 +59,14 @@ def user_errors(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-# How long a rank may wait at a collective for the others: a rank that finished its share of shards or packs waits
-# there for the slowest one, which can take hours. A rank that dies is noticed by torchrun, not by this timeout.
-SHARE_WAIT_S = 7 * 24 * 3600.0
-
-
 @contextmanager
-def joined(device: str, timeout_s: float = SHARE_WAIT_S) -> Iterator[Any]:
-    """The command's ranks under ``torchrun`` (``align.distributed``): the process group joined for the block
-    (nccl on CUDA, gloo otherwise; collectives wait up to ``timeout_s``) and left after it → this process's Rank.
-    Without torchrun: the single-process Rank, nothing joined. After a failure the group is not waited for: the
-    process exits and torchrun stops the others."""
-    from align.common import distributed
-    from align.common.device import pick_device
+def joined(device: str) -> Iterator[Any]:
+    """Every command's torchrun lifecycle (``align.common.distributed.joined``): the process group joined for the
+    block and left after it → this process's Rank (the single-process Rank without torchrun)."""
+    from align.common import distributed  # loads torch: imported when a command runs, not for --help
 
-    if not distributed.launched():
-        yield distributed.SINGLE
-        return
-    me = distributed.init(pick_device(device), timeout_s=timeout_s)
-    yield me
-    distributed.shutdown()
+    with distributed.joined(device) as me:
+        yield me
 
 
 def rank_log(me: Any) -> Callable[[str], None]:

@@ -300,7 +300,7 @@ def _resume_main(rank: int, port: int, root: str) -> None:
     torch.set_num_threads(1)
     root_path = Path(root)
     cfg = TrainConfig.model_validate(json.loads((root_path / "cfg.json").read_text()))
-    distributed.init(torch.device("cpu"))  # as `align train` does under torchrun: train() trains in the joined group
+    distributed.init(torch.device("cpu"))  # as distributed.joined does for `align train`: train() trains in the group
     train(cfg, root_path / "reference", progress=False)
     distributed.barrier()
     if rank == 0:

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from align.common.device import pick_device
 from align.common.errors import AlignError
 
 
@@ -164,6 +165,26 @@ def deal(loads: list[float], ranks: int) -> list[list[int]]:
         totals[r] += loads[i]
         hands[r].append(i)
     return [sorted(h) for h in hands]
+
+
+# How long a rank may wait at a collective for the others: a rank that finished its share of shards or packs waits
+# there for the slowest one, which can take hours. A rank that dies is noticed by torchrun, not by this timeout.
+SHARE_WAIT_S = 7 * 24 * 3600.0
+
+
+@contextmanager
+def joined(device: str, timeout_s: float = SHARE_WAIT_S) -> Iterator[Rank]:
+    """The one lifecycle of a command's ranks under ``torchrun``: the process group joined for the block (nccl on
+    CUDA, gloo otherwise; collectives wait up to ``timeout_s``) and left after it → this process's Rank. Without
+    torchrun: the single-process Rank, nothing joined. After a failure the group is not waited for: the process
+    exits and torchrun stops the others. ``align embed``, ``align train`` and ``align compare`` all run inside it;
+    the library under it never joins or leaves a group itself."""
+    if not launched():
+        yield SINGLE
+        return
+    me = init(pick_device(device), timeout_s=timeout_s)
+    yield me
+    shutdown()
 
 
 def init(device: torch.device, timeout_s: float = 1800.0) -> Rank:

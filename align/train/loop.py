@@ -28,8 +28,8 @@ order of epoch e comes from a generator seeded by (seed, e), so it never depends
 interrupted. Resuming a pack from its checkpoints reaches bit-identical final weights on the same machine.
 
 Data-parallel: under ``torchrun`` every rank runs ``train`` with the same run, in the process group the command
-joined (``align.cli.common.joined``); each takes its slice of every batch (the single-process batch, cut in equal
-parts in rank order), the pack computes the whole batch's loss and steps every rank with the mean gradient
+joined (``align.common.distributed.joined``); each takes its slice of every batch (the single-process batch, cut
+in equal parts in rank order), the pack computes the whole batch's loss and steps every rank with the mean gradient
 (``align.train.pack``), so the ranks keep identical heads. Rank 0 writes the run directory (the others hold its
 read-only twin) and evaluates while the others wait; every rank reads the checkpoint it resumes from.
 """
@@ -241,9 +241,9 @@ def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, log: Log | None
           progress: bool = True) -> dict[str, Any]:
     """Train per ``cfg`` into ``run_dir`` (or continue it with ``resume``) → the results dict (also results.json).
 
-    In a process group that the command joined under torchrun (``align.cli.common.joined``), every rank calls this:
-    the run trains data-parallel over the ranks (see ``align.train.pack``), rank 0 writes it and evaluates, and
-    every rank returns the results. Without one it trains in this process alone."""
+    In a process group that the command joined under torchrun (``align.common.distributed.joined``), every rank
+    calls this: the run trains data-parallel over the ranks (see ``align.train.pack``), rank 0 writes it and
+    evaluates, and every rank returns the results. Without one it trains in this process alone."""
     return train_pack([cfg], [run_dir], resume=resume, log=log, progress=progress, job=distributed.current())[0]
 
 
