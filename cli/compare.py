@@ -56,7 +56,8 @@ def _print_robustness(robustness: list[dict[str, Any]], axes: list[str], label: 
     for col in ("optimizer", "cfgs", "≥95%", "best", "test", f"worst ({where})", "test", "div"):
         rob.add_column(col, justify="left" if col == "optimizer" else "right", no_wrap=not col.startswith("worst"))
     for r in robustness:
-        worst = ", ".join([hp_text(r["worst_lr"]), hp_text(r["worst_rho"]), *(hp_text(r.get(f"worst_{a}")) for a in axes)])
+        worst = ", ".join([hp_text(r["worst_lr"]), hp_text(r["worst_rho"]),
+                           *(hp_text(r.get(f"worst_{a}")) for a in axes)])
         rob.add_row(r["optimizer"], str(r["configs"]), f"{100 * r['within_95pct_val']:.0f}%",
                     pct_text(r["best_val"]), pct_text(r["best_test"]), f"{pct_text(r['worst_val'])} ({worst})",
                     pct_text(r["worst_test"]), str(r["diverged_configs"]))

@@ -119,8 +119,8 @@ def summary_columns(summary: list[dict[str, Any]], score: str = study_stats.SCOR
         return lambda s: pct_text(s.get(f"{metric}_mean", math.nan))
 
     recall_short = score == "mean_R@1"  # the terminal shows i2t and t2i only beside a mean R@1 headline
-    columns = [SummaryColumn(f"test {score_label(score)} (%)", lambda s: pct_text(s[f"{score}_mean"], s[f"{score}_std"]),
-                             f"{score_label(score)} %")]
+    columns = [SummaryColumn(f"test {score_label(score)} (%)",
+                             lambda s: pct_text(s[f"{score}_mean"], s[f"{score}_std"]), f"{score_label(score)} %")]
     if score != "mean_R@1":
         columns.append(SummaryColumn("mean R@1", pct("mean_R@1"), "mean R@1"))
     columns += [SummaryColumn("i2t R@1", pct("i2t_R@1"), "i2t" if recall_short else None),
@@ -196,7 +196,8 @@ def robustness_lines(rob: list[dict[str, Any]], axes: list[str] = (), score: str
              "its test | "
              f"worst config ({worst}): val | its test | diverged configs |", "|---" * 8 + "|"]
     for r in rob:
-        where = ", ".join([hp_text(r["worst_lr"]), hp_text(r["worst_rho"]), *(hp_text(r.get(f"worst_{a}")) for a in axes)])
+        where = ", ".join([hp_text(r["worst_lr"]), hp_text(r["worst_rho"]),
+                           *(hp_text(r.get(f"worst_{a}")) for a in axes)])
         lines.append(f"| {r['optimizer']} | {r['configs']} | {100 * r['within_95pct_val']:.0f}% | "
                      f"{pct_text(r['best_val'])} | {pct_text(r['best_test'])} | {pct_text(r['worst_val'])} ({where}) | "
                      f"{pct_text(r['worst_test'])} | {r['diverged_configs']} |")
@@ -366,8 +367,8 @@ def beside_section(beside: str | None, summ: list[dict[str, Any]], score: str) -
              f"{score_label(their_score)} (%) | Δ (n) | verdict | rank |", "|---" * 9 + "|"]
     for s in summ:
         t = theirs.get(s["optimizer"])
-        there = ([pct_text(t[f"{their_score}_mean"], t.get(f"{their_score}_std")), diff_text(t), t.get("verdict") or "—",
-                  str(there_rank[s["optimizer"]])] if t else ["—"] * 4)
+        there = ([pct_text(t[f"{their_score}_mean"], t.get(f"{their_score}_std")), diff_text(t),
+                  t.get("verdict") or "—", str(there_rank[s["optimizer"]])] if t else ["—"] * 4)
         lines.append(f"| {s['optimizer']} | {pct_text(s[f'{score}_mean'], s[f'{score}_std'])} | {diff_text(s)} | "
                      f"{s.get('verdict') or '—'} | {here_rank[s['optimizer']]} | " + " | ".join(there) + " |")
     tau, n = study_stats.rank_agreement({s["optimizer"]: s[f"{score}_mean"] for s in summ},

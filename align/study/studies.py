@@ -34,7 +34,8 @@ TEMP_PATTERNS = (".*.tmp", ".*.tmp.png")  # what a killed writer of the tables, 
 
 
 def study_dir(cfg: Any) -> Path:
-    """The folder of a study (an ``align.study.config.CompareConfig``): ``study_dir`` if set, else ``<data root>/studies/<name>``."""
+    """The folder of a study (an ``align.study.config.CompareConfig``): ``study_dir`` if set, else
+    ``<data root>/studies/<name>``."""
     return Path(cfg.study_dir) if cfg.study_dir else studies_dir() / cfg.name
 
 
