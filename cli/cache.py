@@ -5,8 +5,11 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich import box
+from rich.table import Table
 
 from align.cli.common import console, user_errors
+from align.common.paths import cache_dir
 
 ROOT_HELP = "Cache root folder (cache_root of the embed config; default: $ALIGN_HOME/cache, else data/cache)."
 
@@ -20,7 +23,6 @@ def _size(n: int) -> str:
 
 
 def _print_info(path: Path, m: dict) -> None:
-    from rich.table import Table
 
     grid = Table.grid(padding=(0, 2))
     grid.add_column(style="bold")
@@ -65,16 +67,11 @@ def _print_info(path: Path, m: dict) -> None:
 
 
 def _root(root: Optional[Path]) -> Path:
-    from align.common.paths import cache_dir
-
     return cache_dir() if root is None else root
 
 
 def _print_list(root: Path, entries: list[dict]) -> None:
     """One row per cache: key, size, counts, encoders, dataset."""
-    from rich import box
-    from rich.table import Table
-
     table = Table(title=f"embedding caches under {root}", title_justify="left", header_style="bold",
                   box=box.SIMPLE_HEAD, show_lines=False)
     table.add_column("key", overflow="fold", min_width=16, ratio=3)
@@ -98,7 +95,7 @@ def _print_list(root: Path, entries: list[dict]) -> None:
 @user_errors
 def ls_command(root: Optional[Path] = typer.Option(None, "--root", help=ROOT_HELP)) -> None:
     """One row per cache: key, size, counts, encoders, dataset."""
-    from align.cache.store import list_caches
+    from align.cache.store import list_caches  # loads torch: not for --help
 
     root = _root(root)
     entries = list_caches(root)
@@ -112,7 +109,7 @@ def ls_command(root: Optional[Path] = typer.Option(None, "--root", help=ROOT_HEL
 def info_command(key: str = typer.Argument(..., help="Cache key (or a unique prefix)."),
                  root: Optional[Path] = typer.Option(None, "--root", help=ROOT_HELP)) -> None:
     """The manifest of one cache: counts, encoders, files, skipped items, timing."""
-    from align.cache.read import manifest_of
+    from align.cache.read import manifest_of  # loads torch: not for --help
     from align.cache.store import resolve_cache
 
     path = resolve_cache(_root(root), key)
@@ -123,7 +120,7 @@ def info_command(key: str = typer.Argument(..., help="Cache key (or a unique pre
 def verify_command(key: str = typer.Argument(..., help="Cache key (or a unique prefix)."),
                    root: Optional[Path] = typer.Option(None, "--root", help=ROOT_HELP)) -> None:
     """Re-hash every file and check headers, shapes, dtypes, counts, finiteness and indices (what loads check)."""
-    from align.cache.read import check_cache
+    from align.cache.read import check_cache  # loads torch: not for --help
     from align.cache.store import resolve_cache
 
     path = resolve_cache(_root(root), key)
@@ -135,7 +132,7 @@ def verify_command(key: str = typer.Argument(..., help="Cache key (or a unique p
 def rm_command(key: str = typer.Argument(..., help="Cache key (or a unique prefix)."),
                root: Optional[Path] = typer.Option(None, "--root", help=ROOT_HELP)) -> None:
     """Delete one cache folder (only a real cache: a manifest, or an embed in progress)."""
-    from align.cache.store import remove_cache
+    from align.cache.store import remove_cache  # loads torch: not for --help
 
     console.print(f"removed {remove_cache(_root(root), key)}", highlight=False)
 

@@ -9,7 +9,8 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from align.common.errors import AlignError
+from align.common.errors import AlignError, is_out_of_memory, out_of_memory_error, shorten
+from align.common.files import disk_full_error, is_disk_full
 
 console = Console()
 err_console = Console(stderr=True)
@@ -20,9 +21,6 @@ def environment_error(exc: BaseException) -> AlignError | None:
     """The last line of defence for failures the user's machine or files cause, which the library did not turn
     into an AlignError where they happened: no space left, out of memory, a file that is not UTF-8. None for
     anything else (a real bug keeps its traceback)."""
-    from align.common.errors import is_out_of_memory, out_of_memory_error
-    from align.common.files import disk_full_error, is_disk_full
-
     if is_disk_full(exc):
         where = getattr(exc, "filename", None)
         return disk_full_error(where) if where else AlignError(
@@ -47,8 +45,6 @@ def user_errors(func: F) -> F:
             err_console.print("interrupted: finished work is saved; run the same command again to resume")
             raise typer.Exit(130) from None
         except Exception as exc:
-            from align.common.config import shorten
-
             error = exc if isinstance(exc, AlignError) else environment_error(exc)
             if error is None:
                 raise
@@ -63,7 +59,7 @@ def user_errors(func: F) -> F:
 def joined(device: str) -> Iterator[Any]:
     """Every command's torchrun lifecycle (``align.common.distributed.joined``): the process group joined for the
     block and left after it → this process's Rank (the single-process Rank without torchrun)."""
-    from align.common import distributed  # loads torch: imported when a command runs, not for --help
+    from align.common import distributed  # loads torch: not for --help
 
     with distributed.joined(device) as me:
         yield me

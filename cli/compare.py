@@ -3,65 +3,54 @@
 Under `torchrun --nproc-per-node N --no-python align compare ...` the N ranks share the study's packs of cells."""
 from __future__ import annotations
 
-import math
+import json
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
+from rich import box
+from rich.table import Table
 
 from align.cli.common import console, joined, rank_log, user_errors
+from align.common.config import load_config
+from align.common.config_files import packaged_config, resolve_config
+from align.common.errors import AlignError
 
 CONFIG_HELP = "study YAML: a path or a packaged name (`align configs`); default: the embedded offline study"
 
 
-def _pct(mean: float, std: float | None = None) -> str:
-    if mean is None or math.isnan(mean):
-        return "—"
-    return f"{100 * mean:.1f}" + ("" if std is None else f" ± {100 * std:.1f}")
-
-
-def _print_tables(result: dict, reference: str, score: str = "mean_R@1") -> None:
+def _print_tables(result: dict[str, Any], reference: str, score: str = "mean_R@1") -> None:
     """The summary, the comparison with the reference and robustness, each narrow enough for 80 columns."""
-    from rich import box
-    from rich.table import Table
-
-    from align.study.report import AXIS_LABELS, diff_text, score_label
+    # loads torch: not for --help
+    from align.study.report import AXIS_LABELS, diff_text, hp_text, score_label, summary_columns
     from align.study.stats import METHOD_AXES
 
-    def hp(value) -> str:
-        return "—" if value is None else f"{value:g}"
-
-    axes = [a for a in METHOD_AXES if any(s.get(a) is not None for s in result["summary"])]
-    seeds = max((s["seeds"] for s in result["summary"]), default=0)
+    summary = result["summary"]
+    axes = [a for a in METHOD_AXES if any(s.get(a) is not None for s in summary)]
+    seeds = max((s["seeds"] for s in summary), default=0)
     table = Table(title=f"Best configuration per optimizer (test, mean ± std over {seeds} seeds)",
                   box=box.SIMPLE_HEAD, pad_edge=False)
-    extra = ["mean_R@1"] if score != "mean_R@1" else ["i2t_R@1", "t2i_R@1"]
-    heads = {"mean_R@1": "mean R@1", "i2t_R@1": "i2t", "t2i_R@1": "t2i"}
-    for col in ("optimizer", "lr", "ρ", *(AXIS_LABELS[a] for a in axes), f"{score_label(score)} %",
-                *(heads[m] for m in extra), "mkNN"):
+    columns = summary_columns(summary, score, terminal=True)
+    for col in ("optimizer", "lr", "ρ", *(AXIS_LABELS[a] for a in axes), *(head for head, _ in columns)):
         table.add_column(col, justify="left" if col == "optimizer" else "right", no_wrap=True)
     versus = Table(title=f"Δ test {score_label(score)} vs {reference} (points, paired by seed; 95% Student-t "
                          "interval; verdict: paired t-test, Holm-adjusted)", box=box.SIMPLE_HEAD, pad_edge=False)
     versus.add_column("optimizer", no_wrap=True)
     versus.add_column("Δ [95% CI] (n)", justify="right", no_wrap=True)
     versus.add_column("verdict")
-    for s in result["summary"]:
+    for s in summary:
         name = s["optimizer"] + (f" ({s['diverged_seeds']} div)" if s["diverged_seeds"] else "")
-        table.add_row(name, hp(s["lr"]), hp(s["rho"]), *(hp(s.get(a)) for a in axes),
-                      _pct(s[f"{score}_mean"], s[f"{score}_std"]), *(_pct(s[f"{m}_mean"]) for m in extra),
-                      f"{s['mutual_knn_mean']:.3f}")
+        table.add_row(name, hp_text(s["lr"]), hp_text(s["rho"]), *(hp_text(s.get(a)) for a in axes),
+                      *(cell(s) for _, cell in columns))
         versus.add_row(s["optimizer"], diff_text(s), s.get("verdict") or "—")
     console.print(table)
     console.print(versus)
-    _print_robustness(result["robustness"], axes, hp, score_label(score))
+    _print_robustness(result["robustness"], axes, score_label(score))
 
 
-def _print_robustness(robustness: list[dict], axes: list[str], hp, label: str = "mean R@1") -> None:
+def _print_robustness(robustness: list[dict[str, Any]], axes: list[str], label: str = "mean R@1") -> None:
     """Best, worst and the share within 95% of the best, judged on validation; test means beside, labelled."""
-    from rich import box
-    from rich.table import Table
-
-    from align.study.report import AXIS_LABELS
+    from align.study.report import AXIS_LABELS, hp_text, pct_text  # loads torch: not for --help
 
     rob = Table(title=f"Robustness on VALIDATION {label} %: share of configs within 95% of the best, the best and "
                       "the worst (test: the same configs' test means)", box=box.SIMPLE_HEAD, pad_edge=False)
@@ -69,16 +58,15 @@ def _print_robustness(robustness: list[dict], axes: list[str], hp, label: str = 
     for col in ("optimizer", "cfgs", "≥95%", "best", "test", f"worst ({where})", "test", "div"):
         rob.add_column(col, justify="left" if col == "optimizer" else "right", no_wrap=not col.startswith("worst"))
     for r in robustness:
-        worst = ", ".join([hp(r["worst_lr"]), hp(r["worst_rho"]), *(hp(r.get(f"worst_{a}")) for a in axes)])
-        rob.add_row(r["optimizer"], str(r["configs"]), f"{100 * r['within_95pct_val']:.0f}%", _pct(r["best_val"]),
-                    _pct(r["best_test"]), f"{_pct(r['worst_val'])} ({worst})", _pct(r["worst_test"]),
-                    str(r["diverged_configs"]))
+        worst = ", ".join([hp_text(r["worst_lr"]), hp_text(r["worst_rho"]),
+                           *(hp_text(r.get(f"worst_{a}")) for a in axes)])
+        rob.add_row(r["optimizer"], str(r["configs"]), f"{100 * r['within_95pct_val']:.0f}%",
+                    pct_text(r["best_val"]), pct_text(r["best_test"]), f"{pct_text(r['worst_val'])} ({worst})",
+                    pct_text(r["worst_test"]), str(r["diverged_configs"]))
     console.print(rob)
 
 
 def _whole_number(text: str, option: str) -> int:
-    from align.common.errors import AlignError
-
     try:
         return int(text)
     except ValueError:
@@ -99,13 +87,8 @@ def register(app: typer.Typer) -> None:
         progress: bool = typer.Option(True, "--progress/--no-progress"),
     ) -> None:
         """Compare optimizers over a grid of ρ × learning rate (× method axes) × seeds on one cached embedding set."""
-        import json
-
+        from align.study.compare import plan, run_compare  # loads torch: not for --help
         from align.study.config import CompareConfig
-        from align.study.compare import plan, run_compare
-        from align.common.config import load_config
-        from align.common.config_files import packaged_config, resolve_config
-        from align.common.errors import AlignError
 
         path = resolve_config(config, ("compare",)) if config is not None else packaged_config("compare", "default")
         if path is None:

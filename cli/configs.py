@@ -2,19 +2,17 @@
 from __future__ import annotations
 
 import typer
+from rich import box
+from rich.table import Table
+from rich.text import Text
 
 from align.cli.common import console, user_errors
+from align.common.config_files import configs_root, list_configs
 
 
 @user_errors
 def configs_command() -> None:
     """List the packaged configs (kind, name, what each is for); pass NAME or KIND/NAME to --config."""
-    from rich import box
-    from rich.table import Table
-    from rich.text import Text
-
-    from align.common.config_files import configs_root, list_configs
-
     table = Table(title=f"packaged configs in {configs_root()}", title_justify="left", header_style="bold",
                   box=box.SIMPLE_HEAD)
     table.add_column("kind", no_wrap=True)

@@ -6,8 +6,10 @@ from __future__ import annotations
 from typing import Optional
 
 import typer
+from rich.table import Table
 
 from align.cli.common import console, joined, rank_log, user_errors
+from align.common.config_files import resolve_config
 
 
 def register(app: typer.Typer) -> None:
@@ -26,12 +28,9 @@ def register(app: typer.Typer) -> None:
         progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
     ) -> None:
         """Encode images and captions once with frozen encoders; resumable, cached under cache_root/<key>/."""
-        from rich.table import Table
-
-        from align.cache.write import embed_split
-        from align.cache.key import load_embed_config
+        from align.cache.key import load_embed_config  # loads torch: not for --help
         from align.cache.read import read_manifest
-        from align.common.config_files import resolve_config
+        from align.cache.write import embed_split
 
         cfg = load_embed_config(resolve_config(config, ("embed", "train", "compare")), overrides)
         if strict:

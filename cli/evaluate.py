@@ -5,6 +5,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
+from rich.table import Table
 
 from align.cli.common import console, err_console, user_errors
 from align.common.errors import AlignError
@@ -13,8 +14,6 @@ from align.common.files import require_file_path
 
 def print_eval(result: dict[str, Any]) -> None:
     """One evaluation result as a rich table, then its notes."""
-    from rich.table import Table
-
     what = f"{result['source']}" + (f" ({result['checkpoint']}, step {result['step']})" if result.get("checkpoint") else "")
     console.print(f"[bold]{what}[/] — split {result.get('split')}: {result['num_images']} images, "
                   f"{result['num_captions']} captions", highlight=False)
@@ -47,7 +46,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Retrieval recall (both ways), alignment metrics and, on a labelled split (mnist), zero-shot accuracy of a
         trained head (confusion matrix PNG under RUN/eval/), or of raw embeddings (--cache)."""
-        from align.cache.store import find_cache  # the library loads torch: imported when the command runs
+        from align.cache.store import find_cache  # loads torch: not for --help
         from align.eval.evaluate import evaluate_cache, evaluate_run
         from align.train.runs import write_json
 

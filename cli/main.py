@@ -1,6 +1,9 @@
 """The ``align`` command: each command group lives in its own module and registers itself here.
 
-Heavy libraries are imported inside the commands, so ``align --help`` stays fast.
+The command modules import only light modules at their top (typer, rich, ``align.cli.common``, and the parts of
+``align.common`` that load no torch); the library, which loads torch (seconds), is imported inside the commands,
+each such import marked "loads torch: not for --help". ``align --help`` so stays well under a second
+(``tests/test_layers.py`` checks that it loads no torch).
 """
 from __future__ import annotations
 

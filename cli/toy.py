@@ -7,8 +7,11 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
+from rich.table import Table
 
 from align.cli.common import console, user_errors
+from align.common.errors import AlignError
+from align.common.paths import toy_dir
 
 
 class Experiment(str, Enum):
@@ -27,8 +30,6 @@ def _fmt(value: Any) -> str:
 
 
 def _print_table(result: Any, seconds: float, paths: list[Path]) -> None:
-    from rich.table import Table
-
     alpha = result.settings.get("msam_alpha")
     knob = "" if alpha is None or alpha == 1.0 else f", M-SAM with α = {alpha:g}"
     table = Table(title=f"{result.name}  ({seconds:.1f} s{knob})", title_justify="left")
@@ -60,9 +61,7 @@ def register(app: typer.Typer) -> None:
             help="banana, grid: M-SAM's metric scale α, G = I + α² g gᵀ (0 = SAM, 1 = the paper's M-SAM, default)."),
     ) -> None:
         """Reproduce the paper's 2-D experiments (Figures 1-5) with the real optimizer classes."""
-        from align.common.errors import AlignError
-        from align.common.paths import toy_dir
-        from align.toy.experiments import EXPERIMENTS, run_experiment
+        from align.toy.experiments import EXPERIMENTS, run_experiment  # loads torch: not for --help
         from align.toy.plots import write_outputs
 
         if alpha is not None and experiment.value not in ("banana", "grid", "all"):

@@ -9,6 +9,8 @@ import typer
 from rich.table import Table
 
 from align.cli.common import console, err_console, joined, user_errors
+from align.common.config import load_config
+from align.common.config_files import resolve_config
 from align.common.paths import runs_dir
 
 TABLE_COLUMNS = {"best_val": "best val", "best_test": "best test", "final_test": "final test"}  # results' sections
@@ -23,7 +25,7 @@ def print_results(results: dict[str, Any], title: str, ks: Sequence[int] = (1, 5
     """The headline figures of a results dict as a rich table: every metric of the registry
     (``align.metrics.measure.metric_names`` at recall cut-offs ``ks``, the run's eval.ks) that the run measured,
     but the rank statistics (counts, not fractions: they stay in results.json)."""
-    from align.metrics.measure import RANK_KEYS, metric_names  # the library loads torch: not for --help
+    from align.metrics.measure import RANK_KEYS, metric_names  # loads torch: not for --help
 
     console.print(f"[bold]{title}[/]", highlight=False)
     table = Table(show_header=True, header_style="bold")
@@ -60,9 +62,7 @@ def register(app: typer.Typer) -> None:
         progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
     ) -> None:
         """Train an alignment head on cached embeddings; writes config.yaml, metrics.jsonl, checkpoints/, results.json."""
-        from align.common.config import load_config  # the library loads torch: imported when the command runs
-        from align.common.config_files import resolve_config
-        from align.train.config import TrainConfig
+        from align.train.config import TrainConfig  # loads torch: not for --help
         from align.train.loop import train
 
         path = resolve_config(config, ("train",))

@@ -3,6 +3,7 @@ rerun, against the same study uninterrupted (bit for bit) and trained one cell a
 from __future__ import annotations
 
 import csv
+import math
 import os
 import signal
 import subprocess
@@ -17,7 +18,7 @@ from typer.testing import CliRunner
 from align.cli.main import app
 from align.study.config import Cell
 from align.study.packing import plan_packs
-from helpers import make_cache, train_config
+from helpers import IMAGE_DIM, SIZES, TEXT_DIM, make_cache, synthetic_split, train_config
 
 REPO = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -93,6 +94,79 @@ def test_the_pack_limit_is_what_each_workers_share_of_the_budget_holds(study_fil
     assert pack_limit(cfg, 5, int(3.5 * per_head), workers=1) == 3  # the budget caps an explicit size
     with pytest.raises(AlignError, match="cannot hold one head"):
         pack_limit(cfg, "auto", per_head - 1, workers=1)
+
+
+def _head_bytes_for(cfg, eval_rows: int) -> int:
+    """One head's bytes by the memory model (tests/test_memory.py checks it against a hand count), for the training
+    tests' embedding dims and ``eval_rows`` rows, at the most any optimizer keeps."""
+    from align.train.memory import OptimizerMemory, head_memory
+
+    sized = cfg.model_copy(update={"image_dim": IMAGE_DIM, "text_dim": TEXT_DIM})
+    return head_memory(sized, eval_rows, OptimizerMemory(metric=bool(cfg.optim.metric_beta))).bytes
+
+
+@pytest.fixture
+def no_split_loads(monkeypatch):
+    """Make every way of reading a cache's arrays fail: the planning path must get by on manifests."""
+    import align.cache.read as read
+    import align.study.packing as packing
+    import align.train.run_data as run_data
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a split's arrays were read while planning")
+
+    for owner, name in ((read, "load_cache_dir"), (read, "load_cached_split"), (read, "_open_array"),
+                        (packing, "load_cached_split"), (run_data, "load_data"), (run_data, "prepare_data")):
+        monkeypatch.setattr(owner, name, refuse)
+
+
+def test_the_parent_sizes_heads_from_the_manifests_and_never_loads_a_split(study_file, tmp_path, no_split_loads):
+    from align.common.config import load_config
+    from align.common.errors import AlignError
+    from align.study.config import CompareConfig, grid_cells
+    from align.study.packing import pack_layout, pack_limit
+    from align.study.studies import StudyDir
+
+    cfg = load_config(CompareConfig, study_file)
+    image, text, _ = synthetic_split("val", SIZES["val"])  # what make_cache wrote: 1 to 3 captions per image
+    per_head = _head_bytes_for(cfg, len(image) + len(text))
+    assert pack_limit(cfg, "auto", per_head, workers=1) == 1  # exactly one head's bytes hold exactly one
+    with pytest.raises(AlignError, match="cannot hold one head"):
+        pack_limit(cfg, "auto", per_head - 1, workers=1)
+    assert pack_limit(cfg, "auto", int(3.5 * per_head) * 2, workers=2) == 3
+
+    # The planning run_study does (rank 0): the layout, recorded in packs.json, within the budget's limit.
+    study = StudyDir(tmp_path / "study")
+    cells = grid_cells(cfg.grid)
+    packs, threads = pack_layout(cfg, study, cells, "auto", 2 * per_head)
+    assert max(len(p) for p in packs) == 1 and sorted(c.key for p in packs for c in p) == sorted(c.key for c in cells)
+    assert study.read_pack_layout() == {"threads": threads, "packs": [[c.key for c in p] for p in packs]}
+
+
+def test_held_out_validation_is_sized_at_the_training_splits_mean_captions(study_file, no_split_loads):
+    from align.common.config import load_config
+    from align.common.errors import AlignError
+    from align.study.config import CompareConfig
+    from align.study.packing import pack_limit
+
+    cfg = load_config(CompareConfig, study_file, ["eval.holdout_images=100"])
+    image, text, _ = synthetic_split("train", SIZES["train"])
+    per_head = _head_bytes_for(cfg, 100 + math.ceil(100 * len(text) / len(image)))
+    assert pack_limit(cfg, "auto", per_head, workers=1) == 1
+    with pytest.raises(AlignError, match="cannot hold one head"):
+        pack_limit(cfg, "auto", per_head - 1, workers=1)
+
+
+def test_a_missing_cache_is_the_loaders_one_line_when_sizing_a_head(study_file, tmp_path):
+    from align.common.config import load_config
+    from align.common.errors import AlignError
+    from align.study.config import CompareConfig
+    from align.study.packing import pack_limit
+
+    cfg = load_config(CompareConfig, study_file, [f"data.cache_root={tmp_path / 'empty'}"])
+    with pytest.raises(AlignError, match=r"^no cached embeddings for split 'train' \(key .*\): run `align embed "
+                                         r"--config FILE` with this config first$"):
+        pack_limit(cfg, "auto", "1G", workers=1)
 
 
 # A worker of the killed study: SIGKILL the study's main process right after one cell logs a given step.

@@ -41,7 +41,7 @@ ROLES = {
              "align.metrics.knn", "align.metrics.zeroshot", "align.metrics.measure",
              "align.train.heads", "align.train.losses", "align.train.pack", "align.train.checkpoint",
              "align.train.identity",
-             "align.study.stats", "align.toy.experiments", "align.losses", "align.study_stats"},
+             "align.study.cells", "align.study.stats", "align.toy.experiments", "align.losses", "align.study_stats"},
     "orchestration": {"align.train.config", "align.train.memory", "align.train.run_data", "align.train.loop",
                       "align.train.optimizer", "align.train.run", "align.train.evaluation",
                       "align.eval.evaluate", "align.study.config", "align.study.packing", "align.study.workers",

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from align.study.config import Cell, CompareConfig, cell_config, grid_cells
-from align.study.compare import plan, result_row
+from align.study.compare import plan
+from align.study.studies import result_row
 from align.common.config import validate
 from align.common.errors import AlignError
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import itertools
 import math
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -15,6 +14,7 @@ from pydantic import StrictInt, ValidationError, field_validator, model_validato
 from align.common.config import StrictModel
 from align.data.datasets import LABELLED_KINDS
 from align.optim import OPTIMIZERS, default_hparams, optimizer_info
+from align.study.cells import Cell
 from align.study.stats import METHOD_AXES
 from align.train.config import MAX_SEED, METHOD_HPARAMS, Number, OptimConfig, TrainConfig
 
@@ -126,29 +126,6 @@ class CompareConfig(TrainConfig):
             raise ValueError(f"score {self.score} needs a labelled dataset ({', '.join(LABELLED_KINDS)}), not kind "
                              f"{self.data.dataset.kind!r}")
         return self
-
-
-@dataclass(frozen=True)
-class Cell:
-    """One run of the grid. ``method`` holds its method-axis values as (name, value) in ``METHOD_AXES`` order."""
-
-    optimizer: str
-    lr: float
-    rho: float | None
-    seed: int
-    method: tuple[tuple[str, float], ...] = ()
-
-    @property
-    def key(self) -> str:
-        """The run folder's name; without method axes the same as before they existed (old studies resume)."""
-        rho = "" if self.rho is None else f"_rho{self.rho:g}"
-        extra = "".join(f"_{name}{value:g}" for name, value in self.method)
-        return f"{self.optimizer}_lr{self.lr:g}{rho}{extra}_s{self.seed}"
-
-    @property
-    def config_key(self) -> tuple:
-        """(optimizer, lr, ρ, *method): the configuration, seeds aside (as ``study_stats.config_key``)."""
-        return (self.optimizer, self.lr, self.rho, *self.method)
 
 
 def grid_cells(grid: GridConfig) -> list[Cell]:

@@ -1,16 +1,27 @@
-"""Packing a study's cells (orchestration): how many heads one pack may hold under the memory budget, which cells
-share a pack, the layout recorded at the first run, and the workers and threads.
+"""Packing a study's cells (orchestration): how many heads one pack may hold under the memory budget (sized from
+the caches' manifests: the parent never loads a split), which cells share a pack, the layout recorded at the first
+run, and the workers and threads.
 """
 from __future__ import annotations
 
 import math
 import os
 import re
-from pathlib import Path
+from typing import Any
 
+import torch
+
+from align.cache.key import EmbedConfig, cache_path
+from align.cache.read import load_cached_split, manifest_of, read_manifest
+from align.common.config import shorten
+from align.common.device import available_memory, pick_device
+from align.common.distributed import local_world_size
 from align.common.errors import AlignError
 from align.optim import optimizer_info
-from align.study.config import Cell, CompareConfig, cell_config, grid_cells
+from align.study.config import Cell, CompareConfig, grid_cells
+from align.study.studies import StudyDir
+from align.train.config import TrainConfig
+from align.train.memory import OptimizerMemory, head_memory
 
 
 def resolve_workers(cfg: CompareConfig) -> int:
@@ -18,17 +29,13 @@ def resolve_workers(cfg: CompareConfig) -> int:
         if cfg.workers < 1:
             raise AlignError(f"workers must be >= 1 or auto, got {cfg.workers}")
         return int(cfg.workers)
-    import torch
-
     if cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available()):
         return 1
-    return max(1, min(4, _cores()))
+    return max(1, min(4, usable_cores()))
 
 
-def _cores() -> int:
+def usable_cores() -> int:
     """The CPU cores this process may use: the node's, shared evenly by the ranks torchrun started on it."""
-    from align.common.distributed import local_world_size
-
     return max(1, (os.cpu_count() or 1) // local_world_size())
 
 
@@ -38,8 +45,6 @@ _UNITS = {"": 1, "k": 2 ** 10, "m": 2 ** 20, "g": 2 ** 30, "t": 2 ** 40}
 
 def parse_memory(text: str) -> int:
     """Bytes from "512M", "8G", "1.5GiB", "2e9" (binary units); AlignError otherwise."""
-    from align.common.config import shorten
-
     m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([kKmMgGtT]?)(?:i?[bB])?\s*", str(text))
     try:
         value = float(m.group(1)) * _UNITS[m.group(2).lower()] if m else math.nan
@@ -52,8 +57,6 @@ def parse_memory(text: str) -> int:
 
 def default_memory_budget(device: str) -> int:
     """The default memory budget: 80% of what a CUDA device can still allocate, else half of the host's."""
-    from align.common.device import available_memory, pick_device
-
     dev = pick_device(device)
     free = available_memory(dev)
     if free is None:  # cannot be told: assume a small machine rather than a big one
@@ -69,22 +72,45 @@ def check_pack(pack: int | str) -> None:
 
 def pack_limit(cfg: CompareConfig, pack: int | str, memory_budget: str | int | None, workers: int) -> int:
     """How many heads one pack may hold: ``pack`` (a number, or "auto"), capped by what fits each worker's share
-    of the memory budget; AlignError when not even one head fits."""
-    from align.train.memory import OptimizerMemory, head_memory
-    from align.train.run_data import prepare_data
-
+    of the memory budget; AlignError when not even one head fits. The head is sized from the caches' manifests,
+    at the most any optimizer of the grid keeps (``OptimizerMemory``'s defaults)."""
     check_pack(pack)
     budget = parse_memory(memory_budget) if memory_budget is not None else default_memory_budget(cfg.device)
     share = budget // max(1, workers)
-    sized, data = prepare_data(cell_config(cfg, grid_cells(cfg.grid)[0], Path(".")))
-    val = data.val  # any optimizer of the grid: the most one keeps
-    per_head = head_memory(sized, val.num_images + val.num_captions,
-                           OptimizerMemory(metric=bool(cfg.optim.metric_beta))).bytes
+    image_dim, text_dim, eval_rows = cached_sizes(cfg)
+    sized = cfg.model_copy(update={"image_dim": image_dim, "text_dim": text_dim})
+    per_head = head_memory(sized, eval_rows, OptimizerMemory(metric=bool(cfg.optim.metric_beta))).bytes
     if per_head > share:
         raise AlignError(f"a memory budget of {share / 2 ** 20:.0f} MiB per worker cannot hold one head "
                          f"({per_head / 2 ** 20:.1f} MiB): raise --memory-budget or use fewer --workers")
     fit = share // per_head
     return int(fit if pack == "auto" else min(pack, fit))
+
+
+def cached_sizes(cfg: TrainConfig) -> tuple[int, int, int]:
+    """(image dim, text dim, validation rows: images and captions) of the runs ``cfg`` describes, read from the
+    manifests of its caches: no split is loaded (the runs' own training loads and checks them, and refuses a
+    config whose splits do not fit their roles; a validation split that is not embedded counts 0 rows here).
+    Validation on held-out training images counts their captions at the training split's mean per image."""
+    train = _split_manifest(cfg.data, "train")
+    holdout = cfg.eval.holdout_images
+    if holdout:
+        counts = train["counts"]
+        rows = holdout + math.ceil(holdout * counts["captions"] / max(1, counts["images"]))
+    elif cfg.eval.split in cfg.data.splits:
+        counts = _split_manifest(cfg.data, cfg.eval.split)["counts"]
+        rows = counts["images"] + counts["captions"]
+    else:
+        rows = 0
+    return train["dims"]["image"], train["dims"]["text"], rows
+
+
+def _split_manifest(data: EmbedConfig, split: str) -> dict[str, Any]:
+    """The manifest of ``split``'s cache (its files are not read)."""
+    path = cache_path(data, split)
+    if read_manifest(path) is None:  # missing, unfinished or damaged: the verified load's one line says which and
+        load_cached_split(data, split)  # what to do, and raises before it reads any array
+    return manifest_of(path)
 
 
 PACK_SHARE = 3  # packs per worker a study is cut into at least, so that the workers finish together
@@ -98,40 +124,38 @@ def plan_packs(cells: list[Cell], limit: int, workers: int) -> list[list[Cell]]:
     batches). Each group is cut into near-equal packs of about 1 / (``PACK_SHARE`` × workers) of the study's work
     (no fewer than ``MIN_PACK`` heads where the group allows), and the study into at least ``workers`` packs while
     cells allow; largest work first."""
-    target = _pack_work(cells) / (PACK_SHARE * max(1, workers)) if cells else 1.0
+    target = pack_work(cells) / (PACK_SHARE * max(1, workers)) if cells else 1.0
     groups: dict[str | None, list[Cell]] = {}
     for cell in sorted(cells, key=lambda c: c.seed):
         groups.setdefault(cell.optimizer if optimizer_info(cell.optimizer).two_pass else None, []).append(cell)
     packs = []
     for group in groups.values():
-        count = min(math.ceil(_pack_work(group) / target), max(1, len(group) // MIN_PACK))
+        count = min(math.ceil(pack_work(group) / target), max(1, len(group) // MIN_PACK))
         packs += _split(group, max(count, math.ceil(len(group) / max(1, limit))))
     while len(packs) < min(workers, len(cells)):  # few cells: every worker gets some
         largest = max(packs, key=len)
         packs.remove(largest)
         packs += _split(largest, 2)
-    return sorted(packs, key=lambda p: -_pack_work(p))
+    return sorted(packs, key=lambda p: -pack_work(p))
 
 
-def pack_layout(cfg: CompareConfig, root: Path, todo: list[Cell], pack: int | str,
+def pack_layout(cfg: CompareConfig, study: StudyDir, todo: list[Cell], pack: int | str,
                 memory_budget: str | int | None, ranks: int = 1) -> tuple[list[list[Cell]], int]:
     """The study's packs and the threads each trains with: those its packs.json recorded (a resumed pack then
     replays exactly what it computed: same heads in the same slots, same threads, whatever ``--pack``, the memory
     or the core count say now), plus packs planned now for unfinished cells it does not hold (a first run, a grown
     grid), which are recorded too. Cells no longer in the grid leave their packs."""
-    from align.study import studies
-
-    saved = studies.read_pack_layout(root)
+    saved = study.read_pack_layout()
     by_key = {c.key: c for c in grid_cells(cfg.grid)}
     packs = [] if saved is None else [[by_key[k] for k in p if k in by_key] for p in saved["packs"]]
     packs = [p for p in packs if p]
     placed = {c.key for p in packs for c in p}
     new = [c for c in todo if c.key not in placed]
     workers = min(resolve_workers(cfg), max(1, len(new)))
-    threads = saved["threads"] if saved is not None else max(1, _cores() // workers)
+    threads = saved["threads"] if saved is not None else max(1, usable_cores() // workers)
     if new:
         packs += plan_packs(new, pack_limit(cfg, pack, memory_budget, workers), workers * ranks)
-        studies.write_pack_layout(root, {"threads": threads, "packs": [[c.key for c in p] for p in packs]})
+        study.write_pack_layout({"threads": threads, "packs": [[c.key for c in p] for p in packs]})
     return packs, threads
 
 
@@ -141,6 +165,6 @@ def _split(cells: list[Cell], count: int) -> list[list[Cell]]:
     return [cells[a:b] for a, b in zip(bounds, bounds[1:])]
 
 
-def _pack_work(cells: list[Cell]) -> float:
+def pack_work(cells: list[Cell]) -> float:
     """Cells' relative cost: heads × passes per step."""
     return float(sum(2 if optimizer_info(c.optimizer).two_pass else 1 for c in cells))

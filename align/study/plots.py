@@ -10,6 +10,7 @@ import numpy as np
 from align.common.figures import _pyplot, _save
 from align.optim.registry import OPTIMIZERS
 from align.study.stats import SCORE, SCORES, config_key
+from align.train import runs
 
 
 def _label(name: str) -> str:
@@ -80,8 +81,6 @@ def heatmaps(rows: list[dict[str, Any]], column: str, title: str, path: Path, pe
 def training_curves(run_root: Path, best: dict[str, tuple], rows: list[dict[str, Any]], path: Path,
                     score: str = SCORE) -> Path:
     """Training loss and the validation ``score`` over steps for each optimizer's best configuration (all seeds)."""
-    from align.train import runs
-
     plt = _pyplot()
     fig, (ax_loss, ax_val) = plt.subplots(1, 2, figsize=(11, 4))
     for name, key in best.items():

@@ -1,13 +1,20 @@
-"""The study's files: results.csv, the tables as CSV, the plots (PNG) and report.md that shows them all; its
-config.yaml and its pack layout (packs.json)."""
+"""The study's report (edge layer): results.csv, the tables as CSV, the plots (PNG) and report.md that shows them
+all, and the text of its tables (the terminal's tables in ``align compare`` take their summary columns from here)."""
 from __future__ import annotations
 
 import csv
 import io
 import math
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+import numpy as np
+
+from align.common.paths import studies_dir
+from align.eval.plots import confusion_grid
+from align.optim import default_hparams
+from align.study import plots
 from align.study import stats as study_stats
 from align.train import runs
 
@@ -20,12 +27,13 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
-def _hp(value: Any) -> str:
+def hp_text(value: Any) -> str:
     """A hyper-parameter (lr, ρ) as written in configs: 0.003, 1e-05; None as —."""
     return "—" if value is None or value == "" else f"{float(value):g}"
 
 
-def _pct(mean: float, std: float | None = None) -> str:
+def pct_text(mean: float, std: float | None = None) -> str:
+    """A share as percent: '61.2', with its std '61.2 ± 0.4'; None or NaN as —."""
     if mean is None or math.isnan(mean):
         return "—"
     return f"{100 * mean:.1f}" + (f" ± {100 * std:.1f}" if std is not None else "")
@@ -64,7 +72,7 @@ def with_axis_columns(rows: list[dict[str, Any]], axes: list[str]) -> list[dict[
 
 def axes_text(values: dict[str, Any]) -> str:
     """Method-axis values as a label: 'η 1000, α 0.5' ('' when there are none)."""
-    return ", ".join(f"{AXIS_LABELS.get(a, a)} {_hp(v)}" for a, v in values.items() if v not in (None, ""))
+    return ", ".join(f"{AXIS_LABELS.get(a, a)} {hp_text(v)}" for a, v in values.items() if v not in (None, ""))
 
 
 def diff_text(entry: dict[str, Any]) -> str:
@@ -88,20 +96,46 @@ def _has_zeroshot(summary: list[dict[str, Any]]) -> bool:
     return any(not math.isnan(s.get("zeroshot_top1_mean", math.nan)) for s in summary)
 
 
-def summary_columns(summary: list[dict[str, Any]], score: str = study_stats.SCORE) -> list[tuple[str, Any]]:
-    """(header, cell of a summary entry) of the summary's metric columns: the headline first, with its std."""
-    def pct(metric: str) -> Any:
-        return lambda s: _pct(s.get(f"{metric}_mean", math.nan))
+CellText = Callable[[dict[str, Any]], str]  # a summary entry → the text of one cell
 
-    columns = [(f"test {score_label(score)} (%)", lambda s: _pct(s[f"{score}_mean"], s[f"{score}_std"]))]
+
+@dataclass(frozen=True)
+class SummaryColumn:
+    """One metric column of the summary: its header and cell in report.md, and in the narrow table that
+    ``align compare`` prints (``short`` None: left out there, to fit 80 columns; ``short_cell``: its cell there
+    when it differs)."""
+
+    header: str
+    cell: CellText
+    short: str | None = None
+    short_cell: CellText | None = None
+
+
+def summary_columns(summary: list[dict[str, Any]], score: str = study_stats.SCORE,
+                    terminal: bool = False) -> list[tuple[str, CellText]]:
+    """(header, cell of a summary entry) of the summary's metric columns, the headline first with its std:
+    report.md's, or with ``terminal`` the narrow set the command prints."""
+    def pct(metric: str) -> CellText:
+        return lambda s: pct_text(s.get(f"{metric}_mean", math.nan))
+
+    recall_short = score == "mean_R@1"  # the terminal shows i2t and t2i only beside a mean R@1 headline
+    columns = [SummaryColumn(f"test {score_label(score)} (%)",
+                             lambda s: pct_text(s[f"{score}_mean"], s[f"{score}_std"]), f"{score_label(score)} %")]
     if score != "mean_R@1":
-        columns.append(("mean R@1", pct("mean_R@1")))
-    columns += [("i2t R@1", pct("i2t_R@1")), ("t2i R@1", pct("t2i_R@1"))]
+        columns.append(SummaryColumn("mean R@1", pct("mean_R@1"), "mean R@1"))
+    columns += [SummaryColumn("i2t R@1", pct("i2t_R@1"), "i2t" if recall_short else None),
+                SummaryColumn("t2i R@1", pct("t2i_R@1"), "t2i" if recall_short else None)]
     if _has_zeroshot(summary):
-        columns += [(h, pct(m)) for h, m in (("zero-shot top-1", "zeroshot_top1"), ("top-5", "zeroshot_top5"),
-                                               ("balanced acc.", "zeroshot_balanced_accuracy")) if m != score]
-    return columns + [("mutual-kNN", lambda s: f"{_fmt(s['mutual_knn_mean'])} ± {_fmt(s['mutual_knn_std'])}"),
-                      ("CKNNA", lambda s: _fmt(s["cknna_mean"]))]
+        columns += [SummaryColumn(h, pct(m)) for h, m in (("zero-shot top-1", "zeroshot_top1"),
+                                                           ("top-5", "zeroshot_top5"),
+                                                           ("balanced acc.", "zeroshot_balanced_accuracy"))
+                    if m != score]
+    columns += [SummaryColumn("mutual-kNN", lambda s: f"{_fmt(s['mutual_knn_mean'])} ± {_fmt(s['mutual_knn_std'])}",
+                              "mkNN", lambda s: f"{s['mutual_knn_mean']:.3f}"),
+                SummaryColumn("CKNNA", lambda s: _fmt(s["cknna_mean"]))]
+    if terminal:
+        return [(c.short, c.short_cell or c.cell) for c in columns if c.short is not None]
+    return [(c.header, c.cell) for c in columns]
 
 
 def summary_lines(summary: list[dict[str, Any]], reference: str, axes: list[str] = (),
@@ -116,8 +150,8 @@ def summary_lines(summary: list[dict[str, Any]], reference: str, axes: list[str]
              "|---" * (6 + len(axes) + len(columns)) + "|"]
     for s in summary:
         div = f" ({s['diverged_seeds']} diverged)" if s["diverged_seeds"] else ""
-        lines.append(f"| {s['optimizer']} | {_hp(s['lr'])} | {_hp(s['rho'])} | "
-                     + "".join(f"{_hp(s.get(a))} | " for a in axes) + f"{s['seeds']}{div} | "
+        lines.append(f"| {s['optimizer']} | {hp_text(s['lr'])} | {hp_text(s['rho'])} | "
+                     + "".join(f"{hp_text(s.get(a))} | " for a in axes) + f"{s['seeds']}{div} | "
                      + "".join(f"{cell(s)} | " for _, cell in columns)
                      + f"{diff_text(s)} | {s.get('verdict') or '—'} |")
     return lines
@@ -162,10 +196,11 @@ def robustness_lines(rob: list[dict[str, Any]], axes: list[str] = (), score: str
              "its test | "
              f"worst config ({worst}): val | its test | diverged configs |", "|---" * 8 + "|"]
     for r in rob:
-        where = ", ".join([_hp(r["worst_lr"]), _hp(r["worst_rho"]), *(_hp(r.get(f"worst_{a}")) for a in axes)])
+        where = ", ".join([hp_text(r["worst_lr"]), hp_text(r["worst_rho"]),
+                           *(hp_text(r.get(f"worst_{a}")) for a in axes)])
         lines.append(f"| {r['optimizer']} | {r['configs']} | {100 * r['within_95pct_val']:.0f}% | "
-                     f"{_pct(r['best_val'])} | {_pct(r['best_test'])} | {_pct(r['worst_val'])} ({where}) | "
-                     f"{_pct(r['worst_test'])} | {r['diverged_configs']} |")
+                     f"{pct_text(r['best_val'])} | {pct_text(r['best_test'])} | {pct_text(r['worst_val'])} ({where}) | "
+                     f"{pct_text(r['worst_test'])} | {r['diverged_configs']} |")
     return lines
 
 
@@ -174,7 +209,7 @@ def table3_lines(rows3: list[dict[str, Any]], loss_step: int) -> list[str]:
     rhos = sorted({r["rho"] for r in rows3}, key=lambda x: -1 if x is None else x)
     lrs = sorted({r["lr"] for r in rows3})
     cell = {(r["lr"], r["rho"]): r for r in rows3}
-    lines = ["| lr \\ ρ | " + " | ".join(_hp(r) for r in rhos) + " |", "|---" * (len(rhos) + 1) + "|"]
+    lines = ["| lr \\ ρ | " + " | ".join(hp_text(r) for r in rhos) + " |", "|---" * (len(rhos) + 1) + "|"]
     for lr in lrs:
         parts = []
         for rho in rhos:
@@ -184,7 +219,7 @@ def table3_lines(rows3: list[dict[str, Any]], loss_step: int) -> list[str]:
                 continue
             mark = f" †{r['diverged']}/{r['seeds']}" if r["diverged"] else ""
             parts.append(f"{_fmt(r['best_alignment'])} / {_fmt(r['loss_at_step'])} / {_fmt(r['final_loss'])}{mark}")
-        lines.append(f"| {_hp(lr)} | " + " | ".join(parts) + " |")
+        lines.append(f"| {hp_text(lr)} | " + " | ".join(parts) + " |")
     return lines
 
 
@@ -230,13 +265,12 @@ def fisher_note(rows: list[dict[str, Any]], reference: str, default_eta: float,
     return [text, ""]
 
 
-def write_report(root: Path, cfg: Any, rows: list[dict[str, Any]]) -> dict[str, Any]:
+def write_report(root: Path, cfg: Any, rows: list[dict[str, Any]], run_root: Path) -> dict[str, Any]:
     """Write results.csv, summary.csv, robustness.csv, table3.csv, the plots and report.md into ``root``.
 
-    ``cfg`` is the study's ``align.compare.CompareConfig``; returns what was computed.
+    ``cfg`` is the study's ``align.study.config.CompareConfig``, ``run_root`` the folder of its cells' run
+    directories (``StudyDir.write_report`` calls this); returns what was computed.
     """
-    from align.study import plots
-
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     score = getattr(cfg, "score", study_stats.SCORE)
@@ -250,8 +284,8 @@ def write_report(root: Path, cfg: Any, rows: list[dict[str, Any]]) -> dict[str, 
     write_csv(root / "table3.csv", [dict(optimizer=name, **r) for name, rs in t3.items() for r in rs])
 
     best = study_stats.best_configs(rows, f"best_val_{score}")
-    figures = plots.study_plots(rows, summ, root, run_root=root / "runs", best=best, score=score)
-    confusion = _confusion_figure(root, rows, best)
+    figures = plots.study_plots(rows, summ, root, run_root=run_root, best=best, score=score)
+    confusion = _confusion_figure(root, run_root, rows, best)
     if confusion is not None:
         figures["Zero-shot confusion of each optimizer's best configuration (test, summed over seeds)"] = confusion
     md = _report_head(cfg, rows, summ, axes, score)
@@ -274,20 +308,17 @@ def write_report(root: Path, cfg: Any, rows: list[dict[str, Any]]) -> dict[str, 
     return {"summary": summ, "robustness": rob, "table3": t3, "figures": figures}
 
 
-def _confusion_figure(root: Path, rows: list[dict[str, Any]], best: dict[str, tuple]) -> Path | None:
+def _confusion_figure(root: Path, run_root: Path, rows: list[dict[str, Any]],
+                      best: dict[str, tuple]) -> Path | None:
     """One zero-shot confusion matrix per optimizer (its best configuration, test, summed over seeds), read from
     the runs' results.json; None when the study's test split has no labels."""
-    import numpy as np
-
-    from align.eval.plots import confusion_grid
-
     panels: dict[str, Any] = {}
     classes: list[str] = []
     for name, key in best.items():
         for r in rows:
             if study_stats.config_key(r) != key:
                 continue
-            record = (runs.read_results(root / "runs" / r["run"]) or {}).get("zeroshot")
+            record = (runs.read_results(run_root / r["run"]) or {}).get("zeroshot")
             if record:
                 classes = record["classes"]
                 panels[name] = panels.get(name, 0) + np.asarray(record["confusion"])
@@ -323,8 +354,6 @@ def beside_section(beside: str | None, summ: list[dict[str, Any]], score: str) -
     folder): each optimizer's headline, Δ to the reference and verdict in both, and Kendall's τ of the rankings."""
     if not beside:
         return []
-    from align.common.paths import studies_dir
-
     folder = Path(beside) if "/" in beside else studies_dir() / beside  # a name, or a folder given as a path
     head = [f"## Beside study `{Path(beside).name}`", ""]
     if not (folder / "summary.csv").is_file():
@@ -338,9 +367,9 @@ def beside_section(beside: str | None, summ: list[dict[str, Any]], score: str) -
              f"{score_label(their_score)} (%) | Δ (n) | verdict | rank |", "|---" * 9 + "|"]
     for s in summ:
         t = theirs.get(s["optimizer"])
-        there = ([_pct(t[f"{their_score}_mean"], t.get(f"{their_score}_std")), diff_text(t), t.get("verdict") or "—",
-                  str(there_rank[s["optimizer"]])] if t else ["—"] * 4)
-        lines.append(f"| {s['optimizer']} | {_pct(s[f'{score}_mean'], s[f'{score}_std'])} | {diff_text(s)} | "
+        there = ([pct_text(t[f"{their_score}_mean"], t.get(f"{their_score}_std")), diff_text(t),
+                  t.get("verdict") or "—", str(there_rank[s["optimizer"]])] if t else ["—"] * 4)
+        lines.append(f"| {s['optimizer']} | {pct_text(s[f'{score}_mean'], s[f'{score}_std'])} | {diff_text(s)} | "
                      f"{s.get('verdict') or '—'} | {here_rank[s['optimizer']]} | " + " | ".join(there) + " |")
     tau, n = study_stats.rank_agreement({s["optimizer"]: s[f"{score}_mean"] for s in summ},
                                         {s["optimizer"]: s[f"{their_score}_mean"] for s in other})
@@ -354,9 +383,7 @@ def beside_section(beside: str | None, summ: list[dict[str, Any]], score: str) -
 def _report_head(cfg: Any, rows: list[dict[str, Any]], summ: list[dict[str, Any]], axes: list[str],
                  score: str = study_stats.SCORE) -> list[str]:
     """report.md's title, setup, summary table and what its comparisons support."""
-    from align.optim import default_hparams
-
-    sweeps = "; ".join(f"{name}: " + ", ".join(f"{AXIS_LABELS.get(a, a)} ∈ {{{', '.join(map(_hp, values))}}}"
+    sweeps = "; ".join(f"{name}: " + ", ".join(f"{AXIS_LABELS.get(a, a)} ∈ {{{', '.join(map(hp_text, values))}}}"
                                                for a, values in spec.items())
                        for name, spec in cfg.grid.method_axes.items())
     eta = cfg.optim.eta if cfg.optim.eta is not None else default_hparams("fsam")["eta"]

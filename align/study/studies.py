@@ -1,60 +1,164 @@
-"""The study folder (edge layer): where it lives, its config.yaml, its pack layout (``packs.json``) and the
-temporary files a killed run leaves.
+"""The study folder (edge layer): ``StudyDir``, which owns what a study keeps on disk besides its report.
+
+Layout of a study folder::
+
+    STUDY/.lock            held by the one process that writes the study (``align compare``)
+    STUDY/config.yaml      the study's resolved config, headed by the command that re-runs it
+    STUDY/packs.json       the pack layout and threads per pack, fixed at the study's first run
+    STUDY/runs/<cell key>/ one training run directory per cell (``align.train.runs.RunDir``)
+    STUDY/results.csv ...  the report's files (``align.study.report``), written when every cell is finished
+
+Under ``torchrun`` rank 0 holds the ``StudyDir`` and the other ranks its read-only twin (``StudyDir.for_rank``):
+they read the same folder and write nothing.
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
-from typing import Any
+from typing import Any, ContextManager
 
+from align.common.config import dump_config
+from align.common.distributed import Rank
 from align.common.errors import AlignError
+from align.common.files import atomic_write_text, wait_until_visible
+from align.common.locks import exclusive
+from align.common.paths import studies_dir
+from align.study import report
+from align.study.cells import Cell
 from align.train import runs
+
+CONFIG_FILE = "config.yaml"
+PACKS_FILE = "packs.json"  # the study's pack layout and threads per pack, fixed at its first run
+RUNS_FOLDER = "runs"  # one run directory per cell, named by the cell's key
+TEMP_PATTERNS = (".*.tmp", ".*.tmp.png")  # what a killed writer of the tables, report and plots leaves
 
 
 def study_dir(cfg: Any) -> Path:
-    """The study's folder: ``study_dir`` if set, else ``<data root>/studies/<name>``."""
-    from align.common.paths import studies_dir
-
+    """The folder of a study (an ``align.study.config.CompareConfig``): ``study_dir`` if set, else
+    ``<data root>/studies/<name>``."""
     return Path(cfg.study_dir) if cfg.study_dir else studies_dir() / cfg.name
 
 
-def clear_temp_files(root: Path) -> list[Path]:
-    """Remove the temporary files a killed study left in its folder (tables, report, plots); returns them.
-    Only call it holding the study's lock: then no other process is writing them."""
-    stale = [p for pattern in (".*.tmp", ".*.tmp.png") for p in Path(root).glob(pattern)]
-    for path in stale:
-        path.unlink(missing_ok=True)
-    return stale
+class StudyDir:
+    """A study folder's bookkeeping for ``align compare``: what it holds, and every write to it but the cells'
+    (their runs write their own folders)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    @classmethod
+    def for_rank(cls, path: str | Path, job: Rank) -> StudyDir:
+        """The handle rank ``job`` holds: the writer on rank 0 (or in a single process), else the read-only twin."""
+        return cls(path) if job.is_main else ReadOnlyStudyDir(path)
+
+    @property
+    def config_path(self) -> Path:
+        return self.path / CONFIG_FILE
+
+    @property
+    def packs_path(self) -> Path:
+        return self.path / PACKS_FILE
+
+    @property
+    def runs_path(self) -> Path:
+        return self.path / RUNS_FOLDER
+
+    def lock(self) -> ContextManager[Any]:
+        """Context manager: this process is the study's only writer (AlignError naming the holder)."""
+        return exclusive(self.path, "study", "another align compare is running it; wait for it to finish or use "
+                                             "--out NEW_DIR")
+
+    def clear_temp_files(self) -> list[Path]:
+        """Remove the temporary files a killed study left in its folder (tables, report, plots); returns them.
+        Only call it holding the study's lock: then no other process is writing them."""
+        stale = [p for pattern in TEMP_PATTERNS for p in self.path.glob(pattern)]
+        for path in stale:
+            path.unlink(missing_ok=True)
+        return stale
+
+    def write_config(self, cfg: Any) -> Path:
+        """The study's resolved config (its ``CompareConfig``) as config.yaml, headed by the command that runs it
+        again."""
+        atomic_write_text(self.config_path, f"# align compare --config {self.config_path}\n" + dump_config(cfg))
+        return self.config_path
+
+    def read_pack_layout(self) -> dict[str, Any] | None:
+        """packs.json as {"threads": int, "packs": [[cell key, ...], ...]}, or None when there is none;
+        AlignError (one line) when it is damaged."""
+        if not self.packs_path.is_file():
+            return None
+        layout = runs.read_json(self.packs_path)
+        ok = isinstance(layout, dict) and isinstance(layout.get("threads"), int) and layout["threads"] >= 1 \
+            and isinstance(layout.get("packs"), list) \
+            and all(isinstance(p, list) and p and all(isinstance(k, str) for k in p) for p in layout["packs"])
+        keys = [k for p in layout["packs"] for k in p] if ok else []
+        if not ok or len(keys) != len(set(keys)):
+            raise AlignError(f"{self.packs_path} is damaged (not a pack layout): delete it to plan the packs again "
+                             "(resumed cells may then differ from an uninterrupted run in the last bits)")
+        return layout
+
+    def write_pack_layout(self, layout: dict[str, Any]) -> None:
+        """Write packs.json (atomically)."""
+        runs.write_json(self.packs_path, layout)
+
+    def run_path(self, cell: Cell) -> Path:
+        """The run directory of ``cell``."""
+        return self.runs_path / cell.key
+
+    def run(self, cell: Cell) -> runs.RunDir:
+        """The run directory of ``cell``, to read (its training writes it through its own handle)."""
+        return runs.RunDir(self.run_path(cell))
+
+    def unfinished(self, cells: list[Cell]) -> list[Cell]:
+        """The cells of ``cells`` whose runs have not written their results yet, in the order given."""
+        return [c for c in cells if not self.run(c).is_finished()]
+
+    def wait_for_results(self, cells: list[Cell]) -> None:
+        """Wait until the results of ``cells`` show here: other ranks wrote them, on a file system that may show
+        them late (AlignError naming one that never shows)."""
+        wait_until_visible([self.run(c).results_path for c in cells], "cell results")
+
+    def rows(self, cells: list[Cell]) -> list[dict[str, Any]]:
+        """One results.csv row per finished cell of ``cells``, in their order (deterministic: no timings)."""
+        return [result_row(c, run.read_results()) for c in cells if (run := self.run(c)).is_finished()]
+
+    def write_report(self, cfg: Any, rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+        """results.csv, the tables, plots and report.md of ``rows`` (``align.study.report``) → what was computed."""
+        return report.write_report(self.path, cfg, rows, self.runs_path)
 
 
-PACKS_FILE = "packs.json"  # the study's pack layout and threads per pack, fixed at its first run
+class ReadOnlyStudyDir(StudyDir):
+    """A study folder as the ranks other than 0 of a torchrun job see it: they read what rank 0 wrote (the cells'
+    results) and write nothing, not even its lock."""
 
+    def lock(self) -> ContextManager[Any]:
+        return contextlib.nullcontext()
 
-def read_pack_layout(root: Path) -> dict[str, Any] | None:
-    """ROOT/packs.json as {"threads": int, "packs": [[cell key, ...], ...]}, or None when there is none;
-    AlignError (one line) when it is damaged."""
-    path = Path(root) / PACKS_FILE
-    if not path.is_file():
+    def clear_temp_files(self) -> list[Path]:
+        return []
+
+    def write_config(self, cfg: Any) -> Path:
+        return self.config_path
+
+    def write_pack_layout(self, layout: dict[str, Any]) -> None:
+        pass
+
+    def write_report(self, cfg: Any, rows: list[dict[str, Any]]) -> dict[str, Any] | None:
         return None
-    layout = runs.read_json(path)
-    ok = isinstance(layout, dict) and isinstance(layout.get("threads"), int) and layout["threads"] >= 1 \
-        and isinstance(layout.get("packs"), list) \
-        and all(isinstance(p, list) and p and all(isinstance(k, str) for k in p) for p in layout["packs"])
-    keys = [k for p in layout["packs"] for k in p] if ok else []
-    if not ok or len(keys) != len(set(keys)):
-        raise AlignError(f"{path} is damaged (not a pack layout): delete it to plan the packs again (resumed cells "
-                         "may then differ from an uninterrupted run in the last bits)")
-    return layout
 
 
-def write_pack_layout(root: Path, layout: dict[str, Any]) -> None:
-    """Write ROOT/packs.json (atomically)."""
-    runs.write_json(Path(root) / PACKS_FILE, layout)
-
-
-def write_study_config(root: Path, cfg: Any) -> Path:
-    """The study's resolved config (an ``align.compare.CompareConfig``) as ROOT/config.yaml, headed by its command."""
-    from align.common.config import dump_config
-
-    path = Path(root) / "config.yaml"
-    runs.atomic_write_text(path, f"# align compare --config {path}\n" + dump_config(cfg))
-    return path
+def result_row(cell: Cell, results: dict[str, Any]) -> dict[str, Any]:
+    """Flatten one run's results.json into a results.csv row (method-axis values, if any, after ρ)."""
+    row: dict[str, Any] = {"run": cell.key, "optimizer": cell.optimizer, "lr": cell.lr, "rho": cell.rho,
+                           **dict(cell.method), "seed": cell.seed,
+                           "status": "ok" if results.get("status") == "done" else "diverged",
+                           "diverged_at": results.get("diverged_at"), "steps_done": results.get("steps_done"),
+                           "best_step": results.get("best_step")}
+    for prefix in ("best_test", "final_test", "best_val", "max_val"):
+        for key, value in (results.get(prefix) or {}).items():
+            row[f"{prefix}_{key}"] = value
+    row["loss_at_step"] = results.get("loss_at_step")
+    row["final_loss"] = results.get("final_loss")
+    for key, value in ((results.get("sharpness") or {}).get("best") or {}).items():
+        row[f"sharpness_{key}"] = value
+    return row

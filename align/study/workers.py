@@ -3,22 +3,38 @@ reported back by step, and workers that die with the study's main process.
 """
 from __future__ import annotations
 
+import multiprocessing as mp
 import os
+import queue
+import threading
+import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from align.common.progress import Bar
 from align.train.config import TrainConfig
+from align.train.loop import train_pack
+
+
+@dataclass(frozen=True)
+class PackJob:
+    """One pack as a worker trains it: its cells' training configs (as JSON, to cross into a worker process),
+    their run folders, and how many of its cells are left to train (a finished one keeps its slot, idle)."""
+
+    configs: list[dict[str, Any]]
+    run_dirs: list[str]
+    left: int
 
 
 def _run_pack(cfg_jsons: list[dict[str, Any]], run_dirs: list[str], threads: int, pack_id: int = 0,
               steps_done: Any = None) -> list[dict[str, Any]]:
     """Train one pack of cells (in a worker process): resumes started runs, returns finished ones' results.
     ``steps_done.put((pack_id, k))`` after every step of k heads (a queue back to the study's progress bar)."""
-    import torch
-
     torch.set_num_threads(threads)
-    from align.train.loop import train_pack
-
     cfgs = [TrainConfig.model_validate(c) for c in cfg_jsons]
     steps_done = steps_done if steps_done is not None else _WORKER_STEPS_DONE
     on_step = None if steps_done is None else (lambda k: steps_done.put((pack_id, k)))
@@ -43,23 +59,19 @@ class _PackProgress:
         self.bar.set(self.start + sum(self.credited))
 
 
-def _run_packs(jobs: list[tuple[list, list]], workers: int, threads: int, progress: _PackProgress) -> None:
+def _run_packs(jobs: list[PackJob], workers: int, threads: int, progress: _PackProgress) -> None:
     """Every pack, ``workers`` at a time (in worker processes when more than one); a failed pack (disk full, ...)
     stops the study: queued packs never start."""
     if workers == 1:
         for pack_id, job in enumerate(jobs):
-            _run_pack(*job, threads, pack_id, progress)
+            _run_pack(job.configs, job.run_dirs, threads, pack_id, progress)
             progress.finish(pack_id)
         return
-    import multiprocessing as mp
-    import queue
-    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-
     context = mp.get_context("spawn")
     steps_done = context.Queue()  # handed over at each worker's start (a queue cannot travel with a task)
     with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker,
                              initargs=(os.getpid(), steps_done)) as pool:
-        futures = {pool.submit(_run_pack, *job, threads, i): i for i, job in enumerate(jobs)}
+        futures = {pool.submit(_run_pack, job.configs, job.run_dirs, threads, i): i for i, job in enumerate(jobs)}
         pending = set(futures)
         try:
             while pending:
@@ -90,9 +102,6 @@ def _start_worker(parent: int, steps_done: Any) -> None:
 def _exit_with_parent(parent: int, poll_s: float = 0.5) -> None:
     """In a worker: end this process as soon as the study's main process is gone (killed, even by kill -9), so
     orphaned workers never go on training cells. A daemon thread polls the parent's PID."""
-    import threading
-    import time
-
     def watch() -> None:
         while os.getppid() == parent:
             time.sleep(poll_s)
@@ -101,12 +110,8 @@ def _exit_with_parent(parent: int, poll_s: float = 0.5) -> None:
     threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
-def _train_packs(jobs: list[tuple[list[dict[str, Any]], list[str]]], sizes: list[int], workers: int, threads: int,
-                 steps: int, total: int, done: int, title: str, progress: bool) -> None:
-    """Train the packs ``jobs`` (see ``_run_packs``; ``sizes``: the cells each has left) under a bar of ``total``
-    cells, ``done`` of them finished."""
-    from align.common.progress import progress_bar
-
-    with progress_bar(total, title, enabled=progress) as bar:
-        bar.advance(done)
-        _run_packs(jobs, workers, threads, _PackProgress(bar, steps, sizes, start=done))
+def train_packs(jobs: list[PackJob], workers: int, threads: int, steps: int, bar: Bar, done: int) -> None:
+    """Train the packs ``jobs`` (see ``_run_packs``) of ``steps`` steps, moving ``bar`` (in cells, ``done`` of them
+    finished before) with their steps."""
+    bar.advance(done)
+    _run_packs(jobs, workers, threads, _PackProgress(bar, steps, [job.left for job in jobs], start=done))
