@@ -34,7 +34,7 @@ def trainer_for(overrides: list[str], optimizer: str, eta: float | None, out: Pa
     from align.study.config import Cell, CompareConfig, cell_config
     from align.common.config import load_config
     from align.common.config_files import packaged_config
-    from align.train.runs import RunDir
+    from align.train.run_dir import RunDir
     from align.train.loop import Trainer
     from align.train.run_data import prepare_data
 

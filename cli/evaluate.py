@@ -9,7 +9,7 @@ from rich.table import Table
 
 from align.cli.common import console, err_console, user_errors
 from align.common.errors import AlignError
-from align.common.files import require_file_path
+from align.common.files import require_file_path, write_json
 
 
 def print_eval(result: dict[str, Any]) -> None:
@@ -48,7 +48,6 @@ def register(app: typer.Typer) -> None:
         trained head (confusion matrix PNG under RUN/eval/), or of raw embeddings (--cache)."""
         from align.cache.store import find_cache  # loads torch: not for --help
         from align.eval.evaluate import evaluate_cache, evaluate_run
-        from align.train.runs import write_json
 
         if run_dir is None and cache is None:
             raise AlignError("give either a RUN_DIR or --cache KEY_OR_PATH (both: the run's heads on that cache)")

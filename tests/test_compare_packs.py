@@ -109,14 +109,13 @@ def _head_bytes_for(cfg, eval_rows: int) -> int:
 def no_split_loads(monkeypatch):
     """Make every way of reading a cache's arrays fail: the planning path must get by on manifests."""
     import align.cache.read as read
-    import align.study.packing as packing
     import align.train.run_data as run_data
 
     def refuse(*args, **kwargs):
         raise AssertionError("a split's arrays were read while planning")
 
     for owner, name in ((read, "load_cache_dir"), (read, "load_cached_split"), (read, "_open_array"),
-                        (packing, "load_cached_split"), (run_data, "load_data"), (run_data, "prepare_data")):
+                        (run_data, "load_cached_split"), (run_data, "load_data"), (run_data, "prepare_data")):
         monkeypatch.setattr(owner, name, refuse)
 
 
@@ -157,6 +156,29 @@ def test_held_out_validation_is_sized_at_the_training_splits_mean_captions(study
         pack_limit(cfg, "auto", per_head - 1, workers=1)
 
 
+@pytest.mark.parametrize("override, line", [
+    ("eval.knn_k=500", "eval.knn_k=500 needs more than 500 images but the validation split has 128"),
+    ("image_dim=7", "image_dim=7 in the config but the cached synthetic embeddings have image dimension 32"),
+    ("eval.holdout_images=512", "eval.holdout_images=512 must be between 1 and the 511 training images"),
+])
+def test_splits_that_do_not_fit_their_roles_are_refused_while_planning(study_file, tmp_path, no_split_loads,
+                                                                          override, line):
+    """The parent checks the splits' roles from the manifests before a pack layout is written, with the line a
+    run's own loading gives (SIZES: 512 training and 128 validation images, 32-d image embeddings)."""
+    from align.common.config import load_config
+    from align.common.errors import AlignError
+    from align.study.config import CompareConfig, grid_cells
+    from align.study.packing import pack_layout
+    from align.study.studies import StudyDir
+
+    cfg = load_config(CompareConfig, study_file, [override])
+    study = StudyDir(tmp_path / "study")
+    with pytest.raises(AlignError) as refused:
+        pack_layout(cfg, study, grid_cells(cfg.grid), "auto", 1 << 30)
+    assert str(refused.value).startswith(line), str(refused.value)
+    assert not study.packs_path.exists()
+
+
 def test_a_missing_cache_is_the_loaders_one_line_when_sizing_a_head(study_file, tmp_path):
     from align.common.config import load_config
     from align.common.errors import AlignError
@@ -174,9 +196,9 @@ KILLER = textwrap.dedent("""
     import os, signal
     target = os.environ.get("ALIGN_TEST_KILL_AT")
     if target:
-        import align.train.runs as runs
+        import align.train.run_dir as run_dir
         run_name, step = target.rsplit(":", 1)
-        original = runs.append_metrics
+        original = run_dir.append_metrics
 
         def append_then_maybe_kill(run, record):
             original(run, record)
@@ -185,7 +207,7 @@ KILLER = textwrap.dedent("""
                 os.kill(os.getppid(), signal.SIGKILL)  # the study's main process: no cleanup at all
                 os._exit(1)
 
-        runs.append_metrics = append_then_maybe_kill
+        run_dir.append_metrics = append_then_maybe_kill
 """)
 
 

@@ -228,15 +228,15 @@ KILLER = textwrap.dedent("""
 
             cache_work.save_text = write_then_maybe_die
         else:  # "step": right after a cell logs this training step
-            import align.train.runs as runs
-            original = runs.append_metrics
+            import align.train.run_dir as run_dir
+            original = run_dir.append_metrics
 
             def append_then_maybe_die(run, record):
                 original(run, record)
                 if record.get("kind") == "train" and record["step"] == int(arg):
                     os.kill(os.getpid(), signal.SIGKILL)
 
-            runs.append_metrics = append_then_maybe_die
+            run_dir.append_metrics = append_then_maybe_die
 """)
 
 

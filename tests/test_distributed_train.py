@@ -358,7 +358,7 @@ def test_the_new_keys_at_their_defaults_leave_a_runs_config_hash_as_it_was(tmp_p
 def test_ranks_other_than_0_hold_a_read_only_twin_of_the_run_directory(tmp_path):
     """The twin reads what rank 0 wrote and writes nothing, not even the folder."""
     from align.common.distributed import Rank
-    from align.train.runs import ReadOnlyRunDir, RunDir
+    from align.train.run_dir import ReadOnlyRunDir, RunDir
 
     main, other = RunDir.for_rank(tmp_path / "run", Rank(0, 2)), RunDir.for_rank(tmp_path / "run", Rank(1, 2))
     assert type(main) is RunDir and type(other) is ReadOnlyRunDir

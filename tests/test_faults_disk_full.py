@@ -11,7 +11,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from align.train import runs
+from align.train import run_dir
 from align.cli.main import app
 from faults import FullDisk, assert_same_run, files_under, one_error_line, same_bytes, temp_files
 from helpers import make_cache, train_config
@@ -81,8 +81,8 @@ def test_train_on_a_full_disk_is_one_line_then_resumes_byte_identical(case, setu
     if (run / "metrics.jsonl").exists():  # whole lines only: the failed append was cut off again
         assert (run / "metrics.jsonl").read_bytes().endswith(b"\n")
         [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    for step in runs.list_checkpoints(run):  # every checkpoint that counts is whole
-        runs.load_checkpoint(run, step)
+    for step in run_dir.list_checkpoints(run):  # every checkpoint that counts is whole
+        run_dir.load_checkpoint(run, step)
 
     again = train(setup, run, "--resume")
     assert again.exit_code == 0, again.output

@@ -52,7 +52,7 @@ ROLES = {
              "align.data.backend_offline", "align.data.synthetic", "align.data.mnist",
              "align.data.hub", "align.cache.key", "align.cache.read", "align.cache.work", "align.cache.encode",
              "align.cache.write", "align.cache.store",
-             "align.train.runs", "align.eval.plots", "align.study.studies", "align.study.report",
+             "align.train.run_dir", "align.eval.plots", "align.study.studies", "align.study.report",
              "align.study.plots", "align.toy.plots"},
     "common": {"align.common.errors", "align.common.config", "align.common.paths", "align.common.device",
                "align.common.progress", "align.common.distributed", "align.common.files", "align.common.locks",
@@ -99,7 +99,7 @@ def package_of(module: str) -> str:
 
 
 def imports(path: Path) -> list[tuple[str, bool]]:
-    """(module, at module level?) for every import in a file; `from align.train import runs` counts as align.train.runs."""
+    """(module, at module level?) for every import in a file; `from align.train import runs` counts as align.train.run_dir."""
     tree = ast.parse(path.read_text())
     top_level = {id(node) for node in tree.body}
     found = []
@@ -260,11 +260,11 @@ def test_the_checks_catch_planted_violations(tmp_path):
     planted.write_text(
         "import numpy as np\nimport torch\n"
         "def f(path, x):\n"
-        "    from align.train import runs\n"
+        "    from align.train import run_dir\n"
         "    from align.train.loop import train\n"
         "    torch.save(x, path)\n    np.save(path, x)\n    path.write_bytes(b'')\n"
         "    with path.open('w') as fh:\n        fh.write('x')\n    json.dump(x, fh)\n    print(x)\n"
         "    return x.sum()\n")
     calls = [c.split(": ")[1] for c in io_calls(planted)]
     assert calls == ["torch.save", "np.save", "path.write_bytes", "path.open", "fh.write", "json.dump", "print"]
-    assert {m for m, at_top in imports(planted) if not at_top} == {"align.train.runs", "align.train.loop"}
+    assert {m for m, at_top in imports(planted) if not at_top} == {"align.train.run_dir", "align.train.loop"}

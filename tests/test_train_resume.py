@@ -15,7 +15,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from align.train import checkpoint, runs
+from align.train import checkpoint, run_dir
 from align.common.config import dump_config, validate
 from helpers import make_cache, train_config
 
@@ -75,39 +75,39 @@ def test_optimizer_state_round_trips_through_safetensors_and_json(name, tmp_path
 def test_torn_or_damaged_checkpoint_falls_back_to_the_previous_one(tmp_path):
     run = tmp_path / "run"
     for step in (10, 20):
-        runs.save_checkpoint(run, step, {"w": torch.full((3,), float(step))}, {"note": step}, keep=3)
-    tensors, meta = runs.latest_checkpoint(run)
+        run_dir.save_checkpoint(run, step, {"w": torch.full((3,), float(step))}, {"note": step}, keep=3)
+    tensors, meta = run_dir.latest_checkpoint(run)
     assert meta["step"] == 20 and torch.equal(tensors["w"], torch.full((3,), 20.0))
     # Killed between the two writes of step 30: a new tensor file without its JSON is ignored.
     (run / "checkpoints" / "step-0000030.safetensors").write_bytes(b"partial")
-    assert runs.latest_checkpoint(run)[1]["step"] == 20
+    assert run_dir.latest_checkpoint(run)[1]["step"] == 20
     # A tensor file that no longer matches its JSON's hash is skipped, never loaded.
     (run / "checkpoints" / "step-0000020.safetensors").write_bytes(
         (run / "checkpoints" / "step-0000010.safetensors").read_bytes())
-    assert runs.latest_checkpoint(run)[1]["step"] == 10
+    assert run_dir.latest_checkpoint(run)[1]["step"] == 10
     # Only the newest `keep` complete checkpoints stay.
     for step in (40, 50, 60):
-        runs.save_checkpoint(run, step, {"w": torch.zeros(1)}, {}, keep=2)
-    assert runs.list_checkpoints(run) == [50, 60]
+        run_dir.save_checkpoint(run, step, {"w": torch.zeros(1)}, {}, keep=2)
+    assert run_dir.list_checkpoints(run) == [50, 60]
 
 
 KILL_SCRIPT = textwrap.dedent("""
     import os, signal, sys
-    from align.train import runs
+    from align.train import run_dir
     from align.common.config import load_config
     from align.train.config import TrainConfig
     from align.train.loop import train
 
-    cfg_path, run_dir, kill_at = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    original = runs.append_metrics
+    cfg_path, out, kill_at = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    original = run_dir.append_metrics
 
     def append_then_maybe_die(run, record):
         original(run, record)
         if record.get("kind") == "train" and record["step"] == kill_at:
             os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no atexit: like a power cut
 
-    runs.append_metrics = append_then_maybe_die
-    train(load_config(TrainConfig, cfg_path), run_dir, progress=False)
+    run_dir.append_metrics = append_then_maybe_die
+    train(load_config(TrainConfig, cfg_path), out, progress=False)
 """)
 
 
@@ -134,7 +134,7 @@ def test_sigkill_mid_run_then_resume_reaches_bit_identical_weights(name, tmp_pat
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     assert not (killed / "results.json").exists()
-    assert runs.list_checkpoints(killed) == [25, 50]  # killed 13 steps after the last checkpoint
+    assert run_dir.list_checkpoints(killed) == [25, 50]  # killed 13 steps after the last checkpoint
 
     result = CliRunner().invoke(app, ["train", "--config", str(killed / "config.yaml"), "--resume", "--no-progress"])
     assert result.exit_code == 0, result.output
@@ -207,7 +207,7 @@ def test_a_pack_resumes_every_run_at_the_newest_step_they_all_have_a_checkpoint_
         shutil.copytree(a, b)
     for run, last in ((cut[1], 40), (cut[2], 30)):
         (run / "results.json").unlink()
-        for step in runs.list_checkpoints(run):
+        for step in run_dir.list_checkpoints(run):
             if step > last:
                 for suffix in (".json", ".safetensors"):
                     (run / "checkpoints" / f"step-{step:07d}{suffix}").unlink()
@@ -236,18 +236,18 @@ def test_a_pack_prunes_old_checkpoints_only_once_every_run_has_written_the_new_o
                                                schedule={"steps": 30}, checkpoint_every=10, keep_checkpoints=1,
                                                eval={"every": 10, "sharpness": False})) for seed in (0, 1)]
     seen: list[tuple[str, list[int]]] = []
-    original = runs.save_checkpoint
+    original = run_dir.save_checkpoint
 
-    def save_and_look(run_dir, step, tensors, meta, keep=2):
-        path = original(run_dir, step, tensors, meta, keep=keep)
-        if step == 20 and Path(run_dir).name == "r0":  # r0 has written step 20, r1 not yet: what a kill leaves
-            seen.extend((name, runs.list_checkpoints(tmp_path / name)) for name in ("r0", "r1"))
+    def save_and_look(folder, step, tensors, meta, keep=2):
+        path = original(folder, step, tensors, meta, keep=keep)
+        if step == 20 and Path(folder).name == "r0":  # r0 has written step 20, r1 not yet: what a kill leaves
+            seen.extend((name, run_dir.list_checkpoints(tmp_path / name)) for name in ("r0", "r1"))
         return path
 
-    monkeypatch.setattr(runs, "save_checkpoint", save_and_look)
+    monkeypatch.setattr(run_dir, "save_checkpoint", save_and_look)
     train_pack(cfgs, [tmp_path / "r0", tmp_path / "r1"], progress=False)
     assert seen == [("r0", [10, 20]), ("r1", [10])]  # step 10 is common to both
-    assert runs.list_checkpoints(tmp_path / "r0") == [30]
+    assert run_dir.list_checkpoints(tmp_path / "r0") == [30]
 
 
 def test_a_checkpoint_holds_the_run_under_named_prefixes_and_decodes_to_it(tmp_path):
@@ -263,7 +263,7 @@ def test_a_checkpoint_holds_the_run_under_named_prefixes_and_decodes_to_it(tmp_p
                                              schedule={"steps": 20}, checkpoint_every=10,
                                              eval={"every": 10, "sharpness": False}))
     train(cfg, tmp_path / "run", progress=False)
-    tensors, meta = runs.load_checkpoint(tmp_path / "run", 20)
+    tensors, meta = run_dir.load_checkpoint(tmp_path / "run", 20)
     head = ["image_head.weight", "image_head.bias", "text_head.weight", "text_head.bias", "log_scale"]
     optim = [k for k in tensors if k.startswith("optim.")]
     assert sorted(tensors) == sorted([f"model.{k}" for k in head] + [f"best.{k}" for k in head] + ["rng.cpu"] + optim)

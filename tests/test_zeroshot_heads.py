@@ -72,7 +72,7 @@ def test_training_validates_and_tests_zero_shot_like_evaluate_head(tmp_path):
     """select=zeroshot_top1: the best head is picked by the pack's validation zero-shot, which must equal
     evaluate_head's of the saved best head; the test confusion matrix adds up to its top-1."""
     from align.train.heads import build_model
-    from align.train.runs import RunDir
+    from align.train.run_dir import RunDir
     from align.train.run_data import RunData
     from align.train.loop import train_pack
     from align.train.config import TrainConfig

@@ -313,8 +313,9 @@ def _read_verified(path: Path) -> tuple[dict[str, Any], int]:
         return {}, 0
 
 
-def load_cached_split(cfg: EmbedConfig, split: str) -> PairedEmbeddings:
-    """The cached embeddings of ``split`` in float32 (checked first); AlignError naming what to do otherwise."""
+def split_manifest(cfg: EmbedConfig, split: str) -> dict[str, Any]:
+    """The manifest of ``split``'s cache, its structure checked and no array read (what a plan needs: counts,
+    dims, classes); AlignError naming what to do when the cache is missing, unfinished or damaged."""
     path = cache_path(cfg, split)
     if not (path / MANIFEST).exists():
         if (path / WORK).is_dir():
@@ -322,7 +323,13 @@ def load_cached_split(cfg: EmbedConfig, split: str) -> PairedEmbeddings:
                              f"--config FILE` with this config again to resume it")
         raise AlignError(f"no cached embeddings for split {split!r} (key {path.name} under {cfg.cache_root}): "
                          f"run `align embed --config FILE` with this config first")
-    return load_cache_dir(path)
+    return manifest_of(path)
+
+
+def load_cached_split(cfg: EmbedConfig, split: str) -> PairedEmbeddings:
+    """The cached embeddings of ``split`` in float32 (checked first); AlignError naming what to do otherwise."""
+    split_manifest(cfg, split)
+    return load_cache_dir(cache_path(cfg, split))
 
 
 def load_cache_dir(path: str | Path) -> PairedEmbeddings:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import math
 import os
 import shutil
@@ -129,3 +130,27 @@ def wait_until_visible(paths: list[Path], what: str, timeout_s: float = 180.0, p
                 os.listdir(folder)
             except OSError:
                 pass
+
+
+def json_text(obj: Any, indent: int | None = 2) -> str:
+    """``obj`` as strict JSON (``json_safe`` first; NaN and inf refused): what every JSON file of align holds."""
+    return json.dumps(json_safe(obj), indent=indent, allow_nan=False)
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    """``obj`` as an indented JSON file, written atomically."""
+    atomic_write_text(path, json_text(obj) + "\n")
+
+
+def read_json(path: str | Path) -> Any:
+    """The JSON value in ``path``; AlignError (one line) if it is missing, unreadable, not UTF-8 or not JSON."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise AlignError(f"{path} not found") from None
+    except UnicodeDecodeError as exc:
+        raise AlignError(f"{path} is not UTF-8 text (byte {exc.start}); the file is damaged") from None
+    except json.JSONDecodeError as exc:
+        raise AlignError(f"{path} is not valid JSON ({exc.msg}); the file is damaged") from None
+    except OSError as exc:
+        raise AlignError(f"cannot read {path}: {exc.strerror}") from None

@@ -28,7 +28,7 @@ from align.train.config import TrainConfig
 from align.train.heads import build_model
 from align.train.memory import check_head_fits
 from align.train.run_data import load_data, resolve_dims
-from align.train.runs import RunDir
+from align.train.run_dir import RunDir
 
 
 def evaluate_run(run_dir: Path, split: str = "test", checkpoint: str = "best", device: str | None = None,

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from align.common.figures import _pyplot, _save
+from align.common.figures import pyplot, save_figure
 
 
 def _confusion_axes(ax: Any, confusion: np.ndarray, classes: list[str], title: str) -> Any:
@@ -31,19 +31,19 @@ def _confusion_axes(ax: Any, confusion: np.ndarray, classes: list[str], title: s
 
 def confusion_figure(path: Path, confusion: Any, classes: list[str], title: str) -> Path:
     """A zero-shot confusion matrix (C, C) as a PNG: share of each true class (row) per prediction."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.2, 4.6), layout="constrained")
     im = _confusion_axes(ax, np.asarray(confusion), classes, title)
     fig.colorbar(im, ax=ax, shrink=0.85, label="share of the true class")
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    out = _save(fig, Path(path))
+    out = save_figure(fig, Path(path))
     plt.close(fig)
     return out
 
 
 def confusion_grid(path: Path, panels: dict[str, Any], classes: list[str], title: str, per_row: int = 3) -> Path:
     """Several confusion matrices side by side ({panel title: (C, C) counts}), e.g. one per optimizer."""
-    plt = _pyplot()
+    plt = pyplot()
     ncols = max(1, min(per_row, len(panels)))
     nrows = -(-len(panels) // ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(3.9 * ncols, 3.7 * nrows), squeeze=False, layout="constrained")
@@ -56,7 +56,7 @@ def confusion_grid(path: Path, panels: dict[str, Any], classes: list[str], title
         fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.85, label="share of the true class")
     fig.suptitle(title)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    out = _save(fig, Path(path))
+    out = save_figure(fig, Path(path))
     plt.close(fig)
     return out
 
@@ -66,7 +66,7 @@ def gallery_figure(path: Path, queries: list[dict[str, Any]], title: str) -> Pat
 
     ``queries``: [{"text": caption, "hits": [{"image": PIL image, "score": float, "own": bool, "label": str}]}];
     a green frame marks the query's own image, a blue one an image of the same class (labelled sets)."""
-    plt = _pyplot()
+    plt = pyplot()
     k = max(len(q["hits"]) for q in queries)
     fig, axes = plt.subplots(len(queries), k, figsize=(2.0 * k, 2.35 * len(queries)), squeeze=False,
                              layout="constrained")
@@ -86,6 +86,6 @@ def gallery_figure(path: Path, queries: list[dict[str, Any]], title: str) -> Pat
         row[0].set_ylabel(textwrap.fill(text, 26), fontsize=8, rotation=0, ha="right", va="center", labelpad=8)
     fig.suptitle(title, fontsize=10)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    out = _save(fig, Path(path))
+    out = save_figure(fig, Path(path))
     plt.close(fig)
     return out

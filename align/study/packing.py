@@ -7,12 +7,9 @@ from __future__ import annotations
 import math
 import os
 import re
-from typing import Any
 
 import torch
 
-from align.cache.key import EmbedConfig, cache_path
-from align.cache.read import load_cached_split, manifest_of, read_manifest
 from align.common.config import shorten
 from align.common.device import available_memory, pick_device
 from align.common.distributed import local_world_size
@@ -20,8 +17,8 @@ from align.common.errors import AlignError
 from align.optim import optimizer_info
 from align.study.config import Cell, CompareConfig, grid_cells
 from align.study.studies import StudyDir
-from align.train.config import TrainConfig
 from align.train.memory import OptimizerMemory, head_memory
+from align.train.run_data import planned_roles
 
 
 def resolve_workers(cfg: CompareConfig) -> int:
@@ -77,40 +74,13 @@ def pack_limit(cfg: CompareConfig, pack: int | str, memory_budget: str | int | N
     check_pack(pack)
     budget = parse_memory(memory_budget) if memory_budget is not None else default_memory_budget(cfg.device)
     share = budget // max(1, workers)
-    image_dim, text_dim, eval_rows = cached_sizes(cfg)
-    sized = cfg.model_copy(update={"image_dim": image_dim, "text_dim": text_dim})
+    sized, eval_rows = planned_roles(cfg)  # the splits checked in their roles from the manifests: nothing loaded
     per_head = head_memory(sized, eval_rows, OptimizerMemory(metric=bool(cfg.optim.metric_beta))).bytes
     if per_head > share:
         raise AlignError(f"a memory budget of {share / 2 ** 20:.0f} MiB per worker cannot hold one head "
                          f"({per_head / 2 ** 20:.1f} MiB): raise --memory-budget or use fewer --workers")
     fit = share // per_head
     return int(fit if pack == "auto" else min(pack, fit))
-
-
-def cached_sizes(cfg: TrainConfig) -> tuple[int, int, int]:
-    """(image dim, text dim, validation rows: images and captions) of the runs ``cfg`` describes, read from the
-    manifests of its caches: no split is loaded (the runs' own training loads and checks them, and refuses a
-    config whose splits do not fit their roles; a validation split that is not embedded counts 0 rows here).
-    Validation on held-out training images counts their captions at the training split's mean per image."""
-    train = _split_manifest(cfg.data, "train")
-    holdout = cfg.eval.holdout_images
-    if holdout:
-        counts = train["counts"]
-        rows = holdout + math.ceil(holdout * counts["captions"] / max(1, counts["images"]))
-    elif cfg.eval.split in cfg.data.splits:
-        counts = _split_manifest(cfg.data, cfg.eval.split)["counts"]
-        rows = counts["images"] + counts["captions"]
-    else:
-        rows = 0
-    return train["dims"]["image"], train["dims"]["text"], rows
-
-
-def _split_manifest(data: EmbedConfig, split: str) -> dict[str, Any]:
-    """The manifest of ``split``'s cache (its files are not read)."""
-    path = cache_path(data, split)
-    if read_manifest(path) is None:  # missing, unfinished or damaged: the verified load's one line says which and
-        load_cached_split(data, split)  # what to do, and raises before it reads any array
-    return manifest_of(path)
 
 
 PACK_SHARE = 3  # packs per worker a study is cut into at least, so that the workers finish together

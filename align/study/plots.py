@@ -7,10 +7,10 @@ from typing import Any
 
 import numpy as np
 
-from align.common.figures import _pyplot, _save
+from align.common.figures import pyplot, save_figure
 from align.optim.registry import OPTIMIZERS
 from align.study.stats import SCORE, SCORES, config_key
-from align.train import runs
+from align.train import run_dir
 
 
 def _label(name: str) -> str:
@@ -39,7 +39,7 @@ def _panels(rows: list[dict[str, Any]]) -> dict[tuple, list[dict[str, Any]]]:
 def heatmaps(rows: list[dict[str, Any]], column: str, title: str, path: Path, per_row: int = 6) -> Path:
     """One panel per optimizer (and method-axis value): seed-mean ``column`` over lr (rows) × ρ (columns);
     ✕ marks diverged seeds. At most ``per_row`` panels side by side."""
-    plt = _pyplot()
+    plt = pyplot()
     panels = _panels(rows)
     ncols = max(1, min(per_row, len(panels)))
     nrows = -(-len(panels) // ncols)
@@ -73,7 +73,7 @@ def heatmaps(rows: list[dict[str, Any]], column: str, title: str, path: Path, pe
         ax.set_title(_label(name) + "".join(f"  {a} {v:g}" for a, v in panel[1:]))
     fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.9, pad=0.01)
     fig.suptitle(title)
-    out = _save(fig, path)
+    out = save_figure(fig, path)
     plt.close(fig)
     return out
 
@@ -81,12 +81,12 @@ def heatmaps(rows: list[dict[str, Any]], column: str, title: str, path: Path, pe
 def training_curves(run_root: Path, best: dict[str, tuple], rows: list[dict[str, Any]], path: Path,
                     score: str = SCORE) -> Path:
     """Training loss and the validation ``score`` over steps for each optimizer's best configuration (all seeds)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, (ax_loss, ax_val) = plt.subplots(1, 2, figsize=(11, 4))
     for name, key in best.items():
         color = _color(name)
         for i, r in enumerate(r for r in rows if config_key(r) == key):
-            records = runs.read_metrics(run_root / r["run"])
+            records = run_dir.read_metrics(run_root / r["run"])
             train = [m for m in records if m.get("kind") == "train"]
             val = [m for m in records if m.get("kind") == "val"]
             label = _label(name) if i == 0 else None
@@ -106,14 +106,14 @@ def training_curves(run_root: Path, best: dict[str, tuple], rows: list[dict[str,
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle("best configuration of each optimizer")
-    out = _save(fig, path)
+    out = save_figure(fig, path)
     plt.close(fig)
     return out
 
 
 def bar_chart(summary: list[dict[str, Any]], path: Path, score: str = SCORE) -> Path:
     """The test ``score`` and mutual-k-NN of each optimizer's best configuration, mean ± std over seeds."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     names = [s["optimizer"] for s in summary]
     x = np.arange(len(names))
@@ -130,7 +130,7 @@ def bar_chart(summary: list[dict[str, Any]], path: Path, score: str = SCORE) -> 
         ax.set_ylabel(label)
         ax.grid(axis="y", alpha=0.3)
     fig.suptitle("best configuration per optimizer (error bars: std over seeds)")
-    out = _save(fig, path)
+    out = save_figure(fig, path)
     plt.close(fig)
     return out
 
@@ -144,7 +144,7 @@ def sharpness_scatter(rows: list[dict[str, Any]], path: Path, score: str = SCORE
         column = next((c for c in rows[0] if c.startswith("sharpness_")), None) if rows else None
     if column is None:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for name in dict.fromkeys(r["optimizer"] for r in rows):
         rs = [r for r in rows if r["optimizer"] == name and r["status"] == "ok"]
@@ -155,7 +155,7 @@ def sharpness_scatter(rows: list[dict[str, Any]], path: Path, score: str = SCORE
            title=f"flatness vs {SCORES.get(score, score)} (finished runs)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    out = _save(fig, path)
+    out = save_figure(fig, path)
     plt.close(fig)
     return out
 

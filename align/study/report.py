@@ -11,12 +11,13 @@ from typing import Any, Callable
 
 import numpy as np
 
+from align.common.files import atomic_write_text
 from align.common.paths import studies_dir
 from align.eval.plots import confusion_grid
 from align.optim import default_hparams
 from align.study import plots
 from align.study import stats as study_stats
-from align.train import runs
+from align.train import run_dir
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
@@ -47,7 +48,7 @@ def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     writer.writeheader()
     for r in rows:
         writer.writerow({k: "" if r.get(k) is None else r.get(k) for k in columns})
-    runs.atomic_write_text(path, buf.getvalue())
+    atomic_write_text(path, buf.getvalue())
 
 
 AXIS_LABELS = {"eta": "η", "alpha": "α", "metric_beta": "β"}  # the grid's method axes as the tables name them
@@ -304,7 +305,7 @@ def write_report(root: Path, cfg: Any, rows: list[dict[str, Any]], run_root: Pat
         md += [f"### {title}", "", f"![{title}]({path.name})", ""]
     md += ["## Files", "", "`results.csv` (a row per run), `summary.csv`, `robustness.csv`, `table3.csv`, "
            "`runs/<run>/` (config.yaml to re-run, metrics.jsonl, checkpoints, results.json).", ""]
-    runs.atomic_write_text(root / "report.md", "\n".join(md))
+    atomic_write_text(root / "report.md", "\n".join(md))
     return {"summary": summ, "robustness": rob, "table3": t3, "figures": figures}
 
 
@@ -318,7 +319,7 @@ def _confusion_figure(root: Path, run_root: Path, rows: list[dict[str, Any]],
         for r in rows:
             if study_stats.config_key(r) != key:
                 continue
-            record = (runs.read_results(run_root / r["run"]) or {}).get("zeroshot")
+            record = (run_dir.read_results(run_root / r["run"]) or {}).get("zeroshot")
             if record:
                 classes = record["classes"]
                 panels[name] = panels.get(name, 0) + np.asarray(record["confusion"])

@@ -5,7 +5,7 @@ Layout of a study folder::
     STUDY/.lock            held by the one process that writes the study (``align compare``)
     STUDY/config.yaml      the study's resolved config, headed by the command that re-runs it
     STUDY/packs.json       the pack layout and threads per pack, fixed at the study's first run
-    STUDY/runs/<cell key>/ one training run directory per cell (``align.train.runs.RunDir``)
+    STUDY/runs/<cell key>/ one training run directory per cell (``align.train.run_dir.RunDir``)
     STUDY/results.csv ...  the report's files (``align.study.report``), written when every cell is finished
 
 Under ``torchrun`` rank 0 holds the ``StudyDir`` and the other ranks its read-only twin (``StudyDir.for_rank``):
@@ -20,12 +20,12 @@ from typing import Any, ContextManager
 from align.common.config import dump_config
 from align.common.distributed import Rank
 from align.common.errors import AlignError
-from align.common.files import atomic_write_text, wait_until_visible
+from align.common.files import atomic_write_text, read_json, wait_until_visible, write_json
 from align.common.locks import exclusive
 from align.common.paths import studies_dir
 from align.study import report
 from align.study.cells import Cell
-from align.train import runs
+from align.train import run_dir
 
 CONFIG_FILE = "config.yaml"
 PACKS_FILE = "packs.json"  # the study's pack layout and threads per pack, fixed at its first run
@@ -87,7 +87,7 @@ class StudyDir:
         AlignError (one line) when it is damaged."""
         if not self.packs_path.is_file():
             return None
-        layout = runs.read_json(self.packs_path)
+        layout = read_json(self.packs_path)
         ok = isinstance(layout, dict) and isinstance(layout.get("threads"), int) and layout["threads"] >= 1 \
             and isinstance(layout.get("packs"), list) \
             and all(isinstance(p, list) and p and all(isinstance(k, str) for k in p) for p in layout["packs"])
@@ -99,15 +99,15 @@ class StudyDir:
 
     def write_pack_layout(self, layout: dict[str, Any]) -> None:
         """Write packs.json (atomically)."""
-        runs.write_json(self.packs_path, layout)
+        write_json(self.packs_path, layout)
 
     def run_path(self, cell: Cell) -> Path:
         """The run directory of ``cell``."""
         return self.runs_path / cell.key
 
-    def run(self, cell: Cell) -> runs.RunDir:
+    def run(self, cell: Cell) -> run_dir.RunDir:
         """The run directory of ``cell``, to read (its training writes it through its own handle)."""
-        return runs.RunDir(self.run_path(cell))
+        return run_dir.RunDir(self.run_path(cell))
 
     def unfinished(self, cells: list[Cell]) -> list[Cell]:
         """The cells of ``cells`` whose runs have not written their results yet, in the order given."""

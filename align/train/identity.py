@@ -1,7 +1,7 @@
 """What identifies a run's configuration (core: dicts in, dicts and hashes out): the part of a run's config its
 checkpoints must match, its hash, and which keys two configs differ in.
 
-A run directory checks a resume against it (``align.train.runs``) and a study groups its cells into packs by it
+A run directory checks a resume against it (``align.train.run_dir``) and a study groups its cells into packs by it
 (``align.train.config.pack_key``); both see the config as the dict config.yaml holds.
 """
 from __future__ import annotations

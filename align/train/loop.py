@@ -56,7 +56,7 @@ from align.train.memory import check_head_fits
 from align.train.pack import HeadPack, group_batches
 from align.train.run import Run
 from align.train.run_data import RunData, Sampler, lr_factor, prepare_data, resolve_dims, uniform_loss
-from align.train.runs import RunDir
+from align.train.run_dir import RunDir
 
 
 class Trainer:

@@ -32,7 +32,7 @@ from align.train.heads import AlignmentModel, build_model
 from align.train.identity import config_hash
 from align.train.optimizer import head_hparams_of
 from align.train.run_data import Sampler
-from align.train.runs import RunDir
+from align.train.run_dir import RunDir
 
 
 @dataclass

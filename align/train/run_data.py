@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from align.cache.embeddings import PairedEmbeddings
+from align.cache.read import load_cached_split, split_manifest
 from align.common.errors import AlignError
 from align.train.config import TrainConfig
 
@@ -81,19 +83,14 @@ class Sampler:
         return out
 
 
-def load_data(cfg: TrainConfig, splits: list[str]) -> dict[str, Any]:
+def load_data(cfg: TrainConfig, splits: list[str]) -> dict[str, PairedEmbeddings]:
     """The cached PairedEmbeddings of each split (AlignError naming the command to build a missing cache)."""
-    from align.cache.read import load_cached_split
-
     return {split: load_cached_split(cfg.data, split) for split in dict.fromkeys(splits)}
 
 
-def holdout_split(paired: Any, n: int) -> tuple[Any, Any]:
-    """(rest, held) of a PairedEmbeddings: ``n`` images (fixed pseudo-random choice) with all their captions held out."""
-    from align.cache.embeddings import PairedEmbeddings
-
-    if not 0 < n < paired.num_images:
-        raise AlignError(f"eval.holdout_images={n} must be between 1 and the {paired.num_images - 1} training images")
+def holdout_split(paired: PairedEmbeddings, n: int) -> tuple[PairedEmbeddings, PairedEmbeddings]:
+    """(rest, held): ``n`` images of a PairedEmbeddings (a fixed pseudo-random choice), held out with their captions."""
+    _check_holdout(n, paired.num_images)
     order = torch.randperm(paired.num_images, generator=torch.Generator().manual_seed(0))  # same for every seed
 
     def subset(images: Tensor, name: str) -> PairedEmbeddings:
@@ -109,9 +106,18 @@ def holdout_split(paired: Any, n: int) -> tuple[Any, Any]:
     return subset(order[n:], "train"), subset(order[:n], "train-holdout")
 
 
-def resolve_dims(cfg: TrainConfig, paired: Any) -> TrainConfig:
+def _check_holdout(n: int, images: int) -> None:
+    if not 0 < n < images:
+        raise AlignError(f"eval.holdout_images={n} must be between 1 and the {images - 1} training images")
+
+
+def resolve_dims(cfg: TrainConfig, paired: PairedEmbeddings) -> TrainConfig:
     """``cfg`` with image_dim/text_dim filled from the cache; AlignError if they were set and disagree."""
-    dims = {"image_dim": int(paired.image.shape[1]), "text_dim": int(paired.text.shape[1])}
+    return _with_dims(cfg, SplitShape.of(paired))
+
+
+def _with_dims(cfg: TrainConfig, shape: SplitShape) -> TrainConfig:
+    dims = {"image_dim": shape.image_dim, "text_dim": shape.text_dim}
     for key, actual in dims.items():
         expected = getattr(cfg, key)
         if expected is not None and expected != actual:
@@ -129,29 +135,77 @@ class RunData:
     test: Any | None
 
 
-def prepare_data(cfg: TrainConfig) -> tuple[TrainConfig, RunData]:
-    """Load and check the splits ``cfg`` needs → (cfg with embedding dims filled in, the splits in their roles)."""
+@dataclass(frozen=True)
+class SplitShape:
+    """What the checks of the splits' roles need of a split: its counts, dims, and whether it has class labels;
+    read from a cache's manifest (a plan, nothing loaded) or from loaded embeddings (a run)."""
+
+    images: int
+    captions: int
+    image_dim: int
+    text_dim: int
+    labelled: bool
+
+    @classmethod
+    def of_manifest(cls, manifest: dict[str, Any]) -> SplitShape:
+        return cls(manifest["counts"]["images"], manifest["counts"]["captions"], manifest["dims"]["image"],
+                   manifest["dims"]["text"], "labels.npy" in manifest["files"])
+
+    @classmethod
+    def of(cls, paired: PairedEmbeddings) -> SplitShape:
+        return cls(paired.num_images, paired.num_captions, int(paired.image.shape[1]), int(paired.text.shape[1]),
+                   paired.labelled)
+
+
+def role_splits(cfg: TrainConfig) -> list[str]:
+    """The splits ``cfg`` trains, validates and tests on, train first; AlignError when one is not embedded."""
     holdout = cfg.eval.holdout_images
     splits = ["train"] + ([] if holdout else [cfg.eval.split]) + ([cfg.eval.test_split] if cfg.eval.test_split else [])
     missing = [s for s in splits if s not in cfg.data.splits]
     if missing:
         raise AlignError(f"split(s) {', '.join(missing)} are not in data.splits ({', '.join(cfg.data.splits)}): "
                          "add them, change eval.split / eval.test_split, or validate on eval.holdout_images")
-    loaded = load_data(cfg, splits)
-    cfg = resolve_dims(cfg, loaded["train"])
-    for split in splits[1:]:
-        resolve_dims(cfg, loaded[split])
-    data = RunData(train=loaded["train"], val=loaded.get(cfg.eval.split),
+    return list(dict.fromkeys(splits))
+
+
+def check_roles(cfg: TrainConfig, shapes: dict[str, SplitShape]) -> tuple[TrainConfig, int]:
+    """Check that the splits (``shapes`` of every ``role_splits``) fit their roles → (``cfg`` with the embedding
+    dims filled in, the validation rows: images and captions; for held-out training images their captions are
+    counted at the training split's mean per image). AlignError, one line, naming the key to change."""
+    train, ev = shapes["train"], cfg.eval
+    cfg = _with_dims(cfg, train)
+    for split in role_splits(cfg)[1:]:
+        _with_dims(cfg, shapes[split])
+    if ev.holdout_images:
+        _check_holdout(ev.holdout_images, train.images)
+        val = SplitShape(ev.holdout_images, math.ceil(ev.holdout_images * train.captions / max(1, train.images)),
+                         train.image_dim, train.text_dim, train.labelled)
+    else:
+        val = shapes[ev.split]
+    if ev.select.startswith("zeroshot") and not val.labelled:
+        where = "the held-out training images have" if ev.holdout_images else f"split {ev.split!r} has"
+        raise AlignError(f"eval.select={ev.select} needs class labels, but {where} none (dataset kind "
+                         f"{cfg.data.dataset.kind!r}; labelled: mnist): use --set eval.select=mean_R@1")
+    for role, shape in (("validation", val), ("test", shapes.get(ev.test_split) if ev.test_split else None)):
+        if shape is not None and ev.knn_k >= shape.images:
+            raise AlignError(f"eval.knn_k={ev.knn_k} needs more than {ev.knn_k} images but the {role} split has "
+                             f"{shape.images}: use --set eval.knn_k={max(1, shape.images - 1)} or less")
+    return cfg, val.images + val.captions
+
+
+def planned_roles(cfg: TrainConfig) -> tuple[TrainConfig, int]:
+    """``check_roles`` from the caches' manifests alone (no array is read): what a study's parent process plans
+    its packs with, before anything is written → (``cfg`` with its dims, the validation rows)."""
+    return check_roles(cfg, {s: SplitShape.of_manifest(split_manifest(cfg.data, s)) for s in role_splits(cfg)})
+
+
+def prepare_data(cfg: TrainConfig) -> tuple[TrainConfig, RunData]:
+    """Load and check the splits ``cfg`` needs → (cfg with embedding dims filled in, the splits in their roles)."""
+    loaded = load_data(cfg, role_splits(cfg))
+    cfg, _ = check_roles(cfg, {split: SplitShape.of(paired) for split, paired in loaded.items()})
+    holdout = cfg.eval.holdout_images
+    data = RunData(train=loaded["train"], val=None if holdout else loaded[cfg.eval.split],
                    test=loaded[cfg.eval.test_split] if cfg.eval.test_split else None)
     if holdout:
         data.train, data.val = holdout_split(loaded["train"], holdout)
-    if cfg.eval.select.startswith("zeroshot") and not (data.val is not None and data.val.labelled):
-        where = "the held-out training images have" if holdout else f"split {cfg.eval.split!r} has"
-        raise AlignError(f"eval.select={cfg.eval.select} needs class labels, but {where} none (dataset kind "
-                         f"{cfg.data.dataset.kind!r}; labelled: mnist): use --set eval.select=mean_R@1")
-    for role, paired in (("validation", data.val), ("test", data.test)):
-        if paired is not None and cfg.eval.knn_k >= paired.num_images:
-            raise AlignError(f"eval.knn_k={cfg.eval.knn_k} needs more than {cfg.eval.knn_k} images but the {role} "
-                             f"split has {paired.num_images}: use --set eval.knn_k={max(1, paired.num_images - 1)} "
-                             "or less")
     return cfg, data

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from align.common import distributed, files
+from align.common.files import atomic_write_bytes, atomic_write_text, json_text, read_json, write_json
 from align.common.config import load_yaml
 from align.common.errors import AlignError
 from align.common.locks import exclusive
@@ -40,32 +41,6 @@ CHECKPOINT_DIR = "checkpoints"
 _STEP_RE = re.compile(r"^step-(\d+)\.json$")
 
 
-# Re-exported: run directories are the main user of these.
-atomic_write_bytes, atomic_write_text, json_safe = files.atomic_write_bytes, files.atomic_write_text, files.json_safe
-
-
-def dumps(obj: Any, indent: int | None = 2) -> str:
-    return json.dumps(json_safe(obj), indent=indent, allow_nan=False)
-
-
-def write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, dumps(obj) + "\n")
-
-
-def read_json(path: Path) -> Any:
-    """The JSON value in ``path``; AlignError (one line) if it is missing, unreadable, not UTF-8 or not JSON."""
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise AlignError(f"{path} not found") from None
-    except UnicodeDecodeError as exc:
-        raise AlignError(f"{path} is not UTF-8 text (byte {exc.start}); the file is damaged") from None
-    except json.JSONDecodeError as exc:
-        raise AlignError(f"{path} is not valid JSON ({exc.msg}); the file is damaged") from None
-    except OSError as exc:
-        raise AlignError(f"cannot read {path}: {exc.strerror}") from None
-
-
 def write_config(run_dir: Path, text: str) -> None:
     atomic_write_text(Path(run_dir) / CONFIG_FILE, text)
 
@@ -74,7 +49,7 @@ def append_metrics(run_dir: Path, record: dict[str, Any]) -> None:
     """Append one record to metrics.jsonl as one line. A write that fails (no space left) is cut off again, so
     the log keeps whole lines; a kill mid-write can still leave a torn last line, which readers skip."""
     path = Path(run_dir) / METRICS_FILE
-    data = memoryview((dumps(record, indent=None) + "\n").encode("utf-8"))
+    data = memoryview((json_text(record, indent=None) + "\n").encode("utf-8"))
     with open(path, "ab", buffering=0) as fh:  # unbuffered: nothing is left to flush after a failed write
         size = fh.seek(0, os.SEEK_END)
         try:
@@ -114,7 +89,7 @@ def truncate_metrics(run_dir: Path, last_step: int) -> None:
     path = Path(run_dir) / METRICS_FILE
     kept = [r for r in read_metrics(run_dir) if int(r.get("step", 0)) <= last_step]
     if path.exists() or kept:
-        atomic_write_text(path, "".join(dumps(r, indent=None) + "\n" for r in kept))
+        atomic_write_text(path, "".join(json_text(r, indent=None) + "\n" for r in kept))
 
 
 def write_results(run_dir: Path, results: dict[str, Any]) -> None:
