@@ -240,6 +240,46 @@ def test_heavy_libraries_are_imported_inside_functions_only(path):
     assert not top, f"{path} imports {top} at module level: import it inside the function that needs it"
 
 
+def function_level_imports(path: Path) -> list[tuple[int, str, str]]:
+    """(line, imported module, the line's trailing comment or '') of every import inside a function or class."""
+    source = path.read_text()
+    lines, tree = source.splitlines(), ast.parse(source)
+    top = {id(node) for node in tree.body}
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Import, ast.ImportFrom)) and id(node) not in top:
+            module = node.module if isinstance(node, ast.ImportFrom) else node.names[0].name
+            line = lines[node.end_lineno - 1]
+            found.append((node.lineno, module or "", line.split("#", 1)[1].strip() if "#" in line else ""))
+    return found
+
+
+@pytest.mark.parametrize("module", sorted(LIBRARY))
+def test_a_modules_header_shows_its_dependencies(module):
+    """align's own modules are imported at the top (a lazy import hides a dependency); inside a function only a
+    heavy third-party library, with its reason on the line."""
+    found = function_level_imports(LIBRARY[module])
+    own = [f"{n}: {m}" for n, m, _ in found if m == "align" or m.startswith("align.")]
+    silent = [f"{n}: {m}" for n, m, why in found if not why]
+    assert not own, f"{module} imports align modules inside functions: {own}"
+    assert not silent, f"{module}: say on the line why these imports are lazy: {silent}"
+
+
+@pytest.mark.parametrize("module", sorted(CLI))
+def test_the_cli_imports_the_library_inside_its_commands_and_says_so(module):
+    """The command modules keep ``align --help`` free of torch: a library import sits inside the command, and the
+    first of each group says why."""
+    found = function_level_imports(CLI[module])
+    groups: dict[int, list] = {}
+    for n, m, why in found:
+        start = next((g for g in groups if n - max(x for x, *_ in groups[g]) <= 1), n)
+        groups.setdefault(start, []).append((n, m, why))
+    source = CLI[module].read_text().splitlines()
+    silent = [f"{g}: {items[0][1]}" for g, items in groups.items()
+              if not any(why for _, _, why in items) and not source[g - 2].strip().startswith("#")]
+    assert not silent, f"{module}: say why these imports are inside the function: {silent}"
+
+
 def test_align_help_is_fast_and_lists_every_command():
     """The command modules import the library (which loads torch, several seconds) inside their commands only."""
     code = ("import sys, time; t = time.perf_counter(); from typer.testing import CliRunner; "
@@ -268,3 +308,4 @@ def test_the_checks_catch_planted_violations(tmp_path):
     calls = [c.split(": ")[1] for c in io_calls(planted)]
     assert calls == ["torch.save", "np.save", "path.write_bytes", "path.open", "fh.write", "json.dump", "print"]
     assert {m for m, at_top in imports(planted) if not at_top} == {"align.train.run_dir", "align.train.loop"}
+    assert function_level_imports(planted) == [(4, "align.train", ""), (5, "align.train.loop", "")]
