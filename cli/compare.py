@@ -50,7 +50,7 @@ def _print_tables(result: dict[str, Any], reference: str, score: str = "mean_R@1
 
 def _print_robustness(robustness: list[dict[str, Any]], axes: list[str], label: str = "mean R@1") -> None:
     """Best, worst and the share within 95% of the best, judged on validation; test means beside, labelled."""
-    from align.study.report import AXIS_LABELS, hp_text, pct_text  # loads torch: not for --help
+    from align.study.report import AXIS_LABELS, hp_text, pct_text, share_text  # loads torch: not for --help
 
     rob = Table(title=f"Robustness on VALIDATION {label} %: share of configs within 95% of the best, the best and "
                       "the worst (test: the same configs' test means)", box=box.SIMPLE_HEAD, pad_edge=False)
@@ -60,7 +60,7 @@ def _print_robustness(robustness: list[dict[str, Any]], axes: list[str], label: 
     for r in robustness:
         worst = ", ".join([hp_text(r["worst_lr"]), hp_text(r["worst_rho"]),
                            *(hp_text(r.get(f"worst_{a}")) for a in axes)])
-        rob.add_row(r["optimizer"], str(r["configs"]), f"{100 * r['within_95pct_val']:.0f}%",
+        rob.add_row(r["optimizer"], str(r["configs"]), share_text(r["within_95pct_val"]),
                     pct_text(r["best_val"]), pct_text(r["best_test"]), f"{pct_text(r['worst_val'])} ({worst})",
                     pct_text(r["worst_test"]), str(r["diverged_configs"]))
     console.print(rob)
@@ -87,7 +87,7 @@ def register(app: typer.Typer) -> None:
         progress: bool = typer.Option(True, "--progress/--no-progress"),
     ) -> None:
         """Compare optimizers over a grid of ρ × learning rate (× method axes) × seeds on one cached embedding set."""
-        from align.study.compare import plan, run_compare  # loads torch: not for --help
+        from align.study.compare import check_study, plan, run_compare  # loads torch: not for --help
         from align.study.config import CompareConfig
 
         path = resolve_config(config, ("compare",)) if config is not None else packaged_config("compare", "default")
@@ -100,10 +100,11 @@ def register(app: typer.Typer) -> None:
         if out is not None:
             overrides.append(f"study_dir={out}")
         cfg = load_config(CompareConfig, path, overrides)
+        packs = pack if pack == "auto" else _whole_number(pack, "--pack")
+        check_study(cfg, packs, memory_budget)  # every check before the work, --dry-run included
         if dry_run:
             console.print_json(json.dumps(plan(cfg)))
             return
-        packs = pack if pack == "auto" else _whole_number(pack, "--pack")
         with joined(cfg.device) as me:  # under torchrun the ranks share the cells; rank 0 writes and reports
             result = run_compare(cfg, log=rank_log(me), progress=progress and me.is_main, pack=packs,
                                  memory_budget=memory_budget)

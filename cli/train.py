@@ -2,6 +2,7 @@
 `torchrun --nproc-per-node N --no-python align train ...` (data-parallel; rank 0 writes and reports)."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -14,11 +15,20 @@ from align.common.config_files import resolve_config
 from align.common.paths import runs_dir
 
 TABLE_COLUMNS = {"best_val": "best val", "best_test": "best test", "final_test": "final test"}  # results' sections
+SHARPNESS_FIGURES = (("first-order", "worst_case_first_order"), ("ascent", "worst_case_ascent"),
+                     ("λ_max", "hessian_top_eigenvalue"), ("tr(H)", "hessian_trace"))  # printed after the table
 
 
 def default_run_dir(config_path: Path) -> Path:
     """<data root>/runs/<config file name without extension> (a run's own config.yaml names its out_dir explicitly)."""
     return runs_dir() / config_path.stem
+
+
+def figure_text(value: Any, spec: str) -> str:
+    """A figure as ``format(value, spec)``; None (a value that was not measured, or not finite) and NaN as —."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    return format(value, spec)
 
 
 def print_results(results: dict[str, Any], title: str, ks: Sequence[int] = (1, 5, 10)) -> None:
@@ -34,17 +44,16 @@ def print_results(results: dict[str, Any], title: str, ks: Sequence[int] = (1, 5
         table.add_column(column, justify="right")
     sections = [results.get(s) or {} for s in TABLE_COLUMNS]
     for key in [k for k in metric_names(ks) if k not in RANK_KEYS and any(k in s for s in sections)]:
-        table.add_row(key, *("—" if s.get(key) is None else f"{s[key]:.4f}" for s in sections))
+        table.add_row(key, *(figure_text(s.get(key), ".4f") for s in sections))
     console.print(table)
     sharp = (results.get("sharpness") or {}).get("best")
-    if sharp:
-        console.print("sharpness of the best head (ρ={rho:g}): first-order {worst_case_first_order:.4g}, "
-                      "ascent {worst_case_ascent:.4g}, λ_max {hessian_top_eigenvalue:.4g}, "
-                      "tr(H) {hessian_trace:.4g}".format(**sharp), highlight=False)
-    loss = results.get("final_loss")
+    if sharp:  # a figure the measurement could not give (non-finite: stored as null) prints as —
+        figures = ", ".join(f"{label} {figure_text(sharp.get(key), '.4g')}" for label, key in SHARPNESS_FIGURES)
+        console.print(f"sharpness of the best head (ρ={figure_text(sharp.get('rho'), 'g')}): {figures}",
+                      highlight=False)
     console.print(f"status {results['status']}, steps {results['steps_done']}, best step {results['best_step']}, "
-                  f"final loss {'—' if loss is None else f'{loss:.4f}'}, {results['wall_time_s']:.1f} s",
-                  highlight=False)
+                  f"final loss {figure_text(results.get('final_loss'), '.4f')}, "
+                  f"{figure_text(results.get('wall_time_s'), '.1f')} s", highlight=False)
 
 
 def register(app: typer.Typer) -> None:

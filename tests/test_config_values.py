@@ -58,6 +58,38 @@ BAD = {
     "study name absolute": {"name": "/tmp/x"},
     "study name empty": {"name": ""},
     "rho=nan": {"optim__rho": float("nan")},
+    # issue 21: values that were accepted, or refused only once the work had begun
+    "betas=1": {"optim__betas": [0.9, 1.0]},  # torch refused it only when it built Adam, after the data loaded
+    "betas=-0.1": {"optim__betas": [-0.1, 0.999]},
+    "betas=nan": {"optim__betas": [float("nan"), 0.999]},
+    "betas=true": {"optim__betas": [True, 0.999]},
+    "sharpness_rho=inf": {"eval__sharpness_rho": float("inf")},  # align train finished, then crashed printing None
+    "sharpness_rho=1e300": {"eval__sharpness_rho": 1e300},  # inf in the fp32 perturbation: every figure NaN
+    "sharpness_rho=nan": {"eval__sharpness_rho": float("nan")},
+    "sharpness_rho=0": {"eval__sharpness_rho": 0},
+    "hidden_dim=-1": {"head__hidden_dim": -1},  # a traceback
+    "hidden_dim=0": {"head__hidden_dim": 0},  # a degenerate head, trained with exit 0
+    "out_dim=0": {"head__out_dim": 0},
+    "lock_seed=true": {"head__lock_seed": True},
+    "diverge_tol=inf": {"diverge_tol": float("inf")},  # every run "diverged", with a false reason
+    "diverge_tol=nan": {"diverge_tol": float("nan")},
+    "diverge_tol=0": {"diverge_tol": 0},  # never looks
+    "diverge_grad_tol=inf": {"diverge_grad_tol": float("inf")},
+    "diverge_grad_tol=0": {"diverge_grad_tol": 0},
+    "ks entry true": {"eval__ks": [1, True]},  # read as [1, 1]
+    "image_dim=0": {"image_dim": 0},
+    "workers=0": {"workers": 0},
+    "workers=true": {"workers": True},
+    "grid boolean seed": {"grid__seeds": [0, True]},
+    "grid lr_overrides outside the grid": {"grid__lr_overrides": {"msam": [0.1]}},  # ignored, echoed by the plan
+    "grid rho_overrides outside the grid": {"grid__rho_overrides": {"msam": [0.1]}},
+    "grid method_axes outside the grid": {"grid__method_axes": {"msam": {"alpha": [0.5]}}},
+    "grid rho_overrides of a single-pass optimizer": {"grid__rho_overrides": {"sgd": [0.1]}},  # it has no ρ
+    "synthetic val_images=0": {"data__dataset__synthetic__val_images": 0},  # failed only at embed
+    "synthetic seed=true": {"data__dataset__synthetic__seed": True},
+    "synthetic fraction=true": {"data__dataset__synthetic__texture_fraction": True},
+    "data batch_size=true": {"data__batch_size": True},
+    "a split the synthetic set lacks": {"data__splits": ["train", "val", "test", "extra"]},
 }
 
 
@@ -71,6 +103,36 @@ def test_bad_value_is_one_short_line(case):
     assert "\n" not in message and len(message) <= 300, message
     key = next(iter(BAD[case])).split("__")[-1]
     assert key in message or "grid" in message, message
+    assert "Traceback" not in message
+
+
+def mnist_data(**mnist):
+    return {"dataset": {"kind": "mnist", "mnist": mnist}, "image_encoder": {"backend": "open_clip", "model": "ViT-S-32"},
+            "text_encoder": {"backend": "open_clip", "model": "ViT-S-16"}, "cache_root": "/tmp/unused-cache"}
+
+
+@pytest.mark.parametrize("mnist, key", [
+    ({"val_per_class": 0}, "mnist.val_per_class is 0"),  # passed --dry-run, failed at embed
+    ({"test_per_class": 0}, "mnist.test_per_class is 0"),
+    ({"seed": True}, "mnist.seed"),  # read as seed 1
+    ({"image_size": True}, "mnist.image_size"),
+    ({"captions_per_image": True}, "mnist.captions_per_image"),
+])
+def test_bad_mnist_value_is_one_short_line(mnist, key):
+    from align.cache.key import EmbedConfig
+
+    with pytest.raises(AlignError) as err:
+        validate(EmbedConfig, mnist_data(**mnist))
+    message = str(err.value)
+    assert "\n" not in message and len(message) <= 300 and key in message, message
+
+
+def test_an_empty_mnist_split_that_is_not_embedded_is_fine():
+    from align.cache.key import EmbedConfig
+
+    cfg = validate(EmbedConfig, {**mnist_data(val_per_class=0), "splits": ["train", "test"]})
+    assert cfg.dataset.mnist.val_per_class == 0 and cfg.splits == ["train", "test"]
+    assert cfg.dataset.built_in_size("test") == (10 * 150, "mnist.test_per_class")  # ten digits of 150 each
 
 
 def test_the_study_defaults_pass_the_same_checks():

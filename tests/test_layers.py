@@ -53,7 +53,7 @@ ROLES = {
              "align.data.hub", "align.cache.key", "align.cache.read", "align.cache.work", "align.cache.encode",
              "align.cache.write", "align.cache.store",
              "align.train.run_dir", "align.eval.plots", "align.study.studies", "align.study.report",
-             "align.study.plots", "align.toy.plots"},
+             "align.study.beside", "align.study.plots", "align.toy.plots"},
     "common": {"align.common.errors", "align.common.config", "align.common.paths", "align.common.device",
                "align.common.progress", "align.common.distributed", "align.common.files", "align.common.locks",
                "align.common.config_files", "align.common.figures"},

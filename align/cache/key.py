@@ -29,7 +29,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from align.common import paths
-from align.common.config import StrictModel, apply_overrides, parse_override, read_config, validate
+from align.common.config import Integer, StrictModel, apply_overrides, parse_override, read_config, validate
 from align.common.errors import AlignError
 from align.data.datasets import DatasetSpec
 from align.data.encoder_spec import EncoderSpec
@@ -56,10 +56,10 @@ class EmbedConfig(StrictModel):
     storage_dtype: Literal["float16", "float32"] = "float32"
     normalize: bool = False
     # run settings: they do not change the values, so they are not part of the key
-    batch_size: int = Field(64, ge=1)  # images read per loading step; encoders always run ENCODE_ROWS-row batches
+    batch_size: Integer = Field(64, ge=1)  # images read per loading step; encoders always run ENCODE_ROWS-row batches
     device: str = "auto"
-    num_workers: int = Field(0, ge=0)
-    shard_size: int = Field(512, ge=1)
+    num_workers: Integer = Field(0, ge=0)
+    shard_size: Integer = Field(512, ge=1)
     cache_root: str = Field(default_factory=lambda: str(paths.cache_dir()))  # not in the key: moving it keeps keys
     strict: bool = False
 
@@ -71,6 +71,20 @@ class EmbedConfig(StrictModel):
         if self.dataset.kind == "mnist" and mnist.image_size is None:
             size = self.image_encoder.image_size or 224
             self.dataset = self.dataset.model_copy(update={"mnist": mnist.model_copy(update={"image_size": size})})
+        return self
+
+    @model_validator(mode="after")
+    def _splits_exist(self) -> "EmbedConfig":
+        """Each split of a built-in set exists and has images: an empty one would fail only at embed, after a
+        study has written its config and lock."""
+        for split in self.splits:
+            try:
+                size = self.dataset.built_in_size(split)
+            except AlignError as exc:
+                raise ValueError(f"splits: {exc}") from None
+            if size is not None and size[0] == 0:
+                raise ValueError(f"split {split!r} of the {self.dataset.kind} set has no images (dataset.{size[1]} is "
+                                 f"0): give it a size, or leave {split!r} out of splits")
         return self
 
 

@@ -6,24 +6,40 @@ by that file's settings, so everything downstream (validation, ``--set data.x=..
 study saves, config hashes, cache keys) sees the full section, exactly as if it had been copied in.
 
 Each module owns the pydantic model of its own section (``EncoderSpec`` in encoders, ``TrainConfig`` in train,
-...); this file only provides the strict base class and the loading/override/error-formatting rules, so that
-an unknown or mistyped key is always one line naming the key and the valid ones.
+...); this file only provides the strict base class, the number types every section uses (``Number``,
+``Integer``: no booleans) and the loading/override/error-formatting rules, so that an unknown or mistyped key is
+always one line naming the key and the valid ones.
 """
 from __future__ import annotations
 
 import copy
 import difflib
+import re
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError
 
 from align.common.config_files import resolve_data_from
 from align.common.errors import AlignError, shorten
 
 M = TypeVar("M", bound=BaseModel)
 DATA_FROM = "data_from"  # the key naming an embed config whose settings are the config's data: section
+
+
+def _not_bool(value: Any) -> Any:
+    if isinstance(value, bool):
+        raise ValueError(f"expected a number, got {value!r}")
+    return value
+
+
+# The number types of every config field that holds a number (a test walks every model's fields to keep it so).
+# pydantic's lax mode reads ``true`` as 1 or 1.0; these refuse booleans and are otherwise lax. Number keeps
+# accepting strings because YAML 1.1 reads ``1e-3`` (no dot) as the string "1e-3"; Integer takes whole numbers.
+Number = Annotated[float, BeforeValidator(_not_bool)]
+Integer = Annotated[int, BeforeValidator(_not_bool)]
+MAX_SEED = 2 ** 63  # torch.manual_seed takes seeds in [0, 2^63)
 
 
 class StrictModel(BaseModel):
@@ -123,10 +139,15 @@ def _valid_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
     return sorted(getattr(current, "model_fields", {}))
 
 
+# How pydantic names the member of a union a value failed, e.g. "function-before[_not_bool(), int]" in
+# ``workers.function-before[_not_bool(), int]``: not a key, so left out of the key an error line names.
+_UNION_MEMBER = re.compile(r"[a-z][a-z-]*\[.*\]")
+
+
 def format_validation_error(exc: ValidationError, model: type[BaseModel], source: str = "config") -> str:
     """One line describing the first problem, naming the key and, for unknown keys, the valid ones."""
     err = exc.errors()[0]
-    loc = tuple(err["loc"])
+    loc = tuple(p for p in err["loc"] if not _UNION_MEMBER.fullmatch(str(p)))
     key = ".".join(str(p) for p in loc) or "(root)"
     if err["type"] == "extra_forbidden":
         valid = _valid_keys(model, loc)
@@ -134,7 +155,7 @@ def format_validation_error(exc: ValidationError, model: type[BaseModel], source
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         return f"{source}: unknown key {key!r}{hint}; valid keys here: {', '.join(valid)}"
     value = err.get("input")
-    if isinstance(value, (dict, list)):  # a whole section: the message names the problem, the key says where
+    if isinstance(value, (dict, list, BaseModel)):  # a whole section: the message names the problem, the key where
         return shorten(f"{source}: {key}: {err['msg']}")
     return shorten(f"{source}: {key}: {err['msg']} (got {shorten(repr(value), 80)})")
 

@@ -20,7 +20,7 @@ from typing import Any, Literal
 from PIL import Image
 from pydantic import Field, model_serializer, model_validator
 
-from align.common.config import StrictModel
+from align.common.config import Integer, StrictModel
 from align.common.errors import AlignError
 from align.data import mnist
 from align.data import synthetic as synth
@@ -74,8 +74,8 @@ class DatasetSpec(StrictModel):
     # mnist
     mnist: MnistConfig = Field(default_factory=MnistConfig)
     # selection
-    max_images: int | None = Field(None, ge=1)  # the first N images of the split (deterministic)
-    caption_index: int | None = Field(None, ge=0)  # None: all captions; i: only the i-th of each image (0 valid)
+    max_images: Integer | None = Field(None, ge=1)  # the first N images of the split (deterministic)
+    caption_index: Integer | None = Field(None, ge=0)  # None: all captions; i: only the i-th of each image (0 valid)
 
     @model_validator(mode="before")
     @classmethod
@@ -132,6 +132,17 @@ class DatasetSpec(StrictModel):
         else:
             out["source"] = spec.table_source().identity(split)
         return json.loads(json.dumps(out, sort_keys=True))
+
+    def built_in_size(self, split: str) -> tuple[int, str] | None:
+        """A built-in set's image count of ``split`` and the key that sets it (None for a table source, whose size
+        is known only once it is read); AlignError for a split the set does not have."""
+        if self.kind == "synthetic":
+            split = synth.canonical_split(split)
+            return self.synthetic.split_size(split), f"synthetic.{split}_images"
+        if self.kind == "mnist":
+            split = mnist.mnist_split(split)
+            return 10 * self.mnist.per_class(split), f"mnist.{split}_per_class"
+        return None
 
     def selection(self) -> Selection:
         """The part of a split this spec keeps (max_images, caption_index)."""

@@ -16,7 +16,7 @@ from typing import Any, Literal
 import torch
 from pydantic import model_validator
 
-from align.common.config import StrictModel
+from align.common.config import Integer, StrictModel
 from align.data.encoder_weights import (RANDOM_INIT_SEED, cached_commit, efficientnet_weights, minilm_folder,
                                         open_clip_local_dir, package_version, sha256_memoised, sha256_tree,
                                         split_open_clip_name)
@@ -32,10 +32,10 @@ class EncoderSpec(StrictModel):
     model: str
     pretrained: str | None = None
     pooling: Literal["default", "cls", "mean", "pooler"] = "default"
-    image_size: int | None = None
+    image_size: Integer | None = None
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"
     trust_remote_code: bool = False
-    max_length: int | None = None
+    max_length: Integer | None = None
 
     @model_validator(mode="after")
     def _check_backend_options(self) -> "EncoderSpec":

@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image
 from pydantic import Field, model_validator
 
-from align.common.config import StrictModel
+from align.common.config import Integer, StrictModel
 from align.common.errors import AlignError
 from align.common.files import sha256_file
 
@@ -81,13 +81,13 @@ def _check_templates(templates: list[str], what: str) -> None:
 class MnistConfig(StrictModel):
     """Split sizes (per class), seed, upscaling and the caption and prompt templates of the ``mnist`` set."""
 
-    train_per_class: int = Field(300, ge=1)
-    val_per_class: int = Field(50, ge=0)
-    test_per_class: int = Field(150, ge=0)
-    seed: int = Field(0, ge=0)
-    image_size: int | None = Field(None, ge=28, le=1024)  # None: the image encoder's input size (embed config)
+    train_per_class: Integer = Field(300, ge=1)
+    val_per_class: Integer = Field(50, ge=0)
+    test_per_class: Integer = Field(150, ge=0)
+    seed: Integer = Field(0, ge=0)
+    image_size: Integer | None = Field(None, ge=28, le=1024)  # None: the image encoder's input size (embed config)
     resample: Literal["nearest", "bilinear", "bicubic", "lanczos"] = "bicubic"
-    captions_per_image: int = Field(1, ge=1)  # at most len(caption_templates)
+    captions_per_image: Integer = Field(1, ge=1)  # at most len(caption_templates)
     caption_templates: list[str] = Field(default_factory=lambda: list(CAPTION_TEMPLATES))
     prompt_templates: list[str] = Field(default_factory=lambda: list(PROMPT_TEMPLATES))
 

@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from pydantic import Field
 
-from align.common.config import StrictModel
+from align.common.config import Integer, Number, StrictModel
 from align.common.errors import AlignError
 
 # Bump when drawing or captioning changes, so that caches keyed on the synthetic set's identity are invalidated.
@@ -100,15 +100,15 @@ SUPERSAMPLE = 2  # draw at 2x and downsample: smooth edges at little cost
 class SyntheticConfig(StrictModel):
     """Sizes per split, seed and drawing options of the synthetic set (every field changes the values)."""
 
-    train_images: int = Field(800, ge=0)
-    val_images: int = Field(200, ge=0)
-    test_images: int = Field(300, ge=0)
-    seed: int = Field(0, ge=0)
-    image_size: int = Field(128, ge=32, le=1024)
-    captions_per_image: int = Field(5, ge=1, le=5)
-    two_object_fraction: float = Field(0.5, ge=0.0, le=1.0)
-    hard_negative_fraction: float = Field(0.25, ge=0.0, le=1.0)
-    texture_fraction: float = Field(0.5, ge=0.0, le=1.0)
+    train_images: Integer = Field(800, ge=0)
+    val_images: Integer = Field(200, ge=0)
+    test_images: Integer = Field(300, ge=0)
+    seed: Integer = Field(0, ge=0)
+    image_size: Integer = Field(128, ge=32, le=1024)
+    captions_per_image: Integer = Field(5, ge=1, le=5)
+    two_object_fraction: Number = Field(0.5, ge=0.0, le=1.0)
+    hard_negative_fraction: Number = Field(0.25, ge=0.0, le=1.0)
+    texture_fraction: Number = Field(0.5, ge=0.0, le=1.0)
 
     def split_size(self, split: str) -> int:
         """Number of images in ``split``."""

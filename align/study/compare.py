@@ -25,6 +25,7 @@ from align.common import distributed
 from align.common.device import pick_device
 from align.common.progress import Log, progress_bar
 from align.optim import optimizer_info
+from align.study.beside import read_beside
 from align.study.config import Cell, CompareConfig, cell_config, grid_cells
 from align.study.packing import check_pack, pack_layout, pack_work, parse_memory, resolve_workers, usable_cores
 from align.study.studies import StudyDir, study_dir
@@ -32,8 +33,20 @@ from align.study.workers import PackJob, train_packs
 from align.train.memory import check_head_fits
 
 
+def check_study(cfg: CompareConfig, pack: int | str = "auto", memory_budget: str | int | None = None) -> None:
+    """What a study checks before any work (``--dry-run`` included): ``pack`` and ``memory_budget``, and the
+    summary.csv of the study it ranks beside (``beside``), so that none of them fails after the cells trained."""
+    check_pack(pack)
+    if memory_budget is not None:
+        parse_memory(memory_budget)
+    if cfg.beside:
+        read_beside(cfg.beside)
+
+
 def plan(cfg: CompareConfig) -> dict[str, Any]:
-    """What the study will do, without touching the network or the disk (``--dry-run``)."""
+    """What the study will do, without touching the network or writing to the disk (``--dry-run``); the study
+    it ranks beside is checked (``check_study``)."""
+    check_study(cfg)
     cells = grid_cells(cfg.grid)
     passes = sum(2 if optimizer_info(c.optimizer).two_pass else 1 for c in cells)
     return {
@@ -117,6 +130,7 @@ def run_compare(cfg: CompareConfig, log: Log | None = None, progress: bool = Tru
     """The whole study: its config.yaml, every cell (in packs, see ``run_study``), then results.csv, the tables,
     plots and report.md. Under ``torchrun``: rank 0 holds the study's lock and writes every file but the cells'
     run folders; every rank gets the same result."""
+    distributed.from_main(lambda: check_study(cfg, pack, memory_budget))  # before the config and lock are written
     study = StudyDir.for_rank(study_dir(cfg), distributed.current())
     check_head_fits(cfg, distributed.rank_device(pick_device(cfg.device)))  # before any embedding
     with ExitStack() as held:

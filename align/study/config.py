@@ -9,14 +9,14 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import StrictInt, ValidationError, field_validator, model_validator
+from pydantic import ValidationError, field_validator, model_validator
 
-from align.common.config import StrictModel
+from align.common.config import MAX_SEED, Integer, Number, StrictModel
 from align.data.datasets import LABELLED_KINDS
 from align.optim import OPTIMIZERS, default_hparams, optimizer_info
 from align.study.cells import Cell
 from align.study.stats import METHOD_AXES
-from align.train.config import MAX_SEED, METHOD_HPARAMS, Number, OptimConfig, TrainConfig
+from align.train.config import METHOD_HPARAMS, OptimConfig, TrainConfig
 
 
 class GridConfig(StrictModel):
@@ -30,7 +30,7 @@ class GridConfig(StrictModel):
     optimizers: list[str] = ["sgd", "adamw", "sam", "msam", "asam", "fsam"]
     lrs: list[Number] = [1e-3]
     rhos: list[Number] = [0.05]
-    seeds: list[StrictInt] = [0, 1]
+    seeds: list[Integer] = [0, 1]
     lr_overrides: dict[str, list[Number]] = {}   # per optimizer, e.g. sgd: [0.1, 0.3]
     rho_overrides: dict[str, list[Number]] = {}  # per optimizer, e.g. asam: [0.5, 1.0] (ASAM's ρ lives on another scale)
     method_axes: dict[str, dict[str, list[Number]]] = {}  # per optimizer: eta | alpha | metric_beta → values
@@ -49,12 +49,29 @@ class GridConfig(StrictModel):
         for key in [*self.lr_overrides, *self.rho_overrides]:
             if key not in OPTIMIZERS:
                 raise ValueError(f"override for unknown optimizer {key!r}; choose one of {', '.join(OPTIMIZERS)}")
+        self._nothing_ignored()
         lr_lists = {"lrs": self.lrs, **{f"lr_overrides.{k}": v for k, v in self.lr_overrides.items()}}
         rho_lists = {"rhos": self.rhos, **{f"rho_overrides.{k}": v for k, v in self.rho_overrides.items()}}
         for where, values in {**lr_lists, **rho_lists, "seeds": self.seeds}.items():
             _check_axis(where, values, positive=where in lr_lists, integer=where == "seeds")
         _check_method_axes(self.method_axes)
         return self
+
+    def _nothing_ignored(self) -> None:
+        """Refuse an override or a method axis that no cell would use: one for an optimizer outside the grid (its
+        cells are not trained; the plan would still echo it), or a ρ override for a single-pass optimizer."""
+        sections = {"lr_overrides": self.lr_overrides, "rho_overrides": self.rho_overrides,
+                    "method_axes": self.method_axes}
+        outside = [f"{section}.{name}" for section, entries in sections.items() for name in entries
+                   if name in OPTIMIZERS and name not in self.optimizers]
+        if outside:
+            raise ValueError(f"{', '.join(outside)}: not in grid.optimizers ({', '.join(self.optimizers)}), so "
+                             f"ignored: add them there or remove them (--set grid.{outside[0].split('.')[0]}={{}} "
+                             "empties a section)")
+        for name in self.rho_overrides:
+            if name in OPTIMIZERS and not optimizer_info(name).two_pass:
+                raise ValueError(f"rho_overrides.{name}: {name} takes one pass per step and has no ρ, so it would be "
+                                 "ignored: remove the entry")
 
 
 def _check_method_axes(axes: dict[str, dict[str, list[Any]]]) -> None:
@@ -99,11 +116,11 @@ class CompareConfig(TrainConfig):
 
     name: str = "study"  # a plain folder name: letters, digits, '.', '_', '-'
     study_dir: str | None = None  # default: <data root>/studies/<name>
-    workers: int | Literal["auto"] = "auto"  # cells trained at once (processes); auto: fits the cores, 1 on GPU
+    workers: Integer | Literal["auto"] = "auto"  # cells trained at once (processes); auto: fits the cores, 1 on GPU
     reference: str = "sam"  # the optimizer every other one is compared with (paired t, Holm-adjusted)
     # Unused: the summary's intervals are Student-t now. Still accepted because every study's saved config.yaml
     # (written before) has it, and `align compare --config <study>/config.yaml` must keep loading those.
-    bootstrap_samples: int | None = None
+    bootstrap_samples: Integer | None = None
     # The headline metric: it picks each optimizer's best configuration (validation) and is compared with the
     # reference (test). zeroshot_top1 needs a labelled set (mnist), whose captions only name the class.
     score: Literal["mean_R@1", "zeroshot_top1"] = "mean_R@1"
@@ -116,6 +133,13 @@ class CompareConfig(TrainConfig):
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", value):
             raise ValueError(f"study name {value[:40]!r} must be a plain folder name (letters, digits, '.', '_', "
                              "'-'; no '/'): it names <data root>/studies/<name>")
+        return value
+
+    @field_validator("workers")
+    @classmethod
+    def _workers(cls, value: int | str) -> int | str:
+        if value != "auto" and value < 1:
+            raise ValueError(f"workers must be auto or a whole number >= 1, got {value}")
         return value
 
     @model_validator(mode="after")

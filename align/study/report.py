@@ -11,17 +11,27 @@ from typing import Any, Callable
 
 import numpy as np
 
+from align.common.errors import AlignError
 from align.common.files import atomic_write_text
-from align.common.paths import studies_dir
 from align.eval.plots import confusion_grid
 from align.optim import default_hparams
 from align.study import plots
 from align.study import stats as study_stats
+from align.study.beside import SUMMARY, beside_folder, read_beside
 from align.train import run_dir
 
 
+def _missing(value: Any) -> bool:
+    """Whether a figure is absent: None (not measured; a non-finite value is stored as null), blank or NaN."""
+    return value is None or value == "" or (isinstance(value, float) and math.isnan(value))
+
+
+def _fixed(value: Any, digits: int) -> str:
+    return "—" if _missing(value) else f"{value:.{digits}f}"
+
+
 def _fmt(value: Any, digits: int = 3) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+    if _missing(value):
         return "—"
     if isinstance(value, float):
         return f"{value:.{digits}g}" if abs(value) < 1e-3 and value != 0 else f"{value:.{digits}f}"
@@ -34,10 +44,10 @@ def hp_text(value: Any) -> str:
 
 
 def pct_text(mean: float, std: float | None = None) -> str:
-    """A share as percent: '61.2', with its std '61.2 ± 0.4'; None or NaN as —."""
-    if mean is None or math.isnan(mean):
+    """A share as percent: '61.2', with its std '61.2 ± 0.4'; None or NaN as — (a missing std: the mean alone)."""
+    if _missing(mean):
         return "—"
-    return f"{100 * mean:.1f}" + (f" ± {100 * std:.1f}" if std is not None else "")
+    return f"{100 * mean:.1f}" + (f" ± {100 * std:.1f}" if not _missing(std) else "")
 
 
 def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -76,14 +86,19 @@ def axes_text(values: dict[str, Any]) -> str:
     return ", ".join(f"{AXIS_LABELS.get(a, a)} {hp_text(v)}" for a, v in values.items() if v not in (None, ""))
 
 
+def share_text(value: Any) -> str:
+    """A share as a whole percent: '67%'; None or NaN as —."""
+    return "—" if _missing(value) else f"{100 * value:.0f}%"
+
+
 def diff_text(entry: dict[str, Any]) -> str:
     """A summary entry's Δ vs the reference in points: '+0.4 [−0.3, +1.1] (n = 5)', or '+0.4 (n = 2: no
     interval)' below 3 paired seeds, or '—' (the reference itself, or nothing paired)."""
     pairs, diff = entry.get("pairs"), entry.get("diff_vs_ref")
-    if pairs in (None, "") or diff is None or math.isnan(diff):
+    if _missing(pairs) or _missing(diff):
         return "—"
-    low, high = entry["diff_ci_low"], entry["diff_ci_high"]
-    if math.isnan(low) or math.isnan(high):
+    low, high = entry.get("diff_ci_low"), entry.get("diff_ci_high")
+    if _missing(low) or _missing(high):
         return f"{100 * diff:+.1f} (n = {pairs}: no interval)"
     return f"{100 * diff:+.1f} [{100 * low:+.1f}, {100 * high:+.1f}] (n = {pairs})"
 
@@ -132,7 +147,7 @@ def summary_columns(summary: list[dict[str, Any]], score: str = study_stats.SCOR
                                                            ("balanced acc.", "zeroshot_balanced_accuracy"))
                     if m != score]
     columns += [SummaryColumn("mutual-kNN", lambda s: f"{_fmt(s['mutual_knn_mean'])} ± {_fmt(s['mutual_knn_std'])}",
-                              "mkNN", lambda s: f"{s['mutual_knn_mean']:.3f}"),
+                              "mkNN", lambda s: _fixed(s["mutual_knn_mean"], 3)),
                 SummaryColumn("CKNNA", lambda s: _fmt(s["cknna_mean"]))]
     if terminal:
         return [(c.short, c.short_cell or c.cell) for c in columns if c.short is not None]
@@ -199,7 +214,7 @@ def robustness_lines(rob: list[dict[str, Any]], axes: list[str] = (), score: str
     for r in rob:
         where = ", ".join([hp_text(r["worst_lr"]), hp_text(r["worst_rho"]),
                            *(hp_text(r.get(f"worst_{a}")) for a in axes)])
-        lines.append(f"| {r['optimizer']} | {r['configs']} | {100 * r['within_95pct_val']:.0f}% | "
+        lines.append(f"| {r['optimizer']} | {r['configs']} | {share_text(r['within_95pct_val'])} | "
                      f"{pct_text(r['best_val'])} | {pct_text(r['best_test'])} | {pct_text(r['worst_val'])} ({where}) | "
                      f"{pct_text(r['worst_test'])} | {r['diverged_configs']} |")
     return lines
@@ -329,21 +344,6 @@ def _confusion_figure(root: Path, run_root: Path, rows: list[dict[str, Any]],
                           "zero-shot confusion (test; rows: true class)")
 
 
-def _read_summary(path: Path) -> list[dict[str, Any]]:
-    """Another study's summary.csv as summary entries (numbers parsed; an old file's score is mean R@1)."""
-    with open(path, newline="", encoding="utf-8") as fh:
-        raw = list(csv.DictReader(fh))
-    numeric = ("pairs", "diff_vs_ref", "diff_ci_low", "diff_ci_high", "seeds", "diverged_seeds")
-    out = []
-    for r in raw:
-        entry: dict[str, Any] = {k: (float(v) if v not in ("", None) else math.nan) for k, v in r.items()
-                                 if k.endswith(("_mean", "_std")) or k in numeric}
-        entry["pairs"] = None if math.isnan(entry.get("pairs", math.nan)) else int(entry["pairs"])
-        entry.update(optimizer=r["optimizer"], verdict=r.get("verdict") or None, score=r.get("score") or "mean_R@1")
-        out.append(entry)
-    return out
-
-
 def _ranks(summary: list[dict[str, Any]], score: str) -> dict[str, int]:
     order = sorted(summary, key=lambda s: -s.get(f"{score}_mean", math.nan)
                    if not math.isnan(s.get(f"{score}_mean", math.nan)) else math.inf)
@@ -355,12 +355,15 @@ def beside_section(beside: str | None, summ: list[dict[str, Any]], score: str) -
     folder): each optimizer's headline, Δ to the reference and verdict in both, and Kendall's τ of the rankings."""
     if not beside:
         return []
-    folder = Path(beside) if "/" in beside else studies_dir() / beside  # a name, or a folder given as a path
+    summary_csv = beside_folder(beside) / SUMMARY
     head = [f"## Beside study `{Path(beside).name}`", ""]
-    if not (folder / "summary.csv").is_file():
-        return head + [f"{folder / 'summary.csv'} does not exist yet: run that study (`align compare`) and then "
+    try:  # checked before the study began (align compare); it may have changed since
+        other = read_beside(beside)
+    except AlignError as exc:
+        return head + [f"Left out: {exc}.", ""]
+    if other is None:
+        return head + [f"{summary_csv} does not exist yet: run that study (`align compare`) and then "
                        "this one again (finished cells are kept) to see both rankings side by side.", ""]
-    other = _read_summary(folder / "summary.csv")
     theirs = {s["optimizer"]: s for s in other}
     their_score = other[0]["score"] if other else study_stats.SCORE
     here_rank, there_rank = _ranks(summ, score), _ranks(other, their_score)

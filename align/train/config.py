@@ -10,13 +10,13 @@ one pack share (``pack_key``) and whether it trains under bf16 autocast (``Train
 from __future__ import annotations
 
 import math
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import torch
-from pydantic import BeforeValidator, Field, StrictInt, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from align.cache.key import EmbedConfig
-from align.common.config import StrictModel
+from align.common.config import MAX_SEED, Integer, Number, StrictModel
 from align.common.errors import AlignError
 from align.data.datasets import LABELLED_KINDS
 from align.optim import BASE_OPTIMIZERS, OPTIMIZERS
@@ -25,16 +25,7 @@ from align.train.identity import config_hash, hashed_view
 from align.train.losses import LossConfig
 
 
-def _not_bool(value: Any) -> Any:
-    if isinstance(value, bool):
-        raise ValueError(f"expected a number, got {value!r}")
-    return value
-
-
-# A float that is not a bool: pydantic's lax mode reads ``true`` as 1.0. Strings stay allowed because YAML 1.1
-# reads ``1e-3`` (no dot) as the string "1e-3".
-Number = Annotated[float, BeforeValidator(_not_bool)]
-MAX_SEED = 2 ** 63  # torch.manual_seed takes seeds in [0, 2^63)
+FP32_MAX = torch.finfo(torch.float32).max  # the largest sharpness radius the fp32 measurement can hold
 METHOD_HPARAMS = ("rho", "eta", "alpha", "metric_beta", "norm_scope")  # the SAM family's own (optim section)
 
 
@@ -51,7 +42,7 @@ class OptimConfig(StrictModel):
     lr: Number = 1e-3  # peak learning rate (after warm-up)
     weight_decay: Number = Field(0.0, ge=0)  # on Linear weights only; never on biases, norms or the logit scale
     momentum: Number = Field(0.9, ge=0)  # SGD momentum (sgd, or the SAM family with base=sgd)
-    betas: tuple[float, float] = (0.9, 0.999)  # Adam/AdamW
+    betas: tuple[Number, Number] = (0.9, 0.999)  # Adam/AdamW; each in [0, 1)
     eps: Number = Field(1e-8, gt=0)  # Adam/AdamW
     # The SAM family's own hyper-parameters; None takes the method's default from the registry
     # (`align.optim.default_hparams`): ρ 0.05 (ASAM 0.5), η 0.01 ASAM / 1.0 Fisher SAM, α 1, β 0, "perturbed".
@@ -95,6 +86,13 @@ class OptimConfig(StrictModel):
     def _grad_clip(cls, value: float | None) -> float | None:
         return _finite_positive(value, "grad_clip")
 
+    @field_validator("betas")
+    @classmethod
+    def _betas(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not all(math.isfinite(b) and 0 <= b < 1 for b in value):  # torch refuses them only when it builds Adam
+            raise ValueError(f"each of betas must be in [0, 1), got {list(value)}")
+        return value
+
     @field_validator("rho", "eta", "alpha", "metric_beta", "weight_decay", "momentum", "eps")
     @classmethod
     def _finite(cls, value: float | None) -> float | None:
@@ -106,9 +104,9 @@ class OptimConfig(StrictModel):
 class ScheduleConfig(StrictModel):
     """Length, batch size and learning-rate schedule (linear warm-up, then cosine decay to 0)."""
 
-    steps: StrictInt = 400
-    batch_size: StrictInt = 128  # images per step (the contrastive batch; the uniform loss is ln(batch_size))
-    warmup_steps: StrictInt = 20
+    steps: Integer = 400
+    batch_size: Integer = 128  # images per step (the contrastive batch; the uniform loss is ln(batch_size))
+    warmup_steps: Integer = 20
 
     @model_validator(mode="after")
     def _positive(self) -> "ScheduleConfig":
@@ -120,23 +118,32 @@ class ScheduleConfig(StrictModel):
 class EvalConfig(StrictModel):
     """Validation during training and the final test/sharpness evaluation."""
 
-    every: StrictInt = Field(50, ge=1)  # validate every N steps (and at the end)
+    every: Integer = Field(50, ge=1)  # validate every N steps (and at the end)
     split: str = "val"  # the validation split (ignored when holdout_images > 0)
-    holdout_images: StrictInt = Field(0, ge=0)  # > 0: validate on this many training images held out instead
+    holdout_images: Integer = Field(0, ge=0)  # > 0: validate on this many training images held out instead
     # (for sets without a validation split, e.g. Flickr30k's hub copy with train and test only)
     test_split: str | None = "test"  # evaluated at the end for the best and the final head; None: skip
-    ks: list[int] = [1, 5, 10]
-    knn_k: StrictInt = Field(8, ge=1)  # k of mutual-k-NN and CKNNA (the paper uses 8)
+    ks: list[Integer] = [1, 5, 10]
+    knn_k: Integer = Field(8, ge=1)  # k of mutual-k-NN and CKNNA (the paper uses 8)
     select: Literal["mean_R@1", "mutual_knn", "zeroshot_top1"] = "mean_R@1"  # picks the best checkpoint
     # (zeroshot_top1: labelled sets such as mnist, whose captions name only the class)
     backend: Literal["faiss", "torch"] = "faiss"  # k-NN search of retrieval and alignment metrics
     sharpness: bool = True  # sharpness of the best and final heads at the training loss
     sharpness_final: bool = True  # False: the best head's only (a study's table uses the best head's)
     sharpness_rho: Number = Field(0.05, gt=0)
-    sharpness_batches: StrictInt = Field(4, ge=1)  # fixed training batches (of schedule.batch_size) it averages
-    sharpness_ascent_steps: StrictInt = Field(5, ge=0)
-    hessian_iters: StrictInt = Field(20, ge=1)  # power iterations for the top Hessian eigenvalue
-    hutchinson_samples: StrictInt = Field(16, ge=1)  # Rademacher probes for the Hessian trace
+    sharpness_batches: Integer = Field(4, ge=1)  # fixed training batches (of schedule.batch_size) it averages
+    sharpness_ascent_steps: Integer = Field(5, ge=0)
+    hessian_iters: Integer = Field(20, ge=1)  # power iterations for the top Hessian eigenvalue
+    hutchinson_samples: Integer = Field(16, ge=1)  # Rademacher probes for the Hessian trace
+
+    @field_validator("sharpness_rho")
+    @classmethod
+    def _sharpness_rho(cls, value: float) -> float:
+        # The perturbation is fp32 (no autocast): a larger radius is inf there, and every sharpness figure NaN.
+        if not (math.isfinite(value) and 0 < value <= FP32_MAX):
+            raise ValueError(f"sharpness_rho must be a number > 0 and at most {FP32_MAX:.3g} (it perturbs fp32 "
+                             f"weights), got {value!r}")
+        return value
 
     @field_validator("ks")
     @classmethod
@@ -155,18 +162,18 @@ class TrainConfig(StrictModel):
     optim: OptimConfig = OptimConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     eval: EvalConfig = EvalConfig()
-    seed: StrictInt = Field(0, ge=0, lt=MAX_SEED)
+    seed: Integer = Field(0, ge=0, lt=MAX_SEED)
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 elsewhere
-    image_dim: int | None = None  # expected cached embedding dims; None: taken from the cache (and recorded)
-    text_dim: int | None = None
+    image_dim: Integer | None = Field(None, ge=1)  # expected cached embedding dims; None: taken from the cache
+    text_dim: Integer | None = Field(None, ge=1)  # (and recorded)
     out_dir: str | None = None  # where `align train --config RUN/config.yaml` writes; None: <runs>/<config name>
-    loss_at_step: StrictInt = Field(200, ge=1)  # the "loss at step T" reported for comparisons
-    checkpoint_every: StrictInt = Field(100, ge=1)  # steps between resumable checkpoints (and one at the end)
-    keep_checkpoints: StrictInt = Field(2, ge=1)
-    diverge_patience: StrictInt = Field(20, ge=1)  # consecutive collapsed steps before a run is declared diverged
-    diverge_tol: Number = Field(1e-3, ge=0)  # |loss − uniform loss| below this counts as collapsed ...
-    diverge_grad_tol: Number = Field(1e-3, ge=0)  # ... together with ‖g‖ below this
+    loss_at_step: Integer = Field(200, ge=1)  # the "loss at step T" reported for comparisons
+    checkpoint_every: Integer = Field(100, ge=1)  # steps between resumable checkpoints (and one at the end)
+    keep_checkpoints: Integer = Field(2, ge=1)
+    diverge_patience: Integer = Field(20, ge=1)  # consecutive collapsed steps before a run is declared diverged
+    diverge_tol: Number = Field(1e-3, gt=0)  # |loss − uniform loss| below this counts as collapsed ...
+    diverge_grad_tol: Number = Field(1e-3, gt=0)  # ... together with ‖g‖ below this
 
     @model_validator(mode="after")
     def _select_fits_data(self) -> "TrainConfig":
@@ -174,6 +181,11 @@ class TrainConfig(StrictModel):
             raise ValueError(f"eval.select={self.eval.select} needs a labelled dataset ({', '.join(LABELLED_KINDS)}), "
                              f"not kind {self.data.dataset.kind!r}")
         return self
+
+    @field_validator("diverge_tol", "diverge_grad_tol")
+    @classmethod
+    def _tolerance(cls, value: float, info: ValidationInfo) -> float:
+        return _finite_positive(value, info.field_name)  # inf would call every run diverged, with a false reason
 
     def uses_bf16(self, device: torch.device) -> bool:
         """Whether the run trains under bf16 autocast on ``device`` (``precision``: auto = on CUDA only);

@@ -12,9 +12,10 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import Tensor, nn
 
-from align.common.config import StrictModel
+from align.common.config import MAX_SEED, Integer, StrictModel
 from align.common.errors import AlignError
 from align.train.losses import LossConfig
 
@@ -25,12 +26,12 @@ class HeadConfig(StrictModel):
     """Shape of the two heads and whether one side is locked (LiT-style)."""
 
     kind: Literal["linear", "mlp", "starmlp"] = "linear"  # mlp: Linear-GELU-Linear; starmlp: GELU(W1x)*(W2x) then W3
-    out_dim: int = 256  # joint-space dimension
-    hidden_dim: int | None = None  # mlp/starmlp hidden width; None: out_dim
+    out_dim: Integer = Field(256, ge=1)  # joint-space dimension
+    hidden_dim: Integer | None = Field(None, ge=1)  # mlp/starmlp hidden width; None: out_dim
     pre_norm: bool = False  # LayerNorm on the input embedding of each trainable head
     lock: Literal["none", "image", "text"] = "none"  # side whose head is frozen
     lock_mode: Literal["identity", "random_projection"] = "identity"  # what the frozen head is
-    lock_seed: int = 0  # seed of the frozen random projection
+    lock_seed: Integer = Field(0, ge=0, lt=MAX_SEED)  # seed of the frozen random projection
 
 
 class StarMLP(nn.Module):

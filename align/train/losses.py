@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
 
-from align.common.config import StrictModel
+from align.common.config import Number, StrictModel
 
 
 class LossConfig(StrictModel):
@@ -22,8 +22,8 @@ class LossConfig(StrictModel):
 
     kind: Literal["clip", "siglip"] = "clip"
     learn_scale: bool = True  # learnable log-scale (and SigLIP bias); False: a fixed temperature
-    init_scale: float | None = Field(None, gt=0, allow_inf_nan=False)  # the multiplier; None: clip 1/0.07, siglip 10
-    init_bias: float = Field(-10.0, allow_inf_nan=False)  # SigLIP logit bias at start (ignored by clip)
+    init_scale: Number | None = Field(None, gt=0, allow_inf_nan=False)  # the multiplier; None: clip 1/0.07, siglip 10
+    init_bias: Number = Field(-10.0, allow_inf_nan=False)  # SigLIP logit bias at start (ignored by clip)
     clamp: Literal["open_clip", "upper", "none"] = "open_clip"  # log-scale in [0, ln 100]; <= ln 100; free
     perturb_logit_scale: bool = False  # whether SAM-family optimizers perturb the log-scale / bias
     # Under torchrun: each rank computes only its own rows against the gathered columns (open_clip's local_loss,
