@@ -23,6 +23,7 @@ from align.common.files import json_text
 from faults import one_error_line
 from helpers import make_cache, train_config
 
+REPO = Path(__file__).resolve().parents[1]
 runner = CliRunner()
 
 
@@ -78,7 +79,8 @@ def test_run_compare_checks_its_options_before_it_writes_config_and_lock(world, 
 
 # -- beside: the other study's summary.csv ---------------------------------------------------------------
 
-HEADER = "optimizer,lr,rho,seeds,diverged_seeds,score,mean_R@1_mean,mean_R@1_std,pairs,diff_vs_ref,diff_ci_low,diff_ci_high,verdict\n"
+HEADER = ("optimizer,lr,rho,seeds,diverged_seeds,score,mean_R@1_mean,mean_R@1_std,pairs,diff_vs_ref,diff_ci_low,"
+          "diff_ci_high,verdict\n")
 BESIDE_BAD = {  # summary.csv's bytes → what the line says
     "a value that is not a number": (HEADER + "sam,0.01,0.05,3,0,mean_R@1,0.61,0.01,,,,,reference\n"
                                      "msam,0.01,0.05,3,0,mean_R@1,lots,0.01,3,0.01,0.0,0.02,none\n",
@@ -87,7 +89,8 @@ BESIDE_BAD = {  # summary.csv's bytes → what the line says
     "no column of its score": ("optimizer,score,zeroshot_top1_std\nsam,zeroshot_top1,0.1\n",
                                "has no column zeroshot_top1_mean"),
     "an unknown score": ("optimizer,score,mean_R@1_mean\nsam,top_7,0.5\n", "has an unknown score 'top_7'"),
-    "a row longer than its header": ("optimizer,mean_R@1_mean\nsam,0.5,0.7\n", "a row with more fields than its header"),
+    "a row longer than its header": ("optimizer,mean_R@1_mean\nsam,0.5,0.7\n",
+                                     "a row with more fields than its header"),
     "pairs that are not a count": ("optimizer,mean_R@1_mean,pairs\nsam,0.5,inf\n", "column pairs: inf is not a count"),
     "not UTF-8": ("optimizer,mean_R@1_mean\nsam\xe9,0.5\n".encode("latin-1"), "is not UTF-8 text"),
 }
@@ -176,11 +179,9 @@ def test_overrides_for_optimizers_left_out_of_the_grid_are_refused_not_echoed(tm
     out = runner.invoke(app, ["compare", "--dry-run", "--set", "grid.optimizers=[sam,msam]", *emptied])
     assert out.exit_code == 0, out.output
     plan = json.loads(out.output)
-    grid = yaml.safe_load(Path("configs/compare/default.yaml").read_text())["grid"] if Path(
-        "configs/compare/default.yaml").is_file() else None
+    grid = yaml.safe_load((REPO / "configs" / "compare" / "default.yaml").read_text())["grid"]
     assert plan["method_axes"] == {} and plan["optimizers"] == ["sam", "msam"]
-    if grid is not None:  # 2 optimizers × the default's lrs × rhos × seeds
-        assert plan["runs"] == 2 * len(grid["lrs"]) * len(grid["rhos"]) * len(grid["seeds"])
+    assert plan["runs"] == 2 * len(grid["lrs"]) * len(grid["rhos"]) * len(grid["seeds"])  # both take lr × ρ × seed
 
 
 # -- a figure that was not measured -------------------------------------------------------------------------
@@ -212,7 +213,8 @@ def test_the_study_tables_print_a_missing_figure_as_a_dash():
              **{f"{m}_{s}": None for m in ("mean_R@1", "i2t_R@1", "t2i_R@1", "mutual_knn", "cknna")
                 for s in ("mean", "std")}}
     line = summary_lines([entry], "msam")[-1]
-    assert line == "| sam | 0.01 | 0.05 | 2 (2 diverged) | — | — | — | — ± — | — | +1.0 (n = 2: no interval) | — |"
+    assert line == ("| sam | 0.01 | 0.05 | 2 (2 diverged) | — | — | — | — ± — | — | +1.0 (n = 2: no interval) "
+                    "| — |")
     assert [cell(entry) for _, cell in summary_columns([entry], terminal=True)] == ["—", "—", "—", "—"]
     assert diff_text({**entry, "diff_vs_ref": math.nan}) == "—" and share_text(None) == "—"
     rob = {"optimizer": "sam", "configs": 3, "within_95pct_val": math.nan, "best_val": None, "best_test": math.nan,

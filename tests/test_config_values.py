@@ -107,8 +107,9 @@ def test_bad_value_is_one_short_line(case):
 
 
 def mnist_data(**mnist):
-    return {"dataset": {"kind": "mnist", "mnist": mnist}, "image_encoder": {"backend": "open_clip", "model": "ViT-S-32"},
-            "text_encoder": {"backend": "open_clip", "model": "ViT-S-16"}, "cache_root": "/tmp/unused-cache"}
+    return {"dataset": {"kind": "mnist", "mnist": mnist}, "cache_root": "/tmp/unused-cache",
+            "image_encoder": {"backend": "open_clip", "model": "ViT-S-32"},
+            "text_encoder": {"backend": "open_clip", "model": "ViT-S-16"}}
 
 
 @pytest.mark.parametrize("mnist, key", [
