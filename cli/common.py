@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from align.common.errors import AlignError, is_out_of_memory, out_of_memory_error, shorten
-from align.common.files import disk_full_error, is_disk_full
+from align.common.files import WRITE_PROBLEMS, disk_full_error, is_disk_full, is_write_problem
 
 console = Console()
 err_console = Console(stderr=True)
@@ -19,12 +19,17 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 def environment_error(exc: BaseException) -> AlignError | None:
     """The last line of defence for failures the user's machine or files cause, which the library did not turn
-    into an AlignError where they happened: no space left, out of memory, a file that is not UTF-8. None for
-    anything else (a real bug keeps its traceback)."""
+    into an AlignError where they happened: no space left, a read-only file system, no permission, a name too long,
+    a link loop (``align.common.files.WRITE_PROBLEMS``), out of memory, a file that is not UTF-8. None for anything
+    else (a real bug keeps its traceback)."""
+    where = getattr(exc, "filename", None)
     if is_disk_full(exc):
-        where = getattr(exc, "filename", None)
         return disk_full_error(where) if where else AlignError(
             "no space left on the device: free some space, then run the same command again; finished work is kept")
+    if is_write_problem(exc):  # where the library did not say it: the file may have been read or written
+        problem, fix = WRITE_PROBLEMS[exc.errno]
+        return AlignError(shorten(f"cannot read or write {shorten(str(where or 'a file'), 160)}: {problem}: {fix}, "
+                                  "then run the same command again; finished work is kept"))
     if is_out_of_memory(exc):
         return out_of_memory_error("running this command", exc, "use a smaller model, batch or data set, or free memory")
     if isinstance(exc, UnicodeDecodeError):

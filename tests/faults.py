@@ -130,3 +130,56 @@ class _FailingFile:
 
     def __getattr__(self, name):
         return getattr(self._fh, name)
+
+
+class RefusingDisk:
+    """A file system that refuses every change below ``root`` with OSError(``code``): EROFS for a read-only mount,
+    EACCES or EPERM for a folder without permission, ENOSPC or EDQUOT, ENAMETOOLONG, ELOOP. Simulated (we may run
+    as root, whom permission bits do not stop): the low-level calls that create, change or remove files raise —
+    ``os.open`` with a write flag (temporary files, locks, ``tempfile``), ``open`` for writing, ``os.mkdir``,
+    ``os.unlink``/``os.remove``, ``os.rename``/``os.replace`` and ``os.rmdir``. Reads still work.
+
+    With ``pattern`` the disk works until the first change of a file whose name matches it (a write that fails in
+    the middle of a run), then refuses everything below ``root``; without, from the start. ``refused`` lists the
+    paths it refused. Install it with a pytest ``monkeypatch`` (or a ``monkeypatch.context()``)."""
+
+    WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC | getattr(os, "O_TMPFILE", 0)
+
+    def __init__(self, monkeypatch, root: Path, code: int, pattern: str | None = None) -> None:
+        self.root, self.code, self.pattern = os.path.abspath(root), code, pattern
+        self.refusing, self.refused = pattern is None, []
+        real = {name: getattr(os, name) for name in ("open", "mkdir", "unlink", "remove", "rename", "replace", "rmdir")}
+        real_open = builtins.open
+
+        def fake_os_open(path, flags, *args, **kwargs):
+            if flags & self.WRITE_FLAGS:
+                self._check(path)
+            return real["open"](path, flags, *args, **kwargs)
+
+        def fake_open(file, mode="r", *args, **kwargs):
+            if isinstance(file, (str, bytes, os.PathLike)) and any(c in mode for c in "wax+"):
+                self._check(file)
+            return real_open(file, mode, *args, **kwargs)
+
+        def guarded(name):
+            def call(path, *args, **kwargs):
+                self._check(path)
+                return real[name](path, *args, **kwargs)
+            return call
+
+        monkeypatch.setattr(os, "open", fake_os_open)
+        monkeypatch.setattr(builtins, "open", fake_open)
+        for name in ("mkdir", "unlink", "remove", "rename", "replace", "rmdir"):
+            monkeypatch.setattr(os, name, guarded(name))
+
+    def _check(self, path) -> None:
+        if not isinstance(path, (str, bytes, os.PathLike)):
+            return  # a file descriptor
+        path = os.path.abspath(os.fsdecode(path))
+        if path != self.root and not path.startswith(self.root + os.sep):
+            return
+        if not self.refusing and fnmatch.fnmatch(os.path.basename(path), self.pattern):
+            self.refusing = True
+        if self.refusing:
+            self.refused.append(path)
+            raise OSError(self.code, os.strerror(self.code), path)

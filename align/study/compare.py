@@ -118,6 +118,7 @@ def run_compare(cfg: CompareConfig, log: Log | None = None, progress: bool = Tru
     plots and report.md. Under ``torchrun``: rank 0 holds the study's lock and writes every file but the cells'
     run folders; every rank gets the same result."""
     study = StudyDir.for_rank(study_dir(cfg), distributed.current())
+    distributed.from_main(study.check_writable)  # before any work; a refusal reaches every rank
     check_head_fits(cfg, distributed.rank_device(pick_device(cfg.device)))  # before any embedding
     with ExitStack() as held:
         with distributed.together():  # rank 0 holds the lock (a refusal stops every rank) and begins the study
