@@ -286,7 +286,7 @@ def in_namespace(setup: str, cases: list, tmp_path: Path, unshare: list[str]) ->
     skip where the platform does not let an unprivileged user make one."""
     if shutil.which("unshare") is None:
         pytest.skip("no unshare here")
-    probe = subprocess.run(["unshare", *unshare, "true"], capture_output=True)
+    probe = subprocess.run(["unshare", *unshare, "true"], capture_output=True, check=False)
     if probe.returncode != 0:
         pytest.skip(f"no user namespaces here: {probe.stderr.decode()[:200]}")
     script = tmp_path / "batch.py"
@@ -294,7 +294,7 @@ def in_namespace(setup: str, cases: list, tmp_path: Path, unshare: list[str]) ->
     env = dict(os.environ, **OFFLINE, PYTHONPATH=str(REPO))
     command = f'{setup} && exec "$0" "$@"'
     proc = subprocess.run(["unshare", *unshare, "sh", "-c", command, sys.executable, str(script), json.dumps(cases)],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0 and "RESULTS " in proc.stdout, proc.stderr[-3000:]
     return [Result(**r) for r in json.loads(proc.stdout.split("RESULTS ", 1)[1])]
 
