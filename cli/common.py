@@ -1,4 +1,5 @@
-"""What every command shares: user errors become one line on stderr and exit code 2; joining torchrun's group."""
+"""What every command shares: user errors and usage errors become one line on stderr and exit code 2; joining
+torchrun's group."""
 from __future__ import annotations
 
 import functools
@@ -8,6 +9,12 @@ from typing import Any, Callable, Iterator, TypeVar
 import typer
 from rich.console import Console
 from rich.markup import escape
+from typer.core import TyperGroup
+
+try:
+    from typer._click import exceptions as click_errors  # typer >= 0.24 carries its own copy of click
+except ImportError:
+    from click import exceptions as click_errors  # type: ignore[no-redef]  # older typer: click itself
 
 from align.common.errors import AlignError, is_out_of_memory, out_of_memory_error, shorten
 from align.common.files import WRITE_PROBLEMS, disk_full_error, is_disk_full, is_write_problem
@@ -38,6 +45,12 @@ def environment_error(exc: BaseException) -> AlignError | None:
     return None
 
 
+def print_error(message: str) -> None:
+    """``error: MESSAGE`` on stderr, one line of at most 300 characters (escaped: a path or value with [brackets] is
+    text, not rich markup)."""
+    err_console.print(f"[bold red]error:[/] {escape(shorten(message))}", highlight=False, soft_wrap=True)
+
+
 def user_errors(func: F) -> F:
     """Wrap a command: an AlignError (or Ctrl-C, or a failure of ``environment_error``'s kinds) is printed as one
     line of at most 300 characters, never as a traceback."""
@@ -53,11 +66,53 @@ def user_errors(func: F) -> F:
             error = exc if isinstance(exc, AlignError) else environment_error(exc)
             if error is None:
                 raise
-            # escaped: a path or value with [brackets] is text, not rich markup
-            err_console.print(f"[bold red]error:[/] {escape(shorten(str(error)))}", highlight=False, soft_wrap=True)
+            print_error(str(error))
             raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def usage_error_line(exc: Exception, ctx: Any = None) -> str:
+    """A usage error of the command line (unknown command, option or value, a missing option) as one line: what is
+    wrong, then the usage of the command it concerns and where its help is. ``ctx``: the context of the group that
+    was running it, for errors that carry none of their own (an option without its value)."""
+    message = exc.format_message().replace(": Value error, ", ": ")  # typer's wording for a value not in a choice
+    ctx = getattr(exc, "ctx", None) or _subcommand_context(ctx)
+    if ctx is None:
+        return message
+    usage = " ".join(ctx.get_usage().split()).removeprefix("Usage: ")
+    return f"{message} (usage: {usage}; see {ctx.command_path} --help)"
+
+
+def _subcommand_context(ctx: Any) -> Any:
+    """A context for the subcommand ``ctx`` (a group's) was invoking when its options failed to parse; else ``ctx``."""
+    name = getattr(ctx, "invoked_subcommand", None)
+    command = ctx.command.get_command(ctx, name) if name else None
+    return ctx if command is None else command.context_class(command, info_name=name, parent=ctx)
+
+
+@contextmanager
+def _usage_errors_in_one_line(ctx: Any = None) -> Iterator[None]:
+    try:
+        yield
+    except click_errors.UsageError as exc:
+        if isinstance(exc, getattr(click_errors, "NoArgsIsHelpError", ())):
+            raise  # `align` alone, or a group without its command: the help itself
+        print_error(usage_error_line(exc, ctx))
+        raise typer.Exit(2) from None
+
+
+class OneLineUsageErrors(TyperGroup):
+    """The ``align`` app's group: a usage error at any level (``align nope``, ``align toy nope``, ``align configs
+    nope``, a missing ``--config``) is one ``error:`` line with the command's usage, exit code 2, not typer's box."""
+
+    def make_context(self, *args: Any, **kwargs: Any) -> Any:
+        with _usage_errors_in_one_line():
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx: Any) -> Any:
+        with _usage_errors_in_one_line(ctx):  # the command's own options are parsed here
+            return super().invoke(ctx)
 
 
 @contextmanager
