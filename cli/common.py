@@ -116,12 +116,13 @@ class OneLineUsageErrors(TyperGroup):
 
 
 @contextmanager
-def joined(device: str) -> Iterator[Any]:
+def joined(device: str, resume: str) -> Iterator[Any]:
     """Every command's torchrun lifecycle (``align.common.distributed.joined``): the process group joined for the
-    block and left after it → this process's Rank (the single-process Rank without torchrun)."""
+    block and left after it → this process's Rank (the single-process Rank without torchrun). When a rank dies, the
+    others each stop with one line that ends in ``resume``: how the command continues its work."""
     from align.common import distributed  # loads torch: not for --help
 
-    with distributed.joined(device) as me:
+    with distributed.joined(device, resume=resume) as me:
         yield me
 
 

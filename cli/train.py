@@ -15,6 +15,8 @@ from align.common.paths import runs_dir
 
 TABLE_COLUMNS = {"best_val": "best val", "best_test": "best test", "final_test": "final test"}  # results' sections
 
+# what each rank still alive says when a rank of a torchrun job dies
+RESUME = "finished checkpoints are kept: run the same command with --resume"
 
 def default_run_dir(config_path: Path) -> Path:
     """<data root>/runs/<config file name without extension> (a run's own config.yaml names its out_dir explicitly)."""
@@ -69,7 +71,7 @@ def register(app: typer.Typer) -> None:
         cfg = load_config(TrainConfig, path, overrides or [])
         run_dir = out or (Path(cfg.out_dir) if cfg.out_dir else default_run_dir(path))
         cfg = cfg.model_copy(update={"out_dir": str(run_dir)})
-        with joined(cfg.device) as me:  # under torchrun the ranks train the run data-parallel; rank 0 writes it
+        with joined(cfg.device, RESUME) as me:  # under torchrun the ranks train the run data-parallel; rank 0 writes it
             results = train(cfg, run_dir, resume=resume, log=lambda m: err_console.print(m, highlight=False),
                             progress=progress)
         if not me.is_main:

@@ -7,6 +7,7 @@ import errno
 import fnmatch
 import json
 import os
+import re
 from pathlib import Path
 
 import yaml
@@ -183,3 +184,16 @@ class RefusingDisk:
         if self.refusing:
             self.refused.append(path)
             raise OSError(self.code, os.strerror(self.code), path)
+
+
+def assert_one_line_per_survivor(stderr: str, survivors: list[int], world: int, resume: str) -> None:
+    """torchrun's stderr after a rank of the job was killed: each rank still alive said one ``error:`` line (who,
+    what happened, ``resume``), and align printed no traceback (torchrun's own summary and its launcher's traceback
+    may follow; an align traceback would carry torch's "[rankN]:" prefix or name a file of align)."""
+    lines = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert sorted(int(line.split()[2]) for line in lines) == sorted(survivors), stderr[-3000:]
+    for line in lines:
+        assert line.startswith("error: rank ") and f" of {world} " in line and line.endswith(resume), line
+        assert "lost another rank of the job" in line or "was stopped by SIGTERM" in line, line
+    assert not re.search(r"^\[rank\d+\]:", stderr, re.M), stderr[-3000:]
+    assert not re.search(r'File "[^"]*/(align|cli)/', stderr), stderr[-3000:]
