@@ -17,7 +17,7 @@ except ImportError:
     from click import exceptions as click_errors  # type: ignore[no-redef]  # older typer: click itself
 
 from align.common.errors import AlignError, is_out_of_memory, out_of_memory_error, shorten
-from align.common.files import WRITE_PROBLEMS, disk_full_error, is_disk_full, is_write_problem
+from align.common.files import WRITE_PROBLEMS, disk_full_error, is_disk_full, is_write_problem, path_text
 
 console = Console()
 err_console = Console(stderr=True)
@@ -35,8 +35,8 @@ def environment_error(exc: BaseException) -> AlignError | None:
             "no space left on the device: free some space, then run the same command again; finished work is kept")
     if is_write_problem(exc):  # where the library did not say it: the file may have been read or written
         problem, fix = WRITE_PROBLEMS[exc.errno]
-        return AlignError(shorten(f"cannot read or write {shorten(str(where or 'a file'), 160)}: {problem}: {fix}, "
-                                  "then run the same command again; finished work is kept"))
+        return AlignError(shorten(f"cannot read or write {path_text(where or 'a file', 120)}: {problem}: {fix}, then "
+                                  "run the same command again; finished work is kept"))
     if is_out_of_memory(exc):
         return out_of_memory_error("running this command", exc, "use a smaller model, batch or data set, or free memory")
     if isinstance(exc, UnicodeDecodeError):

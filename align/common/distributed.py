@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from align.common.device import pick_device
-from align.common.errors import AlignError
+from align.common.errors import AlignError, shorten
 
 
 @dataclass(frozen=True)
@@ -225,7 +225,7 @@ def _one_line_when_the_job_breaks(resume: str) -> Iterator[None]:
             raise
         me = current()
         who = f"rank {me.rank} of {me.world_size}" if me.distributed else f"rank {os.environ.get('RANK', '?')}"
-        raise AlignError(f"{who} {what}: {resume}"[:300]) from None
+        raise AlignError(shorten(f"{who} {what}: {resume}")) from None
     if main_thread:
         signal.signal(signal.SIGTERM, previous)
 
