@@ -18,6 +18,8 @@ from align.common.errors import AlignError
 
 CONFIG_HELP = "study YAML: a path or a packaged name (`align configs`); default: the embedded offline study"
 
+# what each rank still alive says when a rank of a torchrun job dies
+RESUME = "finished cells are kept: run the same command again to resume"
 
 def _print_tables(result: dict[str, Any], reference: str, score: str = "mean_R@1") -> None:
     """The summary, the comparison with the reference and robustness, each narrow enough for 80 columns."""
@@ -105,7 +107,7 @@ def register(app: typer.Typer) -> None:
         if dry_run:
             console.print_json(json.dumps(plan(cfg)))
             return
-        with joined(cfg.device) as me:  # under torchrun the ranks share the cells; rank 0 writes and reports
+        with joined(cfg.device, RESUME) as me:  # under torchrun the ranks share the cells; rank 0 writes and reports
             result = run_compare(cfg, log=rank_log(me), progress=progress and me.is_main, pack=packs,
                                  memory_budget=memory_budget)
         if not me.is_main:

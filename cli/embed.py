@@ -11,6 +11,8 @@ from rich.table import Table
 from align.cli.common import console, joined, rank_log, user_errors
 from align.common.config_files import resolve_config
 
+# what each rank still alive says when a rank of a torchrun job dies
+RESUME = "finished shards are kept: run the same command again to resume"
 
 def register(app: typer.Typer) -> None:
     """Add `align embed`."""
@@ -36,7 +38,7 @@ def register(app: typer.Typer) -> None:
         if strict:
             cfg.strict = True
         todo = list(splits) if splits else cfg.splits
-        with joined(cfg.device) as me:  # under torchrun the ranks share the shards; rank 0 reports
+        with joined(cfg.device, RESUME) as me:  # under torchrun the ranks share the shards; rank 0 reports
             paths = {split: embed_split(cfg, split, progress=progress and me.is_main, log=rank_log(me))
                      for split in todo}
         if not me.is_main:

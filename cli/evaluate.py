@@ -9,7 +9,7 @@ from rich.table import Table
 
 from align.cli.common import console, err_console, user_errors
 from align.common.errors import AlignError
-from align.common.files import require_file_path, write_json
+from align.common.files import require_writable, write_json
 
 
 def print_eval(result: dict[str, Any]) -> None:
@@ -53,10 +53,8 @@ def register(app: typer.Typer) -> None:
             raise AlignError("give either a RUN_DIR or --cache KEY_OR_PATH (both: the run's heads on that cache)")
         if backend is not None and backend not in ("faiss", "torch"):
             raise AlignError(f"unknown --backend {backend!r}: use faiss or torch")
-        if out is not None:
-            require_file_path(out, "--out")  # before the work, not after it
-        if gallery is not None:
-            require_file_path(gallery, "--gallery")
+        if out is not None:  # before the work, not after it (the library checks the figures' paths)
+            require_writable(out, "--out file", "give another --out", file=True)
         say = lambda m: err_console.print(m, highlight=False)  # noqa: E731
         folder = None if cache is None else find_cache(cache, cache_root)
         if run_dir is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import typer
 
 from align.cli import cache, compare, configs, embed, evaluate, toy, train
+from align.cli.common import OneLineUsageErrors
 
 app = typer.Typer(
     name="align",
@@ -17,6 +18,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    cls=OneLineUsageErrors,  # a usage error is one `error:` line with the command's usage, exit 2
 )
 
 for module in (toy, embed, cache, train, evaluate, compare, configs):

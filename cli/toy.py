@@ -11,6 +11,7 @@ from rich.table import Table
 
 from align.cli.common import console, user_errors
 from align.common.errors import AlignError
+from align.common.files import require_writable
 from align.common.paths import toy_dir
 
 
@@ -66,7 +67,8 @@ def register(app: typer.Typer) -> None:
 
         if alpha is not None and experiment.value not in ("banana", "grid", "all"):
             raise AlignError(f"--alpha applies to banana and grid (M-SAM's metric scale), not {experiment.value}")
-        out = toy_dir() if out is None else out
+        out = require_writable(toy_dir() if out is None else out, "toy output folder",
+                               "use --out DIR, or set ALIGN_HOME")  # before the experiments run
         names = EXPERIMENTS if experiment is Experiment.all else (experiment.value,)
         options = {"grid": {"max_steps": max_steps, "alpha": alpha}, "banana": {"alpha": alpha},
                    "sinc": {"half_width": sinc_half_width, "seed": seed}}

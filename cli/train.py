@@ -18,6 +18,8 @@ TABLE_COLUMNS = {"best_val": "best val", "best_test": "best test", "final_test":
 SHARPNESS_FIGURES = (("first-order", "worst_case_first_order"), ("ascent", "worst_case_ascent"),
                      ("λ_max", "hessian_top_eigenvalue"), ("tr(H)", "hessian_trace"))  # printed after the table
 
+# what each rank still alive says when a rank of a torchrun job dies
+RESUME = "finished checkpoints are kept: run the same command with --resume"
 
 def default_run_dir(config_path: Path) -> Path:
     """<data root>/runs/<config file name without extension> (a run's own config.yaml names its out_dir explicitly)."""
@@ -78,7 +80,7 @@ def register(app: typer.Typer) -> None:
         cfg = load_config(TrainConfig, path, overrides or [])
         run_dir = out or (Path(cfg.out_dir) if cfg.out_dir else default_run_dir(path))
         cfg = cfg.model_copy(update={"out_dir": str(run_dir)})
-        with joined(cfg.device) as me:  # under torchrun the ranks train the run data-parallel; rank 0 writes it
+        with joined(cfg.device, RESUME) as me:  # under torchrun the ranks train the run data-parallel; rank 0 writes it
             results = train(cfg, run_dir, resume=resume, log=lambda m: err_console.print(m, highlight=False),
                             progress=progress)
         if not me.is_main:

@@ -7,6 +7,7 @@ import errno
 import fnmatch
 import json
 import os
+import re
 from pathlib import Path
 
 import yaml
@@ -130,3 +131,69 @@ class _FailingFile:
 
     def __getattr__(self, name):
         return getattr(self._fh, name)
+
+
+class RefusingDisk:
+    """A file system that refuses every change below ``root`` with OSError(``code``): EROFS for a read-only mount,
+    EACCES or EPERM for a folder without permission, ENOSPC or EDQUOT, ENAMETOOLONG, ELOOP. Simulated (we may run
+    as root, whom permission bits do not stop): the low-level calls that create, change or remove files raise —
+    ``os.open`` with a write flag (temporary files, locks, ``tempfile``), ``open`` for writing, ``os.mkdir``,
+    ``os.unlink``/``os.remove``, ``os.rename``/``os.replace`` and ``os.rmdir``. Reads still work.
+
+    With ``pattern`` the disk works until the first change of a file whose name matches it (a write that fails in
+    the middle of a run), then refuses everything below ``root``; without, from the start. ``refused`` lists the
+    paths it refused. Install it with a pytest ``monkeypatch`` (or a ``monkeypatch.context()``)."""
+
+    WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC | getattr(os, "O_TMPFILE", 0)
+
+    def __init__(self, monkeypatch, root: Path, code: int, pattern: str | None = None) -> None:
+        self.root, self.code, self.pattern = os.path.abspath(root), code, pattern
+        self.refusing, self.refused = pattern is None, []
+        real = {name: getattr(os, name) for name in ("open", "mkdir", "unlink", "remove", "rename", "replace", "rmdir")}
+        real_open = builtins.open
+
+        def fake_os_open(path, flags, *args, **kwargs):
+            if flags & self.WRITE_FLAGS:
+                self._check(path)
+            return real["open"](path, flags, *args, **kwargs)
+
+        def fake_open(file, mode="r", *args, **kwargs):
+            if isinstance(file, (str, bytes, os.PathLike)) and any(c in mode for c in "wax+"):
+                self._check(file)
+            return real_open(file, mode, *args, **kwargs)
+
+        def guarded(name):
+            def call(path, *args, **kwargs):
+                self._check(path)
+                return real[name](path, *args, **kwargs)
+            return call
+
+        monkeypatch.setattr(os, "open", fake_os_open)
+        monkeypatch.setattr(builtins, "open", fake_open)
+        for name in ("mkdir", "unlink", "remove", "rename", "replace", "rmdir"):
+            monkeypatch.setattr(os, name, guarded(name))
+
+    def _check(self, path) -> None:
+        if not isinstance(path, (str, bytes, os.PathLike)):
+            return  # a file descriptor
+        path = os.path.abspath(os.fsdecode(path))
+        if path != self.root and not path.startswith(self.root + os.sep):
+            return
+        if not self.refusing and fnmatch.fnmatch(os.path.basename(path), self.pattern):
+            self.refusing = True
+        if self.refusing:
+            self.refused.append(path)
+            raise OSError(self.code, os.strerror(self.code), path)
+
+
+def assert_one_line_per_survivor(stderr: str, survivors: list[int], world: int, resume: str) -> None:
+    """torchrun's stderr after a rank of the job was killed: each rank still alive said one ``error:`` line (who,
+    what happened, ``resume``), and align printed no traceback (torchrun's own summary and its launcher's traceback
+    may follow; an align traceback would carry torch's "[rankN]:" prefix or name a file of align)."""
+    lines = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert sorted(int(line.split()[2]) for line in lines) == sorted(survivors), stderr[-3000:]
+    for line in lines:
+        assert line.startswith("error: rank ") and f" of {world} " in line and line.endswith(resume), line
+        assert "lost another rank of the job" in line or "was stopped by SIGTERM" in line, line
+    assert not re.search(r"^\[rank\d+\]:", stderr, re.M), stderr[-3000:]
+    assert not re.search(r'File "[^"]*/(align|cli)/', stderr), stderr[-3000:]

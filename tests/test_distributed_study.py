@@ -20,6 +20,7 @@ import yaml
 from typer.testing import CliRunner
 
 from align.cli.main import app
+from faults import assert_one_line_per_survivor
 
 REPO = Path(__file__).resolve().parents[1]
 ARRAYS = ("image.npy", "text.npy", "caption_to_image.npy", "image_rows.npy", "caption_rows.npy")
@@ -167,6 +168,46 @@ def test_rank_zero_decides_and_a_failure_on_any_rank_is_raised_on_every_rank(tmp
     assert f"is in use by process {os.getpid()}" in one["main_holds"]
 
 
+DYING_SCRIPT = textwrap.dedent("""
+    import os, signal, sys
+    from align.common import distributed as d
+    from align.common.errors import AlignError
+
+    try:
+        with d.joined("cpu", timeout_s=120, resume="run it again") as me:
+            d.barrier()
+            if me.rank == 1:
+                os.kill(os.getpid(), getattr(signal, sys.argv[1]))  # SIGKILL: dies; SIGTERM: as torchrun stops it
+            d.barrier()  # rank 0 waits here for a rank that is gone
+    except AlignError as exc:
+        print(f"LINE {exc}", flush=True)
+        sys.exit(2)
+""")
+
+
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM"])
+def test_when_a_rank_dies_every_other_rank_stops_with_one_line(how):
+    """Two gloo ranks started by hand (torchrun's variables); rank 1 is killed, or gets the SIGTERM torchrun sends
+    to every rank once one has failed. Each rank still alive says one line: who, what happened, how to resume;
+    no traceback."""
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, "-c", DYING_SCRIPT, how], cwd=REPO, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              env=dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2",
+                                       LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)))
+             for r in range(2)]
+    (out0, err0), (out1, err1) = (p.communicate(timeout=300) for p in procs)
+    assert procs[0].returncode == 2 and "Traceback" not in err0, err0[-3000:]
+    assert out0.startswith("LINE rank 0 of 2 lost another rank of the job (") and out0.count("\n") == 1, out0
+    assert "it stopped or was killed" in out0 and out0.rstrip().endswith(": run it again"), out0
+    if how == "SIGKILL":
+        assert procs[1].returncode == -9 and out1 == ""
+    else:  # the rank that got SIGTERM says so itself, then exits on its own
+        assert procs[1].returncode == 2 and "Traceback" not in err1, err1[-3000:]
+        assert out1 == ("LINE rank 1 of 2 was stopped by SIGTERM (torchrun stops every rank once one has failed: its "
+                        "summary says which; or the job was cancelled): run it again\n"), out1
+
+
 def test_rank_zero_waits_for_files_other_ranks_wrote_and_names_one_it_never_sees(tmp_path):
     import threading
     import time
@@ -263,6 +304,7 @@ def test_a_killed_rank_leaves_work_that_reruns_with_one_or_two_ranks_finish_to_t
     # rank 1 dies right after its first caption shard of the training split; rank 0 is stopped by torchrun
     killed = torchrun(2, "embed", *args, env=dict(env, ALIGN_TEST_KILL_AT="file:text-00001.json"))
     assert killed.returncode != 0, killed.stderr[-3000:]
+    assert_one_line_per_survivor(killed.stderr, [0], 2, "finished shards are kept: run the same command again to resume")
     work = next(p for p in cache.iterdir() if p.name.startswith("synthetic-train")) / "work"
     assert (work / "text-00001.json").is_file() and not (work.parent / "manifest.json").exists()
     embed = align_cmd("embed", *args, env=env)  # one process resumes what two ranks began
@@ -273,6 +315,7 @@ def test_a_killed_rank_leaves_work_that_reruns_with_one_or_two_ranks_finish_to_t
     # rank 1 dies in the middle of its first cell (after the step-8 checkpoint); two ranks pick its cells up
     killed = torchrun(2, "compare", *args, "--out", str(out), env=dict(env, ALIGN_TEST_KILL_AT="step:12"))
     assert killed.returncode != 0 and not (out / "results.csv").exists(), killed.stderr[-3000:]
+    assert_one_line_per_survivor(killed.stderr, [0], 2, "finished cells are kept: run the same command again to resume")
     unfinished = [d for d in (out / "runs").iterdir() if not (d / "results.json").exists()]
     # rank 1's cells stopped after their step-8 checkpoint (rank 0's, stopped by torchrun, may not have reached one)
     assert any((d / "checkpoints").is_dir() for d in unfinished)

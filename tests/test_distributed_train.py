@@ -251,7 +251,7 @@ KILLS = {
 def kill_then_resume(train_setup, two_rank_run, name: str, kill_rank: int, kill: dict) -> None:
     """The 2-rank run with one rank killed (SIGKILL; torchrun then stops the other), then `torchrun ... align
     train --config RUN/config.yaml --resume`: the uninterrupted 2-rank run, bit for bit."""
-    from faults import assert_same_run
+    from faults import assert_one_line_per_survivor, assert_same_run
 
     root = train_setup["root"]
     run = root / f"killed-{kill_rank}-{abs(hash(name)) % 10 ** 6}"
@@ -260,6 +260,7 @@ def kill_then_resume(train_setup, two_rank_run, name: str, kill_rank: int, kill:
                                       "--no-progress"]), cwd=root, env=run_env(), capture_output=True, text=True,
                             timeout=600)
     assert killed.returncode != 0 and "SIGKILL" in killed.stderr, killed.stderr[-3000:]
+    assert_one_line_per_survivor(killed.stderr, [1 - kill_rank], WORLD, "run the same command with --resume")
     assert not (run / "results.json").exists() or kill.get("call") == "align.train.evaluation:RunEvaluator.evaluate"
     resumed = subprocess.run(torchrun([*align_command(), "train", "--config", str(run / "config.yaml"), "--resume",
                                        "--no-progress"]), cwd=root, env=run_env(), capture_output=True, text=True,
@@ -314,7 +315,7 @@ def _resume_main(rank: int, port: int, root: str) -> None:
 
 @pytest.mark.slow
 def test_a_local_msam_metric_is_kept_per_rank_and_resumes_only_on_as_many_ranks(tmp_path):
-    from faults import assert_same_run
+    from faults import assert_one_line_per_survivor, assert_same_run
 
     from align.common.errors import AlignError
     from align.train.config import TrainConfig

@@ -231,7 +231,8 @@ def test_environment_errors_that_escape_the_library_become_one_line():
     line = str(environment_error(OSError(errno.ENOSPC, "No space left on device", "/data/x.npy")))
     assert line.startswith("no space left on the device writing /data/x.npy")
     assert "quota" not in line and environment_error(OSError(errno.EDQUOT, "Disk quota exceeded")) is not None
-    assert environment_error(OSError(errno.EACCES, "Permission denied")) is None
+    assert "permission denied" in str(environment_error(OSError(errno.EACCES, "Permission denied")))  # issue 21
+    assert environment_error(OSError(errno.EBADF, "Bad file descriptor")) is None  # a bug keeps its traceback
     try:
         b"caf\xe9 au lait".decode("utf-8")
     except UnicodeDecodeError as exc:

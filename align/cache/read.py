@@ -298,7 +298,7 @@ def _check_hashes(path: Path, manifest: dict[str, Any], rehash: bool) -> None:
     if changed:
         try:
             atomic_write_text(path / VERIFIED, json.dumps({"format": CACHE_FORMAT, "files": fresh}))
-        except OSError:
+        except (OSError, AlignError):  # the file system's refusal, as atomic_write_text says it in one line
             pass  # a read-only cache is still sound; its next load hashes again
 
 

@@ -21,7 +21,7 @@ import numpy as np
 from align.cache.key import ENCODE_ROWS
 from align.cache.read import is_count
 from align.common.errors import AlignError
-from align.common.files import atomic_write_text, sha256_file
+from align.common.files import atomic_write_text, is_write_problem, remove_quietly, sha256_file, write_error
 from align.common.progress import Log
 
 PLAN = "plan.json"
@@ -41,7 +41,7 @@ def save_array(path: Path, array: np.ndarray) -> str:
         digest = sha256_file(tmp)
         os.replace(tmp, path)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
+        remove_quietly(tmp)  # never a second error over the first
         raise _write_error(path, exc) from None
     return digest
 
@@ -63,6 +63,8 @@ def _write_error(path: Path, exc: OSError) -> AlignError:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return AlignError(f"no space left on the device writing {path}: free some space, then run the same "
                           f"`align embed` again (finished shards are kept and it resumes)")
+    if is_write_problem(exc):  # read-only, no permission, a name too long, a link loop
+        return write_error(path, exc)
     return AlignError(f"cannot write {path}: {exc.strerror or exc} (check the folder's permissions and disk)")
 
 

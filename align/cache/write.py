@@ -16,6 +16,7 @@ rerun with any number of ranks resumes, and on one kind of device the arrays equ
 from __future__ import annotations
 
 import json
+import os
 import time
 from contextlib import ExitStack
 from datetime import datetime, timezone
@@ -33,7 +34,7 @@ from align.cache.work import ShardContents, Todo, WorkFolder, save_array, save_t
 from align.common import distributed
 from align.common.device import pick_device
 from align.common.errors import AlignError
-from align.common.files import wait_until_visible
+from align.common.files import require_writable, wait_until_visible
 from align.common.locks import exclusive
 from align.common.progress import Log
 from align.data import datasets, encoders
@@ -227,14 +228,15 @@ class CacheWriter:
 
     def claim(self) -> bool:
         """True when the folder is a finished (and sound) cache; else False with its lock taken."""
-        if self.finished():  # readers never take the lock: a finished cache is only read
+        if self.finished():  # readers never take the lock: a finished cache is only read (a read-only one too)
             return True
+        require_writable(self.path, "cache folder", "set cache_root or ALIGN_HOME")
         self._lock()
         return self.finished()  # finished by another process while this one waited to look
 
     def finished(self) -> bool:
         """Whether the folder holds a manifest (the cache is then checked: a damaged one is an AlignError)."""
-        if not (self.path / MANIFEST).exists():
+        if not os.path.exists(self.path / MANIFEST):  # False, not an error, for a name too long or a link loop
             return False
         check_cache(self.path)
         return True

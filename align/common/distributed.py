@@ -9,6 +9,8 @@ The backend is nccl when the ranks run on CUDA and gloo otherwise; each rank tak
 from __future__ import annotations
 
 import os
+import signal
+import threading
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
@@ -19,7 +21,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from align.common.device import pick_device
-from align.common.errors import AlignError
+from align.common.errors import AlignError, shorten
 
 
 @dataclass(frozen=True)
@@ -173,18 +175,80 @@ SHARE_WAIT_S = 7 * 24 * 3600.0
 
 
 @contextmanager
-def joined(device: str, timeout_s: float = SHARE_WAIT_S) -> Iterator[Rank]:
+def joined(device: str, timeout_s: float = SHARE_WAIT_S, resume: str = "run the same command again") -> Iterator[Rank]:
     """The one lifecycle of a command's ranks under ``torchrun``: the process group joined for the block (nccl on
     CUDA, gloo otherwise; collectives wait up to ``timeout_s``) and left after it → this process's Rank. Without
     torchrun: the single-process Rank, nothing joined. After a failure the group is not waited for: the process
     exits and torchrun stops the others. ``align embed``, ``align train`` and ``align compare`` all run inside it;
-    the library under it never joins or leaves a group itself."""
+    the library under it never joins or leaves a group itself.
+
+    When the job breaks under a rank (another rank died, so a collective fails; or torchrun, having seen a rank
+    fail, stops this one with SIGTERM), this rank stops with one AlignError line: which rank, what happened, and
+    ``resume`` (how the command continues its work)."""
     if not launched():
         yield SINGLE
         return
-    me = init(pick_device(device), timeout_s=timeout_s)
-    yield me
-    shutdown()
+    with _one_line_when_the_job_breaks(resume):
+        me = init(pick_device(device), timeout_s=timeout_s)
+        yield me
+        shutdown()
+
+
+class Stopped(BaseException):
+    """SIGTERM reached a rank: torchrun sends it to every rank once one has failed (SLURM too, when the job is
+    cancelled). A BaseException, like KeyboardInterrupt, so that no ``except Exception`` of the library takes it for
+    a failure of its own to report to the other ranks."""
+
+
+def _stop(signum: int, frame: Any) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: the rank is on its way out
+    raise Stopped()
+
+
+@contextmanager
+def _one_line_when_the_job_breaks(resume: str) -> Iterator[None]:
+    """The block, with a broken job (``_broken_job``) raised as one AlignError line ending in ``resume``. From the
+    first failure on, SIGTERM is ignored: this rank then exits by itself with its line said, instead of being cut
+    off by torchrun's SIGTERM while it says it."""
+    main_thread = threading.current_thread() is threading.main_thread()  # signals are the main thread's
+    previous = signal.signal(signal.SIGTERM, _stop) if main_thread else None
+    try:
+        try:
+            yield
+        except BaseException:
+            if main_thread:
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            raise
+    except (Stopped, Exception) as exc:  # a SIGTERM in the handler above lands here too
+        what = _broken_job(exc)
+        if what is None:
+            raise
+        me = current()
+        who = f"rank {me.rank} of {me.world_size}" if me.distributed else f"rank {os.environ.get('RANK', '?')}"
+        raise AlignError(shorten(f"{who} {what}: {resume}")) from None
+    if main_thread:
+        signal.signal(signal.SIGTERM, previous)
+
+
+PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Connection refused")
+
+
+def _broken_job(exc: BaseException) -> str | None:
+    """What broke the job under this rank, in words, or None when ``exc`` is not such a failure (an AlignError, a
+    bug: those keep their own line or traceback)."""
+    if isinstance(exc, Stopped):
+        return ("was stopped by SIGTERM (torchrun stops every rank once one has failed: its summary says which; or "
+                "the job was cancelled)")
+    distributed_error = getattr(dist, "DistError", ())
+    text = " ".join(str(exc).split())
+    if not (isinstance(exc, distributed_error) or isinstance(exc, RuntimeError)
+            and any(s in text for s in ("gloo", "NCCL", "nccl", *PEER_GONE))):
+        return None
+    reason = text.split("] ", 1)[1] if text.startswith("[") and "] " in text else text  # gloo's [file:line] prefix
+    reason = reason.split(". This is typically", 1)[0][:100]
+    if any(s in text for s in PEER_GONE):
+        return f"lost another rank of the job ({reason}): it stopped or was killed (torchrun's summary says which)"
+    return f"stopped: a collective of the job failed ({reason})"
 
 
 def init(device: torch.device, timeout_s: float = 1800.0) -> Rank:

@@ -1,5 +1,5 @@
 """Saving figures (edge): pyplot with the Agg backend (no display), loaded on first use, and an atomic PNG write
-whose full-disk failure is one line.
+whose refusal by the file system (full, read-only, ...) is one line.
 """
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from align.common.files import disk_full_error, is_disk_full
+from align.common.files import is_write_problem, remove_quietly, write_error
 
 
 def pyplot() -> Any:
@@ -21,14 +21,15 @@ def pyplot() -> Any:
 
 
 def save_figure(fig: Any, path: Path) -> Path:
-    """Save ``fig`` atomically (temporary file, then rename); a failed save removes its temporary file."""
+    """Save ``fig`` atomically (temporary file, then rename); a failed save removes its temporary file, and a
+    refusal of the file system is ``write_error``'s one line naming ``path``."""
     tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
     try:
         fig.savefig(tmp, dpi=110, bbox_inches="tight")
         tmp.replace(path)
     except BaseException as exc:
-        tmp.unlink(missing_ok=True)
-        if is_disk_full(exc):
-            raise disk_full_error(path) from None
+        remove_quietly(tmp)  # never a second error over the first (read-only: even this unlink is refused)
+        if is_write_problem(exc):
+            raise write_error(path, exc) from None
         raise
     return path

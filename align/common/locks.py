@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Iterator
 
 from align.common.errors import AlignError
-from align.common.files import require_folder_path
+from align.common.files import require_folder_path, writing
 
 LOCK_FILE = ".lock"
 
@@ -23,9 +23,10 @@ LOCK_FILE = ".lock"
 def exclusive(folder: str | Path, what: str, hint: str = "wait for it to finish, or stop it") -> Iterator[None]:
     """Hold ``folder``'s lock for the block; AlignError naming the holder's PID if another process has it."""
     folder = require_folder_path(folder, what)
-    folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK_FILE
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    with writing(path):  # a read-only or full disk: one line
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -17,7 +17,7 @@ from align.cache.read import load_cache_dir, manifest_of, source_rows
 from align.common.config import load_config, shorten
 from align.common.device import pick_device
 from align.common.errors import AlignError, is_out_of_memory, out_of_memory_error
-from align.common.files import json_safe
+from align.common.files import json_safe, require_writable
 from align.common.progress import Log
 from align.data import datasets
 from align.data.datasets import DatasetSpec
@@ -43,6 +43,8 @@ def evaluate_run(run_dir: Path, split: str = "test", checkpoint: str = "best", d
     if not run.is_run():
         raise AlignError(f"{run.path} is not a run directory (no {run.config_path.name}): give the folder align "
                          "train wrote")
+    require_writable(run.path / "eval", "run's eval folder", "copy the run folder to a writable disk")
+    _check_figure(gallery, "gallery PNG", "--gallery")
     cfg = load_config(TrainConfig, run.config_path)
     if backend is not None:
         cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"backend": backend})})
@@ -80,6 +82,12 @@ def evaluate_run(run_dir: Path, split: str = "test", checkpoint: str = "best", d
         for path in written:
             log(f"wrote {path}")
     return json_safe(dict(result, written_to=str(out)))
+
+
+def _check_figure(path: Path | None, what: str, option: str) -> None:
+    """AlignError (one line) unless the figure ``path`` (when given) can be written: before the work, not after."""
+    if path is not None:
+        require_writable(path, what, f"give another {option}", file=True)
 
 
 def _run_data(cfg: Any, split: str, cache: Path | None) -> tuple[Any, Any, str]:
@@ -157,6 +165,8 @@ def evaluate_cache(path: Path, split: str | None = None, ks: Sequence[int] = (1,
     """Metrics of the raw embeddings in a cache folder (``align.cache.store.find_cache`` finds one by key);
     optionally the retrieval gallery and (when zero-shot is defined) the confusion matrix PNGs."""
     path = Path(path)
+    _check_figure(gallery, "gallery PNG", "--gallery")
+    _check_figure(confusion, "confusion matrix PNG", "--out")  # OUT-confusion.png
     paired = load_cache_dir(path)
     if split is not None and paired.meta.get("split") != split:
         raise AlignError(f"cache {path.name} holds split {paired.meta.get('split')!r}, not {split!r}: "

@@ -132,6 +132,7 @@ def run_compare(cfg: CompareConfig, log: Log | None = None, progress: bool = Tru
     run folders; every rank gets the same result."""
     distributed.from_main(lambda: check_study(cfg, pack, memory_budget))  # before the config and lock are written
     study = StudyDir.for_rank(study_dir(cfg), distributed.current())
+    distributed.from_main(study.check_writable)  # before any work; a refusal reaches every rank
     check_head_fits(cfg, distributed.rank_device(pick_device(cfg.device)))  # before any embedding
     with ExitStack() as held:
         with distributed.together():  # rank 0 holds the lock (a refusal stops every rank) and begins the study

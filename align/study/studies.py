@@ -20,7 +20,7 @@ from typing import Any, ContextManager
 from align.common.config import dump_config
 from align.common.distributed import Rank
 from align.common.errors import AlignError
-from align.common.files import atomic_write_text, read_json, wait_until_visible, write_json
+from align.common.files import atomic_write_text, read_json, require_writable, wait_until_visible, write_json
 from align.common.locks import exclusive
 from align.common.paths import studies_dir
 from align.study import report
@@ -62,6 +62,11 @@ class StudyDir:
     @property
     def runs_path(self) -> Path:
         return self.path / RUNS_FOLDER
+
+    def check_writable(self) -> None:
+        """AlignError (one line) unless the study folder can be written: checked before any work, leaving nothing
+        behind (``align.common.files.require_writable``)."""
+        require_writable(self.path, "study folder", "use --out NEW_DIR, or set ALIGN_HOME")
 
     def lock(self) -> ContextManager[Any]:
         """Context manager: this process is the study's only writer (AlignError naming the holder)."""

@@ -267,8 +267,8 @@ def train_pack(cfgs: list[TrainConfig], run_dirs: list[Path], resume: bool = Fal
     if not job.is_main:  # rank 0 speaks for the job
         log, progress = (lambda message: None), False
     dirs = [RunDir.for_rank(d, job) for d in run_dirs]
-    for directory, cfg in zip(dirs, cfgs):
-        directory.check_location()
+    distributed.from_main(lambda: [d.check_writable() for d in dirs], job)  # a refusal reaches every rank
+    for cfg in cfgs:
         check_head_fits(cfg, device)  # before the data is read (dims from the cache count as 1) ...
     try:
         if data is None:

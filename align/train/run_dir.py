@@ -50,15 +50,13 @@ def append_metrics(run_dir: Path, record: dict[str, Any]) -> None:
     the log keeps whole lines; a kill mid-write can still leave a torn last line, which readers skip."""
     path = Path(run_dir) / METRICS_FILE
     data = memoryview((json_text(record, indent=None) + "\n").encode("utf-8"))
-    with open(path, "ab", buffering=0) as fh:  # unbuffered: nothing is left to flush after a failed write
+    with files.writing(path), open(path, "ab", buffering=0) as fh:  # unbuffered: nothing left to flush after a failure
         size = fh.seek(0, os.SEEK_END)
         try:
             while data:
                 data = data[fh.write(data):]
-        except OSError as exc:
+        except OSError:
             os.ftruncate(fh.fileno(), size)  # truncating frees space, so it works on a full disk too
-            if files.is_disk_full(exc):
-                raise files.disk_full_error(path) from None
             raise
 
 
@@ -238,6 +236,11 @@ class RunDir:
     def check_location(self) -> None:
         """AlignError unless the run directory is a folder or can become one (no file in its place or above it)."""
         files.require_folder_path(self.path, "run directory")
+
+    def check_writable(self) -> None:
+        """``check_location``, and that the run directory can be written (before any work: a read-only disk, no
+        permission, a name too long or a link loop is one AlignError line; the check leaves nothing behind)."""
+        files.require_writable(self.path, "run directory", "use --out NEW_DIR, or set ALIGN_HOME")
 
     def check(self, cfg_hash: str, config: dict[str, Any], resume: bool) -> str:
         """What this folder holds for a run of ``config``: "fresh", "resume" or "finished"; AlignError on a clash.
