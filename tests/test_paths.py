@@ -43,7 +43,8 @@ def test_data_root_is_align_home_else_data(monkeypatch):
 def _fake_cache(root: Path, key: str) -> None:
     """An unfinished cache folder (no manifest): enough for `align cache ls` to list it."""
     (root / key / "work").mkdir(parents=True)
-    (root / key / "work" / "plan.json").write_text("{}")
+    (root / key / "work" / "plan.json").write_text(json.dumps({"key": key, "images": 4, "captions": 8,
+                                                               "encode_rows": 64, "shard_size": 512}))
 
 
 def test_align_home_moves_the_cache_root_of_cache_ls_and_eval(tmp_path, monkeypatch):
