@@ -255,3 +255,12 @@ def test_a_lock_taken_on_a_lock_file_its_holder_removed_is_taken_again(tmp_path,
         with pytest.raises(AlignError, match=f"in use by process {os.getpid()}"):
             with exclusive(folder, "cache"):  # the live lock file is the one held
                 pass
+
+
+def test_the_wrong_split_hint_of_eval_names_the_root_it_looked_in(tmp_path):
+    root = tmp_path / "elsewhere"
+    folder = write_cache(data_section(root), "val", *synthetic_split("val", 8))
+    line = one_line(runner.invoke(app, ["eval", "--cache", folder.name, "--cache-root", str(root), "--split", "test"],
+                                  env={"COLUMNS": "500"}))
+    assert line == (f"cache {folder.name} holds split 'val', not 'test': give the key of that split "
+                    f"(`align cache ls --root {root}`)")
