@@ -209,8 +209,9 @@ class EmbedJob:
 
 class CacheWriter:
     """The write handle on one cache folder, held by rank 0: its lock (taken by ``claim``, released when the writer
-    closes), the clean-up of a killed run's leftovers, and the finished cache. The other ranks of a torchrun job
-    hold its read-only twin (``for_rank``)."""
+    closes), the clean-up of a killed run's leftovers, and the finished cache. A writer that closes with nothing
+    worth keeping (no manifest, no finished shard) removes what its lock made, so a refused or failed embed leaves
+    nothing. The other ranks of a torchrun job hold its read-only twin (``for_rank``)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
