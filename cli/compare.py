@@ -12,7 +12,7 @@ from rich import box
 from rich.table import Table
 
 from align.cli.common import console, joined, rank_log, user_errors
-from align.common.config import load_config
+from align.common.config import load_config, parse_override
 from align.common.config_files import packaged_config, resolve_config
 from align.common.errors import AlignError
 
@@ -85,12 +85,13 @@ def register(app: typer.Typer) -> None:
         workers: Optional[int] = typer.Option(None, "--workers", help="packs trained at once, in parallel processes (default: from the config; per rank under torchrun)"),
         pack: str = typer.Option("auto", "--pack", metavar="auto|N", help="heads trained as one computation: auto (as many as the memory budget holds) or N; 1: one cell at a time"),
         memory_budget: Optional[str] = typer.Option(None, "--memory-budget", metavar="SIZE", help="memory the packs may take, e.g. 8G (default: 80% of free GPU memory, else half the free RAM)"),
-        out: Optional[Path] = typer.Option(None, "--out", help="study folder (default: $ALIGN_HOME/studies/<name>, else data/studies/<name>)"),
+        out: Optional[Path] = typer.Option(None, "--out", help="study folder, relative to this folder (default: a study's own folder for its STUDY/config.yaml, else study_dir of the config, under $ALIGN_HOME (else data/) when relative, else $ALIGN_HOME/studies/<name>)"),
         progress: bool = typer.Option(True, "--progress/--no-progress"),
     ) -> None:
         """Compare optimizers over a grid of ρ × learning rate (× method axes) × seeds on one cached embedding set."""
         from align.study.compare import check_study, plan, run_compare  # loads torch: not for --help
         from align.study.config import CompareConfig
+        from align.study.studies import locate_study
 
         path = resolve_config(config, ("compare",)) if config is not None else packaged_config("compare", "default")
         if path is None:
@@ -99,15 +100,17 @@ def register(app: typer.Typer) -> None:
         overrides = list(set_)
         if workers is not None:
             overrides.append(f"workers={workers}")
-        if out is not None:
-            overrides.append(f"study_dir={out}")
+        if out is not None:  # where the command is typed, as every path option (a config's study_dir: the data root)
+            overrides.append(f"study_dir={out.expanduser().absolute()}")
         cfg = load_config(CompareConfig, path, overrides)
+        chosen = out is not None or any(parse_override(text)[0] == ["study_dir"] for text in set_)
         packs = pack if pack == "auto" else _whole_number(pack, "--pack")
         check_study(cfg, packs, memory_budget)  # every check before the work, --dry-run included
         if dry_run:
-            console.print_json(json.dumps(plan(cfg)))
+            console.print_json(json.dumps(plan(locate_study(path, cfg, chosen))))
             return
         with joined(cfg.device, RESUME) as me:  # under torchrun the ranks share the cells; rank 0 writes and reports
+            cfg = locate_study(path, cfg, chosen)
             result = run_compare(cfg, log=rank_log(me), progress=progress and me.is_main, pack=packs,
                                  memory_budget=memory_budget)
         if not me.is_main:

@@ -10,9 +10,8 @@ import typer
 from rich.table import Table
 
 from align.cli.common import console, err_console, joined, user_errors
-from align.common.config import load_config
+from align.common.config import load_config, parse_override
 from align.common.config_files import resolve_config
-from align.common.paths import runs_dir
 
 TABLE_COLUMNS = {"best_val": "best val", "best_test": "best test", "final_test": "final test"}  # results' sections
 SHARPNESS_FIGURES = (("first-order", "worst_case_first_order"), ("ascent", "worst_case_ascent"),
@@ -20,11 +19,6 @@ SHARPNESS_FIGURES = (("first-order", "worst_case_first_order"), ("ascent", "wors
 
 # what each rank still alive says when a rank of a torchrun job dies
 RESUME = "finished checkpoints are kept: run the same command with --resume"
-
-def default_run_dir(config_path: Path) -> Path:
-    """<data root>/runs/<config file name without extension> (a run's own config.yaml names its out_dir explicitly)."""
-    return runs_dir() / config_path.stem
-
 
 def figure_text(value: Any, spec: str) -> str:
     """A figure as ``format(value, spec)``; None (a value that was not measured, or not finite) and NaN as —."""
@@ -67,20 +61,26 @@ def register(app: typer.Typer) -> None:
         config: str = typer.Option(..., "--config", "-c", metavar="FILE|NAME",
                                    help="Training config YAML: a path or a packaged train/ name (`align configs`)."),
         overrides: Optional[list[str]] = typer.Option(None, "--set", help="Override a config value: key.sub=value."),
-        resume: bool = typer.Option(False, "--resume", help="Continue the run in the output folder from its last checkpoint."),
-        out: Optional[Path] = typer.Option(None, "--out", help="Run directory (default: out_dir of the config, else "
-                                           "$ALIGN_HOME/runs/<config name>, else data/runs/<config name>)."),
+        resume: bool = typer.Option(False, "--resume", help="Continue the run from its last checkpoint (with "
+                                    "--config RUN/config.yaml: the run in RUN, wherever it is)."),
+        out: Optional[Path] = typer.Option(None, "--out", help="Run directory, relative to this folder (default: "
+                                           "a run's own folder for its RUN/config.yaml, else out_dir of the config, "
+                                           "under $ALIGN_HOME (else data/) when relative, else "
+                                           "$ALIGN_HOME/runs/<config name>)."),
         progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
     ) -> None:
         """Train an alignment head on cached embeddings; writes config.yaml, metrics.jsonl, checkpoints/, results.json."""
         from align.train.config import TrainConfig  # loads torch: not for --help
         from align.train.loop import train
+        from align.train.run_dir import locate_run
 
         path = resolve_config(config, ("train",))
         cfg = load_config(TrainConfig, path, overrides or [])
-        run_dir = out or (Path(cfg.out_dir) if cfg.out_dir else default_run_dir(path))
-        cfg = cfg.model_copy(update={"out_dir": str(run_dir)})
+        out_dir_set = any(parse_override(text)[0] == ["out_dir"] for text in overrides or [])
         with joined(cfg.device, RESUME) as me:  # under torchrun the ranks train the run data-parallel; rank 0 writes it
+            where = locate_run(path, cfg.out_dir, out=out, out_dir_set=out_dir_set, resume=resume)
+            run_dir = where.path
+            cfg = cfg.model_copy(update={"out_dir": where.out_dir})
             results = train(cfg, run_dir, resume=resume, log=lambda m: err_console.print(m, highlight=False),
                             progress=progress)
         if not me.is_main:

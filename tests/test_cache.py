@@ -275,7 +275,9 @@ def test_nan_embeddings_are_an_error(tiny_dir, tmp_path, monkeypatch):
     cfg = make_cfg(tiny_dir, tmp_path)
     with pytest.raises(AlignError, match=r"NaN/inf embeddings for \S*train\S*4, .* in split 'train'"):
         embed_split(cfg, "train", progress=False, log=quiet)
-    with pytest.raises(AlignError, match="did not finish: run `align embed --config FILE` with this config again"):
+    # No shard finished, so the failed embed left nothing behind (issue 21): not even a lock, nor an unused plan.
+    assert not cache_keys.cache_path(cfg, "train").exists()
+    with pytest.raises(AlignError, match="no cached embeddings for split 'train'"):
         load_cached_split(cfg, "train")
 
 
@@ -304,8 +306,8 @@ def test_verify_detects_a_flipped_byte_and_a_truncated_file_never_loads(tiny_dir
     data[-7] ^= 0x01  # one bit of one float: same size, still a valid .npy
     (path / "text.npy").write_bytes(bytes(data))
     problems = verify_cache(path)
-    assert problems == [f"damaged cache {path}: text.npy differs from its sha256 in the manifest (changed after "
-                        f"the embed wrote it); fix: `align cache rm {path.name}`, then `align embed`"]
+    assert problems == [f"damaged cache {path.name}: text.npy differs from its sha256 in the manifest (changed after "
+                        f"the embed wrote it); fix: `align cache rm {path.name} --root {tmp_path}`, then `align embed`"]
     # a truncated file: every load says what is wrong, and so does embed (it never re-uses or silently rebuilds)
     (path / "image.npy").write_bytes((path / "image.npy").read_bytes()[:-16])
     for attempt in (lambda: load_cached_split(cfg, "train"), lambda: embed_split(cfg, "train", log=quiet)):

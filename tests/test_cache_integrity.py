@@ -157,6 +157,20 @@ def _restore(world: dict) -> None:
     shutil.copytree(world["root"] / "pristine", world["folder"])  # new inodes: the next load re-hashes
 
 
+def _head(world: dict, name: str) -> str:
+    """The start of a damaged cache's line: the key when the fix names it with its root, else the folder."""
+    return f"damaged cache {world['folder'] if name == 'manifest not JSON' else world['key']}: "
+
+
+def _fix(world: dict, name: str) -> str:
+    """The end of a damaged cache's line: `align cache rm` with the cache's own root (never the default root, which
+    may hold a sound cache of the same key), or, where the manifest no longer names the folder (rm keeps such a
+    folder), deleting it by hand."""
+    if name == "manifest not JSON":
+        return "fix: delete this folder (manifest.json does not name it, so `align cache rm` keeps it), then `align embed`"
+    return f"fix: `align cache rm {world['key']} --root {world['folder'].parent}`, then `align embed`"
+
+
 @pytest.mark.parametrize("name", list(CORRUPTIONS))
 def test_every_corruption_is_one_line_naming_the_cache_in_every_command(world, name):
     corrupt, phrase = CORRUPTIONS[name]
@@ -173,8 +187,8 @@ def test_every_corruption_is_one_line_naming_the_cache_in_every_command(world, n
             assert result.exit_code == 2 and len(lines) == 1, (command, result.output)
             message = lines[0].removeprefix("error: ")
             assert lines[0].startswith("error: ") and len(message) <= 300, (command, lines[0])
-            assert message.startswith(f"damaged cache {world['folder']}: ") and phrase in message, (command, message)
-            assert message.endswith(f"fix: `align cache rm {world['key']}`, then `align embed`"), (command, message)
+            assert message.startswith(_head(world, name)) and phrase in message, (command, message)
+            assert message.endswith(_fix(world, name)), (command, message)
         assert not (world["root"] / "UNPICKLED").exists()
         assert not (world["root"] / f"run-{case}").exists()  # train refused before writing a run
         assert not (world["root"] / "study" / "runs").exists()  # compare refused before training any cell
@@ -295,5 +309,5 @@ def test_cache_info_and_ls_report_a_damaged_manifest_without_a_traceback(world, 
         return
     lines = [line for line in info.output.splitlines() if line.strip()]
     assert info.exit_code == 2 and len(lines) == 1, info.output
-    assert lines[0].startswith(f"error: damaged cache {world['folder']}: manifest.json")
+    assert lines[0].startswith(f"error: {_head(world, name)}manifest.json")
     assert "damaged" in listing.output

@@ -114,4 +114,5 @@ def test_the_twin_on_other_ranks_writes_nothing(tmp_path):
     with CacheWriter.for_rank(folder, Rank(0, 2)) as writer:
         writer.claim()
         writer.clean()  # rank 0's writer removes a killed run's temp files and the stale verification record
-    assert sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")) == [".lock", "work"]
+        assert sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")) == [".lock", "work"]
+    assert not folder.exists()  # it wrote nothing: closing it leaves nothing (issue 21), not even its lock

@@ -277,6 +277,19 @@ def test_a_killed_rank_then_resume_gives_the_uninterrupted_two_rank_run(train_se
     kill_then_resume(train_setup, two_rank_run, name, *KILLS[name])
 
 
+def test_resume_with_nothing_to_resume_under_torchrun_is_one_line_on_each_rank_and_writes_nothing(train_setup,
+                                                                                                  tmp_path):
+    """Rank 0 looks for the run and every rank hears its refusal (issue 21): no rank starts a fresh run."""
+    empty = tmp_path / "empty"
+    proc = subprocess.run(torchrun([*align_command(), "train", "--config", str(train_setup["config"]), "--out",
+                                    str(empty), "--resume", "--no-progress"]), cwd=tmp_path, env=run_env(),
+                          capture_output=True, text=True, timeout=300)
+    line = (f"error: --resume: no run to continue in {empty}: leave out --resume to start one there, or give the "
+            "run's own --config RUN/config.yaml")
+    assert proc.returncode != 0 and proc.stderr.count(line) == WORLD, proc.stderr[-3000:]
+    assert not empty.exists()
+
+
 def test_a_batch_that_does_not_split_evenly_over_the_ranks_is_refused_before_anything_is_written(tmp_path):
     from align.common.distributed import Rank
     from align.common.errors import AlignError
@@ -315,7 +328,7 @@ def _resume_main(rank: int, port: int, root: str) -> None:
 
 @pytest.mark.slow
 def test_a_local_msam_metric_is_kept_per_rank_and_resumes_only_on_as_many_ranks(tmp_path):
-    from faults import assert_one_line_per_survivor, assert_same_run
+    from faults import assert_same_run
 
     from align.common.errors import AlignError
     from align.train.config import TrainConfig

@@ -57,7 +57,8 @@ def test_embed_then_cache_ls_info_verify_rm(tiny_dir, tmp_path):
     data[-1] ^= 0x40
     text.write_bytes(bytes(data))
     code, out = _run("cache", "verify", keys[0], "--root", str(root))
-    assert code == 2 and "text.npy differs from its sha256" in out and f"damaged cache {root / keys[0]}" in out, out
+    assert code == 2 and "text.npy differs from its sha256" in out and f"damaged cache {keys[0]}:" in out, out
+    assert f"`align cache rm {keys[0]} --root {root}`" in out, out
 
     code, out = _run("cache", "rm", keys[0], "--root", str(root))
     assert code == 0 and not (root / keys[0]).exists(), out

@@ -179,13 +179,15 @@ def test_other_write_errors_are_one_line_too(tiny_dir, tmp_path, monkeypatch):
 
 @pytest.fixture()
 def cache_root(tmp_path) -> dict[str, Path]:
-    """A finished cache, an interrupted embed, a lock-only leftover, and user folders that are no caches."""
+    """A finished cache, an interrupted embed, and folders that are no caches: a lock-only leftover (an embed
+    killed before its plan), user folders."""
     root = tmp_path / "cache"
     data = data_section(root)
     finished = write_cache(data, "val", *synthetic_split("val", 16))
     interrupted = root / "synthetic-train-0123456789abcdef"
     (interrupted / "work").mkdir(parents=True)
-    (interrupted / "work" / "plan.json").write_text(json.dumps({"key": interrupted.name}))
+    (interrupted / "work" / "plan.json").write_text(json.dumps({"key": interrupted.name, "images": 8, "captions": 16,
+                                                                "encode_rows": 64, "shard_size": 512}))
     np.save(interrupted / "work" / "image-00000.npy", np.zeros((4, 2), np.float32))
     (interrupted / "work" / "image-00000.json").write_text("{}")
     (interrupted / "work" / ".image-00001.npy.999.tmp").write_bytes(b"torn")
@@ -216,18 +218,21 @@ def test_cache_rm_removes_only_real_caches(cache_root):
         f"{cache_root['thesis']} is not an embedding cache (it holds thesis.pdf, which `align embed` never writes): "
         f"refusing to delete it")
     assert "it holds notes.txt" in one_line(_rm(root, "synthetic-notes"))  # a manifest alone does not make a cache
-    assert "no manifest.json and no embed in progress" in one_line(_rm(root, "empty"))
+    nothing = "no manifest.json and no work/plan.json: no embed wrote it"
+    assert nothing in one_line(_rm(root, "empty"))
+    assert nothing in one_line(_rm(root, cache_root["lock_only"].name))  # a lock is no cache (issue 21)
     assert (cache_root["thesis"] / "thesis.pdf").read_bytes() == b"%PDF years of work"
     assert (cache_root["lookalike"] / "notes.txt").is_file() and cache_root["empty"].is_dir()
+    assert (cache_root["lock_only"] / ".lock").is_file()
     listed = {e["key"]: e["status"] for e in cache_store.list_caches(root)}
-    assert listed == {cache_root["finished"].name: "ok", cache_root["interrupted"].name: "incomplete",
-                      cache_root["lock_only"].name: "incomplete"}
+    assert listed == {cache_root["finished"].name: "ok", cache_root["interrupted"].name: "incomplete"}
 
-    for name in ("finished", "interrupted", "lock_only"):
+    for name in ("finished", "interrupted"):
         result = _rm(root, cache_root[name].name[:18])  # a unique prefix of a real cache is enough
         assert result.exit_code == 0 and f"removed {cache_root[name]}" in result.output, result.output
         assert not cache_root[name].exists()
-    assert sorted(p.name for p in root.iterdir()) == ["empty", "my_thesis_results", "synthetic-notes"]
+    assert sorted(p.name for p in root.iterdir()) == ["empty", "my_thesis_results", "synthetic-notes",
+                                                      "synthetic-test-fedcba9876543210"]
 
 
 def test_cache_rm_refuses_while_an_embed_writes_the_cache(cache_root):

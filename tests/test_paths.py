@@ -43,7 +43,8 @@ def test_data_root_is_align_home_else_data(monkeypatch):
 def _fake_cache(root: Path, key: str) -> None:
     """An unfinished cache folder (no manifest): enough for `align cache ls` to list it."""
     (root / key / "work").mkdir(parents=True)
-    (root / key / "work" / "plan.json").write_text("{}")
+    (root / key / "work" / "plan.json").write_text(json.dumps({"key": key, "images": 4, "captions": 8,
+                                                               "encode_rows": 64, "shard_size": 512}))
 
 
 def test_align_home_moves_the_cache_root_of_cache_ls_and_eval(tmp_path, monkeypatch):
@@ -70,7 +71,7 @@ def test_align_home_moves_the_cache_root_of_cache_ls_and_eval(tmp_path, monkeypa
 
 def test_align_home_moves_study_cache_and_run_defaults(tmp_path, monkeypatch):
     from align.cache.key import load_embed_config
-    from align.cli.train import default_run_dir
+    from align.train.run_dir import default_run_dir
 
     monkeypatch.setenv("ALIGN_HOME", str(tmp_path))
     result = runner.invoke(app, ["compare", "--config", "default", "--dry-run"])
@@ -92,3 +93,31 @@ def test_the_cache_key_does_not_depend_on_the_cache_root(tmp_path, monkeypatch):
     monkeypatch.setenv("ALIGN_HOME", str(tmp_path))
     assert [cache_key(load_embed_config(config), split) for split in ("train", "test")] == keys
     assert cache_key(load_embed_config(config, [f"cache_root={tmp_path}/x"]), "train") == keys[0]
+
+
+def test_a_folder_a_config_names_is_under_the_data_root_never_the_working_folder(tmp_path, monkeypatch):
+    """out_dir / study_dir in a config (issue 21): relative ones live under $ALIGN_HOME (else ./data), and the
+    way a saved config names a folder reads back to that folder."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("ALIGN_HOME", "/srv/align")
+    assert paths.in_data_root("runs/x") == Path("/srv/align/runs/x")
+    assert paths.in_data_root("runs/../mine") == Path("/srv/align/mine")
+    assert paths.in_data_root("/abs/y") == Path("/abs/y")
+    assert paths.relative_to_data_root(Path("/srv/align/runs/x")) == "runs/x"
+    assert paths.relative_to_data_root(Path("/elsewhere/x")) == "/elsewhere/x"
+    monkeypatch.setenv("HOME", "/home/someone")
+    assert paths.in_data_root("~/r") == Path("/home/someone/r")
+    monkeypatch.delenv("ALIGN_HOME")
+    assert paths.in_data_root("runs/x") == tmp_path / "data" / "runs" / "x"
+    assert paths.relative_to_data_root("data/runs/x") == "runs/x"  # typed relative to here: inside ./data
+
+
+def test_only_a_config_yaml_beside_its_folders_own_files_names_that_folder(tmp_path):
+    user = tmp_path / "configs"
+    user.mkdir()
+    (user / "config.yaml").write_text("x: 1\n")
+    assert paths.saved_config_folder(user / "config.yaml", ("checkpoints", ".lock")) is None
+    (user / ".lock").write_text("")
+    assert paths.saved_config_folder(user / "config.yaml", ("checkpoints", ".lock")) == user
+    (user / "other.yaml").write_text("x: 1\n")
+    assert paths.saved_config_folder(user / "other.yaml", ("checkpoints", ".lock")) is None

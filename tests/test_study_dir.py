@@ -73,7 +73,7 @@ def test_the_writer_cleans_a_killed_runs_temporary_files_and_writes_its_config(t
     assert sorted(p.name for p in tmp_path.iterdir()) == ["summary.csv"]
     path = study.write_config(cfg)
     text = path.read_text()
-    assert path == tmp_path / "config.yaml" and text.startswith(f"# align compare --config {path}\n")
+    assert path == tmp_path / "config.yaml" and text.startswith("# align compare --config STUDY/config.yaml   (")
     assert CompareConfig.model_validate(yaml.safe_load(text)) == cfg
     with study.lock():
         assert (tmp_path / ".lock").read_text().strip() == str(os.getpid())

@@ -50,7 +50,7 @@ def test_train_writes_a_run_directory_that_reruns_from_its_own_config(config_fil
     assert result.exit_code == 0, result.output
     assert "mean_R@1" in result.output and "status done" in result.output
     assert {"config.yaml", "metrics.jsonl", "results.json"} <= {p.name for p in run.iterdir()}
-    assert (run / "config.yaml").read_text().startswith(f"# align train --config {run / 'config.yaml'} --resume")
+    assert (run / "config.yaml").read_text().startswith("# align train --config RUN/config.yaml --resume")
     # The resolved config re-runs as is (to another folder: its own folder already holds this run).
     again = runner.invoke(app, ["train", "--config", str(run / "config.yaml"), "--out", str(tmp_path / "again"),
                                 "--no-progress"])
@@ -61,6 +61,7 @@ def test_train_writes_a_run_directory_that_reruns_from_its_own_config(config_fil
 
 def test_out_dir_defaults_to_the_config_field_then_data_runs(config_file, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("ALIGN_HOME", raising=False)
     result = runner.invoke(app, ["train", "--config", str(config_file),  # with the progress bar
                                  "--set", "schedule.steps=10", "--set", "eval.test_split=null"])
     assert result.exit_code == 0, result.output
@@ -68,7 +69,7 @@ def test_out_dir_defaults_to_the_config_field_then_data_runs(config_file, tmp_pa
     result = runner.invoke(app, ["train", "--config", str(config_file), "--no-progress", "--set", "out_dir=elsewhere",
                                  "--set", "schedule.steps=10", "--set", "eval.test_split=null"])
     assert result.exit_code == 0, result.output
-    assert (tmp_path / "elsewhere" / "results.json").is_file()
+    assert (tmp_path / "data" / "elsewhere" / "results.json").is_file()  # a config's out_dir: under the data root
 
 
 @pytest.mark.parametrize("override, expected", [

@@ -117,6 +117,9 @@ def cache_identity(cfg: EmbedConfig, split: str) -> dict[str, Any]:
     }
 
 
+KEY_NAME = re.compile(r"[A-Za-z0-9_.]+-[A-Za-z0-9_.]+-[0-9a-f]{16}")  # what cache_key returns: kind-split-digest
+
+
 def cache_key(cfg: EmbedConfig, split: str) -> str:
     """``<dataset kind>-<split>-<16 hex digits of sha256 over cache_identity>``."""
     payload = json.dumps(cache_identity(cfg, split), sort_keys=True, separators=(",", ":"), default=str)

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import re
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,8 @@ import torch
 from numpy.lib import format as npy
 
 from align.cache.embeddings import PairedEmbeddings
-from align.cache.key import ARRAYS, CACHE_FORMAT, LABEL_ARRAYS, MANIFEST, VERIFIED, WORK, EmbedConfig, cache_path
+from align.cache.key import (ARRAYS, CACHE_FORMAT, KEY_NAME, LABEL_ARRAYS, MANIFEST, VERIFIED, WORK, EmbedConfig,
+                             cache_path)
 from align.common.config import shorten
 from align.common.errors import AlignError
 from align.common.files import atomic_write_text, sha256_file
@@ -81,6 +83,20 @@ def _load_manifest(path: Path) -> dict[str, Any]:
     return manifest
 
 
+def is_own_manifest(path: Path) -> bool:
+    """Whether ``path``/manifest.json is the manifest ``align embed`` wrote for this very folder: the folder is
+    named like a cache key, and its manifest is a JSON object of a cache format whose key is that name (its other
+    fields may be damaged: the folder is still a cache)."""
+    if KEY_NAME.fullmatch(Path(path).name) is None:
+        return False
+    try:
+        manifest = json.loads((Path(path) / MANIFEST).read_bytes().decode("utf-8"))
+    except (OSError, ValueError):
+        return False
+    return (isinstance(manifest, dict) and is_count(manifest.get("format"), 1)
+            and manifest.get("key") == Path(path).name)
+
+
 def is_count(value: Any, least: int = 0) -> bool:
     """Whether a JSON value is an integer ≥ ``least`` (a bool is not one)."""
     return isinstance(value, int) and not isinstance(value, bool) and value >= least
@@ -134,8 +150,17 @@ def is_complete(path: Path) -> bool:
 
 
 def _problem_line(path: Path, problem: str) -> str:
-    """The user's one line for a damaged cache: the folder, the problem, and how to get a sound one (≤ 300)."""
-    head, tail = f"damaged cache {path}: ", f"; fix: `align cache rm {path.name}`, then `align embed`"
+    """The user's one line for a damaged cache: the folder, the problem, and how to get a sound one (≤ 300). The
+    ``align cache rm`` it suggests names the folder's root, and only where rm would delete it (its manifest says
+    it is this cache)."""
+    head = f"damaged cache {path}: "
+    if is_own_manifest(path):  # the fix names the key and its root: the folder, without spelling its path twice
+        head = f"damaged cache {path.name}: "
+        tail = (f"; fix: `align cache rm {shlex.quote(path.name)} --root {shlex.quote(str(path.parent))}`, then "
+                "`align embed`")
+    else:
+        tail = (f"; fix: delete this folder ({MANIFEST} does not name it, so `align cache rm` keeps it), then "
+                "`align embed`")
     return shorten(head + shorten(problem, max(60, 300 - len(head) - len(tail))) + tail)
 
 

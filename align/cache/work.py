@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from align.cache.key import ENCODE_ROWS
+from align.cache.key import ENCODE_ROWS, KEY_NAME
 from align.cache.read import is_count
 from align.common.errors import AlignError
 from align.common.files import atomic_write_text, is_write_problem, remove_quietly, sha256_file, write_error
@@ -179,6 +179,15 @@ def _read_plan(path: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return old if isinstance(old, dict) else None
+
+
+def is_own_plan(work: Path, key: str) -> bool:
+    """Whether ``work``/plan.json is the shard plan ``align embed`` wrote for cache ``key`` (a cache key's shape):
+    its key, row counts, rows per encoder batch and shard size."""
+    plan = _read_plan(work / PLAN) if KEY_NAME.fullmatch(key) else None
+    return (plan is not None and plan.get("key") == key and is_count(plan.get("images"))
+            and is_count(plan.get("captions")) and is_count(plan.get("encode_rows"), 1)
+            and is_count(plan.get("shard_size"), 1))
 
 
 def _resumes(old: dict[str, Any], plan: dict[str, Any]) -> bool:

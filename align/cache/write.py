@@ -15,6 +15,7 @@ rerun with any number of ranks resumes, and on one kind of device the arrays equ
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import time
@@ -30,12 +31,12 @@ import torch
 from align.cache.encode import ShardEncoder
 from align.cache.key import CACHE_FORMAT, MANIFEST, VERIFIED, WORK, EmbedConfig, cache_identity, cache_key
 from align.cache.read import check_cache
-from align.cache.work import ShardContents, Todo, WorkFolder, save_array, save_text
+from align.cache.work import PLAN, ShardContents, Todo, WorkFolder, save_array, save_text
 from align.common import distributed
 from align.common.device import pick_device
 from align.common.errors import AlignError
 from align.common.files import require_writable, wait_until_visible
-from align.common.locks import exclusive
+from align.common.locks import LOCK_FILE, exclusive
 from align.common.progress import Log
 from align.data import datasets, encoders
 
@@ -208,12 +209,14 @@ class EmbedJob:
 
 class CacheWriter:
     """The write handle on one cache folder, held by rank 0: its lock (taken by ``claim``, released when the writer
-    closes), the clean-up of a killed run's leftovers, and the finished cache. The other ranks of a torchrun job
-    hold its read-only twin (``for_rank``)."""
+    closes), the clean-up of a killed run's leftovers, and the finished cache. A writer that closes with nothing
+    worth keeping (no manifest, no finished shard) removes what its lock made, so a refused or failed embed leaves
+    nothing. The other ranks of a torchrun job hold its read-only twin (``for_rank``)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self._held = ExitStack()  # the folder's lock, once claimed
+        self._made: list[Path] | None = None  # once locked: the folders above the key's that the lock made
 
     @classmethod
     def for_rank(cls, path: Path, rank: distributed.Rank) -> CacheWriter:
@@ -224,7 +227,9 @@ class CacheWriter:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._held.close()
+        with self._held:  # the lock is dropped last: nobody else writes the folder while it is removed
+            if self._made is not None:
+                self._remove_if_unused()
 
     def claim(self) -> bool:
         """True when the folder is a finished (and sound) cache; else False with its lock taken."""
@@ -242,8 +247,28 @@ class CacheWriter:
         return True
 
     def _lock(self) -> None:
+        made = list(itertools.takewhile(lambda p: not p.exists(), self.path.parents))
         self._held.enter_context(exclusive(self.path, "cache", "another `align embed` is writing it; wait for it "
                                                                "to finish"))
+        self._made = made
+
+    def _remove_if_unused(self) -> None:
+        """An embed that leaves nothing to keep (refused, failed or stopped before its first shard was done) leaves
+        nothing behind: its lock file, an unused plan, their temporary files, the key's folder and the folders its
+        lock made above it go. A manifest, a finished shard or anything else keeps the folder as it is."""
+        work = self.path / WORK
+        try:
+            if not (_only(self.path, {LOCK_FILE, WORK}) and (not work.exists() or _only(work, {PLAN}))):
+                return
+            for folder in (work, self.path):
+                for name in os.listdir(folder) if folder.is_dir() else []:
+                    if name != WORK:
+                        (folder / name).unlink()
+            for folder in (work, self.path, *self._made):
+                if folder.is_dir():
+                    folder.rmdir()  # fails on a folder something else wrote into meanwhile: it then stays
+        except OSError:
+            pass  # what could not be removed stays: it is no cache, and the next embed of the key reuses it
 
     def clean(self) -> None:
         """A killed run's leftovers removed (the lock is held, so no writer owns them)."""
@@ -283,6 +308,12 @@ class ReadOnlyCacheWriter(CacheWriter):
 
     def finalize(self, job: EmbedJob) -> None:
         pass
+
+
+def _only(folder: Path, names: set[str]) -> bool:
+    """Whether ``folder`` is a real folder holding nothing but ``names`` and temporary files (``.*.tmp``)."""
+    return folder.is_dir() and not folder.is_symlink() and all(
+        name in names or (name.startswith(".") and name.endswith(".tmp")) for name in os.listdir(folder))
 
 
 def _rate(n: int, what: str, seconds: float) -> str:

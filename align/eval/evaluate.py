@@ -7,6 +7,7 @@ the top-5 images with their scores (the images are read again from the dataset t
 """
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -170,7 +171,7 @@ def evaluate_cache(path: Path, split: str | None = None, ks: Sequence[int] = (1,
     paired = load_cache_dir(path)
     if split is not None and paired.meta.get("split") != split:
         raise AlignError(f"cache {path.name} holds split {paired.meta.get('split')!r}, not {split!r}: "
-                         "give the key of that split (align cache ls)")
+                         f"give the key of that split (`align cache ls --root {shlex.quote(str(path.parent))}`)")
     if gallery is not None and paired.image.shape[1] != paired.text.shape[1]:  # said before the work, not after
         raise AlignError(f"no gallery of raw embeddings: image dimension {paired.image.shape[1]} differs from text "
                          f"dimension {paired.text.shape[1]} (no common space without a head): give a RUN_DIR instead "

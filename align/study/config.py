@@ -12,6 +12,7 @@ from typing import Any, Literal
 from pydantic import ValidationError, field_validator, model_validator
 
 from align.common.config import MAX_SEED, Integer, Number, StrictModel
+from align.common.paths import relative_to_data_root
 from align.data.datasets import LABELLED_KINDS
 from align.optim import OPTIMIZERS, default_hparams, optimizer_info
 from align.study.cells import Cell
@@ -187,5 +188,5 @@ def cell_config(cfg: CompareConfig, cell: Cell, run_dir: Path) -> TrainConfig:
     optim.update(name=cell.optimizer, lr=cell.lr, **dict(cell.method))
     if cell.rho is not None:
         optim["rho"] = cell.rho
-    shared.update(optim=optim, seed=cell.seed, out_dir=str(run_dir))
+    shared.update(optim=optim, seed=cell.seed, out_dir=relative_to_data_root(run_dir))  # as align train names it
     return TrainConfig.model_validate(shared)

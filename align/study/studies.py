@@ -14,29 +14,41 @@ they read the same folder and write nothing.
 from __future__ import annotations
 
 import contextlib
+import os
 from pathlib import Path
 from typing import Any, ContextManager
 
+from align.common import distributed, paths
 from align.common.config import dump_config
 from align.common.distributed import Rank
 from align.common.errors import AlignError
 from align.common.files import atomic_write_text, read_json, require_writable, wait_until_visible, write_json
-from align.common.locks import exclusive
-from align.common.paths import studies_dir
+from align.common.locks import LOCK_FILE, exclusive
 from align.study import report
 from align.study.cells import Cell
 from align.train import run_dir
 
-CONFIG_FILE = "config.yaml"
+CONFIG_FILE = paths.SAVED_CONFIG
 PACKS_FILE = "packs.json"  # the study's pack layout and threads per pack, fixed at its first run
 RUNS_FOLDER = "runs"  # one run directory per cell, named by the cell's key
+STUDY_MARKS = (PACKS_FILE, RUNS_FOLDER, LOCK_FILE)  # what only a study folder holds beside its config.yaml
 TEMP_PATTERNS = (".*.tmp", ".*.tmp.png")  # what a killed writer of the tables, report and plots leaves
 
 
 def study_dir(cfg: Any) -> Path:
-    """The folder of a study (an ``align.study.config.CompareConfig``): ``study_dir`` if set, else
-    ``<data root>/studies/<name>``."""
-    return Path(cfg.study_dir) if cfg.study_dir else studies_dir() / cfg.name
+    """The folder of a study (an ``align.study.config.CompareConfig``): ``study_dir`` if set (relative: under the
+    data root, never the working folder), else ``<data root>/studies/<name>``."""
+    return paths.in_data_root(cfg.study_dir) if cfg.study_dir else paths.studies_dir() / cfg.name
+
+
+def locate_study(config_path: str | Path, cfg: Any, chosen: bool = False) -> Any:
+    """``cfg`` (a ``CompareConfig``) with the folder ``align compare --config config_path`` continues: a study's own
+    config.yaml names the folder it sits in, so a copied or moved study folder continues where it is, unless the
+    command line ``chosen`` one (--out, --set study_dir=...). Under torchrun rank 0 looks, every rank hears."""
+    folder = None if chosen else distributed.from_main(lambda: paths.saved_config_folder(config_path, STUDY_MARKS))
+    if folder is None or os.path.abspath(study_dir(cfg)) == str(folder):
+        return cfg
+    return cfg.model_copy(update={"study_dir": paths.relative_to_data_root(folder)})
 
 
 class StudyDir:
@@ -83,8 +95,11 @@ class StudyDir:
 
     def write_config(self, cfg: Any) -> Path:
         """The study's resolved config (its ``CompareConfig``) as config.yaml, headed by the command that runs it
-        again."""
-        atomic_write_text(self.config_path, f"# align compare --config {self.config_path}\n" + dump_config(cfg))
+        again. It names the folder as STUDY, not by its path: a copied or moved study folder continues where it
+        is, so the command stays true there too."""
+        atomic_write_text(self.config_path, f"# align compare --config STUDY/{CONFIG_FILE}   (finish this study or "
+                                            "write its report again; STUDY: this folder, wherever it is)\n"
+                          + dump_config(cfg))
         return self.config_path
 
     def read_pack_layout(self) -> dict[str, Any] | None:

@@ -21,24 +21,29 @@ import hashlib
 import json
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from align.common import distributed, files
+from align.common import distributed, files, paths
 from align.common.files import atomic_write_bytes, atomic_write_text, json_text, read_json, write_json
 from align.common.config import load_yaml
-from align.common.errors import AlignError
-from align.common.locks import exclusive
+from align.common.errors import AlignError, shorten
+from align.common.locks import LOCK_FILE, exclusive
 from align.train.checkpoint import head_weights
 from align.train.identity import config_hash, diff_keys, hashed_view
 
-CONFIG_FILE = "config.yaml"
+CONFIG_FILE = paths.SAVED_CONFIG
 METRICS_FILE = "metrics.jsonl"
 RESULTS_FILE = "results.json"
 CHECKPOINT_DIR = "checkpoints"
+RUN_MARKS = (METRICS_FILE, RESULTS_FILE, CHECKPOINT_DIR, LOCK_FILE)  # what only a run folder holds beside config.yaml
 _STEP_RE = re.compile(r"^step-(\d+)\.json$")
+RESUME_HEADER = (f"# align train --config RUN/{CONFIG_FILE} --resume   (continue or finish this run; RUN: this "
+                 "folder, wherever it is)\n"
+                 f"# align train --config RUN/{CONFIG_FILE} --out NEW_DIR   (train it again into NEW_DIR)\n")
 
 
 def write_config(run_dir: Path, text: str) -> None:
@@ -201,6 +206,52 @@ def is_run_dir(path: Path) -> bool:
     return (Path(path) / CONFIG_FILE).is_file()
 
 
+@dataclass(frozen=True)
+class RunLocation:
+    """Where a run lives (absolute) and how its config.yaml names that place (``out_dir``, read back against the
+    data root: ``align.common.paths.in_data_root``)."""
+
+    path: Path
+    out_dir: str
+
+
+def default_run_dir(config_path: str | Path) -> Path:
+    """<data root>/runs/<config file name without extension>: where a config that names no out_dir trains."""
+    return paths.runs_dir() / Path(config_path).stem
+
+
+def locate_run(config_path: str | Path, out_dir: str | None, out: str | Path | None = None,
+               out_dir_set: bool = False, resume: bool = False) -> RunLocation:
+    """Where ``align train --config config_path`` trains, first rule that applies: ``out`` (--out, relative to the
+    working folder it was typed in); an ``out_dir`` set on the command line (``out_dir_set``); the folder of a run's
+    own config.yaml (a copied or moved run folder continues where it is); the config's ``out_dir`` (relative: under
+    the data root); <data root>/runs/<config name>. Never the working folder of a later command: the path is
+    absolute, and config.yaml names it as given or relative to the data root.
+
+    With ``resume``, AlignError (one line) when that folder holds no run. Under torchrun rank 0 looks and every
+    rank hears its answer (or its refusal)."""
+    return distributed.from_main(lambda: _locate(Path(config_path), out_dir, out, out_dir_set, resume))
+
+
+def _locate(config_path: Path, out_dir: str | None, out: str | Path | None, out_dir_set: bool,
+            resume: bool) -> RunLocation:
+    own = None if out is not None or out_dir_set else paths.saved_config_folder(config_path, RUN_MARKS)
+    if out is not None:
+        path = Path(os.path.abspath(Path(out).expanduser()))
+    elif own is not None:
+        path = own
+    elif out_dir:
+        path = paths.in_data_root(out_dir)
+    else:
+        path = Path(os.path.abspath(default_run_dir(config_path)))
+    as_given = out is None and bool(out_dir) and paths.in_data_root(out_dir) == path
+    where = RunLocation(path, out_dir if as_given else paths.relative_to_data_root(path))
+    if resume and not RunDir(path).was_started():
+        raise AlignError(shorten(f"--resume: no run to continue in {path}: leave out --resume to start one there, "
+                                 f"or give the run's own --config RUN/{CONFIG_FILE}"))
+    return where
+
+
 class RunDir:
     """A run directory's bookkeeping for the training loop and evaluation: what it holds, and every write to it."""
 
@@ -232,6 +283,11 @@ class RunDir:
     def holds_run(self) -> bool:
         """Whether anything of a run is here: a config, a checkpoint or results."""
         return is_run_dir(self.path) or bool(list_checkpoints(self.path)) or self.results_path.exists()
+
+    def was_started(self) -> bool:
+        """Whether a run was started here: it holds a run, or the first files one writes (its lock, metrics), as a
+        run that failed before its config.yaml leaves them (its resume then starts at step 0)."""
+        return self.holds_run() or any((self.path / mark).exists() for mark in RUN_MARKS)
 
     def check_location(self) -> None:
         """AlignError unless the run directory is a folder or can become one (no file in its place or above it)."""
@@ -291,10 +347,9 @@ class RunDir:
                 stale.unlink(missing_ok=True)
 
     def write_config(self, yaml_text: str) -> None:
-        """The resolved config, headed by the commands that resume it and re-run it elsewhere."""
-        write_config(self.path, f"# align train --config {self.config_path} --resume   (continue or finish this run)\n"
-                                f"# align train --config {self.config_path} --out NEW_DIR   (run it again elsewhere)\n"
-                     + yaml_text)
+        """The resolved config, headed by the commands that resume it and re-run it elsewhere. They name the folder
+        as RUN, not by its path: a copied or moved run folder resumes where it is, so they stay true there too."""
+        write_config(self.path, RESUME_HEADER + yaml_text)
 
     def append_metrics(self, record: dict[str, Any]) -> None:
         append_metrics(self.path, record)
