@@ -56,10 +56,6 @@ class RunResults:
     loss_at_step: float | None  # mean training loss over the LOSS_WINDOW steps ending at loss_at_step_T
     loss_at_step_T: int  # that T (cfg.loss_at_step); None above if not reached
     final_loss: float | None  # mean training loss over the last LOSS_WINDOW steps
-    # the longest stretch of consecutive steps with |loss − uniform loss| ≤ uniform_plateau_tol · uniform loss, and
-    # whether it reaches collapse_fraction of schedule.steps (None: unknown, resumed from an older checkpoint)
-    uniform_plateau_steps: int | None
-    collapsed: bool | None
     sharpness: dict[str, Metrics | None]  # {"best": ..., "final": ...} at the training loss (head_sharpness)
     optimizer: str
     two_pass: bool
@@ -69,6 +65,11 @@ class RunResults:
     precision: str  # "bf16" | "fp32"
     wall_time_s: float  # training + evaluation time summed over all sessions of the run
     zeroshot: dict[str, Any] | None  # labelled test split: the best head's zero-shot confusion, else None
+    # Last, after the keys results.json had before them: the longest stretch of consecutive steps with |loss −
+    # uniform loss| ≤ uniform_plateau_tol · uniform loss (``align.train.collapse``), and whether it reaches
+    # collapse_fraction of schedule.steps (None: unknown, resumed from a checkpoint written before they were counted)
+    uniform_plateau_steps: int | None
+    collapsed: bool | None
 
     def to_json(self) -> dict[str, Any]:
         """The record as results.json holds it."""
@@ -179,8 +180,8 @@ class RunEvaluator:
             best_step=state.best.step, select=run.cfg.eval.select, best_val=state.best.val, final_val=final_val,
             best_test=best_test, final_test=final_test, max_val=state.max_val, loss_at_step=state.loss_at_step,
             loss_at_step_T=run.cfg.loss_at_step, final_loss=state.recent_loss(),
-            uniform_plateau_steps=state.longest_plateau, collapsed=run.collapsed(),
             sharpness={"best": best_sharp, "final": final_sharp}, optimizer=run.cfg.optim.name,
             two_pass=run.two_pass, skipped_perturbations=skipped, config_hash=run.cfg_hash, device=str(self.device),
             precision=self.precision, wall_time_s=wall_time_s,
-            zeroshot=self.test_confusion(state.best.state) if best_test is not None else None)
+            zeroshot=self.test_confusion(state.best.state) if best_test is not None else None,
+            uniform_plateau_steps=state.longest_plateau, collapsed=run.collapsed())
