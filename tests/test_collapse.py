@@ -32,7 +32,8 @@ def longest_plateau(losses: list[float], uniform: float, tol: float) -> int:
 
 
 def train_losses(run: Path) -> list[float]:
-    return [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "train"]
+    records = map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+    return [r["loss"] for r in records if r["kind"] == "train"]
 
 
 class _Log:

@@ -193,19 +193,20 @@ def seed_noise_note(summary: list[dict[str, Any]], reference: str) -> list[str]:
         names = ", ".join(f"`{s['optimizer']}` (p = {p_text(s['normality_p'])})" for s in far)
         out = [f"Seed noise far from normal ({test}, p < {NORMALITY_ALPHA:g}): {names}. For "
                f"{'these comparisons' if len(far) > 1 else 'this comparison'} the 95% level of the t-interval and "
-               "of the t-test is not guaranteed (under strongly skewed noise a 5-seed t-interval covers about 83%)."]
+               "of the t-test is not guaranteed (with 5 seeds of skewed noise, centred exponential or χ²₁, a 95% "
+               "t-interval covers 88% or 82%)."]
     else:
         lowest = min(s["normality_p"] for s in tested)
         out = [f"{test} finds no departure from normality at the {100 * NORMALITY_ALPHA:g}% level (smallest p = "
                f"{p_text(lowest)}); with a handful of seeds it detects only gross departures."]
     if offers_sign_flip(summary):
         out.append(f"Beside the t-test: the sign-flip permutation test of the same paired differences against "
-                   f"`{reference}` (every one of the 2^n sign patterns; no normality needed), Holm-adjusted over the "
-                   "comparisons with at least "
-                   f"{MIN_SIGN_FLIP_PAIRS} pairs, in the last column.")
+                   f"`{reference}` (every one of the 2^n sign patterns; it assumes noise symmetric about 0, not "
+                   f"normal), Holm-adjusted over the comparisons with at least {MIN_SIGN_FLIP_PAIRS} pairs, in the "
+                   "last column.")
     elif far:
-        out.append(f"The sign-flip permutation test, which needs no normality, is offered from {MIN_SIGN_FLIP_PAIRS} "
-                   f"paired seeds on (below, its p cannot reach 0.05): add seeds (grid.seeds).")
+        out.append(f"The sign-flip permutation test, which assumes symmetric noise but not normal, is offered from "
+                   f"{MIN_SIGN_FLIP_PAIRS} paired seeds on (below, its p cannot reach 0.05): add seeds (grid.seeds).")
     return [" ".join(out), ""]
 
 
@@ -294,7 +295,8 @@ def table3_lines(rows3: list[dict[str, Any]], loss_step: int) -> list[str]:
             if r is None:
                 parts.append("")
                 continue
-            parts.append(f"{_fmt(r['best_alignment'])} / {_fmt(r['loss_at_step'])} / {_fmt(r['final_loss'])}{table3_mark(r)}")
+            parts.append(f"{_fmt(r['best_alignment'])} / {_fmt(r['loss_at_step'])} / {_fmt(r['final_loss'])}"
+                         + table3_mark(r))
         lines.append(f"| {hp_text(lr)} | " + " | ".join(parts) + " |")
     return lines
 
