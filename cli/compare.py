@@ -23,9 +23,9 @@ RESUME = "finished cells are kept: run the same command again to resume"
 
 def _print_tables(result: dict[str, Any], reference: str, score: str = "mean_R@1") -> None:
     """The summary, the comparison with the reference and robustness, each narrow enough for 80 columns."""
-    # loads torch: not for --help
-    from align.study.report import AXIS_LABELS, diff_text, hp_text, score_label, summary_columns
-    from align.study.stats import METHOD_AXES
+    from align.study.report import (AXIS_LABELS, diff_text, far_from_normal, hp_text, offers_sign_flip, p_text,
+                                    score_label, seed_noise_note, summary_columns)  # loads torch: not for --help
+    from align.study.stats import METHOD_AXES  # loads torch: not for --help
 
     summary = result["summary"]
     axes = [a for a in METHOD_AXES if any(s.get(a) is not None for s in summary)]
@@ -40,31 +40,40 @@ def _print_tables(result: dict[str, Any], reference: str, score: str = "mean_R@1
     versus.add_column("optimizer", no_wrap=True)
     versus.add_column("Δ [95% CI] (n)", justify="right", no_wrap=True)
     versus.add_column("verdict")
+    flip = offers_sign_flip(summary)
+    if flip:
+        versus.add_column("sign-flip p (Holm)", justify="right")
     for s in summary:
         name = s["optimizer"] + (f" ({s['diverged_seeds']} div)" if s["diverged_seeds"] else "")
         table.add_row(name, hp_text(s["lr"]), hp_text(s["rho"]), *(hp_text(s.get(a)) for a in axes),
                       *(cell(s) for _, cell in columns))
-        versus.add_row(s["optimizer"], diff_text(s), s.get("verdict") or "—")
+        versus.add_row(s["optimizer"], diff_text(s), s.get("verdict") or "—",
+                       *([p_text(s.get("p_sign_flip_holm"))] if flip else []))
     console.print(table)
     console.print(versus)
+    if far_from_normal(summary):  # the intervals above do not keep their level: say so here too
+        console.print(seed_noise_note(summary, reference)[0].replace("`", ""), highlight=False)
     _print_robustness(result["robustness"], axes, score_label(score))
 
 
 def _print_robustness(robustness: list[dict[str, Any]], axes: list[str], label: str = "mean R@1") -> None:
-    """Best, worst and the share within 95% of the best, judged on validation; test means beside, labelled."""
-    from align.study.report import AXIS_LABELS, hp_text, pct_text, share_text  # loads torch: not for --help
+    """Best, worst and the share within 95% of the best, judged on validation; test means beside, labelled; then
+    the configurations with a diverged seed and the collapsed runs (report.md says what collapsed means)."""
+    from align.study.report import AXIS_LABELS, collapsed_text, hp_text, pct_text, share_text  # loads torch: not for --help
 
     rob = Table(title=f"Robustness on VALIDATION {label} %: share of configs within 95% of the best, the best and "
-                      "the worst (test: the same configs' test means)", box=box.SIMPLE_HEAD, pad_edge=False)
+                      "the worst (test: the same configs' test means); div: configs with a diverged seed; coll: "
+                      "collapsed runs (on the uniform loss, see report.md)", box=box.SIMPLE_HEAD, pad_edge=False)
     where = ", ".join(["lr", "ρ", *(AXIS_LABELS[a] for a in axes)])
-    for col in ("optimizer", "cfgs", "≥95%", "best", "test", f"worst ({where})", "test", "div"):
+    for col in ("optimizer", "cfgs", "≥95%", "best", "test", f"worst ({where})", "test", "div", "coll"):
         rob.add_column(col, justify="left" if col == "optimizer" else "right", no_wrap=not col.startswith("worst"))
     for r in robustness:
         worst = ", ".join([hp_text(r["worst_lr"]), hp_text(r["worst_rho"]),
                            *(hp_text(r.get(f"worst_{a}")) for a in axes)])
         rob.add_row(r["optimizer"], str(r["configs"]), share_text(r["within_95pct_val"]),
                     pct_text(r["best_val"]), pct_text(r["best_test"]), f"{pct_text(r['worst_val'])} ({worst})",
-                    pct_text(r["worst_test"]), str(r["diverged_configs"]))
+                    pct_text(r["worst_test"]), str(r["diverged_configs"]),
+                    collapsed_text(r.get("collapsed_runs"), r.get("collapse_measured", 0)))
     console.print(rob)
 
 

@@ -76,6 +76,15 @@ def test_results_csv_is_one_row_per_run_equal_to_its_results_json(finished_study
         assert float(row["loss_at_step"]) == results["loss_at_step"]
         assert float(row["final_loss"]) == results["final_loss"]
         assert float(row["sharpness_hessian_top_eigenvalue"]) == results["sharpness"]["best"]["hessian_top_eigenvalue"]
+        # the uniform plateau: the longest stretch of training losses within 5% of ln 8, from its metrics log
+        losses = [r["loss"] for r in map(json.loads, (finished_study / "runs" / row["run"] / "metrics.jsonl")
+                                         .read_text().splitlines()) if r["kind"] == "train"]
+        longest = current = 0
+        for loss in losses:
+            current = current + 1 if abs(loss - math.log(8)) <= 0.05 * math.log(8) else 0
+            longest = max(longest, current)
+        assert int(row["uniform_plateau_steps"]) == results["uniform_plateau_steps"] == longest
+        assert row["collapsed"] == str(results["collapsed"]) == str(longest >= 3)  # 10% of 24 steps
 
 
 def test_summary_picks_the_best_validation_config_and_averages_its_seeds(finished_study):
@@ -181,6 +190,38 @@ def test_a_rerun_keeps_the_recorded_pack_layout_and_a_damaged_one_is_one_line(st
     assert f"1 runs in 1 pack(s) of up to {len(layout['packs'][0])} heads" in result.output
     assert (finished_study / "results.csv").read_bytes() == before
     assert (finished_study / "packs.json").read_bytes() == saved
+
+
+def test_an_old_study_whose_results_lack_the_collapse_count_reruns_and_shows_a_dash(study_config, finished_study,
+                                                                                     tmp_path):
+    """Results written before collapse was counted load as they are: blank columns, '—' in the tables, no crash;
+    the same study with its counts shows them in the terminal's robustness table."""
+    result = runner.invoke(app, ["compare", "--config", str(study_config), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    counts = {}
+    for path in (finished_study / "runs").glob("*/results.json"):
+        counts.setdefault(path.parent.name.split("_")[0], []).append(json.loads(path.read_text())["collapsed"])
+    for name, flags in counts.items():
+        line = [line for line in result.output.splitlines() if line.startswith(f" {name} ")][-1]  # robustness
+        assert line.split()[-1] == f"{sum(flags)}/{len(flags)}", line
+
+    old = tmp_path / "old"
+    shutil.copytree(finished_study, old)
+    for path in (old / "runs").glob("*/results.json"):
+        record = json.loads(path.read_text())
+        del record["uniform_plateau_steps"], record["collapsed"]
+        path.write_text(json.dumps(record))
+    config = yaml.safe_load(study_config.read_text())
+    (tmp_path / "old.yaml").write_text(yaml.safe_dump({**config, "study_dir": str(old)}))
+    result = runner.invoke(app, ["compare", "--config", str(tmp_path / "old.yaml"), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "8 already finished" in result.output
+    assert [line.split()[-1] for line in result.output.splitlines() if line.startswith((" sam ", " msam "))][-2:] \
+        == ["—", "—"]
+    assert {(r["uniform_plateau_steps"], r["collapsed"]) for r in _csv(old / "results.csv")} == {("", "")}
+    assert {r["collapsed_runs"] for r in _csv(old / "robustness.csv")} == {""}
+    report = (old / "report.md").read_text()
+    assert report.count("(collapse —)") == 4 and "| 0/4 | — |" in report
 
 
 def test_bad_study_config_is_one_line_exit_2(study_config, tmp_path):

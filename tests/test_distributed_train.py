@@ -10,6 +10,7 @@ kill -9 of either rank followed by ``--resume`` gives the uninterrupted 2-rank r
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import socket
@@ -238,6 +239,14 @@ def test_align_train_under_torchrun_writes_one_run_that_matches_one_process(trai
         for key in ("loss", "grad_norm", "perturbation_norm", "mean_R@1"):
             if key in b:
                 assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (a, b, key)
+    # the uniform plateau, counted once from the whole batch's loss that every rank sees
+    uniform = math.log(train_setup["cfg"]["schedule"]["batch_size"])
+    losses = [r["loss"] for r in records if r["kind"] == "train"]
+    plateau = best = 0
+    for loss in losses:
+        plateau = plateau + 1 if abs(loss - uniform) <= 0.05 * uniform else 0
+        best = max(best, plateau)
+    assert got["uniform_plateau_steps"] == one["uniform_plateau_steps"] == best
 
 
 # name → (the rank that dies, its kill point). Slow: two more launches each (≈ 25 s on 2 shared cores).
@@ -350,14 +359,14 @@ def test_a_local_msam_metric_is_kept_per_rank_and_resumes_only_on_as_many_ranks(
 
 
 def test_the_new_keys_at_their_defaults_leave_a_runs_config_hash_as_it_was(tmp_path):
-    """loss.local, optim.perturbation and eval.sharpness_final came after runs were trained: at their defaults they
-    are not hashed, so those runs still resume; set, they are."""
+    """loss.local, optim.perturbation, eval.sharpness_final, uniform_plateau_tol and collapse_fraction came after
+    runs were trained: at their defaults they are not hashed, so those runs still resume; set, they are."""
     from align.train.identity import config_hash
     from align.train.config import TrainConfig, hashed_config
 
     cfg = TrainConfig.model_validate(train_config(make_cache(tmp_path / "cache"), optim={"name": "msam"}))
     before = cfg.model_dump(mode="json")  # what a run written before the keys existed holds
-    for key in ("out_dir", "device"):
+    for key in ("out_dir", "device", "uniform_plateau_tol", "collapse_fraction"):
         before.pop(key)
     del before["loss"]["local"], before["optim"]["perturbation"], before["eval"]["sharpness_final"]
     assert config_hash(hashed_config(cfg)) == config_hash(before)

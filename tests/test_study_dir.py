@@ -41,7 +41,8 @@ def test_cells_live_in_runs_and_rows_come_from_the_finished_ones_in_the_order_as
     assert study.unfinished([SGD, SAM]) == [SGD]
     assert study.rows([SGD, SAM]) == [{
         "run": "sam_lr0.01_rho0.05_eta10_s1", "optimizer": "sam", "lr": 0.01, "rho": 0.05, "eta": 10.0, "seed": 1,
-        "status": "ok", "diverged_at": None, "steps_done": 40, "best_step": 30, "best_test_mean_R@1": 0.25,
+        "status": "ok", "diverged_at": None, "steps_done": 40, "best_step": 30,
+        "uniform_plateau_steps": None, "collapsed": None, "best_test_mean_R@1": 0.25,
         "loss_at_step": None, "final_loss": 1.5, "sharpness_max_eig": 3.5}]
     finish(study, SGD, {"status": "diverged", "diverged_at": 7})
     assert [(r["run"], r["status"], r["diverged_at"]) for r in study.rows([SAM, SGD])] == [

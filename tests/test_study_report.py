@@ -65,10 +65,11 @@ def test_table3_has_one_table_per_axis_value_and_robustness_names_val_and_test()
     assert [line for line in md if line.startswith("**")] == ["**sam**", "**fsam** (η 1000)", "**fsam** (η 100000)"]
     rob = [{"optimizer": "fsam", "configs": 27, "within_95pct_val": 2 / 3, "best_val": 0.7, "best_test": 0.61,
             "worst_val": 0.2, "worst_test": 0.25, "worst_lr": 0.001, "worst_rho": 1.0, "worst_eta": 1e5,
-            "diverged_configs": 0}]
+            "diverged_configs": 0, "runs": 135, "diverged_runs": 0, "collapsed_runs": 4, "collapse_measured": 135}]
     header, _, line = robustness_lines(rob, ["eta"])
     assert "(val)" in header and "its test" in header and "lr, ρ, η" in header
-    assert line == "| fsam | 27 | 67% | 70.0 | 61.0 | 20.0 (0.001, 1, 100000) | 25.0 | 0 |"
+    assert header.endswith("| diverged configs | diverged runs | collapsed runs |")
+    assert line == "| fsam | 27 | 67% | 70.0 | 61.0 | 20.0 (0.001, 1, 100000) | 25.0 | 0 | 0/135 | 4/135 |"
 
 
 def test_fisher_note_reports_this_studys_gap_at_eta_one():

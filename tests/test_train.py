@@ -37,7 +37,7 @@ def test_lr_schedule_is_linear_warmup_then_cosine_to_zero():
 
 def test_uniform_loss_is_the_loss_of_equal_logits():
     from align.train.losses import clip_loss, siglip_loss
-    from align.train.run_data import uniform_loss
+    from align.train.collapse import uniform_loss
 
     b = 16
     feats = F.normalize(torch.randn(b, 8), dim=-1)

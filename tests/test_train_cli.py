@@ -228,4 +228,4 @@ def test_results_json_keeps_its_keys_in_their_order(cache_data, tmp_path):
         "status", "diverged_at", "diverge_reason", "steps_done", "best_step", "select", "best_val", "final_val",
         "best_test", "final_test", "max_val", "loss_at_step", "loss_at_step_T", "final_loss", "sharpness",
         "optimizer", "two_pass", "skipped_perturbations", "config_hash", "device", "precision", "wall_time_s",
-        "zeroshot"]
+        "zeroshot", "uniform_plateau_steps", "collapsed"]

@@ -156,6 +156,35 @@ def test_sigkill_mid_run_then_resume_reaches_bit_identical_weights(name, tmp_pat
     assert expected["status"] == "done"
 
 
+def test_a_uniform_plateau_across_a_sigkill_and_its_checkpoint_is_counted_whole_after_resume(tmp_path):
+    """The plateau counters are loop state: a run on the plateau from its first step, killed 13 steps after its
+    checkpoint at step 50, reports the 90-step stretch after --resume, not the 40 steps since the checkpoint."""
+    from align.cli.main import app
+    from align.train.config import TrainConfig
+
+    data = make_cache(tmp_path / "cache")
+    cfg = validate(TrainConfig, train_config(data, optim={"name": "msam", "lr": 1e-2, "rho": 0.05, "base": "adamw"},
+                                             schedule={"steps": 90}, eval={"every": 20, "sharpness": False},
+                                             checkpoint_every=25, uniform_plateau_tol=0.999))
+    killed = tmp_path / "killed"
+    cfg_file = tmp_path / "cfg.yaml"
+    cfg_file.write_text(dump_config(cfg.model_copy(update={"out_dir": str(killed)})))
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS=str(torch.get_num_threads()))
+    proc = subprocess.run([sys.executable, "-c", KILL_SCRIPT, str(cfg_file), str(killed), "63"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    saved = json.loads((killed / "checkpoints" / "step-0000050.json").read_text())["train_state"]
+    assert (saved["plateau"], saved["longest_plateau"]) == (50, 50)
+    result = CliRunner().invoke(app, ["train", "--config", str(killed / "config.yaml"), "--resume", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    losses = [r["loss"] for r in map(json.loads, (killed / "metrics.jsonl").read_text().splitlines())
+              if r["kind"] == "train"]
+    uniform = math.log(cfg.schedule.batch_size)
+    assert len(losses) == 90 and all(abs(v - uniform) <= 0.999 * uniform for v in losses)  # every step on it
+    results = json.loads((killed / "results.json").read_text())
+    assert results["uniform_plateau_steps"] == 90 and results["collapsed"] is True
+
+
 def test_resuming_a_finished_run_returns_its_results_without_training(tmp_path):
     from align.train.config import TrainConfig
     from align.train.loop import train

@@ -18,7 +18,9 @@ from align.optim import default_hparams
 from align.study import plots
 from align.study import stats as study_stats
 from align.study.beside import SUMMARY, beside_folder, read_beside
+from align.study.seed_noise import MIN_SIGN_FLIP_PAIRS, NORMALITY_ALPHA
 from align.train import run_dir
+from align.train.collapse import collapse_steps, uniform_loss
 
 
 def _missing(value: Any) -> bool:
@@ -154,23 +156,73 @@ def summary_columns(summary: list[dict[str, Any]], score: str = study_stats.SCOR
     return [(c.header, c.cell) for c in columns]
 
 
+def offers_sign_flip(summary: list[dict[str, Any]]) -> bool:
+    """Whether any comparison has the pairs for a sign-flip test (``MIN_SIGN_FLIP_PAIRS``)."""
+    return any((s.get("pairs") or 0) >= MIN_SIGN_FLIP_PAIRS for s in summary)
+
+
+def p_text(p: Any) -> str:
+    """A p-value: '0.031', '<0.001', '—' for none."""
+    if p is None or (isinstance(p, float) and math.isnan(p)):
+        return "—"
+    return "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
 def summary_lines(summary: list[dict[str, Any]], reference: str, axes: list[str] = (),
                   score: str = study_stats.SCORE) -> list[str]:
     """The summary as a markdown table (one column per method axis the grid uses; zero-shot columns on a
-    labelled set)."""
+    labelled set; the sign-flip test's Holm-adjusted p from ``MIN_SIGN_FLIP_PAIRS`` paired seeds on)."""
     heads = [AXIS_LABELS.get(a, a) for a in axes]
     columns = summary_columns(summary, score)
+    flip = offers_sign_flip(summary)
     lines = ["| optimizer | lr | ρ | " + "".join(f"{h} | " for h in heads) + "seeds | "
              + "".join(f"{h} | " for h, _ in columns)
-             + f"Δ vs {reference} (points, 95% t-interval, n) | verdict (Holm) |",
-             "|---" * (6 + len(axes) + len(columns)) + "|"]
+             + f"Δ vs {reference} (points, 95% t-interval, n) | verdict (Holm) |"
+             + (" sign-flip p (Holm) |" if flip else ""),
+             "|---" * (6 + len(axes) + len(columns) + flip) + "|"]
     for s in summary:
         div = f" ({s['diverged_seeds']} diverged)" if s["diverged_seeds"] else ""
         lines.append(f"| {s['optimizer']} | {hp_text(s['lr'])} | {hp_text(s['rho'])} | "
                      + "".join(f"{hp_text(s.get(a))} | " for a in axes) + f"{s['seeds']}{div} | "
                      + "".join(f"{cell(s)} | " for _, cell in columns)
-                     + f"{diff_text(s)} | {s.get('verdict') or '—'} |")
+                     + f"{diff_text(s)} | {s.get('verdict') or '—'} |"
+                     + (f" {p_text(s.get('p_sign_flip_holm'))} |" if flip else ""))
     return lines
+
+
+def far_from_normal(summary: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The comparisons whose paired differences Shapiro–Wilk finds far from normal (p < ``NORMALITY_ALPHA``)."""
+    return [s for s in summary if s.get("normality_p", math.nan) < NORMALITY_ALPHA]
+
+
+def seed_noise_note(summary: list[dict[str, Any]], reference: str) -> list[str]:
+    """report.md's paragraph on what the shape of the seed noise allows ([] when nothing was tested): the
+    comparisons whose paired differences Shapiro–Wilk finds far from normal (their t-interval's level is not
+    guaranteed), and the sign-flip test beside the t-test."""
+    tested = [s for s in summary if not math.isnan(s.get("normality_p", math.nan))]
+    if not tested:
+        return []
+    far = far_from_normal(summary)
+    test = f"Shapiro–Wilk on each comparison's paired differences (n = {max(s['pairs'] for s in tested)} at most)"
+    if far:
+        names = ", ".join(f"`{s['optimizer']}` (p = {p_text(s['normality_p'])})" for s in far)
+        out = [f"Seed noise far from normal ({test}, p < {NORMALITY_ALPHA:g}): {names}. For "
+               f"{'these comparisons' if len(far) > 1 else 'this comparison'} the 95% level of the t-interval and "
+               "of the t-test is not guaranteed (with 5 seeds of skewed noise, centred exponential or χ²₁, a 95% "
+               "t-interval covers 88% or 82%)."]
+    else:
+        lowest = min(s["normality_p"] for s in tested)
+        out = [f"{test} finds no departure from normality at the {100 * NORMALITY_ALPHA:g}% level (smallest p = "
+               f"{p_text(lowest)}); with a handful of seeds it detects only gross departures."]
+    if offers_sign_flip(summary):
+        out.append(f"Beside the t-test: the sign-flip permutation test of the same paired differences against "
+                   f"`{reference}` (every one of the 2^n sign patterns; it assumes noise symmetric about 0, not "
+                   f"normal), Holm-adjusted over the comparisons with at least {MIN_SIGN_FLIP_PAIRS} pairs, in the "
+                   "last column.")
+    elif far:
+        out.append(f"The sign-flip permutation test, which assumes symmetric noise but not normal, is offered from "
+                   f"{MIN_SIGN_FLIP_PAIRS} paired seeds on (below, its p cannot reach 0.05): add seeds (grid.seeds).")
+    return [" ".join(out), ""]
 
 
 def _names(entries: list[dict[str, Any]], with_diff: bool = False) -> str:
@@ -205,23 +257,48 @@ def verdict_sentences(summary: list[dict[str, Any]], reference: str, score: str 
     return out
 
 
+def collapsed_text(collapsed: int | None, measured: int) -> str:
+    """Collapsed runs of those whose collapse was measured: '14/15'; '—' when none was (older results)."""
+    return "—" if collapsed is None else f"{collapsed}/{measured}"
+
+
 def robustness_lines(rob: list[dict[str, Any]], axes: list[str] = (), score: str = study_stats.SCORE) -> list[str]:
-    """The robustness table: best, worst and the share within 95% judged on validation; test means beside."""
+    """The robustness table: best, worst and the share within 95% judged on validation; test means beside; then
+    configurations with a diverged seed, and diverged and collapsed runs."""
     worst = "lr, ρ" + "".join(f", {AXIS_LABELS.get(a, a)}" for a in axes)
     lines = [f"| optimizer | configs | within 95% of its best (val) | best config: val {score_label(score)} | "
              "its test | "
-             f"worst config ({worst}): val | its test | diverged configs |", "|---" * 8 + "|"]
+             f"worst config ({worst}): val | its test | diverged configs | diverged runs | collapsed runs |",
+             "|---" * 10 + "|"]
     for r in rob:
         where = ", ".join([hp_text(r["worst_lr"]), hp_text(r["worst_rho"]),
                            *(hp_text(r.get(f"worst_{a}")) for a in axes)])
         lines.append(f"| {r['optimizer']} | {r['configs']} | {share_text(r['within_95pct_val'])} | "
                      f"{pct_text(r['best_val'])} | {pct_text(r['best_test'])} | {pct_text(r['worst_val'])} ({where}) | "
-                     f"{pct_text(r['worst_test'])} | {r['diverged_configs']} |")
+                     f"{pct_text(r['worst_test'])} | {r['diverged_configs']} | {r['diverged_runs']}/{r['runs']} | "
+                     f"{collapsed_text(r['collapsed_runs'], r['collapse_measured'])} |")
     return lines
 
 
+def collapse_rule(cfg: Any) -> str:
+    """What "collapsed" and "diverged" mean in a study of ``cfg`` (its ``TrainConfig`` settings), in numbers."""
+    uniform = uniform_loss(cfg.loss.kind, cfg.schedule.batch_size)
+    where = (f"ln {cfg.schedule.batch_size} = {uniform:.3f}" if cfg.loss.kind == "clip" else
+             f"{uniform:.3f}, the {cfg.loss.kind} loss at its best constant logit")
+    return (f"A run **collapsed** when its training loss L lay on the uniform plateau, |L − L_u| ≤ "
+            f"{cfg.uniform_plateau_tol:g} · L_u (L_u: the uniform-prediction loss, {where}; within "
+            f"{100 * cfg.uniform_plateau_tol:g}% of it), for at least "
+            f"{collapse_steps(cfg.collapse_fraction, cfg.schedule.steps)} consecutive steps "
+            f"(collapse_fraction {cfg.collapse_fraction:g} of its {cfg.schedule.steps} steps; uniform_plateau_tol "
+            "and collapse_fraction set them): the paper's divergence pattern, a logit scale collapsed to chance. "
+            "Such a run goes on and may recover, so its scores count as any other's; it is counted beside the runs "
+            f"that **diverged**, which ended early: a non-finite loss, or the loss within {cfg.diverge_tol:g} of L_u "
+            f"with ‖g‖ < {cfg.diverge_grad_tol:g} for {cfg.diverge_patience} steps in a row. — : results written "
+            "before collapse was counted.")
+
+
 def table3_lines(rows3: list[dict[str, Any]], loss_step: int) -> list[str]:
-    """lr × ρ cells: best alignment / loss at step T / final loss, † for diverged seeds."""
+    """lr × ρ cells: best alignment / loss at step T / final loss, † with the seeds that diverged or collapsed."""
     rhos = sorted({r["rho"] for r in rows3}, key=lambda x: -1 if x is None else x)
     lrs = sorted({r["lr"] for r in rows3})
     cell = {(r["lr"], r["rho"]): r for r in rows3}
@@ -233,10 +310,21 @@ def table3_lines(rows3: list[dict[str, Any]], loss_step: int) -> list[str]:
             if r is None:
                 parts.append("")
                 continue
-            mark = f" †{r['diverged']}/{r['seeds']}" if r["diverged"] else ""
-            parts.append(f"{_fmt(r['best_alignment'])} / {_fmt(r['loss_at_step'])} / {_fmt(r['final_loss'])}{mark}")
+            parts.append(f"{_fmt(r['best_alignment'])} / {_fmt(r['loss_at_step'])} / {_fmt(r['final_loss'])}"
+                         + table3_mark(r))
         lines.append(f"| {hp_text(lr)} | " + " | ".join(parts) + " |")
     return lines
+
+
+def table3_mark(cell: dict[str, Any]) -> str:
+    """A Table 3 cell's mark: ' †1/5 diverged, 4/5 collapsed', '' for none, ' (collapse —)' where no seed's
+    collapse was measured (older results)."""
+    seeds, collapsed = cell["seeds"], cell.get("collapsed")
+    marks = [f"{cell['diverged']}/{seeds} diverged"] if cell["diverged"] else []
+    if collapsed:
+        marks.append(f"{collapsed}/{cell['collapse_measured']} collapsed")
+    text = f" †{', '.join(marks)}" if marks else ""
+    return text + (" (collapse —)" if collapsed is None else "")
 
 
 def table3_section(t3: dict[str, list[dict[str, Any]]], axes: list[str], loss_step: int) -> list[str]:
@@ -310,10 +398,11 @@ def write_report(root: Path, cfg: Any, rows: list[dict[str, Any]], run_root: Pat
            f"Judged on VALIDATION seed means ({score_label(score)}), as the best configuration is: the share of an "
            "optimizer's grid configurations within 95% of its best, and its best and worst configuration. The test "
            "means of those two configurations sit beside them, labelled; nothing is chosen on test scores.", "",
-           *robustness_lines(rob, axes, score), ""]
+           collapse_rule(cfg), "", *robustness_lines(rob, axes, score), ""]
     md += ["## The paper's Table 3 shape", "",
            f"Each cell: best validation mutual-k-NN (k = {cfg.eval.knn_k}) over training / training loss at step "
-           f"{cfg.loss_at_step} / final training loss (means over seeds); † diverged seeds.", "",
+           f"{cfg.loss_at_step} / final training loss (means over seeds); † the seeds that diverged or collapsed (as "
+           "defined above the robustness table).", "",
            *table3_section(t3, axes, cfg.loss_at_step)]
     md += ["## Plots", ""]
     for title, path in figures.items():
@@ -407,6 +496,7 @@ def _report_head(cfg: Any, rows: list[dict[str, Any]], summ: list[dict[str, Any]
             "its Student-t 95% interval (per comparison); below 3 pairs no interval is given, because none keeps its "
             "level there. Verdict: the paired t-test, Holm-adjusted over all comparisons with the reference.", "",
             *verdict_sentences(summ, cfg.reference, score), "",
+            *seed_noise_note(summ, cfg.reference),
             *fisher_note(rows, cfg.reference, eta, score)]
 
 

@@ -1,9 +1,9 @@
 """Statistics of an optimizer study (pure functions of the rows of ``results.csv``; no I/O).
 
 A row is one run: optimizer, lr, rho (None for single-pass optimizers), seed, status ("ok" | "diverged"),
-optionally the method axes of the grid (eta, alpha, metric_beta; None or absent where a method lacks them) and
-flat metric columns such as ``best_val_mean_R@1``, ``best_test_mutual_knn``, ``max_val_mutual_knn``,
-``loss_at_step``, ``final_loss``.
+collapsed (True | False; None where its results predate the count: ``align.train.run``), optionally the method
+axes of the grid (eta, alpha, metric_beta; None or absent where a method lacks them) and flat metric columns such
+as ``best_val_mean_R@1``, ``best_test_mutual_knn``, ``max_val_mutual_knn``, ``loss_at_step``, ``final_loss``.
 """
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ import math
 from typing import Any
 
 import numpy as np
+
+from align.study.seed_noise import MIN_SIGN_FLIP_PAIRS, shapiro_wilk, sign_flip_p
 
 SCORE = "mean_R@1"        # the default headline metric: mean of i2t and t2i R@1
 ALIGNMENT = "mutual_knn"  # the paper's alignment metric
@@ -87,12 +89,14 @@ def _vs_reference(verdict: dict[str, Any] | None, is_reference: bool) -> dict[st
     """The summary's reference columns from a ``verdicts_vs_reference`` row (blank for the reference itself)."""
     if verdict is None:
         return {"pairs": None, "diff_vs_ref": math.nan, "diff_ci_low": math.nan, "diff_ci_high": math.nan,
-                "no_interval": None, "p_holm": math.nan, "verdict": "reference" if is_reference else None}
+                "no_interval": None, "p_holm": math.nan, "verdict": "reference" if is_reference else None,
+                "normality_p": math.nan, "p_sign_flip": math.nan, "p_sign_flip_holm": math.nan}
     pairs = verdict["pairs"]
     return {"pairs": pairs, "diff_vs_ref": verdict["diff_mean"], "diff_ci_low": verdict["diff_low"],
             "diff_ci_high": verdict["diff_high"],
             "no_interval": f"n = {pairs}: no interval" if pairs < MIN_PAIRS else None,  # why the bounds are blank
-            "p_holm": verdict["p_holm"], "verdict": verdict["verdict"]}
+            "p_holm": verdict["p_holm"], "verdict": verdict["verdict"], "normality_p": verdict["normality_p"],
+            "p_sign_flip": verdict["p_sign_flip"], "p_sign_flip_holm": verdict["p_sign_flip_holm"]}
 
 
 def summary(rows: list[dict[str, Any]], reference: str = "sam", level: float = 0.95,
@@ -102,7 +106,9 @@ def summary(rows: list[dict[str, Any]], reference: str = "sam", level: float = 0
 
     The comparison states n (``pairs``), the mean difference with its Student-t ``level`` interval (NaN bounds
     below 3 pairs: no interval at all rather than one that does not keep its level), the Holm-adjusted p over
-    all optimizers compared with the reference and the verdict (``VERDICTS``).
+    all optimizers compared with the reference and the verdict (``VERDICTS``); beside them Shapiro–Wilk's p on the
+    paired differences (``normality_p``) and the sign-flip test's p, raw and Holm-adjusted (``p_sign_flip``,
+    ``p_sign_flip_holm``; from ``MIN_SIGN_FLIP_PAIRS`` pairs on).
     """
     best = best_configs(rows, f"best_val_{score}")
     axes = used_axes(rows)
@@ -122,6 +128,13 @@ def summary(rows: list[dict[str, Any]], reference: str = "sam", level: float = 0
     return out
 
 
+def collapse_count(rows: list[dict[str, Any]]) -> tuple[int | None, int]:
+    """(collapsed runs, runs whose collapse was measured) among ``rows``; (None, 0) when none was measured (results
+    written before collapse was recorded)."""
+    known = [bool(r["collapsed"]) for r in rows if r.get("collapsed") not in (None, "")]
+    return (sum(known) if known else None), len(known)
+
+
 def _config_order(key: tuple) -> tuple:
     """Sort order of (lr, ρ, *axis pairs): ρ None (single-pass optimizers) first."""
     return (key[0], -1 if key[1] is None else key[1], key[2:])
@@ -129,7 +142,8 @@ def _config_order(key: tuple) -> tuple:
 
 def table3(rows: list[dict[str, Any]], optimizer: str) -> list[dict[str, Any]]:
     """The paper's Table 3 shape for one optimizer: per (lr, ρ, method axes) cell, the best alignment over
-    training (validation mutual-k-NN), the loss at step T and at the end (means over seeds), and divergence.
+    training (validation mutual-k-NN), the loss at step T and at the end (means over seeds), divergence and
+    collapse (``collapsed`` of ``collapse_measured`` seeds; None when no seed's was measured).
 
     Every row carries the method-axis columns any row of ``rows`` uses (None where this optimizer lacks one).
     """
@@ -141,11 +155,13 @@ def table3(rows: list[dict[str, Any]], optimizer: str) -> list[dict[str, Any]]:
     out = []
     for key, rs in sorted(cells.items(), key=lambda kv: _config_order(kv[0])):
         values = dict(key[2:])
+        collapsed, measured = collapse_count(rs)
         out.append({"lr": key[0], "rho": key[1], **{a: values.get(a) for a in axes},
                     "best_alignment": float(np.nanmean([_num(r.get(f"max_val_{ALIGNMENT}")) for r in rs])),
                     "loss_at_step": float(np.nanmean([_num(r.get("loss_at_step")) for r in rs])),
                     "final_loss": float(np.nanmean([_num(r.get("final_loss")) for r in rs])),
-                    "diverged": sum(r["status"] != "ok" for r in rs), "seeds": len(rs)})
+                    "diverged": sum(r["status"] != "ok" for r in rs), "seeds": len(rs),
+                    "collapsed": collapsed, "collapse_measured": measured})
     return out
 
 
@@ -153,7 +169,8 @@ def robustness(rows: list[dict[str, Any]], select: str = f"best_val_{SCORE}",
                test: str = f"best_test_{SCORE}") -> list[dict[str, Any]]:
     """Per optimizer, judged on VALIDATION seed means (``select``): the share of its grid configurations within
     95% of its best one, its best and its worst one. Beside them, labelled ``*_test``, the test means of those
-    same two configurations; nothing here is chosen on test scores.
+    same two configurations; nothing here is chosen on test scores. Then its configurations with a diverged seed,
+    and over its runs: how many diverged, and how many collapsed of those whose collapse was measured.
     """
     val = config_means(rows, select)
     tst = config_means(rows, test)
@@ -166,12 +183,16 @@ def robustness(rows: list[dict[str, Any]], select: str = f"best_val_{SCORE}",
         best_value = items[best_key]
         within = float(np.mean([v >= 0.95 * best_value for v in items.values()])) if best_value > 0 else 0.0
         worst_axes = key_axes(worst_key)
+        runs = [r for r in rows if r["optimizer"] == name]
+        collapsed, measured = collapse_count(runs)
         out.append({"optimizer": name, "configs": len(items), "within_95pct_val": within,
                     "best_val": best_value, "worst_val": items[worst_key],
                     "best_test": tst[best_key], "worst_test": tst[worst_key],
                     "worst_lr": worst_key[1], "worst_rho": worst_key[2],
                     **{f"worst_{a}": worst_axes.get(a) for a in axes},
-                    "diverged_configs": sum(k in diverged for k in items)})
+                    "diverged_configs": sum(k in diverged for k in items), "runs": len(runs),
+                    "diverged_runs": sum(r["status"] != "ok" for r in runs), "collapsed_runs": collapsed,
+                    "collapse_measured": measured})
     return out
 
 
@@ -343,6 +364,10 @@ def verdicts_vs_reference(scores: dict[str, dict[Any, float]], reference: str, a
     the mean difference (optimizer − reference) with its (unadjusted) 1 − alpha Student-t interval, t, p, the
     Holm-adjusted p and a verdict from ``VERDICTS``: "better"/"worse" when the adjusted p ≤ alpha, else "no
     detectable difference"; fewer than 3 pairs are not tested and do not count in Holm's family.
+
+    Beside the t-test, which needs normal differences: Shapiro–Wilk's p on the differences (``normality_p``, NaN
+    below 3 pairs), and from ``MIN_SIGN_FLIP_PAIRS`` pairs on the sign-flip permutation test's p (``p_sign_flip``)
+    Holm-adjusted over the comparisons that have one (``p_sign_flip_holm``); NaN below.
     """
     if reference not in scores:
         raise ValueError(f"reference {reference!r} is not among the optimizers {sorted(scores)}")
@@ -356,7 +381,10 @@ def verdicts_vs_reference(scores: dict[str, dict[Any, float]], reference: str, a
         mean, low, high = paired_interval(diffs, 1.0 - alpha)
         t, p = paired_t_test(diffs) if len(diffs) >= MIN_PAIRS else (math.nan, math.nan)
         out.append({"optimizer": name, "reference": reference, "pairs": len(diffs), "diff_mean": mean,
-                    "diff_low": low, "diff_high": high, "t": t, "p": p})
+                    "diff_low": low, "diff_high": high, "t": t, "p": p, "normality_p": shapiro_wilk(diffs)[1],
+                    "p_sign_flip": sign_flip_p(diffs) if len(diffs) >= MIN_SIGN_FLIP_PAIRS else math.nan})
+    for row, p_flip in zip(out, holm_adjust([row["p_sign_flip"] for row in out])):
+        row["p_sign_flip_holm"] = p_flip
     for row, p_holm in zip(out, holm_adjust([row["p"] for row in out])):
         row["p_holm"] = p_holm
         if row["pairs"] < MIN_PAIRS:

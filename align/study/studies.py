@@ -173,7 +173,10 @@ def result_row(cell: Cell, results: dict[str, Any]) -> dict[str, Any]:
                            **dict(cell.method), "seed": cell.seed,
                            "status": "ok" if results.get("status") == "done" else "diverged",
                            "diverged_at": results.get("diverged_at"), "steps_done": results.get("steps_done"),
-                           "best_step": results.get("best_step")}
+                           "best_step": results.get("best_step"),
+                           # absent from results written before they were recorded: blank in results.csv
+                           "uniform_plateau_steps": results.get("uniform_plateau_steps"),
+                           "collapsed": results.get("collapsed")}
     for prefix in ("best_test", "final_test", "best_val", "max_val"):
         for key, value in (results.get(prefix) or {}).items():
             row[f"{prefix}_{key}"] = value

@@ -64,6 +64,9 @@ class LoopState:
 
     step: int = 0
     stuck: int = 0  # consecutive collapsed steps
+    plateau: int = 0  # consecutive steps, up to this one, on the uniform plateau (``align.train.collapse``)
+    longest_plateau: int | None = 0  # the longest such stretch so far; None: unknown (resumed from a checkpoint
+    # written before plateaus were counted, whose earlier steps cannot be recounted)
     wall_before: float = 0.0  # wall time of the run's earlier sessions
     losses: deque[float] = field(default_factory=lambda: deque(maxlen=LOSS_WINDOW))
     loss_at_step: float | None = None
@@ -77,7 +80,8 @@ class LoopState:
         return _window_mean(list(self.losses))
 
     def to_json(self, wall_time_s: float) -> dict[str, Any]:
-        return {"step": self.step, "stuck": self.stuck, "recent_losses": list(self.losses),
+        return {"step": self.step, "stuck": self.stuck, "plateau": self.plateau,
+                "longest_plateau": self.longest_plateau, "recent_losses": list(self.losses),
                 "loss_at_step": self.loss_at_step, "max_val": self.max_val, "last_val": self.last_val,
                 "wall_time_s": wall_time_s,
                 "best": {"step": self.best.step, "score": self.best.score, "val": self.best.val},
@@ -85,7 +89,9 @@ class LoopState:
 
     @classmethod
     def from_json(cls, ts: dict[str, Any], best_state: dict[str, Tensor] | None) -> "LoopState":
-        state = cls(step=ts["step"], stuck=ts["stuck"], wall_before=ts["wall_time_s"],
+        counted = "longest_plateau" in ts  # an older checkpoint has neither plateau key
+        state = cls(step=ts["step"], stuck=ts["stuck"], plateau=ts["plateau"] if counted else 0,
+                    longest_plateau=ts["longest_plateau"] if counted else None, wall_before=ts["wall_time_s"],
                     loss_at_step=ts["loss_at_step"], max_val=ts["max_val"], last_val=ts["last_val"],
                     diverged=ts["diverged"])
         state.losses.extend(float("nan") if v is None else v for v in ts["recent_losses"])

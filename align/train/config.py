@@ -174,6 +174,11 @@ class TrainConfig(StrictModel):
     diverge_patience: Integer = Field(20, ge=1)  # consecutive collapsed steps before a run is declared diverged
     diverge_tol: Number = Field(1e-3, gt=0)  # |loss − uniform loss| below this counts as collapsed ...
     diverge_grad_tol: Number = Field(1e-3, gt=0)  # ... together with ‖g‖ below this
+    # Collapse as the paper counts divergence (it does not end a run): a step is on the uniform plateau when its
+    # training loss L has |L − L_u| ≤ uniform_plateau_tol · L_u (L_u: the uniform-prediction loss, ln B for CLIP);
+    # a run whose longest stretch of consecutive plateau steps is ≥ collapse_fraction of schedule.steps collapsed.
+    uniform_plateau_tol: Number = Field(0.05, gt=0, lt=1)
+    collapse_fraction: Number = Field(0.1, gt=0, le=1)
 
     @model_validator(mode="after")
     def _select_fits_data(self) -> "TrainConfig":

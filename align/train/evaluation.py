@@ -65,6 +65,11 @@ class RunResults:
     precision: str  # "bf16" | "fp32"
     wall_time_s: float  # training + evaluation time summed over all sessions of the run
     zeroshot: dict[str, Any] | None  # labelled test split: the best head's zero-shot confusion, else None
+    # Last, after the keys results.json had before them: the longest stretch of consecutive steps with |loss −
+    # uniform loss| ≤ uniform_plateau_tol · uniform loss (``align.train.collapse``), and whether it reaches
+    # collapse_fraction of schedule.steps (None: unknown, resumed from a checkpoint written before they were counted)
+    uniform_plateau_steps: int | None
+    collapsed: bool | None
 
     def to_json(self) -> dict[str, Any]:
         """The record as results.json holds it."""
@@ -178,4 +183,5 @@ class RunEvaluator:
             sharpness={"best": best_sharp, "final": final_sharp}, optimizer=run.cfg.optim.name,
             two_pass=run.two_pass, skipped_perturbations=skipped, config_hash=run.cfg_hash, device=str(self.device),
             precision=self.precision, wall_time_s=wall_time_s,
-            zeroshot=self.test_confusion(state.best.state) if best_test is not None else None)
+            zeroshot=self.test_confusion(state.best.state) if best_test is not None else None,
+            uniform_plateau_steps=state.longest_plateau, collapsed=run.collapsed())

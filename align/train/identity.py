@@ -13,9 +13,10 @@ from typing import Any
 from align.common.files import json_safe
 
 HASH_EXCLUDED = ("out_dir", "device")  # where a run lives and what runs it: a checkpoint need not match these
-# Keys added after runs were first trained, left out of the hash while they hold their defaults: a run trained
-# before they existed keeps its config_hash and still resumes.
-HASH_NEW_DEFAULTS = {("loss", "local"): False, ("optim", "perturbation"): "global", ("eval", "sharpness_final"): True}
+# Keys added after runs were first trained (their paths in the config dict), left out of the hash while they hold
+# their defaults: a run trained before they existed keeps its config_hash and still resumes.
+HASH_NEW_DEFAULTS = {("loss", "local"): False, ("optim", "perturbation"): "global", ("eval", "sharpness_final"): True,
+                     ("uniform_plateau_tol",): 0.05, ("collapse_fraction",): 0.1}
 
 
 def config_hash(config: dict[str, Any]) -> str:
@@ -27,11 +28,20 @@ def hashed_view(config: dict[str, Any]) -> dict[str, Any]:
     """The part of a run's config (a dict as config.yaml holds it) that its checkpoints must match: all but
     ``HASH_EXCLUDED``, and the ``HASH_NEW_DEFAULTS`` keys only where they differ from their defaults."""
     data = {k: v for k, v in config.items() if k not in HASH_EXCLUDED}
-    for (section, key), default in HASH_NEW_DEFAULTS.items():
-        part = data.get(section)
-        if isinstance(part, dict) and key in part and part[key] == default:
-            data[section] = {k: v for k, v in part.items() if k != key}
+    for path, default in HASH_NEW_DEFAULTS.items():
+        data = _without_default(data, path, default)
     return data
+
+
+def _without_default(data: dict[str, Any], path: tuple[str, ...], default: Any) -> dict[str, Any]:
+    """``data`` without the key at ``path`` when it holds ``default`` (unchanged otherwise)."""
+    key, rest = path[0], path[1:]
+    if key not in data:
+        return data
+    if rest:
+        part = data[key]
+        return {**data, key: _without_default(part, rest, default)} if isinstance(part, dict) else data
+    return {k: v for k, v in data.items() if k != key} if data[key] == default else data
 
 
 def diff_keys(a: Any, b: Any, prefix: str = "") -> list[str]:

@@ -50,12 +50,13 @@ from align.common.errors import AlignError, is_out_of_memory, out_of_memory_erro
 from align.common.files import json_safe
 from align.common.progress import Log, progress_bar
 from align.train.checkpoint import ends_run, with_rank_metrics
+from align.train.collapse import uniform_loss
 from align.train.config import TrainConfig, pack_key
 from align.train.evaluation import RunEvaluator
 from align.train.memory import check_head_fits
 from align.train.pack import HeadPack, group_batches
 from align.train.run import Run
-from align.train.run_data import RunData, Sampler, lr_factor, prepare_data, resolve_dims, uniform_loss
+from align.train.run_data import RunData, Sampler, lr_factor, prepare_data, resolve_dims
 from align.train.run_dir import RunDir
 
 
@@ -314,6 +315,11 @@ def _train_locked(trainer: Trainer, resume: bool, log: Log, progress: bool,
     if trainer.running():
         trainer.loop(progress, on_step)
     for run, _ in todo:
+        where = "run" if len(trainer.runs) == 1 else f"run {run.dir.path}"
         if run.results["status"] == "diverged":
-            where = "run" if len(trainer.runs) == 1 else f"run {run.dir.path}"
             log(f"{where} diverged: {run.results['diverge_reason']}")
+        if run.results.get("collapsed"):
+            log(f"{where} collapsed: its training loss L stayed on the uniform plateau (|L − L_u| ≤ "
+                f"{run.cfg.uniform_plateau_tol:g} · L_u, L_u = {trainer.uniform:.4f}) for "
+                f"{run.results['uniform_plateau_steps']} consecutive steps, ≥ collapse_fraction "
+                f"{run.cfg.collapse_fraction:g} of its {run.cfg.schedule.steps}")

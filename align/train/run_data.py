@@ -27,15 +27,6 @@ def lr_factor(step: int, steps: int, warmup: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / span)))
 
 
-def uniform_loss(kind: str, batch_size: int) -> float:
-    """The loss when every logit is equal (a collapsed scale): CLIP ln B; SigLIP its best constant-logit value."""
-    b = float(batch_size)
-    if kind == "clip":
-        return math.log(b)
-    # SigLIP with all logits = c: −(log σ(c) + (B−1) log σ(−c)), minimised at σ(c) = 1/B.
-    return -(math.log(1.0 / b) + (b - 1.0) * math.log(1.0 - 1.0 / b))
-
-
 class Sampler:
     """Batches of (image rows, caption rows) for step s: a permutation of images per epoch, one caption each."""
 
