@@ -1,6 +1,8 @@
 """Test-wide settings (never reach the network, keep hub caches in a temporary folder) and the fixtures several
 test modules share. The helpers they are built from are in helpers.py."""
+import atexit
 import os
+import shutil
 import tempfile
 
 import pytest
@@ -11,6 +13,7 @@ OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFL
            "TOKENIZERS_PARALLELISM": "false", "MPLBACKEND": "Agg"}
 os.environ.update(OFFLINE)
 os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="align-hf-home-")
+atexit.register(shutil.rmtree, os.environ["HF_HOME"], ignore_errors=True)  # one per session, not one left per run
 
 
 @pytest.fixture(scope="module")

@@ -218,5 +218,6 @@ def test_the_study_tables_print_a_missing_figure_as_a_dash():
     assert [cell(entry) for _, cell in summary_columns([entry], terminal=True)] == ["—", "—", "—", "—"]
     assert diff_text({**entry, "diff_vs_ref": math.nan}) == "—" and share_text(None) == "—"
     rob = {"optimizer": "sam", "configs": 3, "within_95pct_val": math.nan, "best_val": None, "best_test": math.nan,
-           "worst_val": None, "worst_test": None, "worst_lr": 0.01, "worst_rho": 1.0, "diverged_configs": 3}
-    assert robustness_lines([rob])[-1] == "| sam | 3 | — | — | — | — (0.01, 1) | — | 3 |"
+           "worst_val": None, "worst_test": None, "worst_lr": 0.01, "worst_rho": 1.0, "diverged_configs": 3,
+           "runs": 6, "diverged_runs": 6, "collapsed_runs": None, "collapse_measured": 0}
+    assert robustness_lines([rob])[-1] == "| sam | 3 | — | — | — | — (0.01, 1) | — | 3 | 6/6 | — |"
