@@ -67,6 +67,9 @@ def test_a_run_on_imported_caches_equals_the_run_on_the_same_arrays_in_an_embed_
         assert result.exit_code == 0, result.output
         evaluated[form] = json.loads((run / "eval" / "test-best.json").read_text())["metrics"]
     assert evaluated["caches"] == evaluated["embed"]
+    line = one_error_line(runner.invoke(app, ["eval", str(runs["caches"]), "--split", "test", "--gallery",
+                                              str(tmp_path / "g.png")]))
+    assert "no gallery for test: its cache names no dataset to read the images from" in line  # before the work
     test_cache = next(p for p in caches["imported"].iterdir() if p.name.startswith("synth-test-"))
     other = runner.invoke(app, ["eval", str(runs["caches"]), "--cache", str(test_cache)])  # encoders: manifests'
     assert other.exit_code == 0, other.output
@@ -175,10 +178,14 @@ def test_compare_refuses_a_missing_cache_before_writing_anything(caches, tmp_pat
         assert not (tmp_path / "study").exists()
 
 
-def test_eval_gallery_of_an_imported_cache_is_refused_in_one_line(caches, tmp_path):
-    folder = next(p for p in caches["imported"].iterdir() if p.name.startswith("synth-test-"))
+def test_eval_gallery_of_an_imported_cache_is_refused_in_one_line(tmp_path):
+    rng = np.random.default_rng(0)
+    for name in ("i", "t"):  # one width: a raw gallery would have a shared space
+        np.save(tmp_path / f"{name}.npy", rng.standard_normal((12, 8)).astype(np.float32))
+    folder, _ = import_cache(open_source(None, tmp_path / "i.npy", tmp_path / "t.npy", None), "pics", "test",
+                             {"image": "a", "text": "b"}, tmp_path / "cache", progress=False, log=lambda m: None)
     line = one_error_line(runner.invoke(app, ["eval", "--cache", str(folder), "--gallery", str(tmp_path / "g.png")]))
-    assert f"no gallery for cache {folder.name}: its cache holds embeddings made elsewhere" in line
+    assert f"no gallery for cache {folder.name}: its cache names no dataset to read the images from" in line
     assert not (tmp_path / "g.png").exists()
 
 

@@ -13,7 +13,8 @@ Layout of ``<cache_root>/<key>/``:
     manifest.json                written last: spec, versions, counts, shapes, dtypes, sha256 checksums,
                                  skipped items with reasons, timing
     verified.json                what the last load verified (per file: sha256, size, mtime, ctime, inode)
-    .lock                        held (``align.common.locks.exclusive``) while ``align embed`` writes the folder
+    .lock                        held (``align.common.locks.exclusive``) while ``align embed`` (or ``align cache
+                                 import``) writes the folder
     work/                        shards of a run in progress (removed when the cache is complete)
 
 ``align cache import`` writes the same layout from embeddings made elsewhere, at ``<NAME>-<split>-<digest>``

@@ -126,8 +126,8 @@ def _image_source(manifest: dict[str, Any]) -> DatasetSpec | None:
 
 def _check_gallery_source(spec: DatasetSpec | None, what: str) -> None:
     if spec is None:
-        raise AlignError(f"no gallery for {what}: its cache holds embeddings made elsewhere (`align cache import`), "
-                         "without the images to draw: drop --gallery")
+        raise AlignError(f"no gallery for {what}: its cache names no dataset to read the images from (embeddings "
+                         "made elsewhere, `align cache import`): drop --gallery")
 
 
 def _head_features(model: torch.nn.Module, paired: Any, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -189,9 +189,6 @@ def evaluate_cache(path: Path, split: str | None = None, ks: Sequence[int] = (1,
     _check_figure(gallery, "gallery PNG", "--gallery")
     _check_figure(confusion, "confusion matrix PNG", "--out")  # OUT-confusion.png
     paired = load_cache_dir(path)
-    spec = _image_source(manifest_of(path)) if gallery is not None else None
-    if gallery is not None:
-        _check_gallery_source(spec, f"cache {path.name}")
     if split is not None and paired.meta.get("split") != split:
         raise AlignError(f"cache {path.name} holds split {paired.meta.get('split')!r}, not {split!r}: "
                          f"give the key of that split (`align cache ls --root {shlex.quote(str(path.parent))}`)")
@@ -199,6 +196,9 @@ def evaluate_cache(path: Path, split: str | None = None, ks: Sequence[int] = (1,
         raise AlignError(f"no gallery of raw embeddings: image dimension {paired.image.shape[1]} differs from text "
                          f"dimension {paired.text.shape[1]} (no common space without a head): give a RUN_DIR instead "
                          "of --cache")
+    spec = _image_source(manifest_of(path)) if gallery is not None else None
+    if gallery is not None:
+        _check_gallery_source(spec, f"cache {path.name}")
     result = evaluate_embeddings(paired, ks=ks, knn_k=knn_k, backend=backend, source=str(path))
     written = []
     if confusion is not None and "zeroshot" in result:
