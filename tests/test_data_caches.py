@@ -104,8 +104,14 @@ def test_a_name_imported_for_another_split_only_is_said_not_used(caches):
 
 
 def test_a_prefix_of_several_caches_is_refused_naming_them(caches):
-    data = CachesConfig(caches={"val": "syn"}, cache_root=str(caches["imported"]))
-    with pytest.raises(AlignError, match=r"data.caches.val: 'syn' matches 3 caches under .*: give its key"):
+    data = CachesConfig(caches={"val": "synth-"}, cache_root=str(caches["imported"]))
+    with pytest.raises(AlignError, match=r"data.caches.val: 'synth-' matches 3 caches under .*: give its key"):
+        split_folder(data, "val")
+
+
+def test_a_name_is_never_taken_as_a_prefix_of_another_name(caches):
+    data = CachesConfig(caches={"val": "synt"}, cache_root=str(caches["imported"]))  # synth-val-… is not synt's
+    with pytest.raises(AlignError, match=r"data.caches.val: no cache 'synt' for split 'val'"):
         split_folder(data, "val")
 
 

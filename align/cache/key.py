@@ -173,8 +173,9 @@ class CachesSource:
 class CachesConfig(StrictModel):
     """The ``data:`` section that names a finished cache per split: ``caches: {train: NAME, val: NAME, test: NAME}``.
 
-    An entry is, in this order: a folder path (it has a ``/``); a cache key under ``cache_root``; the ``--name`` of
-    ``align cache import`` (the folder ``<NAME>-<split>-<digest>`` of the entry's own split); a unique key prefix.
+    An entry is a folder path (it has a ``/``); else, under ``cache_root``, a cache key or a unique key prefix (it
+    has a ``-``); else the ``--name`` of ``align cache import`` (the folder ``<NAME>-<split>-<digest>`` of the
+    entry's own split).
     Like an embed section it has ``splits`` (those it names) and ``dataset.kind`` (``imported``)."""
 
     caches: dict[str, str]
@@ -213,16 +214,20 @@ class CachesConfig(StrictModel):
                                          "folder, or make one with `align cache import`"))
             return path
         caches = _finished_caches(root)
-        named = [p for p in caches if p.name == entry] or [p for p in caches if p.name.startswith(f"{entry}-{split}-")]
-        other_splits = sorted(p.name.split("-")[1] for p in caches if p.name.split("-")[0] == entry)
-        if not named and not (PLAIN_NAME.fullmatch(entry) and other_splits):
+        if "-" in entry:  # a key or a key prefix
             named = [p for p in caches if p.name.startswith(entry)]
+        else:  # a name: the cache of this split imported under it (a NAME alone never matches another name)
+            named = [p for p in caches if p.name.startswith(f"{entry}-{split}-")]
+        other_splits = sorted(p.name.split("-")[1] for p in caches if p.name.split("-")[0] == entry)
         if len(named) == 1:
             return named[0]
         if named:
             listed = ", ".join(p.name for p in named[:3])
             raise AlignError(shorten(f"{where}: {entry!r} matches {len(named)} caches under {root} ({listed}): "
                                      "give its key"))
+        if "-" in entry:
+            raise AlignError(shorten(f"{where}: no cache whose key starts with {entry!r} under {root}: see "
+                                     f"`align cache ls --root {root}`"))
         have = f" ({entry} has split {', '.join(other_splits)} only)" if other_splits else ""
         raise AlignError(shorten(f"{where}: no cache {entry!r} for split {split!r} under {root}{have}: make it with "
                                  f"`align cache import SOURCE --name {entry} --split {split} --root {root}`, or see "
