@@ -1,4 +1,5 @@
-"""`align cache ls | info KEY | verify KEY | rm KEY [--root DIR]`: look after the embedding cache."""
+"""`align cache ls | info KEY | verify KEY | rm KEY [--root DIR]`: look after the embedding cache;
+`align cache import SOURCE|--image F --text F --name NAME`: make a cache from embeddings computed elsewhere."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -50,6 +51,8 @@ def _print_info(path: Path, m: dict) -> None:
     if timing:
         grid.add_row("encoding", f"images {timing['image_encode_s']:.1f} s ({timing['images_per_s']:.1f}/s), "
                                  f"captions {timing['text_encode_s']:.1f} s ({timing['captions_per_s']:.1f}/s)")
+    if isinstance(m.get("source"), dict):  # an imported cache: where its embeddings came from
+        grid.add_row("imported", ", ".join(f"{k} {v}" for k, v in m["source"].items() if v is not None))
     grid.add_row("versions", ", ".join(f"{k} {v}" for k, v in (m.get("versions") or {}).items() if v))
     console.print(grid, highlight=False)
     files = Table(header_style="bold", title="files", title_justify="left")
@@ -100,7 +103,8 @@ def ls_command(root: Optional[Path] = typer.Option(None, "--root", help=ROOT_HEL
     root = _root(root)
     entries = list_caches(root)
     if not entries:
-        console.print(f"no caches under {root} (make one with `align embed --config FILE`)", highlight=False)
+        console.print(f"no caches under {root} (make one with `align embed --config FILE` or `align cache import`)",
+                      highlight=False)
         return
     _print_list(root, entries)
 
@@ -137,10 +141,46 @@ def rm_command(key: str = typer.Argument(..., help="Cache key (or a unique prefi
     console.print(f"removed {remove_cache(_root(root), key)}", highlight=False)
 
 
+def _register_import(group: typer.Typer) -> None:
+    """Add `align cache import`."""
+
+    @group.command("import")
+    @user_errors
+    def import_command(
+        source: Optional[Path] = typer.Argument(None, help="A clip-retrieval output folder: img_emb/img_emb_N.npy, "
+                                                "text_emb/text_emb_N.npy, metadata/metadata_N.parquet if any."),
+        name: str = typer.Option(..., "--name", help="The cache's name: its folder is NAME-SPLIT-DIGEST under the "
+                                 "root, and a config names it as data.caches.SPLIT: NAME."),
+        image: Optional[Path] = typer.Option(None, "--image", help="Image embeddings, .npy (rows × dims, float16 "
+                                             "or float32), instead of SOURCE."),
+        text: Optional[Path] = typer.Option(None, "--text", help="Text embeddings, .npy, with --image."),
+        pairs: Optional[Path] = typer.Option(None, "--pairs", help="Each text row's image row, .npy of integers "
+                                             "(default: row i of each is one pair)."),
+        image_encoder: str = typer.Option(..., "--image-encoder", help="Name of the model that made the image "
+                                          "embeddings (recorded, part of the key)."),
+        text_encoder: str = typer.Option(..., "--text-encoder", help="Name of the model that made the text "
+                                         "embeddings (recorded, part of the key)."),
+        split: str = typer.Option("train", "--split", help="The split it is (train, val, test, ...): recorded, "
+                                  "part of the key and folder."),
+        root: Optional[Path] = typer.Option(None, "--root", help=ROOT_HELP),
+        progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
+    ) -> None:
+        """Make a verified cache from embeddings computed elsewhere (streamed: memory stays bounded)."""
+        from align.cache.importing import import_cache, open_source  # loads torch: not for --help
+
+        found = open_source(source, image, text, pairs)
+        path, written = import_cache(found, name, split, {"image": image_encoder, "text": text_encoder},
+                                     _root(root), progress=progress, log=lambda m: console.print(m, highlight=False))
+        if written:
+            console.print(f"use it with data: {{caches: {{{split}: {name}}}}} (cache_root: {path.parent})",
+                          highlight=False)
+
+
 def register(app: typer.Typer) -> None:
     """Add the `align cache` command group."""
-    group = typer.Typer(help="List, inspect, verify and remove cached embeddings.", no_args_is_help=True)
+    group = typer.Typer(help="List, inspect, verify, remove and import cached embeddings.", no_args_is_help=True)
     app.add_typer(group, name="cache")
     for name, command in (("ls", ls_command), ("info", info_command), ("verify", verify_command),
                           ("rm", rm_command)):
         group.command(name)(command)
+    _register_import(group)

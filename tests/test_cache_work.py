@@ -75,10 +75,13 @@ def test_shards_read_back_in_source_order_with_their_skips_and_times(tmp_path, m
     work.save_shard("image", 0, rows[:2], {"start": 0, "stop": 2, "skipped": [skip], "seconds": 1.0, "encoded": 1})
     for s, (a, b) in enumerate([(0, 2), (2, 4), (4, 5)]):
         work.save_shard("text", s, -rows[a:b], {"start": a, "stop": b, "seconds": 0.5, "encoded": b - a})
-    contents = work.read()
-    assert contents.image.tolist() == rows[:3].tolist() and contents.text.tolist() == (-rows).tolist()
-    assert contents.skipped == [skip]
-    assert contents.seconds == {"image": 3.0, "image_encoded": 2, "text": 1.5}
+    records = work.records()
+    image_parts, text_parts = list(work.parts("image")), list(work.parts("text"))
+    assert [rows_ for rows_, _ in image_parts] == [range(0, 2), range(2, 3)]
+    assert np.concatenate([a for _, a in image_parts]).tolist() == rows[:3].tolist()
+    assert np.concatenate([a for _, a in text_parts]).tolist() == (-rows).tolist()
+    assert records.skipped == [skip] and records.dims == {"image": 3, "text": 3}
+    assert records.seconds == {"image": 3.0, "image_encoded": 2, "text": 1.5}
     assert [p.name for p in work.files()] == ["image-00000.npy", "image-00000.json", "image-00001.npy",
                                               "image-00001.json", "text-00000.npy", "text-00000.json",
                                               "text-00001.npy", "text-00001.json", "text-00002.npy",

@@ -125,9 +125,10 @@ def reference(tiny_dir, tmp_path_factory) -> Path:
         mp.undo()
 
 
-# _write_npy calls: image shards 1-3, caption shards 4-8, the five final arrays 9-13
+# _write_npy calls: image shards 1-3, caption shards 4-8; the final arrays are streamed (_write_block: a header,
+# then one block per shard), and the disk fills up at the first rows of text.npy, after its header
 @pytest.mark.parametrize("nth, what", [(2, "work/image-00001.npy"), (6, "work/text-00002.npy"),
-                                       (10, "text.npy")])
+                                       (None, "text.npy")])
 def test_disk_full_is_one_line_leaves_no_temp_file_and_resumes_byte_identical(tiny_dir, tmp_path, monkeypatch,
                                                                               reference, nth, what):
     monkeypatch.setattr(cache_work, "ENCODE_ROWS", 4)
@@ -135,25 +136,31 @@ def test_disk_full_is_one_line_leaves_no_temp_file_and_resumes_byte_identical(ti
     (tmp_path / "embed.yaml").write_text(yaml.safe_dump(section))
     folder = tmp_path / "cache" / reference.name
     calls = []
-    real = cache_work._write_npy
+    seam = "_write_npy" if nth is not None else "_write_block"
+    real = getattr(cache_work, seam)
 
-    def full_disk(fh, array):
-        calls.append(1)
-        if len(calls) == nth:
+    def fills_up_here() -> bool:
+        if nth is not None:
+            return len(calls) == nth
+        return calls[-1].startswith(".text.npy.") and calls.count(calls[-1]) == 2  # text.npy's first rows
+
+    def full_disk(fh, data):
+        calls.append(os.path.basename(fh.name))
+        if fills_up_here():
             fh.write(b"\x93NUMPY partial")  # some bytes reach the disk before it fills up
             raise OSError(errno.ENOSPC, "No space left on device")
-        real(fh, array)
+        real(fh, data)
 
-    monkeypatch.setattr(cache_work, "_write_npy", full_disk)
+    monkeypatch.setattr(cache_work, seam, full_disk)
     line = one_line(runner.invoke(app, ["embed", "--config", str(tmp_path / "embed.yaml"), "--no-progress"]))
     assert line == (f"no space left on the device writing {folder / what}: free some space, then run the same "
                     f"`align embed` again (finished shards are kept and it resumes)")
     assert [p.name for p in folder.rglob("*.tmp")] == []  # the temporary file of the failed write is gone
     assert not (folder / "manifest.json").exists()
     done = sorted(p.name for p in (folder / "work").glob("*.json") if p.name != "plan.json")
-    assert len(done) == min(nth - 1, 8)  # every shard finished before the failure is kept
+    assert len(done) == (nth - 1 if nth is not None else 8)  # every shard finished before the failure is kept
 
-    monkeypatch.setattr(cache_work, "_write_npy", real)
+    monkeypatch.setattr(cache_work, seam, real)
     result = runner.invoke(app, ["embed", "--config", str(tmp_path / "embed.yaml"), "--no-progress"])
     assert result.exit_code == 0 and "resuming" in result.output, result.output
     for name in cache_keys.ARRAYS:

@@ -52,7 +52,7 @@ ROLES = {
              "align.data.backend_common", "align.data.backend_open_clip", "align.data.backend_transformers",
              "align.data.backend_offline", "align.data.synthetic", "align.data.mnist",
              "align.data.hub", "align.cache.key", "align.cache.read", "align.cache.work", "align.cache.encode",
-             "align.cache.write", "align.cache.store",
+             "align.cache.write", "align.cache.store", "align.cache.importing",
              "align.train.run_dir", "align.eval.plots", "align.study.studies", "align.study.report",
              "align.study.beside", "align.study.plots", "align.toy.plots"},
     "common": {"align.common.errors", "align.common.config", "align.common.paths", "align.common.device",

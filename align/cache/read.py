@@ -23,8 +23,8 @@ import torch
 from numpy.lib import format as npy
 
 from align.cache.embeddings import PairedEmbeddings
-from align.cache.key import (ARRAYS, CACHE_FORMAT, KEY_NAME, LABEL_ARRAYS, MANIFEST, VERIFIED, WORK, EmbedConfig,
-                             cache_path)
+from align.cache.key import (ARRAYS, CACHE_FORMAT, KEY_NAME, LABEL_ARRAYS, MANIFEST, VERIFIED, WORK, CachesConfig,
+                             EmbedConfig, split_folder)
 from align.common.config import shorten
 from align.common.errors import AlignError
 from align.common.files import atomic_write_text, sha256_file
@@ -338,10 +338,11 @@ def _read_verified(path: Path) -> tuple[dict[str, Any], int]:
         return {}, 0
 
 
-def split_manifest(cfg: EmbedConfig, split: str) -> dict[str, Any]:
-    """The manifest of ``split``'s cache, its structure checked and no array read (what a plan needs: counts,
-    dims, classes); AlignError naming what to do when the cache is missing, unfinished or damaged."""
-    path = cache_path(cfg, split)
+def split_manifest(cfg: EmbedConfig | CachesConfig, split: str) -> dict[str, Any]:
+    """The manifest of ``split``'s cache (a data section of either form, ``split_folder``), its structure checked
+    and no array read (what a plan needs: counts, dims, classes); AlignError naming what to do when the cache is
+    missing, unfinished or damaged."""
+    path = split_folder(cfg, split)
     if not (path / MANIFEST).exists():
         if (path / WORK).is_dir():
             raise AlignError(f"the embedding of split {split!r} into {path} did not finish: run `align embed "
@@ -351,10 +352,10 @@ def split_manifest(cfg: EmbedConfig, split: str) -> dict[str, Any]:
     return manifest_of(path)
 
 
-def load_cached_split(cfg: EmbedConfig, split: str) -> PairedEmbeddings:
+def load_cached_split(cfg: EmbedConfig | CachesConfig, split: str) -> PairedEmbeddings:
     """The cached embeddings of ``split`` in float32 (checked first); AlignError naming what to do otherwise."""
     split_manifest(cfg, split)
-    return load_cache_dir(cache_path(cfg, split))
+    return load_cache_dir(split_folder(cfg, split))
 
 
 def load_cache_dir(path: str | Path) -> PairedEmbeddings:

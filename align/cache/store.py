@@ -1,10 +1,11 @@
 """The cache root as a collection (edge layer): list its entries, find one by key or prefix, verify, remove.
 
-A folder counts as a cache only when ``align embed`` provably wrote it: a manifest naming the folder
-(``is_own_manifest``) or a ``work/`` holding the shard plan of its key (``is_own_plan``), and nothing an embed
-never writes. A folder holding only a lock, an empty ``work/`` or someone else's ``manifest.json`` is none, so
-``align cache rm`` cannot delete a folder of another kind, and keys match only real caches. ``align cache ls`` also
-shows, as damaged, a folder named like a key whose manifest cannot be read (rm leaves it: it is deleted by hand).
+A folder counts as a cache only when ``align embed`` (or ``align cache import``) provably wrote it: a manifest
+naming the folder (``is_own_manifest``) or a ``work/`` holding the shard plan of its key (``is_own_plan``), and
+nothing an embed never writes. A folder holding only a lock, an empty ``work/`` or someone else's
+``manifest.json`` is none, so ``align cache rm`` cannot delete a folder of another kind, and keys match only real
+caches. ``align cache ls`` also shows, as damaged, a folder named like a key whose manifest cannot be read (rm
+leaves it: it is deleted by hand).
 """
 from __future__ import annotations
 

@@ -2,8 +2,9 @@
 
 An ``EmbedJob`` claims the folder (a finished cache is checked and reused), prepares the run (a killed run's
 leftovers removed, the shard plan frozen in ``work/plan.json``), encodes the shards still to do
-(``align.cache.encode``, each written atomically into ``work/``), then finalizes: the arrays assembled from the
-shards, written atomically, and the manifest last. A run killed at any point and started again finishes with files
+(``align.cache.encode``, each written atomically into ``work/``), then finalizes: the arrays streamed from the
+shards one shard at a time (``align.cache.work.NpyStream``: memory does not grow with the split), each written
+atomically, and the manifest last. A run killed at any point and started again finishes with files
 byte-identical to an uninterrupted run. One ``align embed`` writes a key at a time (its lock).
 
 Under ``torchrun`` (``align.common.distributed``) the ranks of one job write a key together: rank 0 decides (is it
@@ -23,7 +24,7 @@ from contextlib import ExitStack
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -31,7 +32,7 @@ import torch
 from align.cache.encode import ShardEncoder
 from align.cache.key import CACHE_FORMAT, MANIFEST, VERIFIED, WORK, EmbedConfig, cache_identity, cache_key
 from align.cache.read import check_cache
-from align.cache.work import PLAN, ShardContents, Todo, WorkFolder, save_array, save_text
+from align.cache.work import PLAN, ShardRecords, StreamedArray, Todo, WorkFolder, save_text
 from align.common import distributed
 from align.common.device import pick_device
 from align.common.errors import AlignError
@@ -146,10 +147,10 @@ class EmbedJob:
             shards.prompts(text_encoder or encoders.build_text_encoder(cfg.text_encoder, self.device))
         return rates
 
-    def assemble(self, shards: ShardContents) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    def assemble(self, records: ShardRecords) -> tuple[dict[str, StreamedArray], dict[str, int]]:
         """The cache's arrays from the finished shards, without the skipped images (and their captions) → (arrays
-        by file name, the manifest's counts)."""
-        data, skipped = self.data, shards.skipped
+        by file name, streamed from the shards one at a time when written; the manifest's counts)."""
+        data, skipped = self.data, records.skipped
         if self.cfg.strict and skipped:  # shards from an earlier non-strict run of the same key may hold skips
             first = skipped[0]
             raise AlignError(f"image {first['index']} ({first['image_id']}) of split {self.split!r} is unreadable: "
@@ -162,21 +163,29 @@ class EmbedJob:
         c2i_source = np.asarray(data.caption_to_image, dtype=np.int64)
         keep_cap = keep_img[c2i_source]
         new_index = np.cumsum(keep_img) - 1  # source image index → row in image.npy
+        stored = np.dtype(self.cfg.storage_dtype)
         arrays = {
-            "image.npy": _store(shards.image[keep_img], self.cfg, "image", self.split),
-            "text.npy": _store(shards.text[keep_cap], self.cfg, "text", self.split),
-            "caption_to_image.npy": new_index[c2i_source[keep_cap]].astype(np.int64),
-            "image_rows.npy": np.flatnonzero(keep_img).astype(np.int64),
-            "caption_rows.npy": np.flatnonzero(keep_cap).astype(np.int64),
+            "image.npy": StreamedArray((int(keep_img.sum()), records.dims["image"]), stored,
+                                       self._stored("image", keep_img)),
+            "text.npy": StreamedArray((int(keep_cap.sum()), records.dims["text"]), stored,
+                                      self._stored("text", keep_cap)),
+            "caption_to_image.npy": StreamedArray.whole(new_index[c2i_source[keep_cap]].astype(np.int64)),
+            "image_rows.npy": StreamedArray.whole(np.flatnonzero(keep_img).astype(np.int64)),
+            "caption_rows.npy": StreamedArray.whole(np.flatnonzero(keep_cap).astype(np.int64)),
         }
         if data.labels is not None:  # the kept images' classes and the class prompts' text embeddings
-            arrays["labels.npy"] = np.asarray(data.labels, dtype=np.int64)[keep_img]
-            arrays["class_text.npy"] = _store(self.work.prompts(), self.cfg, "prompt", self.split)
+            arrays["labels.npy"] = StreamedArray.whole(np.asarray(data.labels, dtype=np.int64)[keep_img])
+            arrays["class_text.npy"] = StreamedArray.whole(_store(self.work.prompts(), self.cfg, "prompt", self.split))
         counts = {"images": int(keep_img.sum()), "captions": int(keep_cap.sum()), "skipped_images": len(skipped),
                   "dropped_captions": int((~keep_cap).sum())}
         return arrays, counts
 
-    def manifest(self, files: dict[str, Any], shards: ShardContents, counts: dict[str, int]) -> dict[str, Any]:
+    def _stored(self, kind: str, keep: np.ndarray) -> Iterator[np.ndarray]:
+        """The kept rows of each ``kind`` shard in storage form (``_store``), one shard at a time."""
+        for rows, array in self.work.parts(kind):
+            yield _store(array[keep[rows.start:rows.stop]], self.cfg, kind, self.split)
+
+    def manifest(self, files: dict[str, Any], shards: ShardRecords, counts: dict[str, int]) -> dict[str, Any]:
         """manifest.json: what the cache holds, how it was made, and the checksums that vouch for its files."""
         cfg, data, plan = self.cfg, self.data, self.work.plan
         run = {"device": str(self.device), "batch_size": cfg.batch_size, "encode_rows": plan["encode_rows"],
@@ -191,7 +200,7 @@ class EmbedJob:
                         "captions_in_source": len(data.captions)},
             "encoders": {"image": cfg.image_encoder.describe(), "text": cfg.text_encoder.describe()},
             "counts": counts,
-            "dims": {"image": int(shards.image.shape[1]), "text": int(shards.text.shape[1])},
+            "dims": dict(shards.dims),
             "storage_dtype": cfg.storage_dtype,
             "normalize": cfg.normalize,
             "files": files,
@@ -277,23 +286,17 @@ class CacheWriter:
             leftover.unlink(missing_ok=True)
 
     def finalize(self, job: EmbedJob) -> None:
-        """The cache from ``job``'s finished shards: the arrays written atomically, then the manifest (the cache is
-        valid from there), then work/ removed."""
+        """The cache from ``job``'s finished shards: the arrays streamed and written atomically (the bytes of
+        ``np.save`` of each whole array), then the manifest (the cache is valid from there), then work/ removed."""
         if job.rank.distributed:  # the other ranks' shards, on a shared file system that may show them late
             wait_until_visible(job.work.files(), "embedding shards")
-        shards = job.work.read()
-        arrays, counts = job.assemble(shards)
-        files = {name: self._save(name, array) for name, array in arrays.items()}
+        shards = job.work.records()
+        arrays, counts = job.assemble(shards)  # the rows are read, stored and written one shard at a time
+        files = {name: array.write(self.path / name) for name, array in arrays.items()}
         save_text(self.path / MANIFEST, json.dumps(job.manifest(files, shards, counts), indent=1))
         job.work.remove()
         skipped = f", {counts['skipped_images']} unreadable images skipped" if counts["skipped_images"] else ""
         job.log(f"{job.split}: {counts['images']} images, {counts['captions']} captions{skipped} → {self.path}")
-
-    def _save(self, name: str, array: np.ndarray) -> dict[str, Any]:
-        """One array of the cache, written atomically → its manifest entry."""
-        digest = save_array(self.path / name, array)
-        return {"shape": list(array.shape), "dtype": str(array.dtype), "bytes": (self.path / name).stat().st_size,
-                "sha256": digest}
 
 
 class ReadOnlyCacheWriter(CacheWriter):

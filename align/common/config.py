@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Tag, ValidationError
 
 from align.common.config_files import resolve_data_from
 from align.common.errors import AlignError, shorten
@@ -124,19 +124,39 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[s
     return out
 
 
-def _valid_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
-    """The field names valid at ``loc`` (the path of an unknown key) inside ``model``."""
+def _tagged_members(annotation: Any) -> dict[str, Any]:
+    """{tag: member} of a tagged union (``Union[Annotated[X, Tag("x")], ...]``), else {}."""
+    members = {}
+    for arg in getattr(annotation, "__args__", ()):
+        for meta in getattr(arg, "__metadata__", ()):
+            if isinstance(meta, Tag):
+                members[meta.tag] = arg.__origin__
+    return members
+
+
+def _model_of(annotation: Any) -> type[BaseModel] | None:
+    candidates = [annotation, *getattr(annotation, "__args__", ())]
+    return next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
+
+
+def _key_path(model: type[BaseModel], loc: tuple[Any, ...]) -> tuple[tuple[Any, ...], type[BaseModel] | None]:
+    """(``loc`` as the config's keys: without the member tags pydantic puts in the path of a tagged union, the model
+    whose field the last key is, or None when unknown)."""
+    keys: list[Any] = []
+    owner: Any = model
     current: Any = model
-    for part in loc[:-1]:
+    tags: dict[str, Any] = {}
+    for part in loc:
+        if part in tags:  # the member a tagged union chose: not a key of the config
+            current, tags = tags[part], {}
+            continue
+        keys.append(part)
+        owner, tags = current, {}
         fields = getattr(current, "model_fields", None)
-        if fields is None or part not in fields:
-            return []
-        annotation = fields[part].annotation
-        candidates = [annotation, *getattr(annotation, "__args__", ())]
-        current = next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)
-        if current is None:
-            return []
-    return sorted(getattr(current, "model_fields", {}))
+        annotation = fields[part].annotation if fields is not None and part in fields else None
+        tags = _tagged_members(annotation)
+        current = None if tags or annotation is None else _model_of(annotation)
+    return tuple(keys), owner if isinstance(owner, type) else None
 
 
 # How pydantic names the member of a union a value failed, e.g. "function-before[_not_bool(), int]" in
@@ -147,10 +167,10 @@ _UNION_MEMBER = re.compile(r"[a-z][a-z-]*\[.*\]")
 def format_validation_error(exc: ValidationError, model: type[BaseModel], source: str = "config") -> str:
     """One line describing the first problem, naming the key and, for unknown keys, the valid ones."""
     err = exc.errors()[0]
-    loc = tuple(p for p in err["loc"] if not _UNION_MEMBER.fullmatch(str(p)))
+    loc, owner = _key_path(model, tuple(p for p in err["loc"] if not _UNION_MEMBER.fullmatch(str(p))))
     key = ".".join(str(p) for p in loc) or "(root)"
     if err["type"] == "extra_forbidden":
-        valid = _valid_keys(model, loc)
+        valid = sorted(getattr(owner, "model_fields", {}))
         close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         return f"{source}: unknown key {key!r}{hint}; valid keys here: {', '.join(valid)}"

@@ -14,7 +14,8 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from align.cache.read import load_cache_dir, manifest_of, source_rows
+from align.cache.key import IMPORTED, EmbedConfig
+from align.cache.read import load_cache_dir, manifest_of, source_rows, split_manifest
 from align.common.config import load_config, shorten
 from align.common.device import pick_device
 from align.common.errors import AlignError, is_out_of_memory, out_of_memory_error
@@ -51,6 +52,8 @@ def evaluate_run(run_dir: Path, split: str = "test", checkpoint: str = "best", d
         cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"backend": backend})})
     state, meta = run.load_head(checkpoint)
     paired, spec, split = _run_data(cfg, split, cache)
+    if gallery is not None:
+        _check_gallery_source(spec, split)
     cfg = resolve_dims(cfg, paired)
     notes = [] if cfg.eval.knn_k < paired.num_images else [  # said, so that they are not missing without a word
         f"mutual_knn/cknna skipped: {paired.num_images} images is not more than the run's eval.knn_k={cfg.eval.knn_k}"]
@@ -91,23 +94,40 @@ def _check_figure(path: Path | None, what: str, option: str) -> None:
         require_writable(path, what, f"give another {option}", file=True)
 
 
-def _run_data(cfg: Any, split: str, cache: Path | None) -> tuple[Any, Any, str]:
-    """(embeddings, their dataset spec, the label of the evaluation): the run's own split, or another cache made by
-    the run's encoders (AlignError naming both otherwise)."""
+def _run_data(cfg: Any, split: str, cache: Path | None) -> tuple[Any, DatasetSpec | None, str]:
+    """(embeddings, the dataset spec their images are read from, or None for an imported cache; the label of the
+    evaluation): the run's own split, or another cache made by the run's encoders (AlignError naming both
+    otherwise)."""
     if cache is None:
         if split not in cfg.data.splits:
             raise AlignError(f"split {split!r} is not in the run's data.splits ({', '.join(cfg.data.splits)})")
-        return load_data(cfg, [split])[split], cfg.data.dataset, split
+        spec = cfg.data.dataset if isinstance(cfg.data, EmbedConfig) else _image_source(split_manifest(cfg.data, split))
+        return load_data(cfg, [split])[split], spec, split
     path = Path(cache)
     manifest = manifest_of(path)
-    wanted = {"image": cfg.data.image_encoder.describe(), "text": cfg.data.text_encoder.describe()}
-    if {k: manifest["encoders"].get(k) for k in wanted} != wanted:
+    wanted = ({"image": cfg.data.image_encoder.describe(), "text": cfg.data.text_encoder.describe()}
+              if isinstance(cfg.data, EmbedConfig) else split_manifest(cfg.data, "train")["encoders"])
+    if {k: manifest["encoders"].get(k) for k in ("image", "text")} != {k: wanted.get(k) for k in ("image", "text")}:
         def pair(encoders: dict) -> str:
             return " + ".join(shorten(str(encoders.get(k)), 48) for k in ("image", "text"))
 
         raise AlignError(f"cache {path.name} was not embedded by the run's encoders: embed that set with the run's "
                          f"encoders (cache: {pair(manifest['encoders'])}; run: {pair(wanted)})")
-    return load_cache_dir(path), DatasetSpec.model_validate(manifest["config"]["dataset"]), f"cache-{path.name}"
+    return load_cache_dir(path), _image_source(manifest), f"cache-{path.name}"
+
+
+def _image_source(manifest: dict[str, Any]) -> DatasetSpec | None:
+    """The dataset a cache's images can be read back from (what its embed config named); None for a cache of
+    embeddings made elsewhere (``align cache import``), whose images align never had."""
+    if manifest["dataset"].get("kind") == IMPORTED or not isinstance(manifest.get("config"), dict):
+        return None
+    return DatasetSpec.model_validate(manifest["config"]["dataset"])
+
+
+def _check_gallery_source(spec: DatasetSpec | None, what: str) -> None:
+    if spec is None:
+        raise AlignError(f"no gallery for {what}: its cache names no dataset to read the images from (embeddings "
+                         "made elsewhere, `align cache import`): drop --gallery")
 
 
 def _head_features(model: torch.nn.Module, paired: Any, device: torch.device) -> tuple[Tensor, Tensor]:
@@ -176,12 +196,14 @@ def evaluate_cache(path: Path, split: str | None = None, ks: Sequence[int] = (1,
         raise AlignError(f"no gallery of raw embeddings: image dimension {paired.image.shape[1]} differs from text "
                          f"dimension {paired.text.shape[1]} (no common space without a head): give a RUN_DIR instead "
                          "of --cache")
+    spec = _image_source(manifest_of(path)) if gallery is not None else None
+    if gallery is not None:
+        _check_gallery_source(spec, f"cache {path.name}")
     result = evaluate_embeddings(paired, ks=ks, knn_k=knn_k, backend=backend, source=str(path))
     written = []
     if confusion is not None and "zeroshot" in result:
         written.append(_confusion_png(confusion, result, f"raw embeddings of {path.name}"))
     if gallery is not None:
-        spec = DatasetSpec.model_validate(manifest_of(path)["config"]["dataset"])
         written.append(draw_gallery(paired, paired.image, paired.text, spec, gallery,
                                     f"{path.name}: raw encoder embeddings (no head)"))
     for out in written:

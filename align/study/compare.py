@@ -20,7 +20,10 @@ from __future__ import annotations
 from contextlib import ExitStack
 from typing import Any
 
+from align.cache.key import CachesConfig, split_folder
+from align.cache.read import split_manifest
 from align.cache.write import embed_all
+from align.common.errors import AlignError
 from align.common import distributed
 from align.common.device import pick_device
 from align.common.progress import Log, progress_bar
@@ -31,6 +34,7 @@ from align.study.packing import check_pack, pack_layout, pack_work, parse_memory
 from align.study.studies import StudyDir, study_dir
 from align.study.workers import PackJob, train_packs
 from align.train.memory import check_head_fits
+from align.train.run_data import planned_roles, role_splits
 
 
 def check_study(cfg: CompareConfig, pack: int | str = "auto", memory_budget: str | int | None = None) -> None:
@@ -41,6 +45,19 @@ def check_study(cfg: CompareConfig, pack: int | str = "auto", memory_budget: str
         parse_memory(memory_budget)
     if cfg.beside:
         read_beside(cfg.beside)
+    if isinstance(cfg.data, CachesConfig):  # nothing to embed: the caches must be there now, and fit their roles
+        _check_named_caches(cfg)
+
+
+def _check_named_caches(cfg: CompareConfig) -> None:
+    """The caches a study names exist, fit their roles (``planned_roles``) and, for a zero-shot score, have class
+    labels; from their manifests (no array read)."""
+    planned_roles(cfg)
+    if cfg.score.startswith("zeroshot"):
+        for split in role_splits(cfg):
+            if "labels.npy" not in split_manifest(cfg.data, split)["files"]:
+                raise AlignError(f"score {cfg.score} needs class labels, but the cache of split {split!r} "
+                                 f"({split_folder(cfg.data, split).name}) has none: use score: mean_R@1")
 
 
 def plan(cfg: CompareConfig) -> dict[str, Any]:
@@ -51,10 +68,7 @@ def plan(cfg: CompareConfig) -> dict[str, Any]:
     passes = sum(2 if optimizer_info(c.optimizer).two_pass else 1 for c in cells)
     return {
         "study_dir": str(study_dir(cfg)),
-        "dataset": _dataset_summary(cfg),
-        "splits": list(cfg.data.splits),
-        "image_encoder": cfg.data.image_encoder.model_dump(exclude_none=True),
-        "text_encoder": cfg.data.text_encoder.model_dump(exclude_none=True),
+        **_data_summary(cfg),
         "score": cfg.score,
         "optimizers": list(cfg.grid.optimizers),
         "method_axes": {name: dict(spec) for name, spec in cfg.grid.method_axes.items()},
@@ -65,6 +79,19 @@ def plan(cfg: CompareConfig) -> dict[str, Any]:
         "forward_backward_passes": passes * cfg.schedule.steps,
         "workers": resolve_workers(cfg),
     }
+
+
+def _data_summary(cfg: CompareConfig) -> dict[str, Any]:
+    """The plan's data: the dataset, splits and encoders of an embed section; the caches a caches section names
+    (their folders), its splits and the encoders their manifests record (the training split's)."""
+    if isinstance(cfg.data, CachesConfig):
+        encoders = split_manifest(cfg.data, "train")["encoders"]
+        return {"caches": {split: str(split_folder(cfg.data, split)) for split in cfg.data.caches},
+                "splits": list(cfg.data.splits), "image_encoder": encoders.get("image"),
+                "text_encoder": encoders.get("text")}
+    return {"dataset": _dataset_summary(cfg), "splits": list(cfg.data.splits),
+            "image_encoder": cfg.data.image_encoder.model_dump(exclude_none=True),
+            "text_encoder": cfg.data.text_encoder.model_dump(exclude_none=True)}
 
 
 def _dataset_summary(cfg: CompareConfig) -> dict[str, Any]:
@@ -92,7 +119,8 @@ def run_study(cfg: CompareConfig, log: Log | None = None, progress: bool = True,
     job = distributed.current()
     study = StudyDir.for_rank(study_dir(cfg), job)
     cells = grid_cells(cfg.grid)
-    embed_all(cfg.data, progress=progress, log=log)  # a no-op when every split is cached; shared out under torchrun
+    if not isinstance(cfg.data, CachesConfig):  # named caches are finished (checked by check_study)
+        embed_all(cfg.data, progress=progress, log=log)  # a no-op when every split is cached; shared under torchrun
 
     todo = distributed.from_main(lambda: study.unfinished(cells))
     log(f"study {cfg.name}: {len(cells)} runs, {len(cells) - len(todo)} already finished")

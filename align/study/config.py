@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 from pydantic import ValidationError, field_validator, model_validator
 
+from align.cache.key import EmbedConfig
 from align.common.config import MAX_SEED, Integer, Number, StrictModel
 from align.common.paths import relative_to_data_root
 from align.data.datasets import LABELLED_KINDS
@@ -147,7 +148,8 @@ class CompareConfig(TrainConfig):
     def _reference_in_grid(self) -> "CompareConfig":
         if self.reference not in self.grid.optimizers:
             raise ValueError(f"reference {self.reference!r} is not among grid.optimizers {self.grid.optimizers}")
-        if self.score.startswith("zeroshot") and self.data.dataset.kind not in LABELLED_KINDS:
+        if (self.score.startswith("zeroshot") and isinstance(self.data, EmbedConfig)  # caches: from their manifests
+                and self.data.dataset.kind not in LABELLED_KINDS):
             raise ValueError(f"score {self.score} needs a labelled dataset ({', '.join(LABELLED_KINDS)}), not kind "
                              f"{self.data.dataset.kind!r}")
         return self

@@ -11,6 +11,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from align.cache.key import CachesConfig
 from align.common.errors import AlignError
 from align.common.files import atomic_write_text
 from align.eval.plots import confusion_grid
@@ -482,8 +483,7 @@ def _report_head(cfg: Any, rows: list[dict[str, Any]], summ: list[dict[str, Any]
     eta = cfg.optim.eta if cfg.optim.eta is not None else default_hparams("fsam")["eta"]
     label = score_label(score)
     return [f"# Optimizer study `{cfg.name}`", "",
-            f"Data: `{cfg.data.dataset.kind}` set; image encoder `{cfg.data.image_encoder.backend}:{cfg.data.image_encoder.model}`, "
-            f"text encoder `{cfg.data.text_encoder.backend}:{cfg.data.text_encoder.model}`. Head `{cfg.head.kind}` → "
+            f"{_data_text(cfg)} Head `{cfg.head.kind}` → "
             f"{cfg.head.out_dim}-d, {cfg.loss.kind} loss, {cfg.schedule.steps} steps at batch {cfg.schedule.batch_size}, "
             f"base optimizer of the SAM family `{cfg.optim.base}`.",
             f"{len(rows)} runs: optimizers {', '.join(cfg.grid.optimizers)}; seeds {cfg.grid.seeds}"
@@ -498,6 +498,15 @@ def _report_head(cfg: Any, rows: list[dict[str, Any]], summ: list[dict[str, Any]
             *verdict_sentences(summ, cfg.reference, score), "",
             *seed_noise_note(summ, cfg.reference),
             *fisher_note(rows, cfg.reference, eta, score)]
+
+
+def _data_text(cfg: Any) -> str:
+    """What the study trained on: an embed section's set and encoders, or the caches a caches section names."""
+    if isinstance(cfg.data, CachesConfig):
+        return "Data: caches " + ", ".join(f"{split} `{entry}`" for split, entry in cfg.data.caches.items()) + "."
+    return (f"Data: `{cfg.data.dataset.kind}` set; image encoder `{cfg.data.image_encoder.backend}:"
+            f"{cfg.data.image_encoder.model}`, text encoder `{cfg.data.text_encoder.backend}:"
+            f"{cfg.data.text_encoder.model}`.")
 
 
 def zero_shot_note(cfg: Any, score: str) -> list[str]:

@@ -15,7 +15,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from align.cache.key import EmbedConfig
+from align.cache.key import CachesConfig, DataSection, EmbedConfig
 from align.common.config import MAX_SEED, Integer, Number, StrictModel
 from align.common.errors import AlignError
 from align.data.datasets import LABELLED_KINDS
@@ -156,7 +156,7 @@ class EvalConfig(StrictModel):
 class TrainConfig(StrictModel):
     """Everything one training run needs; ``config.yaml`` of a run directory is this, resolved."""
 
-    data: EmbedConfig
+    data: DataSection  # the embed settings (EmbedConfig), or finished caches named per split (CachesConfig)
     head: HeadConfig = HeadConfig()
     loss: LossConfig = LossConfig()
     optim: OptimConfig = OptimConfig()
@@ -182,9 +182,28 @@ class TrainConfig(StrictModel):
 
     @model_validator(mode="after")
     def _select_fits_data(self) -> "TrainConfig":
-        if self.eval.select.startswith("zeroshot") and self.data.dataset.kind not in LABELLED_KINDS:
+        """An embed section says whether its set is labelled; named caches say it in their manifests (checked with
+        the splits' roles, ``align.train.run_data.check_roles``)."""
+        if (self.eval.select.startswith("zeroshot") and isinstance(self.data, EmbedConfig)
+                and self.data.dataset.kind not in LABELLED_KINDS):
             raise ValueError(f"eval.select={self.eval.select} needs a labelled dataset ({', '.join(LABELLED_KINDS)}), "
                              f"not kind {self.data.dataset.kind!r}")
+        return self
+
+    @model_validator(mode="after")
+    def _caches_cover_roles(self) -> "TrainConfig":
+        """Named caches hold every split the run trains, validates and tests on."""
+        if not isinstance(self.data, CachesConfig):
+            return self
+        roles = [("train", "training", "")]
+        if not self.eval.holdout_images:
+            roles.append((self.eval.split, "eval.split", ", or validate on eval.holdout_images"))
+        if self.eval.test_split is not None:
+            roles.append((self.eval.test_split, "eval.test_split", ", or set eval.test_split: null"))
+        for split, role, fix in roles:
+            if split not in self.data.caches:
+                raise ValueError(f"data.caches has no {split!r} entry, which {role} needs: add data.caches.{split}: "
+                                 f"NAME{fix}")
         return self
 
     @field_validator("diverge_tol", "diverge_grad_tol")
