@@ -3,9 +3,10 @@
 The pack's step on 2 ranks, each with half of every batch, against the reference path (helpers.reference_run: torch
 optimizers driven by take_step on the whole batch, one process): with ``optim.perturbation: global`` every head
 of the registry ends within 1e-9 (relative, float64, 20 steps), with the whole gathered loss and with
-``loss.local``; with ``local`` the SAM family ends elsewhere while the ranks still hold identical weights. Then
-`align train` itself under torchrun: rank 0 writes the run alone, with the numbers of one process; and (slow) a
-kill -9 of either rank followed by ``--resume`` gives the uninterrupted 2-rank run bit for bit.
+``loss.local``, and with the loss in row blocks (``loss.block_rows``) as without them; with ``local`` the SAM
+family ends elsewhere while the ranks still hold identical weights. Then `align train` itself under torchrun: rank 0
+writes the run alone, with the numbers of one process; and (slow) a kill -9 of either rank followed by ``--resume``
+gives the uninterrupted 2-rank run bit for bit.
 """
 from __future__ import annotations
 
@@ -45,7 +46,16 @@ JOBS = {
     "siglip-rows": dict(cells=[SAM_FAMILY[0], SAM_FAMILY[3]], perturbation="global",
                         head=HeadConfig(kind="starmlp", out_dim=12, hidden_dim=20, pre_norm=True),
                         loss=LossConfig(kind="siglip", clamp="upper", perturb_logit_scale=True, local=True)),
+    # The gathered whole loss (loss.local false) of two heads per kind, the twins of the blocked jobs below.
+    "clip": dict(cells=[CELLS[2], SAM_FAMILY[1]], perturbation="global", head=LINEAR_CLIP[0], loss=LINEAR_CLIP[1]),
+    "siglip": dict(cells=[SAM_FAMILY[0], SAM_FAMILY[3]], perturbation="global",
+                   head=HeadConfig(kind="starmlp", out_dim=12, hidden_dim=20, pre_norm=True),
+                   loss=LossConfig(kind="siglip", clamp="upper", perturb_logit_scale=True)),
 }
+# The same jobs with the loss in blocks of 5 rows: the gathered 32 in 7 blocks (the last of 2), a rank's 16 in 4.
+BLOCKED = ["clip", "siglip", "clip-rows", "siglip-rows"]
+JOBS.update({f"{name}-blocks": dict(JOBS[name], loss=JOBS[name]["loss"].model_copy(update={"block_rows": 5}))
+             for name in BLOCKED})
 
 
 def free_port() -> int:
@@ -123,7 +133,8 @@ _REFERENCES: dict[str, dict[str, torch.Tensor]] = {}
 
 def _reference(job: dict, cell: dict) -> dict[str, torch.Tensor]:
     """The cell trained alone in one process on the whole batch (helpers.reference_run), computed once."""
-    key = repr((job["head"], job["loss"].model_copy(update={"local": False}), sorted(cell.items())))
+    loss = job["loss"].model_copy(update={"local": False, "block_rows": None})
+    key = repr((job["head"], loss, sorted(cell.items())))
     if key not in _REFERENCES:
         image, text, c2i = _data()
         _REFERENCES[key] = reference_run(cell, job["head"], job["loss"], image, text, c2i, steps=STEPS,
@@ -131,7 +142,7 @@ def _reference(job: dict, cell: dict) -> dict[str, torch.Tensor]:
     return _REFERENCES[key]
 
 
-@pytest.mark.parametrize("name", ["global", "clip-rows", "siglip-rows"])
+@pytest.mark.parametrize("name", ["global", "clip-rows", "siglip-rows", *(f"{n}-blocks" for n in BLOCKED)])
 def test_two_ranks_with_a_global_perturbation_train_as_one_process_on_the_whole_batch(two_ranks, name):
     job = JOBS[name]
     assert {c["name"] for c in SAM_FAMILY} == {"sam", "msam", "asam", "fsam"}
@@ -142,6 +153,15 @@ def test_two_ranks_with_a_global_perturbation_train_as_one_process_on_the_whole_
                 assert torch.equal(two_ranks[rank][name][i][key], two_ranks[0][name][i][key]), (cell, key, rank)
             rel = _rel(two_ranks[0][name][i][key], value)
             assert rel <= 1e-9, (name, cell, key, rel)
+
+
+@pytest.mark.parametrize("name", BLOCKED)
+def test_two_ranks_with_the_gathered_loss_in_blocks_train_as_two_ranks_without(two_ranks, name):
+    """Blocks of the whole gathered loss on every rank (loss.local false) and of each rank's rows (true)."""
+    for rank in range(WORLD):
+        for i, cell in enumerate(JOBS[name]["cells"]):
+            for key, want in two_ranks[rank][name][i].items():
+                assert _rel(two_ranks[rank][f"{name}-blocks"][i][key], want) <= 1e-10, (name, cell, key, rank)
 
 
 def test_a_local_perturbation_moves_the_sam_family_elsewhere_with_identical_ranks(two_ranks):
@@ -359,8 +379,9 @@ def test_a_local_msam_metric_is_kept_per_rank_and_resumes_only_on_as_many_ranks(
 
 
 def test_the_new_keys_at_their_defaults_leave_a_runs_config_hash_as_it_was(tmp_path):
-    """loss.local, optim.perturbation, eval.sharpness_final, uniform_plateau_tol and collapse_fraction came after
-    runs were trained: at their defaults they are not hashed, so those runs still resume; set, they are."""
+    """loss.local, loss.block_rows, optim.perturbation, eval.sharpness_final, uniform_plateau_tol and
+    collapse_fraction came after runs were trained: at their defaults they are not hashed, so those runs still
+    resume; set, they are."""
     from align.train.identity import config_hash
     from align.train.config import TrainConfig, hashed_config
 
@@ -368,7 +389,8 @@ def test_the_new_keys_at_their_defaults_leave_a_runs_config_hash_as_it_was(tmp_p
     before = cfg.model_dump(mode="json")  # what a run written before the keys existed holds
     for key in ("out_dir", "device", "uniform_plateau_tol", "collapse_fraction"):
         before.pop(key)
-    del before["loss"]["local"], before["optim"]["perturbation"], before["eval"]["sharpness_final"]
+    del before["loss"]["local"], before["loss"]["block_rows"], before["optim"]["perturbation"]
+    del before["eval"]["sharpness_final"]
     assert config_hash(hashed_config(cfg)) == config_hash(before)
     best_only = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"sharpness_final": False})})
     assert config_hash(hashed_config(best_only)) != config_hash(before)

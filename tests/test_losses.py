@@ -56,8 +56,11 @@ def test_uniform_logits_give_log_batch():
 
 
 def test_loss_for_and_model_output_feed_the_loss():
-    assert loss_for(LossConfig(kind="clip")) is clip_loss
-    assert loss_for(LossConfig(kind="siglip")) is siglip_loss
+    # loss_for gives the plain function's value while the logits fit the budget (blocks: tests/test_blockwise.py).
+    x, y = _features(8, 4, torch.float64, 4)
+    assert loss_for(LossConfig(kind="clip"))(image_features=x, text_features=y, logit_scale=3.0) == clip_loss(x, y, 3.0)
+    assert loss_for(LossConfig(kind="siglip"))(image_features=x, text_features=y, logit_scale=3.0, logit_bias=-1.0) \
+        == siglip_loss(x, y, 3.0, -1.0)
     for kind in ("clip", "siglip"):
         cfg = LossConfig(kind=kind)
         model = build_model(HeadConfig(out_dim=8), cfg, 12, 10)

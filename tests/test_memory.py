@@ -30,7 +30,7 @@ def test_a_linear_adamw_head_part_by_part():
     100 validation rows give 1600 features."""
     cfg = config(image_dim=32, text_dim=24, head={"out_dim": 16}, schedule={"batch_size": 8})
     memory = head_memory(cfg, eval_rows=100)
-    assert memory == HeadMemory(weights=929, optimizer_state=2 * 929, gradients=929, activations=1024 + 384,
+    assert memory == HeadMemory(weights=929, optimizer_state=2 * 929, gradients=929, activations=1024, logits=384,
                                 features=1600)
     assert memory.bytes == 4 * (929 * 4 + 1408 + 1600) == 26_896
 
@@ -44,7 +44,7 @@ def test_an_mlp_msam_head_with_its_averaged_metric_on_sgd():
                  optim={"name": "msam", "base": "sgd", "momentum": 0.9, "metric_beta": 0.9})
     memory = head_memory(cfg)
     assert memory == HeadMemory(weights=171, optimizer_state=171, gradients=342, sam_point_and_delta=342,
-                                averaged_metric=171, activations=344)
+                                averaged_metric=171, activations=2 * 4 * (4 * 4 + 15), logits=6 * 4 ** 2)
     assert memory.bytes == 4 * 1541
 
 
@@ -54,7 +54,7 @@ def test_a_frozen_projection_counts_as_weights_only():
     cfg = config(image_dim=12, text_dim=8, schedule={"batch_size": 2}, optim={"name": "sgd", "momentum": 0.0},
                  head={"out_dim": 8, "lock": "image", "lock_mode": "random_projection"})
     memory = head_memory(cfg, eval_rows=10)
-    assert memory == HeadMemory(weights=169, gradients=73, activations=2 * 2 * 32 + 6 * 4, features=80)
+    assert memory == HeadMemory(weights=169, gradients=73, activations=2 * 2 * 32, logits=6 * 4, features=80)
 
 
 def test_evaluation_holds_the_weights_and_the_features():

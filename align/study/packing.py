@@ -17,7 +17,7 @@ from align.common.errors import AlignError
 from align.optim import optimizer_info
 from align.study.config import Cell, CompareConfig, grid_cells
 from align.study.studies import StudyDir
-from align.train.memory import OptimizerMemory, head_memory
+from align.train.memory import VALUE_BYTES, OptimizerMemory, head_memory, heads_that_fit
 from align.train.run_data import planned_roles
 
 
@@ -75,11 +75,13 @@ def pack_limit(cfg: CompareConfig, pack: int | str, memory_budget: str | int | N
     budget = parse_memory(memory_budget) if memory_budget is not None else default_memory_budget(cfg.device)
     share = budget // max(1, workers)
     sized, eval_rows = planned_roles(cfg)  # the splits checked in their roles from the manifests: nothing loaded
-    per_head = head_memory(sized, eval_rows, OptimizerMemory(metric=bool(cfg.optim.metric_beta))).bytes
-    if per_head > share:
+    optimizer = OptimizerMemory(metric=bool(cfg.optim.metric_beta))
+    fit = heads_that_fit(sized, share, eval_rows, optimizer)  # the pack's logits as a whole (row blocks shrink)
+    if fit < 1:
+        one = head_memory(sized, eval_rows, optimizer)
         raise AlignError(f"a memory budget of {share / 2 ** 20:.0f} MiB per worker cannot hold one head "
-                         f"({per_head / 2 ** 20:.1f} MiB): raise --memory-budget or use fewer --workers")
-    fit = share // per_head
+                         f"({one.bytes / 2 ** 20:.1f} MiB, {VALUE_BYTES * one.logits / 2 ** 20:.1f} of them the "
+                         f"loss's logits): raise --memory-budget or use fewer --workers")
     return int(fit if pack == "auto" else min(pack, fit))
 
 

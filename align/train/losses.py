@@ -4,17 +4,29 @@ Conventions follow open_clip's ``ClipLoss`` / ``SigLipLoss`` (single process): `
 multiplier (already exponentiated), row i of the image batch pairs with row i of the text batch, and the loss
 is a mean over the batch (CLIP: mean of the two cross-entropies; SigLIP: sum over all pairs / batch size).
 The reduction is fixed on purpose: M-SAM's perturbation depends on the gradient's scale (paper-notes.md).
+
+``loss_for`` gives the configured loss as training and evaluation call it (``ContrastiveLoss``): these plain
+functions while the B × B logits fit the memory budget, else the same loss computed in row blocks
+(``align.train.blockwise``, ``loss.block_rows``).
 """
 from __future__ import annotations
 
-from typing import Callable, Literal
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
 
-from align.common.config import Number, StrictModel
+from align.common.config import Integer, Number, StrictModel
+from align.train.blockwise import (
+    blockwise_clip_loss,
+    blockwise_clip_loss_rows,
+    blockwise_siglip_loss,
+    blockwise_siglip_loss_rows,
+    loss_block_rows,
+)
 
 
 class LossConfig(StrictModel):
@@ -30,6 +42,10 @@ class LossConfig(StrictModel):
     # with the gradient gathered back); False: every rank computes the whole gathered B × B loss. The same loss
     # and gradient either way; ignored in a single process.
     local: bool = False
+    # Rows of the logits computed at once (align.train.blockwise): None chooses them from a memory budget (the whole
+    # B × B while a pack's logits fit 256 MiB, as before the key existed); a number forces them. The same loss and
+    # gradient either way, to rounding.
+    block_rows: Integer | None = Field(None, ge=1)
 
     def initial_scale(self) -> float:
         """The multiplier the log-scale starts from."""
@@ -74,11 +90,38 @@ def siglip_loss_rows(image_features: Tensor, text_features: Tensor, logit_scale:
     return -F.logsigmoid(signs * logits).sum() / (rows.stop - rows.start)
 
 
-def loss_for(cfg: LossConfig) -> Callable[..., Tensor]:
-    """The loss function named by ``cfg.kind``; call it with the model's output dict as keyword arguments."""
-    return {"clip": clip_loss, "siglip": siglip_loss}[cfg.kind]
+@dataclass(frozen=True)
+class ContrastiveLoss:
+    """The configured loss, called with the model's outputs as keyword arguments (plus ``rows`` for the part a
+    rank owns under ``loss.local``): the plain function above while its logits fit, else the same loss in row
+    blocks of ``loss_block_rows(block_rows, ...)`` rows, for ``heads`` heads computed at once (a pack's K)."""
+
+    kind: Literal["clip", "siglip"]
+    block_rows: int | None = None  # loss.block_rows: None chooses from the memory budget
+    heads: int = 1
+
+    def __call__(self, image_features: Tensor, text_features: Tensor, logit_scale: Tensor | float,
+                 logit_bias: Tensor | float | None = None, rows: slice | None = None) -> Tensor:
+        batch = image_features.shape[0]
+        count = batch if rows is None else rows.stop - rows.start
+        block = loss_block_rows(self.block_rows, count, batch, self.heads)
+        plain, blocked = _LOSSES[self.kind, rows is not None]
+        args = (image_features, text_features, logit_scale, *((logit_bias,) if self.kind == "siglip" else ()),
+                *((rows,) if rows is not None else ()))
+        return plain(*args) if block is None else blocked(*args, block_rows=block)
 
 
-def rows_loss_for(cfg: LossConfig) -> Callable[..., Tensor]:
-    """The per-rows loss of ``cfg.kind`` (``loss.local``): the model's outputs as keyword arguments, and ``rows``."""
-    return {"clip": clip_loss_rows, "siglip": siglip_loss_rows}[cfg.kind]
+_LOSSES = {("clip", False): (clip_loss, blockwise_clip_loss), ("siglip", False): (siglip_loss, blockwise_siglip_loss),
+           ("clip", True): (clip_loss_rows, blockwise_clip_loss_rows),
+           ("siglip", True): (siglip_loss_rows, blockwise_siglip_loss_rows)}
+
+
+def loss_for(cfg: LossConfig, heads: int = 1) -> ContrastiveLoss:
+    """The loss ``cfg`` configures, for ``heads`` heads computed at once; call it with the model's output dict as
+    keyword arguments."""
+    return ContrastiveLoss(cfg.kind, cfg.block_rows, heads)
+
+
+def rows_loss_for(cfg: LossConfig, heads: int = 1) -> ContrastiveLoss:
+    """The per-rows loss of ``cfg`` (``loss.local``): the model's outputs as keyword arguments, and ``rows``."""
+    return ContrastiveLoss(cfg.kind, cfg.block_rows, heads)

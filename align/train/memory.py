@@ -10,15 +10,20 @@ What one head holds while it trains, in float32 values (``HeadMemory``):
     SAM point and δ  two more copies in the SAM family: the weights saved before the perturbation, and δ
     averaged metric  one copy for M-SAM with metric_beta > 0
     activations      kept for the backward pass, per side: the input norm, the hidden layers (3 × hidden for an
-                     MLP), the output before and after normalising — 2 B (4 out + 3 hidden) — then the B × B
-                     logits, their softmax both ways and its gradient: 6 B²
+                     MLP), the output before and after normalising — 2 B (4 out + 3 hidden)
+    logits           the loss's: the plain loss holds the B × B logits, their softmax both ways and its gradient
+                     (6 B²); in row blocks (``align.train.blockwise``, ``loss_block_rows``: K heads' blocks of
+                     block × B float32 logits within its budget) ``BLOCK_COPIES`` × block × B, a head's share of
+                     its pack's K. SAM's second pass computes them after the first pass's are freed: counted once.
     features         the validation split through the head: its images and captions × out
 
 Evaluating a head holds its weights and the evaluated split's features only. Left out: the copy of the best head
-a run keeps, and the embeddings themselves (the data, shared by every head of a pack).
+a run keeps, the sharpness measures' second derivatives, and the embeddings themselves (the data, shared by every
+head of a pack).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 
 import torch
@@ -27,8 +32,10 @@ from align.common import device as devices  # read at each call: tests stand in 
 from align.common.config import shorten
 from align.common.errors import AlignError
 from align.optim import optimizer_info
+from align.train.blockwise import BLOCK_COPIES, loss_block_rows
 from align.train.config import OptimConfig, TrainConfig
 from align.train.heads import parameter_counts
+from align.train.losses import LossConfig
 
 VALUE_BYTES = 4  # heads train in float32 (bf16 autocast keeps float32 weights, state and gradients)
 
@@ -61,6 +68,7 @@ class HeadMemory:
     sam_point_and_delta: int = 0
     averaged_metric: int = 0
     activations: int = 0
+    logits: int = 0
     features: int = 0
 
     @property
@@ -81,12 +89,19 @@ def _known_or_placeholder_dims(cfg: TrainConfig) -> tuple[int, int, bool]:
     return dim(cfg.image_dim, "image"), dim(cfg.text_dim, "text"), None not in (cfg.image_dim, cfg.text_dim)
 
 
+def logits_values(loss: LossConfig, batch: int, heads: int = 1) -> int:
+    """The float32 values the loss's logits of a pack of ``heads`` heads hold at once in a training step at
+    ``batch``: 6 B² per head for the plain loss, ``BLOCK_COPIES`` × block × B per head in row blocks."""
+    block = loss_block_rows(loss.block_rows, batch, batch, heads)
+    return heads * batch * (6 * batch if block is None else BLOCK_COPIES * block)
+
+
 def head_memory(cfg: TrainConfig, eval_rows: int = 0, optimizer: OptimizerMemory | None = None,
-                training: bool = True) -> HeadMemory:
+                training: bool = True, heads: int = 1) -> HeadMemory:
     """What one head of ``cfg`` holds: while it trains with ``optimizer`` (default: the configured one's
-    ``OptimizerMemory``) at ``cfg.schedule.batch_size`` and validates on ``eval_rows`` images and captions, or
-    with ``training=False`` while it is evaluated on ``eval_rows``. Nothing is allocated; embedding dims not known
-    yet count as 1."""
+    ``OptimizerMemory``) at ``cfg.schedule.batch_size`` in a pack of ``heads`` (its share of their logits) and
+    validates on ``eval_rows`` images and captions, or with ``training=False`` while it is evaluated on
+    ``eval_rows``. Nothing is allocated; embedding dims not known yet count as 1."""
     image_dim, text_dim, _ = _known_or_placeholder_dims(cfg)
     trainable, frozen = parameter_counts(cfg.head, cfg.loss, image_dim, text_dim)
     head, features = cfg.head, eval_rows * cfg.head.out_dim
@@ -99,7 +114,27 @@ def head_memory(cfg: TrainConfig, eval_rows: int = 0, optimizer: OptimizerMemory
                       gradients=trainable * (2 if optim.two_pass else 1),
                       sam_point_and_delta=2 * trainable if optim.two_pass else 0,
                       averaged_metric=trainable if optim.metric else 0,
-                      activations=2 * batch * (4 * head.out_dim + hidden) + 6 * batch * batch, features=features)
+                      activations=2 * batch * (4 * head.out_dim + hidden),
+                      logits=math.ceil(logits_values(cfg.loss, batch, heads) / heads), features=features)
+
+
+def heads_that_fit(cfg: TrainConfig, budget: int, eval_rows: int = 0,
+                   optimizer: OptimizerMemory | None = None) -> int:
+    """The most heads of ``cfg`` one pack may hold in ``budget`` bytes (``head_memory``'s parts, the logits
+    counted for the pack as a whole, whose row blocks shrink as it grows); 0 when not even one fits."""
+    alone = head_memory(cfg, eval_rows, optimizer)
+    rest = alone.bytes - VALUE_BYTES * alone.logits  # what each head holds besides the logits
+
+    def fits(heads: int) -> bool:
+        return heads * rest + VALUE_BYTES * logits_values(cfg.loss, cfg.schedule.batch_size, heads) <= budget
+
+    if not fits(1):
+        return 0
+    lo, hi = 1, max(1, budget // max(1, rest))  # fits(lo); nothing above hi can
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+    return lo
 
 
 def check_head_fits(cfg: TrainConfig, device: torch.device, eval_rows: int | None = None,
@@ -115,8 +150,11 @@ def check_head_fits(cfg: TrainConfig, device: torch.device, eval_rows: int | Non
     exact = known and eval_rows is not None
     dims = f"{image_dim}/{text_dim}-d embeddings" if known else "embeddings not read yet (counted as 1-d)"
     if training:
-        doing = f"to train with {cfg.optim.name} ({VALUE_BYTES * memory.activations / 1e9:.3g} GB in activations)"
+        doing = (f"to train with {cfg.optim.name} ({VALUE_BYTES * memory.activations / 1e9:.3g} GB in activations, "
+                 f"{VALUE_BYTES * memory.logits / 1e9:.3g} GB in the loss's logits)")
         advice = "use a smaller head.out_dim, head.hidden_dim or schedule.batch_size"
+        if 2 * VALUE_BYTES * memory.logits > need:  # the logits are most of it: compute fewer rows at once
+            advice = "use a smaller loss.block_rows (unset: chosen to fit 256 MiB of logits) or schedule.batch_size"
     else:
         doing = f"to hold it with the features of {eval_rows} images and captions"
         advice = "evaluate it on a device with more free memory (--device)"

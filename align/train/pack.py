@@ -83,7 +83,7 @@ class HeadPack:
         self.template = template
         self.specs = param_specs(template)
         self.keys = list(template.state_dict())
-        self.loss_fn = loss_for(template.loss_cfg)
+        self.loss_fn = loss_for(template.loss_cfg, heads=len(models))  # blocks sized for the K heads' logits
         states = [m.state_dict() for m in models]
         self.params = {n: torch.stack([s[n].detach() for s in states]) for n in self.specs}
         self.fixed = {n: torch.stack([s[n].detach() for s in states]) for n in self.keys if n not in self.specs}
@@ -98,7 +98,7 @@ class HeadPack:
         # Plain linear heads take the fast path: one matmul for all heads that share an input.
         self.linear = cfg.kind == "linear" and not cfg.pre_norm and cfg.lock == "none"
         self.job = job  # the data-parallel job this pack trains in, on this rank's slice of every batch (SINGLE: none)
-        self.rows_loss_fn = rows_loss_for(template.loss_cfg) if template.loss_cfg.local else None
+        self.rows_loss_fn = rows_loss_for(template.loss_cfg, heads=len(models)) if template.loss_cfg.local else None
 
     @property
     def size(self) -> int:
