@@ -359,8 +359,9 @@ def test_a_local_msam_metric_is_kept_per_rank_and_resumes_only_on_as_many_ranks(
 
 
 def test_the_new_keys_at_their_defaults_leave_a_runs_config_hash_as_it_was(tmp_path):
-    """loss.local, optim.perturbation, eval.sharpness_final, uniform_plateau_tol and collapse_fraction came after
-    runs were trained: at their defaults they are not hashed, so those runs still resume; set, they are."""
+    """loss.local, optim.perturbation, eval.sharpness_final, uniform_plateau_tol, collapse_fraction, schedule.order
+    and schedule.block_rows came after runs were trained: at their defaults they are not hashed, so those runs still
+    resume; set, they are."""
     from align.train.identity import config_hash
     from align.train.config import TrainConfig, hashed_config
 
@@ -369,6 +370,7 @@ def test_the_new_keys_at_their_defaults_leave_a_runs_config_hash_as_it_was(tmp_p
     for key in ("out_dir", "device", "uniform_plateau_tol", "collapse_fraction"):
         before.pop(key)
     del before["loss"]["local"], before["optim"]["perturbation"], before["eval"]["sharpness_final"]
+    del before["schedule"]["order"], before["schedule"]["block_rows"]
     assert config_hash(hashed_config(cfg)) == config_hash(before)
     best_only = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"sharpness_final": False})})
     assert config_hash(hashed_config(best_only)) != config_hash(before)

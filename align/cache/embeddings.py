@@ -84,7 +84,7 @@ class EmbeddingRows:
             lo += len(chunk)
         return out
 
-    def subset(self, index: Tensor | np.ndarray) -> "EmbeddingRows":
+    def subset(self, index: Tensor | np.ndarray) -> EmbeddingRows:
         """The view of rows ``index`` of this one (no copy)."""
         return EmbeddingRows(self.array, self._matrix_rows(np.asarray(index, dtype=np.int64)))
 

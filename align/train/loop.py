@@ -51,8 +51,8 @@ from align.common.device import keep_freed_memory, pick_device
 from align.common.errors import AlignError, is_out_of_memory, out_of_memory_error
 from align.common.files import json_safe
 from align.common.progress import Log, progress_bar
-from align.train.checkpoint import ends_run, with_rank_metrics
 from align.train.batches import BatchReader
+from align.train.checkpoint import ends_run, with_rank_metrics
 from align.train.collapse import uniform_loss
 from align.train.config import TrainConfig, pack_key
 from align.train.evaluation import RunEvaluator
