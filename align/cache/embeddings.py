@@ -44,7 +44,7 @@ class EmbeddingRows:
     @property
     def mapped(self) -> bool:
         """Whether the rows are read from a memory map (the page cache holds them, shared by every process)."""
-        return isinstance(self.array, np.memmap) or isinstance(getattr(self.array, "base", None), np.memmap)
+        return isinstance(self.array, np.memmap)
 
     def _matrix_rows(self, index: np.ndarray) -> np.ndarray:
         return index if self.rows is None else self.rows[index]

@@ -3,10 +3,11 @@
 Every load (``load_cached_split``, ``load_cache_dir``) goes through ``check_cache`` first: manifest structure,
 ``.npy`` headers (C order, plain numbers), shapes, dtypes, counts and dims, finite embeddings, and the sha256 of
 each file. Hashing (and the scan for NaN rows) is skipped only for a file whose (size, mtime_ns, ctime_ns, inode,
-device) equals what ``verified.json`` recorded when it last matched the manifest. Any change made through the file system since
-then (a write, a copy, a rename over it, restoring the mtime with ``os.utime``) changes ctime or the inode, so
-the next load hashes again. What that fast path cannot see is a change that bypasses the file system (bit rot
-on the disk, a raw device write); ``align cache verify`` always re-hashes every file.
+device) equals what ``verified.json`` recorded when it last matched the manifest, so a later load of a large cache
+reads none of its rows. Any change made through the file system since then (a write, a copy, a rename over it,
+restoring the mtime with ``os.utime``) changes ctime or the inode, so the next load hashes again. What that fast
+path cannot see is a change that bypasses the file system (bit rot on the disk, a raw device write); ``align cache
+verify`` always re-hashes every file.
 """
 from __future__ import annotations
 

@@ -117,7 +117,8 @@ class RunEvaluator:
                 continue
             heads = slice(lo, min(lo + chunk, size))
             with torch.no_grad():
-                img, txt = self._encoded(pack, paired.image, "image", heads), self._encoded(pack, paired.text, "text", heads)
+                img = self._encoded(pack, paired.image, "image", heads)
+                txt = self._encoded(pack, paired.text, "text", heads)
                 cls = None if prompts is None else pack.encode(prompts, "text", heads)
             for slot in wanted:
                 g = slot - lo

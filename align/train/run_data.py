@@ -28,6 +28,7 @@ def lr_factor(step: int, steps: int, warmup: int) -> float:
 
 
 WINDOW_BLOCKS = 4  # the blocks order shuffles rows within windows of this many consecutive blocks
+EPOCH_CHUNK = 1 << 16  # images an epoch's order is completed for at a time
 
 
 def block_order(n: int, block_rows: int, gen: torch.Generator) -> Tensor:
@@ -55,12 +56,16 @@ class Sampler:
     def __init__(self, caption_to_image: Tensor, num_images: int, batch_size: int, seed: int,
                  device: torch.device, order: str = "random", block_rows: int | None = None) -> None:
         c2i = caption_to_image.cpu()
+        # Indices kept in int32 where they fit: a few int64 arrays per row are most of what a run of millions of
+        # rows holds besides its head (the embeddings stay in the cache's maps). The values are the same.
+        index = torch.int32 if max(num_images, len(c2i)) < 2 ** 31 else torch.int64
         counts = torch.bincount(c2i, minlength=num_images)
-        self.images = torch.nonzero(counts > 0).flatten()  # images without a caption never train
-        self.counts = counts[self.images]
-        self.order = torch.argsort(c2i, stable=True)  # captions grouped by image
-        starts = torch.cumsum(counts, 0) - counts
-        self.starts = starts[self.images]
+        has = counts > 0  # images without a caption never train
+        self.images = torch.nonzero(has).flatten().to(index)
+        self.starts = (torch.cumsum(counts, 0) - counts)[has].to(index)
+        self.counts = counts[has].to(index)
+        del counts, has
+        self.order = torch.argsort(c2i, stable=True).to(index)  # captions grouped by image
         self.batch_size, self.seed, self.device = batch_size, seed, device
         if order not in ("random", "blocks") or (order == "blocks" and not block_rows):
             raise ValueError(f"order {order!r} with block_rows {block_rows}: random, or blocks of block_rows >= 1")
@@ -76,9 +81,15 @@ class Sampler:
         n = len(self.images)
         perm = torch.randperm(n, generator=gen) if self.image_order == "random" else \
             block_order(n, self.block_rows, gen)
-        pick = torch.minimum((torch.rand(n, generator=gen) * self.counts[perm]).long(), self.counts[perm] - 1)
-        caption = self.order[self.starts[perm] + pick]
-        return self.images[perm].to(self.device), caption.to(self.device)
+        uniform = torch.rand(n, generator=gen)
+        images, captions = torch.empty(n, dtype=torch.long), torch.empty(n, dtype=torch.long)
+        for lo in range(0, n, EPOCH_CHUNK):  # in pieces: no temporaries of the epoch's length
+            part = perm[lo:lo + EPOCH_CHUNK]
+            counts = self.counts[part]  # a random caption of each image: floor(u · count), below count
+            pick = torch.minimum((uniform[lo:lo + EPOCH_CHUNK] * counts).long(), counts - 1)
+            captions[lo:lo + EPOCH_CHUNK] = self.order[self.starts[part] + pick]
+            images[lo:lo + EPOCH_CHUNK] = self.images[part]
+        return images.to(self.device), captions.to(self.device)
 
     def batch(self, step: int) -> tuple[Tensor, Tensor]:
         """(B,) image row indices and (B,) caption row indices, on the device, for 0-based step ``step``."""
@@ -96,7 +107,7 @@ class Sampler:
         out = []
         for i in range(n):
             rows = perm[i * self.batch_size:(i + 1) * self.batch_size]
-            out.append((self.images[rows].to(self.device), self.order[self.starts[rows]].to(self.device)))
+            out.append((self.images[rows].long().to(self.device), self.order[self.starts[rows]].long().to(self.device)))
         return out
 
 
