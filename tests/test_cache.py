@@ -128,9 +128,10 @@ def test_cached_values_equal_direct_open_clip_encoding(tiny_dir, tmp_path):
     assert any("throughput" in line and "images/s" not in line for line in lines)  # "N images in X s (Y/s)"
     paired = load_cached_split(cfg, "train")
     image, text = reference_embeddings(tiny_dir, cfg, "train")
-    assert paired.image.dtype == torch.float32 and paired.image.shape == (20, 16) and paired.text.shape == (40, 16)
-    torch.testing.assert_close(paired.image, image, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(paired.text, text, rtol=1e-5, atol=1e-5)
+    assert paired.image.to_tensor().dtype == torch.float32 and paired.image.shape == (20, 16) \
+        and paired.text.shape == (40, 16)
+    torch.testing.assert_close(paired.image.to_tensor(), image, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(paired.text.to_tensor(), text, rtol=1e-5, atol=1e-5)
     assert paired.caption_to_image.tolist() == [i for i in range(20) for _ in range(2)]
     manifest = json.loads((path / "manifest.json").read_text())
     assert manifest["counts"] == {"images": 20, "captions": 40, "skipped_images": 0, "dropped_captions": 0}
@@ -156,10 +157,10 @@ def test_float16_storage_and_normalisation(tiny_dir, tmp_path):
     cfg16 = make_cfg(tiny_dir, tmp_path, storage_dtype="float16", normalize=True)
     got = _embedded(cfg16)
     assert np.load(tmp_path / cache_key(cfg16, "train") / "text.npy", allow_pickle=False).dtype == np.float16
-    assert got.image.dtype == torch.float32
-    expected = torch.nn.functional.normalize(plain.image, dim=1).half().float()
-    torch.testing.assert_close(got.image, expected, rtol=0, atol=1e-3)
-    torch.testing.assert_close(got.text.norm(dim=1), torch.ones(40), rtol=0, atol=2e-3)
+    assert got.image.to_tensor().dtype == torch.float32
+    expected = torch.nn.functional.normalize(plain.image.to_tensor(), dim=1).half().float()
+    torch.testing.assert_close(got.image.to_tensor(), expected, rtol=0, atol=1e-3)
+    torch.testing.assert_close(got.text.to_tensor().norm(dim=1), torch.ones(40), rtol=0, atol=2e-3)
 
 
 def test_batch_and_shard_size_change_neither_key_nor_bytes(tiny_dir, tmp_path, monkeypatch):
@@ -231,7 +232,7 @@ def test_unreadable_images_are_skipped_listed_and_their_captions_dropped(tiny_di
     with torch.no_grad():
         direct = model.encode_image(torch.stack([preprocess(Image.open(folder / f"img{i}.png").convert("RGB"))
                                                  for i in kept]))
-    torch.testing.assert_close(paired.image, direct, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(paired.image.to_tensor(), direct, rtol=1e-5, atol=1e-5)
     assert list_caches(tmp_path / "cache")[0]["skipped"] == 2
 
     strict = cfg.model_copy(update={"strict": True, "cache_root": str(tmp_path / "strict")})
@@ -422,7 +423,7 @@ def test_the_offline_default_pair_through_the_cache(tmp_path):
     paired = load_cached_split(cfg, "val")
     assert paired.image.shape == (12, 1280) and paired.text.shape == (60, 384)
     # captions of one image (paraphrases) are nearer to each other than to other images' captions
-    text = torch.nn.functional.normalize(paired.text, dim=1)
+    text = torch.nn.functional.normalize(paired.text.to_tensor(), dim=1)
     same = paired.caption_to_image[:, None] == paired.caption_to_image[None, :]
     sim = text @ text.T
     off_diag = ~torch.eye(60, dtype=torch.bool)

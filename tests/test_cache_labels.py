@@ -115,7 +115,7 @@ def test_eval_cache_reports_raw_zero_shot_and_draws_confusion_and_gallery(labell
     assert result.exit_code == 0, result.output
     record = json.loads(out.read_text())
     paired = cache_read.load_cache_dir(folder)
-    sims = torch.nn.functional.normalize(paired.image, dim=1) @ torch.nn.functional.normalize(
+    sims = torch.nn.functional.normalize(paired.image.to_tensor(), dim=1) @ torch.nn.functional.normalize(
         torch.nn.functional.normalize(paired.class_text, dim=-1).mean(1), dim=1).T
     assert record["metrics"]["zeroshot_top1"] == pytest.approx(float((sims.argmax(1) == paired.labels).double().mean()))
     assert np.array(record["zeroshot"]["confusion"]).sum() == 30 and "zeroshot_top5" in result.output

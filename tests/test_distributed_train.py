@@ -379,8 +379,8 @@ def test_a_local_msam_metric_is_kept_per_rank_and_resumes_only_on_as_many_ranks(
 
 
 def test_the_new_keys_at_their_defaults_leave_a_runs_config_hash_as_it_was(tmp_path):
-    """loss.local, loss.block_rows, optim.perturbation, eval.sharpness_final, uniform_plateau_tol and
-    collapse_fraction came after runs were trained: at their defaults they are not hashed, so those runs still
+    """loss.local, loss.block_rows, optim.perturbation, eval.sharpness_final, uniform_plateau_tol, collapse_fraction,
+    schedule.order and schedule.block_rows came after runs were trained: at their defaults they are not hashed, so those runs still
     resume; set, they are."""
     from align.train.identity import config_hash
     from align.train.config import TrainConfig, hashed_config
@@ -391,6 +391,7 @@ def test_the_new_keys_at_their_defaults_leave_a_runs_config_hash_as_it_was(tmp_p
         before.pop(key)
     del before["loss"]["local"], before["loss"]["block_rows"], before["optim"]["perturbation"]
     del before["eval"]["sharpness_final"]
+    del before["schedule"]["order"], before["schedule"]["block_rows"]
     assert config_hash(hashed_config(cfg)) == config_hash(before)
     best_only = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"sharpness_final": False})})
     assert config_hash(hashed_config(best_only)) != config_hash(before)

@@ -90,8 +90,8 @@ def test_gallery_rows_are_the_top_images_by_cosine_and_the_png_is_written(photo_
     paired = load_cache_dir(photo_cache)
     captions = [json.loads(line)["caption"] for line in (photo_cache.parent.parent / "photos" / "metadata.jsonl")
                 .read_text().splitlines()]
-    img = torch.nn.functional.normalize(paired.image.double(), dim=1)
-    txt = torch.nn.functional.normalize(paired.text.double(), dim=1)
+    img = torch.nn.functional.normalize(paired.image.to_tensor().double(), dim=1)
+    txt = torch.nn.functional.normalize(paired.text.to_tensor().double(), dim=1)
     (rows,) = seen
     assert len(rows) == 4
     for row in rows:

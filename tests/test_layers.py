@@ -44,6 +44,7 @@ ROLES = {
              "align.study.cells", "align.study.stats", "align.study.seed_noise", "align.toy.experiments",
              "align.losses", "align.study_stats"},
     "orchestration": {"align.train.config", "align.train.memory", "align.train.run_data", "align.train.loop",
+                      "align.train.batches",
                       "align.train.optimizer", "align.train.run", "align.train.evaluation",
                       "align.eval.evaluate", "align.study.config", "align.study.packing", "align.study.workers",
                       "align.study.compare"},

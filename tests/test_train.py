@@ -307,12 +307,12 @@ def test_holdout_validation_partitions_training_images_with_all_their_captions(t
     assert (rest.num_images, held.num_images) == (38, 12)
     assert rest.num_captions + held.num_captions == len(c2i)
     # Every image lands in exactly one part, and each caption follows its own image.
-    rows = {tuple(r.tolist()): "rest" for r in rest.image} | {tuple(r.tolist()): "held" for r in held.image}
+    rows = {tuple(r.tolist()): name for part, name in ((rest, "rest"), (held, "held")) for r in part.image.to_tensor()}
     assert len(rows) == 50
     for part in (rest, held):
         for j in range(part.num_captions):
-            original = int(torch.nonzero((text == part.text[j]).all(dim=1))[0])
-            assert torch.equal(image[c2i[original]], part.image[part.caption_to_image[j]])
+            original = int(torch.nonzero((text == part.text.to_tensor()[j]).all(dim=1))[0])
+            assert torch.equal(image[c2i[original]], part.image.to_tensor()[part.caption_to_image[j]])
 
     # A data set with train and test only trains with eval.holdout_images.
     data = data_section(tmp_path / "cache")

@@ -35,7 +35,7 @@ def brute_force(state: dict[str, torch.Tensor], paired: PairedEmbeddings) -> dic
     """Linear heads from their raw weights in float64; per class the mean of its normalised prompt features,
     normalised; per image an explicit (−cosine, class) ordering."""
     w = {k: v.double().numpy() for k, v in state.items()}
-    img = paired.image.double().numpy() @ w["image_head.weight"].T + w["image_head.bias"]
+    img = paired.image.to_tensor().double().numpy() @ w["image_head.weight"].T + w["image_head.bias"]
     prompts = paired.class_text.double().numpy() @ w["text_head.weight"].T + w["text_head.bias"]
     prompts /= np.linalg.norm(prompts, axis=-1, keepdims=True)
     classes = prompts.mean(axis=1)
@@ -122,7 +122,7 @@ def test_a_held_out_validation_keeps_each_image_its_label():
     rest, held = holdout_split(paired, 10)
     for part in (rest, held):
         assert part.labelled and torch.equal(part.class_text, paired.class_text)
-        rows = [int(torch.nonzero((paired.image == row).all(dim=1))[0]) for row in part.image]
+        rows = [int(torch.nonzero((paired.image.to_tensor() == row).all(dim=1))[0]) for row in part.image.to_tensor()]
         assert part.labels.tolist() == paired.labels[rows].tolist()
 
 

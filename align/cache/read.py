@@ -2,11 +2,12 @@
 
 Every load (``load_cached_split``, ``load_cache_dir``) goes through ``check_cache`` first: manifest structure,
 ``.npy`` headers (C order, plain numbers), shapes, dtypes, counts and dims, finite embeddings, and the sha256 of
-each file. Hashing is skipped only for a file whose (size, mtime_ns, ctime_ns, inode, device) equals what
-``verified.json`` recorded when it last matched the manifest. Any change made through the file system since
-then (a write, a copy, a rename over it, restoring the mtime with ``os.utime``) changes ctime or the inode, so
-the next load hashes again. What that fast path cannot see is a change that bypasses the file system (bit rot
-on the disk, a raw device write); ``align cache verify`` always re-hashes every file.
+each file. Hashing (and the scan for NaN rows) is skipped only for a file whose (size, mtime_ns, ctime_ns, inode,
+device) equals what ``verified.json`` recorded when it last matched the manifest, so a later load of a large cache
+reads none of its rows. Any change made through the file system since then (a write, a copy, a rename over it,
+restoring the mtime with ``os.utime``) changes ctime or the inode, so the next load hashes again. What that fast
+path cannot see is a change that bypasses the file system (bit rot on the disk, a raw device write); ``align cache
+verify`` always re-hashes every file.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 from numpy.lib import format as npy
 
-from align.cache.embeddings import PairedEmbeddings
+from align.cache.embeddings import EmbeddingRows, PairedEmbeddings
 from align.cache.key import (ARRAYS, CACHE_FORMAT, KEY_NAME, LABEL_ARRAYS, MANIFEST, VERIFIED, WORK, CachesConfig,
                              EmbedConfig, split_folder)
 from align.common.config import shorten
@@ -169,8 +170,9 @@ def check_cache(path: str | Path, rehash: bool = False) -> dict[str, Any]:
 
     Checks, in order: the manifest's structure and types; each ``.npy`` header (parsed, never unpickled: C
     order and plain numbers only) against the file size and the manifest; counts and dims against the arrays;
-    finite embeddings and caption indices inside image.npy; the sha256 of each file, unless ``verified.json``
-    vouches for it (see the module docstring for what that fast path guarantees) or ``rehash`` is set.
+    caption indices inside image.npy; finite embeddings and the sha256 of each file, unless ``verified.json``
+    vouches for it (see the module docstring for what that fast path guarantees) or ``rehash`` is set. Every
+    read streams in blocks: a cache larger than memory is checked in bounded memory.
     """
     return _checked(Path(path), rehash)[0]
 
@@ -186,8 +188,10 @@ def _checked(path: Path, rehash: bool) -> tuple[dict[str, Any], dict[str, np.nda
             _check_file(path / name, header, manifest["files"][name])
         _check_counts(manifest, {name: shape for name, (shape, _, _) in headers.items()})
         arrays = {name: _open_array(path / name) for name in names}
-        _check_values(arrays, manifest)
-        _check_hashes(path, manifest, rehash)
+        _check_indices(arrays, manifest)
+        unvouched = _unvouched(path, manifest, rehash)
+        _check_finite(arrays, unvouched)
+        _check_hashes(path, manifest, unvouched)
     except _Damaged as exc:
         raise AlignError(_problem_line(path, str(exc))) from None
     return manifest, arrays
@@ -271,14 +275,8 @@ def _open_array(file: Path) -> np.ndarray:
         raise _Damaged(f"{file.name} cannot be read ({shorten(str(exc), 80)})") from None
 
 
-def _check_values(arrays: dict[str, np.ndarray], manifest: dict[str, Any]) -> None:
-    """Finite embeddings (NaN/inf rows are bad data), caption indices that point into image.npy, and labels that
-    name a class."""
-    for name in [n for n in ("image.npy", "text.npy", "class_text.npy") if n in arrays]:
-        bad = _nonfinite_rows(arrays[name])
-        if len(bad):
-            raise _Damaged(f"{name} has {len(bad)} row(s) with NaN or inf (first: row {bad[0]}): the cached "
-                           f"embeddings are bad data")
+def _check_indices(arrays: dict[str, np.ndarray], manifest: dict[str, Any]) -> None:
+    """Caption indices that point into image.npy, and labels that name a class (small arrays: read every load)."""
     c2i, n_img = arrays["caption_to_image.npy"], len(arrays["image.npy"])
     outside = np.flatnonzero((c2i < 0) | (c2i >= n_img))
     if len(outside):
@@ -289,6 +287,17 @@ def _check_values(arrays: dict[str, np.ndarray], manifest: dict[str, Any]) -> No
         bad = np.flatnonzero((labels < 0) | (labels >= classes))
         if len(bad):
             raise _Damaged(f"labels.npy row {bad[0]} is class {labels[bad[0]]}, outside the {classes} classes")
+
+
+def _check_finite(arrays: dict[str, np.ndarray], unvouched: dict[str, list[int]]) -> None:
+    """Finite embeddings (NaN/inf rows are bad data) in every embedding file about to be hashed. A file that
+    ``verified.json`` vouches for holds the bytes that passed this check when it was recorded, so a later load
+    reads none of a large cache's rows."""
+    for name in [n for n in ("image.npy", "text.npy", "class_text.npy") if n in arrays and n in unvouched]:
+        bad = _nonfinite_rows(arrays[name])
+        if len(bad):
+            raise _Damaged(f"{name} has {len(bad)} row(s) with NaN or inf (first: row {bad[0]}): the cached "
+                           f"embeddings are bad data")
 
 
 def _nonfinite_rows(array: np.ndarray, block: int = 8192) -> np.ndarray:
@@ -303,28 +312,37 @@ def _stat_key(st: os.stat_result) -> list[int]:
     return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
 
 
-def _check_hashes(path: Path, manifest: dict[str, Any], rehash: bool) -> None:
-    """The sha256 of every file against the manifest, skipping files verified.json vouches for."""
+def _unvouched(path: Path, manifest: dict[str, Any], rehash: bool) -> dict[str, list[int]]:
+    """The files whose sha256 (and values) must be checked, each with its ``_stat_key`` taken now: all of them with
+    ``rehash``, else those ``verified.json`` does not vouch for (recorded with this very stat and sha256, and changed
+    well before the record was written)."""
     record, record_mtime = _read_verified(path)
-    fresh, changed = {}, False
-    for name in manifest["files"]:
-        want = manifest["files"][name]["sha256"]
+    out = {}
+    for name, info in manifest["files"].items():
         before = _stat_key((path / name).stat())
-        old = record.get(name)
-        if (not rehash and old == {"stat": before, "sha256": want}
-                and before[2] + RACY_NS < record_mtime):  # ctime well before the record was written
-            fresh[name] = old
-            continue
+        if (rehash or record.get(name) != {"stat": before, "sha256": info["sha256"]}
+                or before[2] + RACY_NS >= record_mtime):  # ctime not well before the record was written
+            out[name] = before
+    return out
+
+
+def _check_hashes(path: Path, manifest: dict[str, Any], unvouched: dict[str, list[int]]) -> None:
+    """The sha256 of every ``unvouched`` file against the manifest; verified.json then vouches for each one that
+    did not change while it was checked (and keeps vouching for the others)."""
+    if not unvouched:
+        return
+    record, _ = _read_verified(path)
+    fresh = {name: record[name] for name in manifest["files"] if name not in unvouched}
+    for name, before in unvouched.items():
+        want = manifest["files"][name]["sha256"]
         if sha256_file(path / name) != want:
             raise _Damaged(f"{name} differs from its sha256 in the manifest (changed after the embed wrote it)")
-        changed = True
-        if _stat_key((path / name).stat()) == before:  # unchanged while it was hashed
+        if _stat_key((path / name).stat()) == before:  # unchanged while its values and bytes were checked
             fresh[name] = {"stat": before, "sha256": want}
-    if changed:
-        try:
-            atomic_write_text(path / VERIFIED, json.dumps({"format": CACHE_FORMAT, "files": fresh}))
-        except (OSError, AlignError):  # the file system's refusal, as atomic_write_text says it in one line
-            pass  # a read-only cache is still sound; its next load hashes again
+    try:
+        atomic_write_text(path / VERIFIED, json.dumps({"format": CACHE_FORMAT, "files": fresh}))
+    except (OSError, AlignError):  # the file system's refusal, as atomic_write_text says it in one line
+        pass  # a read-only cache is still sound; its next load hashes again
 
 
 def _read_verified(path: Path) -> tuple[dict[str, Any], int]:
@@ -353,13 +371,16 @@ def split_manifest(cfg: EmbedConfig | CachesConfig, split: str) -> dict[str, Any
 
 
 def load_cached_split(cfg: EmbedConfig | CachesConfig, split: str) -> PairedEmbeddings:
-    """The cached embeddings of ``split`` in float32 (checked first); AlignError naming what to do otherwise."""
+    """The cached embeddings of ``split`` memory-mapped (checked first); AlignError naming what to do otherwise."""
     split_manifest(cfg, split)
     return load_cache_dir(split_folder(cfg, split))
 
 
 def load_cache_dir(path: str | Path) -> PairedEmbeddings:
-    """A sound cache folder (``check_cache``) → PairedEmbeddings (float32 tensors, int64 caption → image index)."""
+    """A sound cache folder (``check_cache``) → PairedEmbeddings whose image and caption rows are read-only memory
+    maps of its ``.npy`` files (``EmbeddingRows``: read as float32 a batch or a chunk at a time, never copied
+    whole; every process reading the cache shares the page cache); the caption → image index, labels and class
+    prompts (small) in memory."""
     manifest, arrays = _checked(Path(path), rehash=False)
     meta = {"key": manifest["key"], "split": manifest["split"], "path": str(path), "dataset": manifest["dataset"],
             "encoders": manifest["encoders"], "dims": manifest["dims"], "normalize": manifest["normalize"],
@@ -373,8 +394,7 @@ def load_cache_dir(path: str | Path) -> PairedEmbeddings:
                     "class_names": list(classes["names"])}
         meta["prompt_templates"] = list(classes["templates"])
     return PairedEmbeddings(
-        image=torch.from_numpy(np.array(arrays["image.npy"], dtype=np.float32)),
-        text=torch.from_numpy(np.array(arrays["text.npy"], dtype=np.float32)),
+        image=EmbeddingRows(arrays["image.npy"]), text=EmbeddingRows(arrays["text.npy"]),
         caption_to_image=torch.from_numpy(np.array(arrays["caption_to_image.npy"], dtype=np.int64)),
         meta=meta, **labelled,
     )

@@ -204,7 +204,7 @@ def evaluate_cache(path: Path, split: str | None = None, ks: Sequence[int] = (1,
     if confusion is not None and "zeroshot" in result:
         written.append(_confusion_png(confusion, result, f"raw embeddings of {path.name}"))
     if gallery is not None:
-        written.append(draw_gallery(paired, paired.image, paired.text, spec, gallery,
+        written.append(draw_gallery(paired, paired.image.to_tensor(), paired.text.to_tensor(), spec, gallery,
                                     f"{path.name}: raw encoder embeddings (no head)"))
     for out in written:
         if log:

@@ -64,14 +64,13 @@ def update_best_over_training(best: dict[str, float], metrics: dict[str, float],
 @torch.no_grad()
 def encode(model: torch.nn.Module, paired: PairedEmbeddings, device: torch.device,
            chunk_size: int = 8192) -> tuple[Tensor, Tensor]:
-    """(N_img, D) image and (N_cap, D) caption features of ``model`` (float32, on ``device``), in chunks."""
+    """(N_img, D) image and (N_cap, D) caption features of ``model`` (float32, on ``device``): the rows streamed
+    through it ``chunk_size`` at a time (read as float32 from the cache's maps; only the features are whole)."""
     was_training = model.training
     model.eval()
     try:
-        image = torch.cat([model.encode_image(paired.image[i:i + chunk_size].to(device=device, dtype=torch.float32))
-                           for i in range(0, paired.num_images, chunk_size)])
-        text = torch.cat([model.encode_text(paired.text[i:i + chunk_size].to(device=device, dtype=torch.float32))
-                          for i in range(0, paired.num_captions, chunk_size)])
+        image = torch.cat([model.encode_image(rows.to(device)) for rows in paired.image.chunks(chunk_size)])
+        text = torch.cat([model.encode_text(rows.to(device)) for rows in paired.text.chunks(chunk_size)])
     finally:
         model.train(was_training)
     return image.float(), text.float()
@@ -138,24 +137,29 @@ def evaluate_head(model: torch.nn.Module, paired: PairedEmbeddings, eval_cfg: An
     return metrics
 
 
-def raw_zero_shot(paired: PairedEmbeddings) -> tuple[dict[str, float], Tensor | None, list[str]]:
-    """Zero-shot of raw embeddings: (metrics, confusion, notes); defined only when both towers share a width."""
+def raw_zero_shot(paired: PairedEmbeddings, image: Tensor | None = None) -> tuple[dict[str, float], Tensor | None,
+                                                                                   list[str]]:
+    """Zero-shot of raw embeddings: (metrics, confusion, notes); defined only when both towers share a width.
+    ``image``: the split's image rows as float32, when already read."""
     if not paired.labelled:
         return {}, None, []
     assert paired.labels is not None and paired.class_text is not None
     if paired.image.shape[1] != paired.class_text.shape[2]:
         return {}, None, [f"zero-shot undefined: image dimension {paired.image.shape[1]} differs from text dimension "
                           f"{paired.class_text.shape[2]} (no common space without a head)"]
-    metrics, confusion = zero_shot(paired.image.float(), paired.class_text.float(), paired.labels)
+    metrics, confusion = zero_shot(image if image is not None else paired.image.to_tensor(),
+                                   paired.class_text.float(), paired.labels)
     return metrics, confusion, []
 
 
 def evaluate_embeddings(paired: PairedEmbeddings, ks: Sequence[int] = (1, 5, 10), knn_k: int = 8,
                         backend: str = "faiss", source: str = "embeddings") -> dict[str, Any]:
-    """Metrics of raw cached embeddings without a head (the "no training" row) → results dict."""
-    metrics, notes = embedding_metrics(paired.image.float(), paired.text.float(), paired.caption_to_image,
+    """Metrics of raw cached embeddings without a head (the "no training" row) → results dict. The raw
+    embeddings are the retrieval's input here: they are read whole, as float32, once."""
+    image = paired.image.to_tensor()
+    metrics, notes = embedding_metrics(image, paired.text.to_tensor(), paired.caption_to_image,
                                        paired.first_caption_per_image(), ks, knn_k, backend)
-    zs_metrics, confusion, zs_notes = raw_zero_shot(paired)
+    zs_metrics, confusion, zs_notes = raw_zero_shot(paired, image)
     metrics.update(zs_metrics)
     out = {"source": source, "kind": "raw", "checkpoint": None, "step": None,
            "split": paired.meta.get("split"), "num_images": paired.num_images,

@@ -107,6 +107,11 @@ class ScheduleConfig(StrictModel):
     steps: Integer = 400
     batch_size: Integer = 128  # images per step (the contrastive batch; the uniform loss is ln(batch_size))
     warmup_steps: Integer = 20
+    # The images' order in each epoch (``align.train.run_data.Sampler``): random, a uniform permutation; blocks,
+    # contiguous blocks of block_rows images shuffled, then rows shuffled within windows of a few blocks, so that a
+    # cache larger than memory is read mostly in sequence (batches then mix fewer distant images).
+    order: Literal["random", "blocks"] = "random"
+    block_rows: Integer = Field(8192, ge=1)  # images per block of the blocks order (ignored by random)
 
     @model_validator(mode="after")
     def _positive(self) -> "ScheduleConfig":

@@ -17,6 +17,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from align.cache.embeddings import EmbeddingRows
 from align.metrics.measure import (
     NonFiniteFeatures,
     confusion_record,
@@ -85,11 +86,10 @@ class RunEvaluator:
     confusion of one head at a time, on a copy of the pack's architecture."""
 
     def __init__(self, cfg: TrainConfig, data: RunData, device: torch.device, template: AlignmentModel,
-                 train_rows: tuple[Tensor, Tensor], precision: str) -> None:
+                 precision: str) -> None:
         self.cfg, self.data, self.device, self.precision = cfg, data, device, precision
         self.model = copy.deepcopy(template)  # evaluates one head at a time (test, sharpness)
         self.loss_fn = loss_for(cfg.loss)
-        self.image, self.text = train_rows  # the training embeddings on the device (sharpness' batches)
 
     def evaluate(self, split: str, state: dict[str, Tensor]) -> Metrics | None:
         """Metrics of one head on a role's split ("val" / "test"); None if its features are NaN/inf."""
@@ -101,10 +101,10 @@ class RunEvaluator:
 
     def validate(self, pack: HeadPack, slots: list[int]) -> list[Metrics | None]:
         """Validation metrics of the pack's heads at ``slots`` (None: NaN/inf features), encoded in bounded memory
-        by fixed chunks of the pack's slots (a head's features come from a matmul of the same shape every time)."""
+        by fixed chunks of the pack's slots (a head's features come from a matmul of the same shape every time),
+        the split's rows streamed through them ``CHUNK_ROWS`` at a time (never copied whole; a split of one chunk
+        gives the bits of one matmul over all its rows)."""
         paired, ev, size = self.data.val, self.cfg.eval, pack.size
-        image = paired.image.to(device=self.device, dtype=torch.float32)
-        text = paired.text.to(device=self.device, dtype=torch.float32)
         per_head = (paired.num_images + paired.num_captions) * self.cfg.head.out_dim * 4
         chunk = max(1, EVAL_BYTES // max(1, per_head))
         first = paired.first_caption_per_image()
@@ -117,7 +117,8 @@ class RunEvaluator:
                 continue
             heads = slice(lo, min(lo + chunk, size))
             with torch.no_grad():
-                img, txt = pack.encode(image, "image", heads), pack.encode(text, "text", heads)
+                img = self._encoded(pack, paired.image, "image", heads)
+                txt = self._encoded(pack, paired.text, "text", heads)
                 cls = None if prompts is None else pack.encode(prompts, "text", heads)
             for slot in wanted:
                 g = slot - lo
@@ -131,6 +132,11 @@ class RunEvaluator:
                 out[slot] = metrics
         return [out[s] for s in slots]
 
+    def _encoded(self, pack: HeadPack, split: EmbeddingRows, side: str, heads: slice) -> Tensor:
+        """(G, N, out_dim) features of a split's rows through the heads selected, ``CHUNK_ROWS`` rows at a time."""
+        parts = [pack.encode(rows.to(self.device), side, heads) for rows in split.chunks()]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
     def test_and_sharpness(self, run: Run, weights: dict[str, Tensor] | None,
                            sharpness: bool = True) -> tuple[Metrics | None, Metrics | None]:
         """Test metrics and (with ``sharpness`` and eval.sharpness) sharpness of one head's weights (None, None for
@@ -142,9 +148,19 @@ class RunEvaluator:
         sharp = None
         if sharpness and ev.sharpness and (test is not None or not ev.test_split):
             self.model.load_state_dict(weights)
-            batches = run.sampler.fixed_batches(ev.sharpness_batches)
-            sharp = head_sharpness(self.model, self.loss_fn, self.image, self.text, batches, ev)
+            sharp = head_sharpness(self.model, self.loss_fn, *self.sharpness_rows(run), ev)
         return test, sharp
+
+    def sharpness_rows(self, run: Run) -> tuple[Tensor, Tensor, list[tuple[Tensor, Tensor]]]:
+        """(images, captions, batches): the rows of the run's fixed sharpness batches gathered from the training
+        split onto the device, and each batch's positions in them (the values ``head_sharpness`` would index out
+        of the whole split)."""
+        fixed = run.sampler.fixed_batches(self.cfg.eval.sharpness_batches)
+        train = self.data.train
+        image = train.image.gather(torch.cat([i for i, _ in fixed])).to(self.device)
+        text = train.text.gather(torch.cat([t for _, t in fixed])).to(self.device)
+        bounds = torch.arange(len(image), device=self.device).split([len(i) for i, _ in fixed])
+        return image, text, [(rows, rows) for rows in bounds]
 
     def final_val(self, run: Run, weights: dict[str, Tensor]) -> Metrics | None:
         """Validation metrics of the final head (reused when the last validation was at the final step)."""

@@ -16,7 +16,8 @@ HASH_EXCLUDED = ("out_dir", "device")  # where a run lives and what runs it: a c
 # Keys added after runs were first trained (their paths in the config dict), left out of the hash while they hold
 # their defaults: a run trained before they existed keeps its config_hash and still resumes.
 HASH_NEW_DEFAULTS = {("loss", "local"): False, ("optim", "perturbation"): "global", ("eval", "sharpness_final"): True,
-                     ("uniform_plateau_tol",): 0.05, ("collapse_fraction",): 0.1, ("loss", "block_rows"): None}
+                     ("uniform_plateau_tol",): 0.05, ("collapse_fraction",): 0.1, ("loss", "block_rows"): None,
+                     ("schedule", "order"): "random", ("schedule", "block_rows"): 8192}
 
 
 def config_hash(config: dict[str, Any]) -> str:

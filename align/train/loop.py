@@ -10,8 +10,10 @@ config and on its pack's layout, never on when the pack was interrupted (the oth
 head's arithmetic; only the shapes of the batched matmuls do, which BLAS may compute in another order for another
 pack size: a run trained in another pack agrees to floating-point noise, 1e-9 relative in float64).
 
-One step: a batch of B images (a random permutation per epoch, drawn on the device; for multi-caption data one
-random caption per image per epoch), the contrastive loss of the head's outputs, then either one optimizer step
+One step: a batch of B images (the images of each epoch in the order ``schedule.order`` draws: a random
+permutation, or shuffled blocks of rows; for multi-caption data one random caption per image per epoch), its rows
+gathered from the cache's memory maps as float32 while the step before computes (``align.train.batches``; a split
+is never copied whole), the contrastive loss of the head's outputs, then either one optimizer step
 or — for optimizers whose registry entry says ``two_pass`` (the SAM family) — the perturbation, a second forward-
 backward and the base step. The learning rate follows linear warm-up then cosine decay to 0 from each run's peak.
 After each step the logit scale is clamped by the configured policy. Every ``eval.every`` steps the runs are
@@ -49,12 +51,13 @@ from align.common.device import keep_freed_memory, pick_device
 from align.common.errors import AlignError, is_out_of_memory, out_of_memory_error
 from align.common.files import json_safe
 from align.common.progress import Log, progress_bar
+from align.train.batches import BatchReader
 from align.train.checkpoint import ends_run, with_rank_metrics
 from align.train.collapse import uniform_loss
 from align.train.config import TrainConfig, pack_key
 from align.train.evaluation import RunEvaluator
 from align.train.memory import check_head_fits
-from align.train.pack import HeadPack, group_batches
+from align.train.pack import HeadPack
 from align.train.run import Run
 from align.train.run_data import RunData, Sampler, lr_factor, prepare_data, resolve_dims
 from align.train.run_dir import RunDir
@@ -77,15 +80,16 @@ class Trainer:
         self.bf16 = self.cfg.uses_bf16(device)
         samplers: dict[int, Sampler] = {}  # runs of one seed share their data order
         self.runs: list[Run] = []
-        for cfg, directory in zip(cfgs, dirs):
+        sched = self.cfg.schedule
+        for cfg, directory in zip(cfgs, dirs):  # row indices on the host: the rows are gathered there
             sampler = samplers.get(cfg.seed) or Sampler(data.train.caption_to_image, data.train.num_images,
-                                                        cfg.schedule.batch_size, cfg.seed, device)
+                                                        batch, cfg.seed, torch.device("cpu"), sched.order,
+                                                        sched.block_rows)
             samplers[cfg.seed] = sampler
             self.runs.append(Run.create(cfg, directory, sampler, device))
-        self.image = data.train.image.to(device=device, dtype=torch.float32)
-        self.text = data.train.text.to(device=device, dtype=torch.float32)
-        self.evaluator = RunEvaluator(self.cfg, data, device, self.runs[0].model, (self.image, self.text),
-                                      "bf16" if self.bf16 else "fp32")
+        # The training rows stay in the cache's memory maps: each step's are gathered (and the next's read ahead)
+        self.reader = BatchReader(data.train.image, data.train.text, self._step_rows, device, sched.steps)
+        self.evaluator = RunEvaluator(self.cfg, data, device, self.runs[0].model, "bf16" if self.bf16 else "fp32")
         self.uniform = uniform_loss(self.cfg.loss.kind, batch)
         self.slots: list[Run] = []  # the pack's layout: every run, finished ones included, in slot order
         self.pack: HeadPack | None = None
@@ -156,16 +160,16 @@ class Trainer:
         run.checkpoint(self.pack.head_state(slot), optim, self.wall_time(run), keep)
 
     # -- training
-    def _batches(self) -> list[tuple[slice, Tensor, Tensor]]:
-        """Each run of slots with one seed and the batch they share at the pack's step (under torchrun: this rank's
-        slice); idle slots take their seed's batch too, so every step has the shapes of the pack's first."""
+    def _step_rows(self, step: int) -> list[tuple[slice, Tensor, Tensor]]:
+        """Each run of slots with one seed and the rows of the batch they share at ``step`` (under torchrun: this
+        rank's slice); idle slots take their seed's batch too, so every step has the shapes of the pack's first."""
         groups, start = [], 0
         for slot in range(1, len(self.slots) + 1):
             a = self.slots[start]
             if slot == len(self.slots) or self.slots[slot].cfg.seed != a.cfg.seed:
-                groups.append((slice(start, slot), *self._rank_slice(*a.sampler.batch(self.pack_step))))
+                groups.append((slice(start, slot), *self._rank_slice(*a.sampler.batch(step))))
                 start = slot
-        return group_batches(groups, self.image, self.text)
+        return groups
 
     def _rank_slice(self, images: Tensor, captions: Tensor) -> tuple[Tensor, Tensor]:
         """This rank's equal slice of a batch's rows (rank r takes the r-th; the batch is the single-process one)."""
@@ -182,7 +186,7 @@ class Trainer:
         lr = [peak * factor for peak in self.pack.hp.host["lr"]]
         active = torch.zeros(len(self.slots), dtype=torch.bool, device=self.device)
         active[running] = True
-        stats = self.pack.step(self._batches(), lr, active=active, bf16=self.bf16)
+        stats = self.pack.step(self.reader.batches(self.pack_step), lr, active=active, bf16=self.bf16)
         host = {k: getattr(stats, k).tolist() for k in ("loss", "grad_norm", "sam_grad_norm", "delta_norm", "skipped")}
         host["log_scale"], host["lr"] = self.pack.log_scale().tolist(), lr
         for slot in running:
@@ -227,15 +231,18 @@ class Trainer:
         name = self.slots[running[0]].cfg.optim.name if len(running) == 1 else f"{len(running)} heads"
         with progress_bar(self.cfg.schedule.steps, f"training {name}", enabled=progress) as bar:
             bar.advance(self.pack_step)
-            while running:
-                self.step()
-                if on_step is not None:
-                    on_step(len(running))
-                self.after_step()
-                bar.advance(1)
-                running = self.running()
-                if running and self.pack_step % 10 == 0:
-                    bar.describe(f"training {name}  loss {self.slots[running[0]].state.losses[-1]:.4f}")
+            try:
+                while running:
+                    self.step()
+                    if on_step is not None:
+                        on_step(len(running))
+                    self.after_step()
+                    bar.advance(1)
+                    running = self.running()
+                    if running and self.pack_step % 10 == 0:
+                        bar.describe(f"training {name}  loss {self.slots[running[0]].state.losses[-1]:.4f}")
+            finally:
+                self.reader.close()  # the rows read ahead are not needed
 
 
 def train(cfg: TrainConfig, run_dir: Path, resume: bool = False, log: Log | None = None,

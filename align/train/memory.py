@@ -18,8 +18,13 @@ What one head holds while it trains, in float32 values (``HeadMemory``):
     features         the validation split through the head: its images and captions × out
 
 Evaluating a head holds its weights and the evaluated split's features only. Left out: the copy of the best head
-a run keeps, the sharpness measures' second derivatives, and the embeddings themselves (the data, shared by every
-head of a pack).
+a run keeps and the sharpness measures' second derivatives.
+
+The data a pack reads is counted apart (``data_memory``), once per pack: the cache's splits stay in their memory
+maps (pages the kernel may drop, shared by every process), so what a pack holds of them is its batches in flight —
+the step computing and the ``PREFETCH_STEPS`` read ahead, B × (image_dim + text_dim) values per group of heads that
+share a seed (and on CUDA the step's copy on the device) — and one ``CHUNK_ROWS`` chunk of the validation split's
+rows going through the heads. The features of the whole split are the heads' (``features`` above).
 """
 from __future__ import annotations
 
@@ -28,11 +33,13 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from align.cache.embeddings import CHUNK_ROWS
 from align.common import device as devices  # read at each call: tests stand in for the free memory
 from align.common.config import shorten
 from align.common.errors import AlignError
 from align.optim import optimizer_info
 from align.train.blockwise import BLOCK_COPIES, loss_block_rows
+from align.train.batches import PREFETCH_STEPS
 from align.train.config import OptimConfig, TrainConfig
 from align.train.heads import parameter_counts
 from align.train.losses import LossConfig
@@ -137,6 +144,16 @@ def heads_that_fit(cfg: TrainConfig, budget: int, eval_rows: int = 0,
     return lo
 
 
+def data_memory(cfg: TrainConfig, eval_rows: int = 0, groups: int = 1, device: torch.device | None = None) -> int:
+    """Bytes of the data one pack of ``cfg`` holds while it trains (see the module's docstring): the batches in
+    flight of ``groups`` groups of heads (one per seed), and one chunk of the ``eval_rows`` validation rows;
+    embedding dims not known yet count as 1."""
+    image_dim, text_dim, _ = _known_or_placeholder_dims(cfg)
+    steps = PREFETCH_STEPS + 1 + (device is not None and device.type == "cuda")
+    batches = steps * groups * cfg.schedule.batch_size * (image_dim + text_dim)
+    return VALUE_BYTES * (batches + min(eval_rows, CHUNK_ROWS) * max(image_dim, text_dim))
+
+
 def check_head_fits(cfg: TrainConfig, device: torch.device, eval_rows: int | None = None,
                     training: bool = True) -> None:
     """Refuse a head that cannot fit in the device's free memory, with its ``head_memory`` estimate, before
@@ -144,6 +161,8 @@ def check_head_fits(cfg: TrainConfig, device: torch.device, eval_rows: int | Non
     None while the data is not read yet (counted as none: the estimate is then a lower bound)."""
     memory = head_memory(cfg, eval_rows or 0, training=training)
     need, free = memory.bytes, devices.available_memory(device)
+    if training:  # the run's batches and validation chunk (a run of one seed: one group)
+        need += data_memory(cfg, eval_rows or 0, device=device)
     if free is None or need <= free:
         return
     image_dim, text_dim, known = _known_or_placeholder_dims(cfg)

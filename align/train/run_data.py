@@ -27,19 +27,49 @@ def lr_factor(step: int, steps: int, warmup: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / span)))
 
 
+WINDOW_BLOCKS = 4  # the blocks order shuffles rows within windows of this many consecutive blocks
+EPOCH_CHUNK = 1 << 16  # images an epoch's order is completed for at a time
+
+
+def block_order(n: int, block_rows: int, gen: torch.Generator) -> Tensor:
+    """A permutation of 0..n-1 read mostly in sequence: positions cut into contiguous blocks of ``block_rows``
+    (the last one shorter), the blocks shuffled, then rows shuffled within each window of ``WINDOW_BLOCKS``
+    consecutive blocks of that order (as webdataset-style loaders shuffle shards, then a buffer of samples)."""
+    blocks = math.ceil(n / block_rows)
+    starts = torch.randperm(blocks, generator=gen) * block_rows
+    out = []
+    for w in range(0, blocks, WINDOW_BLOCKS):
+        window = torch.cat([torch.arange(a, min(a + block_rows, n)) for a in starts[w:w + WINDOW_BLOCKS].tolist()])
+        out.append(window[torch.randperm(len(window), generator=gen)])
+    return torch.cat(out)
+
+
 class Sampler:
-    """Batches of (image rows, caption rows) for step s: a permutation of images per epoch, one caption each."""
+    """Batches of (image rows, caption rows) for step s: the images of each epoch in an order drawn from (seed,
+    epoch), one random caption each.
+
+    ``order`` "random": a uniform permutation of the images per epoch. "blocks": ``block_order`` over the images
+    in row order, so that a batch's rows lie in a few contiguous stretches of the cache (a cache larger than memory
+    is then read mostly sequentially), at the price of batches drawn from a window of ``WINDOW_BLOCKS`` ×
+    ``block_rows`` neighbouring images rather than from the whole set."""
 
     def __init__(self, caption_to_image: Tensor, num_images: int, batch_size: int, seed: int,
-                 device: torch.device) -> None:
+                 device: torch.device, order: str = "random", block_rows: int | None = None) -> None:
         c2i = caption_to_image.cpu()
+        # Indices kept in int32 where they fit: a few int64 arrays per row are most of what a run of millions of
+        # rows holds besides its head (the embeddings stay in the cache's maps). The values are the same.
+        index = torch.int32 if max(num_images, len(c2i)) < 2 ** 31 else torch.int64
         counts = torch.bincount(c2i, minlength=num_images)
-        self.images = torch.nonzero(counts > 0).flatten()  # images without a caption never train
-        self.counts = counts[self.images]
-        self.order = torch.argsort(c2i, stable=True)  # captions grouped by image
-        starts = torch.cumsum(counts, 0) - counts
-        self.starts = starts[self.images]
+        has = counts > 0  # images without a caption never train
+        self.images = torch.nonzero(has).flatten().to(index)
+        self.starts = (torch.cumsum(counts, 0) - counts)[has].to(index)
+        self.counts = counts[has].to(index)
+        del counts, has
+        self.order = torch.argsort(c2i, stable=True).to(index)  # captions grouped by image
         self.batch_size, self.seed, self.device = batch_size, seed, device
+        if order not in ("random", "blocks") or (order == "blocks" and not block_rows):
+            raise ValueError(f"order {order!r} with block_rows {block_rows}: random, or blocks of block_rows >= 1")
+        self.image_order, self.block_rows = order, block_rows  # schedule.order and schedule.block_rows
         if len(self.images) < batch_size:
             raise AlignError(f"schedule.batch_size={batch_size} exceeds the {len(self.images)} training images "
                              f"with captions: use --set schedule.batch_size={max(2, len(self.images))} or less")
@@ -48,11 +78,18 @@ class Sampler:
 
     def _epoch_rows(self, epoch: int) -> tuple[Tensor, Tensor]:
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        perm = torch.randperm(len(self.images), generator=gen)
-        pick = torch.minimum((torch.rand(len(self.images), generator=gen) * self.counts[perm]).long(),
-                             self.counts[perm] - 1)
-        caption = self.order[self.starts[perm] + pick]
-        return self.images[perm].to(self.device), caption.to(self.device)
+        n = len(self.images)
+        perm = torch.randperm(n, generator=gen) if self.image_order == "random" else \
+            block_order(n, self.block_rows, gen)
+        uniform = torch.rand(n, generator=gen)
+        images, captions = torch.empty(n, dtype=torch.long), torch.empty(n, dtype=torch.long)
+        for lo in range(0, n, EPOCH_CHUNK):  # in pieces: no temporaries of the epoch's length
+            part = perm[lo:lo + EPOCH_CHUNK]
+            counts = self.counts[part]  # a random caption of each image: floor(u · count), below count
+            pick = torch.minimum((uniform[lo:lo + EPOCH_CHUNK] * counts).long(), counts - 1)
+            captions[lo:lo + EPOCH_CHUNK] = self.order[self.starts[part] + pick]
+            images[lo:lo + EPOCH_CHUNK] = self.images[part]
+        return images.to(self.device), captions.to(self.device)
 
     def batch(self, step: int) -> tuple[Tensor, Tensor]:
         """(B,) image row indices and (B,) caption row indices, on the device, for 0-based step ``step``."""
@@ -70,7 +107,7 @@ class Sampler:
         out = []
         for i in range(n):
             rows = perm[i * self.batch_size:(i + 1) * self.batch_size]
-            out.append((self.images[rows].to(self.device), self.order[self.starts[rows]].to(self.device)))
+            out.append((self.images[rows].long().to(self.device), self.order[self.starts[rows]].long().to(self.device)))
         return out
 
 
@@ -91,8 +128,8 @@ def holdout_split(paired: PairedEmbeddings, n: int) -> tuple[PairedEmbeddings, P
         keep = new_index[paired.caption_to_image] >= 0
         labelled = {} if paired.labels is None else {
             "labels": paired.labels[images], "class_text": paired.class_text, "class_names": paired.class_names}
-        return PairedEmbeddings(paired.image[images], paired.text[keep], new_index[paired.caption_to_image[keep]],
-                                dict(paired.meta, split=name), **labelled)
+        return PairedEmbeddings(paired.image.subset(images), paired.text.subset(torch.nonzero(keep).flatten()),
+                                new_index[paired.caption_to_image[keep]], dict(paired.meta, split=name), **labelled)
 
     return subset(order[n:], "train"), subset(order[:n], "train-holdout")
 
