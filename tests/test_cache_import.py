@@ -73,7 +73,7 @@ def test_importing_a_caches_own_arrays_gives_identical_bytes_and_the_hashed_key(
     assert manifest["encoders"] == {"image": "vit-b-32 (elsewhere)", "text": "vit-b-32 text"}
     assert manifest["storage_dtype"] == dtype and manifest["dataset"]["kind"] == "imported"
     paired = load_cache_dir(folder)
-    assert np.array_equal(paired.image.numpy(), image.astype(dtype).astype(np.float32))
+    assert np.array_equal(paired.image.to_tensor().numpy(), image.astype(dtype).astype(np.float32))
     assert paired.caption_to_image.tolist() == c2i.tolist()
 
 
