@@ -84,9 +84,10 @@ def watch(cmd: list[str], log: Path, metrics: Path | None = None) -> dict[str, f
                     seen.append((time.monotonic(), steps))
             time.sleep(0.2)
     if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd[:3])} failed (exit {proc.returncode}); see {log}")
+        tail = log.read_text(errors="replace").strip().splitlines()[-3:]
+        raise SystemExit(f"{' '.join(cmd[:3])} failed (exit {proc.returncode}): " + " / ".join(tail))
     rate = float("nan")
-    late = [(t, s) for t, s in seen if s >= 5]
+    late = [(t, s) for t, s in seen if s >= min(5, max(1, seen[-1][1] - 2))] if seen else []
     if len(late) >= 2 and late[-1][1] > late[0][1]:
         rate = (late[-1][1] - late[0][1]) / (late[-1][0] - late[0][0])
     return {"peak_tree_mib": peak_tree / 1024, "peak_one_mib": peak_one / 1024,
@@ -147,7 +148,7 @@ def run_train(scratch: Path, label: str, cfg: dict) -> dict[str, float]:
 def run_compare(scratch: Path, label: str, train: str, steps: int, order: str) -> dict[str, float]:
     cfg = train_config(scratch, train, 4096, steps, "msam", order)
     study = {"name": label, "data": cfg["data"], "head": cfg["head"], "schedule": cfg["schedule"],
-             "eval": cfg["eval"], "workers": 2,
+             "eval": cfg["eval"], "workers": 2, "reference": "adamw",
              "grid": {"optimizers": ["adamw", "msam"], "lrs": [1e-3], "rhos": [0.05], "seeds": [0]}}
     path = scratch / f"{label}.yaml"
     path.write_text(yaml.safe_dump(study))
