@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from align.optim import create_optimizer
-from align.optim.batched import (HeadHparams, ParamSpec, base_step_, clip_grads_, global_norm, head_hparams,
-                                 init_metric, init_state, perturbation)
+from align.optim.batched import (METHODS, HeadHparams, ParamSpec, base_step_, clip_grads_, global_norm, head_hparams,
+                                 init_method_state, init_state, perturbation)
 from align.optim.step import take_step
 from align.train.run_data import lr_factor
 
@@ -129,8 +129,7 @@ def test_first_step_equals_the_sam_classes_for_every_rule_and_guard():
         if gscale == math.inf:
             grads["w"][i, 0, 0] = math.inf
     hp = HeadHparams.stack([head_hparams(lr=0.1, **h) for h, _ in FIRST_STEP_HEADS])
-    metric = init_metric(stacked, SPECS)
-    out = perturbation(stacked, grads, SPECS, hp, metric)
+    out = perturbation(stacked, grads, SPECS, hp, init_method_state(stacked, SPECS, hp))
     for i, (h, _) in enumerate(FIRST_STEP_HEADS):
         p = _reference_params(stacked, i)
         opt = create_optimizer(h["name"], _groups(p, 0.0), lr=0.1, **{a: v for a, v in h.items() if a != "name"})
@@ -188,7 +187,7 @@ def test_whole_steps_equal_take_step_with_the_reference_optimizers():
     data = [(torch.randn(4, generator=gen, dtype=D), torch.randn(3, generator=gen, dtype=D)) for _ in range(k)]
     hp = HeadHparams.stack([head_hparams(**h) for h in STEP_HEADS])
     params = {n: t.clone() for n, t in stacked.items()}
-    state, metric = init_state(params, hp), init_metric(params, SPECS)
+    state, methods = init_state(params, hp), init_method_state(params, SPECS, hp)
     refs = []
     for i, h in enumerate(STEP_HEADS):
         p = _reference_params(stacked, i)
@@ -207,7 +206,7 @@ def test_whole_steps_equal_take_step_with_the_reference_optimizers():
             take_step(opt, closure, single_clip)
             sched.step()
         g = _grads(params, data)
-        pert = perturbation(params, g, SPECS, hp, metric)
+        pert = perturbation(params, g, SPECS, hp, methods)
         g2 = _grads(pert.perturbed, data)
         g = {n: torch.where(hp.two_pass.reshape((-1,) + (1,) * (t.ndim - 1)), g2[n], t) for n, t in g.items()}
         clip_grads_(g, hp.grad_clip)
@@ -220,7 +219,7 @@ def test_whole_steps_equal_take_step_with_the_reference_optimizers():
             for j, n in enumerate(SHAPES):
                 ema = opt.state_dict()["sam"].get("metric_ema", {})
                 if j in ema:
-                    _close(metric[n][i], ema[j], 1e-10, f"metric {n}")
+                    _close(methods[METHODS.index("msam")].tensors[n][i], ema[j], 1e-10, f"metric {n}")
 
 
 def test_per_head_global_norm_and_clipping_are_torch_clip_grad_norm():
