@@ -57,6 +57,8 @@ def head_hparams(name: str, *, lr: float, base: str | None = None, grad_clip: fl
     if perturbation not in ("global", "local"):
         raise ValueError(f"perturbation must be global or local, got {perturbation!r}")
     info = optimizer_info(name)
+    if info.two_pass and perturbation == "local" and not info.local_perturbation:
+        raise ValueError(f"perturbation local is not implemented for {name}: use global")
     base_name = (base if base is not None else DEFAULT_BASE) if info.two_pass else name
     if base_name not in BASES:
         raise ValueError(f"unknown base optimizer {base_name!r}; choose one of {', '.join(BASES)}")

@@ -7,7 +7,7 @@ import itertools
 import math
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import ValidationError, field_validator, model_validator
 
@@ -127,6 +127,7 @@ class CompareConfig(TrainConfig):
     score: Literal["mean_R@1", "zeroshot_top1"] = "mean_R@1"
     beside: str | None = None  # another study ranked beside this one: its name, or its folder as a path (with a /)
     grid: GridConfig = GridConfig()
+    RESOLVES_BETAS: ClassVar[bool] = False  # unset optim.betas: each cell takes its own base's (Lion's differ)
 
     @field_validator("name")
     @classmethod
