@@ -28,7 +28,7 @@ from align.train.losses import LossConfig, clip_loss, clip_loss_rows, siglip_los
 from align.optim.batched import head_hparams
 from align.train.pack import HeadPack, group_batches
 from align.train.run_data import Sampler, lr_factor
-from helpers import CELLS, cell_kwargs, make_cache, reference_run, synthetic_split, train_config
+from helpers import CELLS, NEW_CELLS, cell_kwargs, make_cache, reference_run, synthetic_split, train_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest
 
@@ -39,6 +39,7 @@ LINEAR_CLIP = (HeadConfig(kind="linear", out_dim=16), LossConfig(kind="clip"))
 # Two groups of heads (seeds 0 and 1), so the features of several batches are gathered in one collective.
 JOBS = {
     "global": dict(cells=CELLS, perturbation="global", head=LINEAR_CLIP[0], loss=LINEAR_CLIP[1]),
+    "global-issue24": dict(cells=NEW_CELLS, perturbation="global", head=LINEAR_CLIP[0], loss=LINEAR_CLIP[1]),
     "local": dict(cells=CELLS, perturbation="local", head=LINEAR_CLIP[0], loss=LINEAR_CLIP[1]),
     "clip-rows": dict(cells=[CELLS[2], SAM_FAMILY[2]], perturbation="global", head=LINEAR_CLIP[0],
                       loss=LossConfig(kind="clip", local=True)),
@@ -131,7 +132,7 @@ def _reference(job: dict, cell: dict) -> dict[str, torch.Tensor]:
     return _REFERENCES[key]
 
 
-@pytest.mark.parametrize("name", ["global", "clip-rows", "siglip-rows"])
+@pytest.mark.parametrize("name", ["global", "global-issue24", "clip-rows", "siglip-rows"])
 def test_two_ranks_with_a_global_perturbation_train_as_one_process_on_the_whole_batch(two_ranks, name):
     job = JOBS[name]
     assert {c["name"] for c in SAM_FAMILY} == {"sam", "msam", "asam", "fsam"}

@@ -166,7 +166,7 @@ class CompareConfig(TrainConfig):
                 OptimConfig.model_validate(cell_optim(shared, cell))
             except ValidationError as err:
                 where = f"{cell.optimizer} at lr {cell.lr:g}" + ("" if cell.rho is None else f", rho {cell.rho:g}")
-                raise ValueError(f"grid cell {where}: {err.errors()[0]['msg']}") from None
+                raise ValueError(f"grid cell {where}: {err.errors()[0]['msg'].removeprefix('Value error, ')}") from None
 
 
 def grid_cells(grid: GridConfig) -> list[Cell]:
