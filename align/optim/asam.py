@@ -57,7 +57,7 @@ class ASAM(SharpnessAware):
         return torch._foreach_mul(direction, scale), nv
 
 
-def batched_first_step(s: FirstStep):
+def _batched_first_step(s: FirstStep):
     """ASAM for stacked heads: δ = ρ T² g / ‖T g‖ with T = |θ| + η on weight tensors, T = 1 elsewhere."""
     params, g, pert, hp = s.params, s.grads, s.pert, s.hp
     t = {k: params[k].detach().abs() + col(hp.eta, params[k]) for k in pert if params[k].ndim > 2}  # [K, ...]
@@ -67,4 +67,4 @@ def batched_first_step(s: FirstStep):
     return scaled(direction, pert, hp.rho / nv.double()), nv
 
 
-RULE = BatchedRule(batched_first_step)
+RULE = BatchedRule(_batched_first_step)

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from align.optim.hparams import Hparam
-from align.optim.lion import lion_update_
+from align.optim.lion import Lion, lion_update_
 from align.optim.registry import (ADAM_BETAS, BASE_HPARAMS, BASE_OPTIMIZERS, DEFAULT_BASE, METHOD_HPARAMS,
                                   OPTIMIZERS, TWO_PASS_METHODS, base_betas, hparam_spec, optimizer_info,
                                   resolve_hparams)
@@ -43,7 +43,9 @@ __all__ = ["BASES", "METHODS", "NONE", "HeadHparams", "ParamSpec", "Perturbation
 BASES = BASE_OPTIMIZERS  # sgd, adam, adamw, lion: the codes are their positions
 METHODS = ("none", *TWO_PASS_METHODS)  # the codes are their positions; 0: a single-pass head
 NONE = 0
-SGD, ADAM, ADAMW, LION = (BASES.index(b) for b in ("sgd", "adam", "adamw", "lion"))
+# The kernel of each base optimizer, found by its class: torch's fused SGD, Adam and AdamW, Lion's update.
+_CODE_OF = {OPTIMIZERS[name].base.cls: code for code, name in enumerate(BASES)}
+SGD, ADAM, ADAMW, LION = (_CODE_OF[cls] for cls in (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, Lion))
 RULES: dict[int, BatchedRule] = {METHODS.index(n): OPTIMIZERS[n].rule for n in TWO_PASS_METHODS}
 KNOBS: tuple[Hparam, ...] = tuple(hparam_spec(n) for n in METHOD_HPARAMS)  # each a [K] row of HeadHparams
 

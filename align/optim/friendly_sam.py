@@ -87,7 +87,7 @@ class FriendlySAM(SharpnessAware):
         self._momentum = tensors_by_index(self, sam.get(RULE.state_key, {}))
 
 
-def batched_first_step(s: FirstStep) -> tuple[Params, Tensor]:
+def _batched_first_step(s: FirstStep) -> tuple[Params, Tensor]:
     """Friendly SAM for stacked heads: m ← λ m + (1 − λ) g, d = g − σ m, δ = ρ d/‖d‖."""
     g, hp, state = s.grads, s.hp, s.state
     ok = s.mask & torch.isfinite(s.grad_norm)
@@ -100,4 +100,4 @@ def batched_first_step(s: FirstStep) -> tuple[Params, Tensor]:
     return scaled(d, s.pert, hp.rho / nd.double()), nd
 
 
-RULE = BatchedRule(batched_first_step, state_key="momentum")
+RULE = BatchedRule(_batched_first_step, state_key="momentum")

@@ -48,7 +48,7 @@ class FisherSAM(SharpnessAware):
         return f_inv_g, nv
 
 
-def batched_first_step(s: FirstStep):
+def _batched_first_step(s: FirstStep):
     """Fisher SAM for stacked heads: δ = ρ F⁻¹g / √(gᵀF⁻¹g), F⁻¹ = 1 / (1 + η g²)."""
     g, pert, hp = s.grads, s.pert, s.hp
     denom = {k: g[k] * g[k] * col(hp.eta, g[k]) + 1.0 for k in pert}
@@ -57,4 +57,4 @@ def batched_first_step(s: FirstStep):
     return scaled(f_inv_g, pert, hp.rho / nv.double()), nv
 
 
-RULE = BatchedRule(batched_first_step)
+RULE = BatchedRule(_batched_first_step)

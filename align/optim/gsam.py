@@ -83,13 +83,13 @@ class GSAM(SAM):
         torch._foreach_add_(g_p, perpendicular, alpha=-self.alpha)
 
 
-def batched_first_step(s: FirstStep) -> tuple[Params, Tensor]:
+def _batched_first_step(s: FirstStep) -> tuple[Params, Tensor]:
     """GSAM for stacked heads: SAM's δ with ρ_t = ρ_min + (ρ − ρ_min) · lr_t / lr_max."""
     rho = s.hp.rho if s.lr_ratio is None else s.hp.rho_min + (s.hp.rho - s.hp.rho_min) * s.lr_ratio
     return scaled(s.grads, s.pert, rho / s.grad_norm.double()), s.grad_norm
 
 
-def batched_descent(d: Descent) -> Params:
+def _batched_descent(d: Descent) -> Params:
     """g_p − α g⊥ for the heads that took the second pass, over each head's norm scope."""
     in_scope = d.hp.norm_scope != 0
     names = d.pert + d.extra
@@ -111,4 +111,4 @@ def batched_descent(d: Descent) -> Params:
     return out
 
 
-RULE = BatchedRule(batched_first_step, descent=batched_descent)
+RULE = BatchedRule(_batched_first_step, descent=_batched_descent)

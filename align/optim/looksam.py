@@ -48,7 +48,7 @@ ALPHA = Hparam("alpha", "α", 0.7, "weight of the reused orthogonal component, s
 HPARAMS = (RHO, K, ALPHA)
 
 
-def forward_backward_passes(k: int, steps: int) -> int:
+def looksam_passes(k: int, steps: int) -> int:
     """Passes of ``steps`` steps: one each, plus the second of every full step (steps 0, k, 2k, ...)."""
     return steps + math.ceil(steps / k)
 
@@ -110,12 +110,12 @@ class LookSAM(SAM):
         self._orthogonal = tensors_by_index(self, sam.get(RULE.state_key, {}))
 
 
-def batched_second_pass(hp: HeadHparams, state: MethodState | None) -> Tensor:
+def _batched_second_pass(hp: HeadHparams, state: MethodState | None) -> Tensor:
     """[K] heads whose coming step is a full one (their count of steps taken is a multiple of k)."""
     return state.count % torch.clamp(hp.k, min=1) == 0  # k is 0 on the rows of other methods
 
 
-def batched_descent(d: Descent) -> Params:
+def _batched_descent(d: Descent) -> Params:
     """Full steps keep g_v and step with g_s; the others step with g + α (‖g‖/‖g_v‖) g_v (one pass)."""
     state, names, hp = d.state, d.pert, d.hp
     full = d.second & d.active
@@ -140,10 +140,10 @@ def batched_descent(d: Descent) -> Params:
     return out
 
 
-def batched_first_step(s: FirstStep) -> tuple[Params, Tensor]:
+def _batched_first_step(s: FirstStep) -> tuple[Params, Tensor]:
     """SAM's δ = ρ g/‖g‖ (the engine asks only the heads at a full step)."""
     return scaled(s.grads, s.pert, s.hp.rho / s.grad_norm.double()), s.grad_norm
 
 
-RULE = BatchedRule(batched_first_step, state_key="orthogonal", second_pass=batched_second_pass,
-                   descent=batched_descent, counts_steps=True)
+RULE = BatchedRule(_batched_first_step, state_key="orthogonal", second_pass=_batched_second_pass,
+                   descent=_batched_descent, counts_steps=True)

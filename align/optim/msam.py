@@ -121,7 +121,7 @@ class MSAM(SAM):
         self._metric_ema = tensors_by_index(self, sam.get(RULE.state_key, {}))
 
 
-def batched_first_step(s: FirstStep) -> tuple[Params, Tensor]:
+def _batched_first_step(s: FirstStep) -> tuple[Params, Tensor]:
     """M-SAM for stacked heads: δ = ρ g / (‖g‖ √(1 + α²‖g‖²)); with β > 0 the averaged metric."""
     nd = s.grad_norm.double()
     a = s.hp.alpha * nd
@@ -164,5 +164,5 @@ def _averaged_metric(s: FirstStep, mask: Tensor) -> tuple[Params, Tensor]:
     return scaled(direction, s.pert, hp.rho / root), root
 
 
-RULE = BatchedRule(batched_first_step, state_key="metric_ema", state_scope="scope",
+RULE = BatchedRule(_batched_first_step, state_key="metric_ema", state_scope="scope",
                    keeps_state=lambda hp: hp.metric_beta > 0)

@@ -114,7 +114,7 @@ OPTIMIZERS: dict[str, OptimizerInfo] = {info.name: info for info in (
     OptimizerInfo("looksam", True, "LookSAM (Liu et al., CVPR 2022): SAM every k steps, its orthogonal component "
                   "g_v reused in between with one pass", "LookSAM", "#e377c2", looksam.LookSAM, looksam.HPARAMS,
                   looksam.RULE, local_perturbation=False,
-                  passes=lambda hp, steps: looksam.forward_backward_passes(hp["k"], steps)),
+                  passes=lambda hp, steps: looksam.looksam_passes(hp["k"], steps)),
     OptimizerInfo("lion", False, "Lion (Chen et al. 2023): sign(β1 m + (1 − β1) g) steps, decoupled weight decay",
                   "Lion", "#393b79", base=LION),
 )}

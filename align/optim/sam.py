@@ -1,6 +1,6 @@
 """SAM (Foret et al., ICLR 2021): δ = ρ g / ‖g‖ — the ``torch.optim`` class and its stacked-heads rule.
 
-``SAM`` is the two-pass machinery of ``align.optim.two_pass`` with SAM's perturbation; ``batched_first_step`` is the
+``SAM`` is the two-pass machinery of ``align.optim.two_pass`` with SAM's perturbation; ``_batched_first_step`` is the
 same δ for K stacked heads (``align.optim.stacked``), each head with its own ρ and its own global norm.
 """
 from __future__ import annotations
@@ -53,9 +53,9 @@ class SAM(SharpnessAware):
         return torch._foreach_mul(grads, scale), grad_norm
 
 
-def batched_first_step(s: FirstStep) -> tuple[Params, Tensor]:
+def _batched_first_step(s: FirstStep) -> tuple[Params, Tensor]:
     """SAM for stacked heads: δ = ρ g / ‖g‖, each head's n over its norm scope."""
     return scaled(s.grads, s.pert, s.hp.rho / s.grad_norm.double()), s.grad_norm
 
 
-RULE = BatchedRule(batched_first_step)
+RULE = BatchedRule(_batched_first_step)
