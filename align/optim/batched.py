@@ -219,9 +219,9 @@ class Perturbation:
 
 def _second_pass(hp: HeadHparams, state: MethodStates | None) -> Tensor:
     """[K] heads that take a second pass at this step."""
-    second = hp.two_pass
+    second, present = hp.two_pass, set(hp.host["method"])
     for code, rule in RULES.items():
-        if rule.second_pass is not None and code in set(hp.host["method"]):
+        if rule.second_pass is not None and code in present:
             rows = hp.method == code
             second = torch.where(rows, rule.second_pass(hp, (state or {}).get(code)), second)
     return second
