@@ -360,8 +360,9 @@ def test_a_local_msam_metric_is_kept_per_rank_and_resumes_only_on_as_many_ranks(
 
 
 def test_the_new_keys_at_their_defaults_leave_a_runs_config_hash_as_it_was(tmp_path):
-    """loss.local, optim.perturbation, eval.sharpness_final, uniform_plateau_tol and collapse_fraction came after
-    runs were trained: at their defaults they are not hashed, so those runs still resume; set, they are."""
+    """loss.local, optim.perturbation, eval.sharpness_final, uniform_plateau_tol, collapse_fraction and the method
+    keys of issue 24 (optim.rho_min, sigma, lmbda, k) came after runs were trained: at their defaults they are not
+    hashed, so those runs still resume; set, they are."""
     from align.train.identity import config_hash
     from align.train.config import TrainConfig, hashed_config
 
@@ -370,7 +371,11 @@ def test_the_new_keys_at_their_defaults_leave_a_runs_config_hash_as_it_was(tmp_p
     for key in ("out_dir", "device", "uniform_plateau_tol", "collapse_fraction"):
         before.pop(key)
     del before["loss"]["local"], before["optim"]["perturbation"], before["eval"]["sharpness_final"]
+    for key in ("rho_min", "sigma", "lmbda", "k"):
+        del before["optim"][key]
     assert config_hash(hashed_config(cfg)) == config_hash(before)
+    gsam = cfg.model_copy(update={"optim": cfg.optim.model_copy(update={"name": "gsam", "rho_min": 0.01})})
+    assert config_hash(hashed_config(gsam)) != config_hash({**before, "optim": {**before["optim"], "name": "gsam"}})
     best_only = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"sharpness_final": False})})
     assert config_hash(hashed_config(best_only)) != config_hash(before)
     local = cfg.model_copy(update={"optim": cfg.optim.model_copy(update={"perturbation": "local"})})
