@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from align.optim.registry import METHOD_AXES  # noqa: F401  (the grid's method axes, re-exported for study_stats)
+from align.optim.registry import METHOD_AXES
 from align.study.seed_noise import MIN_SIGN_FLIP_PAIRS, shapiro_wilk, sign_flip_p
 
 SCORE = "mean_R@1"        # the default headline metric: mean of i2t and t2i R@1
