@@ -3,7 +3,9 @@
     .venv/bin/python bench/bench_optim.py            # pip install -e ".[bench]" for the pytorch_optimizer row
 
 1. Head-sized model (two Linear 768→512, CLIP loss, batch 1024), base AdamW:
-   M-SAM step / SAM step (goal ≤ 1.03) and SAM step / base step (goal ≤ 2.1).
+   M-SAM step / SAM step (goal ≤ 1.03) and SAM step / base step (goal ≤ 2.1); GSAM, Friendly SAM and LookSAM
+   (k = 10) over AdamW against AdamW alone, LookSAM against SAM, Lion against AdamW and SAM over Lion against
+   Lion (each method's step time relative to its base optimizer).
 2. A model with ~200 parameter tensors: our multi-tensor SAM vs a per-parameter Python loop (same math),
    and vs pytorch_optimizer's SAM.
 Variants are interleaved round by round and the median per variant is reported, so machine noise hits all alike.
@@ -18,7 +20,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from align.optim import MSAM, SAM
+from align.optim import GSAM, MSAM, SAM, FriendlySAM, Lion, LookSAM
 
 
 def clip_loss(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -81,19 +83,24 @@ def head_model_steps(batch: int) -> dict[str, Callable[[], None]]:
     def loss_of(m):
         return clip_loss(m[0](x), m[1](y))
 
-    base_model, sam_model, msam_model = make(), make(), make()
-    base = torch.optim.AdamW(base_model.parameters(), lr=1e-4)
-    sam = SAM(sam_model.parameters(), torch.optim.AdamW, rho=0.05, lr=1e-4)
-    msam = MSAM(msam_model.parameters(), torch.optim.AdamW, rho=0.05, lr=1e-4)
+    def single(opt_class, **kw):
+        model = make()
+        opt = opt_class(model.parameters(), lr=1e-4, **kw)
 
-    def base_step():
-        base.zero_grad()
-        loss_of(base_model).backward()
-        base.step()
+        def step():
+            opt.zero_grad()
+            loss_of(model).backward()
+            opt.step()
+        return step
 
-    return {"base AdamW": base_step,
-            "SAM": lambda: sam.step(lambda: loss_of(sam_model).backward()),
-            "M-SAM": lambda: msam.step(lambda: loss_of(msam_model).backward())}
+    def two_pass(cls, base=torch.optim.AdamW, **kw):
+        model = make()
+        opt = cls(model.parameters(), base, rho=0.05, lr=1e-4, **kw)
+        return lambda: opt.step(lambda: loss_of(model).backward())
+
+    return {"base AdamW": single(torch.optim.AdamW), "SAM": two_pass(SAM), "M-SAM": two_pass(MSAM),
+            "GSAM": two_pass(GSAM), "Friendly SAM": two_pass(FriendlySAM), "LookSAM k=10": two_pass(LookSAM, k=10),
+            "Lion": single(Lion), "SAM over Lion": two_pass(SAM, base=Lion)}
 
 
 def many_tensor_steps(n_layers: int) -> dict[str, Callable[[], None]]:
@@ -150,12 +157,15 @@ def main() -> None:
     args = parser.parse_args()
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
 
-    t = timed_rounds(head_model_steps(args.batch), args.rounds, inner=3)
+    t = timed_rounds(head_model_steps(args.batch), args.rounds, inner=10)  # 10: one LookSAM full step per round
     print(f"\n[1] head-sized model, batch {args.batch} (median ms/step)")
     for k, v in t.items():
         print(f"  {k:<22} {v * 1e3:8.2f}")
     print(f"  M-SAM / SAM  = {t['M-SAM'] / t['SAM']:.3f}   (goal ≤ 1.03)")
     print(f"  SAM / base   = {t['SAM'] / t['base AdamW']:.3f}   (goal ≤ 2.1)")
+    for method, base in (("GSAM", "base AdamW"), ("Friendly SAM", "base AdamW"), ("LookSAM k=10", "base AdamW"),
+                         ("LookSAM k=10", "SAM"), ("Lion", "base AdamW"), ("SAM over Lion", "Lion")):
+        print(f"  {method} / {base} = {t[method] / t[base]:.3f}")
 
     variants = many_tensor_steps(args.layers)
     n_tensors = 4 * args.layers

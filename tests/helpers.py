@@ -150,6 +150,16 @@ CELLS = [
     dict(name="asam", lr=1e-2, rho=1.0, eta=0.01, weight_decay=1e-2, seed=0),
     dict(name="fsam", lr=1e-2, rho=0.1, eta=1.0, base="adam", grad_clip=2.0, seed=1),
 ]
+# The methods of issue 24: GSAM (ρ_t following the lr), Friendly SAM, LookSAM (one pass between its full steps),
+# Lion alone and as a SAM-family base. With CELLS they cover the registry.
+NEW_CELLS = [
+    dict(name="gsam", lr=1e-2, rho=0.2, rho_min=0.05, alpha=0.4, seed=0),
+    dict(name="gsam", lr=0.2, rho=0.1, alpha=0.2, base="sgd", momentum=0.9, norm_scope="all_trainable", seed=1),
+    dict(name="friendly_sam", lr=1e-2, rho=0.2, sigma=1.0, lmbda=0.8, seed=0),
+    dict(name="looksam", lr=1e-2, rho=0.2, k=3, alpha=0.6, grad_clip=2.0, seed=1),
+    dict(name="lion", lr=1e-3, weight_decay=0.1, seed=0),
+    dict(name="msam", lr=1e-3, rho=0.3, base="lion", weight_decay=1e-2, seed=1),
+]
 
 
 def cell_kwargs(cell: dict) -> dict:

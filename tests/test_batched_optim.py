@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from align.optim import create_optimizer
-from align.optim.batched import (HeadHparams, ParamSpec, base_step_, clip_grads_, global_norm, head_hparams,
-                                 init_metric, init_state, perturbation)
+from align.optim.batched import (METHODS, HeadHparams, ParamSpec, base_step_, clip_grads_, descent_, global_norm,
+                                 head_hparams, init_method_state, init_state, perturbation)
 from align.optim.step import take_step
 from align.train.run_data import lr_factor
 
@@ -115,6 +115,9 @@ FIRST_STEP_HEADS = [
     (dict(name="sam", rho=0.1), 0.0),  # zero gradient: the guard skips the perturbation
     (dict(name="msam", rho=0.1), math.inf),  # non-finite gradient: skipped too
     (dict(name="adamw"), 1.0),  # a single-pass head in the same pack is left alone
+    (dict(name="gsam", rho=0.2, rho_min=0.1, alpha=0.3, norm_scope="all_trainable"), 2.0),
+    (dict(name="friendly_sam", rho=0.2, sigma=0.5, lmbda=0.6), 1.0),
+    (dict(name="looksam", rho=0.2, k=4), 1.0),
 ]
 
 
@@ -129,8 +132,7 @@ def test_first_step_equals_the_sam_classes_for_every_rule_and_guard():
         if gscale == math.inf:
             grads["w"][i, 0, 0] = math.inf
     hp = HeadHparams.stack([head_hparams(lr=0.1, **h) for h, _ in FIRST_STEP_HEADS])
-    metric = init_metric(stacked, SPECS)
-    out = perturbation(stacked, grads, SPECS, hp, metric)
+    out = perturbation(stacked, grads, SPECS, hp, init_method_state(stacked, SPECS, hp))
     for i, (h, _) in enumerate(FIRST_STEP_HEADS):
         p = _reference_params(stacked, i)
         opt = create_optimizer(h["name"], _groups(p, 0.0), lr=0.1, **{a: v for a, v in h.items() if a != "name"})
@@ -150,7 +152,7 @@ def test_first_step_equals_the_sam_classes_for_every_rule_and_guard():
         if math.isfinite(stats["grad_norm"]):
             assert float(out.grad_norm[i]) == pytest.approx(stats["grad_norm"], rel=1e-12)
         assert float(out.delta_norm[i]) == pytest.approx(stats["perturbation_norm"], rel=1e-12, abs=1e-300)
-    assert int(out.applied.sum()) == 7 and int(out.skipped.sum()) == 2
+    assert int(out.applied.sum()) == 10 and int(out.skipped.sum()) == 2
 
 
 # -- whole steps: first step, second gradient, clipping, base step --------------------------------------
@@ -163,7 +165,17 @@ STEP_HEADS = [
     dict(name="fsam", lr=0.03, rho=0.1, eta=0.5, grad_clip=0.5),
     dict(name="adamw", lr=0.03, weight_decay=0.1, grad_clip=0.3),
     dict(name="sgd", lr=0.1, momentum=0.5),
+    # issue 24: GSAM (ρ_t follows the lr), Friendly SAM, LookSAM (a second pass every k-th step), Lion
+    dict(name="gsam", lr=0.05, rho=0.3, rho_min=0.05, alpha=0.4, base="sgd", momentum=0.9, grad_clip=0.9),
+    dict(name="gsam", lr=0.02, rho=0.2, alpha=0.2, norm_scope="all_trainable", weight_decay=0.1),
+    dict(name="friendly_sam", lr=0.02, rho=0.3, sigma=1.0, lmbda=0.7),
+    dict(name="friendly_sam", lr=0.01, rho=0.2, sigma=0.5, lmbda=0.9, base="lion", weight_decay=0.1),
+    dict(name="looksam", lr=0.02, rho=0.3, k=3, alpha=0.6),
+    dict(name="looksam", lr=0.05, rho=0.2, k=2, alpha=0.3, base="sgd", momentum=0.9),
+    dict(name="lion", lr=0.01, weight_decay=0.1, grad_clip=0.5),
+    dict(name="sam", lr=0.01, rho=0.2, base="lion", betas=(0.8, 0.95)),
 ]
+TWO_PASS = ("sam", "msam", "asam", "fsam", "gsam", "friendly_sam", "looksam")
 
 
 def _loss(p: dict[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -188,12 +200,12 @@ def test_whole_steps_equal_take_step_with_the_reference_optimizers():
     data = [(torch.randn(4, generator=gen, dtype=D), torch.randn(3, generator=gen, dtype=D)) for _ in range(k)]
     hp = HeadHparams.stack([head_hparams(**h) for h in STEP_HEADS])
     params = {n: t.clone() for n, t in stacked.items()}
-    state, metric = init_state(params, hp), init_metric(params, SPECS)
+    state, methods = init_state(params, hp), init_method_state(params, SPECS, hp)
     refs = []
     for i, h in enumerate(STEP_HEADS):
         p = _reference_params(stacked, i)
         kwargs = {a: v for a, v in h.items() if a not in ("name", "lr", "weight_decay", "grad_clip")}
-        if h["name"] in ("sam", "msam", "asam", "fsam"):
+        if h["name"] in TWO_PASS:
             kwargs["max_grad_norm"] = h.get("grad_clip")
         opt = create_optimizer(h["name"], _groups(p, h.get("weight_decay", 0.0)), lr=h["lr"], **kwargs)
         refs.append((p, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda t: lr_factor(t, steps, warmup))))
@@ -203,15 +215,17 @@ def test_whole_steps_equal_take_step_with_the_reference_optimizers():
                 loss = _loss(p, x, y)
                 loss.backward()
                 return loss.detach()
-            single_clip = STEP_HEADS[i].get("grad_clip") if STEP_HEADS[i]["name"] in ("adamw", "sgd") else None
+            single_clip = STEP_HEADS[i].get("grad_clip") if STEP_HEADS[i]["name"] not in TWO_PASS else None
             take_step(opt, closure, single_clip)
             sched.step()
         g = _grads(params, data)
-        pert = perturbation(params, g, SPECS, hp, metric)
+        lr = [lr * lr_factor(step, steps, warmup) for lr in hp.host["lr"]]
+        pert = perturbation(params, g, SPECS, hp, methods, lr=lr)
         g2 = _grads(pert.perturbed, data)
-        g = {n: torch.where(hp.two_pass.reshape((-1,) + (1,) * (t.ndim - 1)), g2[n], t) for n, t in g.items()}
-        clip_grads_(g, hp.grad_clip)
-        base_step_(params, g, state, SPECS, hp, [lr * lr_factor(step, steps, warmup) for lr in hp.host["lr"]])
+        chosen = {n: torch.where(pert.second.reshape((-1,) + (1,) * (t.ndim - 1)), g2[n], t) for n, t in g.items()}
+        descent_(g, chosen, SPECS, hp, methods, pert, torch.ones(k, dtype=torch.bool))
+        clip_grads_(chosen, hp.grad_clip)
+        base_step_(params, chosen, state, SPECS, hp, lr)
         for i, (p, opt, _) in enumerate(refs):
             for n in SHAPES:
                 _close(params[n][i], p[n].detach(), 1e-10, f"{STEP_HEADS[i]} {n} step {step}")
@@ -220,7 +234,7 @@ def test_whole_steps_equal_take_step_with_the_reference_optimizers():
             for j, n in enumerate(SHAPES):
                 ema = opt.state_dict()["sam"].get("metric_ema", {})
                 if j in ema:
-                    _close(metric[n][i], ema[j], 1e-10, f"metric {n}")
+                    _close(methods[METHODS.index("msam")].tensors[n][i], ema[j], 1e-10, f"metric {n}")
 
 
 def test_per_head_global_norm_and_clipping_are_torch_clip_grad_norm():

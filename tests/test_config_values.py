@@ -90,6 +90,20 @@ BAD = {
     "synthetic fraction=true": {"data__dataset__synthetic__texture_fraction": True},
     "data batch_size=true": {"data__batch_size": True},
     "a split the synthetic set lacks": {"data__splits": ["train", "val", "test", "extra"]},
+    # issue 24: the new methods' hyper-parameters, in their ranges at load (a cell's own range included)
+    "gsam alpha=2": {"optim__alpha": 2.0, "grid__optimizers": ["sam", "gsam"]},  # M-SAM's α may be 2, GSAM's not
+    "gsam rho_min above rho": {"optim__rho_min": 0.5, "grid__optimizers": ["sam", "gsam"]},
+    "gsam local perturbation": {"optim__perturbation": "local", "grid__optimizers": ["sam", "gsam"]},
+    "friendly_sam sigma=-1": {"optim__sigma": -1.0},
+    "friendly_sam lmbda=1": {"optim__lmbda": 1.0},
+    "friendly_sam lmbda=nan": {"optim__lmbda": float("nan")},
+    "looksam k=0": {"optim__k": 0},
+    "looksam k=2.5": {"optim__k": 2.5},
+    "looksam k=true": {"optim__k": True},
+    "looksam alpha=-1": {"optim__alpha": -1.0},
+    "looksam k axis 0": {"grid__method_axes": {"looksam": {"k": [0, 5]}}, "grid__optimizers": ["sam", "looksam"]},
+    "looksam k axis 2.5": {"grid__method_axes": {"looksam": {"k": [2.5]}}, "grid__optimizers": ["sam", "looksam"]},
+    "lion betas=1": {"optim__betas": [0.9, 1.0], "grid__optimizers": ["sam", "lion"]},
 }
 
 

@@ -29,7 +29,7 @@ from align.train.losses import LossConfig, clip_loss, clip_loss_rows, siglip_los
 from align.optim.batched import head_hparams
 from align.train.pack import HeadPack, group_batches
 from align.train.run_data import Sampler, lr_factor
-from helpers import CELLS, cell_kwargs, make_cache, reference_run, synthetic_split, train_config
+from helpers import CELLS, NEW_CELLS, cell_kwargs, make_cache, reference_run, synthetic_split, train_config
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest
 
@@ -40,6 +40,7 @@ LINEAR_CLIP = (HeadConfig(kind="linear", out_dim=16), LossConfig(kind="clip"))
 # Two groups of heads (seeds 0 and 1), so the features of several batches are gathered in one collective.
 JOBS = {
     "global": dict(cells=CELLS, perturbation="global", head=LINEAR_CLIP[0], loss=LINEAR_CLIP[1]),
+    "global-issue24": dict(cells=NEW_CELLS, perturbation="global", head=LINEAR_CLIP[0], loss=LINEAR_CLIP[1]),
     "local": dict(cells=CELLS, perturbation="local", head=LINEAR_CLIP[0], loss=LINEAR_CLIP[1]),
     "clip-rows": dict(cells=[CELLS[2], SAM_FAMILY[2]], perturbation="global", head=LINEAR_CLIP[0],
                       loss=LossConfig(kind="clip", local=True)),
@@ -142,7 +143,7 @@ def _reference(job: dict, cell: dict) -> dict[str, torch.Tensor]:
     return _REFERENCES[key]
 
 
-@pytest.mark.parametrize("name", ["global", "clip-rows", "siglip-rows", *(f"{n}-blocks" for n in BLOCKED)])
+@pytest.mark.parametrize("name", ["global", "global-issue24", "clip-rows", "siglip-rows", *(f"{n}-blocks" for n in BLOCKED)])
 def test_two_ranks_with_a_global_perturbation_train_as_one_process_on_the_whole_batch(two_ranks, name):
     job = JOBS[name]
     assert {c["name"] for c in SAM_FAMILY} == {"sam", "msam", "asam", "fsam"}
@@ -380,8 +381,8 @@ def test_a_local_msam_metric_is_kept_per_rank_and_resumes_only_on_as_many_ranks(
 
 def test_the_new_keys_at_their_defaults_leave_a_runs_config_hash_as_it_was(tmp_path):
     """loss.local, loss.block_rows, optim.perturbation, eval.sharpness_final, uniform_plateau_tol, collapse_fraction,
-    schedule.order and schedule.block_rows came after runs were trained: at their defaults they are not hashed, so those runs still
-    resume; set, they are."""
+    schedule.order, schedule.block_rows and the method keys of issue 24 (optim.rho_min, sigma, lmbda, k) came after
+    runs were trained: at their defaults they are not hashed, so those runs still resume; set, they are."""
     from align.train.identity import config_hash
     from align.train.config import TrainConfig, hashed_config
 
@@ -392,7 +393,11 @@ def test_the_new_keys_at_their_defaults_leave_a_runs_config_hash_as_it_was(tmp_p
     del before["loss"]["local"], before["loss"]["block_rows"], before["optim"]["perturbation"]
     del before["eval"]["sharpness_final"]
     del before["schedule"]["order"], before["schedule"]["block_rows"]
+    for key in ("rho_min", "sigma", "lmbda", "k"):
+        del before["optim"][key]
     assert config_hash(hashed_config(cfg)) == config_hash(before)
+    gsam = cfg.model_copy(update={"optim": cfg.optim.model_copy(update={"name": "gsam", "rho_min": 0.01})})
+    assert config_hash(hashed_config(gsam)) != config_hash({**before, "optim": {**before["optim"], "name": "gsam"}})
     best_only = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"sharpness_final": False})})
     assert config_hash(hashed_config(best_only)) != config_hash(before)
     local = cfg.model_copy(update={"optim": cfg.optim.model_copy(update={"perturbation": "local"})})

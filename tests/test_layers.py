@@ -34,8 +34,10 @@ COMPAT = {"align": set(), "align.losses": {"align.train.losses"}, "align.study_s
 # orchestration: composes the others and makes no I/O call of its own; edge: touches disk, network, encoders,
 # plots. common modules import only common modules. Every module is filed in exactly one role.
 ROLES = {
-    "core": {"align.optim", "align.optim.sam", "align.optim.registry", "align.optim.step", "align.optim.defaults",
-             "align.optim.batched",
+    "core": {"align.optim", "align.optim.registry", "align.optim.step", "align.optim.hparams", "align.optim.two_pass",
+             "align.optim.stacked", "align.optim.batched", "align.optim.sam", "align.optim.msam", "align.optim.asam",
+             "align.optim.fsam", "align.optim.gsam", "align.optim.friendly_sam", "align.optim.looksam",
+             "align.optim.lion",
              "align.cache.embeddings",
              "align.metrics", "align.metrics.retrieval", "align.metrics.alignment", "align.metrics.sharpness",
              "align.metrics.knn", "align.metrics.zeroshot", "align.metrics.measure",

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from align.optim import ASAM, MSAM, SAM, FisherSAM
+from align.optim import ASAM, MSAM, SAM, FisherSAM, FriendlySAM, LookSAM
 
 
 def _scaled_regression():
@@ -67,7 +67,7 @@ def test_norm_scope_is_validated_and_refused_where_it_sets_nothing():
     p = [torch.nn.Parameter(torch.zeros(1))]
     with pytest.raises(ValueError, match="norm_scope"):
         SAM(p, torch.optim.SGD, lr=0.1, norm_scope="everything")
-    for cls in (ASAM, FisherSAM):
-        with pytest.raises(ValueError, match="SAM and M-SAM only"):
+    for cls in (ASAM, FisherSAM, FriendlySAM, LookSAM):  # they normalise their own vector over the perturbed tensors
+        with pytest.raises(ValueError, match="SAM, M-SAM and GSAM only"):
             cls(p, torch.optim.SGD, lr=0.1, norm_scope="all_trainable")
     assert ASAM(p, torch.optim.SGD, lr=0.1, norm_scope="perturbed").norm_scope == "perturbed"

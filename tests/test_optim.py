@@ -419,8 +419,8 @@ def test_registry_capabilities_and_bad_input():
     p = [torch.nn.Parameter(torch.zeros(1))]
     with pytest.raises(ValueError, match="rho"):
         MSAM(p, torch.optim.SGD, rho=-0.1, lr=0.1)
-    with pytest.raises(ValueError, match="unknown optimizer 'lion'.*msam"):
-        create_optimizer("lion", p, lr=0.1)
+    with pytest.raises(ValueError, match="unknown optimizer 'adagrad'.*msam"):
+        create_optimizer("adagrad", p, lr=0.1)
     with pytest.raises(TypeError, match="base_optimizer"):
         SAM(p, "sgd", rho=0.1)
     with pytest.raises(TypeError, match="base_optimizer"):
@@ -436,7 +436,13 @@ def test_registry_capabilities_and_bad_input():
 
 
 # The papers' values (SAM: Foret et al.; ASAM: Kwon et al., ρ on its own relative scale; Fisher SAM: η = 1).
-PAPER_DEFAULTS = {"sam": (0.05, None), "msam": (0.05, None), "asam": (0.5, 0.01), "fsam": (0.05, 1.0)}
+PAPER_DEFAULTS = {"sam": (0.05, None), "msam": (0.05, None), "asam": (0.5, 0.01), "fsam": (0.05, 1.0),
+                  "gsam": (0.05, None), "friendly_sam": (0.05, None), "looksam": (0.05, None)}
+# The methods' own knobs, which live on the optimizer object: M-SAM's; GSAM's α and ρ_min and Friendly SAM's σ, λ
+# (pytorch_optimizer's and the F-SAM code's defaults); LookSAM's k and α (pytorch_optimizer's).
+KNOBS = {"sam": {"norm_scope": "perturbed"}, "msam": {"norm_scope": "perturbed", "alpha": 1.0, "metric_beta": 0.0},
+         "gsam": {"norm_scope": "perturbed", "alpha": 0.4, "rho_min": 0.0}, "friendly_sam": {"sigma": 1.0, "lmbda": 0.9},
+         "looksam": {"k": 10, "alpha": 0.7}}
 
 
 @pytest.mark.parametrize("name", [n for n, i in OPTIMIZERS.items() if i.two_pass])
@@ -449,7 +455,7 @@ def test_building_by_class_and_by_name_gives_the_same_defaults(name):
         assert (group["rho"], group.get("eta")) == PAPER_DEFAULTS[name]
         assert type(opt.base_optimizer) is torch.optim.AdamW  # the training configs' base
     rho, eta = PAPER_DEFAULTS[name]
-    knobs = {"sam": {"norm_scope": "perturbed"}, "msam": {"norm_scope": "perturbed", "alpha": 1.0, "metric_beta": 0.0}}
+    knobs = KNOBS
     assert default_hparams(name) == {"rho": rho, "base": "adamw", **({"eta": eta} if eta is not None else {}),
                                      **knobs.get(name, {})}
     for key in knobs.get(name, {}):  # the research knobs live on the optimizer object
@@ -463,6 +469,7 @@ def test_building_by_class_and_by_name_gives_the_same_defaults(name):
 def test_every_entry_has_its_own_label_and_colour():
     labels = {n: i.label for n, i in OPTIMIZERS.items()}
     assert labels == {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW", "sam": "SAM", "msam": "M-SAM", "asam": "ASAM",
-                      "fsam": "Fisher SAM"}
+                      "fsam": "Fisher SAM", "gsam": "GSAM", "friendly_sam": "Friendly SAM", "looksam": "LookSAM",
+                      "lion": "Lion"}
     colors = [i.color for i in OPTIMIZERS.values()]
     assert len(set(colors)) == len(colors)

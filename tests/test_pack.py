@@ -13,11 +13,11 @@ import torch
 from align.common.config import validate
 from align.train.heads import HeadConfig, build_model
 from align.train.losses import LossConfig
-from align.optim import optimizer_info
+from align.optim import OPTIMIZERS, optimizer_info
 from align.optim.batched import head_hparams
 from align.train.pack import HeadPack, group_batches
 from align.train.run_data import Sampler, lr_factor
-from helpers import (CELLS, IMAGE_DIM, SIZES, TEXT_DIM, cell_kwargs, data_section, make_cache, reference_run,
+from helpers import (CELLS, IMAGE_DIM, NEW_CELLS, SIZES, TEXT_DIM, cell_kwargs, data_section, make_cache, reference_run,
                      synthetic_split, train_config, write_cache)
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest
@@ -49,12 +49,13 @@ def _pack_run(cells, head, loss, image, text, c2i):
     (HeadConfig(kind="starmlp", out_dim=12, hidden_dim=20, pre_norm=True),
      LossConfig(kind="siglip", clamp="upper", perturb_logit_scale=True)),
 ], ids=["linear-clip", "starmlp-siglip"])
-def test_each_head_of_a_pack_equals_its_cell_trained_alone_in_float64(head, loss):
+@pytest.mark.parametrize("cells", [CELLS, NEW_CELLS], ids=["registry", "issue24"])
+def test_each_head_of_a_pack_equals_its_cell_trained_alone_in_float64(head, loss, cells):
     image, text, c2i = (torch.from_numpy(a) for a in synthetic_split("train", 256))
     image, text = image.double(), text.double()
-    packed = _pack_run(CELLS, head, loss, image, text, c2i)
-    assert {c["name"] for c in CELLS} == {"sgd", "adam", "adamw", "sam", "msam", "asam", "fsam"}  # the registry
-    for i, cell in enumerate(CELLS):
+    packed = _pack_run(cells, head, loss, image, text, c2i)
+    assert {c["name"] for c in CELLS + NEW_CELLS} == set(OPTIMIZERS)  # the registry, every entry
+    for i, cell in enumerate(cells):
         ref = reference_run(cell, head, loss, image, text, c2i, STEPS, WARMUP, BATCH)
         torch.manual_seed(cell["seed"])
         start = build_model(head, loss, image.shape[1], text.shape[1]).double().state_dict()

@@ -39,18 +39,19 @@ def _same(a, b) -> bool:
     return type(a) is type(b) and a == b
 
 
-@pytest.mark.parametrize("name", ["adamw", "msam", "fsam"])
+@pytest.mark.parametrize("name", ["adamw", "msam", "fsam", "gsam", "friendly_sam", "looksam", "lion"])
 def test_optimizer_state_round_trips_through_safetensors_and_json(name, tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from align.optim import create_optimizer
+    from align.optim import create_optimizer, optimizer_info
 
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 3)
     scale = torch.nn.Parameter(torch.tensor(2.0))
     groups = [{"params": list(model.parameters()), "weight_decay": 0.1},
               {"params": [scale], "weight_decay": 0.0, "perturb": False}]
-    kwargs = {"rho": 0.1, "base": "adamw"} if name != "adamw" else {}
+    two_pass = optimizer_info(name).two_pass
+    kwargs = {"rho": 0.1, "base": "adamw"} if two_pass else {}
     opt = create_optimizer(name, groups, lr=0.1, **kwargs)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5 ** t)
     for _ in range(3):
@@ -59,7 +60,7 @@ def test_optimizer_state_round_trips_through_safetensors_and_json(name, tmp_path
             loss = (model(torch.ones(2, 4)) ** 2).sum() * scale
             loss.backward()
             return loss
-        opt.step(closure) if name != "adamw" else (closure(), opt.step())
+        opt.step(closure) if two_pass else (closure(), opt.step())
         sched.step()
     state = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "odd": {3: (1.5, float("inf")), "s": None}}
     tensors: dict[str, torch.Tensor] = {}
@@ -69,7 +70,8 @@ def test_optimizer_state_round_trips_through_safetensors_and_json(name, tmp_path
     back = checkpoint.unflatten_state(json.loads(text), load_file(tmp_path / "t.safetensors"))
     assert _same(back, state)
     assert isinstance(next(iter(back["optimizer"]["state"])), int)  # int keys survive JSON
-    assert back["optimizer"]["param_groups"][0]["betas"] == (0.9, 0.999)  # tuples stay tuples
+    betas = back["optimizer"]["param_groups"][0]["betas"]
+    assert betas == ((0.9, 0.99) if name == "lion" else (0.9, 0.999)) and isinstance(betas, tuple)  # stay tuples
 
 
 def test_torn_or_damaged_checkpoint_falls_back_to_the_previous_one(tmp_path):
@@ -111,7 +113,8 @@ KILL_SCRIPT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("name", ["msam", pytest.param("adamw", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("name", ["msam", pytest.param("adamw", marks=pytest.mark.slow), "gsam", "friendly_sam",
+                                  "looksam", pytest.param("lion", marks=pytest.mark.slow)])
 def test_sigkill_mid_run_then_resume_reaches_bit_identical_weights(name, tmp_path):
     from safetensors.torch import load_file
 
@@ -144,8 +147,10 @@ def test_sigkill_mid_run_then_resume_reaches_bit_identical_weights(name, tmp_pat
     assert sorted(ref) == sorted(got)
     for key in ref:  # head, optimizer moments (incl. the base's), best head, RNG: every bit
         assert ref[key].dtype == got[key].dtype and torch.equal(ref[key], got[key]), key
-    # The base AdamW's state is in the checkpoint: step, exp_avg, exp_avg_sq for each of the 5 parameters.
-    assert len([k for k in ref if k.startswith("optim.")]) == 15
+    # The base's state is in the checkpoint: AdamW's step, exp_avg, exp_avg_sq for each of the 5 parameters (Lion's
+    # exp_avg), and Friendly SAM's m or LookSAM's g_v for each of the 4 perturbed ones.
+    own = {"friendly_sam": 4, "looksam": 4}.get(name, 0)
+    assert len([k for k in ref if k.startswith("optim.")]) == (5 if name == "lion" else 15) + own
     # The metrics log reads as if the run had never stopped (steps 51..63 were re-logged once, not twice).
     assert (killed / "metrics.jsonl").read_text() == (reference / "metrics.jsonl").read_text()
     results = json.loads((killed / "results.json").read_text())

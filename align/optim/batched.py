@@ -1,198 +1,126 @@
-"""Optimizer math for K heads at once: parameters stacked along a leading K dimension (core, pure).
+"""Optimizer math for K heads at once (core, pure): the engine that runs, for a pack of stacked heads, the batched
+rule of each method the pack holds (``align.optim.stacked`` has the common parts, each method's file its rule).
 
-A pack holds K heads of one architecture. ``params`` maps each parameter name to a tensor [K, ...] (head k's
-tensor is ``params[name][k]``) and every per-head hyper-parameter is a [K] tensor (``HeadHparams``), so one pack
-can mix learning rates, schedules, weight decays, base optimizers and methods. The functions here are, slice by
-slice, the reference classes:
+A pack can mix learning rates, schedules, weight decays, base optimizers and methods. Slice by slice this is the
+reference classes:
 
 - ``base_step_``: ``torch.optim.SGD`` (momentum, coupled weight decay), ``Adam`` and ``AdamW`` (decoupled decay)
-  through torch's fused kernels on each head's slices, with the ``step`` counter and the bias corrections;
-- ``perturbation``: the SAM family of ``align.optim.sam`` — SAM, M-SAM (α and the averaged metric β), ASAM
-  (T = |θ| + η on weight tensors) and Fisher SAM — with each head's own global gradient norm over its own
-  perturbed tensors (``norm_scope`` per head), its own zero/non-finite guard and ``perturb=False`` honoured;
+  through torch's fused kernels on each head's slices, with the ``step`` counter and the bias corrections, and
+  ``align.optim.lion.Lion`` through the update its class runs;
+- ``perturbation``: each method's first step (its ``BatchedRule``), with each head's own global gradient norm over
+  its own perturbed tensors (``norm_scope`` per head), its own zero/non-finite guard and ``perturb=False``
+  honoured; it also says which heads take a second pass now (LookSAM's schedule);
+- ``descent_``: the gradient a method steps with where it is not the second gradient (GSAM, LookSAM);
 - ``clip_grads_``: ``torch.nn.utils.clip_grad_norm_`` per head.
 
-Hyper-parameters are resolved by building the reference optimizer for each head once (``head_hparams``), so the
-defaults and the error messages are the registry's own. The perturbations' scalars are computed in float64 on
-[K] tensors and rounded to the parameters' dtype where the reference rounds a Python float; the base step hands
-each head's own floats to the fused kernel. Float64 packs agree with the reference to rounding, float32 packs to
-a few ulps. Every reduction is taken slice by slice and every update is elementwise, so a head's numbers do not
-depend on the other heads of its pack. No I/O.
+Hyper-parameters are resolved from the registry (``head_hparams``: its defaults, ranges and error messages). The
+perturbations' scalars are computed in float64 on [K] tensors and rounded to the parameters' dtype where the
+reference rounds a Python float; the base step hands each head's own floats to the fused kernel. Float64 packs agree
+with the reference to rounding, float32 packs to a few ulps. No I/O.
 """
 from __future__ import annotations
 
-import functools
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor
 
-from align.optim.defaults import BASE_CLASSES
-from align.optim.registry import BASE_HPARAMS, create_optimizer, optimizer_info
-from align.optim.sam import ASAM, MSAM, SAM, FisherSAM
+from align.optim.hparams import Hparam
+from align.optim.lion import Lion, lion_update_
+from align.optim.registry import (ADAM_BETAS, BASE_HPARAMS, BASE_OPTIMIZERS, DEFAULT_BASE, METHOD_HPARAMS,
+                                  OPTIMIZERS, TWO_PASS_METHODS, base_betas, hparam_spec, optimizer_info,
+                                  resolve_hparams)
+from align.optim.sam import ALL_TRAINABLE
+from align.optim.stacked import (BatchedRule, Descent, FirstStep, HeadHparams, MethodState, ParamSpec, Params, col,
+                                 global_norm, norms, usable, where_heads)
 
-BASES = tuple(BASE_CLASSES)  # sgd, adam, adamw: the codes are their positions
-METHODS = ("none", "sam", "msam", "asam", "fsam")
-_METHOD_OF_CLASS = {SAM: "sam", MSAM: "msam", ASAM: "asam", FisherSAM: "fsam"}
-SGD, ADAM, ADAMW = (BASES.index(b) for b in ("sgd", "adam", "adamw"))
-NONE, M_SAM, M_MSAM, M_ASAM, M_FSAM = range(len(METHODS))
+__all__ = ["BASES", "METHODS", "NONE", "HeadHparams", "ParamSpec", "Perturbation", "base_step_", "clip_grads_",
+           "col", "descent_", "global_norm", "head_hparams", "init_method_state", "init_state", "keeps_method_state",
+           "load_method_checkpoint_", "method_checkpoint", "norms", "perturbation", "state_keys"]
 
-Params = dict[str, Tensor]
-
-
-@dataclass(frozen=True)
-class ParamSpec:
-    """How the optimizer treats one stacked parameter: the flags of its param group."""
-
-    decay: bool  # in the weight-decay group (Linear weights)
-    perturb: bool  # perturbed by the SAM family (False: the logit scale unless configured)
-
-
-@dataclass
-class HeadHparams:
-    """Per-head hyper-parameters, each a [K] tensor: float64 values, int64 codes, bool flags."""
-
-    lr: Tensor  # peak learning rate (the schedule multiplies it)
-    weight_decay: Tensor
-    momentum: Tensor
-    beta1: Tensor
-    beta2: Tensor
-    eps: Tensor
-    grad_clip: Tensor  # max ‖g‖ of the gradient the base optimizer steps with; inf: none
-    base: Tensor  # index into BASES
-    method: Tensor  # index into METHODS
-    rho: Tensor
-    eta: Tensor
-    alpha: Tensor
-    metric_beta: Tensor
-    all_trainable: Tensor  # norm_scope == "all_trainable"
-    local_perturbation: Tensor  # SAM family under torchrun: δ from the rank's own gradient (optim.perturbation: local)
-
-    @classmethod
-    def stack(cls, heads: Sequence[Mapping[str, Any]], device: torch.device | str = "cpu") -> "HeadHparams":
-        """From one ``head_hparams`` dict per head."""
-        out = {}
-        for f in fields(cls):
-            values = [h[f.name] for h in heads]
-            dtype = torch.int64 if f.name in ("base", "method") else (
-                torch.bool if f.name in ("all_trainable", "local_perturbation") else torch.float64)
-            out[f.name] = torch.tensor(values, dtype=dtype, device=device)
-        return cls(**out)
-
-    @functools.cached_property
-    def host(self) -> dict[str, list]:
-        """The same values as Python lists (read once: the fused base steps take host scalars)."""
-        return {f.name: getattr(self, f.name).tolist() for f in fields(self)}
-
-    def select(self, index: Tensor) -> "HeadHparams":
-        """The hyper-parameters of the heads at ``index`` (a pack that drops finished heads)."""
-        return HeadHparams(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
-
-    @property
-    def two_pass(self) -> Tensor:
-        """[K] bool: heads of the SAM family (a second forward/backward per step)."""
-        return self.method != NONE
+BASES = BASE_OPTIMIZERS  # sgd, adam, adamw, lion: the codes are their positions
+METHODS = ("none", *TWO_PASS_METHODS)  # the codes are their positions; 0: a single-pass head
+NONE = 0
+# The kernel of each base optimizer, found by its class: torch's fused SGD, Adam and AdamW, Lion's update.
+_CODE_OF = {OPTIMIZERS[name].base.cls: code for code, name in enumerate(BASES)}
+SGD, ADAM, ADAMW, LION = (_CODE_OF[cls] for cls in (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, Lion))
+RULES: dict[int, BatchedRule] = {METHODS.index(n): OPTIMIZERS[n].rule for n in TWO_PASS_METHODS}
+KNOBS: tuple[Hparam, ...] = tuple(hparam_spec(n) for n in METHOD_HPARAMS)  # each a [K] row of HeadHparams
 
 
 def head_hparams(name: str, *, lr: float, base: str | None = None, grad_clip: float | None = None,
                  perturbation: str = "global", **hparams: Any) -> dict[str, Any]:
-    """One head's resolved hyper-parameters, read off the reference optimizer ``create_optimizer`` builds from the
-    same arguments (its defaults, its ValueErrors). ``grad_clip`` is the SAM family's ``max_grad_norm`` or the
-    single-pass clip; ``perturbation`` ("global" | "local") matters only to the SAM family under torchrun."""
+    """One head's resolved hyper-parameters from the registry (its defaults, its ValueErrors), as the reference
+    optimizer ``create_optimizer`` builds from the same arguments holds them. ``grad_clip`` is the SAM family's
+    ``max_grad_norm`` or the single-pass clip; ``perturbation`` ("global" | "local") matters only to the SAM family
+    under torchrun. A method knob the head's method lacks is 0 (never read)."""
     if perturbation not in ("global", "local"):
         raise ValueError(f"perturbation must be global or local, got {perturbation!r}")
-    two_pass = optimizer_info(name).two_pass
-    if two_pass:
-        hparams = dict(hparams, base=base, max_grad_norm=grad_clip)
-    else:  # the base optimizers take their own knobs only
-        hparams = {k: v for k, v in hparams.items() if k in BASE_HPARAMS}
-    opt = create_optimizer(name, [torch.zeros(1, requires_grad=True)], lr=lr, **hparams)
-    base_opt = opt.base_optimizer if two_pass else opt
-    group = base_opt.param_groups[0]
-    b1, b2 = group.get("betas", (0.9, 0.999))
-    return {"lr": group["lr"], "weight_decay": group["weight_decay"], "momentum": group.get("momentum", 0.0),
-            "beta1": b1, "beta2": b2, "eps": group.get("eps", 1e-8),
-            "grad_clip": math.inf if grad_clip is None else float(grad_clip),
-            "base": BASES.index(next(k for k, c in BASE_CLASSES.items() if type(base_opt) is c)),
-            "method": METHODS.index(_METHOD_OF_CLASS[type(opt)]) if two_pass else NONE,
-            "rho": group.get("rho", 0.0), "eta": group.get("eta", 0.0), "alpha": getattr(opt, "alpha", 1.0),
-            "metric_beta": getattr(opt, "metric_beta", 0.0),
-            "all_trainable": getattr(opt, "norm_scope", "perturbed") == "all_trainable",
-            "local_perturbation": two_pass and perturbation == "local"}
+    info = optimizer_info(name)
+    if info.two_pass and perturbation == "local" and not info.local_perturbation:
+        raise ValueError(f"perturbation local is not implemented for {name}: use global")
+    base_name = (base if base is not None else DEFAULT_BASE) if info.two_pass else name
+    if base_name not in BASES:
+        raise ValueError(f"unknown base optimizer {base_name!r}; choose one of {', '.join(BASES)}")
+    own = resolve_hparams(name, {k: v for k, v in hparams.items() if k not in BASE_HPARAMS}) if info.two_pass else {}
+    knobs = OPTIMIZERS[base_name].base.knobs
+    given = {k: hparams[k] if hparams.get(k) is not None else v for k, v in BASE_HPARAMS.items()}
+    b1, b2 = base_betas(base_name, hparams.get("betas")) if "betas" in knobs else ADAM_BETAS
+    out = {"lr": float(lr), "weight_decay": float(given["weight_decay"]),
+           "momentum": float(given["momentum"]) if "momentum" in knobs else 0.0, "beta1": float(b1),
+           "beta2": float(b2), "eps": float(given["eps"]) if "eps" in knobs else 1e-8,
+           "grad_clip": math.inf if grad_clip is None else float(grad_clip), "base": BASES.index(base_name),
+           "method": METHODS.index(name) if info.two_pass else NONE}
+    _check_base(out)
+    for knob in KNOBS:
+        value = own.get(knob.name, knob.default if knob.choices else 0)
+        out[knob.name] = knob.choices.index(value) if knob.choices else int(value) if knob.integer else float(value)
+    out["local_perturbation"] = info.two_pass and perturbation == "local"
+    return out
 
 
-# -- helpers --------------------------------------------------------------------------------------------
-
-def col(values: Tensor, like: Tensor) -> Tensor:
-    """A [K] tensor as [K, 1, ..., 1] in ``like``'s dtype, to broadcast against a stacked [K, ...] tensor."""
-    return values.to(like.dtype).reshape((-1,) + (1,) * (like.ndim - 1))
-
-
-def norms(tensors: Sequence[Tensor]) -> Tensor:
-    """[P, K]: the 2-norm of each head's slice of each stacked tensor.
-
-    Slice by slice (one multi-tensor kernel), never as a reduction over a [K, N] view: the reduction strategy for
-    a [K, N] tensor depends on K, and a head's numbers must not depend on the pack it trains in.
-    """
-    k = tensors[0].shape[0]
-    flat = torch._foreach_norm([s for t in tensors for s in t.unbind(0)])
-    return torch.stack(flat).reshape(len(tensors), k)
+def _check_base(hp: Mapping[str, Any]) -> None:
+    """What torch's base optimizers refuse when they are built."""
+    for key in ("lr", "weight_decay", "momentum", "eps"):
+        if not (math.isfinite(hp[key]) and hp[key] >= 0):
+            raise ValueError(f"{key} must be a finite number >= 0, got {hp[key]!r}")
+    if not all(0.0 <= b < 1.0 for b in (hp["beta1"], hp["beta2"])):
+        raise ValueError(f"each of betas must be in [0, 1), got {[hp['beta1'], hp['beta2']]}")
 
 
-def _sum_squares(rows: Sequence[Tensor]) -> Tensor:
-    """Σᵢ rowsᵢ² over [K] tensors, added in a fixed order (elementwise: the same for any K)."""
-    total = rows[0] * rows[0]
-    for row in rows[1:]:
-        total = total + row * row
-    return total
-
-
-def global_norm(tensors: Sequence[Tensor], keep: Sequence[Tensor | None] | None = None,
-                per: Sequence[Tensor] | None = None) -> Tensor:
-    """[K]: each head's ‖concat(its slices)‖₂; ``keep[i]`` ([K] bool) leaves tensor i out for the other heads;
-    ``per``: the tensors' ``norms``, when already known."""
-    per = list(norms(tensors)) if per is None else list(per)
-    if keep is not None:
-        per = [n if m is None else torch.where(m, n, torch.zeros_like(n)) for n, m in zip(per, keep)]
-    return torch.sqrt(_sum_squares(per))
-
-
-def _dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
-    """[K]: each head's Σᵢ ⟨aᵢ, bᵢ⟩, slice by slice like ``norms``."""
-    per = [torch.stack([torch.dot(x.reshape(-1), y.reshape(-1)) for x, y in zip(ta.unbind(0), tb.unbind(0))])
-           for ta, tb in zip(a, b)]
-    total = per[0]
-    for row in per[1:]:
-        total = total + row
-    return total
-
-
-def usable(norm: Tensor) -> Tensor:
-    """[K] bool: a norm one can divide by (finite and > 0), as ``align.optim.sam._usable``."""
-    return torch.isfinite(norm) & (norm > 0)
-
-
-def _where(mask: Tensor, a: Tensor, b: Tensor) -> Tensor:
-    return torch.where(col(mask, a).bool(), a, b)
+def keeps_method_state(name: str, hparams: Mapping[str, Any]) -> bool:
+    """Whether method ``name`` with these hyper-parameters keeps a copy of each perturbed value besides the base
+    optimizer's state (M-SAM with β > 0: its metric average; Friendly SAM: m; LookSAM: g_v)."""
+    info = optimizer_info(name)
+    if not info.two_pass or info.rule.state_key is None:
+        return False
+    if info.rule.keeps_state is None:
+        return True
+    return bool(info.rule.keeps_state(HeadHparams.stack([head_hparams(name, lr=1.0, **hparams)]))[0])
 
 
 # -- the base optimizers ----------------------------------------------------------------------------------
 
+def state_keys(base: int, momentum: float) -> tuple[str, ...]:
+    """The per-parameter state base optimizer ``base`` (a code) keeps, as its torch optimizer's state_dict holds
+    it: SGD's momentum buffer (none without momentum), Adam's and AdamW's step and moments, Lion's average."""
+    keys = OPTIMIZERS[BASES[base]].base.state_keys
+    return () if keys == ("momentum_buffer",) and momentum == 0 else keys
+
+
 def init_state(params: Params, hp: HeadHparams) -> dict[str, dict[str, Tensor]]:
     """Zeroed optimizer state per parameter: ``step`` [K] (float32, as torch keeps it) and the buffers the pack's
-    bases need (``momentum_buffer`` for SGD with momentum, ``exp_avg``/``exp_avg_sq`` for Adam and AdamW)."""
-    base, momentum = hp.host["base"], hp.host["momentum"]
-    sgd_buffers = any(b == SGD and m != 0 for b, m in zip(base, momentum))
-    adam = any(b in (ADAM, ADAMW) for b in base)
+    bases need (``momentum_buffer`` for SGD with momentum, ``exp_avg``/``exp_avg_sq`` for Adam and AdamW,
+    ``exp_avg`` for Lion)."""
+    needed = {key for b, m in zip(hp.host["base"], hp.host["momentum"]) for key in state_keys(b, m)} - {"step"}
+    buffers = [key for b in range(len(BASES)) for key in OPTIMIZERS[BASES[b]].base.state_keys if key in needed]
     out = {}
     for name, p in params.items():
         state = {"step": torch.zeros(p.shape[0], dtype=torch.float32, device=p.device)}
-        if sgd_buffers:
-            state["momentum_buffer"] = torch.zeros_like(p)
-        if adam:
-            state["exp_avg"], state["exp_avg_sq"] = torch.zeros_like(p), torch.zeros_like(p)
+        for key in dict.fromkeys(buffers):
+            state[key] = torch.zeros_like(p)
         out[name] = state
     return out
 
@@ -204,9 +132,9 @@ def base_step_(params: Params, grads: Mapping[str, Tensor | None], state: dict[s
 
     The update is torch's own fused kernel (what ``torch.optim.SGD/Adam/AdamW(fused=True)`` run: coupled decay
     and momentum for SGD, coupled decay for Adam, decoupled θ·(1 − lr·wd) for AdamW, the step count and bias
-    corrections), called once per set of heads with equal hyper-parameters, on each head's own slices: elementwise,
-    so a head's update does not depend on the others. Heads not ``active`` keep parameters and state exactly;
-    parameters without a gradient are skipped.
+    corrections) or Lion's update, called once per set of heads with equal hyper-parameters, on each head's own
+    slices: elementwise, so a head's update does not depend on the others. Heads not ``active`` keep parameters
+    and state exactly; parameters without a gradient are skipped.
     """
     h = hp.host
     names = [n for n in params if grads.get(n) is not None]
@@ -234,6 +162,9 @@ def base_step_(params: Params, grads: Mapping[str, Tensor | None], state: dict[s
                 buffers = [state[n]["momentum_buffer"][k] for k in heads for n in sel] if momentum != 0 else []
                 torch._fused_sgd_(p, g, buffers, momentum=momentum, dampening=0.0, nesterov=False,
                                   is_first_step=first and momentum != 0, **kw)
+            elif base == LION:
+                lion_update_(p, g, [state[n]["exp_avg"][k] for k in heads for n in sel], lr=lr_k, beta1=beta1,
+                             beta2=beta2, weight_decay=kw["weight_decay"])
             else:
                 fused = torch._fused_adamw_ if base == ADAMW else torch._fused_adam_
                 fused(p, g, [state[n]["exp_avg"][k] for k in heads for n in sel],
@@ -255,6 +186,25 @@ def clip_grads_(grads: Params, max_norm: Tensor) -> None:
 
 # -- the SAM family ---------------------------------------------------------------------------------------
 
+MethodStates = dict[int, MethodState]  # method code → its state for the pack's heads
+
+
+def init_method_state(params: Params, specs: Mapping[str, ParamSpec], hp: HeadHparams) -> MethodStates:
+    """The state of each method of the pack that keeps one (M-SAM with β > 0, Friendly SAM, LookSAM): zeros and no
+    head started yet; the tensors cover the method's scope (all parameters or the perturbed ones)."""
+    out: MethodStates = {}
+    for code in sorted(set(hp.host["method"]) - {NONE}):
+        rule = RULES[code]
+        rows = hp.method == code
+        if rule.state_key is None and not rule.counts_steps:
+            continue
+        if rule.keeps_state is not None and not bool((rule.keeps_state(hp) & rows).any()):
+            continue
+        names = list(params) if rule.state_scope == "scope" else [n for n in params if specs[n].perturb]
+        out[code] = MethodState.zeros(params, names)
+    return out
+
+
 @dataclass
 class Perturbation:
     """One first step of every head: θ̃ = θ + δ where ``applied``, and the diagnostics ``SAM.last_stats`` gives."""
@@ -264,142 +214,121 @@ class Perturbation:
     skipped: Tensor  # [K] bool: a zero or non-finite norm skipped the perturbation (SAM.skipped_steps counts it)
     grad_norm: Tensor  # [K] ‖g‖ over the tensors in each head's norm scope (SAM's n)
     delta_norm: Tensor  # [K] ‖δ‖ (0 where not applied)
+    second: Tensor  # [K] bool: the head takes a second pass at θ̃ now (the SAM family; LookSAM every k-th step)
+
+
+def _second_pass(hp: HeadHparams, state: MethodStates | None) -> Tensor:
+    """[K] heads that take a second pass at this step."""
+    second, present = hp.two_pass, set(hp.host["method"])
+    for code, rule in RULES.items():
+        if rule.second_pass is not None and code in present:
+            rows = hp.method == code
+            second = torch.where(rows, rule.second_pass(hp, (state or {}).get(code)), second)
+    return second
 
 
 def perturbation(params: Params, grads: Params, specs: Mapping[str, ParamSpec], hp: HeadHparams,
-                 metric: dict[str, Any] | None = None, active: Tensor | None = None,
-                 grad_norms: Mapping[str, Tensor] | None = None) -> Perturbation:
+                 state: MethodStates | None = None, active: Tensor | None = None,
+                 grad_norms: Mapping[str, Tensor] | None = None, lr: Sequence[float] | None = None) -> Perturbation:
     """Each head's SAM-family first step from its gradients at θ (heads of method "none" are left alone).
 
-    ``metric`` is M-SAM's averaged-metric state ({"has": [K] bool, name: m [K, ...]}), updated in place for the
-    heads with β > 0 whose gradient is usable; ``init_metric`` makes it. ``grad_norms``: each gradient's
-    ``norms`` row, when the caller has them already.
-    """
+    ``state``: the pack's method states (``init_method_state``), updated in place. ``grad_norms``: each gradient's
+    ``norms`` row, when the caller has them already. ``lr``: each head's scheduled learning rate (GSAM's ρ_t; None:
+    the peak)."""
     pert = [n for n in params if specs[n].perturb and grads.get(n) is not None]
     extra = [n for n in params if not specs[n].perturb and grads.get(n) is not None]
     g = {n: grads[n] for n in pert + extra}
     known = [grad_norms[n] for n in pert + extra] if grad_norms is not None else None
-    grad_norm = global_norm([g[n] for n in pert + extra], [None] * len(pert) + [hp.all_trainable] * len(extra), known)
-    on = hp.two_pass & (hp.rho != 0)
+    all_trainable = hp.norm_scope == ALL_TRAINABLE
+    grad_norm = global_norm([g[n] for n in pert + extra], [None] * len(pert) + [all_trainable] * len(extra), known)
+    second = _second_pass(hp, state)
+    on = second & (hp.rho != 0)
     if active is not None:
         on = on & active
     if not pert or not bool(on.any()):
         zeros = torch.zeros_like(grad_norm)
-        return Perturbation(dict(params), on & False, on & False, grad_norm, zeros)
+        return Perturbation(dict(params), on & False, on & False, grad_norm, zeros, second)
+    ratio = None if lr is None else torch.tensor(list(lr), dtype=torch.float64, device=hp.lr.device) / hp.lr
+    step = FirstStep({n: params[n] for n in pert}, g, pert, extra, hp, grad_norm, on, None, ratio)
     codes = sorted(set(hp.method[on].tolist()))
     if len(codes) == 1:  # the usual pack: one method, computed on the whole pack
-        delta, guard = _RULES[codes[0]](params, g, pert, extra, hp, grad_norm, metric, on)
+        step.state = (state or {}).get(codes[0])
+        delta, guard = RULES[codes[0]].first_step(step)
     else:
-        delta, guard = _by_method(params, g, pert, extra, hp, grad_norm, metric, on)
+        delta, guard = _by_method(step, state or {}, codes)
     ok = usable(guard)
     applied, skipped = on & ok, on & ~ok
     everyone = bool(applied.all())  # the usual pack: no selection needed
     out = dict(params)
     for n in pert:
-        out[n] = params[n] + delta[n] if everyone else _where(applied, params[n] + delta[n], params[n])
+        out[n] = params[n] + delta[n] if everyone else where_heads(applied, params[n] + delta[n], params[n])
     delta_norm = global_norm([delta[n] for n in pert])
     if not everyone:
         delta_norm = torch.where(applied, delta_norm, torch.zeros_like(delta_norm))
-    return Perturbation(out, applied, skipped, grad_norm, delta_norm)
+    return Perturbation(out, applied, skipped, grad_norm, delta_norm, second)
 
 
-def _by_method(params, g, pert, extra, hp, grad_norm, metric, on):
+def _by_method(step: FirstStep, state: MethodStates, codes: list[int]) -> tuple[Params, Tensor]:
     """δ and the guard of a pack that mixes methods: each method on its own heads only (rows gathered, computed,
     put back), so a mixed pack costs what its parts cost."""
-    delta = {n: torch.zeros_like(params[n]) for n in pert}
-    guard = grad_norm.double().clone()
-    for code in sorted(set(hp.method[on].tolist())):
-        idx = torch.nonzero(hp.method == code).flatten()
-        sub = None
-        if metric is not None:
-            sub = {n: v[idx] for n, v in metric.items()}
-        d, gd = _RULES[code]({n: params[n][idx] for n in pert}, {n: g[n][idx] for n in pert + extra}, pert, extra,
-                             hp.select(idx), grad_norm[idx], sub, on[idx])
-        for n in pert:
+    delta = {n: torch.zeros_like(step.params[n]) for n in step.pert}
+    guard = step.grad_norm.double().clone()
+    for code in codes:
+        idx = torch.nonzero(step.hp.method == code).flatten()
+        sub = step.select(idx)
+        sub.state = state[code].select(idx) if code in state else None
+        d, gd = RULES[code].first_step(sub)
+        for n in step.pert:
             delta[n].index_copy_(0, idx, d[n])
         guard.index_copy_(0, idx, gd.double())
-        if metric is not None:
-            for n, v in sub.items():
-                metric[n].index_copy_(0, idx, v)
+        if code in state:
+            state[code].put_(idx, sub.state)
     return delta, guard
 
 
-def _scaled(g: Params, names: list[str], scale: Tensor) -> Params:
-    """g · scale per head, the scale rounded to each tensor's dtype (the reference multiplies by a Python float)."""
-    return {n: g[n] * col(scale, g[n]) for n in names}
+def descent_(first: Params, grads: Params, specs: Mapping[str, ParamSpec], hp: HeadHparams,
+             state: MethodStates | None, pert: Perturbation, active: Tensor) -> None:
+    """The gradient each head steps with, in place in ``grads`` (which holds the second gradient where
+    ``pert.second``, the first elsewhere): GSAM's g_p − α g⊥, LookSAM's g_v bookkeeping and reuse. ``first``: the
+    gradients at θ; ``active``: the heads that step now."""
+    names = [n for n in grads if grads[n] is not None]
+    for code in sorted(set(hp.host["method"]) - {NONE}):
+        rule = RULES[code]
+        if rule.descent is None:
+            continue
+        d = Descent(first, {n: grads[n] for n in names}, [n for n in names if specs[n].perturb],
+                    [n for n in names if not specs[n].perturb], hp, pert.second, pert.applied,
+                    active & (hp.method == code), (state or {}).get(code))
+        grads.update(rule.descent(d))
 
 
-def _sam(params, g, pert, extra, hp, n, metric, mask):
-    """SAM: δ = ρ g / ‖g‖."""
-    return _scaled(g, pert, hp.rho / n.double()), n
-
-
-def _msam(params, g, pert, extra, hp, n, metric, mask):
-    """M-SAM: δ = ρ g / (‖g‖ √(1 + α²‖g‖²)); with β > 0 the averaged metric (``_averaged_metric``)."""
-    nd = n.double()
-    a = hp.alpha * nd
-    d = _scaled(g, pert, hp.rho / (nd * torch.sqrt(1.0 + a * a)))
-    averaged = mask & (hp.metric_beta > 0)
-    if not bool(averaged.any()):
-        return d, n
-    d_avg, root = _averaged_metric(g, pert, extra, hp, n, metric, averaged)
-    return {k: _where(averaged, d_avg[k], d[k]) for k in pert}, torch.where(averaged, root, n.to(root.dtype))
-
-
-def _averaged_metric(g, pert, extra, hp, n, metric, mask):
-    """δ = ρ G⁻¹g / √(gᵀG⁻¹g), G = I + α² m mᵀ, m ← β m + (1 − β) g (m = g at first), as ``MSAM``'s Sherman–Morrison
-    form; the scope is the perturbed tensors plus, for heads with norm_scope all_trainable, the others."""
-    if metric is None:
-        raise ValueError("M-SAM with metric_beta > 0 needs its metric state (init_metric)")
-    scope = pert + extra
-    ok = mask & usable(n)  # a zero or non-finite gradient neither perturbs nor enters m
-    sg = {k: g[k] if k in pert else _where(hp.all_trainable, g[k], torch.zeros_like(g[k])) for k in scope}
-    for k in scope:
-        blended = metric[k] * col(hp.metric_beta, metric[k]) + col(1 - hp.metric_beta, sg[k]) * sg[k]
-        metric[k].copy_(_where(ok, _where(metric["has"], blended, sg[k]), metric[k]))
-    metric["has"] |= ok
-    m = {k: metric[k] for k in scope}
-    a2 = hp.alpha * hp.alpha
-    mm = global_norm([m[k] for k in scope]).double() ** 2
-    mg = _dot([m[k] for k in scope], [sg[k] for k in scope]).double()
-    safe_mm = torch.where(mm > 0, mm, torch.ones_like(mm))
-    k_ = mg / safe_mm  # g = k m + r with r ⊥ m
-    r = {k: sg[k] + col(-k_, sg[k]) * m[k] for k in scope}
-    shrink = k_ / (1.0 + a2 * mm)
-    q = torch.where(mm > 0, global_norm([r[k] for k in scope]).double() ** 2 + shrink * mg, n.double() ** 2)
-    direction = {k: _where(mm > 0, r[k] + col(shrink, m[k]) * m[k], g[k]) for k in pert}
-    root = torch.sqrt(q)
-    root = torch.where(usable(n), root, n.double())
-    return _scaled(direction, pert, hp.rho / root), root
-
-
-def init_metric(params: Params, specs: Mapping[str, ParamSpec]) -> dict[str, Any]:
-    """M-SAM's averaged-metric state for a pack: m = 0 and no head started yet (``has`` False)."""
-    k = next(iter(params.values())).shape[0]
-    out: dict[str, Any] = {n: torch.zeros_like(p) for n, p in params.items()}
-    out["has"] = torch.zeros(k, dtype=torch.bool, device=next(iter(params.values())).device)
+def method_checkpoint(state: MethodStates | None, hp: HeadHparams, k: int, names: Sequence[str]) -> dict[str, Any]:
+    """Head k's method state as its class's ``state_dict()["sam"]`` holds it (tensors by parameter index)."""
+    code = int(hp.method[k])
+    st = (state or {}).get(code)
+    if st is None:
+        return {}
+    rule = RULES[code]
+    out: dict[str, Any] = {}
+    if rule.counts_steps:
+        out["steps"] = int(st.count[k])
+    if rule.state_key is not None and bool(st.has[k]):
+        out[rule.state_key] = {i: st.tensors[n][k].clone() for i, n in enumerate(names) if n in st.tensors}
     return out
 
 
-def _asam(params, g, pert, extra, hp, n, metric, mask):
-    """ASAM: δ = ρ T² g / ‖T g‖ with T = |θ| + η on weight tensors, T = 1 elsewhere."""
-    t = {k: params[k].detach().abs() + col(hp.eta, params[k]) for k in pert if _matrix(params, k)}
-    tg = {k: g[k] * t[k] if k in t else g[k] for k in pert}
-    nv = global_norm([tg[k] for k in pert])
-    direction = {k: tg[k] * t[k] if k in t else tg[k] for k in pert}
-    return _scaled(direction, pert, hp.rho / nv.double()), nv
-
-
-def _fsam(params, g, pert, extra, hp, n, metric, mask):
-    """Fisher SAM: δ = ρ F⁻¹g / √(gᵀF⁻¹g), F⁻¹ = 1 / (1 + η g²)."""
-    denom = {k: g[k] * g[k] * col(hp.eta, g[k]) + 1.0 for k in pert}
-    f_inv_g = {k: g[k] / denom[k] for k in pert}
-    nv = global_norm([g[k] / denom[k].sqrt() for k in pert])
-    return _scaled(f_inv_g, pert, hp.rho / nv.double()), nv
-
-
-def _matrix(params: Params, name: str) -> bool:
-    return params[name].ndim > 2  # [K, ...]: a weight tensor of one head has ndim > 1
-
-
-_RULES = {M_SAM: _sam, M_MSAM: _msam, M_ASAM: _asam, M_FSAM: _fsam}
+def load_method_checkpoint_(state: MethodStates | None, hp: HeadHparams, k: int, sam: Mapping[str, Any],
+                            names: Sequence[str]) -> None:
+    """Put head k's ``method_checkpoint`` back into the pack's method state."""
+    code = int(hp.method[k])
+    st = (state or {}).get(code)
+    if st is None:
+        return
+    rule = RULES[code]
+    if rule.counts_steps:
+        st.count[k] = int(sam.get("steps", 0))
+    saved = sam.get(rule.state_key) if rule.state_key is not None else None
+    if saved:
+        for i, value in saved.items():
+            st.tensors[names[int(i)]][k].copy_(value)
+        st.has[k] = True

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from align.optim.sam import SAM
+from align.optim.two_pass import SharpnessAware
 
 Closure = Callable[[], Tensor]
 
@@ -34,7 +34,7 @@ def backward_closure(forward: Callable[[], Tensor], bf16: bool = False) -> Closu
 
 def is_two_pass(opt: Optimizer) -> bool:
     """Whether ``opt`` takes a second forward/backward per step (the SAM family)."""
-    return isinstance(opt, SAM)
+    return isinstance(opt, SharpnessAware)
 
 
 def first_pass(optimizers: Sequence[Optimizer], closure: Closure) -> Tensor:
@@ -47,8 +47,9 @@ def first_pass(optimizers: Sequence[Optimizer], closure: Closure) -> Tensor:
 def finish(optimizers: Sequence[Optimizer], closure: Closure, grad_clip: float | None = None) -> None:
     """Complete the step whose gradients at θ are in ``.grad``; the gradients are cleared afterwards.
 
-    SAM family: ``first_step``, one ``closure`` call at θ + δ for all of them, ``second_step``. Single-pass:
-    clip to ``grad_clip`` when given, then ``step``. The optimizers must all be of one kind.
+    SAM family: ``first_step``, one ``closure`` call at θ + δ for all of them (none when no optimizer's
+    ``second_pass_due``: LookSAM between its full steps), ``second_step``. Single-pass: clip to ``grad_clip`` when
+    given, then ``step``. The optimizers must all be of one kind.
     """
     kinds = {is_two_pass(opt) for opt in optimizers}
     if len(kinds) > 1:
@@ -56,9 +57,11 @@ def finish(optimizers: Sequence[Optimizer], closure: Closure, grad_clip: float |
     if kinds == {True}:
         if grad_clip is not None and any(opt.max_grad_norm != grad_clip for opt in optimizers):
             raise ValueError("the SAM family clips the second gradient itself: build it with max_grad_norm=grad_clip")
+        due = any(opt.second_pass_due for opt in optimizers)
         for opt in optimizers:
-            opt.first_step(zero_grad=True)
-        closure()
+            opt.first_step(zero_grad=due)  # without a second pass the gradients at θ are the ones to step with
+        if due:
+            closure()
         for opt in optimizers:
             opt.second_step(zero_grad=True)
         return

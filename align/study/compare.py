@@ -27,9 +27,9 @@ from align.common.errors import AlignError
 from align.common import distributed
 from align.common.device import pick_device
 from align.common.progress import Log, progress_bar
-from align.optim import optimizer_info
+from align.optim.registry import forward_backward_passes
 from align.study.beside import read_beside
-from align.study.config import Cell, CompareConfig, cell_config, grid_cells
+from align.study.config import Cell, CompareConfig, cell_config, cell_hparams, grid_cells
 from align.study.packing import check_pack, pack_layout, pack_work, parse_memory, resolve_workers, usable_cores
 from align.study.studies import StudyDir, study_dir
 from align.study.workers import PackJob, train_packs
@@ -65,7 +65,8 @@ def plan(cfg: CompareConfig) -> dict[str, Any]:
     it ranks beside is checked (``check_study``)."""
     check_study(cfg)
     cells = grid_cells(cfg.grid)
-    passes = sum(2 if optimizer_info(c.optimizer).two_pass else 1 for c in cells)
+    steps = cfg.schedule.steps
+    passes = sum(forward_backward_passes(c.optimizer, cell_hparams(cfg, c), steps) for c in cells)
     return {
         "study_dir": str(study_dir(cfg)),
         **_data_summary(cfg),
@@ -76,7 +77,7 @@ def plan(cfg: CompareConfig) -> dict[str, Any]:
         "configs": len({c.config_key for c in cells}),
         "steps_per_run": cfg.schedule.steps,
         "batch_size": cfg.schedule.batch_size,
-        "forward_backward_passes": passes * cfg.schedule.steps,
+        "forward_backward_passes": passes,  # LookSAM: steps + ⌈steps/k⌉ per run
         "workers": resolve_workers(cfg),
     }
 

@@ -7,7 +7,7 @@ import itertools
 import math
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import ValidationError, field_validator, model_validator
 
@@ -15,10 +15,9 @@ from align.cache.key import EmbedConfig
 from align.common.config import MAX_SEED, Integer, Number, StrictModel
 from align.common.paths import relative_to_data_root
 from align.data.datasets import LABELLED_KINDS
-from align.optim import OPTIMIZERS, default_hparams, optimizer_info
+from align.optim.registry import DEFAULT_GRID, METHOD_AXES, METHOD_HPARAMS, OPTIMIZERS, optimizer_info
 from align.study.cells import Cell
-from align.study.stats import METHOD_AXES
-from align.train.config import METHOD_HPARAMS, OptimConfig, TrainConfig
+from align.train.config import OptimConfig, TrainConfig
 
 
 class GridConfig(StrictModel):
@@ -26,16 +25,17 @@ class GridConfig(StrictModel):
 
     ``method_axes`` sweeps a method's own hyper-parameters besides lr × ρ, per optimizer, e.g.
     ``{fsam: {eta: [1000, 10000]}, msam: {alpha: [0.5, 1, 2], metric_beta: [0, 0.9]}}``: every combination of
-    the listed values is crossed with that optimizer's lr × ρ × seeds.
+    the listed values is crossed with that optimizer's lr × ρ × seeds. Which parameters a method can sweep is the
+    registry's (``align.optim.registry``: its hyper-parameters marked as grid axes).
     """
 
-    optimizers: list[str] = ["sgd", "adamw", "sam", "msam", "asam", "fsam"]
+    optimizers: list[str] = list(DEFAULT_GRID)
     lrs: list[Number] = [1e-3]
     rhos: list[Number] = [0.05]
     seeds: list[Integer] = [0, 1]
     lr_overrides: dict[str, list[Number]] = {}   # per optimizer, e.g. sgd: [0.1, 0.3]
     rho_overrides: dict[str, list[Number]] = {}  # per optimizer, e.g. asam: [0.5, 1.0] (ASAM's ρ lives on another scale)
-    method_axes: dict[str, dict[str, list[Number]]] = {}  # per optimizer: eta | alpha | metric_beta → values
+    method_axes: dict[str, dict[str, list[Number]]] = {}  # per optimizer: one of its grid axes → values
 
     @field_validator("optimizers")
     @classmethod
@@ -81,7 +81,7 @@ def _check_method_axes(axes: dict[str, dict[str, list[Any]]]) -> None:
     for name, spec in axes.items():
         if name not in OPTIMIZERS:
             raise ValueError(f"method_axes: unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
-        own = [k for k in METHOD_AXES if k in default_hparams(name)]
+        own = [k for k in METHOD_AXES if (h := optimizer_info(name).hparam(k)) is not None and h.axis]
         if not spec:
             raise ValueError(f"method_axes.{name} names no parameter")
         for param, values in spec.items():
@@ -89,7 +89,7 @@ def _check_method_axes(axes: dict[str, dict[str, list[Any]]]) -> None:
             if param not in own:
                 has = f"it has {', '.join(own)}" if own else "it has none (lr and ρ are swept by lrs and rhos)"
                 raise ValueError(f"{where}: {name} has no parameter {param!r} to sweep; {has}")
-            _check_axis(where, values, positive=False, integer=False)
+            _check_axis(where, values, positive=False, integer=optimizer_info(name).hparam(param).integer)
             for v in values:
                 try:
                     OptimConfig(name=name, **{param: v})
@@ -128,6 +128,7 @@ class CompareConfig(TrainConfig):
     score: Literal["mean_R@1", "zeroshot_top1"] = "mean_R@1"
     beside: str | None = None  # another study ranked beside this one: its name, or its folder as a path (with a /)
     grid: GridConfig = GridConfig()
+    RESOLVES_BETAS: ClassVar[bool] = False  # unset optim.betas: each cell takes its own base's (Lion's differ)
 
     @field_validator("name")
     @classmethod
@@ -152,7 +153,22 @@ class CompareConfig(TrainConfig):
                 and self.data.dataset.kind not in LABELLED_KINDS):
             raise ValueError(f"score {self.score} needs a labelled dataset ({', '.join(LABELLED_KINDS)}), not kind "
                              f"{self.data.dataset.kind!r}")
+        self._cells_fit_their_methods()
         return self
+
+    def _cells_fit_their_methods(self) -> None:
+        """Each cell's optimizer section is valid for its method (a shared key in its range, GSAM's ρ_min ≤ ρ of
+        each cell, a local perturbation where implemented): at load, not when the cell's turn comes."""
+        shared, seen = self.optim.model_dump(), set()
+        for cell in grid_cells(self.grid):
+            if cell.config_key in seen:
+                continue
+            seen.add(cell.config_key)
+            try:
+                OptimConfig.model_validate(cell_optim(shared, cell))
+            except ValidationError as err:
+                where = f"{cell.optimizer} at lr {cell.lr:g}" + ("" if cell.rho is None else f", rho {cell.rho:g}")
+                raise ValueError(f"grid cell {where}: {err.errors()[0]['msg'].removeprefix('Value error, ')}") from None
 
 
 def grid_cells(grid: GridConfig) -> list[Cell]:
@@ -185,10 +201,22 @@ def cell_config(cfg: CompareConfig, cell: Cell, run_dir: Path) -> TrainConfig:
     """
     shared = cfg.model_dump(exclude={"name", "study_dir", "workers", "reference", "bootstrap_samples", "score",
                                      "beside", "grid"})
+    shared.update(optim=cell_optim(shared["optim"], cell), seed=cell.seed,
+                  out_dir=relative_to_data_root(run_dir))  # as align train names it
+    return TrainConfig.model_validate(shared)
+
+
+def cell_optim(shared: dict[str, Any], cell: Cell) -> dict[str, Any]:
+    """A cell's ``optim:`` section from the study's shared one (a dict): its optimizer, lr, ρ and method-axis
+    values, without the shared method keys its optimizer lacks."""
     own = optimizer_info(cell.optimizer).defaults
-    optim = {k: v for k, v in shared["optim"].items() if k not in METHOD_HPARAMS or k in own}
+    optim = {k: v for k, v in shared.items() if k not in METHOD_HPARAMS or k in own}
     optim.update(name=cell.optimizer, lr=cell.lr, **dict(cell.method))
     if cell.rho is not None:
         optim["rho"] = cell.rho
-    shared.update(optim=optim, seed=cell.seed, out_dir=relative_to_data_root(run_dir))  # as align train names it
-    return TrainConfig.model_validate(shared)
+    return optim
+
+
+def cell_hparams(cfg: CompareConfig, cell: Cell) -> dict[str, Any]:
+    """The method hyper-parameters a cell's run sets (the rest take its method's defaults)."""
+    return OptimConfig.model_validate(cell_optim(cfg.optim.model_dump(), cell)).method_hparams()

@@ -15,7 +15,9 @@ from align.common.device import available_memory, pick_device
 from align.common.distributed import local_world_size
 from align.common.errors import AlignError
 from align.optim import optimizer_info
-from align.study.config import Cell, CompareConfig, grid_cells
+from align.optim.batched import keeps_method_state
+from align.optim.registry import forward_backward_passes
+from align.study.config import Cell, CompareConfig, cell_hparams, grid_cells
 from align.study.studies import StudyDir
 from align.train.memory import VALUE_BYTES, OptimizerMemory, head_memory, heads_that_fit
 from align.train.run_data import planned_roles
@@ -75,7 +77,7 @@ def pack_limit(cfg: CompareConfig, pack: int | str, memory_budget: str | int | N
     budget = parse_memory(memory_budget) if memory_budget is not None else default_memory_budget(cfg.device)
     share = budget // max(1, workers)
     sized, eval_rows = planned_roles(cfg)  # the splits checked in their roles from the manifests: nothing loaded
-    optimizer = OptimizerMemory(metric=bool(cfg.optim.metric_beta))
+    optimizer = OptimizerMemory(metric=keeps_state(cfg))
     fit = heads_that_fit(sized, share, eval_rows, optimizer)  # the pack's logits as a whole (row blocks shrink)
     if fit < 1:
         one = head_memory(sized, eval_rows, optimizer)
@@ -138,5 +140,15 @@ def _split(cells: list[Cell], count: int) -> list[list[Cell]]:
 
 
 def pack_work(cells: list[Cell]) -> float:
-    """Cells' relative cost: heads × passes per step."""
-    return float(sum(2 if optimizer_info(c.optimizer).two_pass else 1 for c in cells))
+    """Cells' relative cost: heads × passes per step (LookSAM's 1 + 1/k at its k of the cell's axes, else the
+    default)."""
+    return float(sum(forward_backward_passes(c.optimizer, dict(c.method), PER_STEP) / PER_STEP for c in cells))
+
+
+PER_STEP = 10 ** 6  # steps over which passes are counted for the work per step (exact to 1e-6)
+
+
+def keeps_state(cfg: CompareConfig) -> bool:
+    """Whether any cell's method keeps a copy of each value of its own (``align.optim.batched.keeps_method_state``)."""
+    return any(keeps_method_state(c.optimizer, cell_hparams(cfg, c)) for c in grid_cells(cfg.grid)
+               if optimizer_info(c.optimizer).two_pass)

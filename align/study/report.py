@@ -16,6 +16,7 @@ from align.common.errors import AlignError
 from align.common.files import atomic_write_text
 from align.eval.plots import confusion_grid
 from align.optim import default_hparams
+from align.optim.registry import AXIS_SYMBOLS
 from align.study import plots
 from align.study import stats as study_stats
 from align.study.beside import SUMMARY, beside_folder, read_beside
@@ -64,7 +65,7 @@ def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     atomic_write_text(path, buf.getvalue())
 
 
-AXIS_LABELS = {"eta": "η", "alpha": "α", "metric_beta": "β"}  # the grid's method axes as the tables name them
+AXIS_LABELS = AXIS_SYMBOLS  # the grid's method axes as the tables name them (the registry's symbols)
 
 
 def with_axis_columns(rows: list[dict[str, Any]], axes: list[str]) -> list[dict[str, Any]]:

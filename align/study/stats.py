@@ -2,7 +2,7 @@
 
 A row is one run: optimizer, lr, rho (None for single-pass optimizers), seed, status ("ok" | "diverged"),
 collapsed (True | False; None where its results predate the count: ``align.train.run``), optionally the method
-axes of the grid (eta, alpha, metric_beta; None or absent where a method lacks them) and flat metric columns such
+axes of the grid (``METHOD_AXES``: η, α, β, ...; None or absent where a method lacks them) and flat metric columns such
 as ``best_val_mean_R@1``, ``best_test_mutual_knn``, ``max_val_mutual_knn``, ``loss_at_step``, ``final_loss``.
 """
 from __future__ import annotations
@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from align.optim.registry import METHOD_AXES
 from align.study.seed_noise import MIN_SIGN_FLIP_PAIRS, shapiro_wilk, sign_flip_p
 
 SCORE = "mean_R@1"        # the default headline metric: mean of i2t and t2i R@1
@@ -21,9 +22,6 @@ SUMMARY_METRICS = (SCORE, "i2t_R@1", "t2i_R@1", "i2t_R@5", "t2i_R@5", ALIGNMENT,
 # A study's headline metric (``score`` of its config) picks each optimizer's best configuration on validation and
 # is the one compared with the reference on test; zero-shot top-1 on sets whose captions only name the class.
 SCORES = {"mean_R@1": "mean R@1", "zeroshot_top1": "zero-shot top-1"}
-# A method's own hyper-parameters a grid can sweep besides lr and ρ (grid.method_axes), in the fixed order that
-# run keys, configuration keys and table columns use.
-METHOD_AXES = ("eta", "alpha", "metric_beta")
 
 
 def _num(value: Any) -> float:

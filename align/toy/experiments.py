@@ -16,7 +16,6 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass, field
-from types import MappingProxyType
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -24,13 +23,16 @@ from torch import Tensor
 from torch.func import jacrev, vmap
 
 from align.optim import create_optimizer, optimizer_info
+from align.optim.registry import TWO_PASS_METHODS
 from align.optim.step import finish, first_pass
 
 LossFn = Callable[[Tensor], Tensor]
 
-# Toy method → registry entry. 'gd' is plain SGD (no momentum), labelled "GD" as in the paper's figures;
-# every other label and every colour is the registry's, so a method looks the same in study and toy plots.
-TOY_METHODS = {"gd": "sgd", "sam": "sam", "msam": "msam", "asam": "asam", "fsam": "fsam"}
+# Toy method → registry entry: 'gd' is plain SGD (no momentum), labelled "GD" as in the paper's figures; then
+# every method of the SAM family (over plain SGD) and Lion. Every other label and every colour is the registry's,
+# so a method looks the same in study and toy plots.
+TOY_METHODS = {"gd": "sgd", **{name: name for name in TWO_PASS_METHODS}, "lion": "lion"}
+MSAM = "msam"  # the method whose metric scale α the experiments take (``alpha``)
 METHOD_LABELS = {m: "GD" if m == "gd" else optimizer_info(name).label for m, name in TOY_METHODS.items()}
 METHOD_COLORS = {m: optimizer_info(name).color for m, name in TOY_METHODS.items()}
 EXPERIMENTS = ("banana", "sinc", "paraboloid", "stability", "grid")
@@ -117,14 +119,16 @@ def build_toy_optimizer(method: str, param: Tensor, *, lr: float, rho: float, et
                         alpha: float | None = None) -> torch.optim.Optimizer:
     """The optimizer a toy run uses: 'gd' = plain SGD; SAM family = the registry's class over SGD (no momentum).
 
-    ``alpha`` (M-SAM's metric scale) goes to the methods that have it and is ignored by the others, so one
-    setting can run every method of an experiment.
+    ``alpha`` (M-SAM's metric scale) goes to M-SAM only (GSAM's and LookSAM's α are other knobs) and ``eta`` to
+    the methods that have one, so one setting can run every method of an experiment. Lion runs alone, at ``lr``
+    with its default betas.
     """
-    if method == "gd":
-        return create_optimizer("sgd", [param], lr=lr)
-    has_alpha = "alpha" in optimizer_info(TOY_METHODS[method]).defaults
-    return create_optimizer(method, [param], lr=lr, rho=rho, eta=eta, alpha=alpha if has_alpha else None,
-                            base="sgd")  # the paper's plain SGD base
+    name = TOY_METHODS[method]
+    info = optimizer_info(name)
+    if not info.two_pass:
+        return create_optimizer(name, [param], lr=lr)
+    return create_optimizer(name, [param], lr=lr, rho=rho, eta=eta if info.hparam("eta") else None,
+                            alpha=alpha if name == MSAM else None, base="sgd")  # the paper's plain SGD base
 
 
 def run_optimizer(loss_fn: LossFn, starts: Tensor, method: str, *, lr: float, rho: float, steps: int,
@@ -211,16 +215,18 @@ FLATTEST = [(1.0, 1.0), (-1.0, -1.0), (1.0, -1.0), (-1.0, 1.0)]  # as in the tas
 
 def _msam_alpha(alpha: float | None) -> float:
     """The α an M-SAM run uses (the registry default when None), for the experiments' settings."""
-    return float(optimizer_info("msam").defaults["alpha"] if alpha is None else alpha)
+    return float(optimizer_info(MSAM).defaults["alpha"] if alpha is None else alpha)
 
 
 def banana_experiment(start: tuple[float, float] = (-1.5, 0.5), lr: float = 0.01, rho: float = 1.0,
-                      steps: int = 200, methods: Sequence[str] = ("gd", "sam", "msam"),
+                      steps: int = 200, methods: Sequence[str] | None = None,
                       alpha: float | None = None) -> ToyResult:
-    """Fig. 1: GD, SAM and M-SAM on the banana loss from one start; end points and losses per method.
+    """Fig. 1: GD, SAM, M-SAM (and every other toy method: ``methods`` None) on the banana loss from one start;
+    end points and losses per method.
 
     ``alpha``: M-SAM's metric scale (0 gives SAM's run, 1 the paper's M-SAM).
     """
+    methods = list(TOY_METHODS) if methods is None else methods
     starts = torch.tensor([start], dtype=DTYPE)
     runs = {m: run_optimizer(banana, starts, m, lr=lr, rho=rho, steps=steps, alpha=alpha) for m in methods}
     summary = []
@@ -352,19 +358,21 @@ def grid_starts(n: int = 10, lim: float = 3.0) -> Tensor:
 
 GRID_TOL = 1e-7  # a grid run has stopped once ‖θₜ − θₜ₋₂‖ is below this
 GRID_RADIUS = 0.2  # a run "ends at" the saddle or a flattest minimum within this distance (Figure 5's classes)
-GRID_ETAS = MappingProxyType({"asam": 0.01, "fsam": 1.0})  # η of the methods that have one
-
-
 def grid_experiment(n: int = 10, lim: float = 3.0, lr: float = 0.01, rho: float = 1.0, max_steps: int = 500,
-                    methods: Sequence[str] = ("sam", "msam", "fsam", "asam"),
-                    etas: Mapping[str, float] = GRID_ETAS, alpha: float | None = None) -> ToyResult:
-    """Fig. 5: each method from each start of an n×n grid on the banana loss; count ends at the saddle / (±1, ±1).
+                    methods: Sequence[str] | None = None, etas: Mapping[str, float] | None = None,
+                    alpha: float | None = None) -> ToyResult:
+    """Fig. 5: each method (``methods`` None: every toy method but GD — the paper's SAM, M-SAM, Fisher SAM, ASAM
+    and the others of the registry) from each start of an n×n grid on the banana loss; count ends at the
+    saddle / (±1, ±1). ``etas``: η per method that has one (None: the registry's defaults, ASAM 0.01, Fisher SAM 1).
 
     Convergence: a run stops when ‖θₜ − θₜ₋₂‖ < ``GRID_TOL``, else after ``max_steps``. Near a minimum SAM-type updates
     with a finite lr settle into a small limit cycle rather than a point, so many runs stop at the cap; their
     class (saddle / flattest / elsewhere on the valley) no longer changes by then except for ASAM's slow drift.
     ``alpha``: M-SAM's metric scale (0 repeats SAM's runs exactly).
     """
+    methods = [m for m in TOY_METHODS if m != "gd"] if methods is None else methods
+    etas = {m: optimizer_info(m).defaults["eta"] for m in methods if m in TWO_PASS_METHODS and
+            optimizer_info(m).hparam("eta")} if etas is None else etas
     starts = grid_starts(n, lim)
     tol, radius = GRID_TOL, GRID_RADIUS
     runs: dict[str, Trajectories] = {}
@@ -381,7 +389,7 @@ def grid_experiment(n: int = 10, lim: float = 3.0, lr: float = 0.01, rho: float 
                         "mean_loss": tr.final_losses.mean().item()})
     settings = {"loss": "(1 - t1*t2)^2", "grid": f"{n}x{n} on [-{lim:g}, {lim:g}]^2", "lr": lr, "rho": rho,
                 "max_steps": max_steps, "converged": f"||theta_t - theta_(t-2)|| < {tol:g}",
-                "asam_eta": etas.get("asam"), "fsam_eta": etas.get("fsam"), "msam_alpha": _msam_alpha(alpha), "radius": radius,
+                **{f"{m}_eta": eta for m, eta in etas.items()}, "msam_alpha": _msam_alpha(alpha), "radius": radius,
                 "at_saddle": "final point within radius of (0, 0)", "at_flat": "within radius of (+-1, +-1)", "base": "SGD (no momentum)"}
     return ToyResult("grid", settings, summary, runs, {"starts": starts})
 

@@ -227,8 +227,12 @@ def plot_grid(result: ToyResult):
     from matplotlib.figure import Figure  # heavy: only when a figure is drawn
 
     methods = list(result.runs)
-    fig = Figure(figsize=(4.3 * len(methods), 4.6))
-    axes = fig.subplots(1, len(methods), squeeze=False)[0]
+    cols = min(len(methods), GRID_COLUMNS)
+    rows = math.ceil(len(methods) / cols)
+    fig = Figure(figsize=(4.3 * cols, 4.6 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False).reshape(-1)
+    for ax in axes[len(methods):]:
+        ax.set_visible(False)
     radius = result.settings["radius"]
     lim = 3.0
     for ax, m in zip(axes, methods):
@@ -256,5 +260,6 @@ def plot_grid(result: ToyResult):
     return fig
 
 
+GRID_COLUMNS = 4  # panels per row of the grid figure (one per method)
 PLOTTERS = {"banana": plot_banana, "sinc": plot_sinc, "paraboloid": plot_paraboloid,
             "stability": plot_stability, "grid": plot_grid}

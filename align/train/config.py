@@ -10,23 +10,24 @@ one pack share (``pack_key``) and whether it trains under bf16 autocast (``Train
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import Field, ValidationInfo, field_validator, model_validator
+from pydantic import Field, ValidationInfo, create_model, field_validator, model_validator
 
 from align.cache.key import CachesConfig, DataSection, EmbedConfig
 from align.common.config import MAX_SEED, Integer, Number, StrictModel
 from align.common.errors import AlignError
 from align.data.datasets import LABELLED_KINDS
-from align.optim import BASE_OPTIMIZERS, OPTIMIZERS
+from align.optim.hparams import Hparam
+from align.optim.registry import (BASE_OPTIMIZERS, METHOD_HPARAMS, OPTIMIZERS, base_betas, hparam_spec,
+                                  optimizer_info, resolve_hparams)
 from align.train.heads import HeadConfig
 from align.train.identity import config_hash, hashed_view
 from align.train.losses import LossConfig
 
 
 FP32_MAX = torch.finfo(torch.float32).max  # the largest sharpness radius the fp32 measurement can hold
-METHOD_HPARAMS = ("rho", "eta", "alpha", "metric_beta", "norm_scope")  # the SAM family's own (optim section)
 
 
 def _finite_positive(value: float | None, what: str) -> float | None:
@@ -35,23 +36,49 @@ def _finite_positive(value: float | None, what: str) -> float | None:
     return value
 
 
-class OptimConfig(StrictModel):
-    """Which registered optimizer and its hyper-parameters (rho/eta/base apply to the SAM family)."""
+class _OptimSettings(StrictModel):
+    """The optimizer and its base optimizer's settings (the first keys of ``optim:``)."""
 
-    name: str = "adamw"  # sgd | adam | adamw | sam | msam | asam | fsam
+    name: str = "adamw"  # a registered optimizer (align.optim.OPTIMIZERS)
     lr: Number = 1e-3  # peak learning rate (after warm-up)
     weight_decay: Number = Field(0.0, ge=0)  # on Linear weights only; never on biases, norms or the logit scale
     momentum: Number = Field(0.9, ge=0)  # SGD momentum (sgd, or the SAM family with base=sgd)
-    betas: tuple[Number, Number] = (0.9, 0.999)  # Adam/AdamW; each in [0, 1)
+    betas: tuple[Number, Number] | None = None  # Adam/AdamW/Lion, each in [0, 1); None: the base's own (a run's
+    # config.yaml holds the resolved pair: Adam's (0.9, 0.999), Lion's (0.9, 0.99))
     eps: Number = Field(1e-8, gt=0)  # Adam/AdamW
-    # The SAM family's own hyper-parameters; None takes the method's default from the registry
-    # (`align.optim.default_hparams`): ρ 0.05 (ASAM 0.5), η 0.01 ASAM / 1.0 Fisher SAM, α 1, β 0, "perturbed".
-    rho: Number | None = Field(None, ge=0)  # radius
-    eta: Number | None = Field(None, ge=0)  # ASAM / Fisher SAM regulariser
-    alpha: Number | None = Field(None, ge=0)  # M-SAM metric scale: G = I + α² g gᵀ (0: SAM, 1: M-SAM)
-    metric_beta: Number | None = Field(None, ge=0, lt=1)  # M-SAM averaged metric: EMA factor of the metric's gradient
-    norm_scope: Literal["perturbed", "all_trainable"] | None = None  # SAM / M-SAM: which gradients make up ‖g‖
-    base: str = "adamw"  # base optimizer of the SAM family: sgd | adam | adamw
+
+    @field_validator(*METHOD_HPARAMS, check_fields=False)
+    @classmethod
+    def _method_value(cls, value: Any, info: ValidationInfo) -> Any:
+        """In the range of some method that has it (the configured method's own range is checked with the name)."""
+        if value is None:
+            return value
+        specs = [h for i in OPTIMIZERS.values() for h in i.hparams if h.name == info.field_name]
+        errors = []
+        for spec in specs:
+            try:
+                return spec.check(value)
+            except ValueError as exc:
+                errors.append(str(exc))
+        raise ValueError(errors[0])
+
+
+def _method_field(spec: Hparam) -> tuple[Any, Any]:
+    """The config field of a method hyper-parameter: optional; None takes the method's default."""
+    kind = Literal[spec.choices] if spec.choices else Integer if spec.integer else Number  # type: ignore[valid-type]
+    return kind | None, Field(None, description=spec.doc)
+
+
+# The SAM family's own hyper-parameters, one field each (from the registry); None takes the method's default
+# (`align.optim.default_hparams`), and a study's shared value reaches only the methods that have it.
+_OptimMethodHparams = create_model("_OptimMethodHparams", __base__=_OptimSettings,
+                                   **{n: _method_field(hparam_spec(n)) for n in METHOD_HPARAMS})
+
+
+class OptimConfig(_OptimMethodHparams):  # type: ignore[misc, valid-type]
+    """Which registered optimizer and its hyper-parameters (rho and the method keys apply to the SAM family)."""
+
+    base: str = "adamw"  # base optimizer of the SAM family (align.optim.BASE_OPTIMIZERS)
     grad_clip: Number | None = None  # max ‖g‖ of the gradient the base optimizer steps with (SAM: the second)
     # The SAM family under torchrun: global averages the ranks' first gradients before δ (the single-process
     # step); local takes δ from each rank's own gradient and averages only the second. Other optimizers and
@@ -61,6 +88,10 @@ class OptimConfig(StrictModel):
     def method_hparams(self) -> dict[str, Any]:
         """The SAM-family hyper-parameters that were set (the rest take the method's defaults)."""
         return {k: getattr(self, k) for k in METHOD_HPARAMS if getattr(self, k) is not None}
+
+    def stepping_base(self) -> str:
+        """The base optimizer that steps: ``base`` for the SAM family, the optimizer itself otherwise."""
+        return self.base if optimizer_info(self.name).two_pass else self.name
 
     @field_validator("name")
     @classmethod
@@ -88,17 +119,29 @@ class OptimConfig(StrictModel):
 
     @field_validator("betas")
     @classmethod
-    def _betas(cls, value: tuple[float, float]) -> tuple[float, float]:
-        if not all(math.isfinite(b) and 0 <= b < 1 for b in value):  # torch refuses them only when it builds Adam
-            raise ValueError(f"each of betas must be in [0, 1), got {list(value)}")
+    def _betas(cls, value: tuple[float, float] | None) -> tuple[float, float] | None:
+        if value is not None and not all(math.isfinite(b) and 0 <= b < 1 for b in value):  # torch refuses them
+            raise ValueError(f"each of betas must be in [0, 1), got {list(value)}")  # only when it builds Adam
         return value
 
-    @field_validator("rho", "eta", "alpha", "metric_beta", "weight_decay", "momentum", "eps")
+    @field_validator("weight_decay", "momentum", "eps")
     @classmethod
     def _finite(cls, value: float | None) -> float | None:
         if value is not None and not math.isfinite(value):
             raise ValueError(f"must be finite, got {value!r}")
         return value
+
+    @model_validator(mode="after")
+    def _fits_the_method(self) -> "OptimConfig":
+        """The method's own ranges and cross-checks (GSAM: ρ_min ≤ ρ) for the keys it has, and optim.perturbation
+        local only where it is implemented. Keys it lacks are left for the run (refused there) or, in a study's
+        shared section, for the methods that have them."""
+        info = optimizer_info(self.name)
+        if info.two_pass:
+            resolve_hparams(self.name, {k: v for k, v in self.method_hparams().items() if info.hparam(k)})
+            if self.perturbation == "local" and not info.local_perturbation:
+                raise ValueError(f"optim.perturbation local is not implemented for {self.name}: use global")
+        return self
 
 
 class ScheduleConfig(StrictModel):
@@ -184,6 +227,15 @@ class TrainConfig(StrictModel):
     # a run whose longest stretch of consecutive plateau steps is ≥ collapse_fraction of schedule.steps collapsed.
     uniform_plateau_tol: Number = Field(0.05, gt=0, lt=1)
     collapse_fraction: Number = Field(0.1, gt=0, le=1)
+
+    RESOLVES_BETAS: ClassVar[bool] = True  # a study's shared optim section leaves betas unset for each cell
+
+    @model_validator(mode="after")
+    def _betas_of_the_base(self) -> "TrainConfig":
+        """Unset betas become the stepping base optimizer's own, so a run's config.yaml holds the pair it used."""
+        if type(self).RESOLVES_BETAS and self.optim.betas is None:
+            self.optim.betas = base_betas(self.optim.stepping_base(), None)
+        return self
 
     @model_validator(mode="after")
     def _select_fits_data(self) -> "TrainConfig":

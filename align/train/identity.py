@@ -11,13 +11,15 @@ import json
 from typing import Any
 
 from align.common.files import json_safe
+from align.optim.registry import HASHED_WHEN_UNSET, METHOD_HPARAMS
 
 HASH_EXCLUDED = ("out_dir", "device")  # where a run lives and what runs it: a checkpoint need not match these
 # Keys added after runs were first trained (their paths in the config dict), left out of the hash while they hold
 # their defaults: a run trained before they existed keeps its config_hash and still resumes.
 HASH_NEW_DEFAULTS = {("loss", "local"): False, ("optim", "perturbation"): "global", ("eval", "sharpness_final"): True,
                      ("uniform_plateau_tol",): 0.05, ("collapse_fraction",): 0.1, ("loss", "block_rows"): None,
-                     ("schedule", "order"): "random", ("schedule", "block_rows"): 8192}
+                     ("schedule", "order"): "random", ("schedule", "block_rows"): 8192,
+                     **{("optim", name): None for name in METHOD_HPARAMS if name not in HASHED_WHEN_UNSET}}
 
 
 def config_hash(config: dict[str, Any]) -> str:

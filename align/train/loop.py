@@ -155,7 +155,7 @@ class Trainer:
         """A resumable checkpoint of the run in ``slot`` at its step (``Run.checkpoint``). Every rank takes part:
         M-SAM's averaged metric with a local perturbation is each rank's own, gathered into the checkpoint."""
         optim = self.pack.optim_state(slot)
-        if self.job.distributed and bool(self.pack.hp.local_perturbation[slot]) and self.pack.metric is not None:
+        if self.job.distributed and bool(self.pack.hp.local_perturbation[slot]) and bool(self.pack.method_state):
             optim = with_rank_metrics(optim)
         run.checkpoint(self.pack.head_state(slot), optim, self.wall_time(run), keep)
 

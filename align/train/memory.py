@@ -5,10 +5,11 @@ with it, ``align eval`` the head it loads, and a study sizes its packs by it (``
 What one head holds while it trains, in float32 values (``HeadMemory``):
 
     weights          every parameter and buffer of the head, trainable or frozen
-    optimizer state  ``buffers`` copies of each trainable value (Adam's two moments, SGD's momentum)
+    optimizer state  ``buffers`` copies of each trainable value (Adam's two moments, SGD's momentum, Lion's one)
     gradients        a copy of each trainable value per pass (the SAM family takes two)
     SAM point and δ  two more copies in the SAM family: the weights saved before the perturbation, and δ
-    averaged metric  one copy for M-SAM with metric_beta > 0
+    averaged metric  one copy for a method's own state: M-SAM's metric average (metric_beta > 0), Friendly
+                     SAM's gradient average, LookSAM's orthogonal component
     activations      kept for the backward pass, per side: the input norm, the hidden layers (3 × hidden for an
                      MLP), the output before and after normalising — 2 B (4 out + 3 hidden)
     logits           the loss's: the plain loss holds the B × B logits, their softmax both ways and its gradient
@@ -38,6 +39,7 @@ from align.common import device as devices  # read at each call: tests stand in 
 from align.common.config import shorten
 from align.common.errors import AlignError
 from align.optim import optimizer_info
+from align.optim.batched import keeps_method_state
 from align.train.blockwise import BLOCK_COPIES, loss_block_rows
 from align.train.batches import PREFETCH_STEPS
 from align.train.config import OptimConfig, TrainConfig
@@ -53,16 +55,15 @@ class OptimizerMemory:
     registered optimizer keeps (a pack planned before its optimizers are known counts these)."""
 
     two_pass: bool = True  # the SAM family: a second gradient, the saved point and δ
-    buffers: int = 2  # optimizer state: Adam's and AdamW's two moments, SGD's momentum
-    metric: bool = False  # M-SAM's averaged metric (metric_beta > 0)
+    buffers: int = 2  # optimizer state: Adam's and AdamW's two moments, SGD's momentum, Lion's average
+    metric: bool = False  # a method's own copy (M-SAM's averaged metric, Friendly SAM's m, LookSAM's g_v)
 
     @classmethod
     def of(cls, optim: OptimConfig) -> "OptimizerMemory":
         """What the configured optimizer keeps (the SAM family: its base optimizer's state)."""
         two_pass = optimizer_info(optim.name).two_pass
-        base = optim.base if two_pass else optim.name
-        buffers = 2 if base in ("adam", "adamw") else int(optim.momentum != 0)
-        return cls(two_pass, buffers, optim.name == "msam" and (optim.metric_beta or 0.0) > 0)
+        buffers = optimizer_info(optim.stepping_base()).base.state_copies(optim.momentum)
+        return cls(two_pass, buffers, keeps_method_state(optim.name, optim.method_hparams()))
 
 
 @dataclass(frozen=True)

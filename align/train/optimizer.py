@@ -21,7 +21,7 @@ def head_hparams_of(cfg: TrainConfig) -> dict[str, Any]:
     o = cfg.optim
     method = dict(o.method_hparams(), base=o.base) if optimizer_info(o.name).two_pass else {}
     try:
-        return head_hparams(o.name, lr=o.lr, weight_decay=o.weight_decay, momentum=o.momentum, betas=tuple(o.betas),
+        return head_hparams(o.name, lr=o.lr, weight_decay=o.weight_decay, momentum=o.momentum, betas=o.betas,
                             eps=o.eps, grad_clip=o.grad_clip, perturbation=o.perturbation, **method)
     except ValueError as exc:
         raise AlignError(f"optim: {exc}") from None
@@ -32,7 +32,7 @@ def optimizer_and_schedule(cfg: TrainConfig, model: torch.nn.Module) -> tuple[An
     path of one head (benchmarks and tests compare the pack's steps with it)."""
     o = cfg.optim
     kwargs: dict[str, Any] = dict(lr=o.lr, weight_decay=o.weight_decay, momentum=o.momentum,
-                                  betas=tuple(o.betas), eps=o.eps)
+                                  betas=o.betas, eps=o.eps)
     if optimizer_info(o.name).two_pass:  # one the method does not have (alpha for SAM) is a one-line error
         kwargs.update(o.method_hparams(), base=o.base, max_grad_norm=o.grad_clip)
     try:

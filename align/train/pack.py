@@ -42,11 +42,15 @@ from align.optim.batched import (
     base_step_,
     clip_grads_,
     col,
+    descent_,
     global_norm,
-    init_metric,
+    init_method_state,
     init_state,
+    load_method_checkpoint_,
+    method_checkpoint,
     norms,
     perturbation,
+    state_keys,
 )
 from align.train.heads import MAX_LOG_SCALE, AlignmentModel
 from align.train.losses import loss_for, rows_loss_for
@@ -92,7 +96,7 @@ class HeadPack:
         bounds = torch.tensor([CLAMPS[c] for c in clamps], dtype=torch.float64, device=device)
         self.clamp_lo, self.clamp_hi = bounds[:, 0], bounds[:, 1]
         self.state = init_state(self.params, self.hp)
-        self.metric = init_metric(self.params, self.specs) if bool((self.hp.metric_beta > 0).any()) else None
+        self.method_state = init_method_state(self.params, self.specs, self.hp)  # M-SAM's m, LookSAM's g_v, ...
         self.skipped_steps = torch.zeros(len(models), dtype=torch.long, device=device)
         cfg = template.head_cfg
         # Plain linear heads take the fast path: one matmul for all heads that share an input.
@@ -201,8 +205,8 @@ class HeadPack:
         per = dict(zip(present, norms(list(present.values()))))
         grad_norm = global_norm([], per=[n.float() for n in per.values()])
         stepped = torch.isfinite(loss) if active is None else active & torch.isfinite(loss)
-        pert = perturbation(self.params, present, self.specs, self.hp, self.metric, stepped, per)
-        two = self.hp.two_pass
+        pert = perturbation(self.params, present, self.specs, self.hp, self.method_state, stepped, per, lr)
+        two, first = pert.second, present
         if bool((two & stepped).any()):
             _, second = self._grads(pert.perturbed, batches, bf16)
             if self.job.distributed:
@@ -210,11 +214,12 @@ class HeadPack:
             every = bool(two.all())  # a pack of the SAM family only: no selection
             present = {n: second[n] if every else torch.where(col(two, g).bool(), second[n], g)
                        for n, g in present.items()}
+        descent_(first, present, self.specs, self.hp, self.method_state, pert, stepped)  # GSAM, LookSAM
         clip_grads_(present, self.hp.grad_clip)
         base_step_(self.params, present, self.state, self.specs, self.hp, lr, stepped.tolist())
         self._clamp_(stepped)
         stats = StepStats(loss, grad_norm, stepped, pert.grad_norm, pert.delta_norm, pert.skipped)
-        if self.job.distributed and bool((two & self.hp.local_perturbation).any()):
+        if self.job.distributed and bool((self.hp.two_pass & self.hp.local_perturbation).any()):
             stats = _agree(stats)
         self.skipped_steps += stats.skipped.long()
         return stats
@@ -274,18 +279,13 @@ class HeadPack:
 
     def optim_state(self, k: int) -> dict[str, Any]:
         """Head k's optimizer state as its torch optimizer's ``state_dict`` holds it (indices in group order)."""
-        base = int(self.hp.base[k])
-        keys = ("momentum_buffer",) if base == 0 else ("step", "exp_avg", "exp_avg_sq")
-        if base == 0 and float(self.hp.momentum[k]) == 0:
-            keys = ()
+        keys = state_keys(int(self.hp.base[k]), float(self.hp.momentum[k]))
         started = keys and int(self.state[next(iter(self.specs))]["step"][k]) > 0
         out: dict[str, Any] = {"state": {i: {key: self.state[n][key][k].clone() for key in keys}
                                          for i, n in enumerate(self.specs)} if started else {}}
         if int(self.hp.method[k]) != NONE:
-            sam: dict[str, Any] = {"skipped_steps": int(self.skipped_steps[k])}
-            if self.metric is not None and bool(self.metric["has"][k]):
-                sam["metric_ema"] = {i: self.metric[n][k].clone() for i, n in enumerate(self.specs)}
-            out["sam"] = sam
+            out["sam"] = {"skipped_steps": int(self.skipped_steps[k]),
+                          **method_checkpoint(self.method_state, self.hp, k, list(self.specs))}
         return out
 
     def load_optim_state_(self, k: int, saved: Mapping[str, Any], steps: int) -> None:
@@ -298,10 +298,7 @@ class HeadPack:
                 self.state[names[int(i)]][key][k].copy_(value)
         sam = saved.get("sam", {})
         self.skipped_steps[k] = int(sam.get("skipped_steps", 0))
-        if sam.get("metric_ema") and self.metric is not None:
-            for i, value in sam["metric_ema"].items():
-                self.metric[names[int(i)]][k].copy_(value)
-            self.metric["has"][k] = True
+        load_method_checkpoint_(self.method_state, self.hp, k, sam, names)
 
 
 class _GradScale(torch.autograd.Function):
