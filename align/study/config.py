@@ -190,5 +190,6 @@ def cell_config(cfg: CompareConfig, cell: Cell, run_dir: Path) -> TrainConfig:
     optim.update(name=cell.optimizer, lr=cell.lr, **dict(cell.method))
     if cell.rho is not None:
         optim["rho"] = cell.rho
-    shared.update(optim=optim, seed=cell.seed, out_dir=relative_to_data_root(run_dir))  # as align train names it
+    shared.update(optim=optim, seed=cell.seed, out_dir=relative_to_data_root(run_dir),  # as align train names it
+                  report_group=cfg.report_group or cfg.name)  # a tracker groups the study's cells
     return TrainConfig.model_validate(shared)
