@@ -145,12 +145,10 @@ class TensorBoardTracker(Tracker):
 
     def __init__(self, folder: Path, params: dict[str, Any]) -> None:
         from torch.utils.tensorboard import SummaryWriter  # heavy: only when a run reports to TensorBoard
-        from torch.utils.tensorboard.summary import hparams  # heavy: as above
 
         self._held = event_steps(folder)  # before this session's file exists
         self.writer = SummaryWriter(str(folder), flush_secs=FLUSH_S)
-        _, session_start, _ = hparams(params, {})
-        self.writer.file_writer.add_summary(session_start)
+        self.writer.file_writer.add_summary(session_start(params))
 
     def held(self) -> dict[str, int]:
         return self._held
@@ -161,6 +159,26 @@ class TensorBoardTracker(Tracker):
 
     def close(self, failed: bool) -> None:
         self.writer.close()
+
+
+def session_start(params: dict[str, Any]) -> Any:
+    """A TensorBoard summary of one session's hyper-parameters (what its HParams view lists and filters by);
+    booleans stay booleans (torch's ``hparams`` writes them as numbers)."""
+    from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata  # heavy: TensorBoard's protos
+    from tensorboard.plugins.hparams import metadata, plugin_data_pb2  # heavy: as above
+
+    info = plugin_data_pb2.SessionStartInfo()
+    for key, value in params.items():
+        if isinstance(value, bool):
+            info.hparams[key].bool_value = value
+        elif isinstance(value, (int, float)):
+            info.hparams[key].number_value = value
+        else:
+            info.hparams[key].string_value = str(value)
+    content = plugin_data_pb2.HParamsPluginData(session_start_info=info, version=metadata.PLUGIN_DATA_VERSION)
+    plugin = SummaryMetadata.PluginData(plugin_name=metadata.PLUGIN_NAME, content=content.SerializeToString())
+    return Summary(value=[Summary.Value(tag=metadata.SESSION_START_INFO_TAG,
+                                        metadata=SummaryMetadata(plugin_data=plugin))])
 
 
 def event_steps(folder: Path) -> dict[str, int]:
@@ -414,7 +432,6 @@ def write_hparams_summary(folder: Path, summary: list[dict[str, Any]], axes: Ite
     The hyper-parameters take the cells' own names (``optim.name``, ``optim.lr``, ``optim.rho``, method axes), so
     the view filters the cells and the summary alike; writing it again replaces it."""
     from torch.utils.tensorboard import SummaryWriter  # heavy: only when a study reports to TensorBoard
-    from torch.utils.tensorboard.summary import hparams  # heavy: as above
 
     axes = list(axes)
     for row in summary:
@@ -429,7 +446,7 @@ def write_hparams_summary(folder: Path, summary: list[dict[str, Any]], axes: Ite
             old.unlink()  # the report written again replaces the table, never adds a second one
         with SummaryWriter(str(run)) as writer:
             # the session's hyper-parameters only: an experiment summary would hide the cells' from the HParams view
-            writer.file_writer.add_summary(hparams(params, {})[1])
+            writer.file_writer.add_summary(session_start(params))
             for tag, value in metrics.items():
                 writer.add_scalar(tag, value, 0)
     return folder
