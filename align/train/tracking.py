@@ -8,9 +8,9 @@ the finished run's test metrics and sharpness (``test/best/…``, ``test/final/�
 at its last step; and the resolved config as hyper-parameters (flattened to dotted keys, ``flat_params``).
 metrics.jsonl stays the source of truth: a tracker that fails to log fails the run rather than diverge from it.
 
-Resume: each tracker says which steps it already holds for each tag group (train, val, test, …), read from its own
-files (TensorBoard's event files, wandb's offline logs, MLflow's store), and is given only later ones: first the
-records of metrics.jsonl it lacks (a killed run's trackers may be behind the log, or ahead of its checkpoint),
+Resume: each tracker says which steps it already holds of each tag, read from its own files (TensorBoard's event
+files, wandb's offline logs, MLflow's store), and is given only later ones: first the records of metrics.jsonl it
+lacks (a killed run's trackers may be behind the log, or ahead of its checkpoint, or hold part of a step's tags),
 then the new ones. No step is logged twice and none is missing. wandb's and MLflow's run ids are kept in
 RUN/tracking.json, so a resumed run continues its tracker run instead of starting a second one.
 
@@ -117,19 +117,20 @@ def results_values(results: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def group_of(tag: str) -> str:
-    """The tag group a resume counts steps in: ``train/loss`` → train, ``test/best/mean_R@1`` → test."""
-    return tag.split("/", 1)[0]
-
-
 class Tracker:
-    """One tracker's run: the steps it already holds per tag group (``held``), logging into it, closing it."""
+    """One tracker's run: the steps it already holds (``held``, ``floor``), logging into it, closing it."""
 
     name = ""
+    floor = 0  # every step up to this one is held for every tag (a server's history, when its steps are all known)
 
     def held(self) -> dict[str, int]:
-        """The last step this tracker's run holds for each tag group (a group it lacks: absent)."""
+        """The last step this tracker's run holds of each tag, by the tracker's own name for it (``key``): per tag,
+        since a killed writer may have written part of a step's tags."""
         return {}
+
+    def key(self, tag: str) -> str:
+        """The name this tracker gives ``tag``."""
+        return tag
 
     def log(self, values: dict[str, float], step: int) -> None:
         raise NotImplementedError
@@ -182,8 +183,8 @@ def session_start(params: dict[str, Any]) -> Any:
 
 
 def event_steps(folder: Path) -> dict[str, int]:
-    """The last step of each tag group in the TensorBoard event files of ``folder`` (a torn last event, from a
-    killed writer, is skipped by the reader)."""
+    """The last step of each tag in the TensorBoard event files of ``folder`` (a torn last event, from a killed
+    writer, is skipped by the reader)."""
     from tensorboard.backend.event_processing.event_file_loader import EventFileLoader  # heavy: TensorBoard's reader
 
     held: dict[str, int] = {}
@@ -191,8 +192,7 @@ def event_steps(folder: Path) -> dict[str, int]:
         for event in EventFileLoader(str(path)).Load():
             for value in event.summary.value:
                 if value.metadata.plugin_data.plugin_name == "scalars":
-                    group = group_of(value.tag)
-                    held[group] = max(held.get(group, 0), int(event.step))
+                    held[value.tag] = max(held.get(value.tag, 0), int(event.step))
     return held
 
 
@@ -213,10 +213,8 @@ class WandbTracker(Tracker):
             reinit="create_new",  # a pack logs each of its heads to its own run, all open at once
             # no console capture (workers share a terminal) and no system sampler per head of a pack
             settings=wandb.Settings(silent=True, console="off", x_disable_stats=True))
-        start = int(getattr(self.run, "starting_step", 0) or 0)  # online resume: the server's history
-        if start > 0:
-            self._held = {g: max(s, start - 1) for g, s in {**dict.fromkeys(("train", "val"), 0),
-                                                            **self._held}.items()}
+        # online, a resumed run starts after the server's history (its rows are whole: every tag of a step)
+        self.floor = max(0, int(getattr(self.run, "starting_step", 0) or 0) - 1)
 
     def held(self) -> dict[str, int]:
         return self._held
@@ -281,11 +279,11 @@ def wandb_history(folder: Path, run_id: str) -> list[tuple[int, dict[str, float]
 
 
 def wandb_steps(folder: Path, run_id: str) -> dict[str, int]:
-    """The last step of each tag group that wandb's offline logs of run ``run_id`` hold."""
+    """The last step of each tag that wandb's offline logs of run ``run_id`` hold."""
     held: dict[str, int] = {}
     for step, values in wandb_history(folder, run_id):
         for tag in values:
-            held[group_of(tag)] = max(held.get(group_of(tag), 0), step)
+            held[tag] = max(held.get(tag, 0), step)
     return held
 
 
@@ -348,8 +346,11 @@ class MlflowTracker(Tracker):
         for key in self.client.get_run(self.run_id).data.metrics:
             steps = [m.step for m in self.client.get_metric_history(self.run_id, key)]
             if steps:
-                held[group_of(key)] = max(held.get(group_of(key), 0), max(steps))
+                held[key] = max(steps)
         return held
+
+    def key(self, tag: str) -> str:
+        return mlflow_key(tag)
 
     def log(self, values: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric  # heavy: only when a run reports to MLflow
@@ -409,7 +410,7 @@ class RunTracking:
     def _log(self, values: dict[str, float], step: int) -> None:
         self.last_step = max(self.last_step, step)
         for tracker, held in zip(self.trackers, self._held):
-            new = {tag: v for tag, v in values.items() if step > held.get(group_of(tag), 0)}
+            new = {tag: v for tag, v in values.items() if step > held.get(tracker.key(tag), tracker.floor)}
             if new:
                 tracker.log(new, step)
 
