@@ -76,17 +76,16 @@ def check_installed(names: Iterable[str]) -> None:
                              f"(or pip install {PACKAGES[name]}), or leave {name} out")
 
 
-def flat_params(config: dict[str, Any], prefix: str = "") -> dict[str, bool | int | float | str]:
-    """A config as hyper-parameters: nested keys dotted (``optim.lr``), numbers, text and booleans as they are,
-    None as ``"null"`` and lists as JSON text (what every tracker can hold)."""
-    out: dict[str, bool | int | float | str] = {}
+def flat_params(config: dict[str, Any], prefix: str = "") -> dict[str, bool | int | float | str | None]:
+    """A config as hyper-parameters: nested keys dotted (``optim.lr``), numbers, text, booleans and None as they
+    are, lists as JSON text (MLflow writes None as ``null``; TensorBoard leaves it out, so that a number stays a
+    number in its HParams view)."""
+    out: dict[str, bool | int | float | str | None] = {}
     for key, value in config.items():
         name = f"{prefix}{key}"
         if isinstance(value, dict):
             out.update(flat_params(value, f"{name}."))
-        elif value is None:
-            out[name] = "null"
-        elif isinstance(value, (bool, int, float, str)):
+        elif value is None or isinstance(value, (bool, int, float, str)):
             out[name] = value
         else:
             out[name] = json.dumps(value)
@@ -164,12 +163,14 @@ class TensorBoardTracker(Tracker):
 
 def session_start(params: dict[str, Any]) -> Any:
     """A TensorBoard summary of one session's hyper-parameters (what its HParams view lists and filters by);
-    booleans stay booleans (torch's ``hparams`` writes them as numbers)."""
+    booleans stay booleans (torch's ``hparams`` writes them as numbers) and None is left out."""
     from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata  # heavy: TensorBoard's protos
     from tensorboard.plugins.hparams import metadata, plugin_data_pb2  # heavy: as above
 
     info = plugin_data_pb2.SessionStartInfo()
     for key, value in params.items():
+        if value is None:
+            continue  # unset (ρ of AdamW): absent, so the parameter keeps its number type
         if isinstance(value, bool):
             info.hparams[key].bool_value = value
         elif isinstance(value, (int, float)):
@@ -438,7 +439,6 @@ def write_hparams_summary(folder: Path, summary: list[dict[str, Any]], axes: Ite
     for row in summary:
         params = {"optim.name": row["optimizer"], "optim.lr": row.get("lr"), "optim.rho": row.get("rho"),
                   **{f"optim.{a}": row.get(a) for a in axes}}
-        params = {k: "null" if v is None else v for k, v in params.items()}
         metrics = {f"summary/{k}": float(v) for k, v in row.items()
                    if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("lr", "rho", *axes)
                    and math.isfinite(float(v))}
