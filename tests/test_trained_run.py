@@ -237,3 +237,43 @@ def test_bad_search_input_is_one_line_and_exit_2(trained, tmp_path, args, says):
     assert result.exit_code == 2, result.output
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and says in lines[0], result.output
+
+
+@pytest.mark.slow
+def test_search_works_on_the_offline_default_run(tmp_path, monkeypatch):
+    """The README's offline default (`align embed` + `align train` of train/synthetic_msam), then `align search`
+    over its test cache: the top 5 equal a brute force through `align.load_run`, and captions of test images
+    find their own image about as often as the run's own test R@5 says."""
+    pytest.importorskip("efficientnet_lite_pytorch")
+    import align
+    from align.cache.read import source_rows
+    from align.data.datasets import load_image_caption_split
+
+    monkeypatch.setenv("ALIGN_HOME", str(tmp_path))
+    for command in ("embed", "train"):
+        result = runner.invoke(app, [command, "--config", "train/synthetic_msam", "--no-progress"])
+        assert result.exit_code == 0, result.output
+    run_dir = tmp_path / "runs" / "synthetic_msam"
+    out = tmp_path / "search.png"
+    result = runner.invoke(app, ["search", str(run_dir), "--text", "a red circle", "--cache", "synthetic-test",
+                                 "-k", "5", "--gallery", str(out)], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    with Image.open(out) as png:
+        assert png.format == "PNG"
+    run = align.load_run(run_dir)
+    cache = next((tmp_path / "cache").glob("synthetic-test-*"))
+    images = run.project_images(align.load_cache(cache).image)
+    expected = brute_force(images, run.encode_texts(["a red circle"])[0], 5)
+    for j, score in expected:
+        assert f"{score:.4f}" in result.output
+    from align.eval.search import search
+
+    data = load_image_caption_split(run.config.data.dataset, "test")
+    image_rows, _ = source_rows(cache)
+    picks = list(range(0, len(image_rows), 15))
+    texts = [data.captions_of(int(image_rows[i]))[0] for i in picks]
+    rows = search(run_dir, texts, cache=cache, k=5)
+    found = np.mean([i in [h["row"] for h in row["hits"]] for i, row in zip(picks, rows)])
+    r5 = json.loads((run_dir / "results.json").read_text())["best_test"]["t2i_R@5"]
+    print(f"own image in the top 5: {found:.2f} of {len(picks)} captions; test t2i R@5 {r5:.2f}")
+    assert found >= min(0.5, r5 - 0.25)
