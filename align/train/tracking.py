@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from align.common import paths
-from align.common.errors import AlignError
+from align.common.errors import AlignError, shorten
 from align.common.files import read_json, write_json
 
 TRACKERS = ("tensorboard", "wandb", "mlflow")
@@ -369,6 +369,28 @@ def mlflow_key(tag: str) -> str:
     return re.sub(r"[^\w.\- :/]", "_", tag.replace("@", "_at_"))
 
 
+def _open_tracker(name: str, run_path: Path, group: str | None, config: dict[str, Any],
+                  ids: dict[str, Any]) -> Tracker:
+    """Tracker ``name``'s run for the run in ``run_path``, continued from ``ids`` (RUN/tracking.json, updated);
+    a tracker that cannot open its run (a server configured but not reachable, ...) is one AlignError line."""
+    try:
+        if name == "tensorboard":
+            return TensorBoardTracker(run_path / TENSORBOARD_DIR, flat_params(config))
+        if name == "wandb":
+            tracker = WandbTracker(run_path, run_path.name, group, config, ids.get("wandb", {}).get("id"))
+            ids["wandb"] = {"id": tracker.id}
+            return tracker
+        mlflow = MlflowTracker(run_path.name, group, flat_params(config), ids.get("mlflow", {}))
+        ids["mlflow"] = {"run_id": mlflow.run_id, "tracking_uri": mlflow.uri}
+        return mlflow
+    except AlignError:
+        raise
+    except Exception as exc:  # the trackers' own errors (network, store, settings) are many and unlike each other
+        text = " ".join(str(exc).split()) or type(exc).__name__
+        raise AlignError(shorten(f"--report-to {name}: could not open the run's {name} run ({text[:160]}): check "
+                                 f"its settings, or leave {name} out")) from exc
+
+
 class RunTracking:
     """The trackers one run reports to, fed by its run directory: the records metrics.jsonl gets (``record``) and
     its results (``results``), each logged only into the trackers that do not hold its step yet."""
@@ -385,18 +407,10 @@ class RunTracking:
         name), with ``config`` as hyper-parameters, and give them the ``records`` (metrics.jsonl) they lack."""
         ids_path = run_path / TRACKING_FILE
         ids = read_json(ids_path) if ids_path.is_file() else {}
-        params, trackers = flat_params(config), []
+        trackers: list[Tracker] = []
         try:
             for name in names:
-                if name == "tensorboard":
-                    trackers.append(TensorBoardTracker(run_path / TENSORBOARD_DIR, params))
-                elif name == "wandb":
-                    trackers.append(WandbTracker(run_path, run_path.name, group, config,
-                                                 ids.get("wandb", {}).get("id")))
-                    ids["wandb"] = {"id": trackers[-1].id}
-                else:
-                    trackers.append(MlflowTracker(run_path.name, group, params, ids.get("mlflow", {})))
-                    ids["mlflow"] = {"run_id": trackers[-1].run_id, "tracking_uri": trackers[-1].uri}
+                trackers.append(_open_tracker(name, run_path, group, config, ids))
             if any(n != "tensorboard" for n in names):
                 write_json(ids_path, ids)
         except BaseException:
