@@ -69,11 +69,16 @@ def check_installed(names: Iterable[str]) -> None:
     """AlignError (one line) naming the first tracker of ``names`` whose package is not installed: checked before
     any work, so a run never trains without the tracker it was asked to report to."""
     for name in names:
-        module = sys.modules.get(name, ...)
-        missing = module is None if module is not ... else importlib.util.find_spec(name) is None
-        if missing:
+        if not _installed(name):
             raise AlignError(f"--report-to {name}: {PACKAGES[name]} is not installed: pip install 'align[track]' "
                              f"(or pip install {PACKAGES[name]}), or leave {name} out")
+
+
+def _installed(module: str) -> bool:
+    """Whether ``module`` can be imported, without importing it (a heavy import)."""
+    if module in sys.modules:
+        return sys.modules[module] is not None  # None: an import known to fail
+    return importlib.util.find_spec(module) is not None
 
 
 def flat_params(config: dict[str, Any], prefix: str = "") -> dict[str, bool | int | float | str | None]:
@@ -119,7 +124,6 @@ def results_values(results: dict[str, Any]) -> dict[str, float]:
 class Tracker:
     """One tracker's run: the steps it already holds (``held``, ``floor``), logging into it, closing it."""
 
-    name = ""
     floor = 0  # every step up to this one is held for every tag (a server's history, when its steps are all known)
 
     def held(self) -> dict[str, int]:
@@ -140,8 +144,6 @@ class Tracker:
 
 class TensorBoardTracker(Tracker):
     """Event files in RUN/tensorboard/ (one more per session); the config in TensorBoard's HParams view."""
-
-    name = "tensorboard"
 
     def __init__(self, folder: Path, params: dict[str, Any]) -> None:
         from torch.utils.tensorboard import SummaryWriter  # heavy: only when a run reports to TensorBoard
@@ -199,8 +201,6 @@ def event_steps(folder: Path) -> dict[str, int]:
 
 class WandbTracker(Tracker):
     """A wandb run in RUN/wandb/, offline unless ``WANDB_MODE`` says otherwise; resumed by its id."""
-
-    name = "wandb"
 
     def __init__(self, run_path: Path, name: str, group: str | None, config: dict[str, Any],
                  run_id: str | None) -> None:
@@ -296,8 +296,6 @@ def mlflow_uri() -> str:
 class MlflowTracker(Tracker):
     """An MLflow run in the study's experiment (a lone run: ``MLFLOW_EXPERIMENT_NAME``, else "align"), written
     through the client (several runs of a pack at once); resumed by its id when the store still has it."""
-
-    name = "mlflow"
 
     def __init__(self, name: str, group: str | None, params: dict[str, Any], saved: dict[str, Any]) -> None:
         self.uri = mlflow_uri()
