@@ -247,7 +247,8 @@ def test_tensorboard_holds_every_record_once_at_its_step(tracked_runs, name):
     accumulator = EventAccumulator(str(folder))
     accumulator.Reload()
     train = records(run, "train")
-    assert [s.step for s in accumulator.Scalars("train/loss")] == [r["step"] for r in train] == list(range(1, STEPS + 1))
+    steps = [s.step for s in accumulator.Scalars("train/loss")]
+    assert steps == [r["step"] for r in train] == list(range(1, STEPS + 1))
     for key in ("loss", "lr", "grad_norm", "log_scale", "effective_radius"):
         assert [s.value for s in accumulator.Scalars(f"train/{key}")] == [float(np.float32(r[key])) for r in train]
     val = records(run, "val")
