@@ -131,3 +131,12 @@ def rank_log(me: Any) -> Callable[[str], None]:
     if me.is_main:
         return lambda message: console.print(message, highlight=False)
     return lambda message: None
+
+
+REPORT_HELP = ("Experiment trackers to report to besides metrics.jsonl: tensorboard, wandb, mlflow, comma-separated, "
+               "or none (default: the config's report_to). Offline by default; pip install 'align[track]'.")
+
+
+def report_override(report_to: str | None) -> list[str]:
+    """``--report-to LIST`` as the config override it stands for (none when not given)."""
+    return [] if report_to is None else [f"report_to={report_to}"]

@@ -11,7 +11,7 @@ import typer
 from rich import box
 from rich.table import Table
 
-from align.cli.common import console, joined, rank_log, user_errors
+from align.cli.common import REPORT_HELP, console, joined, rank_log, report_override, user_errors
 from align.common.config import load_config, parse_override
 from align.common.config_files import packaged_config, resolve_config
 from align.common.errors import AlignError
@@ -96,6 +96,9 @@ def register(app: typer.Typer) -> None:
         memory_budget: Optional[str] = typer.Option(None, "--memory-budget", metavar="SIZE", help="memory the packs may take, e.g. 8G (default: 80% of free GPU memory, else half the free RAM)"),
         out: Optional[Path] = typer.Option(None, "--out", help="study folder, relative to this folder (default: a study's own folder for its STUDY/config.yaml, else study_dir of the config, under $ALIGN_HOME (else data/) when relative, else $ALIGN_HOME/studies/<name>)"),
         progress: bool = typer.Option(True, "--progress/--no-progress"),
+        report_to: Optional[str] = typer.Option(None, "--report-to", metavar="LIST", help=REPORT_HELP + " Each "
+                                                "cell is its own tracker run, grouped by the study; tensorboard also "
+                                                "writes the summary table to STUDY/hparams/ (HParams view)."),
     ) -> None:
         """Compare optimizers over a grid of ρ × learning rate (× method axes) × seeds on one cached embedding set."""
         from align.study.compare import check_study, plan, run_compare  # loads torch: not for --help
@@ -106,7 +109,7 @@ def register(app: typer.Typer) -> None:
         if path is None:
             raise AlignError("the embedded default config compare/default is missing from this install: "
                              "pass --config FILE")
-        overrides = list(set_)
+        overrides = [*set_, *report_override(report_to)]
         if workers is not None:
             overrides.append(f"workers={workers}")
         if out is not None:  # where the command is typed, as every path option (a config's study_dir: the data root)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import typer
 
-from align.cli import cache, compare, configs, embed, evaluate, toy, train
+from align.cli import cache, compare, configs, embed, evaluate, search, toy, train
 from align.cli.common import OneLineUsageErrors
 
 app = typer.Typer(
@@ -21,7 +21,7 @@ app = typer.Typer(
     cls=OneLineUsageErrors,  # a usage error is one `error:` line with the command's usage, exit 2
 )
 
-for module in (toy, embed, cache, train, evaluate, compare, configs):
+for module in (toy, embed, cache, train, evaluate, search, compare, configs):
     module.register(app)
 
 if __name__ == "__main__":

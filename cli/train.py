@@ -9,7 +9,7 @@ from typing import Any, Optional, Sequence
 import typer
 from rich.table import Table
 
-from align.cli.common import console, err_console, joined, user_errors
+from align.cli.common import REPORT_HELP, console, err_console, joined, report_override, user_errors
 from align.common.config import load_config, parse_override
 from align.common.config_files import resolve_config
 
@@ -68,6 +68,7 @@ def register(app: typer.Typer) -> None:
                                            "under $ALIGN_HOME (else data/) when relative, else "
                                            "$ALIGN_HOME/runs/<config name>)."),
         progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+        report_to: Optional[str] = typer.Option(None, "--report-to", metavar="LIST", help=REPORT_HELP),
     ) -> None:
         """Train an alignment head on cached embeddings; writes config.yaml, metrics.jsonl, checkpoints/, results.json."""
         from align.train.config import TrainConfig  # loads torch: not for --help
@@ -75,7 +76,7 @@ def register(app: typer.Typer) -> None:
         from align.train.run_dir import locate_run
 
         path = resolve_config(config, ("train",))
-        cfg = load_config(TrainConfig, path, overrides or [])
+        cfg = load_config(TrainConfig, path, [*(overrides or []), *report_override(report_to)])
         out_dir_set = any(parse_override(text)[0] == ["out_dir"] for text in overrides or [])
         with joined(cfg.device, RESUME) as me:  # under torchrun the ranks train the run data-parallel; rank 0 writes it
             where = locate_run(path, cfg.out_dir, out=out, out_dir_set=out_dir_set, resume=resume)

@@ -388,7 +388,7 @@ def test_the_new_keys_at_their_defaults_leave_a_runs_config_hash_as_it_was(tmp_p
 
     cfg = TrainConfig.model_validate(train_config(make_cache(tmp_path / "cache"), optim={"name": "msam"}))
     before = cfg.model_dump(mode="json")  # what a run written before the keys existed holds
-    for key in ("out_dir", "device", "uniform_plateau_tol", "collapse_fraction"):
+    for key in ("out_dir", "device", "uniform_plateau_tol", "collapse_fraction", "report_to", "report_group"):
         before.pop(key)
     del before["loss"]["local"], before["loss"]["block_rows"], before["optim"]["perturbation"]
     del before["eval"]["sharpness_final"]

@@ -88,6 +88,8 @@ COMMANDS = {
     "eval --cache --out": (["eval", "--cache", "{test_key}", "--cache-root", "{cache}", "--out", "{disk}/c.json"],
                            "{disk}/c.json", {}),
     "eval RUN (records into the run)": (["eval", "{disk}/run"], "{disk}/run/eval", {}),
+    "search --gallery": (["search", "{run}", "--text", "a photo", "--cache", "{test_key}", "--cache-root", "{cache}",
+                          "--gallery", "{disk}/gallery.png"], "{disk}/gallery.png", {}),
     "toy": (["toy", "paraboloid", "--out", "{disk}/toy"], "{disk}/toy", {}),
     "ALIGN_HOME: embed": (["embed", "--config", "{embed_home}", "--no-progress"], "{disk}/cache/{key}",
                           {"ALIGN_HOME": "{disk}"}),

@@ -41,6 +41,11 @@ def toy_dir() -> Path:
     return data_root() / "toy"
 
 
+def mlflow_dir() -> Path:
+    """Default local MLflow store of ``--report-to mlflow`` (a ``file:`` store): <data root>/mlruns."""
+    return data_root() / "mlruns"
+
+
 def in_data_root(location: str | Path) -> Path:
     """A folder named in a config, as an absolute path: ``~`` expanded, and a relative one taken under the data root
     (``runs/x`` → <data root>/runs/x), so a config file means the same folder from every working folder."""

@@ -3,7 +3,8 @@
 ``ImageCaptionSet`` holds stable image ids, every selected caption (flat) and the image index of each caption;
 images stay lazy: ``load_image(i)`` decodes one image and raises ``ImageUnreadable`` (the cache skips and counts
 it, or fails with ``--strict``). ``Selection`` applies a spec's ``max_images`` and ``caption_index`` to the rows a
-source read and builds the set; ``open_image`` is the one decoder every source's loader goes through.
+source read and builds the set; ``open_image`` is the one decoder every source's loader goes through, and
+``image_files`` lists a plain folder of images (``align search --images``).
 """
 from __future__ import annotations
 
@@ -115,3 +116,17 @@ def open_image(source: str | Path | bytes, image_id: str) -> Image.Image:
         raise ImageUnreadable(f"image {image_id}: file not found: {source}") from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise ImageUnreadable(f"image {image_id}: cannot decode ({type(exc).__name__}: {exc})") from None
+
+
+def image_files(folder: str | Path) -> list[Path]:
+    """The image files directly in ``folder`` (every extension PIL reads), sorted by name; AlignError (one line)
+    when it is no folder or holds none."""
+    path = Path(folder)
+    if not path.is_dir():
+        raise AlignError(f"{path} is not a folder of images: give a folder that holds image files")
+    suffixes = {s.lower() for s in Image.registered_extensions()}
+    found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in suffixes)
+    if not found:
+        raise AlignError(f"{path} holds no image files (looked for {', '.join(sorted(suffixes)[:6])}, ...): give a "
+                         "folder of images")
+    return found

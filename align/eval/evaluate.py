@@ -61,7 +61,7 @@ def evaluate_run(run_dir: Path, split: str = "test", checkpoint: str = "best", d
     check_head_fits(cfg, dev, paired.num_images + paired.num_captions, training=False)
     try:
         model = build_model(cfg.head, cfg.loss, cfg.image_dim, cfg.text_dim)
-        _load_head_state(model, state, run.path)
+        load_head_state(model, state, run.path)
         model.to(dev)
         metrics = evaluate_head(model, paired, cfg.eval, dev)
         confusion = head_zero_shot(model, paired, dev)[1] if paired.labelled else None
@@ -103,7 +103,13 @@ def _run_data(cfg: Any, split: str, cache: Path | None) -> tuple[Any, DatasetSpe
             raise AlignError(f"split {split!r} is not in the run's data.splits ({', '.join(cfg.data.splits)})")
         spec = cfg.data.dataset if isinstance(cfg.data, EmbedConfig) else _image_source(split_manifest(cfg.data, split))
         return load_data(cfg, [split])[split], spec, split
-    path = Path(cache)
+    paired, spec = run_cache(cfg, Path(cache))
+    return paired, spec, f"cache-{Path(cache).name}"
+
+
+def run_cache(cfg: Any, path: Path) -> tuple[Any, DatasetSpec | None]:
+    """Another cache made by the run's encoders (its TrainConfig ``cfg``), loaded: (embeddings, the dataset spec its
+    images are read from, or None for an imported cache); AlignError naming both encoder pairs otherwise."""
     manifest = manifest_of(path)
     wanted = ({"image": cfg.data.image_encoder.describe(), "text": cfg.data.text_encoder.describe()}
               if isinstance(cfg.data, EmbedConfig) else split_manifest(cfg.data, "train")["encoders"])
@@ -113,7 +119,7 @@ def _run_data(cfg: Any, split: str, cache: Path | None) -> tuple[Any, DatasetSpe
 
         raise AlignError(f"cache {path.name} was not embedded by the run's encoders: embed that set with the run's "
                          f"encoders (cache: {pair(manifest['encoders'])}; run: {pair(wanted)})")
-    return load_cache_dir(path), _image_source(manifest), f"cache-{path.name}"
+    return load_cache_dir(path), _image_source(manifest)
 
 
 def _image_source(manifest: dict[str, Any]) -> DatasetSpec | None:
@@ -166,7 +172,7 @@ def draw_gallery(paired: Any, image: Tensor, text: Tensor, spec: Any, path: Path
     return gallery_figure(path, rows, title)
 
 
-def _load_head_state(model: torch.nn.Module, state: dict[str, Tensor], run_dir: Path) -> None:
+def load_head_state(model: torch.nn.Module, state: dict[str, Tensor], run_dir: Path) -> None:
     """Load head weights; shape mismatches (cache rebuilt with other encoders) become one AlignError line."""
     own = model.state_dict()
     for key, tensor in state.items():

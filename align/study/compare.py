@@ -35,12 +35,15 @@ from align.study.studies import StudyDir, study_dir
 from align.study.workers import PackJob, train_packs
 from align.train.memory import check_head_fits
 from align.train.run_data import planned_roles, role_splits
+from align.train.tracking import check_installed
 
 
 def check_study(cfg: CompareConfig, pack: int | str = "auto", memory_budget: str | int | None = None) -> None:
-    """What a study checks before any work (``--dry-run`` included): ``pack`` and ``memory_budget``, and the
+    """What a study checks before any work (``--dry-run`` included): ``pack``, ``memory_budget``, that the trackers of
+    ``report_to`` are installed, and the
     summary.csv of the study it ranks beside (``beside``), so that none of them fails after the cells trained."""
     check_pack(pack)
+    check_installed(cfg.report_to)
     if memory_budget is not None:
         parse_memory(memory_budget)
     if cfg.beside:

@@ -202,7 +202,8 @@ def cell_config(cfg: CompareConfig, cell: Cell, run_dir: Path) -> TrainConfig:
     shared = cfg.model_dump(exclude={"name", "study_dir", "workers", "reference", "bootstrap_samples", "score",
                                      "beside", "grid"})
     shared.update(optim=cell_optim(shared["optim"], cell), seed=cell.seed,
-                  out_dir=relative_to_data_root(run_dir))  # as align train names it
+                  out_dir=relative_to_data_root(run_dir),  # as align train names it
+                  report_group=cfg.report_group or cfg.name)  # a tracker groups the study's cells
     return TrainConfig.model_validate(shared)
 
 

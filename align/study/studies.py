@@ -7,6 +7,7 @@ Layout of a study folder::
     STUDY/packs.json       the pack layout and threads per pack, fixed at the study's first run
     STUDY/runs/<cell key>/ one training run directory per cell (``align.train.run_dir.RunDir``)
     STUDY/results.csv ...  the report's files (``align.study.report``), written when every cell is finished
+    STUDY/hparams/<optimizer>/  with --report-to tensorboard: the summary table for TensorBoard's HParams view
 
 Under ``torchrun`` rank 0 holds the ``StudyDir`` and the other ranks its read-only twin (``StudyDir.for_rank``):
 they read the same folder and write nothing.
@@ -26,11 +27,14 @@ from align.common.files import atomic_write_text, read_json, require_writable, w
 from align.common.locks import LOCK_FILE, exclusive
 from align.study import report
 from align.study.cells import Cell
+from align.study.stats import used_axes
 from align.train import run_dir
+from align.train.tracking import write_hparams_summary
 
 CONFIG_FILE = paths.SAVED_CONFIG
 PACKS_FILE = "packs.json"  # the study's pack layout and threads per pack, fixed at its first run
 RUNS_FOLDER = "runs"  # one run directory per cell, named by the cell's key
+HPARAMS_FOLDER = "hparams"  # with --report-to tensorboard: the summary table, a TensorBoard run per optimizer
 STUDY_MARKS = (PACKS_FILE, RUNS_FOLDER, LOCK_FILE)  # what only a study folder holds beside its config.yaml
 TEMP_PATTERNS = (".*.tmp", ".*.tmp.png")  # what a killed writer of the tables, report and plots leaves
 
@@ -142,9 +146,17 @@ class StudyDir:
         """One results.csv row per finished cell of ``cells``, in their order (deterministic: no timings)."""
         return [result_row(c, run.read_results()) for c in cells if (run := self.run(c)).is_finished()]
 
+    @property
+    def hparams_path(self) -> Path:
+        return self.path / HPARAMS_FOLDER
+
     def write_report(self, cfg: Any, rows: list[dict[str, Any]]) -> dict[str, Any] | None:
-        """results.csv, the tables, plots and report.md of ``rows`` (``align.study.report``) → what was computed."""
-        return report.write_report(self.path, cfg, rows, self.runs_path)
+        """results.csv, the tables, plots and report.md of ``rows`` (``align.study.report``) → what was computed;
+        with ``report_to`` naming tensorboard, the summary table for TensorBoard's HParams view too."""
+        written = report.write_report(self.path, cfg, rows, self.runs_path)
+        if "tensorboard" in cfg.report_to:
+            write_hparams_summary(self.hparams_path, written["summary"], used_axes(rows))
+        return written
 
 
 class ReadOnlyStudyDir(StudyDir):

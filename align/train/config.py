@@ -25,6 +25,7 @@ from align.optim.registry import (BASE_OPTIMIZERS, METHOD_HPARAMS, OPTIMIZERS, b
 from align.train.heads import HeadConfig
 from align.train.identity import config_hash, hashed_view
 from align.train.losses import LossConfig
+from align.train.tracking import report_targets
 
 
 FP32_MAX = torch.finfo(torch.float32).max  # the largest sharpness radius the fp32 measurement can hold
@@ -227,6 +228,15 @@ class TrainConfig(StrictModel):
     # a run whose longest stretch of consecutive plateau steps is ≥ collapse_fraction of schedule.steps collapsed.
     uniform_plateau_tol: Number = Field(0.05, gt=0, lt=1)
     collapse_fraction: Number = Field(0.1, gt=0, le=1)
+    # Experiment trackers the run reports to besides metrics.jsonl (align.train.tracking): tensorboard, wandb,
+    # mlflow (a list, or comma-separated text); [] or none: no tracker. Neither key enters the config hash.
+    report_to: list[str] = []
+    report_group: str | None = None  # the trackers' group (wandb) or experiment (MLflow); a study sets its name
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _report_to(cls, value: Any) -> list[str]:
+        return report_targets(value)
 
     RESOLVES_BETAS: ClassVar[bool] = True  # a study's shared optim section leaves betas unset for each cell
 

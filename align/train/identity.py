@@ -13,7 +13,9 @@ from typing import Any
 from align.common.files import json_safe
 from align.optim.registry import HASHED_WHEN_UNSET, METHOD_HPARAMS
 
-HASH_EXCLUDED = ("out_dir", "device")  # where a run lives and what runs it: a checkpoint need not match these
+# Where a run lives, what runs it and which trackers it reports to: a checkpoint need not match these (a run
+# resumed with another --report-to is the same run).
+HASH_EXCLUDED = ("out_dir", "device", "report_to", "report_group")
 # Keys added after runs were first trained (their paths in the config dict), left out of the hash while they hold
 # their defaults: a run trained before they existed keeps its config_hash and still resumes.
 HASH_NEW_DEFAULTS = {("loss", "local"): False, ("optim", "perturbation"): "global", ("eval", "sharpness_final"): True,

@@ -61,6 +61,7 @@ from align.train.pack import HeadPack
 from align.train.run import Run
 from align.train.run_data import RunData, Sampler, lr_factor, prepare_data, resolve_dims
 from align.train.run_dir import RunDir
+from align.train.tracking import check_installed
 
 
 class Trainer:
@@ -276,6 +277,7 @@ def train_pack(cfgs: list[TrainConfig], run_dirs: list[Path], resume: bool = Fal
         log, progress = (lambda message: None), False
     dirs = [RunDir.for_rank(d, job) for d in run_dirs]
     distributed.from_main(lambda: [d.check_writable() for d in dirs], job)  # a refusal reaches every rank
+    distributed.from_main(lambda: check_installed(dict.fromkeys(n for c in cfgs for n in c.report_to)), job)
     for cfg in cfgs:
         check_head_fits(cfg, device)  # before the data is read (dims from the cache count as 1) ...
     try:
@@ -312,15 +314,18 @@ def _train_locked(trainer: Trainer, resume: bool, log: Log, progress: bool,
         todo.append((run, kind))
     with distributed.together(trainer.job):  # every rank has read its checkpoints before rank 0 writes anything
         trainer.restore(todo, log)
-    for run, _ in todo:
-        run.dir.begin(run.state.step)  # checks the log it keeps: a damaged one stops the run here
-        if run.optim_saved is not None:
-            log(f"resuming {run.dir.path} from step {run.state.step}")
-        run.dir.write_config(dump_config(run.cfg))
-    trainer.build_pack()
-    trainer.finish_done()  # runs stopped after their last step but before their results were written
-    if trainer.running():
-        trainer.loop(progress, on_step)
+    with ExitStack() as reporting:
+        for run, _ in todo:
+            run.dir.begin(run.state.step)  # checks the log it keeps: a damaged one stops the run here
+            if run.optim_saved is not None:
+                log(f"resuming {run.dir.path} from step {run.state.step}")
+            run.dir.write_config(dump_config(run.cfg))
+            reporting.enter_context(run.dir.reporting(run.cfg.report_to, run.cfg.report_group,
+                                                      run.cfg.model_dump(mode="json")))
+        trainer.build_pack()
+        trainer.finish_done()  # runs stopped after their last step but before their results were written
+        if trainer.running():
+            trainer.loop(progress, on_step)
     for run, _ in todo:
         where = "run" if len(trainer.runs) == 1 else f"run {run.dir.path}"
         if run.results["status"] == "diverged":

@@ -10,6 +10,8 @@ Layout of a run directory::
                                         halves are there and agree (a kill between the two writes loses nothing)
     RUN/checkpoints/best.safetensors + best.json   the head weights with the best validation score
     RUN/results.json                    what ``align compare`` reads
+    RUN/tensorboard/, RUN/wandb/, RUN/tracking.json   with ``report_to``: the trackers' files and run ids
+                                        (``align.train.tracking``)
 
 Every write is atomic (temporary file in the same folder + ``os.replace``). No pickle anywhere: tensors go to
 safetensors, everything else to JSON; what a checkpoint holds, and how, is ``align.train.checkpoint``'s codec.
@@ -23,7 +25,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -34,6 +36,7 @@ from align.common.errors import AlignError, shorten
 from align.common.locks import LOCK_FILE, exclusive
 from align.train.checkpoint import head_weights
 from align.train.identity import config_hash, diff_keys, hashed_view
+from align.train.tracking import RunTracking
 
 CONFIG_FILE = paths.SAVED_CONFIG
 METRICS_FILE = "metrics.jsonl"
@@ -257,6 +260,7 @@ class RunDir:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        self.tracking: RunTracking | None = None  # the trackers its records also go to (``reporting``)
 
     @classmethod
     def for_rank(cls, path: str | Path, job: distributed.Rank) -> "RunDir":
@@ -351,8 +355,27 @@ class RunDir:
         as RUN, not by its path: a copied or moved run folder resumes where it is, so they stay true there too."""
         write_config(self.path, RESUME_HEADER + yaml_text)
 
+    @contextlib.contextmanager
+    def reporting(self, report_to: list[str], group: str | None, config: dict[str, Any]) -> Iterator[None]:
+        """While the block runs, every record appended to metrics.jsonl and the results also go to the trackers
+        ``report_to`` (the run's tracker runs, named by this folder and grouped by ``group``, opened or continued
+        with ``config`` as hyper-parameters, given first the records of metrics.jsonl they lack: after ``begin``)."""
+        if not report_to:
+            yield
+            return
+        self.tracking = RunTracking.open(report_to, self.path, group, config, read_metrics(self.path))
+        failed = True
+        try:
+            yield
+            failed = False
+        finally:
+            tracking, self.tracking = self.tracking, None
+            tracking.close(failed)
+
     def append_metrics(self, record: dict[str, Any]) -> None:
         append_metrics(self.path, record)
+        if self.tracking is not None:  # after the log: metrics.jsonl holds whatever a tracker holds
+            self.tracking.record(record)
 
     def save_checkpoint(self, step: int, tensors: dict[str, torch.Tensor], meta: dict[str, Any], keep: int) -> None:
         save_checkpoint(self.path, step, tensors, meta, keep=keep)
@@ -377,6 +400,8 @@ class RunDir:
 
     def write_results(self, results: dict[str, Any]) -> None:
         write_results(self.path, results)
+        if self.tracking is not None:
+            self.tracking.results(results)
 
     def read_results(self) -> dict[str, Any]:
         return read_results(self.path)
@@ -397,6 +422,9 @@ class ReadOnlyRunDir(RunDir):
 
     def begin(self, resumed_step: int) -> None:
         pass
+
+    def reporting(self, report_to: list[str], group: str | None, config: dict[str, Any]) -> Any:
+        return contextlib.nullcontext()  # rank 0 reports for the job
 
     def write_config(self, yaml_text: str) -> None:
         pass
