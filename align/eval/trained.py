@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from align.cache.embeddings import PairedEmbeddings
+from align.cache.embeddings import EmbeddingRows, PairedEmbeddings
 from align.cache.key import ENCODE_ROWS, EmbedConfig
 from align.cache.read import load_cache_dir, split_manifest
 from align.cache.store import find_cache
@@ -110,11 +110,17 @@ class TrainedRun:
         """Raw text-encoder embeddings (N, text_dim) → (N, d) features through the text head."""
         return self._project(self.model.encode_text, raw, self.config.text_dim, "text")
 
-    def _project(self, head: Any, raw: Tensor, dim: int, tower: str) -> Tensor:
-        raw = torch.as_tensor(raw, dtype=torch.float32)
-        if raw.ndim != 2 or raw.shape[1] != dim:
-            raise AlignError(f"the {tower} head takes (N, {dim}) embeddings, got {tuple(raw.shape)}")
-        out = [head(raw[lo:lo + HEAD_ROWS].to(self.device)).float().cpu() for lo in range(0, len(raw), HEAD_ROWS)]
+    def _project(self, head: Any, raw: Tensor | EmbeddingRows, dim: int, tower: str) -> Tensor:
+        if isinstance(raw, EmbeddingRows):  # a cache's memory-mapped rows: streamed, never copied whole
+            if raw.shape[1] != dim:
+                raise AlignError(f"the {tower} head takes (N, {dim}) embeddings, got {tuple(raw.shape)}")
+            chunks = raw.chunks(HEAD_ROWS)
+        else:
+            raw = torch.as_tensor(raw, dtype=torch.float32)
+            if raw.ndim != 2 or raw.shape[1] != dim:
+                raise AlignError(f"the {tower} head takes (N, {dim}) embeddings, got {tuple(raw.shape)}")
+            chunks = (raw[lo:lo + HEAD_ROWS] for lo in range(0, len(raw), HEAD_ROWS))
+        out = [head(chunk.to(self.device)).float().cpu() for chunk in chunks]
         return torch.cat(out) if out else torch.zeros(0, self.config.head.out_dim)
 
 
