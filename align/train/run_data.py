@@ -34,7 +34,10 @@ EPOCH_CHUNK = 1 << 16  # images an epoch's order is completed for at a time
 def block_order(n: int, block_rows: int, gen: torch.Generator) -> Tensor:
     """A permutation of 0..n-1 read mostly in sequence: positions cut into contiguous blocks of ``block_rows``
     (the last one shorter), the blocks shuffled, then rows shuffled within each window of ``WINDOW_BLOCKS``
-    consecutive blocks of that order (as webdataset-style loaders shuffle shards, then a buffer of samples)."""
+    consecutive blocks of that order (as webdataset-style loaders shuffle shards, then a buffer of samples). A split
+    of one block is the random order: the same permutation, bit for bit."""
+    if n <= block_rows:
+        return torch.randperm(n, generator=gen)
     blocks = math.ceil(n / block_rows)
     starts = torch.randperm(blocks, generator=gen) * block_rows
     out = []
