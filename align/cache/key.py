@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
+import numpy as np
 from pydantic import BeforeValidator, Discriminator, Field, Tag, field_validator, model_validator
 
 from align.common import paths
@@ -272,3 +273,16 @@ def split_folder(data: EmbedConfig | CachesConfig, split: str) -> Path:
     """The cache folder of ``split`` in a data section of either form: an embed config's key under its cache_root,
     or the cache its caches entry names (``CachesConfig.folder``: AlignError when there is none)."""
     return data.folder(split) if isinstance(data, CachesConfig) else cache_path(data, split)
+
+
+def stored_rows(array: np.ndarray, cfg: EmbedConfig, tower: str, split: str) -> np.ndarray:
+    """Encoder rows as a cache of ``cfg`` stores them: optional L2 normalisation (in float32), then the storage
+    dtype; overflow to inf is an error. ``align embed`` writes these, ``align.load_run`` embeds new rows alike."""
+    array = array.astype(np.float32, copy=False)
+    if cfg.normalize:
+        array = array / np.maximum(np.linalg.norm(array, axis=1, keepdims=True), 1e-12)
+    stored = array.astype(cfg.storage_dtype)
+    if not np.isfinite(stored).all():
+        raise AlignError(f"{tower} embeddings of split {split!r} overflow {cfg.storage_dtype}: "
+                         f"use storage_dtype: float32 or normalize: true")
+    return stored

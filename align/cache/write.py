@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from align.cache.encode import ShardEncoder
-from align.cache.key import CACHE_FORMAT, MANIFEST, VERIFIED, WORK, EmbedConfig, cache_identity, cache_key
+from align.cache.key import CACHE_FORMAT, MANIFEST, VERIFIED, WORK, EmbedConfig, cache_identity, cache_key, stored_rows
 from align.cache.read import check_cache
 from align.cache.work import PLAN, ShardRecords, StreamedArray, Todo, WorkFolder, save_text
 from align.common import distributed
@@ -175,7 +175,8 @@ class EmbedJob:
         }
         if data.labels is not None:  # the kept images' classes and the class prompts' text embeddings
             arrays["labels.npy"] = StreamedArray.whole(np.asarray(data.labels, dtype=np.int64)[keep_img])
-            arrays["class_text.npy"] = StreamedArray.whole(_store(self.work.prompts(), self.cfg, "prompt", self.split))
+            prompts = stored_rows(self.work.prompts(), self.cfg, "prompt", self.split)
+            arrays["class_text.npy"] = StreamedArray.whole(prompts)
         counts = {"images": int(keep_img.sum()), "captions": int(keep_cap.sum()), "skipped_images": len(skipped),
                   "dropped_captions": int((~keep_cap).sum())}
         return arrays, counts
@@ -183,7 +184,7 @@ class EmbedJob:
     def _stored(self, kind: str, keep: np.ndarray) -> Iterator[np.ndarray]:
         """The kept rows of each ``kind`` shard in storage form (``_store``), one shard at a time."""
         for rows, array in self.work.parts(kind):
-            yield _store(array[keep[rows.start:rows.stop]], self.cfg, kind, self.split)
+            yield stored_rows(array[keep[rows.start:rows.stop]], self.cfg, kind, self.split)
 
     def manifest(self, files: dict[str, Any], shards: ShardRecords, counts: dict[str, int]) -> dict[str, Any]:
         """manifest.json: what the cache holds, how it was made, and the checksums that vouch for its files."""
@@ -328,18 +329,6 @@ def _check_captions(data: Any, split: str) -> None:
         if not isinstance(caption, str) or not caption.strip():
             image = data.image_ids[int(data.caption_to_image[i])]
             raise AlignError(f"caption {i} (of image {image}) in split {split!r} is empty: fix or drop that row")
-
-
-def _store(array: np.ndarray, cfg: EmbedConfig, tower: str, split: str) -> np.ndarray:
-    """Optional L2 normalisation (in float32), then the storage dtype; overflow to inf is an error."""
-    array = array.astype(np.float32, copy=False)
-    if cfg.normalize:
-        array = array / np.maximum(np.linalg.norm(array, axis=1, keepdims=True), 1e-12)
-    stored = array.astype(cfg.storage_dtype)
-    if not np.isfinite(stored).all():
-        raise AlignError(f"{tower} embeddings of split {split!r} overflow {cfg.storage_dtype}: "
-                         f"use storage_dtype: float32 or normalize: true")
-    return stored
 
 
 def _timing(seconds: dict[str, float], n_captions: int) -> dict[str, float]:

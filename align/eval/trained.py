@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from align.cache.embeddings import EmbeddingRows, PairedEmbeddings
-from align.cache.key import ENCODE_ROWS, EmbedConfig
+from align.cache.key import ENCODE_ROWS, EmbedConfig, stored_rows
 from align.cache.read import load_cache_dir, split_manifest
 from align.cache.store import find_cache
 from align.common.config import load_config
@@ -94,11 +94,8 @@ class TrainedRun:
     def _as_stored(self, parts: list[Tensor], encoder: Any) -> Tensor:
         """Raw encoder rows as the cache stores them: optionally L2-normalised in float32, then the storage dtype
         (read back as float32, as training reads the cache)."""
-        embed = self.embed
-        array = (torch.cat(parts) if parts else torch.zeros(0, encoder.dim)).numpy().astype(np.float32, copy=False)
-        if embed.normalize:
-            array = array / np.maximum(np.linalg.norm(array, axis=1, keepdims=True), 1e-12)
-        return torch.from_numpy(array.astype(embed.storage_dtype).astype(np.float32))
+        array = (torch.cat(parts) if parts else torch.zeros(0, encoder.dim)).numpy()
+        return torch.from_numpy(stored_rows(array, self.embed, "new", "given").astype(np.float32))
 
     @torch.no_grad()
     def project_images(self, raw: Tensor) -> Tensor:
