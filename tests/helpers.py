@@ -192,3 +192,9 @@ def reference_run(cell: dict, head: HeadConfig, loss: LossConfig, image: torch.T
         model.clamp_logit_scale_()
         sched.step()
     return model.state_dict()
+
+
+def group_batches(groups, image, text):
+    """Rows → tensors: each group of heads [a:b] with its (B,) image rows and (B,) caption rows (what the training
+    loop's BatchReader hands HeadPack.step, from in-memory tensors)."""
+    return [(heads, image[rows_i], text[rows_t]) for heads, rows_i, rows_t in groups]

@@ -27,7 +27,8 @@ from align.train.heads import HeadConfig, build_model
 from align.train.identity import config_hash
 from align.train.losses import LossConfig, clip_loss, loss_for
 from align.train.memory import OptimizerMemory, check_head_fits, head_memory, heads_that_fit, logits_values
-from align.train.pack import HeadPack, group_batches
+from align.train.pack import HeadPack
+from helpers import group_batches
 from align.train.run_data import Sampler, lr_factor
 from helpers import CELLS, IMAGE_DIM, TEXT_DIM, cell_kwargs, data_section, synthetic_split, train_config
 

@@ -27,7 +27,8 @@ from align.common import distributed
 from align.train.heads import HeadConfig, build_model
 from align.train.losses import LossConfig, clip_loss, clip_loss_rows, siglip_loss, siglip_loss_rows
 from align.optim.batched import head_hparams
-from align.train.pack import HeadPack, group_batches
+from align.train.pack import HeadPack
+from helpers import group_batches
 from align.train.run_data import Sampler, lr_factor
 from helpers import CELLS, NEW_CELLS, cell_kwargs, make_cache, reference_run, synthetic_split, train_config
 

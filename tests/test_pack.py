@@ -15,9 +15,10 @@ from align.train.heads import HeadConfig, build_model
 from align.train.losses import LossConfig
 from align.optim import OPTIMIZERS, optimizer_info
 from align.optim.batched import head_hparams
-from align.train.pack import HeadPack, group_batches
+from align.train.pack import HeadPack
+from helpers import group_batches
 from align.train.run_data import Sampler, lr_factor
-from helpers import (CELLS, IMAGE_DIM, NEW_CELLS, SIZES, TEXT_DIM, cell_kwargs, data_section, make_cache, reference_run,
+from helpers import (CELLS, NEW_CELLS, SIZES, cell_kwargs, data_section, make_cache, reference_run,
                      synthetic_split, train_config, write_cache)
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest

@@ -359,8 +359,3 @@ class _RowMajorMatmul(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_w = torch.mm(grad.T, x, out=torch.empty(weight.shape, dtype=grad.dtype, device=grad.device))
         return grad_x, grad_w
-
-
-def group_batches(groups: Sequence[tuple[slice, Tensor, Tensor]], image: Tensor, text: Tensor) -> list[Batch]:
-    """Rows → tensors: each group of heads [a:b] with its (B,) image rows and (B,) caption rows."""
-    return [(heads, image[rows_i], text[rows_t]) for heads, rows_i, rows_t in groups]
