@@ -140,6 +140,17 @@ def test_import_align_loads_no_torch_until_the_api_is_used():
         align.no_such_name  # noqa: B018
 
 
+def test_raw_embeddings_of_the_wrong_width_are_one_alignerror_line(trained):
+    import align
+
+    run = align.load_run(trained["run"])
+    dim = run.config.text_dim
+    with pytest.raises(align.AlignError, match=rf"the text head takes \(N, {dim}\) embeddings, got \(3, {dim + 1}\)"):
+        run.project_texts(torch.zeros(3, dim + 1))
+    with pytest.raises(align.AlignError, match="2-D"):
+        run.project_texts(torch.zeros(dim))
+
+
 def test_a_run_without_a_checkpoint_is_the_clis_one_line(tmp_path, trained):
     import align
     from align.common.errors import AlignError

@@ -108,15 +108,11 @@ class TrainedRun:
         return self._project(self.model.encode_text, raw, self.config.text_dim, "text")
 
     def _project(self, head: Any, raw: Tensor | EmbeddingRows, dim: int, tower: str) -> Tensor:
-        if isinstance(raw, EmbeddingRows):  # a cache's memory-mapped rows: streamed, never copied whole
-            if raw.shape[1] != dim:
-                raise AlignError(f"the {tower} head takes (N, {dim}) embeddings, got {tuple(raw.shape)}")
-            chunks = raw.chunks(HEAD_ROWS)
-        else:
-            raw = torch.as_tensor(raw, dtype=torch.float32)
-            if raw.ndim != 2 or raw.shape[1] != dim:
-                raise AlignError(f"the {tower} head takes (N, {dim}) embeddings, got {tuple(raw.shape)}")
-            chunks = (raw[lo:lo + HEAD_ROWS] for lo in range(0, len(raw), HEAD_ROWS))
+        # a cache's memory-mapped rows stream through in chunks, never copied whole
+        rows = raw if isinstance(raw, EmbeddingRows) else EmbeddingRows(torch.as_tensor(raw, dtype=torch.float32))
+        if len(rows.shape) != 2 or rows.shape[1] != dim:
+            raise AlignError(f"the {tower} head takes (N, {dim}) embeddings, got {tuple(rows.shape)}")
+        chunks = rows.chunks(HEAD_ROWS)
         out = [head(chunk.to(self.device)).float().cpu() for chunk in chunks]
         return torch.cat(out) if out else torch.zeros(0, self.config.head.out_dim)
 
