@@ -16,15 +16,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import (
+    SIZES,
+    data_section,
+    make_cache,
+    synthetic_split,
+    train_config,
+    write_cache,
+)
 from safetensors.torch import load_file
 
-import align.cache.embeddings as embeddings
-import align.train.batches as batches
+from align.cache import embeddings
 from align.cache.embeddings import EmbeddingRows, PairedEmbeddings
 from align.cache.key import EmbedConfig, cache_path
 from align.cache.read import load_cache_dir
 from align.common.config import validate
 from align.common.errors import AlignError
+from align.train import batches
 from align.train.config import TrainConfig, hashed_config
 from align.train.evaluation import RunEvaluator
 from align.train.heads import build_model
@@ -32,7 +40,6 @@ from align.train.loop import Trainer, train, train_pack
 from align.train.optimizer import head_hparams_of
 from align.train.pack import HeadPack
 from align.train.run_data import WINDOW_BLOCKS, RunData, Sampler
-from helpers import SIZES, data_section, make_cache, synthetic_split, train_config, write_cache
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -56,7 +63,6 @@ ANON_SCRIPT = textwrap.dedent("""
     import torch
     torch.set_num_threads(1)
     from align.common.config import validate
-from align.common.errors import AlignError
     from align.train.config import TrainConfig
     from align.train.loop import train
 
@@ -127,7 +133,7 @@ def test_a_later_load_of_a_verified_cache_reads_none_of_its_rows(tmp_path, monke
     memory without reading it through), and a file written since is scanned (and hashed) again."""
     import time
 
-    import align.cache.read as read
+    from align.cache import read
 
     data = _random_cache(tmp_path, "float32", {"val": 30})
     folder = cache_path(EmbedConfig.model_validate(data), "val")
@@ -364,3 +370,18 @@ def test_validation_streamed_in_several_chunks_agrees_with_one_chunk(tmp_path, m
     for got, expected in zip(several[1], one[1]):
         assert got == pytest.approx(expected, abs=1e-6)
     assert SIZES["val"] == 128
+
+
+def test_the_memory_model_counts_the_batches_in_flight_and_one_chunk_not_the_splits():
+    """Batches of 8 rows of 32 + 24 values, the one computing and PREFETCH_STEPS read ahead (one more on CUDA: the
+    device's copy), per group of heads of one seed, and one chunk of the validation rows (never more than
+    CHUNK_ROWS) at the wider side; nothing grows with the training split."""
+    from align.train.memory import data_memory
+
+    cfg = validate(TrainConfig, train_config(data_section(Path("unused")), image_dim=32, text_dim=24,
+                                             schedule={"batch_size": 8}))
+    steps = batches.PREFETCH_STEPS + 1
+    assert data_memory(cfg, eval_rows=100) == 4 * (steps * 8 * 56 + 100 * 32)
+    assert data_memory(cfg, eval_rows=100, groups=3) == 4 * (3 * steps * 8 * 56 + 100 * 32)
+    assert data_memory(cfg, eval_rows=10 ** 7, device=torch.device("cuda")) == \
+        4 * ((steps + 1) * 8 * 56 + embeddings.CHUNK_ROWS * 32)
