@@ -88,12 +88,22 @@ def test_the_pack_limit_is_what_each_workers_share_of_the_budget_holds(study_fil
     cfg = load_config(CompareConfig, study_file)
     sized, data = prepare_data(cell_config(cfg, grid_cells(cfg.grid)[0], Path(".")))
     assert (sized.head.out_dim, sized.image_dim, sized.text_dim, sized.schedule.batch_size) == (32, 32, 24, 64)
-    per_head = head_memory(sized, data.val.num_images + data.val.num_captions, OptimizerMemory()).bytes
-    assert pack_limit(cfg, "auto", int(3.5 * per_head) * 2, workers=2) == 3
-    assert pack_limit(cfg, 2, int(3.5 * per_head) * 2, workers=2) == 2
-    assert pack_limit(cfg, 5, int(3.5 * per_head), workers=1) == 3  # the budget caps an explicit size
+    eval_rows = data.val.num_images + data.val.num_captions
+    per_head = head_memory(sized, eval_rows, OptimizerMemory()).bytes
+    held = _data_bytes(eval_rows)
+    assert pack_limit(cfg, "auto", (int(3.5 * per_head) + held) * 2, workers=2) == 3
+    assert pack_limit(cfg, 2, (int(3.5 * per_head) + held) * 2, workers=2) == 2
+    assert pack_limit(cfg, 5, int(3.5 * per_head) + held, workers=1) == 3  # the budget caps an explicit size
+    assert pack_limit(cfg, "auto", per_head + held, workers=1) == 1
     with pytest.raises(AlignError, match="cannot hold one head"):
-        pack_limit(cfg, "auto", per_head - 1, workers=1)
+        pack_limit(cfg, "auto", per_head + held - 1, workers=1)  # the data's bytes are not the heads'
+
+
+def _data_bytes(eval_rows: int, seeds: int = 2, batch: int = 64) -> int:
+    """What a pack of the study holds of its data, counted by hand: for each of the grid's seeds (a group of heads
+    that share batches), the batch computing and the one read ahead, of 32 + 24 float32 values a row; and the
+    validation rows (fewer than one chunk) at the wider side, 32 values."""
+    return 4 * (seeds * 2 * batch * (IMAGE_DIM + TEXT_DIM) + eval_rows * max(IMAGE_DIM, TEXT_DIM))
 
 
 def _head_bytes_for(cfg, eval_rows: int) -> int:
@@ -128,16 +138,17 @@ def test_the_parent_sizes_heads_from_the_manifests_and_never_loads_a_split(study
 
     cfg = load_config(CompareConfig, study_file)
     image, text, _ = synthetic_split("val", SIZES["val"])  # what make_cache wrote: 1 to 3 captions per image
+    held = _data_bytes(len(image) + len(text))
     per_head = _head_bytes_for(cfg, len(image) + len(text))
-    assert pack_limit(cfg, "auto", per_head, workers=1) == 1  # exactly one head's bytes hold exactly one
+    assert pack_limit(cfg, "auto", per_head + held, workers=1) == 1  # exactly one head's and the data's bytes
     with pytest.raises(AlignError, match="cannot hold one head"):
-        pack_limit(cfg, "auto", per_head - 1, workers=1)
-    assert pack_limit(cfg, "auto", int(3.5 * per_head) * 2, workers=2) == 3
+        pack_limit(cfg, "auto", per_head + held - 1, workers=1)
+    assert pack_limit(cfg, "auto", (int(3.5 * per_head) + held) * 2, workers=2) == 3
 
     # The planning run_study does (rank 0): the layout, recorded in packs.json, within the budget's limit.
     study = StudyDir(tmp_path / "study")
     cells = grid_cells(cfg.grid)
-    packs, threads = pack_layout(cfg, study, cells, "auto", 2 * per_head)
+    packs, threads = pack_layout(cfg, study, cells, "auto", 2 * (per_head + held))
     assert max(len(p) for p in packs) == 1 and sorted(c.key for p in packs for c in p) == sorted(c.key for c in cells)
     assert study.read_pack_layout() == {"threads": threads, "packs": [[c.key for c in p] for p in packs]}
 
@@ -150,7 +161,8 @@ def test_held_out_validation_is_sized_at_the_training_splits_mean_captions(study
 
     cfg = load_config(CompareConfig, study_file, ["eval.holdout_images=100"])
     image, text, _ = synthetic_split("train", SIZES["train"])
-    per_head = _head_bytes_for(cfg, 100 + math.ceil(100 * len(text) / len(image)))
+    rows = 100 + math.ceil(100 * len(text) / len(image))
+    per_head = _head_bytes_for(cfg, rows) + _data_bytes(rows)
     assert pack_limit(cfg, "auto", per_head, workers=1) == 1
     with pytest.raises(AlignError, match="cannot hold one head"):
         pack_limit(cfg, "auto", per_head - 1, workers=1)

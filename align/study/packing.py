@@ -19,7 +19,7 @@ from align.optim.batched import keeps_method_state
 from align.optim.registry import forward_backward_passes
 from align.study.config import Cell, CompareConfig, cell_hparams, grid_cells
 from align.study.studies import StudyDir
-from align.train.memory import VALUE_BYTES, OptimizerMemory, head_memory, heads_that_fit
+from align.train.memory import VALUE_BYTES, OptimizerMemory, data_memory, head_memory, heads_that_fit
 from align.train.run_data import planned_roles
 
 
@@ -71,19 +71,22 @@ def check_pack(pack: int | str) -> None:
 
 def pack_limit(cfg: CompareConfig, pack: int | str, memory_budget: str | int | None, workers: int) -> int:
     """How many heads one pack may hold: ``pack`` (a number, or "auto"), capped by what fits each worker's share
-    of the memory budget; AlignError when not even one head fits. The head is sized from the caches' manifests,
-    at the most any optimizer of the grid keeps (``OptimizerMemory``'s defaults)."""
+    of the memory budget once the pack's data are counted (``data_memory``: its batches in flight, one group per
+    seed of the grid at most, and a validation chunk); AlignError when not even one head fits. The head is sized
+    from the caches' manifests, at the most any optimizer of the grid keeps (``OptimizerMemory``'s defaults)."""
     check_pack(pack)
     budget = parse_memory(memory_budget) if memory_budget is not None else default_memory_budget(cfg.device)
     share = budget // max(1, workers)
     sized, eval_rows = planned_roles(cfg)  # the splits checked in their roles from the manifests: nothing loaded
     optimizer = OptimizerMemory(metric=keeps_state(cfg))
-    fit = heads_that_fit(sized, share, eval_rows, optimizer)  # the pack's logits as a whole (row blocks shrink)
+    data = data_memory(sized, eval_rows, groups=len(cfg.grid.seeds), device=pick_device(cfg.device))
+    fit = heads_that_fit(sized, share - data, eval_rows, optimizer)  # the pack's logits as a whole (blocks shrink)
     if fit < 1:
         one = head_memory(sized, eval_rows, optimizer)
         raise AlignError(f"a memory budget of {share / 2 ** 20:.0f} MiB per worker cannot hold one head "
                          f"({one.bytes / 2 ** 20:.1f} MiB, {VALUE_BYTES * one.logits / 2 ** 20:.1f} of them the "
-                         f"loss's logits): raise --memory-budget or use fewer --workers")
+                         f"loss's logits) and its data ({data / 2 ** 20:.1f} MiB of batches in flight and "
+                         f"validation rows): raise --memory-budget or use fewer --workers")
     return int(fit if pack == "auto" else min(pack, fit))
 
 
