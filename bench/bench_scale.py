@@ -2,12 +2,15 @@
 100k to millions of pairs, made through `align cache import`, and of large contrastive batches.
 
     .venv/bin/python bench/bench_scale.py --scratch /data/scratch                    # 100k, 1M, 4M; batches
-    .venv/bin/python bench/bench_scale.py --scratch /data/scratch --sizes 100000 --big 12000000 --order blocks
+    .venv/bin/python bench/bench_scale.py --scratch /data/scratch --sizes 100000 --big 14000000 --orders blocks random
+    .venv/bin/python bench/bench_scale.py --scratch /data/s --big 14000000 --prepare --keep   # the big import ahead
+    .venv/bin/python bench/bench_scale.py --scratch /data/s --big 14000000 --reuse --batches   # ... then measure
 
 Everything lives under ``--scratch`` (outside the repository) and is deleted at the end (``--keep`` keeps it).
 Caches are random 512-d float16 embeddings (val and test 5,000 rows each), written as plain ``.npy`` pairs and
-brought in with ``align cache import`` (the raw pair is deleted once imported, so a size needs its cache's disk
-only once over). Each measurement is one `align` process tree, watched from here every 0.2 s:
+brought in with ``align cache import`` (the raw pair is deleted once imported: a size needs twice its cache's disk
+only while it is imported). The --big cache is trained from a cold page cache (emptied first, where this process
+may: root), in each of ``--orders``. Each measurement is one `align` process tree, watched from here every 0.2 s:
 
 - memory: peak anonymous memory (``RssAnon`` of /proc/PID/status summed over the process tree, as
   ``../shared/tools/peakanon.py`` measures it), and the largest single process's. The pages of a memory-mapped cache
@@ -112,8 +115,27 @@ def random_pair(folder: Path, rows: int, seed: int) -> tuple[Path, Path]:
     return paths[0], paths[1]
 
 
-def import_cache(scratch: Path, name: str, split: str, rows: int, seed: int) -> dict[str, float]:
-    """Make a random pair of ``rows`` rows and import it as cache NAME (split ``split``); the raw pair is deleted."""
+def existing_cache(scratch: Path, name: str, split: str) -> Path | None:
+    """The cache NAME of ``split`` a previous ``--keep`` run left complete (its manifest written last), if any."""
+    return next((p for p in (scratch / "cache").glob(f"{name}-{split}-*") if (p / "manifest.json").exists()), None)
+
+
+def drop_page_cache() -> bool:
+    """Empty the kernel's page cache (root only), so that a run starts with none of a cache's pages in memory."""
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("1\n")
+        return True
+    except OSError:
+        return False
+
+
+def import_cache(scratch: Path, name: str, split: str, rows: int, seed: int, reuse: bool = False) -> dict[str, float]:
+    """Make a random pair of ``rows`` rows and import it as cache NAME (split ``split``); the raw pair is deleted.
+    With ``reuse``, a complete cache of that name left by a previous ``--keep`` run is used as it is."""
+    if reuse and existing_cache(scratch, name, split) is not None:
+        return {"peak_tree_mib": float("nan"), "peak_one_mib": float("nan"), "wall_s": 0.0,
+                "steps_per_s": float("nan")}
     raw = scratch / "raw" / name
     image, text = random_pair(raw, rows, seed)
     cmd = [ALIGN, "cache", "import", "--image", str(image), "--text", str(text), "--name", name, "--split", split,
@@ -170,8 +192,11 @@ def main() -> None:
     ap.add_argument("--big", type=int, default=0, help="also a cache of this many pairs (e.g. larger than RAM)")
     ap.add_argument("--batches", type=int, nargs="*", default=[4096, 16384, 32768])
     ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--order", choices=["random", "blocks"], default="random", help="the order of the --big run")
+    ap.add_argument("--orders", nargs="+", choices=["random", "blocks"], default=["random"],
+                    help="the orders the --big run is trained in, each from a cold page cache where it can be emptied")
     ap.add_argument("--compare-on", type=int, default=0, help="the size the 2-worker compare runs on (default: largest)")
+    ap.add_argument("--prepare", action="store_true", help="only import the val/test and --big caches (with --keep)")
+    ap.add_argument("--reuse", action="store_true", help="use caches a previous --keep run left instead of importing")
     ap.add_argument("--keep", action="store_true")
     args = ap.parse_args()
     scratch = args.scratch.resolve()
@@ -179,38 +204,57 @@ def main() -> None:
     lines = ["| what | peak anon, tree (MiB) | one process (MiB) | steps/s | wall (s) |", "|---|---|---|---|---|"]
     try:
         for name, split, seed in (("val5k", "val", 1), ("test5k", "test", 2)):
-            import_cache(scratch, name, split, EVAL_ROWS, seed)
+            import_cache(scratch, name, split, EVAL_ROWS, seed, args.reuse)
+        if args.prepare:
+            if args.big:
+                lines.append(row(f"import {args.big:,} pairs", import_cache(scratch, f"s{args.big}", "train",
+                                                                            args.big, 11, args.reuse)))
+            return
         sizes = sorted(args.sizes)
         compare_on = args.compare_on or (sizes[-1] if sizes else 0)
         for n in sizes:
-            name = f"s{n}"
-            lines.append(row(f"import {n:,} pairs", import_cache(scratch, name, "train", n, 10)))
-            lines.append(row(f"train {n:,} pairs, M-SAM, batch 4,096",
-                             run_train(scratch, f"train-{n}", train_config(scratch, name, 4096, args.steps, "msam",
-                                                                           "random"))))
-            if n == sizes[0]:
-                for batch in args.batches:
-                    for opt in ("adamw", "msam"):
-                        lines.append(row(f"train {n:,} pairs, {opt}, batch {batch:,} (3 steps)",
-                                         run_train(scratch, f"batch-{batch}-{opt}",
-                                                   train_config(scratch, name, batch, 3, opt, "random"))))
-            if n == compare_on:
-                lines.append(row(f"compare {n:,} pairs, 2 workers (tree: all; one: the largest process)",
-                                 run_compare(scratch, f"compare-{n}", name, args.steps, "random")))
+            lines += measure_size(scratch, n, args, first=n == sizes[0], compare=n == compare_on)
             if n != sizes[-1] or args.big:
-                shutil.rmtree(next((scratch / "cache").glob(f"{name}-train-*")), ignore_errors=True)
+                shutil.rmtree(existing_cache(scratch, f"s{n}", "train") or scratch / "none", ignore_errors=True)
             print("\n".join(lines), flush=True)
         if args.big:
-            name = f"s{args.big}"
-            lines.append(row(f"import {args.big:,} pairs", import_cache(scratch, name, "train", args.big, 11)))
-            lines.append(row(f"train {args.big:,} pairs, M-SAM, batch 4,096, {args.order} order",
-                             run_train(scratch, f"train-{args.big}", train_config(scratch, name, 4096, args.steps,
-                                                                                  "msam", args.order))))
+            lines += measure_big(scratch, args)
     finally:
         print("\n".join(lines), flush=True)
         (scratch.parent / f"{scratch.name}-results.json").write_text(json.dumps(lines))
         if not args.keep:
             shutil.rmtree(scratch, ignore_errors=True)
+
+
+def measure_size(scratch: Path, n: int, args: argparse.Namespace, first: bool, compare: bool) -> list[str]:
+    """Import ``n`` pairs and train on them (at batch 4,096; the batch sizes on the first; the 2-worker compare)."""
+    name, lines = f"s{n}", []
+    lines.append(row(f"import {n:,} pairs", import_cache(scratch, name, "train", n, 10, args.reuse)))
+    lines.append(row(f"train {n:,} pairs, M-SAM, batch 4,096",
+                     run_train(scratch, f"train-{n}", train_config(scratch, name, 4096, args.steps, "msam", "random"))))
+    if first:
+        for batch in args.batches:
+            for opt in ("adamw", "msam"):
+                lines.append(row(f"train {n:,} pairs, {opt}, batch {batch:,} (3 steps)",
+                                 run_train(scratch, f"batch-{batch}-{opt}",
+                                           train_config(scratch, name, batch, 3, opt, "random"))))
+    if compare:
+        lines.append(row(f"compare {n:,} pairs, 2 workers (tree: all; one: the largest process)",
+                         run_compare(scratch, f"compare-{n}", name, args.steps, "random")))
+    return lines
+
+
+def measure_big(scratch: Path, args: argparse.Namespace) -> list[str]:
+    """Import (or reuse) the --big cache and train on it in each of ``--orders``, from a cold page cache."""
+    name = f"s{args.big}"
+    lines = [row(f"import {args.big:,} pairs", import_cache(scratch, name, "train", args.big, 11, args.reuse))]
+    for order in args.orders:
+        cold = "cold page cache" if drop_page_cache() else "page cache not emptied"
+        lines.append(row(f"train {args.big:,} pairs, M-SAM, batch 4,096, {order} order ({cold})",
+                         run_train(scratch, f"train-{args.big}-{order}",
+                                   train_config(scratch, name, 4096, args.steps, "msam", order))))
+        print("\n".join(lines), flush=True)
+    return lines
 
 
 if __name__ == "__main__":
