@@ -111,6 +111,13 @@ def test_a_tracker_that_is_not_installed_is_one_line_and_exit_2(tmp_path, monkey
     assert not (tmp_path / "run").exists() and not (tmp_path / "study").exists()
 
 
+@pytest.mark.parametrize("command", ["train", "compare"])
+def test_report_to_help_names_the_track_extra_that_rich_markup_would_eat(command):
+    result = runner.invoke(app, [command, "--help"], env={"COLUMNS": "400"})
+    assert result.exit_code == 0, result.output
+    assert "pip install 'align[track]'" in " ".join(result.output.replace("│", " ").split()), result.output
+
+
 def test_report_to_stays_out_of_the_config_hash(tmp_path):
     """Where a run reports is not what it computes: a run resumes with another --report-to, and old runs keep
     their config_hash."""
@@ -437,3 +444,4 @@ def test_compare_writes_the_summary_table_for_tensorboards_hparams_view(tracked_
         accumulator.Reload()
         (value,) = accumulator.Scalars("summary/mean_R@1_mean")
         assert value.value == pytest.approx(float(row["mean_R@1_mean"]), rel=1e-6)
+
