@@ -133,8 +133,10 @@ def rank_log(me: Any) -> Callable[[str], None]:
     return lambda message: None
 
 
-REPORT_HELP = ("Experiment trackers to report to besides metrics.jsonl: tensorboard, wandb, mlflow, comma-separated, "
-               "or none (default: the config's report_to). Offline by default; pip install 'align[track]'.")
+# help is rich markup: unescaped, "[track]" would be read as a style tag and vanish from the text
+REPORT_HELP = ("Experiment trackers to report to besides metrics.jsonl: tensorboard, wandb, mlflow, "
+               "comma-separated, or none (default: the config's report_to). Offline by default; "
+               "pip install 'align\\[track]'.")
 
 
 def report_override(report_to: str | None) -> list[str]:

@@ -111,6 +111,13 @@ def test_a_tracker_that_is_not_installed_is_one_line_and_exit_2(tmp_path, monkey
     assert not (tmp_path / "run").exists() and not (tmp_path / "study").exists()
 
 
+@pytest.mark.parametrize("command", ["train", "compare"])
+def test_report_to_help_names_the_track_extra_that_rich_markup_would_eat(command):
+    result = runner.invoke(app, [command, "--help"], env={"COLUMNS": "400"})
+    assert result.exit_code == 0, result.output
+    assert "pip install 'align[track]'" in " ".join(result.output.replace("│", " ").split()), result.output
+
+
 def test_report_to_stays_out_of_the_config_hash(tmp_path):
     """Where a run reports is not what it computes: a run resumes with another --report-to, and old runs keep
     their config_hash."""
@@ -258,6 +265,7 @@ def test_tensorboard_holds_every_record_once_at_its_step(tracked_runs, name):
     (test,) = accumulator.Scalars("test/best/mean_R@1")
     assert (test.step, test.value) == (STEPS, float(np.float32(results["best_test"]["mean_R@1"])))
     config = flat(yaml.safe_load((run / "config.yaml").read_text()))
+    config.pop("out_dir")  # the run's folder: its TensorBoard run name already (see the study's test below)
     assert set(hparams) == {k for k, v in config.items() if v is not None}  # unset: left out, numbers stay numbers
     for key, value in config.items():
         if value is None:
@@ -437,3 +445,23 @@ def test_compare_writes_the_summary_table_for_tensorboards_hparams_view(tracked_
         accumulator.Reload()
         (value,) = accumulator.Scalars("summary/mean_R@1_mean")
         assert value.value == pytest.approx(float(row["mean_R@1_mean"]), rel=1e-6)
+
+
+def test_the_hparams_that_differ_between_cells_are_the_grids_axes_not_their_folders(tracked_study):
+    """TensorBoard's HParams view shows at first the first five hyper-parameters (by name) whose values differ
+    between its runs: a per-cell value that is not an axis of the grid (the cell's out_dir) would take a column
+    and push the seed out of view."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    values: dict[str, set] = {}
+    for cell in CELLS:
+        (events,) = (tracked_study["study"] / "runs" / cell / "tensorboard").glob("events.out.tfevents.*")
+        (start,) = [plugin_data_pb2.HParamsPluginData.FromString(v.metadata.plugin_data.content).session_start_info
+                    for e in EventFileLoader(str(events)).Load() for v in e.summary.value
+                    if v.metadata.plugin_data.plugin_name == "hparams"]
+        for key, value in start.hparams.items():
+            values.setdefault(key, set()).add(value.SerializeToString())
+    differ = {key for key, seen in values.items() if len(seen) > 1}
+    # the grid: optimizers sam and msam, one lr, one ρ, msam's α ∈ {0.5, 1}, seeds 0 and 1
+    assert differ == {"optim.name", "optim.alpha", "seed"}

@@ -43,6 +43,9 @@ NONE = "none"  # report to no tracker (the default)
 PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow-skinny"}  # what pip installs
 TRACKING_FILE = "tracking.json"  # RUN/tracking.json: the wandb and MLflow run ids a resume continues
 TENSORBOARD_DIR = "tensorboard"  # RUN/tensorboard/: the run's event files
+# config keys TensorBoard's HParams view does not list: the run's folder is its run name there already, and as a
+# column it differs in every cell and takes one of the five columns the view shows at first (a study's seed)
+NOT_HPARAMS = ("out_dir",)
 WANDB_DIR = "wandb"  # RUN/wandb/: wandb's run folders (offline-run-<time>-<id>/ in offline mode)
 FLUSH_S = 10  # TensorBoard writes its events at least this often: curves are watched live
 RECORD_KEYS = ("kind", "step")  # what a metrics.jsonl record holds besides its values
@@ -143,14 +146,16 @@ class Tracker:
 
 
 class TensorBoardTracker(Tracker):
-    """Event files in RUN/tensorboard/ (one more per session); the config in TensorBoard's HParams view."""
+    """Event files in RUN/tensorboard/ (one more per session); the config in TensorBoard's HParams view, less
+    ``NOT_HPARAMS``."""
 
     def __init__(self, folder: Path, params: dict[str, Any]) -> None:
         from torch.utils.tensorboard import SummaryWriter  # heavy: only when a run reports to TensorBoard
 
         self._held = event_steps(folder)  # before this session's file exists
         self.writer = SummaryWriter(str(folder), flush_secs=FLUSH_S)
-        self.writer.file_writer.add_summary(session_start(params))
+        listed = {key: value for key, value in params.items() if key not in NOT_HPARAMS}
+        self.writer.file_writer.add_summary(session_start(listed))
 
     def held(self) -> dict[str, int]:
         return self._held
