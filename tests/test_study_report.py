@@ -99,3 +99,27 @@ def test_the_report_says_at_which_unswept_method_settings_gsam_and_friendly_sam_
         "optimizers": ["sgd", "sam", "msam", "gsam", "friendly_sam"], "lrs": [0.003], "rhos": [0.05], "seeds": [0],
         "method_axes": {"msam": {"metric_beta": [0.0, 0.9]}}}})
     assert fixed_hparams_text(cfg) == "msam: α 1; gsam: α 0.4, ρ_min 0; friendly_sam: σ 0.5, λ 0.9"
+
+
+def test_the_bar_chart_labels_of_eight_optimizers_do_not_overlap(tmp_path, monkeypatch):
+    """With GSAM and Friendly SAM in the default study the horizontal labels ran into each other ("ASAMFisher SAM",
+    "GSAMFriendly SAM"). Measured on the drawn figure: no two tick labels of a panel share a pixel."""
+    from align.study import plots  # the plotting module, for its figure saver only
+
+    drawn = []
+
+    def keep(fig, path):
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        drawn.append([[t.get_window_extent(renderer) for t in ax.get_xticklabels()] for ax in fig.axes])
+        return path
+
+    monkeypatch.setattr(plots, "save_figure", keep)
+    names = ["sgd", "adamw", "sam", "msam", "asam", "fsam", "gsam", "friendly_sam"]
+    summary = [{"optimizer": n, "mean_R@1_mean": 0.6, "mean_R@1_std": 0.01, "mutual_knn_mean": 0.34,
+                "mutual_knn_std": 0.005} for n in names]
+    plots.bar_chart(summary, tmp_path / "bars.png")
+    for boxes in drawn[0]:
+        assert len(boxes) == len(names)
+        for a, b in zip(boxes, boxes[1:]):
+            assert not a.overlaps(b), (a, b)
