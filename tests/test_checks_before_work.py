@@ -172,9 +172,9 @@ def test_an_empty_mnist_split_is_refused_by_dry_run(split, tmp_path, monkeypatch
 def test_overrides_for_optimizers_left_out_of_the_grid_are_refused_not_echoed(tmp_path, monkeypatch):
     monkeypatch.setenv("ALIGN_HOME", str(tmp_path))
     line = one_error_line(runner.invoke(app, ["compare", "--dry-run", "--set", "grid.optimizers=[sam,msam]"]))
-    # the packaged default study has these four for sgd, fsam and asam
-    assert "lr_overrides.sgd, lr_overrides.fsam, rho_overrides.asam, method_axes.fsam: not in grid.optimizers " \
-           "(sam, msam)" in line
+    # the packaged default study has these six for sgd, fsam, gsam, friendly_sam and asam
+    assert "lr_overrides.sgd, lr_overrides.fsam, lr_overrides.gsam, lr_overrides.friendly_sam, rho_overrides.asam, " \
+           "method_axes.fsam: not in grid.optimizers (sam, msam)" in line
     emptied = ["--set", "grid.lr_overrides={}", "--set", "grid.rho_overrides={}", "--set", "grid.method_axes={}"]
     out = runner.invoke(app, ["compare", "--dry-run", "--set", "grid.optimizers=[sam,msam]", *emptied])
     assert out.exit_code == 0, out.output

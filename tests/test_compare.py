@@ -264,7 +264,7 @@ def test_every_config_validates_and_compare_configs_dry_run(path):
         # for single-pass methods) × its method-axis combinations × seeds; the SAM family takes two passes a step.
         raw = yaml.safe_load(path.read_text())
         grid, steps = raw["grid"], raw["schedule"]["steps"]
-        two_pass = {"sam", "msam", "asam", "fsam"}
+        two_pass = {"sam", "msam", "asam", "fsam", "gsam", "friendly_sam"}  # two passes on every step
         cells = {name: len(grid.get("lr_overrides", {}).get(name, grid["lrs"]))
                  * (len(grid.get("rho_overrides", {}).get(name, grid["rhos"])) if name in two_pass else 1)
                  * math.prod(len(values) for values in grid.get("method_axes", {}).get(name, {}).values())

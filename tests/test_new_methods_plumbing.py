@@ -25,10 +25,12 @@ def _study(**grid):
 
 def test_the_plan_counts_looksams_single_pass_steps():
     """LookSAM takes its second pass on steps 0, k, 2k, ... only: 10 + ⌈10/k⌉ passes per run, not 20."""
-    cfg = _study(optimizers=["sgd", "sam", "looksam", "gsam"], method_axes={"looksam": {"k": [1, 3, 20]}})
+    cfg = _study(optimizers=["sgd", "sam", "looksam", "gsam", "friendly_sam"],
+                 method_axes={"looksam": {"k": [1, 3, 20]}})
     runs = plan(cfg)
-    # sgd 10, sam 20, gsam 20, looksam k=1: 20, k=3: 14, k=20: 11 — one lr, one ρ, one seed each
-    assert runs["forward_backward_passes"] == 10 + 20 + 20 + (10 + 10) + (10 + 4) + (10 + 1)
+    # sgd 10, sam 20, gsam 20, friendly_sam 20 (both take SAM's two passes on every step), looksam k=1: 20,
+    # k=3: 14, k=20: 11 — one lr, one ρ, one seed each
+    assert runs["forward_backward_passes"] == 10 + 20 + 20 + 20 + (10 + 10) + (10 + 4) + (10 + 1)
     shared = _study(optimizers=["sam", "looksam"], lrs=[0.1, 0.01])
     assert plan(shared)["forward_backward_passes"] == 2 * 20 + 2 * (10 + math.ceil(10 / 10))  # the default k 10
 

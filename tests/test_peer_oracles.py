@@ -14,12 +14,14 @@ float64 comparisons give it the float64 norm (``float64_norms``), a precision se
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 
 import pytest
 import torch
 
 from align.optim import SAM, FriendlySAM, GSAM, Lion, LookSAM, create_optimizer
+from align.optim.registry import default_hparams
 from align.optim.two_pass import norm_of
 from align.train.run_data import lr_factor
 
@@ -384,3 +386,24 @@ def test_state_dict_round_trip_of_the_new_methods_is_bit_identical(name, knobs):
         s3.load_state_dict(saved[2])
         steps(m3, o3, s3, range(5, STEPS))
         assert not all(torch.equal(p, q) for p, q in zip(m1.parameters(), m3.parameters()))
+
+
+def _peer_default(cls: type, name: str) -> float:
+    return inspect.signature(cls.__init__).parameters[name].default
+
+
+def test_gsam_and_friendly_sam_defaults_are_the_papers_and_the_peers():
+    """A registry default drifting from the published setting would put a study's GSAM or Friendly SAM at a point
+    neither paper ran. GSAM (Zhuang et al. 2022, Table 4, the authors' repository): with an AdamW base the paper
+    runs α 0.4 with ρ_min 0 (ViT-S/32; ρ_max 0.6 there, which the grid's ρ axis replaces), and pytorch_optimizer's
+    GSAM defaults α to 0.4. Friendly SAM (Li et al. 2024): σ = 1 in every experiment, λ 0.9 in the authors'
+    FriendlySAM class and pytorch_optimizer's (their CIFAR runs set 0.6 or 0.95 on the command line)."""
+    gsam, friendly = default_hparams("gsam"), default_hparams("friendly_sam")
+    assert (gsam["alpha"], gsam["rho_min"]) == (0.4, 0.0)
+    assert gsam["alpha"] == _peer_default(po_sam.GSAM, "alpha")
+    assert (friendly["sigma"], friendly["lmbda"]) == (1.0, 0.9)
+    assert (friendly["sigma"], friendly["lmbda"]) == (_peer_default(po_sam.FriendlySAM, "sigma"),
+                                                      _peer_default(po_sam.FriendlySAM, "lmbda"))
+    assert GSAM([torch.zeros(1, requires_grad=True)], lr=0.1).alpha == gsam["alpha"]  # the class agrees
+    sam = FriendlySAM([torch.zeros(1, requires_grad=True)], lr=0.1)
+    assert (sam.sigma, sam.lmbda) == (friendly["sigma"], friendly["lmbda"])

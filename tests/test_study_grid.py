@@ -96,7 +96,10 @@ def test_the_default_study_has_five_seeds_and_sweeps_fisher_sams_eta_where_it_di
     etas = cfg.grid.method_axes["fsam"]["eta"]
     # bench/study_knobs.py: below η ≈ 1e3 Fisher SAM's δ is within 0.3% of SAM's (1 + η gᵢ² ≤ 1.021 at η = 1)
     assert len(etas) >= 2 and min(etas) >= 1e3
-    # by hand: sgd, adamw 3 lrs; sam, msam, asam 3 lrs × 3 ρ; fsam 1 lr × 3 ρ × the η; all × 5 seeds
-    assert cfg.grid.lr_overrides["fsam"] == [0.003]
-    runs = (3 + 3 + 3 * 9 + 3 * len(etas)) * 5
+    # by hand: sgd, adamw 3 lrs; sam, msam, asam 3 lrs × 3 ρ; fsam 1 lr × 3 ρ × the η; gsam, friendly_sam 1 lr × 3 ρ
+    # at their papers' settings (no axis of theirs swept); all × 5 seeds
+    assert cfg.grid.lr_overrides["fsam"] == cfg.grid.lr_overrides["gsam"] == cfg.grid.lr_overrides["friendly_sam"] \
+        == [0.003]
+    assert "gsam" not in cfg.grid.method_axes and "friendly_sam" not in cfg.grid.method_axes
+    runs = (3 + 3 + 3 * 9 + 3 * len(etas) + 3 + 3) * 5
     assert plan(cfg)["runs"] == runs and f"{runs} runs" in path.read_text().split("\nname:")[0]

@@ -5,8 +5,10 @@ import math
 
 import pytest
 
-from align.study.report import (diff_text, fisher_note, robustness_lines, summary_lines, table3_section,
-                                verdict_sentences, with_axis_columns)
+from align.common.config import validate
+from align.study.config import CompareConfig
+from align.study.report import (diff_text, fisher_note, fixed_hparams_text, robustness_lines, summary_lines,
+                                table3_section, verdict_sentences, with_axis_columns)
 
 NAN = math.nan
 
@@ -82,3 +84,42 @@ def test_fisher_note_reports_this_studys_gap_at_eta_one():
     no_axis = [{k: v for k, v in r.items() if k != "eta"} for r in rows]
     assert "differ by at most" not in fisher_note(no_axis, "sam", default_eta=10.0)[0]  # η = 10: no η = 1 runs
     assert "at most 0.08 points" in fisher_note(no_axis, "sam", default_eta=1.0)[0]
+
+
+DATA = {"dataset": {"kind": "synthetic"}, "image_encoder": {"backend": "open_clip", "model": "ViT-S-32"},
+        "text_encoder": {"backend": "open_clip", "model": "ViT-S-16"}, "cache_root": "/nonexistent", "device": "cpu"}
+
+
+def test_the_report_says_at_which_unswept_method_settings_gsam_and_friendly_sam_ran():
+    """A summary row gives lr, ρ and the swept axes only: without this line a reader could not tell the α of a GSAM
+    row or the σ, λ of a Friendly SAM row. Values: GSAM α 0.4, ρ_min 0 and Friendly SAM σ 1, λ 0.9 are the
+    papers' (tests/test_peer_oracles.py); the config's σ 0.5 replaces Friendly SAM's, a swept axis (M-SAM's β)
+    and ρ are left out, and base optimizers and SAM (no numeric knob besides ρ) say nothing."""
+    cfg = validate(CompareConfig, {"data": DATA, "optim": {"sigma": 0.5}, "grid": {
+        "optimizers": ["sgd", "sam", "msam", "gsam", "friendly_sam"], "lrs": [0.003], "rhos": [0.05], "seeds": [0],
+        "method_axes": {"msam": {"metric_beta": [0.0, 0.9]}}}})
+    assert fixed_hparams_text(cfg) == "msam: α 1; gsam: α 0.4, ρ_min 0; friendly_sam: σ 0.5, λ 0.9"
+
+
+def test_the_bar_chart_labels_of_eight_optimizers_do_not_overlap(tmp_path, monkeypatch):
+    """With GSAM and Friendly SAM in the default study the horizontal labels ran into each other ("ASAMFisher SAM",
+    "GSAMFriendly SAM"). Measured on the drawn figure: no two tick labels of a panel share a pixel."""
+    from align.study import plots  # the plotting module, for its figure saver only
+
+    drawn = []
+
+    def keep(fig, path):
+        fig.canvas.draw()
+        renderer = fig.canvas.get_renderer()
+        drawn.append([[t.get_window_extent(renderer) for t in ax.get_xticklabels()] for ax in fig.axes])
+        return path
+
+    monkeypatch.setattr(plots, "save_figure", keep)
+    names = ["sgd", "adamw", "sam", "msam", "asam", "fsam", "gsam", "friendly_sam"]
+    summary = [{"optimizer": n, "mean_R@1_mean": 0.6, "mean_R@1_std": 0.01, "mutual_knn_mean": 0.34,
+                "mutual_knn_std": 0.005} for n in names]
+    plots.bar_chart(summary, tmp_path / "bars.png")
+    for boxes in drawn[0]:
+        assert len(boxes) == len(names)
+        for a, b in zip(boxes, boxes[1:]):
+            assert not a.overlaps(b), (a, b)

@@ -114,15 +114,15 @@ def training_curves(run_root: Path, best: dict[str, tuple], rows: list[dict[str,
 def bar_chart(summary: list[dict[str, Any]], path: Path, score: str = SCORE) -> Path:
     """The test ``score`` and mutual-k-NN of each optimizer's best configuration, mean ± std over seeds."""
     plt = pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     names = [s["optimizer"] for s in summary]
+    fig, axes = plt.subplots(1, 2, figsize=(max(10.0, 1.4 * len(names)), 4.2), layout="constrained")
     x = np.arange(len(names))
     for ax, metric, label in ((axes[0], score, f"test {SCORES.get(score, score)}"),
                               (axes[1], "mutual_knn", "test mutual-k-NN")):
         means = [s[f"{metric}_mean"] for s in summary]
         stds = [s[f"{metric}_std"] for s in summary]
         ax.bar(x, means, yerr=stds, capsize=4, color=[_color(n, "#333333") for n in names])
-        ax.set_xticks(x, [_label(n) for n in names])
+        ax.set_xticks(x, [_label(n).replace(" ", "\n") for n in names])  # "Fisher SAM" on two lines: no overlap
         finite = [m for m in means if not math.isnan(m)]
         if finite:
             lo = min(finite)

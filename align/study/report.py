@@ -16,7 +16,7 @@ from align.common.errors import AlignError
 from align.common.files import atomic_write_text
 from align.eval.plots import confusion_grid
 from align.optim import default_hparams
-from align.optim.registry import AXIS_SYMBOLS
+from align.optim.registry import AXIS_SYMBOLS, optimizer_info, resolve_hparams
 from align.study import plots
 from align.study import stats as study_stats
 from align.study.beside import SUMMARY, beside_folder, read_beside
@@ -488,7 +488,9 @@ def _report_head(cfg: Any, rows: list[dict[str, Any]], summ: list[dict[str, Any]
             f"{cfg.head.out_dim}-d, {cfg.loss.kind} loss, {cfg.schedule.steps} steps at batch {cfg.schedule.batch_size}, "
             f"base optimizer of the SAM family `{cfg.optim.base}`.",
             f"{len(rows)} runs: optimizers {', '.join(cfg.grid.optimizers)}; seeds {cfg.grid.seeds}"
-            + (f"; method axes {sweeps}" if sweeps else "") + ". The best configuration of each optimizer is "
+            + (f"; method axes {sweeps}" if sweeps else "")
+            + (f"; held fixed {fixed}" if (fixed := fixed_hparams_text(cfg)) else "")
+            + ". The best configuration of each optimizer is "
             f"chosen on the validation split ({label}); test figures below.", "",
             *zero_shot_note(cfg, score),
             "## Summary (best configuration per optimizer, mean ± std over seeds)", "",
@@ -499,6 +501,22 @@ def _report_head(cfg: Any, rows: list[dict[str, Any]], summ: list[dict[str, Any]
             *verdict_sentences(summ, cfg.reference, score), "",
             *seed_noise_note(summ, cfg.reference),
             *fisher_note(rows, cfg.reference, eta, score)]
+
+
+def fixed_hparams_text(cfg: Any) -> str:
+    """The numeric method hyper-parameters besides ρ that the grid does not sweep, at the values its cells train
+    with (the config's optim section, else the registry's defaults): 'gsam: α 0.4, ρ_min 0; friendly_sam: σ 1,
+    λ 0.9'. Without it a row of GSAM or Friendly SAM would not say at which α, σ or λ it ran."""
+    parts = []
+    for name in dict.fromkeys(cfg.grid.optimizers):
+        info = optimizer_info(name)
+        swept = {"rho", *cfg.grid.method_axes.get(name, {})}
+        values = resolve_hparams(name, {h.name: getattr(cfg.optim, h.name, None) for h in info.hparams})
+        fixed = [f"{h.symbol} {hp_text(values[h.name])}" for h in info.hparams if h.name not in swept
+                 and isinstance(values[h.name], (int, float)) and not isinstance(values[h.name], bool)]
+        if fixed:
+            parts.append(f"{name}: {', '.join(fixed)}")
+    return "; ".join(parts)
 
 
 def _data_text(cfg: Any) -> str:
