@@ -100,13 +100,13 @@ def _points(value: float, sign: bool = False) -> str:
     return "—" if math.isnan(value) else (f"{100 * value:+.1f}" if sign else f"{100 * value:.1f}")
 
 
-def _interval(mean: float, low: float, high: float, n: int | None = None) -> str:
+def _interval(mean: float, low: float, high: float, n: int | None = None, sign: bool = True) -> str:
     if math.isnan(mean):
         return "—"
     tail = f" (n = {n})" if n is not None else ""
     if math.isnan(low):
-        return f"{_points(mean, True)}{tail}: no interval"
-    return f"{_points(mean, True)} [{_points(low, True)}, {_points(high, True)}]{tail}"
+        return f"{_points(mean, sign)}{tail}: no interval"
+    return f"{_points(mean, sign)} [{_points(low, sign)}, {_points(high, sign)}]{tail}"
 
 
 def _p(value: float) -> str:
@@ -114,8 +114,9 @@ def _p(value: float) -> str:
 
 
 def invariance_lines(entries: list[dict[str, Any]], label: str, config_text: Any) -> list[str]:
-    """The Invariance section's tables and statement (markdown). ``distances`` of a level, where present:
-    {"image": ..., "text": ...} mean cosine distances; ``config_text(key)`` names a configuration."""
+    """The Invariance section's tables and statement (markdown) from ``invariance_entries`` (a level's
+    ``distances``, where the caller measured them: {"image": ..., "text": ...} mean cosine distances);
+    ``config_text(key)`` names a configuration."""
     shown = [(col, name) for col, name in SHARPNESS
              if any(not math.isnan(lv[col]) for e in entries for lv in e["levels"])]
     head = ("| optimizer (best at c = 1) | c | test " + label + " (%) | Δ vs c = 1 (points, 95% t-interval, n) | "
@@ -134,7 +135,7 @@ def invariance_lines(entries: list[dict[str, Any]], label: str, config_text: Any
               "t-interval) | seed std at c = 1 (points) | moves beyond seed noise |", "|---" * 5 + "|"]
     for e in entries:
         lines.append(f"| {e['optimizer']} | {_points(e['spread'])} | "
-                     f"{_interval(e['seed_spread'], e['spread_low'], e['spread_high'])} | {_points(e['seed_std'])} | "
+                     f"{_interval(e['seed_spread'], e['spread_low'], e['spread_high'], sign=False)} | {_points(e['seed_std'])} | "
                      f"{'yes' if e['moves'] else 'no'} |")
     moved = [e["optimizer"] for e in entries if e["moves"]]
     kept = [e["optimizer"] for e in entries if not e["moves"]]
