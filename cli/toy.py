@@ -60,6 +60,10 @@ def register(app: typer.Typer) -> None:
         alpha: Optional[float] = typer.Option(
             None, "--alpha", min=0.0,
             help="banana, grid: M-SAM's metric scale α, G = I + α² g gᵀ (0 = SAM, 1 = the paper's M-SAM, default)."),
+        rescale: Optional[list[float]] = typer.Option(
+            None, "--rescale", min=0.0, metavar="C",
+            help="banana: run in coordinates θ1 = c·φ1, θ2 = φ2/c for each c given (repeat it; c = 1 is added) and "
+                 "draw every method's paths in θ-space (banana_rescale.png)."),
     ) -> None:
         """Reproduce the paper's 2-D experiments (Figures 1-5) with the real optimizer classes."""
         from align.toy.experiments import EXPERIMENTS, run_experiment  # loads torch: not for --help
@@ -67,11 +71,17 @@ def register(app: typer.Typer) -> None:
 
         if alpha is not None and experiment.value not in ("banana", "grid", "all"):
             raise AlignError(f"--alpha applies to banana and grid (M-SAM's metric scale), not {experiment.value}")
+        if rescale and experiment is not Experiment.banana:
+            raise AlignError(f"--rescale applies to banana only (align toy banana --rescale C), not {experiment.value}")
+        if rescale and not all(0 < c < float("inf") for c in rescale):
+            raise AlignError(f"--rescale takes finite numbers > 0, got {', '.join(f'{c:g}' for c in rescale)}")
         out = require_writable(toy_dir() if out is None else out, "toy output folder",
                                "use --out DIR, or set ALIGN_HOME")  # before the experiments run
         names = EXPERIMENTS if experiment is Experiment.all else (experiment.value,)
         options = {"grid": {"max_steps": max_steps, "alpha": alpha}, "banana": {"alpha": alpha},
                    "sinc": {"half_width": sinc_half_width, "seed": seed}}
+        if rescale:  # the banana run under the reparameterization instead
+            names, options["banana_rescale"] = ("banana_rescale",), {"alpha": alpha, "scales": rescale}
         for name in names:
             start = time.perf_counter()
             with console.status(f"running {name} ..."):

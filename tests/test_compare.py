@@ -261,14 +261,15 @@ def test_every_config_validates_and_compare_configs_dry_run(path):
         plan = json.loads(result.output)
         assert plan["runs"] > 0 and plan["forward_backward_passes"] > 0
         # The plan against the YAML's own grid, counted here: cells per optimizer = its lrs × its ρs (one "no ρ"
-        # for single-pass methods) × its method-axis combinations × seeds; the SAM family takes two passes a step.
+        # for single-pass methods) × its method-axis combinations × seeds × head rescalings; the SAM family takes
+        # two passes a step.
         raw = yaml.safe_load(path.read_text())
         grid, steps = raw["grid"], raw["schedule"]["steps"]
         two_pass = {"sam", "msam", "asam", "fsam", "gsam", "friendly_sam"}  # two passes on every step
         cells = {name: len(grid.get("lr_overrides", {}).get(name, grid["lrs"]))
                  * (len(grid.get("rho_overrides", {}).get(name, grid["rhos"])) if name in two_pass else 1)
                  * math.prod(len(values) for values in grid.get("method_axes", {}).get(name, {}).values())
-                 * len(grid["seeds"]) for name in grid["optimizers"]}
+                 * len(grid["seeds"]) * len(grid.get("rescales", [1])) for name in grid["optimizers"]}
         assert plan["optimizers"] == grid["optimizers"] and plan["steps_per_run"] == steps
         assert plan["runs"] == sum(cells.values())
         assert plan["forward_backward_passes"] == steps * sum(n * (2 if name in two_pass else 1)

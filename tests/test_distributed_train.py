@@ -382,7 +382,8 @@ def test_a_local_msam_metric_is_kept_per_rank_and_resumes_only_on_as_many_ranks(
 
 def test_the_new_keys_at_their_defaults_leave_a_runs_config_hash_as_it_was(tmp_path):
     """loss.local, loss.block_rows, optim.perturbation, eval.sharpness_final, uniform_plateau_tol, collapse_fraction,
-    schedule.order, schedule.block_rows and the method keys of issue 24 (optim.rho_min, sigma, lmbda, k) came after
+    schedule.order, schedule.block_rows, the method keys of issue 24 (optim.rho_min, sigma, lmbda, k) and issue 25's
+    head.activation, head.rescale and eval.sharpness_geometries came after
     runs were trained: at their defaults they are not hashed, so those runs still resume; set, they are."""
     from align.train.identity import config_hash
     from align.train.config import TrainConfig, hashed_config
@@ -396,7 +397,12 @@ def test_the_new_keys_at_their_defaults_leave_a_runs_config_hash_as_it_was(tmp_p
     del before["schedule"]["order"], before["schedule"]["block_rows"]
     for key in ("rho_min", "sigma", "lmbda", "k"):
         del before["optim"][key]
+    del before["head"]["activation"], before["head"]["rescale"], before["eval"]["sharpness_geometries"]  # issue 25
     assert config_hash(hashed_config(cfg)) == config_hash(before)
+    for section, key, value in (("head", "rescale", 10.0), ("head", "activation", "relu"),
+                                ("eval", "sharpness_geometries", ["monge"])):  # issue 25's keys, set: hashed
+        changed = cfg.model_copy(update={section: getattr(cfg, section).model_copy(update={key: value})})
+        assert config_hash(hashed_config(changed)) != config_hash(before), key
     gsam = cfg.model_copy(update={"optim": cfg.optim.model_copy(update={"name": "gsam", "rho_min": 0.01})})
     assert config_hash(hashed_config(gsam)) != config_hash({**before, "optim": {**before["optim"], "name": "gsam"}})
     best_only = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"sharpness_final": False})})

@@ -49,7 +49,10 @@ def _pack_run(cells, head, loss, image, text, c2i):
     (HeadConfig(kind="linear", out_dim=16), LossConfig(kind="clip")),
     (HeadConfig(kind="starmlp", out_dim=12, hidden_dim=20, pre_norm=True),
      LossConfig(kind="siglip", clamp="upper", perturb_logit_scale=True)),
-], ids=["linear-clip", "starmlp-siglip"])
+    # head.rescale: the linear head's c·V through the model's own forward, the Dinh-rescaled ReLU MLP's start
+    (HeadConfig(kind="linear", out_dim=16, rescale=10.0), LossConfig(kind="clip")),
+    (HeadConfig(kind="mlp", activation="relu", out_dim=12, hidden_dim=20, rescale=0.1), LossConfig(kind="clip")),
+], ids=["linear-clip", "starmlp-siglip", "linear-rescaled", "mlp-relu-rescaled"])
 @pytest.mark.parametrize("cells", [CELLS, NEW_CELLS], ids=["registry", "issue24"])
 def test_each_head_of_a_pack_equals_its_cell_trained_alone_in_float64(head, loss, cells):
     image, text, c2i = (torch.from_numpy(a) for a in synthetic_split("train", 256))

@@ -3,11 +3,13 @@ recurrences, the banana acceptance numbers, the grid property, and one CLI run w
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
 
 from align.toy import experiments as toy
+from align.toy.plots import write_outputs
 from align.optim import MSAM, SAM
 
 D = torch.float64
@@ -256,3 +258,50 @@ def test_toy_and_study_plots_share_labels_and_colours():
     # 'gd' is plain SGD: the sgd entry's colour, the paper's label.
     assert toy.METHOD_COLORS["gd"] == plots._color("sgd") and toy.METHOD_LABELS["gd"] == "GD"
     assert toy.METHOD_COLORS["msam"] != toy.METHOD_COLORS["sam"]
+
+
+# -- the banana loss under the rescaling θ1 = c·φ1, θ2 = φ2/c (align toy banana --rescale) ----------------------
+
+def test_rescaled_banana_at_c_1_is_the_banana_run_bit_for_bit():
+    plain = toy.banana_experiment(steps=60, methods=["gd", "sam", "msam"])
+    scaled = toy.banana_rescale_experiment(scales=[1.0], steps=60, methods=["gd", "sam", "msam"])
+    for m in ("gd", "sam", "msam"):
+        assert torch.equal(scaled.runs[f"{m} c=1"].points, plain.runs[m].points), m
+
+
+@pytest.mark.parametrize("c", [0.5, 2.0])
+def test_gd_in_rescaled_coordinates_is_gd_preconditioned_by_c_squared_in_theta(c):
+    """GD on φ is θ ← θ − lr·diag(c², 1/c²)·∇ℓ(θ): computed here by hand from the closed-form gradient."""
+    lr, steps = 0.01, 80
+    result = toy.banana_rescale_experiment(scales=[c], lr=lr, steps=steps, methods=["gd"])
+    theta = np.array([-1.5, 0.5])
+    for _ in range(steps):
+        r = 1 - theta[0] * theta[1]
+        grad = np.array([-2 * r * theta[1], -2 * r * theta[0]])
+        theta = theta - lr * np.array([c * c, 1 / (c * c)]) * grad
+    got = result.runs[f"gd c={c:g}"].final_points[0].numpy()
+    np.testing.assert_allclose(got, theta, rtol=1e-12)
+    row = next(r for r in result.summary if r["c"] == c)
+    reference = result.runs["gd c=1"].final_points[0].numpy()
+    assert row["shift"] == pytest.approx(float(np.linalg.norm(theta - reference)), rel=1e-9)
+    assert [r["c"] for r in result.summary] == sorted({c, 1.0})  # c = 1 added as the reference
+
+
+def test_banana_rescale_figure_and_json_are_written(tmp_path):
+    result = toy.banana_rescale_experiment(scales=[0.5, 2.0], steps=20, methods=["gd", "msam"])
+    png, js = write_outputs(result, tmp_path)
+    assert png.name == "banana_rescale.png" and png.stat().st_size > 10_000
+    data = json.loads(js.read_text())
+    assert data["settings"]["scales"] == [0.5, 1.0, 2.0] and len(data["summary"]) == 6
+
+
+@pytest.mark.parametrize("args,says", [(["sinc", "--rescale", "2"], "banana only"),
+                                       (["banana", "--rescale", "0"], "finite numbers > 0")])
+def test_rescale_outside_the_banana_run_is_one_line(args, says, tmp_path):
+    from typer.testing import CliRunner
+
+    from align.cli.main import app
+    from faults import one_error_line
+
+    line = one_error_line(CliRunner().invoke(app, ["toy", *args, "--out", str(tmp_path)]))
+    assert says in line, line

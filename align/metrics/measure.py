@@ -189,6 +189,8 @@ def head_sharpness(model: torch.nn.Module, loss_fn: Callable[..., Tensor], image
 
     Measured in the space of the head weights with the logit scale (and SigLIP bias) held fixed: the temperature
     sits on a clamp boundary in many runs, and including it would mix two very different scales. fp32, no autocast.
+    ``eval.sharpness_geometries`` adds the worst cases of the adaptive and Monge balls (``<geometry>_first_order``,
+    ``<geometry>_ascent``), over every head parameter, biases included.
     """
     logit_ids = {id(p) for p in getattr(model, "logit_parameters", lambda: [])()}
     params = [p for p in model.parameters() if p.requires_grad and id(p) not in logit_ids]
@@ -201,6 +203,9 @@ def head_sharpness(model: torch.nn.Module, loss_fn: Callable[..., Tensor], image
     model.eval()
     try:
         worst = worst_case_sharpness(closure, params, eval_cfg.sharpness_rho, ascent_steps=eval_cfg.sharpness_ascent_steps)
+        others = {geometry: worst_case_sharpness(closure, params, eval_cfg.sharpness_rho, geometry=geometry,
+                                                 ascent_steps=eval_cfg.sharpness_ascent_steps)
+                  for geometry in eval_cfg.sharpness_geometries}
         top = hessian_top_eigenvalue(closure, params, iters=eval_cfg.hessian_iters)
         trace = hessian_trace(closure, params, samples=eval_cfg.hutchinson_samples)
     finally:
@@ -209,4 +214,6 @@ def head_sharpness(model: torch.nn.Module, loss_fn: Callable[..., Tensor], image
     return {"rho": float(eval_cfg.sharpness_rho), "loss": float(worst["loss"]), "grad_norm": float(worst["grad_norm"]),
             "worst_case_first_order": float(worst["first_order"]), "worst_case_ascent": float(worst["ascent"]),
             "hessian_top_eigenvalue": float(top), "hessian_trace": float(trace),
-            "batches": len(batches), "batch_size": int(batches[0][0].shape[0])}
+            "batches": len(batches), "batch_size": int(batches[0][0].shape[0]),
+            **{f"{geometry}_{key}": float(w[key]) for geometry, w in others.items()
+               for key in ("first_order", "ascent")}}

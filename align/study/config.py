@@ -1,5 +1,5 @@
-"""A study's configuration (orchestration): the grid (optimizers × lr × ρ × method axes × seeds), checked at
-load, its cells and each cell's training config.
+"""A study's configuration (orchestration): the grid (optimizers × lr × ρ × method axes × head rescalings × seeds),
+checked at load, its cells and each cell's training config.
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from align.data.datasets import LABELLED_KINDS
 from align.optim.registry import DEFAULT_GRID, METHOD_AXES, METHOD_HPARAMS, OPTIMIZERS, optimizer_info
 from align.study.cells import Cell
 from align.train.config import OptimConfig, TrainConfig
+from align.train.heads import HeadConfig
 
 
 class GridConfig(StrictModel):
@@ -36,6 +37,9 @@ class GridConfig(StrictModel):
     lr_overrides: dict[str, list[Number]] = {}   # per optimizer, e.g. sgd: [0.1, 0.3]
     rho_overrides: dict[str, list[Number]] = {}  # per optimizer, e.g. asam: [0.5, 1.0] (ASAM's ρ lives on another scale)
     method_axes: dict[str, dict[str, list[Number]]] = {}  # per optimizer: one of its grid axes → values
+    # head.rescale values (align.train.heads) every configuration runs at, for the report's Invariance section;
+    # [1]: the plain head only (no axis). Each optimizer's best configuration is chosen at c = 1.
+    rescales: list[Number] = [1.0]
 
     @field_validator("optimizers")
     @classmethod
@@ -57,7 +61,16 @@ class GridConfig(StrictModel):
         for where, values in {**lr_lists, **rho_lists, "seeds": self.seeds}.items():
             _check_axis(where, values, positive=where in lr_lists, integer=where == "seeds")
         _check_method_axes(self.method_axes)
+        _check_axis("rescales", self.rescales, positive=True, integer=False)
+        if 1.0 not in self.rescales:
+            raise ValueError(f"rescales {self.rescales} must include 1: each optimizer's best configuration is chosen "
+                             "at c = 1 and the others are compared with it")
         return self
+
+    @property
+    def rescale_axis(self) -> list[float | None]:
+        """The cells' head.rescale values: [None] (the plain head, no axis) unless rescales has more than 1."""
+        return [None] if self.rescales == [1.0] else [float(c) for c in self.rescales]
 
     def _nothing_ignored(self) -> None:
         """Refuse an override or a method axis that no cell would use: one for an optimizer outside the grid (its
@@ -154,6 +167,8 @@ class CompareConfig(TrainConfig):
             raise ValueError(f"score {self.score} needs a labelled dataset ({', '.join(LABELLED_KINDS)}), not kind "
                              f"{self.data.dataset.kind!r}")
         self._cells_fit_their_methods()
+        for c in self.grid.rescales:  # a head the rescaling would change is refused at load, in its own words
+            HeadConfig.model_validate({**self.head.model_dump(), "rescale": c})
         return self
 
     def _cells_fit_their_methods(self) -> None:
@@ -172,7 +187,7 @@ class CompareConfig(TrainConfig):
 
 
 def grid_cells(grid: GridConfig) -> list[Cell]:
-    """Every cell, in a fixed order (optimizer order as configured, then lr, ρ, method axes, seed)."""
+    """Every cell, in a fixed order (optimizer order as configured, then lr, ρ, method axes, rescaling, seed)."""
     cells = []
     for name in grid.optimizers:
         two_pass = optimizer_info(name).two_pass
@@ -181,8 +196,8 @@ def grid_cells(grid: GridConfig) -> list[Cell]:
         for lr in grid.lr_overrides.get(name, grid.lrs):
             for rho in rhos:
                 for method in combos:
-                    for seed in grid.seeds:
-                        cells.append(Cell(name, float(lr), None if rho is None else float(rho), int(seed), method))
+                    for c, seed in itertools.product(grid.rescale_axis, grid.seeds):
+                        cells.append(Cell(name, float(lr), None if rho is None else float(rho), int(seed), method, c))
     return cells
 
 
@@ -201,6 +216,8 @@ def cell_config(cfg: CompareConfig, cell: Cell, run_dir: Path) -> TrainConfig:
     """
     shared = cfg.model_dump(exclude={"name", "study_dir", "workers", "reference", "bootstrap_samples", "score",
                                      "beside", "grid"})
+    if cell.rescale is not None:
+        shared["head"]["rescale"] = cell.rescale
     shared.update(optim=cell_optim(shared["optim"], cell), seed=cell.seed,
                   out_dir=relative_to_data_root(run_dir),  # as align train names it
                   report_group=cfg.report_group or cfg.name)  # a tracker groups the study's cells

@@ -97,14 +97,15 @@ MIN_PACK = 8  # ... but none smaller than this where it can be avoided: a CPU st
 def plan_packs(cells: list[Cell], limit: int, workers: int) -> list[list[Cell]]:
     """Cells → packs of at most ``limit`` heads of one SAM-family optimizer (its perturbation is then computed for
     the whole pack at once; mixing methods costs a gather and a scatter of every tensor per step) or of single-pass
-    optimizers only (a single-pass head would idle through the second pass), cells of one seed together (they share
-    batches). Each group is cut into near-equal packs of about 1 / (``PACK_SHARE`` × workers) of the study's work
+    optimizers only (a single-pass head would idle through the second pass), of one head rescaling, cells of one
+    seed together (they share batches). Each group is cut into near-equal packs of about 1 / (``PACK_SHARE`` × workers) of the study's work
     (no fewer than ``MIN_PACK`` heads where the group allows), and the study into at least ``workers`` packs while
     cells allow; largest work first."""
     target = pack_work(cells) / (PACK_SHARE * max(1, workers)) if cells else 1.0
-    groups: dict[str | None, list[Cell]] = {}
-    for cell in sorted(cells, key=lambda c: c.seed):
-        groups.setdefault(cell.optimizer if optimizer_info(cell.optimizer).two_pass else None, []).append(cell)
+    groups: dict[tuple[str | None, float | None], list[Cell]] = {}
+    for cell in sorted(cells, key=lambda c: c.seed):  # a head rescaling is another model: a pack of its own
+        method = cell.optimizer if optimizer_info(cell.optimizer).two_pass else None
+        groups.setdefault((method, cell.rescale), []).append(cell)
     packs = []
     for group in groups.values():
         count = min(math.ceil(pack_work(group) / target), max(1, len(group) // MIN_PACK))

@@ -17,7 +17,8 @@ from align.common.files import atomic_write_text
 from align.eval.plots import confusion_grid
 from align.optim import default_hparams
 from align.optim.registry import AXIS_SYMBOLS, optimizer_info, resolve_hparams
-from align.study import plots
+from align.study import invariance, plots
+from align.study.invariance_report import invariance_section
 from align.study import stats as study_stats
 from align.study.beside import SUMMARY, beside_folder, read_beside
 from align.study.seed_noise import MIN_SIGN_FLIP_PAIRS, NORMALITY_ALPHA
@@ -382,6 +383,7 @@ def write_report(root: Path, cfg: Any, rows: list[dict[str, Any]], run_root: Pat
     score = getattr(cfg, "score", study_stats.SCORE)
     axes = study_stats.used_axes(rows)
     write_csv(root / "results.csv", with_axis_columns(rows, axes))
+    every, rows = rows, invariance.at_unit_scale(rows)  # the plain head's runs; the others in the Invariance section
     summ = study_stats.summary(rows, cfg.reference, score=score)
     rob = study_stats.robustness(rows, select=f"best_val_{score}", test=f"best_test_{score}")
     write_csv(root / "summary.csv", summ)
@@ -396,6 +398,7 @@ def write_report(root: Path, cfg: Any, rows: list[dict[str, Any]], run_root: Pat
         figures["Zero-shot confusion of each optimizer's best configuration (test, summed over seeds)"] = confusion
     md = _report_head(cfg, rows, summ, axes, score)
     md += beside_section(getattr(cfg, "beside", None), summ, score)
+    md += invariance_section(cfg, every, run_root, score, score_label(score), _config_text)
     md += ["## Robustness to ρ, the learning rate and the method axes", "",
            f"Judged on VALIDATION seed means ({score_label(score)}), as the best configuration is: the share of an "
            "optimizer's grid configurations within 95% of its best, and its best and worst configuration. The test "
@@ -413,6 +416,13 @@ def write_report(root: Path, cfg: Any, rows: list[dict[str, Any]], run_root: Pat
            "`runs/<run>/` (config.yaml to re-run, metrics.jsonl, checkpoints, results.json).", ""]
     atomic_write_text(root / "report.md", "\n".join(md))
     return {"summary": summ, "robustness": rob, "table3": t3, "figures": figures}
+
+
+def _config_text(key: tuple) -> str:
+    """A configuration key as 'lr 0.003, ρ 0.05, η 1e+04'."""
+    rho = "" if key[2] is None else f", ρ {hp_text(key[2])}"
+    axes = axes_text(study_stats.key_axes(key))
+    return f"lr {hp_text(key[1])}{rho}" + (f", {axes}" if axes else "")
 
 
 def _confusion_figure(root: Path, run_root: Path, rows: list[dict[str, Any]],

@@ -180,9 +180,11 @@ class ReadOnlyStudyDir(StudyDir):
 
 
 def result_row(cell: Cell, results: dict[str, Any]) -> dict[str, Any]:
-    """Flatten one run's results.json into a results.csv row (method-axis values, if any, after ρ)."""
+    """Flatten one run's results.json into a results.csv row (method-axis values, if any, after ρ; the head's
+    rescaling, where the grid has that axis, before the seed)."""
     row: dict[str, Any] = {"run": cell.key, "optimizer": cell.optimizer, "lr": cell.lr, "rho": cell.rho,
-                           **dict(cell.method), "seed": cell.seed,
+                           **dict(cell.method), **({} if cell.rescale is None else {"rescale": cell.rescale}),
+                           "seed": cell.seed,
                            "status": "ok" if results.get("status") == "done" else "diverged",
                            "diverged_at": results.get("diverged_at"), "steps_done": results.get("steps_done"),
                            "best_step": results.get("best_step"),

@@ -241,6 +241,41 @@ def banana_experiment(start: tuple[float, float] = (-1.5, 0.5), lr: float = 0.01
     return ToyResult("banana", settings, summary, runs)
 
 
+def rescaled(loss_fn: LossFn, c: float) -> LossFn:
+    """The loss in coordinates φ with θ₁ = c·φ₁, θ₂ = φ₂/c: the same surface reparameterized (for the banana loss
+    the rescaling leaves θ₁θ₂ and so the loss unchanged, as Dinh's rescaling does a ReLU network's)."""
+    return lambda phi: loss_fn(torch.stack([c * phi[..., 0], phi[..., 1] / c], dim=-1))
+
+
+def banana_rescale_experiment(scales: Sequence[float] = (0.5, 1.0, 2.0), start: tuple[float, float] = (-1.5, 0.5),
+                              lr: float = 0.01, rho: float = 1.0, steps: int = 200,
+                              methods: Sequence[str] | None = None, alpha: float | None = None) -> ToyResult:
+    """Fig. 1 under reparameterization: every method runs on the banana loss in coordinates φ (``rescaled``) for
+    each c of ``scales`` (1 added: the reference), from the same θ start; its trajectory is mapped back to θ. An
+    optimizer invariant to the rescaling would follow one θ path for every c. Summary per method and c: the θ end
+    point, its loss and ``shift``, the distance of that end point from the method's end point at c = 1."""
+    methods = list(TOY_METHODS) if methods is None else methods
+    scales = sorted({float(c) for c in scales} | {1.0})
+    runs = {}
+    for c in scales:
+        to_theta = torch.tensor([c, 1.0 / c], dtype=DTYPE)
+        phi0 = torch.tensor([[start[0] / c, start[1] * c]], dtype=DTYPE)
+        for m in methods:
+            tr = run_optimizer(rescaled(banana, c), phi0, m, lr=lr, rho=rho, steps=steps, alpha=alpha)
+            runs[f"{m} c={c:g}"] = Trajectories(tr.points * to_theta, tr.losses, tr.steps, tr.converged)
+    summary = []
+    for m in methods:
+        reference = runs[f"{m} c=1"].final_points[0]
+        for c in scales:
+            tr = runs[f"{m} c={c:g}"]
+            p = tr.final_points[0]
+            summary.append({"method": METHOD_LABELS[m], "c": c, "theta1": p[0].item(), "theta2": p[1].item(),
+                            "loss": tr.final_losses[0].item(), "shift": float((p - reference).norm())})
+    settings = {"loss": "(1 - t1*t2)^2 in phi: t1 = c*phi1, t2 = phi2/c", "scales": scales, "start": list(start),
+                "lr": lr, "rho": rho, "steps": steps, "msam_alpha": _msam_alpha(alpha), "base": "SGD (no momentum)"}
+    return ToyResult("banana_rescale", settings, summary, runs)
+
+
 def sinc_experiment(n_starts: int = 200, half_width: float = 1.0, steps: int = 200, lr: float = 0.05,
                     rhos: Sequence[float] = (0.2, 1.0), methods: Sequence[str] = ("sam", "msam"),
                     max_radius: float = 0.2, seed: int = 0) -> ToyResult:
@@ -395,9 +430,9 @@ def grid_experiment(n: int = 10, lim: float = 3.0, lr: float = 0.01, rho: float 
 
 
 def run_experiment(name: str, **kwargs: Any) -> ToyResult:
-    """Run one experiment by name ('banana', 'sinc', 'paraboloid', 'stability', 'grid')."""
+    """Run one experiment by name ('banana', 'sinc', 'paraboloid', 'stability', 'grid', 'banana_rescale')."""
     funcs = {"banana": banana_experiment, "sinc": sinc_experiment, "paraboloid": paraboloid_experiment,
-             "stability": stability_experiment, "grid": grid_experiment}
+             "stability": stability_experiment, "grid": grid_experiment, "banana_rescale": banana_rescale_experiment}
     if name not in funcs:
         raise ValueError(f"unknown toy experiment {name!r}; choose one of {', '.join(funcs)}")
     return funcs[name](**kwargs)

@@ -260,6 +260,37 @@ def plot_grid(result: ToyResult):
     return fig
 
 
+def plot_banana_rescale(result: ToyResult):
+    """One panel per method: its θ-space trajectories on the banana loss for every rescaling c (line style per c),
+    end points marked; the legend gives each end point's distance from the one at c = 1."""
+    from matplotlib.figure import Figure  # heavy: only when a figure is drawn
+
+    s = result.settings
+    methods = list(dict.fromkeys(_method_of(k) for k in result.runs))
+    cols = min(GRID_COLUMNS, len(methods))
+    rows = math.ceil(len(methods) / cols)
+    fig = Figure(figsize=(4.2 * cols, 4.0 * rows))
+    axes = np.atleast_1d(fig.subplots(rows, cols)).ravel()
+    styles = ["-", "--", ":", "-."]
+    for ax, m in zip(axes, methods):
+        _banana_background(ax, 2.0)
+        for i, c in enumerate(s["scales"]):
+            pts = result.runs[f"{m} c={c:g}"].points[0].numpy()
+            row = next(r for r in result.summary if r["method"] == METHOD_LABELS[m] and r["c"] == c)
+            ax.plot(pts[:, 0], pts[:, 1], styles[i % len(styles)], color=METHOD_COLORS[m], lw=2,
+                    label=f"c = {c:g} → ({row['theta1']:.2f}, {row['theta2']:.2f}), shift {row['shift']:.3f}")
+            ax.plot(pts[-1, 0], pts[-1, 1], "o", color=METHOD_COLORS[m], ms=6, markeredgecolor="white")
+        ax.plot(*s["start"], "s", color="white", ms=7, markeredgecolor="black")
+        ax.set_title(METHOD_LABELS[m])
+        ax.legend(loc="lower right", fontsize=7, framealpha=0.9)
+    for ax in axes[len(methods):]:
+        ax.set_axis_off()
+    fig.suptitle(rf"banana loss in $\theta_1 = c\,\varphi_1$, $\theta_2 = \varphi_2/c$ (trained in $\varphi$, drawn in "
+                 rf"$\theta$): lr = {s['lr']:g}, $\rho$ = {s['rho']:g}, {s['steps']} steps")
+    fig.tight_layout()
+    return fig
+
+
 GRID_COLUMNS = 4  # panels per row of the grid figure (one per method)
 PLOTTERS = {"banana": plot_banana, "sinc": plot_sinc, "paraboloid": plot_paraboloid,
-            "stability": plot_stability, "grid": plot_grid}
+            "stability": plot_stability, "grid": plot_grid, "banana_rescale": plot_banana_rescale}

@@ -182,6 +182,9 @@ class EvalConfig(StrictModel):
     sharpness_rho: Number = Field(0.05, gt=0)
     sharpness_batches: Integer = Field(4, ge=1)  # fixed training batches (of schedule.batch_size) it averages
     sharpness_ascent_steps: Integer = Field(5, ge=0)
+    # Worst cases within other balls of the same ρ, beside the Euclidean one (align.metrics.sharpness): adaptive
+    # (ASAM's, unchanged by a function-preserving rescaling of the head) and monge (M-SAM's metric).
+    sharpness_geometries: list[Literal["adaptive", "monge"]] = []
     hessian_iters: Integer = Field(20, ge=1)  # power iterations for the top Hessian eigenvalue
     hutchinson_samples: Integer = Field(16, ge=1)  # Rademacher probes for the Hessian trace
 

@@ -4,6 +4,11 @@
 (``image_features``, ``text_features``, ``logit_scale`` and, for SigLIP, ``logit_bias``), so a training step
 is ``loss_fn(**model(image_emb, text_emb))``. The learnable temperature lives in log space (``log_scale``) and
 is clamped by ``clamp_logit_scale_`` after each optimizer step, following open_clip.
+
+``head.rescale: c`` reparameterizes a head without changing its function at initialisation (Dinh et al., ICML
+2017): an MLP head with ReLU starts from W1 → c·W1, b1 → c·b1, W2 → W2/c (ReLU is positively homogeneous), and a
+linear head computes W = c·V with V trained and initialised at W₀/c. Training sees other coordinates of the same
+function, which is what a reparameterization-invariance study varies. c = 1 builds the plain head.
 """
 from __future__ import annotations
 
@@ -12,10 +17,10 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import Tensor, nn
 
-from align.common.config import MAX_SEED, Integer, StrictModel
+from align.common.config import MAX_SEED, Integer, Number, StrictModel
 from align.common.errors import AlignError
 from align.train.losses import LossConfig
 
@@ -26,12 +31,39 @@ class HeadConfig(StrictModel):
     """Shape of the two heads and whether one side is locked (LiT-style)."""
 
     kind: Literal["linear", "mlp", "starmlp"] = "linear"  # mlp: Linear-GELU-Linear; starmlp: GELU(W1x)*(W2x) then W3
+    activation: Literal["gelu", "relu"] = "gelu"  # the mlp's hidden activation
     out_dim: Integer = Field(256, ge=1)  # joint-space dimension
     hidden_dim: Integer | None = Field(None, ge=1)  # mlp/starmlp hidden width; None: out_dim
     pre_norm: bool = False  # LayerNorm on the input embedding of each trainable head
     lock: Literal["none", "image", "text"] = "none"  # side whose head is frozen
     lock_mode: Literal["identity", "random_projection"] = "identity"  # what the frozen head is
     lock_seed: Integer = Field(0, ge=0, lt=MAX_SEED)  # seed of the frozen random projection
+    rescale: Number = Field(1.0, gt=0)  # c of the function-preserving reparameterization (module doc); 1: none
+
+    @model_validator(mode="after")
+    def _rescalable(self) -> "HeadConfig":
+        if not math.isfinite(self.rescale):
+            raise ValueError(f"head.rescale must be a finite number > 0, got {self.rescale!r}")
+        if self.rescale != 1.0 and self.kind == "starmlp":
+            raise ValueError("head.rescale preserves the function of linear and ReLU mlp heads only: set head.kind "
+                             "to linear or mlp (with head.activation=relu), or drop head.rescale")
+        if self.rescale != 1.0 and self.kind == "mlp" and self.activation != "relu":
+            raise ValueError("head.rescale on an mlp head needs a positively homogeneous activation (the Dinh "
+                             "rescaling changes a GELU head's function): set head.activation=relu")
+        return self
+
+
+class ScaledLinear(nn.Linear):
+    """A linear layer computing x (c·V)ᵀ + b with V its trained ``weight``: ``head.rescale`` on a linear head."""
+
+    def __init__(self, in_dim: int, out_dim: int, scale: float) -> None:
+        super().__init__(in_dim, out_dim)
+        self.scale = scale
+        with torch.no_grad():
+            self.weight.div_(scale)  # V₀ = W₀/c: the same function as the plain layer's at initialisation
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.scale * self.weight, self.bias)
 
 
 class StarMLP(nn.Module):
@@ -50,13 +82,26 @@ class StarMLP(nn.Module):
 def _trainable_head(cfg: HeadConfig, in_dim: int) -> nn.Module:
     """A trainable head (N, in_dim) → (N, out_dim) of kind ``cfg.kind``, with optional pre-LayerNorm."""
     hidden = cfg.hidden_dim or cfg.out_dim
+    c = float(cfg.rescale)
     if cfg.kind == "linear":
-        body: nn.Module = nn.Linear(in_dim, cfg.out_dim)
+        body: nn.Module = nn.Linear(in_dim, cfg.out_dim) if c == 1.0 else ScaledLinear(in_dim, cfg.out_dim, c)
     elif cfg.kind == "mlp":
-        body = nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, cfg.out_dim))
+        act = nn.ReLU() if cfg.activation == "relu" else nn.GELU()
+        body = nn.Sequential(nn.Linear(in_dim, hidden), act, nn.Linear(hidden, cfg.out_dim))
+        if c != 1.0:
+            dinh_rescale_(body[0], body[2], c)
     else:
         body = StarMLP(in_dim, hidden, cfg.out_dim)
     return nn.Sequential(nn.LayerNorm(in_dim), body) if cfg.pre_norm else body
+
+
+@torch.no_grad()
+def dinh_rescale_(first: nn.Linear, second: nn.Linear, c: float) -> None:
+    """W1 → c·W1, b1 → c·b1, W2 → W2/c in place: the same function through a ReLU between them."""
+    first.weight.mul_(c)
+    if first.bias is not None:
+        first.bias.mul_(c)
+    second.weight.div_(c)
 
 
 def _locked_head(cfg: HeadConfig, in_dim: int, side: str) -> nn.Module:

@@ -21,6 +21,7 @@ HASH_EXCLUDED = ("out_dir", "device", "report_to", "report_group")
 HASH_NEW_DEFAULTS = {("loss", "local"): False, ("optim", "perturbation"): "global", ("eval", "sharpness_final"): True,
                      ("uniform_plateau_tol",): 0.05, ("collapse_fraction",): 0.1, ("loss", "block_rows"): None,
                      ("schedule", "order"): "random", ("schedule", "block_rows"): 8192,
+                     ("head", "activation"): "gelu", ("head", "rescale"): 1.0, ("eval", "sharpness_geometries"): [],
                      **{("optim", name): None for name in METHOD_HPARAMS if name not in HASHED_WHEN_UNSET}}
 
 

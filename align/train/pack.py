@@ -100,7 +100,8 @@ class HeadPack:
         self.skipped_steps = torch.zeros(len(models), dtype=torch.long, device=device)
         cfg = template.head_cfg
         # Plain linear heads take the fast path: one matmul for all heads that share an input.
-        self.linear = cfg.kind == "linear" and not cfg.pre_norm and cfg.lock == "none"
+        # (A rescaled one computes c·V: it goes through the model's own forward, as one head alone does.)
+        self.linear = cfg.kind == "linear" and not cfg.pre_norm and cfg.lock == "none" and cfg.rescale == 1.0
         self.job = job  # the data-parallel job this pack trains in, on this rank's slice of every batch (SINGLE: none)
         self.rows_loss_fn = rows_loss_for(template.loss_cfg, heads=len(models)) if template.loss_cfg.local else None
 
