@@ -123,7 +123,7 @@ class TarWorkFolder:
         n_img = sum(r["kept_samples"] for r in records.tars)
         n_cap = sum(r["kept_captions"] for r in records.tars)
         all_caps = sum(r["captions"] for r in records.tars)
-        kept_cap = lambda p: p.keep[p.caption_sample]  # noqa: E731  a caption stays with its image
+        kept_cap = lambda p: p.keep[p.caption_sample]  # a caption stays with its image
         arrays = {
             "image.npy": StreamedArray((n_img, records.dims["image"]), dtype,
                                        (stored(np.asarray(p.image[p.keep]), "image") for p in self.parts(records))),

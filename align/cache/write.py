@@ -278,7 +278,7 @@ class TarEmbedJob(EmbedJob):
             every = "" if self.cfg.strict else f"every sample of split {self.split!r} is skipped; first: "
             raise AlignError(f"{every}sample {first['image_id']} of split {self.split!r}: {first['reason']}"
                              + (" (drop --strict to skip and list such samples)" if self.cfg.strict else ""))
-        stored = lambda rows, kind: stored_rows(rows, self.cfg, kind, self.split)  # noqa: E731
+        stored = lambda rows, kind: stored_rows(rows, self.cfg, kind, self.split)
         return self.work.arrays(records, stored, np.dtype(self.cfg.storage_dtype))
 
     def source_facts(self, shards: TarRecords) -> dict[str, Any]:
