@@ -120,6 +120,16 @@ def test_webdataset_and_imagefolder_of_the_same_images_give_byte_identical_array
     assert not (same_images["wds"] / "work").exists()
 
 
+def test_dataloader_workers_reading_whole_tars_write_the_same_bytes(same_images, tmp_path):
+    """Two DataLoader workers, each reading its own tars, interleave their blocks: the bytes stay the same."""
+    cfg = EmbedConfig.model_validate({**same_images["configs"]["wds"], "num_workers": 2, "batch_size": 8,
+                                      "cache_root": str(tmp_path / "cache")})
+    path = embed_split(cfg, "train", progress=False, log=quiet)
+    assert path.name == same_images["wds"].name
+    for name in ARRAYS:
+        assert (path / name).read_bytes() == (same_images["wds"] / name).read_bytes(), name
+
+
 def test_the_cached_rows_are_the_models_own_embeddings_of_the_tar_images(same_images, tiny_dir):
     """Independent of the imagefolder path: open_clip run by hand on the first 64 images (one micro-batch)."""
     import open_clip
