@@ -24,6 +24,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from align.cache.key import EmbedConfig, cache_key
+from align.cache.tar_work import TarWorkFolder
+from align.cache.work import is_own_plan
 from align.cache.write import embed_split
 from align.cli.main import app
 from align.common.errors import AlignError
@@ -189,6 +191,14 @@ def test_webdataset_fields_stay_out_of_other_kinds_dumps_and_misfits_are_refused
             DatasetSpec.model_validate({**wds("/a.tar"), **bad})
     with pytest.raises(ValueError, match="not used by kind"):
         DatasetSpec.model_validate({"kind": "imagefolder", "path": "/x", "shards": "/a.tar"})
+
+
+def test_an_unfinished_webdataset_embed_is_recognised_as_its_keys_work(tmp_path):
+    """`align cache rm`/`ls` know an embed's work/ by its plan; a tar plan must count as one."""
+    key = "webdataset-train-0123456789abcdef"
+    TarWorkFolder.freeze(tmp_path / key / "work", key, ["00000.tar", "00001.tar"], quiet)
+    assert is_own_plan(tmp_path / key / "work", key)
+    assert not is_own_plan(tmp_path / key / "work", "webdataset-train-fedcba9876543210")
 
 
 # -- bad data ------------------------------------------------------------------------------------------------

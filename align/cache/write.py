@@ -13,6 +13,10 @@ i-th to rank i mod world size) and every rank writes its own into ``work/``; the
 which rank 0's ``CacheWriter`` does and the others' ``ReadOnlyCacheWriter`` skips, and waits for it. All ranks must
 therefore see one ``cache_root`` (a shared file system across nodes). A killed rank's finished shards stay, so a
 rerun with any number of ranks resumes, and on one kind of device the arrays equal a single process's.
+
+A ``webdataset`` set is embedded by ``TarEmbedJob``: the same claim, ranks and finalize, but its work is whole tar
+shards streamed as they are read (``align.cache.tar_encode``, ``align.cache.tar_work``), so no index of the split
+is built; the summary line counts the skipped samples by kind.
 """
 from __future__ import annotations
 

@@ -22,7 +22,7 @@ from typing import Any, Literal
 from PIL import Image
 from pydantic import Field, model_serializer, model_validator
 
-from align.common.config import Integer, StrictModel
+from align.common.config import Integer, Number, StrictModel
 from align.common.errors import AlignError
 from align.data import mnist
 from align.data import synthetic as synth
@@ -77,7 +77,7 @@ class DatasetSpec(StrictModel):
     shards: str | dict[str, str] | None = None  # tar PATTERN (path, glob, {00000..00099}) or {split: PATTERN}
     image_key: str | None = None  # image members tried in turn (default jpg;png;webp)
     caption_key: str | None = None  # caption member (default txt), or json:FIELD (a list field: several captions)
-    subset: dict[str, float] | None = None  # one pattern split by a hash of each key: {split: fraction}
+    subset: dict[str, Number] | None = None  # one pattern split by a hash of each key: {split: fraction}
     subset_seed: Integer = 0  # the subset hash's seed
     content_hash: bool = False  # key the cache by each shard's sha256 (read once) instead of name, size, mtime
     # synthetic
