@@ -214,7 +214,7 @@ def write_folder(folder: Path, samples: list[tuple[bytes, str]]) -> str:
     return str(folder)
 
 
-def peak_anon_mib(command: list[str], log: Path) -> tuple[int, float]:
+def peak_anon_mib(command: list[str], log: Path, env: dict[str, str]) -> tuple[int, float]:
     """Run ``command`` → (exit code, peak RssAnon of its process tree in MiB), sampled every 0.2 s
     (/work/shared/tools/peakanon.py's measure: anonymous memory, not the page cache of mapped files)."""
     def tree(pid: int) -> list[int]:
@@ -242,7 +242,7 @@ def peak_anon_mib(command: list[str], log: Path) -> tuple[int, float]:
 
     peak = 0
     with open(log, "w") as fh:
-        proc = subprocess.Popen(command, stdout=fh, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(command, stdout=fh, stderr=subprocess.STDOUT, env=env)
         while proc.poll() is None:
             peak = max(peak, sum(anon(q) for q in tree(proc.pid)))
             time.sleep(0.2)
@@ -261,8 +261,10 @@ def bench_webdataset(args: argparse.Namespace, tmp: Path) -> None:
     datasets = {"imagefolder": {"kind": "imagefolder", "path": write_folder(tmp / "folder", samples)},
                 "webdataset": {"kind": "webdataset", "shards": write_tars(tmp / "tars", samples, len(samples))}}
     print(f"\nwebdataset vs imagefolder: {len(samples)} synthetic 128 px JPEGs + 1 caption each, tiny random CLIP "
-          f"(32 px input) on both sides, tars of {PER_TAR}, num_workers 0")
+          f"(32 px input) on both sides, tars of {PER_TAR}, num_workers 0, 1 torch thread")
     times: dict[str, list[tuple[float, float]]] = {name: [] for name in datasets}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one thread: OpenMP's waits on a shared machine would swamp the reading cost compared
     for r in range(args.repeats):
         for name, dataset in datasets.items():  # alternate, so background load hits both sides alike
             shutil.rmtree(tmp / f"cache-{name}", ignore_errors=True)
@@ -272,6 +274,7 @@ def bench_webdataset(args: argparse.Namespace, tmp: Path) -> None:
             times[name].append((time.perf_counter() - start, time.process_time() - cpu))
         print(f"  repeat {r + 1}: "
               + ", ".join(f"{n} {t[-1][0]:.2f} s ({t[-1][1]:.2f} s CPU)" for n, t in times.items()))
+    torch.set_num_threads(threads)
     same = all((next((tmp / "cache-imagefolder").iterdir()) / a).read_bytes()
                == (next((tmp / "cache-webdataset").iterdir()) / a).read_bytes() for a in ("image.npy", "text.npy"))
     wall = {n: min(w for w, _ in t) for n, t in times.items()}
@@ -289,7 +292,7 @@ def bench_webdataset(args: argparse.Namespace, tmp: Path) -> None:
         config.write_text(json.dumps({**base, "dataset": {"kind": "webdataset", "shards": pattern},
                                       "cache_root": str(tmp / f"cache-mem-{n}")}))
         code, peaks[n] = peak_anon_mib([sys.executable, "-m", "align.cli.main", "embed", "--config", str(config),
-                                        "--no-progress"], tmp / f"mem-{n}.log")
+                                        "--no-progress"], tmp / f"mem-{n}.log", dict(os.environ, OMP_NUM_THREADS="1"))
         assert code == 0, (tmp / f"mem-{n}.log").read_text()[-2000:]
         shutil.rmtree(tmp / f"tars-{n}")
     small, large = sorted(peaks)
