@@ -94,7 +94,6 @@ def main() -> None:
 
 def bench_pipeline(args: argparse.Namespace) -> None:
     """Sections 1 and 2: the pipeline against a plain loop, and loading against re-encoding."""
-
     from align.cache.key import EmbedConfig
     from align.cache.read import load_cached_split
     from align.data.datasets import load_image_caption_split as load_data
@@ -125,7 +124,7 @@ def bench_pipeline(args: argparse.Namespace) -> None:
     plain, ours = min(t[0] for t in plain_times), min(t[0] for t in ours_times)
     plain_cpu, ours_cpu = min(t[1] for t in plain_times), min(t[1] for t in ours_times)
     paired = load_cached_split(cfg, "train")
-    max_diff = float((paired.image - reference).abs().max())
+    max_diff = float((paired.image.to_tensor() - reference).abs().max())
 
     loads = []
     for _ in range(20):
