@@ -332,3 +332,32 @@ def test_two_torchrun_ranks_write_the_bytes_of_one_process(same_images, tmp_path
         assert (got / array).read_bytes() == (same_images["wds"] / array).read_bytes(), array
     manifest = json.loads((got / "manifest.json").read_text())
     assert manifest["run"]["ranks"] == 2 and "rank 1 of 2" in proc.stdout + proc.stderr
+
+
+def test_reading_ahead_keeps_the_order_raises_a_read_error_in_its_place_and_stops_when_closed():
+    """The tar reader's background thread (used without DataLoader workers) hands over every item in order, raises a
+    read error after the items read before it, and ends its thread when the consumer stops early."""
+    import threading
+
+    from align.cache.tar_encode import read_ahead
+
+    assert list(read_ahead(iter(range(1000)), 2)) == list(range(1000))
+
+    def broken():
+        yield from range(5)
+        raise OSError("tar truncated")
+
+    got = []
+    with pytest.raises(OSError, match="tar truncated"):
+        for item in read_ahead(broken(), 2):
+            got.append(item)
+    assert got == [0, 1, 2, 3, 4]
+
+    before = {t.ident for t in threading.enumerate() if t.name == "tar-read-ahead"}
+    stream = read_ahead(iter(range(10 ** 6)), 2)
+    assert next(stream) == 0
+    stream.close()  # the consumer stops (an error while encoding, --strict)
+    for t in threading.enumerate():
+        if t.name == "tar-read-ahead" and t.ident not in before:
+            t.join(timeout=5)
+            assert not t.is_alive()

@@ -10,9 +10,11 @@ workers, ranks or resume; they equal an image folder's of the same images when e
 """
 from __future__ import annotations
 
+import queue
+import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 import numpy as np
 import torch
@@ -27,6 +29,8 @@ from align.data.source_wds import WebDatasetSource
 
 # (index in the tar, key, preprocessed image or None, why skipped or None, its SKIP_KINDS kind, captions)
 Item = tuple[int, str, Any, "str | None", "str | None", list[str]]
+T = TypeVar("T")
+READ_AHEAD_BLOCKS = 2  # blocks of decoded samples read ahead of the encoders when no DataLoader worker does it
 
 
 class TarEncoder:
@@ -41,8 +45,11 @@ class TarEncoder:
         rows = self.work.rows
         step = rows * max(1, -(-self.cfg.batch_size // rows))  # blocks of whole micro-batches
         items = _TarItems(self.source, self.split, [(t, self.paths[t]) for t in todo], image_encoder.preprocess, step)
-        loader = torch.utils.data.DataLoader(items, batch_size=None, num_workers=min(self.cfg.num_workers, len(todo)),
-                                             collate_fn=_same)
+        workers = min(self.cfg.num_workers, len(todo))
+        loader: Iterable[tuple[int, list[Item], bool]] = torch.utils.data.DataLoader(
+            items, batch_size=None, num_workers=workers, collate_fn=_same)
+        if workers == 0:  # without worker processes, parse and decode the next block while this one is encoded
+            loader = read_ahead(loader, READ_AHEAD_BLOCKS)
         pending: dict[int, _TarState] = {}
         done = {"images": 0, "captions": 0}
         with progress_bar(len(self.paths), f"tar shards ({self.split})", enabled=progress) as bar:
@@ -157,3 +164,42 @@ class _TarItems(torch.utils.data.IterableDataset):
 
 def _same(block: Any) -> Any:
     return block
+
+
+def read_ahead(items: Iterable[T], depth: int) -> Iterator[T]:
+    """``items`` in their order, read by a background thread up to ``depth`` ahead of the consumer; an exception
+    raised while reading is raised here, in its place. Parsing a tar and decoding its images (Python and PIL) then
+    overlap the encoders (torch releases the GIL while it computes). Closing the iterator stops the thread."""
+    slots: queue.Queue[tuple[bool, Any]] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(entry: tuple[bool, Any]) -> bool:
+        while not stop.is_set():
+            try:
+                slots.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def fill() -> None:
+        try:
+            for item in items:
+                if not put((False, item)):
+                    return
+            put((True, None))
+        except BaseException as exc:  # handed to the consumer, raised there
+            put((True, exc))
+
+    reader = threading.Thread(target=fill, name="tar-read-ahead", daemon=True)
+    reader.start()
+    try:
+        while True:
+            done, value = slots.get()
+            if done:
+                if value is not None:
+                    raise value
+                return
+            yield value
+    finally:
+        stop.set()
