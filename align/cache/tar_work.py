@@ -18,7 +18,16 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from align.cache.key import ENCODE_ROWS
-from align.cache.work import PLAN, StreamedArray, Todo, read_plan, save_array, save_text
+from align.cache.work import (
+    PLAN,
+    StreamedArray,
+    Todo,
+    discard_unfinished,
+    read_plan,
+    save_array,
+    save_text,
+    write_plan,
+)
 from align.common.errors import AlignError
 from align.common.progress import Log
 
@@ -64,10 +73,8 @@ class TarWorkFolder:
         if (path / PLAN).is_file():
             if read_plan(path / PLAN) == plan:
                 return cls(path, plan)
-            log(f"discarding an unfinished run in {path} (it was for different data or an older format)")
-            shutil.rmtree(path, ignore_errors=True)
-        path.mkdir(parents=True, exist_ok=True)
-        save_text(path / PLAN, json.dumps(plan, indent=1))
+            discard_unfinished(path, log)
+        write_plan(path, plan)
         return cls(path, plan)
 
     def file(self, t: int, name: str) -> Path:

@@ -248,10 +248,8 @@ class WorkFolder:
                     log(f"resuming with the interrupted run's shard_size={old['shard_size']} (its finished shards "
                         f"are kept; the values do not depend on it)")
                 return cls(path, old)
-            log(f"discarding an unfinished run in {path} (it was for different data or an older format)")
-            shutil.rmtree(path, ignore_errors=True)
-        path.mkdir(parents=True, exist_ok=True)
-        save_text(path / PLAN, json.dumps(plan, indent=1))
+            discard_unfinished(path, log)
+        write_plan(path, plan)
         return cls(path, plan)
 
     def shard_file(self, kind: str, s: int, ext: str) -> Path:
@@ -322,6 +320,17 @@ def read_plan(path: Path) -> dict[str, Any] | None:
         return None
     return old if isinstance(old, dict) else None
 
+
+def discard_unfinished(path: Path, log: Log) -> None:
+    """Remove an unfinished run's work folder whose plan the new run cannot resume, saying so."""
+    log(f"discarding an unfinished run in {path} (it was for different data or an older format)")
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def write_plan(path: Path, plan: dict[str, Any]) -> None:
+    """A new work folder at ``path`` holding ``plan`` (plan.json), the first file of a run."""
+    path.mkdir(parents=True, exist_ok=True)
+    save_text(path / PLAN, json.dumps(plan, indent=1))
 
 def is_own_plan(work: Path, key: str) -> bool:
     """Whether ``work``/plan.json is the shard plan ``align embed`` wrote for cache ``key`` (a cache key's shape):
