@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from align.study.stats import best_configs, config_key, holm_adjust, paired_interval, paired_t_test
+from align.study.stats import best_configs, cell_number, config_key, holm_adjust, paired_interval, paired_t_test
 
 ALPHA = 0.05  # the level of the "moves" statement (Holm-adjusted)
 # results.csv's sharpness columns the table shows per c, where the runs measured them: (column, label)
@@ -21,14 +21,9 @@ SHARPNESS = (("sharpness_worst_case_first_order", "Euclidean"), ("sharpness_adap
              ("sharpness_monge_first_order", "Monge"))
 
 
-def _num(value: Any) -> float:
-    """A results.csv cell as a number (NaN where blank or None)."""
-    return math.nan if value is None or value == "" else float(value)
-
-
 def scale_of(row: dict[str, Any]) -> float:
     """A row's head rescaling c (1 where the grid had no rescales axis)."""
-    c = _num(row.get("rescale"))
+    c = cell_number(row.get("rescale"))
     return 1.0 if math.isnan(c) else c
 
 
@@ -58,10 +53,10 @@ def invariance_entries(rows: list[dict[str, Any]], score: str) -> list[dict[str,
     for name, key in best.items():
         mine = [r for r in rows if config_key(r) == key]
         per_c = {c: {r["seed"]: r for r in mine if scale_of(r) == c} for c in scales}
-        base = {s: _num(r.get(f"best_test_{score}")) for s, r in per_c[1.0].items()}
+        base = {s: cell_number(r.get(f"best_test_{score}")) for s, r in per_c[1.0].items()}
         levels = []
         for c in scales:
-            test = {s: _num(r.get(f"best_test_{score}")) for s, r in per_c[c].items()}
+            test = {s: cell_number(r.get(f"best_test_{score}")) for s, r in per_c[c].items()}
             diffs = [test[s] - base[s] for s in sorted(set(test) & set(base))]
             diffs = [d for d in diffs if not math.isnan(d)]
             mean, low, high = paired_interval(diffs) if c != 1.0 and diffs else (math.nan,) * 3
@@ -69,9 +64,9 @@ def invariance_entries(rows: list[dict[str, Any]], score: str) -> list[dict[str,
                            "diff": mean, "low": low, "high": high, "pairs": len(diffs) if c != 1.0 else 0,
                            "p": paired_t_test(diffs)[1] if c != 1.0 else math.nan,
                            "runs": {s: r["run"] for s, r in per_c[c].items()},
-                           **{col: _mean([_num(r.get(col)) for r in per_c[c].values()]) for col, _ in SHARPNESS}})
+                           **{col: _mean([cell_number(r.get(col)) for r in per_c[c].values()]) for col, _ in SHARPNESS}})
         spreads = [max(v) - min(v) for s in sorted(base)
-                   if len(v := [_num(per_c[c][s].get(f"best_test_{score}")) for c in scales if s in per_c[c]]) == len(scales)
+                   if len(v := [cell_number(per_c[c][s].get(f"best_test_{score}")) for c in scales if s in per_c[c]]) == len(scales)
                    and not any(math.isnan(x) for x in v)]
         means = [lv["mean"] for lv in levels if not math.isnan(lv["mean"])]
         spread_mean, spread_low, spread_high = paired_interval(spreads) if spreads else (math.nan,) * 3

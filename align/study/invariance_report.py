@@ -45,13 +45,15 @@ def _tower_distances(cfg: Any, run_root: Path, entries: list[dict[str, Any]]) ->
     if not split:
         return
     test = load_cached_split(cfg.data, split)
-    rows = (torch.cat(list(test.image.chunks())), torch.cat(list(test.text.chunks())))
+    rows = (test.image.to_tensor(), test.text.to_tensor())
     for e in entries:
-        plain = next(lv for lv in e["levels"] if lv["c"] == 1.0)["runs"]
+        plain_runs = next(lv for lv in e["levels"] if lv["c"] == 1.0)["runs"]
+        plain = {seed: _features(cfg, 1.0, run_root / run, rows) for seed, run in plain_runs.items()}  # once per seed
         for lv in e["levels"]:
-            pairs = [(run, plain[seed]) for seed, run in lv["runs"].items() if lv["c"] != 1.0 and seed in plain]
-            found = [_cosine_distances(*(_features(cfg, c, run_root / run, rows) for c, run in ((lv["c"], a), (1.0, b))))
-                     for a, b in pairs]
+            if lv["c"] == 1.0:
+                continue
+            found = [_cosine_distances(_features(cfg, lv["c"], run_root / run, rows), plain[seed])
+                     for seed, run in lv["runs"].items() if seed in plain]
             found = [d for d in found if d is not None]
             if found:
                 lv["distances"] = {tower: float(np.mean([d[tower] for d in found])) for tower in ("image", "text")}

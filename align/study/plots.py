@@ -9,7 +9,7 @@ import numpy as np
 
 from align.common.figures import pyplot, save_figure
 from align.optim.registry import OPTIMIZERS
-from align.study.stats import SCORE, SCORES, config_key
+from align.study.stats import SCORE, SCORES, cell_number, config_key
 from align.train import run_dir
 
 
@@ -21,10 +21,6 @@ def _label(name: str) -> str:
 def _color(name: str, fallback: str | None = None) -> str | None:
     """The registry's plot colour of an optimizer, so it matches the toy figures."""
     return OPTIMIZERS[name].color if name in OPTIMIZERS else fallback
-
-
-def _num(v: Any) -> float:
-    return float(v) if v not in (None, "") else math.nan
 
 
 def _panels(rows: list[dict[str, Any]]) -> dict[tuple, list[dict[str, Any]]]:
@@ -44,7 +40,7 @@ def heatmaps(rows: list[dict[str, Any]], column: str, title: str, path: Path, pe
     ncols = max(1, min(per_row, len(panels)))
     nrows = -(-len(panels) // ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(3.3 * ncols, 3.6 * nrows), squeeze=False, layout="constrained")
-    values = [_num(r.get(column)) for r in rows]
+    values = [cell_number(r.get(column)) for r in rows]
     vmin, vmax = np.nanmin(values) if values else 0, np.nanmax(values) if values else 1
     for ax in axes.flat[len(panels):]:
         ax.set_visible(False)
@@ -57,7 +53,7 @@ def heatmaps(rows: list[dict[str, Any]], column: str, title: str, path: Path, pe
         for i, lr in enumerate(lrs):
             for j, rho in enumerate(rhos):
                 cell = [r for r in rs if r["lr"] == lr and r["rho"] == rho]
-                vals = [_num(r.get(column)) for r in cell]
+                vals = [cell_number(r.get(column)) for r in cell]
                 grid[i, j] = np.nanmean(vals) if not all(map(math.isnan, vals)) else np.nan
                 div[i, j] = sum(r["status"] != "ok" for r in cell)
         im = ax.imshow(grid, cmap="viridis", vmin=vmin, vmax=vmax, aspect="auto", origin="lower")
@@ -92,12 +88,12 @@ def training_curves(run_root: Path, best: dict[str, tuple], rows: list[dict[str,
             label = _label(name) if i == 0 else None
             if train:
                 steps = np.array([m["step"] for m in train])
-                loss = np.array([_num(m.get("loss")) for m in train])
+                loss = np.array([cell_number(m.get("loss")) for m in train])
                 window = min(10, len(loss))
                 smooth = np.convolve(loss, np.ones(window) / window, mode="valid")
                 ax_loss.plot(steps[window - 1:], smooth, color=color, alpha=0.8, label=label)
             if val:
-                ax_val.plot([m["step"] for m in val], [_num(m.get(score)) for m in val], "o-", ms=3,
+                ax_val.plot([m["step"] for m in val], [cell_number(m.get(score)) for m in val], "o-", ms=3,
                             color=color, alpha=0.8, label=label)
     ax_loss.set(xlabel="step", ylabel="training loss (10-step mean)", title="training loss")
     label = SCORES.get(score, score)
@@ -139,7 +135,7 @@ def sharpness_scatter(rows: list[dict[str, Any]], path: Path, score: str = SCORE
     """Sharpness of each finished run's best head against its test ``score``."""
     column = next((c for c in ("sharpness_hessian_top_eigenvalue", "sharpness_top_eigenvalue",
                                "sharpness_worst_case_ascent", "sharpness_worst_case_first_order")
-                   if any(_num(r.get(c)) == _num(r.get(c)) for r in rows)), None)
+                   if any(cell_number(r.get(c)) == cell_number(r.get(c)) for r in rows)), None)
     if column is None:
         column = next((c for c in rows[0] if c.startswith("sharpness_")), None) if rows else None
     if column is None:
@@ -148,7 +144,7 @@ def sharpness_scatter(rows: list[dict[str, Any]], path: Path, score: str = SCORE
     fig, ax = plt.subplots(figsize=(5.5, 4))
     for name in dict.fromkeys(r["optimizer"] for r in rows):
         rs = [r for r in rows if r["optimizer"] == name and r["status"] == "ok"]
-        ax.scatter([_num(r.get(column)) for r in rs], [_num(r.get(f"best_test_{score}")) for r in rs],
+        ax.scatter([cell_number(r.get(column)) for r in rs], [cell_number(r.get(f"best_test_{score}")) for r in rs],
                    s=18, alpha=0.75, color=_color(name), label=_label(name))
     ax.set_xscale("symlog")
     ax.set(xlabel=column.removeprefix("sharpness_").replace("_", " "), ylabel=f"test {SCORES.get(score, score)}",

@@ -24,7 +24,8 @@ SUMMARY_METRICS = (SCORE, "i2t_R@1", "t2i_R@1", "i2t_R@5", "t2i_R@5", ALIGNMENT,
 SCORES = {"mean_R@1": "mean R@1", "zeroshot_top1": "zero-shot top-1"}
 
 
-def _num(value: Any) -> float:
+def cell_number(value: Any) -> float:
+    """A results.csv cell as a number: NaN where it is blank or None."""
     return float(value) if value is not None and value != "" else math.nan
 
 
@@ -55,7 +56,7 @@ def config_means(rows: list[dict[str, Any]], column: str) -> dict[tuple, float]:
     """Mean of ``column`` over seeds for every configuration (``config_key``; NaN-aware)."""
     groups: dict[tuple, list[float]] = {}
     for r in rows:
-        groups.setdefault(config_key(r), []).append(_num(r.get(column)))
+        groups.setdefault(config_key(r), []).append(cell_number(r.get(column)))
     return {k: float(np.nanmean(v)) if not all(math.isnan(x) for x in v) else math.nan for k, v in groups.items()}
 
 
@@ -77,7 +78,7 @@ def _seed_stats(seeds: list[dict[str, Any]]) -> dict[str, float]:
     """Test metrics of one configuration's seeds: mean and sample std (0 for a single value) per metric."""
     out: dict[str, float] = {}
     for metric in SUMMARY_METRICS:
-        values = [_num(r.get(f"best_test_{metric}")) for r in seeds]
+        values = [cell_number(r.get(f"best_test_{metric}")) for r in seeds]
         out[f"{metric}_mean"] = float(np.nanmean(values)) if not all(map(math.isnan, values)) else math.nan
         out[f"{metric}_std"] = float(np.nanstd(values, ddof=1)) if sum(not math.isnan(v) for v in values) > 1 else 0.0
     return out
@@ -155,9 +156,9 @@ def table3(rows: list[dict[str, Any]], optimizer: str) -> list[dict[str, Any]]:
         values = dict(key[2:])
         collapsed, measured = collapse_count(rs)
         out.append({"lr": key[0], "rho": key[1], **{a: values.get(a) for a in axes},
-                    "best_alignment": float(np.nanmean([_num(r.get(f"max_val_{ALIGNMENT}")) for r in rs])),
-                    "loss_at_step": float(np.nanmean([_num(r.get("loss_at_step")) for r in rs])),
-                    "final_loss": float(np.nanmean([_num(r.get("final_loss")) for r in rs])),
+                    "best_alignment": float(np.nanmean([cell_number(r.get(f"max_val_{ALIGNMENT}")) for r in rs])),
+                    "loss_at_step": float(np.nanmean([cell_number(r.get("loss_at_step")) for r in rs])),
+                    "final_loss": float(np.nanmean([cell_number(r.get("final_loss")) for r in rs])),
                     "diverged": sum(r["status"] != "ok" for r in rs), "seeds": len(rs),
                     "collapsed": collapsed, "collapse_measured": measured})
     return out
@@ -217,8 +218,8 @@ def max_paired_gap(rows: list[dict[str, Any]], optimizer: str, reference: str, w
                    column: str = f"best_test_{SCORE}") -> tuple[float, int]:
     """Largest |difference in ``column``| between runs of ``optimizer`` whose method axes are ``where`` and the
     ``reference`` runs of the same lr, ρ and seed → (gap, pairs); (NaN, 0) when no run pairs."""
-    ref = {(r["lr"], r["rho"], r["seed"]): _num(r.get(column)) for r in rows if r["optimizer"] == reference}
-    gaps = [abs(_num(r.get(column)) - ref[(r["lr"], r["rho"], r["seed"])]) for r in rows
+    ref = {(r["lr"], r["rho"], r["seed"]): cell_number(r.get(column)) for r in rows if r["optimizer"] == reference}
+    gaps = [abs(cell_number(r.get(column)) - ref[(r["lr"], r["rho"], r["seed"])]) for r in rows
             if r["optimizer"] == optimizer and key_axes(config_key(r)) == (where or {})
             and (r["lr"], r["rho"], r["seed"]) in ref]
     finite = [g for g in gaps if not math.isnan(g)]
@@ -350,7 +351,7 @@ def best_config_scores(rows: list[dict[str, Any]], column: str = f"best_test_{SC
                        select: str = f"best_val_{SCORE}") -> dict[str, dict[Any, float]]:
     """Per optimizer, ``column`` per seed of its best configuration (chosen on ``select``, as ``best_configs``)."""
     best = best_configs(rows, select)
-    return {name: {r["seed"]: _num(r.get(column)) for r in rows if config_key(r) == key}
+    return {name: {r["seed"]: cell_number(r.get(column)) for r in rows if config_key(r) == key}
             for name, key in best.items()}
 
 
@@ -375,7 +376,7 @@ def verdicts_vs_reference(scores: dict[str, dict[Any, float]], reference: str, a
         if name == reference:
             continue
         diffs = [by_seed[s] - ref[s] for s in by_seed
-                 if s in ref and not math.isnan(_num(by_seed[s])) and not math.isnan(_num(ref[s]))]
+                 if s in ref and not math.isnan(cell_number(by_seed[s])) and not math.isnan(cell_number(ref[s]))]
         mean, low, high = paired_interval(diffs, 1.0 - alpha)
         t, p = paired_t_test(diffs) if len(diffs) >= MIN_PAIRS else (math.nan, math.nan)
         out.append({"optimizer": name, "reference": reference, "pairs": len(diffs), "diff_mean": mean,
