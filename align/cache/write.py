@@ -48,9 +48,6 @@ from align.common.progress import Log
 from align.data import datasets, encoders
 from align.data.source_wds import SKIP_KINDS
 
-SKIP_NAMES = {"image": "without a readable image", "caption": "without a caption", "duplicate": "duplicate key",
-              "damaged": "damaged tar"}  # the summary's words for each skip kind
-
 
 def embed_all(cfg: EmbedConfig, progress: bool = True, log: Log = print) -> dict[str, Path]:
     """Embed every split of ``cfg`` (cached ones are skipped) → {split: cache folder}."""
@@ -209,6 +206,7 @@ class EmbedJob:
     def manifest(self, files: dict[str, Any], shards: ShardRecords, counts: dict[str, int]) -> dict[str, Any]:
         """manifest.json: what the cache holds, how it was made, and the checksums that vouch for its files."""
         cfg, data, plan = self.cfg, self.data, self.work.plan
+        source = self.source_facts(shards)
         run = {"device": str(self.device), "batch_size": cfg.batch_size, "encode_rows": plan["encode_rows"],
                "shard_size": plan.get("shard_size"), "num_workers": cfg.num_workers, "resumed": self.todo.resumed,
                "ranks": self.rank.world_size}  # ranks that shared this run's shards (torchrun), 1 in a single process
@@ -217,7 +215,7 @@ class EmbedJob:
             "key": self.key,
             "split": self.split,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "dataset": self.source_facts(shards),
+            "dataset": source,
             "encoders": {"image": cfg.image_encoder.describe(), "text": cfg.text_encoder.describe()},
             "counts": counts,
             "dims": dict(shards.dims),
@@ -229,7 +227,7 @@ class EmbedJob:
             "config": cfg.model_dump(mode="json"),
             "versions": _versions(),
             "run": run,
-            "timing": _timing(shards.seconds, self.source_facts(shards)["captions_in_source"]),
+            "timing": _timing(shards.seconds, source["captions_in_source"]),
         }
         if data.labels is not None:
             manifest["classes"] = {"names": list(data.class_names), "templates": list(data.prompt_templates)}
@@ -410,7 +408,7 @@ def _only(folder: Path, names: set[str]) -> bool:
 def _skip_counts(skipped: list[dict]) -> dict[str, int]:
     """Skipped samples per kind (no image, no caption, duplicate key, damaged tar), in SKIP_KINDS order."""
     counts = {kind: sum(s.get("kind") == kind for s in skipped) for kind in SKIP_KINDS}
-    return {SKIP_NAMES[kind]: n for kind, n in counts.items() if n}
+    return {SKIP_KINDS[kind]: n for kind, n in counts.items() if n}
 
 
 def _rate(n: int, what: str, seconds: float) -> str:

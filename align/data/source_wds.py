@@ -44,7 +44,9 @@ class TarSample:
     kind: str | None = None  # one of SKIP_KINDS
 
 
-SKIP_KINDS = ("image", "caption", "duplicate", "damaged")  # no/undecodable image, no caption, key seen, truncated tar
+# Why a sample is skipped (its ``kind`` in the manifest), and the embed summary's words for it, in this order.
+SKIP_KINDS = {"image": "without a readable image", "caption": "without a caption", "duplicate": "duplicate key",
+              "damaged": "damaged tar"}
 
 
 @dataclass
