@@ -61,7 +61,7 @@ def register(app: typer.Typer) -> None:
             None, "--alpha", min=0.0,
             help="banana, grid: M-SAM's metric scale α, G = I + α² g gᵀ (0 = SAM, 1 = the paper's M-SAM, default)."),
         rescale: Optional[list[float]] = typer.Option(
-            None, "--rescale", min=0.0, metavar="C",
+            None, "--rescale", metavar="C",
             help="banana: run in coordinates θ1 = c·φ1, θ2 = φ2/c for each c given (repeat it; c = 1 is added) and "
                  "draw every method's paths in θ-space (banana_rescale.png)."),
     ) -> None:

@@ -296,7 +296,9 @@ def test_banana_rescale_figure_and_json_are_written(tmp_path):
 
 
 @pytest.mark.parametrize("args,says", [(["sinc", "--rescale", "2"], "banana only"),
-                                       (["banana", "--rescale", "0"], "finite numbers > 0")])
+                                       (["banana", "--rescale", "0"], "finite numbers > 0"),
+                                       (["banana", "--rescale", "-1"], "finite numbers > 0"),
+                                       (["banana", "--rescale", "inf"], "finite numbers > 0")])
 def test_rescale_outside_the_banana_run_is_one_line(args, says, tmp_path):
     from typer.testing import CliRunner
 
