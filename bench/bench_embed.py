@@ -35,6 +35,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+from anon_memory import anon_kib, process_tree  # noqa: E402  (bench/ is on sys.path: the script's folder)
 
 
 def plain_model():
@@ -216,34 +217,11 @@ def write_folder(folder: Path, samples: list[tuple[bytes, str]]) -> str:
 def peak_anon_mib(command: list[str], log: Path, env: dict[str, str]) -> tuple[int, float]:
     """Run ``command`` → (exit code, peak RssAnon of its process tree in MiB), sampled every 0.2 s
     (/work/shared/tools/peakanon.py's measure: anonymous memory, not the page cache of mapped files)."""
-    def tree(pid: int) -> list[int]:
-        parent = {}
-        for d in filter(str.isdigit, os.listdir("/proc")):
-            try:
-                parent[int(d)] = int(Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                pass
-        out, todo = [], [pid]
-        while todo:
-            q = todo.pop()
-            out.append(q)
-            todo += [c for c, p in parent.items() if p == q]
-        return out
-
-    def anon(pid: int) -> int:
-        try:
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("RssAnon:"):
-                    return int(line.split()[1])
-        except OSError:
-            pass
-        return 0
-
     peak = 0
     with open(log, "w") as fh:
         proc = subprocess.Popen(command, stdout=fh, stderr=subprocess.STDOUT, env=env)
         while proc.poll() is None:
-            peak = max(peak, sum(anon(q) for q in tree(proc.pid)))
+            peak = max(peak, sum(anon_kib(q) for q in process_tree(proc.pid)))
             time.sleep(0.2)
     return proc.returncode, peak / 1024
 

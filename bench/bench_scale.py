@@ -35,34 +35,11 @@ from pathlib import Path
 
 import numpy as np
 import yaml
+from anon_memory import anon_kib, process_tree
 
 DIM = 512
 EVAL_ROWS = 5000
 ALIGN = str(Path(sys.executable).parent / "align")
-
-
-def _children(pid: int) -> list[int]:
-    kids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as fh:
-                    if int(fh.read().rsplit(")", 1)[1].split()[1]) == pid:
-                        kids.append(int(entry))
-            except (OSError, ValueError, IndexError):
-                pass
-    return kids
-
-
-def _anon_kib(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/status") as fh:
-            for line in fh:
-                if line.startswith("RssAnon:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
 
 
 def watch(cmd: list[str], log: Path, metrics: Path | None = None) -> dict[str, float]:
@@ -74,12 +51,7 @@ def watch(cmd: list[str], log: Path, metrics: Path | None = None) -> dict[str, f
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
         while proc.poll() is None:
-            tree, todo = [], [proc.pid]
-            while todo:
-                pid = todo.pop()
-                tree.append(pid)
-                todo += _children(pid)
-            values = [_anon_kib(pid) for pid in tree]
+            values = [anon_kib(pid) for pid in process_tree(proc.pid)]
             peak_tree, peak_one = max(peak_tree, sum(values)), max(peak_one, max(values, default=0))
             if metrics is not None and metrics.exists():
                 steps = sum(1 for line in metrics.read_text().splitlines() if '"kind": "train"' in line)
